@@ -1,0 +1,24 @@
+//! tacflow protocol v1, shared by the daemon and its tests.
+//!
+//! | concept | module | what it is |
+//! | --- | --- | --- |
+//! | frames | [`codec`] | `[kind byte][msgpack header]`, request decoding that never panics |
+//! | bodies | [`messages`] | every request and reply of `PROTOCOL.md` |
+//! | errors | [`error`] | the wire error codes and the error reply |
+//! | tensors | [`tensor`] | references into regions, checked before use |
+//! | regions | [`region`] | client shared memory mapped by the daemon |
+//!
+//! `PROTOCOL.md` beside this crate is the specification; the test vectors in
+//! `ipc/vectors/` are checked by both the Rust and the Python tests.
+
+pub mod codec;
+pub mod error;
+pub mod messages;
+pub mod region;
+pub mod tensor;
+
+pub use codec::{Kind, Request};
+pub use error::{Error, ErrorCode, ErrorReply, Result};
+pub use messages::*;
+pub use region::HostRegion;
+pub use tensor::{DType, TensorRef, TensorView};

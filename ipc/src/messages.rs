@@ -1,0 +1,450 @@
+//! The request and reply bodies of protocol v1 (`PROTOCOL.md` §4).
+//!
+//! Each body is a msgpack map with string keys. Optional fields are left out
+//! when empty and default when missing; unknown fields are ignored, which is
+//! how v1.x adds fields without breaking older peers.
+
+use crate::tensor::TensorRef;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The protocol version this build speaks: major, minor.
+pub const PROTOCOL_VERSION: (u32, u32) = (1, 0);
+
+/// A session token: 128 random bits chosen by the daemon at `hello`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionToken(pub [u8; 16]);
+
+impl std::fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a whole token: logs are readable by more people than
+        // the socket is.
+        write!(f, "SessionToken({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+impl Serialize for SessionToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let b = serde_bytes::ByteBuf::deserialize(d)?;
+        let arr: [u8; 16] = b.as_slice().try_into().map_err(|_| {
+            serde::de::Error::custom(format!("session token must be 16 bytes, got {}", b.len()))
+        })?;
+        Ok(SessionToken(arr))
+    }
+}
+
+// ---------------------------------------------------------------- hello
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloRequest {
+    pub request_id: u64,
+    /// `[major, minor]` the client speaks. A different major is refused with
+    /// `unsupported_version`.
+    pub protocol: (u32, u32),
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HelloReply {
+    pub request_id: u64,
+    pub session: SessionToken,
+    /// Changes at every daemon start: a client that sees another value knows
+    /// that every sequence and region it had is gone.
+    pub instance_id: String,
+    pub protocol: (u32, u32),
+    pub daemon: String,
+    pub model: ModelInfo,
+    pub backend: BackendInfo,
+    pub kv: KvInfo,
+    pub attention_policies: Vec<String>,
+    /// The session ends this long after its last request.
+    pub lease_ms: u64,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub vocab_size: u32,
+    pub hidden_size: u32,
+    pub num_layers: u32,
+    pub num_heads: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub max_context: u32,
+    /// Data type of the weights as the backend holds them.
+    pub dtype: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    /// `"cpu"` or `"cuda"`.
+    pub kind: String,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvInfo {
+    pub block_size: u32,
+    pub total_blocks: u64,
+    pub free_blocks: u64,
+}
+
+/// Per-session limits (a request beyond one is answered `limit_exceeded`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_sequences: u64,
+    pub max_regions: u64,
+    pub max_mapped_bytes: u64,
+    pub max_queued_requests: u64,
+    pub max_step_tokens: u64,
+}
+
+// ---------------------------------------------------------------- session
+
+/// The body of every request that needs nothing but its session
+/// (`ping`, `close`, `stats`, `health`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingReply {
+    pub request_id: u64,
+    pub lease_ms: u64,
+}
+
+/// A reply that carries nothing but the echo (`close`, `unregister_region`,
+/// `close_sequence`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AckReply {
+    pub request_id: u64,
+}
+
+// ---------------------------------------------------------------- regions
+
+/// Where a region's memory lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RegionDesc {
+    /// A POSIX shared-memory object the client created (`shm_open` name).
+    Shm { name: String, byte_size: u64 },
+    /// A sealed memfd the client sent over the companion Unix socket; the
+    /// daemon answered that transfer with this `fd_token`.
+    Memfd { fd_token: u64, byte_size: u64 },
+    /// CUDA device memory exported with `cuIpcGetMemHandle`.
+    Cuda {
+        #[serde(with = "serde_bytes")]
+        ipc_handle: Vec<u8>,
+        device_uuid: String,
+        byte_size: u64,
+        #[serde(default)]
+        offset: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRegionRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub region: RegionDesc,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterRegionReply {
+    pub request_id: u64,
+    pub region_id: u64,
+    pub byte_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnregisterRegionRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub region_id: u64,
+}
+
+// ---------------------------------------------------------------- sequences
+
+/// How a sequence's decode attention chooses the tokens it reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "policy", rename_all = "snake_case")]
+pub enum AttentionPolicy {
+    /// Exact attention over every cached token: the stock side of an A/B.
+    Full,
+    /// Tactic: the fewest tokens carrying a fraction `p` of the attention mass.
+    Tactic {
+        p: f32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cluster_size: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recluster_limit: Option<u32>,
+    },
+    /// Quest-style pages ranked by key bounds, up to a fixed token budget.
+    FixedBudget { tokens: u32 },
+    /// Exact scores, exact smallest set reaching `p` (evaluation only).
+    OracleTopP { p: f32 },
+}
+
+impl Default for AttentionPolicy {
+    fn default() -> Self {
+        AttentionPolicy::Full
+    }
+}
+
+impl AttentionPolicy {
+    pub fn name(&self) -> &'static str {
+        match self {
+            AttentionPolicy::Full => "full",
+            AttentionPolicy::Tactic { .. } => "tactic",
+            AttentionPolicy::FixedBudget { .. } => "fixed_budget",
+            AttentionPolicy::OracleTopP { .. } => "oracle_top_p",
+        }
+    }
+}
+
+/// How the next token is drawn. Temperature 0 is greedy (ties go to the
+/// lowest token id). With a temperature, the draw uses a counter-based random
+/// stream keyed by `seed` and the token's position, so the same request gives
+/// the same token on every backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    /// 0 means no top-k cut.
+    #[serde(default)]
+    pub top_k: u32,
+    #[serde(default)]
+    pub seed: u64,
+    /// How many top log-probabilities to return with each sampled token.
+    #[serde(default)]
+    pub logprobs: u32,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            logprobs: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenSequenceRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub seq_id: u64,
+    #[serde(default)]
+    pub attention: AttentionPolicy,
+    #[serde(default)]
+    pub sampling: SamplingParams,
+    /// Report the true and estimated attention mass and the tokens read in
+    /// every step reply.
+    #[serde(default)]
+    pub diagnostics: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SequenceReply {
+    pub request_id: u64,
+    pub seq_id: u64,
+    /// Tokens cached for the sequence after the request.
+    pub num_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForkSequenceRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub parent: u64,
+    pub child: u64,
+    /// Sampling for the child; the parent's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingParams>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TruncateSequenceRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub seq_id: u64,
+    /// How many of the last cached tokens to drop.
+    pub num_tokens: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloseSequenceRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub seq_id: u64,
+}
+
+// ---------------------------------------------------------------- step
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEntry {
+    pub seq_id: u64,
+    /// New tokens to append: a prompt chunk, or one token to decode.
+    pub tokens: Vec<u32>,
+    /// RoPE positions of the new tokens; `cached..cached+n` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<Vec<u32>>,
+    /// Sample a token after the last new token (false for a prompt chunk
+    /// that is not the prompt's last).
+    #[serde(default = "yes")]
+    pub sample: bool,
+    /// Where to write the logits of every new token: shape `[n, vocab]`,
+    /// dtype `f32`, `f16` or `bf16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logits: Option<TensorRef>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub entries: Vec<StepEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub seq_id: u64,
+    /// Tokens cached after this step.
+    pub num_tokens: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u32>,
+    /// Log-probability of `token` under the model's distribution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprob: Option<f32>,
+    /// The most likely tokens with their log-probabilities, best first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_logprobs: Vec<(u32, f32)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionDiagnostics>,
+}
+
+/// What a sparse policy read and how much attention mass it kept, averaged
+/// over the step's decode queries (layers × query heads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AttentionDiagnostics {
+    pub policy: String,
+    /// Token-equivalents read over context length (`PROTOCOL.md` §4.6).
+    pub tokens_read_fraction: f64,
+    /// Tokens attended (selected) over context length.
+    pub selected_fraction: f64,
+    /// Mean true attention mass of the selections.
+    pub true_mass: f64,
+    /// Mean mass the selector believed it had.
+    pub estimated_mass: f64,
+    /// Smallest true mass over (layer, head).
+    pub min_true_mass: f64,
+    /// Fraction of (layer, head) whose true mass reached the target.
+    pub success_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StepTiming {
+    /// From the I/O thread receiving the request to the executor taking it.
+    pub queued_us: u64,
+    /// From the executor taking it to the reply being ready.
+    pub run_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepReply {
+    pub request_id: u64,
+    pub results: Vec<StepResult>,
+    pub timing: StepTiming,
+}
+
+// ---------------------------------------------------------------- attention_step
+
+/// Attention offload for one layer (specified in v1, not yet served: the
+/// daemon answers `unsupported`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttentionStepRequest {
+    pub request_id: u64,
+    pub session: SessionToken,
+    pub layer: u32,
+    pub seq_ids: Vec<u64>,
+    pub q: TensorRef,
+    pub k: TensorRef,
+    pub v: TensorRef,
+    pub out: TensorRef,
+}
+
+// ---------------------------------------------------------------- stats, health
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct StatsReply {
+    pub request_id: u64,
+    pub instance_id: String,
+    pub uptime_s: f64,
+    pub steps: u64,
+    pub prefill_tokens: u64,
+    pub decode_tokens: u64,
+    pub sessions: u64,
+    pub sequences: u64,
+    pub regions: u64,
+    pub kv_total_blocks: u64,
+    pub kv_free_blocks: u64,
+    pub queue_depth: u64,
+    pub errors: BTreeMap<String, u64>,
+    /// Per attention policy: decode queries, mean fraction of tokens read,
+    /// mean true mass, success rate (sequences with diagnostics only).
+    #[serde(default)]
+    pub attention: BTreeMap<String, PolicyStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct PolicyStats {
+    pub decode_steps: u64,
+    pub tokens_read_fraction: f64,
+    pub true_mass: f64,
+    pub success_rate: f64,
+    /// `[layer][head]` mean true mass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub true_mass_by_layer_head: Vec<Vec<f64>>,
+    /// `[layer][head]` mean fraction of tokens read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens_read_by_layer_head: Vec<Vec<f64>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReply {
+    pub request_id: u64,
+    /// `"ok"`, or `"stopping"` once shutdown began.
+    pub status: String,
+    pub instance_id: String,
+    pub backend: BackendInfo,
+    /// Milliseconds since the executor last finished a command.
+    pub executor_idle_ms: u64,
+}
