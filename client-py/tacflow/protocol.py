@@ -1,0 +1,413 @@
+"""Protocol v1 on the Python side: kind bytes, request bodies, reply decoding.
+
+``ipc/PROTOCOL.md`` is the contract and ``ipc/src/messages.rs`` its Rust
+mirror. The builders here produce request bodies as dicts whose keys come in
+the same order as the Rust struct fields, with the same rules for what is
+left out (``skip_serializing_if``) and what is always sent (serde defaults
+without a skip), so that :func:`pack` gives byte for byte what the Rust side
+encodes. ``tests/test_vectors.py`` checks that against ``ipc/vectors/``.
+
+Floats are packed as float32 (``use_single_float``), as §2 requires of
+requests; every float field of a v1 request is an ``f32`` in Rust.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import msgpack
+
+from .errors import ProtocolError, error_from_reply
+from .results import (  # re-exported: protocol.py is the one import for wire types
+    AttentionDiagnostics,
+    BackendInfo,
+    Health,
+    HelloInfo,
+    KvInfo,
+    Limits,
+    ModelInfo,
+    PolicyStats,
+    Stats,
+    StepOutput,
+    StepResult,
+    StepTiming,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION", "Kind", "REPLY_BIT", "ERROR_KIND", "DTYPES",
+    "Full", "Tactic", "FixedBudget", "OracleTopP", "AttentionPolicy",
+    "SamplingParams", "TensorRef", "StepEntry",
+    "ShmRegion", "MemfdRegion", "CudaRegion", "RegionDesc",
+    "hello_body", "session_body", "register_region_body", "unregister_region_body",
+    "open_sequence_body", "fork_sequence_body", "truncate_sequence_body",
+    "close_sequence_body", "step_body", "attention_step_body",
+    "pack", "unpack", "decode_reply",
+    "AttentionDiagnostics", "BackendInfo", "Health", "HelloInfo", "KvInfo",
+    "Limits", "ModelInfo", "PolicyStats", "Stats", "StepOutput", "StepResult",
+    "StepTiming",
+]
+
+#: The protocol version this client speaks: (major, minor).
+PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+
+#: A successful reply carries its request's kind with this bit set.
+REPLY_BIT = 0x80
+#: The kind byte of every error reply.
+ERROR_KIND = 0xFF
+
+#: Tensor dtypes of §3.3 and their element sizes in bytes.
+DTYPES: dict[str, int] = {"f32": 4, "f16": 2, "bf16": 2, "i32": 4, "i64": 8, "u8": 1}
+
+
+class Kind(enum.IntEnum):
+    """Request kind bytes (§2)."""
+
+    HELLO = 0x01
+    PING = 0x02
+    CLOSE = 0x03
+    STATS = 0x04
+    HEALTH = 0x05
+    REGISTER_REGION = 0x10
+    UNREGISTER_REGION = 0x11
+    OPEN_SEQUENCE = 0x20
+    FORK_SEQUENCE = 0x21
+    TRUNCATE_SEQUENCE = 0x22
+    CLOSE_SEQUENCE = 0x23
+    STEP = 0x30
+    ATTENTION_STEP = 0x31
+
+    @property
+    def frame(self) -> bytes:
+        """The one-byte kind frame of a request."""
+        return _FRAMES[self]
+
+    @property
+    def reply(self) -> int:
+        return self | REPLY_BIT
+
+
+_FRAMES = {k: bytes([k]) for k in Kind}
+
+
+def _ints(values: Iterable[int]) -> list[int]:
+    """A plain ``list[int]`` (numpy arrays and ranges do not pack as-is)."""
+    tolist = getattr(values, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    return values if type(values) is list else [int(v) for v in values]
+
+
+# ---------------------------------------------------------------- attention policies
+
+
+@dataclass(frozen=True, slots=True)
+class Full:
+    """Exact attention over every cached token: the stock side of an A/B."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"policy": "full"}
+
+
+@dataclass(frozen=True, slots=True)
+class Tactic:
+    """Tactic: the fewest tokens carrying a fraction ``p`` of the attention mass."""
+
+    p: float
+    cluster_size: int | None = None
+    recluster_limit: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"policy": "tactic", "p": float(self.p)}
+        if self.cluster_size is not None:
+            body["cluster_size"] = int(self.cluster_size)
+        if self.recluster_limit is not None:
+            body["recluster_limit"] = int(self.recluster_limit)
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class FixedBudget:
+    """Quest-style page selection up to a fixed token budget (a baseline)."""
+
+    tokens: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"policy": "fixed_budget", "tokens": int(self.tokens)}
+
+
+@dataclass(frozen=True, slots=True)
+class OracleTopP:
+    """Exact smallest set reaching ``p`` (evaluation only)."""
+
+    p: float
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"policy": "oracle_top_p", "p": float(self.p)}
+
+
+AttentionPolicy = Union[Full, Tactic, FixedBudget, OracleTopP]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How the daemon draws the next token (§4.4); temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    logprobs: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        # Every field has a serde default but no skip in Rust: all are sent.
+        return {
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "top_k": int(self.top_k),
+            "seed": int(self.seed),
+            "logprobs": int(self.logprobs),
+        }
+
+
+# ---------------------------------------------------------------- tensors, entries
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A tensor inside a registered region (§3.3); strides count elements."""
+
+    region_id: int
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "region_id": self.region_id,
+            "offset": self.offset,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+        }
+        if self.strides is not None:
+            body["strides"] = list(self.strides)
+        return body
+
+
+@dataclass(slots=True)
+class StepEntry:
+    """New tokens for one sequence in a step (§4.5).
+
+    ``sample=False`` for every prompt chunk but the last; ``positions``
+    default to the sequence's cached length onwards; ``logits`` receives the
+    logits of every new token.
+    """
+
+    seq_id: int
+    tokens: Sequence[int]
+    positions: Sequence[int] | None = None
+    sample: bool = True
+    logits: TensorRef | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"seq_id": self.seq_id, "tokens": _ints(self.tokens)}
+        if self.positions is not None:
+            body["positions"] = _ints(self.positions)
+        body["sample"] = bool(self.sample)
+        if self.logits is not None:
+            body["logits"] = self.logits.to_wire()
+        return body
+
+
+# ---------------------------------------------------------------- regions
+
+
+@dataclass(frozen=True, slots=True)
+class ShmRegion:
+    """A POSIX shared-memory object the client created (``shm_open`` name)."""
+
+    name: str
+    byte_size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": "shm", "name": self.name, "byte_size": int(self.byte_size)}
+
+
+@dataclass(frozen=True, slots=True)
+class MemfdRegion:
+    """A sealed memfd handed over the companion socket, named by its token."""
+
+    fd_token: int
+    byte_size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"kind": "memfd", "fd_token": int(self.fd_token), "byte_size": int(self.byte_size)}
+
+
+@dataclass(frozen=True, slots=True)
+class CudaRegion:
+    """CUDA device memory exported with ``cuIpcGetMemHandle`` (64 bytes)."""
+
+    ipc_handle: bytes
+    device_uuid: str
+    byte_size: int
+    offset: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        # `offset` has a serde default but no skip: always sent.
+        return {
+            "kind": "cuda",
+            "ipc_handle": bytes(self.ipc_handle),
+            "device_uuid": self.device_uuid,
+            "byte_size": int(self.byte_size),
+            "offset": int(self.offset),
+        }
+
+
+RegionDesc = Union[ShmRegion, MemfdRegion, CudaRegion]
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+def hello_body(
+    request_id: int, client: str | None = None, protocol: tuple[int, int] = PROTOCOL_VERSION
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"request_id": request_id, "protocol": [protocol[0], protocol[1]]}
+    if client:  # Rust skips an empty string
+        body["client"] = client
+    return body
+
+
+def session_body(request_id: int, session: bytes) -> dict[str, Any]:
+    """The body of ``ping``, ``close``, ``stats`` and ``health``."""
+    return {"request_id": request_id, "session": session}
+
+
+def register_region_body(request_id: int, session: bytes, region: RegionDesc) -> dict[str, Any]:
+    return {"request_id": request_id, "session": session, "region": region.to_wire()}
+
+
+def unregister_region_body(request_id: int, session: bytes, region_id: int) -> dict[str, Any]:
+    return {"request_id": request_id, "session": session, "region_id": region_id}
+
+
+def open_sequence_body(
+    request_id: int,
+    session: bytes,
+    seq_id: int,
+    attention: AttentionPolicy | None = None,
+    sampling: SamplingParams | None = None,
+    diagnostics: bool = False,
+) -> dict[str, Any]:
+    # attention, sampling and diagnostics have serde defaults but no skip:
+    # the Rust side always sends them, so do we.
+    return {
+        "request_id": request_id,
+        "session": session,
+        "seq_id": seq_id,
+        "attention": (attention or Full()).to_wire(),
+        "sampling": (sampling or SamplingParams()).to_wire(),
+        "diagnostics": bool(diagnostics),
+    }
+
+
+def fork_sequence_body(
+    request_id: int, session: bytes, parent: int, child: int, sampling: SamplingParams | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "request_id": request_id,
+        "session": session,
+        "parent": parent,
+        "child": child,
+    }
+    if sampling is not None:
+        body["sampling"] = sampling.to_wire()
+    return body
+
+
+def truncate_sequence_body(
+    request_id: int, session: bytes, seq_id: int, num_tokens: int
+) -> dict[str, Any]:
+    """``num_tokens`` is how many of the last cached tokens to drop."""
+    return {"request_id": request_id, "session": session, "seq_id": seq_id, "num_tokens": num_tokens}
+
+
+def close_sequence_body(request_id: int, session: bytes, seq_id: int) -> dict[str, Any]:
+    return {"request_id": request_id, "session": session, "seq_id": seq_id}
+
+
+def step_body(request_id: int, session: bytes, entries: Iterable[StepEntry]) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "session": session,
+        "entries": [e.to_wire() for e in entries],
+    }
+
+
+def attention_step_body(
+    request_id: int,
+    session: bytes,
+    layer: int,
+    seq_ids: Sequence[int],
+    q: TensorRef,
+    k: TensorRef,
+    v: TensorRef,
+    out: TensorRef,
+) -> dict[str, Any]:
+    """Reserved in 1.0 (answered ``unsupported``); here so tests can send it."""
+    return {
+        "request_id": request_id,
+        "session": session,
+        "layer": layer,
+        "seq_ids": _ints(seq_ids),
+        "q": q.to_wire(),
+        "k": k.to_wire(),
+        "v": v.to_wire(),
+        "out": out.to_wire(),
+    }
+
+
+# ---------------------------------------------------------------- codec
+
+
+def pack(body: Mapping[str, Any]) -> bytes:
+    """A request body as msgpack, floats as float32 (§2)."""
+    return msgpack.packb(body, use_single_float=True)
+
+
+def unpack(data: bytes) -> Any:
+    """A header as Python values: str keys, ``bin`` as bytes, arrays as lists."""
+    return msgpack.unpackb(data, raw=False)
+
+
+def decode_reply(
+    frames: Sequence[bytes], instance_id: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Decodes ``[kind, header]`` into ``(request kind, body)``.
+
+    Raises the matching :class:`~tacflow.errors.TacflowError` subclass for an
+    error reply, and :class:`ProtocolError` for frames that are not a reply.
+    """
+    if len(frames) < 2:
+        raise ProtocolError("protocol_error", f"a reply is [kind, header]; got {len(frames)} frame(s)")
+    kind_frame = frames[0]
+    try:
+        body = unpack(frames[1])
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError("protocol_error", f"reply header is not msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("protocol_error", f"reply header is not a map: {body!r}")
+    if len(kind_frame) != 1:
+        raise ProtocolError("protocol_error", f"reply kind frame has {len(kind_frame)} bytes")
+    byte = kind_frame[0]
+    if byte == ERROR_KIND:
+        raise error_from_reply(body, instance_id)
+    if not byte & REPLY_BIT:
+        raise ProtocolError("protocol_error", f"kind 0x{byte:02x} is not a reply")
+    return byte & ~REPLY_BIT, body
