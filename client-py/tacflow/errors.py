@@ -18,6 +18,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+__all__ = [
+    "TacflowError", "BadRequest", "UnsupportedVersion", "UnknownSession",
+    "UnknownSequence", "SequenceExists", "UnknownRegion", "OutOfBounds",
+    "ShapeMismatch", "DtypeMismatch", "OutOfKvBlocks", "ContextTooLong",
+    "LimitExceeded", "PermissionDenied", "Busy", "ShuttingDown", "Unsupported",
+    "Internal", "DaemonRestarted", "RequestTimeout", "DaemonUnavailable",
+    "ProtocolError", "ERROR_CLASSES", "error_from_reply",
+]
+
 
 class TacflowError(Exception):
     """A failure reported by the daemon, or by the client on its behalf.
