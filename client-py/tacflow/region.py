@@ -6,6 +6,13 @@ tensors in it by ``region_id`` + offset (:class:`~tacflow.protocol.TensorRef`).
 :class:`HostRegion` bundles the three things that go together — the mapping,
 the daemon's region id, and numpy views of it — and cleans all of them up.
 
+Views must never outlive the mapping: ``SharedMemory.close()`` (also run by
+its ``__del__``) unmaps its memory even while ``np.ndarray(buffer=shm.buf)``
+views exist, because numpy does not hold a buffer export for those, and the
+next access segfaults. So the region maps the object itself and builds every
+view with ``np.frombuffer``, which holds an export: while any view lives, the
+mapping cannot be closed, and it is unmapped when the last one goes.
+
 About Python's ``resource_tracker``: a ``SharedMemory`` created here is
 registered with it, which is what we want (if the process dies, the tracker
 unlinks the object, so nothing is left in ``/dev/shm``). ``close()`` unlinks
@@ -16,6 +23,8 @@ existing object from Python, the case that makes the tracker double-unlink.
 
 from __future__ import annotations
 
+import math
+import mmap
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -111,11 +120,15 @@ class HostRegion:
 
     def __init__(self, client: "Client | None", shm: shared_memory.SharedMemory, region_id: int):
         self._client = client
-        self._shm = shm
         self.region_id = region_id
         self.name = shm.name
         self.byte_size = shm.size
         self.closed = False
+        # Our own mapping (see the module doc); SharedMemory's is closed at
+        # once, and the object is kept only to unlink the name.
+        self._mmap = mmap.mmap(shm._fd, shm.size)  # noqa: SLF001 (no public fd)
+        shm.close()
+        self._shm = shm
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -129,9 +142,13 @@ class HostRegion:
 
     @property
     def buf(self) -> memoryview:
-        """The mapped bytes."""
+        """The mapped bytes (the mapping stays while this view is referenced)."""
         self._check_open()
-        return self._shm.buf
+        return memoryview(self._mmap)
+
+    def _raw(self) -> np.ndarray:
+        """All bytes as a uint8 array that holds a buffer export on the mapping."""
+        return np.frombuffer(self._mmap, dtype=np.uint8)
 
     def array(self, dtype: Any, shape: int | Sequence[int], offset: int = 0) -> np.ndarray:
         """A contiguous numpy view of ``shape`` elements starting at ``offset`` bytes.
@@ -143,8 +160,10 @@ class HostRegion:
         dt = numpy_dtype(dtype)
         if offset % dt.itemsize:
             raise ValueError(f"offset {offset} is not aligned to {wire_dtype(dtype)}")
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        return np.ndarray(shape, dtype=dt, buffer=self._shm.buf, offset=offset)
+        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        if offset < 0 or offset + math.prod(shape) * dt.itemsize > self.byte_size:
+            raise ValueError(f"{shape} {dt} at offset {offset} exceeds {self.byte_size} bytes")
+        return np.ndarray(shape, dtype=dt, buffer=self._raw(), offset=offset)
 
     def ref(
         self,
@@ -181,7 +200,7 @@ class HostRegion:
         return np.ndarray(
             ref.shape,
             dtype=dt,
-            buffer=self._shm.buf,
+            buffer=self._raw(),
             offset=ref.offset,
             strides=tuple(s * dt.itemsize for s in strides),
         )
@@ -189,7 +208,7 @@ class HostRegion:
     def ref_of(self, arr: np.ndarray) -> TensorRef:
         """The reference of a numpy view that lies in this region."""
         self._check_open()
-        base = np.frombuffer(self._shm.buf, dtype=np.uint8).ctypes.data
+        base = self._raw().ctypes.data
         offset = arr.__array_interface__["data"][0] - base
         if not 0 <= offset <= self.byte_size:
             raise ValueError("array does not lie in this region")
@@ -221,10 +240,10 @@ class HostRegion:
             if client is not None:
                 client._forget_region(self)
             try:
-                self._shm.close()
+                self._mmap.close()
             except BufferError:
-                # Numpy views still export the buffer; the mapping lives until
-                # they are gone. The name can go now.
+                # Views still hold the mapping; it is unmapped when the last
+                # one goes. The name can go now.
                 pass
             try:
                 self._shm.unlink()
