@@ -153,7 +153,7 @@ class AttentionDiagnostics:
         return _pick(cls, body)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen init costs ~0.4 µs, on the step path
 class StepResult:
     """One entry's outcome, in the order of the step's entries."""
 
@@ -183,7 +183,7 @@ class StepResult:
             raise ProtocolError("protocol_error", f"bad step result {body!r}: {exc}") from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen init costs ~0.4 µs, on the step path
 class StepTiming:
     """Daemon-side time of a step: waiting in the queue, then running."""
 
@@ -191,7 +191,7 @@ class StepTiming:
     run_us: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen init costs ~0.4 µs, on the step path
 class StepOutput:
     results: list[StepResult]
     timing: StepTiming = field(default_factory=StepTiming)
