@@ -72,9 +72,11 @@ class Client:
 
     ``address`` is a socket path or a ZeroMQ endpoint (``ipc://…``,
     ``tcp://…``); when ``None`` it is found as PROTOCOL.md §1 says
-    (:func:`tacflow.address.resolve_address`). The constructor sends
-    ``hello``; a daemon that does not answer within ``timeout_s`` raises
-    :class:`DaemonUnavailable`.
+    (:func:`tacflow.address.resolve_address`). ``timeout_s`` bounds every
+    request. The constructor sends ``hello``; a daemon that does not answer
+    within ``connect_timeout_s`` (default: ``timeout_s``) raises
+    :class:`DaemonUnavailable`. ZeroMQ connects whenever the daemon binds, so
+    a client may be created while the daemon is still starting.
     """
 
     def __init__(
@@ -83,11 +85,10 @@ class Client:
         timeout_s: float = 60.0,
         client_name: str = DEFAULT_CLIENT_NAME,
         context: zmq.Context | None = None,
+        connect_timeout_s: float | None = None,
     ) -> None:
         self.address = resolve_address(address)
-        self.timeout_s = float(timeout_s)
         self.client_name = client_name
-        self._timeout_ms = max(1, int(self.timeout_s * 1000))
         self._packer = msgpack.Packer(use_single_float=True)
         self._next_id = 1
         self._info: HelloInfo | None = None
@@ -97,21 +98,37 @@ class Client:
         ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.RCVTIMEO, self._timeout_ms)
-        self._sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
+        wait_s = timeout_s if connect_timeout_s is None else connect_timeout_s
+        self.timeout_s = wait_s
         try:
             self._sock.connect(self.address)
             self.hello()
+            self.timeout_s = timeout_s
         except RequestTimeout:
             self._close_socket()
             raise DaemonUnavailable(
                 "unavailable",
-                f"no answer to hello from {self.address} within {self.timeout_s:g} s "
+                f"no answer to hello from {self.address} within {wait_s:g} s "
                 "(is tacflowd running? `tacflowd serve --socket PATH`)",
             ) from None
         except BaseException:
             self._close_socket()
             raise
+
+    @property
+    def timeout_s(self) -> float:
+        """How long a request waits for its reply before :class:`RequestTimeout`."""
+        return self._timeout_s
+
+    @timeout_s.setter
+    def timeout_s(self, seconds: float) -> None:
+        if seconds <= 0:
+            raise ValueError("timeout_s must be positive")
+        self._timeout_s = float(seconds)
+        self._timeout_ms = max(1, int(seconds * 1000))
+        if self._sock is not None:
+            self._sock.setsockopt(zmq.RCVTIMEO, self._timeout_ms)
+            self._sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
 
     # ------------------------------------------------------------ session
 

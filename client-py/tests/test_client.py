@@ -181,6 +181,19 @@ def test_no_daemon_is_unavailable(tmp_path: Path) -> None:
     assert isinstance(info.value, ConnectionError) and "nobody.sock" in str(info.value)
 
 
+def test_connect_timeout_is_separate(daemon: FakeDaemon, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(errors.DaemonUnavailable):
+        Client(tmp_path / "nobody.sock", timeout_s=30, connect_timeout_s=0.2)
+    assert time.monotonic() - t0 < 2
+    with Client(daemon.address, timeout_s=7, connect_timeout_s=1) as c:
+        assert c.timeout_s == 7
+        c.timeout_s = 0.2
+        daemon.handlers[Kind.PING] = lambda k, b: []
+        with pytest.raises(errors.RequestTimeout):
+            c.ping()
+
+
 def test_unsupported_version_surfaces(daemon: FakeDaemon) -> None:
     daemon.handlers[Kind.HELLO] = lambda k, b: [
         error("unsupported_version", "speak 2", b["request_id"], daemon_major=2, daemon_minor=0)
