@@ -53,9 +53,14 @@ from typing import Callable
 
 import zmq
 
-from tacflow import Client
-from tacflow.protocol import Kind, pack, step_body
-from tacflow.transport import recv_message, send_message
+try:
+    import tacflow  # noqa: F401
+except ImportError:  # not installed: use the repository's copy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client-py"))
+
+from tacflow import Client  # noqa: E402
+from tacflow.protocol import Kind, pack, step_body  # noqa: E402
+from tacflow.transport import recv_message, send_message  # noqa: E402
 
 RoundTrip = Callable[[], None]
 
