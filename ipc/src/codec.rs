@@ -97,7 +97,7 @@ pub enum Request {
     TruncateSequence(TruncateSequenceRequest),
     CloseSequence(CloseSequenceRequest),
     Step(StepRequest),
-    AttentionStep(AttentionStepRequest),
+    AttentionStep(Box<AttentionStepRequest>),
 }
 
 impl Request {
@@ -200,7 +200,9 @@ struct Probe {
 /// Best effort: the request id of a header that did not decode as its kind,
 /// so the error reply can still be matched by the client.
 fn probe_request_id(header: &[u8]) -> Option<u64> {
-    from_msgpack::<Probe>(header).ok().and_then(|p| p.request_id)
+    from_msgpack::<Probe>(header)
+        .ok()
+        .and_then(|p| p.request_id)
 }
 
 fn body<T: DeserializeOwned>(kind: Kind, header: &[u8]) -> Result<T, ErrorReply> {

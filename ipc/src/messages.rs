@@ -181,10 +181,11 @@ pub struct UnregisterRegionRequest {
 // ---------------------------------------------------------------- sequences
 
 /// How a sequence's decode attention chooses the tokens it reads.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(tag = "policy", rename_all = "snake_case")]
 pub enum AttentionPolicy {
     /// Exact attention over every cached token: the stock side of an A/B.
+    #[default]
     Full,
     /// Tactic: the fewest tokens carrying a fraction `p` of the attention mass.
     Tactic {
@@ -198,12 +199,6 @@ pub enum AttentionPolicy {
     FixedBudget { tokens: u32 },
     /// Exact scores, exact smallest set reaching `p` (evaluation only).
     OracleTopP { p: f32 },
-}
-
-impl Default for AttentionPolicy {
-    fn default() -> Self {
-        AttentionPolicy::Full
-    }
 }
 
 impl AttentionPolicy {

@@ -66,9 +66,7 @@ impl HostRegion {
         let fd = shm_open(name.as_str(), OFlag::O_RDWR, Mode::empty()).map_err(|e| {
             let code = match e {
                 nix::errno::Errno::ENOENT => ErrorCode::UnknownRegion,
-                nix::errno::Errno::EACCES | nix::errno::Errno::EPERM => {
-                    ErrorCode::PermissionDenied
-                }
+                nix::errno::Errno::EACCES | nix::errno::Errno::EPERM => ErrorCode::PermissionDenied,
                 _ => ErrorCode::BadRequest,
             };
             Error::Protocol(ErrorReply::new(
@@ -286,7 +284,8 @@ mod tests {
             strides: Some(vec![4, 1]),
         };
         let v = t.resolve(r.size()).unwrap();
-        r.write_matrix_f32(&v, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        r.write_matrix_f32(&v, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+            .unwrap();
         let mut raw = [0u8; 16];
         r.read_bytes(8, &mut raw).unwrap();
         let vals: Vec<f32> = raw

@@ -85,11 +85,12 @@ impl TensorRef {
     /// returns the view. Errors are the wire errors the client will read.
     pub fn resolve(&self, region_size: u64) -> Result<TensorView, ErrorReply> {
         if self.shape.len() > MAX_RANK {
-            return Err(
-                ErrorReply::new(ErrorCode::ShapeMismatch, "tensor has too many dimensions")
-                    .with("rank", self.shape.len())
-                    .with("max_rank", MAX_RANK),
-            );
+            return Err(ErrorReply::new(
+                ErrorCode::ShapeMismatch,
+                "tensor has too many dimensions",
+            )
+            .with("rank", self.shape.len())
+            .with("max_rank", MAX_RANK));
         }
         let strides = match &self.strides {
             Some(s) => {
@@ -107,12 +108,13 @@ impl TensorRef {
                 .ok_or_else(|| oob("tensor shape overflows 64-bit element counts"))?,
         };
         let esize = self.dtype.size();
-        if self.offset % esize != 0 {
-            return Err(
-                ErrorReply::new(ErrorCode::OutOfBounds, "tensor offset is not aligned to its dtype")
-                    .with("offset", self.offset)
-                    .with("dtype", self.dtype.name()),
-            );
+        if !self.offset.is_multiple_of(esize) {
+            return Err(ErrorReply::new(
+                ErrorCode::OutOfBounds,
+                "tensor offset is not aligned to its dtype",
+            )
+            .with("offset", self.offset)
+            .with("dtype", self.dtype.name()));
         }
         let empty = self.shape.contains(&0);
         if !empty {
@@ -230,15 +232,27 @@ mod tests {
     #[test]
     fn misaligned_and_overflowing_refs_fail() {
         assert_eq!(
-            tref(2, DType::F32, vec![1], None).resolve(64).unwrap_err().code,
+            tref(2, DType::F32, vec![1], None)
+                .resolve(64)
+                .unwrap_err()
+                .code,
             ErrorCode::OutOfBounds
         );
         let huge = tref(0, DType::F32, vec![u64::MAX, 2], None);
-        assert_eq!(huge.resolve(u64::MAX).unwrap_err().code, ErrorCode::OutOfBounds);
+        assert_eq!(
+            huge.resolve(u64::MAX).unwrap_err().code,
+            ErrorCode::OutOfBounds
+        );
         let stride = tref(0, DType::F32, vec![3], Some(vec![u64::MAX / 2]));
-        assert_eq!(stride.resolve(u64::MAX).unwrap_err().code, ErrorCode::OutOfBounds);
+        assert_eq!(
+            stride.resolve(u64::MAX).unwrap_err().code,
+            ErrorCode::OutOfBounds
+        );
         let off = tref(u64::MAX - 3, DType::U8, vec![8], None);
-        assert_eq!(off.resolve(u64::MAX).unwrap_err().code, ErrorCode::OutOfBounds);
+        assert_eq!(
+            off.resolve(u64::MAX).unwrap_err().code,
+            ErrorCode::OutOfBounds
+        );
     }
 
     #[test]

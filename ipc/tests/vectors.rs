@@ -74,7 +74,10 @@ where
     }
     let on_disk = std::fs::read(&bin_path)
         .unwrap_or_else(|e| panic!("{}: {e} (regenerate the vectors)", bin_path.display()));
-    assert_eq!(on_disk, bytes, "{name}: Rust encoding differs from the vector");
+    assert_eq!(
+        on_disk, bytes,
+        "{name}: Rust encoding differs from the vector"
+    );
     let back: T = from_msgpack(&on_disk).unwrap();
     assert_eq!(&back, value, "{name}: decoding the vector differs");
     let json: serde_json::Value =
@@ -380,11 +383,14 @@ fn vectors_match_the_rust_types() {
         "reply",
         ERROR_KIND,
         "error",
-        &ErrorReply::new(ErrorCode::OutOfKvBlocks, "step needs 9 KV blocks, 4 are free")
-            .with("needed", 9u64)
-            .with("free", 4u64)
-            .with("entry", 0u64)
-            .for_request(9),
+        &ErrorReply::new(
+            ErrorCode::OutOfKvBlocks,
+            "step needs 9 KV blocks, 4 are free",
+        )
+        .with("needed", 9u64)
+        .with("free", 4u64)
+        .with("entry", 0u64)
+        .for_request(9),
     );
     check(
         "error_reply_unreadable",

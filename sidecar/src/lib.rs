@@ -1,1 +1,21 @@
-//! placeholder
+//! `tacflowd`, the tacflow daemon: a Python LLM server hands it model
+//! execution over ZeroMQ and shared memory.
+//!
+//! | concept | module |
+//! | --- | --- |
+//! | configuration (TOML, flags, environment) | [`config`] |
+//! | I/O thread, executor thread, sessions, shutdown | [`server`] |
+//! | sequences, KV blocks, steps | [`engine`] |
+//! | the decoder and its weights | [`model`] |
+//! | the ops it runs on (CPU reference, CUDA) | [`backend`] |
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod server;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use server::{Shutdown, run};

@@ -1,1 +1,189 @@
-fn main() {}
+//! `tacflowd`: parse the command line, set up logging, run.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use tacflow_sidecar::config::{BackendKind, Config, LogFormat};
+use tacflow_sidecar::{Shutdown, run};
+
+#[derive(Parser, Debug)]
+#[command(name = "tacflowd", version, about = "tacflow GPU inference daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve clients (the default).
+    Serve(ServeArgs),
+    /// Write a model as a Hugging Face folder (config.json + f32
+    /// model.safetensors), e.g. the built-in `tiny` for transformers.
+    ExportModel {
+        /// Model to export (`tiny`, `random:<preset>`, a folder).
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Flags override the config file, which overrides the defaults.
+#[derive(Args, Debug, Default, Clone)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TACFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Unix socket path to bind.
+    #[arg(long, env = "TACFLOW_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also listen on TCP (host:port). Unauthenticated.
+    #[arg(long, env = "TACFLOW_TCP")]
+    tcp: Option<String>,
+    /// Group allowed to use the socket (mode 0660).
+    #[arg(long, env = "TACFLOW_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// `tiny`, `random:<preset|config.json>`, or a Hugging Face model folder.
+    #[arg(long, env = "TACFLOW_MODEL")]
+    model: Option<String>,
+    /// Seed of random weights.
+    #[arg(long, env = "TACFLOW_SEED")]
+    seed: Option<u64>,
+    #[arg(long, env = "TACFLOW_BACKEND", value_enum)]
+    backend: Option<BackendKind>,
+    /// KV cache size in blocks of 16 tokens.
+    #[arg(long, env = "TACFLOW_KV_BLOCKS")]
+    kv_blocks: Option<usize>,
+    /// Fraction of free GPU memory for the KV cache.
+    #[arg(long, env = "TACFLOW_KV_MEMORY_FRACTION")]
+    kv_memory_fraction: Option<f64>,
+    /// Longest sequence accepted.
+    #[arg(long, env = "TACFLOW_MAX_CONTEXT")]
+    max_context: Option<usize>,
+    /// Session lease in milliseconds.
+    #[arg(long, env = "TACFLOW_SESSION_LEASE_MS")]
+    session_lease_ms: Option<u64>,
+    /// Requests waiting for the executor before `busy`.
+    #[arg(long, env = "TACFLOW_MAX_QUEUE")]
+    max_queue: Option<usize>,
+    /// CPU backend threads.
+    #[arg(long, env = "TACFLOW_THREADS")]
+    threads: Option<usize>,
+    /// Round weights to bf16 on the CPU backend.
+    #[arg(long, env = "TACFLOW_CPU_ROUND_BF16")]
+    cpu_round_bf16: bool,
+    #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_toml_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        set!(
+            model,
+            seed,
+            backend,
+            kv_memory_fraction,
+            session_lease_ms,
+            max_queue,
+            log_format
+        );
+        set_opt!(socket, tcp, socket_group, kv_blocks, max_context, threads);
+        if self.cpu_round_bf16 {
+            c.cpu_round_bf16 = true;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TACFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Journal => b.without_time().with_ansi(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// SIGINT and SIGTERM trigger `shutdown`, on a small tokio runtime of its own.
+fn watch_signals(shutdown: Shutdown) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    tracing::error!("cannot install signal handlers");
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                shutdown.trigger();
+            })
+        })?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::ExportModel { model, seed, out }) => {
+            init_logging(LogFormat::Text);
+            let spec = tacflow_sidecar::model::ModelSpec::parse(&model, seed)?;
+            let (config, src) = spec.open()?;
+            tacflow_sidecar::model::hf::export(&config, src.as_ref(), &out)?;
+            println!(
+                "wrote {} ({}) to {}",
+                config.name,
+                src.describe(),
+                out.display()
+            );
+            Ok(())
+        }
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    init_logging(config.log_format);
+    if let Some(n) = config.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("thread pool")?;
+    }
+    let shutdown = Shutdown::default();
+    watch_signals(shutdown.clone())?;
+    run(config, shutdown, |_| {})?;
+    Ok(())
+}

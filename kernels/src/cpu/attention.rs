@@ -70,17 +70,23 @@ pub fn paged_attention(
 ) {
     let d = kv.head_dim;
     let group = num_heads / kv.kv_heads;
-    assert_eq!(group * kv.kv_heads, num_heads, "heads must group over KV heads");
+    assert_eq!(
+        group * kv.kv_heads,
+        num_heads,
+        "heads must group over KV heads"
+    );
     let out_row = num_heads * d;
     let tasks: Vec<(usize, usize, usize)> = seqs
         .iter()
         .enumerate()
         .flat_map(|(si, s)| {
             assert!(s.q_len <= s.ctx_len, "more queries than cached tokens");
-            assert!(s.selection.is_none() || s.q_len == 1, "selection is decode-only");
-            (0..kv.kv_heads).flat_map(move |h| {
-                (0..s.q_len.div_ceil(Q_TILE)).map(move |t| (si, h, t * Q_TILE))
-            })
+            assert!(
+                s.selection.is_none() || s.q_len == 1,
+                "selection is decode-only"
+            );
+            (0..kv.kv_heads)
+                .flat_map(move |h| (0..s.q_len.div_ceil(Q_TILE)).map(move |t| (si, h, t * Q_TILE)))
         })
         .collect();
     let results: Vec<Vec<f32>> = tasks
@@ -297,7 +303,10 @@ mod tests {
                         return f64::NEG_INFINITY;
                     }
                     let kr = &keys[j][h * d..(h + 1) * d];
-                    qv.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                    qv.iter()
+                        .zip(kr)
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum::<f64>()
                         / (d as f64).sqrt()
                 })
                 .collect();
@@ -323,24 +332,42 @@ mod tests {
     /// A sequence of `n` tokens scattered over blocks in reverse order.
     fn fixture(n: usize, kv_heads: usize, d: usize, bs: usize, seed: u64) -> Fixture {
         let nblocks = n.div_ceil(bs) + 2;
-        let table: Vec<u32> = (0..n.div_ceil(bs)).map(|b| (nblocks - 1 - b) as u32).collect();
+        let table: Vec<u32> = (0..n.div_ceil(bs))
+            .map(|b| (nblocks - 1 - b) as u32)
+            .collect();
         let mut k = vec![f32::NAN; nblocks * kv_heads * bs * d];
         let mut v = k.clone();
         let row = kv_heads * d;
         let keys: Vec<Vec<f32>> = (0..n)
-            .map(|t| (0..row).map(|i| random_weight(seed, 1, (t * row + i) as u64, 0.0, 2.0)).collect())
+            .map(|t| {
+                (0..row)
+                    .map(|i| random_weight(seed, 1, (t * row + i) as u64, 0.0, 2.0))
+                    .collect()
+            })
             .collect();
         let vals: Vec<Vec<f32>> = (0..n)
-            .map(|t| (0..row).map(|i| random_weight(seed, 2, (t * row + i) as u64, 0.0, 1.0)).collect())
+            .map(|t| {
+                (0..row)
+                    .map(|i| random_weight(seed, 2, (t * row + i) as u64, 0.0, 1.0))
+                    .collect()
+            })
             .collect();
         let mut qkv = vec![0.0f32; n * 2 * row];
         for t in 0..n {
             qkv[t * 2 * row..t * 2 * row + row].copy_from_slice(&keys[t]);
             qkv[t * 2 * row + row..(t + 1) * 2 * row].copy_from_slice(&vals[t]);
         }
-        let slots: Vec<u32> = (0..n).map(|t| table[t / bs] * bs as u32 + (t % bs) as u32).collect();
+        let slots: Vec<u32> = (0..n)
+            .map(|t| table[t / bs] * bs as u32 + (t % bs) as u32)
+            .collect();
         kv_append(&mut k, &mut v, (kv_heads, bs, d), &qkv, 2 * row, 0, &slots);
-        Fixture { k, v, keys, vals, table }
+        Fixture {
+            k,
+            v,
+            keys,
+            vals,
+            table,
+        }
     }
 
     #[test]
@@ -352,8 +379,20 @@ mod tests {
             let q: Vec<f32> = (0..q_len * heads * d)
                 .map(|i| random_weight(99, n as u64, i as u64, 0.0, 1.5))
                 .collect();
-            let kv = KvLayer { k: &f.k, v: &f.v, kv_heads, head_dim: d, block_size: bs };
-            let seqs = [AttnSeq { q_start: 0, q_len, ctx_len: n, block_table: &f.table, selection: None }];
+            let kv = KvLayer {
+                k: &f.k,
+                v: &f.v,
+                kv_heads,
+                head_dim: d,
+                block_size: bs,
+            };
+            let seqs = [AttnSeq {
+                q_start: 0,
+                q_len,
+                ctx_len: n,
+                block_table: &f.table,
+                selection: None,
+            }];
             let mut out = vec![f32::NAN; q_len * heads * d];
             paged_attention(&q, heads * d, heads, &kv, &seqs, &mut out);
             for i in 0..q_len {
@@ -369,7 +408,10 @@ mod tests {
                 );
                 let got = &out[i * heads * d..(i + 1) * heads * d];
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-5 * (1.0 + b.abs()), "n={n} q={i}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                        "n={n} q={i}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -380,10 +422,24 @@ mod tests {
         let (heads, kv_heads, d, bs) = (4, 2, 8, 16);
         let n = 50;
         let f = fixture(n, kv_heads, d, bs, 5);
-        let q: Vec<f32> = (0..heads * d).map(|i| random_weight(3, 0, i as u64, 0.0, 1.0)).collect();
+        let q: Vec<f32> = (0..heads * d)
+            .map(|i| random_weight(3, 0, i as u64, 0.0, 1.0))
+            .collect();
         let sel = vec![vec![0u32, 7, 16, 49], vec![3u32, 31, 32]];
-        let kv = KvLayer { k: &f.k, v: &f.v, kv_heads, head_dim: d, block_size: bs };
-        let seqs = [AttnSeq { q_start: 0, q_len: 1, ctx_len: n, block_table: &f.table, selection: Some(&sel) }];
+        let kv = KvLayer {
+            k: &f.k,
+            v: &f.v,
+            kv_heads,
+            head_dim: d,
+            block_size: bs,
+        };
+        let seqs = [AttnSeq {
+            q_start: 0,
+            q_len: 1,
+            ctx_len: n,
+            block_table: &f.table,
+            selection: Some(&sel),
+        }];
         let mut out = vec![f32::NAN; heads * d];
         paged_attention(&q, heads * d, heads, &kv, &seqs, &mut out);
         let want = reference(&q, &f.keys, &f.vals, heads, kv_heads, d, n - 1, &|h, j| {

@@ -19,7 +19,23 @@ pub fn matmul_nt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, n: usize, k: u
     // SAFETY: the asserts above prove every index the strides reach lies in
     // its slice: x rows of k (row stride k, col stride 1), wᵀ as a [k, n]
     // view of w (row stride 1, col stride k), out rows of n.
-    unsafe { raw(m, n, k, out.as_mut_ptr(), n, false, x.as_ptr(), k, w.as_ptr(), 1, k, 1.0, par) }
+    unsafe {
+        raw(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            n,
+            false,
+            x.as_ptr(),
+            k,
+            w.as_ptr(),
+            1,
+            k,
+            1.0,
+            par,
+        )
+    }
 }
 
 /// `out[m, n] (+)= alpha · a[m, k] · b` with `b` given by strides, single
@@ -128,13 +144,20 @@ mod tests {
     #[test]
     fn matches_naive_on_ragged_sizes() {
         for &(m, n, k) in &[(1, 1, 1), (3, 17, 5), (33, 65, 129), (128, 96, 64)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 30.0)
+                .collect();
             let mut out = vec![f32::NAN; m * n];
             matmul_nt(&x, &w, &mut out, m, n, k);
             let want = naive(&x, &w, m, n, k);
             for (a, b) in out.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b} at {m}x{n}x{k}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{a} vs {b} at {m}x{n}x{k}"
+                );
             }
         }
     }

@@ -157,7 +157,13 @@ mod tests {
     #[test]
     fn top_logprobs_are_sorted_and_normalised() {
         let logits = [0.0f32, 2.0, 1.0, 2.0];
-        let s = sample(&logits, &SampleParams { logprobs: 3, ..SampleParams::greedy() });
+        let s = sample(
+            &logits,
+            &SampleParams {
+                logprobs: 3,
+                ..SampleParams::greedy()
+            },
+        );
         let ids: Vec<u32> = s.top.iter().map(|t| t.0).collect();
         assert_eq!(ids, vec![1, 3, 2]);
         let total: f32 = logits.iter().map(|&v| (v - logsumexp(&logits)).exp()).sum();
@@ -167,11 +173,21 @@ mod tests {
     #[test]
     fn seeded_draws_are_reproducible_and_respect_the_cuts() {
         let logits: Vec<f32> = (0..100).map(|i| -(i as f32) * 0.1).collect();
-        let base = SampleParams { temperature: 1.0, top_p: 0.5, top_k: 0, seed: 42, position: 0, logprobs: 0 };
+        let base = SampleParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            top_k: 0,
+            seed: 42,
+            position: 0,
+            logprobs: 0,
+        };
         // top_p 0.5 over a geometric-like distribution keeps a short prefix.
         let mut seen = std::collections::BTreeSet::new();
         for pos in 0..2000 {
-            let p = SampleParams { position: pos, ..base };
+            let p = SampleParams {
+                position: pos,
+                ..base
+            };
             let a = sample(&logits, &p).token;
             assert_eq!(a, sample(&logits, &p).token);
             seen.insert(a);
@@ -187,11 +203,31 @@ mod tests {
                 break;
             }
         }
-        assert!(*seen.iter().max().unwrap() < keep as u32, "{seen:?} vs {keep}");
-        assert!(seen.len() > keep / 2, "draws should spread over the kept set");
-        let k2 = SampleParams { top_k: 2, top_p: 1.0, ..base };
+        assert!(
+            *seen.iter().max().unwrap() < keep as u32,
+            "{seen:?} vs {keep}"
+        );
+        assert!(
+            seen.len() > keep / 2,
+            "draws should spread over the kept set"
+        );
+        let k2 = SampleParams {
+            top_k: 2,
+            top_p: 1.0,
+            ..base
+        };
         for pos in 0..200 {
-            assert!(sample(&logits, &SampleParams { position: pos, ..k2 }).token < 2);
+            assert!(
+                sample(
+                    &logits,
+                    &SampleParams {
+                        position: pos,
+                        ..k2
+                    }
+                )
+                .token
+                    < 2
+            );
         }
     }
 }

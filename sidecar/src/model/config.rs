@@ -76,14 +76,16 @@ impl ModelConfig {
     /// Checks internal consistency; every loader calls it.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::UnsupportedModel(format!("{}: {m}", self.name)));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "{} query heads cannot be grouped over {} KV heads",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 || self.head_dim > 256 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > 256 {
             return bad(format!(
                 "head_dim {} is not supported (even, at most 256)",
                 self.head_dim
@@ -279,10 +281,13 @@ impl ModelConfig {
         };
         let ids = |v: &serde_json::Value| -> Vec<u32> {
             match v {
-                serde_json::Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                serde_json::Value::Array(a) => {
-                    a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect()
+                serde_json::Value::Number(n) => {
+                    n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
                 }
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64().map(|x| x as u32))
+                    .collect(),
                 _ => vec![],
             }
         };
@@ -361,7 +366,11 @@ mod tests {
         }
         let l = ModelConfig::preset("llama-3-8b").unwrap();
         // 8.03 B parameters.
-        assert!((l.num_params() as f64 - 8.03e9).abs() < 0.01e9, "{}", l.num_params());
+        assert!(
+            (l.num_params() as f64 - 8.03e9).abs() < 0.01e9,
+            "{}",
+            l.num_params()
+        );
     }
 
     #[test]

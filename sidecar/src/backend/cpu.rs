@@ -1,0 +1,274 @@
+//! The CPU backend: f32 everywhere, the reference for the GPU.
+//!
+//! With `round_to_bf16` the weights are rounded to bf16 precision at load
+//! (then held in f32), so that the CPU computes with exactly the weights the
+//! GPU holds and the two can be compared at bf16 tolerance.
+
+use super::{AttnDims, Backend, HostData, KvLayout, SampleOutput, StepMeta};
+use crate::error::{Error, Result};
+use half::bf16;
+use rayon::prelude::*;
+use tacflow_kernels::cpu::{self, AttnSeq, KvLayer, SampleParams};
+use tacflow_kernels::rng::random_weight;
+
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend {
+    pub round_to_bf16: bool,
+}
+
+/// A row-major f32 matrix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mat {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Every layer's K and V, `[num_blocks, kv_heads, block_size, head_dim]`.
+#[derive(Debug)]
+pub struct CpuKv {
+    pub layout: KvLayout,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl CpuBackend {
+    fn to_f32(&self, n: usize, data: HostData<'_>) -> Result<Vec<f32>> {
+        if let Some(len) = data.host_len()
+            && len != n
+        {
+            return Err(Error::BadModel(format!(
+                "tensor has {len} values, expected {n}"
+            )));
+        }
+        let mut v: Vec<f32> = match data {
+            HostData::F32(d) => d.to_vec(),
+            HostData::Bf16(d) => d.par_iter().map(|x| x.to_f32()).collect(),
+            HostData::F16(d) => d.par_iter().map(|x| x.to_f32()).collect(),
+            HostData::Random {
+                seed,
+                stream,
+                mean,
+                std,
+            } => (0..n as u64)
+                .into_par_iter()
+                .map(|i| random_weight(seed, stream, i, mean, std))
+                .collect(),
+        };
+        if self.round_to_bf16 {
+            v.par_iter_mut()
+                .for_each(|x| *x = bf16::from_f32(*x).to_f32());
+        }
+        Ok(v)
+    }
+}
+
+impl Backend for CpuBackend {
+    type Act = Mat;
+    type Matrix = Mat;
+    type Vector = Vec<f32>;
+    type Kv = CpuKv;
+    type Step = StepMeta;
+
+    fn describe(&self) -> (String, String) {
+        (
+            "cpu".into(),
+            format!("{} threads", rayon::current_num_threads()),
+        )
+    }
+
+    fn weight_dtype(&self) -> &'static str {
+        if self.round_to_bf16 {
+            "bf16-rounded f32"
+        } else {
+            "f32"
+        }
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
+
+    fn kv_block_bytes(&self, layout: &KvLayout) -> usize {
+        2 * layout.num_layers * layout.block_elems() * 4
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Mat> {
+        Ok(Mat {
+            data: self.to_f32(rows * cols, data)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn vector(&self, len: usize, data: HostData<'_>) -> Result<Vec<f32>> {
+        self.to_f32(len, data)
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> Result<CpuKv> {
+        let n = layout.num_blocks * layout.block_elems();
+        Ok(CpuKv {
+            layout: *layout,
+            k: (0..layout.num_layers).map(|_| vec![0.0; n]).collect(),
+            v: (0..layout.num_layers).map(|_| vec![0.0; n]).collect(),
+        })
+    }
+
+    fn act(&self, rows: usize, cols: usize) -> Result<Mat> {
+        Ok(Mat {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        })
+    }
+
+    fn begin_step(&self, meta: &StepMeta) -> Result<StepMeta> {
+        Ok(meta.clone())
+    }
+
+    fn embed(&self, step: &StepMeta, table: &Mat, out: &mut Mat) -> Result<()> {
+        cpu::embed(&table.data, table.cols, &step.tokens, &mut out.data);
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &Mat, w: &Vec<f32>, eps: f32, out: &mut Mat) -> Result<()> {
+        cpu::rmsnorm(&x.data, w, eps, &mut out.data);
+        Ok(())
+    }
+
+    fn linear(&self, x: &Mat, w: &Mat, out: &mut Mat) -> Result<()> {
+        debug_assert_eq!(x.cols, w.cols);
+        cpu::matmul_nt(&x.data, &w.data, &mut out.data, x.rows, w.rows, w.cols);
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Mat, b: &Vec<f32>) -> Result<()> {
+        cpu::add_bias(&mut x.data, b);
+        Ok(())
+    }
+
+    fn rope(&self, step: &StepMeta, qkv: &mut Mat, inv_freq: &Vec<f32>, d: AttnDims) -> Result<()> {
+        // q and k heads are adjacent in the fused row: rotate them together.
+        let heads = d.num_heads + d.num_kv_heads;
+        cpu::rope(
+            &mut qkv.data,
+            qkv.cols,
+            0,
+            heads,
+            d.head_dim,
+            &step.positions,
+            inv_freq,
+        );
+        Ok(())
+    }
+
+    fn kv_append(
+        &self,
+        step: &StepMeta,
+        qkv: &Mat,
+        kv: &mut CpuKv,
+        layer: usize,
+        d: AttnDims,
+    ) -> Result<()> {
+        let l = kv.layout;
+        cpu::kv_append(
+            &mut kv.k[layer],
+            &mut kv.v[layer],
+            (l.num_kv_heads, l.block_size, l.head_dim),
+            &qkv.data,
+            qkv.cols,
+            d.q_dim(),
+            &step.slots,
+        );
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        step: &StepMeta,
+        qkv: &Mat,
+        kv: &CpuKv,
+        layer: usize,
+        d: AttnDims,
+        out: &mut Mat,
+    ) -> Result<()> {
+        let l = kv.layout;
+        let layer_kv = KvLayer {
+            k: &kv.k[layer],
+            v: &kv.v[layer],
+            kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            block_size: l.block_size,
+        };
+        let seqs: Vec<AttnSeq<'_>> = step
+            .seqs
+            .iter()
+            .map(|s| AttnSeq {
+                q_start: s.q_start,
+                q_len: s.q_len,
+                ctx_len: s.ctx_len,
+                block_table: &s.block_table,
+                selection: None,
+            })
+            .collect();
+        cpu::paged_attention(
+            &qkv.data,
+            qkv.cols,
+            d.num_heads,
+            &layer_kv,
+            &seqs,
+            &mut out.data,
+        );
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Mat, y: &Mat) -> Result<()> {
+        cpu::add_inplace(&mut x.data, &y.data);
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate_up: &Mat, out: &mut Mat) -> Result<()> {
+        cpu::silu_mul(&gate_up.data, out.cols, &mut out.data);
+        Ok(())
+    }
+
+    fn gather_rows(&self, step: &StepMeta, x: &Mat, out: &mut Mat) -> Result<()> {
+        for (i, &r) in step.logit_rows.iter().enumerate() {
+            let r = r as usize;
+            out.data[i * x.cols..(i + 1) * x.cols]
+                .copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(())
+    }
+
+    fn sample(
+        &self,
+        logits: &Mat,
+        params: &[Option<SampleParams>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        let sampled = params
+            .par_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.as_ref()
+                    .map(|p| cpu::sample(&logits.data[i * logits.cols..(i + 1) * logits.cols], p))
+            })
+            .collect();
+        Ok(SampleOutput {
+            sampled,
+            logits: want_logits.then(|| logits.data.clone()),
+        })
+    }
+
+    fn copy_blocks(&self, kv: &mut CpuKv, pairs: &[(u32, u32)]) -> Result<()> {
+        let n = kv.layout.block_elems();
+        for layer in kv.k.iter_mut().chain(kv.v.iter_mut()) {
+            for &(src, dst) in pairs {
+                let (s, d) = (src as usize * n, dst as usize * n);
+                layer.copy_within(s..s + n, d);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! The backend interface: the handful of ops the decoder is written against.
+//!
+//! The forward pass (`model::forward`) is written once over [`Backend`]; the
+//! CPU backend is the f32 reference, the CUDA backend runs the same ops in
+//! bf16 on the GPU. A backend owns its memory: activations, weights and the
+//! KV cache are its associated types, opaque to the model code.
+//!
+//! A step is described on the host by a [`StepMeta`] and handed to the
+//! backend once ([`Backend::begin_step`]), so a GPU backend uploads tokens,
+//! positions, slots and block tables in one go and every op reads them on
+//! the device.
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::error::Result;
+use half::{bf16, f16};
+use tacflow_kernels::cpu::{SampleParams, Sampled};
+
+/// Weights as they come from a loader, before the backend converts them.
+#[derive(Debug, Clone, Copy)]
+pub enum HostData<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+    F16(&'a [f16]),
+    /// Seeded random values (`tacflow_kernels::rng::random_weight` of
+    /// `(seed, stream, index)`), generated where the weights live so that a
+    /// large random model needs no host copy.
+    Random {
+        seed: u64,
+        stream: u64,
+        mean: f32,
+        std: f32,
+    },
+}
+
+impl HostData<'_> {
+    /// Element count of host data; `None` for generated data.
+    pub fn host_len(&self) -> Option<usize> {
+        match self {
+            HostData::F32(d) => Some(d.len()),
+            HostData::Bf16(d) => Some(d.len()),
+            HostData::F16(d) => Some(d.len()),
+            HostData::Random { .. } => None,
+        }
+    }
+}
+
+/// Shape of the attention part of a model, as ops need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnDims {
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Width of a fused `[q | k | v]` row.
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+}
+
+/// Shape of the paged KV cache: per layer, K and V each
+/// `[num_blocks, num_kv_heads, block_size, head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvLayout {
+    /// Elements of one block of one layer's K (or V).
+    pub fn block_elems(&self) -> usize {
+        self.num_kv_heads * self.block_size * self.head_dim
+    }
+}
+
+/// One sequence's part of a step (see `tacflow_kernels::cpu::AttnSeq`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqMeta {
+    /// First row of the step's token rows that belongs to this sequence.
+    pub q_start: usize,
+    /// New tokens of this sequence in the step.
+    pub q_len: usize,
+    /// Tokens cached after the step's append.
+    pub ctx_len: usize,
+    /// KV blocks of the sequence, in order, covering `ctx_len` tokens.
+    pub block_table: Vec<u32>,
+}
+
+/// Host description of one forward pass.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepMeta {
+    /// Token ids, all sequences' new tokens concatenated.
+    pub tokens: Vec<u32>,
+    /// RoPE position of each token.
+    pub positions: Vec<u32>,
+    /// KV slot (`block * block_size + offset`) each token is written to.
+    pub slots: Vec<u32>,
+    pub seqs: Vec<SeqMeta>,
+    /// Rows (indices into `tokens`) whose logits are needed, ascending.
+    pub logit_rows: Vec<u32>,
+}
+
+/// What sampling returns for the logit rows.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SampleOutput {
+    /// One per logit row: `Some` where sampling was asked for.
+    pub sampled: Vec<Option<Sampled>>,
+    /// `[rows, vocab]` row-major, when asked for.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// The ops of a Llama-family decoder. Every op is asynchronous on a GPU
+/// backend: only [`Backend::sample`] returns host data, and it is where a
+/// step synchronises.
+pub trait Backend {
+    /// An activation matrix `[rows, cols]`, row-major.
+    type Act;
+    /// A weight matrix `[rows, cols]` (PyTorch `nn.Linear` layout: rows are
+    /// output features).
+    type Matrix;
+    type Vector;
+    /// Every layer's K and V blocks.
+    type Kv;
+    /// A step's metadata as the backend keeps it (on the device for a GPU).
+    type Step;
+
+    /// `"cpu"` or `"cuda"`, and the device in words.
+    fn describe(&self) -> (String, String);
+    /// Data type the weights are held in.
+    fn weight_dtype(&self) -> &'static str;
+    /// Bytes of device memory free for the KV cache; `None` when unbounded
+    /// (the CPU), so the operator must size it.
+    fn free_memory(&self) -> Option<usize>;
+    /// Bytes one KV block takes over all layers, K and V.
+    fn kv_block_bytes(&self, layout: &KvLayout) -> usize;
+
+    fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Self::Matrix>;
+    fn vector(&self, len: usize, data: HostData<'_>) -> Result<Self::Vector>;
+    fn kv_cache(&self, layout: &KvLayout) -> Result<Self::Kv>;
+    fn act(&self, rows: usize, cols: usize) -> Result<Self::Act>;
+
+    fn begin_step(&self, meta: &StepMeta) -> Result<Self::Step>;
+
+    /// `out[t] = table[tokens[t]]`.
+    fn embed(&self, step: &Self::Step, table: &Self::Matrix, out: &mut Self::Act) -> Result<()>;
+    fn rmsnorm(&self, x: &Self::Act, w: &Self::Vector, eps: f32, out: &mut Self::Act)
+    -> Result<()>;
+    /// `out = x · wᵀ`.
+    fn linear(&self, x: &Self::Act, w: &Self::Matrix, out: &mut Self::Act) -> Result<()>;
+    /// `x[t] += b` for every row.
+    fn add_bias(&self, x: &mut Self::Act, b: &Self::Vector) -> Result<()>;
+    /// Rotates the q and k heads of fused `[q | k | v]` rows by each token's
+    /// position; `inv_freq` holds `head_dim / 2` inverse frequencies.
+    fn rope(
+        &self,
+        step: &Self::Step,
+        qkv: &mut Self::Act,
+        inv_freq: &Self::Vector,
+        dims: AttnDims,
+    ) -> Result<()>;
+    /// Writes the step's k and v rows into their KV slots of `layer`.
+    fn kv_append(
+        &self,
+        step: &Self::Step,
+        qkv: &Self::Act,
+        kv: &mut Self::Kv,
+        layer: usize,
+        dims: AttnDims,
+    ) -> Result<()>;
+    /// Causal attention of the step's queries over their sequences' cache.
+    fn attention(
+        &self,
+        step: &Self::Step,
+        qkv: &Self::Act,
+        kv: &Self::Kv,
+        layer: usize,
+        dims: AttnDims,
+        out: &mut Self::Act,
+    ) -> Result<()>;
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    /// SwiGLU over rows `[gate | up]`.
+    fn silu_mul(&self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// `out[i] = x[step.logit_rows[i]]`.
+    fn gather_rows(&self, step: &Self::Step, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    /// Samples the rows of `logits` whose `params` are `Some`, and returns
+    /// the logits to the host when `want_logits`.
+    fn sample(
+        &self,
+        logits: &Self::Act,
+        params: &[Option<SampleParams>],
+        want_logits: bool,
+    ) -> Result<SampleOutput>;
+    /// Copies whole blocks (every layer, K and V): `(src, dst)` pairs, for
+    /// copy-on-write of forked sequences.
+    fn copy_blocks(&self, kv: &mut Self::Kv, pairs: &[(u32, u32)]) -> Result<()>;
+}

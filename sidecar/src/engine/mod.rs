@@ -1,0 +1,288 @@
+//! The engine: a model on a backend, its KV cache, and the sequences of every
+//! session. It runs on the executor thread, which owns it alone.
+//!
+//! | piece | file |
+//! | --- | --- |
+//! | block allocation, copy-on-write plans | [`kv_cache`] |
+//! | a step: validate, plan, run, sample, commit | [`step`] |
+//! | counters shared with the I/O thread | [`gauges`] |
+
+pub mod gauges;
+pub mod kv_cache;
+pub mod step;
+
+use crate::backend::{Backend, KvLayout};
+use crate::error::Result;
+use crate::model::Model;
+use crate::model::config::ModelConfig;
+use crate::model::weights::WeightSource;
+use gauges::Gauges;
+use kv_cache::{BlockAllocator, blocks_for};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply, SamplingParams};
+
+/// Session ids are the daemon's own small integers (tokens stay in the I/O
+/// thread).
+pub type SessionId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SeqKey {
+    pub session: SessionId,
+    pub seq: u64,
+}
+
+/// One sequence's state.
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub policy: AttentionPolicy,
+    pub sampling: SamplingParams,
+    pub diagnostics: bool,
+    /// KV blocks covering `len` tokens exactly (`blocks_for(len)` of them).
+    pub table: Vec<u32>,
+    pub len: usize,
+}
+
+/// Size of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCapacity {
+    Blocks(usize),
+    /// Fraction of the device memory free after loading the weights.
+    MemoryFraction(f64),
+}
+
+pub const BLOCK_SIZE: usize = 16;
+
+pub struct Engine<B: Backend> {
+    backend: B,
+    model: Model<B>,
+    kv: B::Kv,
+    alloc: BlockAllocator,
+    seqs: HashMap<SeqKey, Sequence>,
+    /// Longest sequence accepted.
+    max_context: usize,
+    gauges: Arc<Gauges>,
+}
+
+fn seq_error(code: ErrorCode, key: SeqKey, what: &str) -> ErrorReply {
+    ErrorReply::new(code, format!("sequence {} {what}", key.seq)).with("seq_id", key.seq)
+}
+
+impl<B: Backend> Engine<B> {
+    /// Loads the model and sizes the KV cache.
+    pub fn new(
+        backend: B,
+        config: &ModelConfig,
+        src: &dyn WeightSource,
+        capacity: KvCapacity,
+        max_context: Option<usize>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Engine<B>> {
+        let model = Model::load(&backend, config, src, progress)?;
+        let mut layout = KvLayout {
+            num_layers: config.num_layers,
+            num_blocks: 0,
+            block_size: BLOCK_SIZE,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        };
+        layout.num_blocks = match capacity {
+            KvCapacity::Blocks(n) => n,
+            KvCapacity::MemoryFraction(f) => {
+                let free = backend.free_memory().ok_or_else(|| {
+                    crate::error::Error::Config(
+                        "this backend cannot size the KV cache by memory: give --kv-blocks".into(),
+                    )
+                })?;
+                (free as f64 * f) as usize / backend.kv_block_bytes(&layout)
+            }
+        };
+        if layout.num_blocks == 0 {
+            return Err(crate::error::Error::Config(
+                "the KV cache would have no blocks".into(),
+            ));
+        }
+        let kv = backend.kv_cache(&layout)?;
+        let gauges = Arc::new(Gauges::default());
+        gauges.set_kv(layout.num_blocks, layout.num_blocks);
+        Ok(Engine {
+            backend,
+            max_context: max_context
+                .unwrap_or(config.max_position_embeddings)
+                .min(config.max_position_embeddings),
+            model,
+            kv,
+            alloc: BlockAllocator::new(layout.num_blocks),
+            seqs: HashMap::new(),
+            gauges,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.model.config
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn gauges(&self) -> Arc<Gauges> {
+        self.gauges.clone()
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn kv_total_blocks(&self) -> usize {
+        self.alloc.total()
+    }
+
+    pub fn kv_free_blocks(&self) -> usize {
+        self.alloc.free_count()
+    }
+
+    fn publish(&self) {
+        self.gauges
+            .set_kv(self.alloc.total(), self.alloc.free_count());
+        self.gauges.set_sequences(self.seqs.len());
+    }
+
+    pub fn open_sequence(
+        &mut self,
+        key: SeqKey,
+        policy: AttentionPolicy,
+        sampling: SamplingParams,
+        diagnostics: bool,
+    ) -> Result<(), ErrorReply> {
+        validate_policy(&policy)?;
+        validate_sampling(&sampling)?;
+        if self.seqs.contains_key(&key) {
+            return Err(seq_error(ErrorCode::SequenceExists, key, "is already open"));
+        }
+        self.seqs.insert(
+            key,
+            Sequence {
+                policy,
+                sampling,
+                diagnostics,
+                table: vec![],
+                len: 0,
+            },
+        );
+        self.publish();
+        Ok(())
+    }
+
+    pub fn fork_sequence(
+        &mut self,
+        parent: SeqKey,
+        child: SeqKey,
+        sampling: Option<SamplingParams>,
+    ) -> Result<usize, ErrorReply> {
+        if let Some(s) = &sampling {
+            validate_sampling(s)?;
+        }
+        let p = self
+            .seqs
+            .get(&parent)
+            .ok_or_else(|| seq_error(ErrorCode::UnknownSequence, parent, "is not open"))?;
+        if self.seqs.contains_key(&child) {
+            return Err(seq_error(
+                ErrorCode::SequenceExists,
+                child,
+                "is already open",
+            ));
+        }
+        let mut c = p.clone();
+        if let Some(s) = sampling {
+            c.sampling = s;
+        }
+        for &b in &c.table {
+            self.alloc.retain(b);
+        }
+        let len = c.len;
+        self.seqs.insert(child, c);
+        self.publish();
+        Ok(len)
+    }
+
+    pub fn truncate_sequence(&mut self, key: SeqKey, drop: u64) -> Result<usize, ErrorReply> {
+        let s = self
+            .seqs
+            .get_mut(&key)
+            .ok_or_else(|| seq_error(ErrorCode::UnknownSequence, key, "is not open"))?;
+        if drop > s.len as u64 {
+            return Err(ErrorReply::bad_request(format!(
+                "cannot drop {drop} tokens from sequence {} of {}",
+                key.seq, s.len
+            ))
+            .with("num_tokens", s.len));
+        }
+        s.len -= drop as usize;
+        let keep = blocks_for(s.len, BLOCK_SIZE);
+        let gone = s.table.split_off(keep);
+        let len = s.len;
+        self.alloc.release_all(&gone);
+        self.publish();
+        Ok(len)
+    }
+
+    pub fn close_sequence(&mut self, key: SeqKey) -> Result<(), ErrorReply> {
+        let s = self
+            .seqs
+            .remove(&key)
+            .ok_or_else(|| seq_error(ErrorCode::UnknownSequence, key, "is not open"))?;
+        self.alloc.release_all(&s.table);
+        self.publish();
+        Ok(())
+    }
+
+    /// Frees every sequence of a session (it closed or its lease ran out).
+    pub fn drop_session(&mut self, session: SessionId) -> usize {
+        let keys: Vec<SeqKey> = self
+            .seqs
+            .keys()
+            .filter(|k| k.session == session)
+            .copied()
+            .collect();
+        for k in &keys {
+            let s = self.seqs.remove(k).expect("listed");
+            self.alloc.release_all(&s.table);
+        }
+        self.publish();
+        keys.len()
+    }
+
+    pub fn session_sequences(&self, session: SessionId) -> usize {
+        self.seqs.keys().filter(|k| k.session == session).count()
+    }
+}
+
+fn validate_policy(p: &AttentionPolicy) -> Result<(), ErrorReply> {
+    match p {
+        AttentionPolicy::Full => Ok(()),
+        other => Err(ErrorReply::new(
+            ErrorCode::Unsupported,
+            format!(
+                "attention policy {} is not served by this daemon yet",
+                other.name()
+            ),
+        )),
+    }
+}
+
+fn validate_sampling(s: &SamplingParams) -> Result<(), ErrorReply> {
+    let ok = s.temperature.is_finite()
+        && s.temperature >= 0.0
+        && s.top_p.is_finite()
+        && s.top_p > 0.0
+        && s.top_p <= 1.0
+        && s.logprobs <= 64;
+    if !ok {
+        return Err(ErrorReply::bad_request(
+            "sampling: temperature must be finite and >= 0, top_p in (0, 1], logprobs at most 64",
+        ));
+    }
+    Ok(())
+}

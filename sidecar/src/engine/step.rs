@@ -1,0 +1,286 @@
+//! One step: validate every entry, plan the KV blocks, run the model, sample,
+//! write logits, then commit. Until the commit nothing a client can observe
+//! has changed, so a step that fails anywhere leaves every sequence as it
+//! was (its fresh blocks go back to the allocator).
+
+use super::kv_cache::{AppendPlan, append_cost, plan_append};
+use super::{BLOCK_SIZE, Engine, SeqKey, SessionId};
+use crate::backend::{Backend, SeqMeta, StepMeta};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tacflow_ipc::{ErrorCode, ErrorReply, HostRegion, StepEntry, StepResult, TensorView};
+use tacflow_kernels::cpu::SampleParams;
+
+/// Where an entry's logits go, already checked against its region by the
+/// I/O thread (shape `[n, vocab]`, a float dtype, in bounds).
+#[derive(Debug, Clone)]
+pub struct LogitsTarget {
+    pub region: Arc<HostRegion>,
+    pub view: TensorView,
+}
+
+/// A step as the executor receives it.
+#[derive(Debug)]
+pub struct StepWork {
+    pub session: SessionId,
+    pub entries: Vec<StepEntry>,
+    /// One per entry.
+    pub logits: Vec<Option<LogitsTarget>>,
+}
+
+fn entry_error(code: ErrorCode, i: usize, msg: String) -> ErrorReply {
+    ErrorReply::new(code, format!("entry {i}: {msg}")).with("entry", i)
+}
+
+impl<B: Backend> Engine<B> {
+    /// Checks every entry against the sequences and the model; returns the
+    /// sequence keys in entry order.
+    fn validate(&self, work: &StepWork) -> Result<Vec<SeqKey>, ErrorReply> {
+        let vocab = self.model.config.vocab_size as u32;
+        let mut seen = HashSet::with_capacity(work.entries.len());
+        let mut keys = Vec::with_capacity(work.entries.len());
+        for (i, e) in work.entries.iter().enumerate() {
+            let key = SeqKey {
+                session: work.session,
+                seq: e.seq_id,
+            };
+            let seq = self.seqs.get(&key).ok_or_else(|| {
+                entry_error(
+                    ErrorCode::UnknownSequence,
+                    i,
+                    format!("sequence {} is not open", e.seq_id),
+                )
+                .with("seq_id", e.seq_id)
+            })?;
+            if !seen.insert(e.seq_id) {
+                return Err(entry_error(
+                    ErrorCode::BadRequest,
+                    i,
+                    format!("sequence {} appears twice in one step", e.seq_id),
+                ));
+            }
+            if e.tokens.is_empty() {
+                return Err(entry_error(ErrorCode::BadRequest, i, "no tokens".into()));
+            }
+            if let Some(&t) = e.tokens.iter().find(|&&t| t >= vocab) {
+                return Err(entry_error(
+                    ErrorCode::BadRequest,
+                    i,
+                    format!("token {t} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            if let Some(p) = &e.positions
+                && p.len() != e.tokens.len()
+            {
+                return Err(entry_error(
+                    ErrorCode::ShapeMismatch,
+                    i,
+                    format!("{} positions for {} tokens", p.len(), e.tokens.len()),
+                ));
+            }
+            let new_len = seq.len + e.tokens.len();
+            if new_len > self.max_context {
+                return Err(entry_error(
+                    ErrorCode::ContextTooLong,
+                    i,
+                    format!(
+                        "sequence {} would hold {new_len} tokens, the limit is {}",
+                        e.seq_id, self.max_context
+                    ),
+                )
+                .with("max_context", self.max_context));
+            }
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Runs one step. On error no sequence has changed.
+    pub fn step(&mut self, work: &StepWork) -> Result<Vec<StepResult>, ErrorReply> {
+        if work.entries.is_empty() {
+            return Ok(vec![]);
+        }
+        let keys = self.validate(work)?;
+        // Cost first, so that a step that does not fit allocates nothing.
+        let needed: usize = keys
+            .iter()
+            .zip(&work.entries)
+            .map(|(k, e)| {
+                let s = &self.seqs[k];
+                append_cost(&self.alloc, &s.table, s.len, e.tokens.len(), BLOCK_SIZE)
+            })
+            .sum();
+        let free = self.alloc.free_count();
+        if needed > free {
+            return Err(ErrorReply::new(
+                ErrorCode::OutOfKvBlocks,
+                format!("step needs {needed} KV blocks, {free} are free"),
+            )
+            .with("needed", needed)
+            .with("free", free));
+        }
+        let plans: Vec<AppendPlan> = keys
+            .iter()
+            .zip(&work.entries)
+            .map(|(k, e)| {
+                let s = &self.seqs[k];
+                plan_append(&mut self.alloc, &s.table, s.len, e.tokens.len(), BLOCK_SIZE)
+                    .expect("cost was checked")
+            })
+            .collect();
+        match self.run(work, &keys, &plans) {
+            Ok(results) => {
+                self.commit(work, &keys, plans);
+                Ok(results)
+            }
+            Err(e) => {
+                for p in &plans {
+                    self.alloc.release_all(&p.fresh);
+                }
+                self.publish();
+                Err(e)
+            }
+        }
+    }
+
+    fn build_meta(&self, work: &StepWork, keys: &[SeqKey], plans: &[AppendPlan]) -> StepMeta {
+        let total: usize = work.entries.iter().map(|e| e.tokens.len()).sum();
+        let mut m = StepMeta {
+            tokens: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            slots: Vec::with_capacity(total),
+            seqs: Vec::with_capacity(keys.len()),
+            logit_rows: Vec::new(),
+        };
+        for ((k, e), (p, target)) in keys
+            .iter()
+            .zip(&work.entries)
+            .zip(plans.iter().zip(&work.logits))
+        {
+            let len = self.seqs[k].len;
+            let n = e.tokens.len();
+            let q_start = m.tokens.len();
+            m.tokens.extend_from_slice(&e.tokens);
+            match &e.positions {
+                Some(pos) => m.positions.extend_from_slice(pos),
+                None => m.positions.extend((len..len + n).map(|x| x as u32)),
+            }
+            m.slots
+                .extend((len..len + n).map(|s| {
+                    p.table[s / BLOCK_SIZE] * BLOCK_SIZE as u32 + (s % BLOCK_SIZE) as u32
+                }));
+            if target.is_some() {
+                m.logit_rows
+                    .extend((q_start..q_start + n).map(|r| r as u32));
+            } else if e.sample {
+                m.logit_rows.push((q_start + n - 1) as u32);
+            }
+            m.seqs.push(SeqMeta {
+                q_start,
+                q_len: n,
+                ctx_len: len + n,
+                block_table: p.table.clone(),
+            });
+        }
+        m
+    }
+
+    /// Everything up to (not including) the commit.
+    fn run(
+        &mut self,
+        work: &StepWork,
+        keys: &[SeqKey],
+        plans: &[AppendPlan],
+    ) -> Result<Vec<StepResult>, ErrorReply> {
+        let meta = self.build_meta(work, keys, plans);
+        let cow: Vec<(u32, u32)> = plans.iter().filter_map(|p| p.cow).collect();
+        if !cow.is_empty() {
+            self.backend
+                .copy_blocks(&mut self.kv, &cow)
+                .map_err(|e| e.to_reply())?;
+        }
+        let logits = self
+            .model
+            .forward(&self.backend, &mut self.kv, &meta)
+            .map_err(|e| e.to_reply())?;
+        // Sampling parameters per logit row: the last row of each sampling
+        // entry draws the token that will sit at position `len + n`.
+        let mut params = vec![None; meta.logit_rows.len()];
+        let mut row_of_entry = Vec::with_capacity(keys.len());
+        let mut r = 0;
+        for (k, (e, target)) in keys.iter().zip(work.entries.iter().zip(&work.logits)) {
+            let n = e.tokens.len();
+            let rows = if target.is_some() {
+                n
+            } else {
+                usize::from(e.sample)
+            };
+            let last = (rows > 0).then(|| r + rows - 1);
+            if e.sample {
+                let s = &self.seqs[k];
+                params[last.expect("sampling entries have a row")] = Some(SampleParams {
+                    temperature: s.sampling.temperature,
+                    top_p: s.sampling.top_p,
+                    top_k: s.sampling.top_k,
+                    seed: s.sampling.seed,
+                    position: (s.len + n) as u64,
+                    logprobs: s.sampling.logprobs,
+                });
+            }
+            row_of_entry.push((r, rows));
+            r += rows;
+        }
+        let want_logits = work.logits.iter().any(Option::is_some);
+        let out = self
+            .backend
+            .sample(&logits, &params, want_logits)
+            .map_err(|e| e.to_reply())?;
+        let vocab = self.model.config.vocab_size;
+        let mut results = Vec::with_capacity(keys.len());
+        for (i, ((k, e), target)) in keys.iter().zip(&work.entries).zip(&work.logits).enumerate() {
+            let (r0, rows) = row_of_entry[i];
+            if let Some(t) = target {
+                let all = out.logits.as_ref().expect("logits were asked for");
+                t.region
+                    .write_matrix_f32(&t.view, &all[r0 * vocab..(r0 + rows) * vocab])
+                    .map_err(|err| err.with("entry", i))?;
+            }
+            let sampled = if e.sample {
+                out.sampled[r0 + rows - 1].clone()
+            } else {
+                None
+            };
+            results.push(StepResult {
+                seq_id: k.seq,
+                num_tokens: (self.seqs[k].len + e.tokens.len()) as u64,
+                token: sampled.as_ref().map(|s| s.token),
+                logprob: sampled.as_ref().map(|s| s.logprob),
+                top_logprobs: sampled.map(|s| s.top).unwrap_or_default(),
+                attention: None,
+            });
+        }
+        Ok(results)
+    }
+
+    fn commit(&mut self, work: &StepWork, keys: &[SeqKey], plans: Vec<AppendPlan>) {
+        let (mut prefill, mut decode) = (0u64, 0u64);
+        for ((k, e), p) in keys.iter().zip(&work.entries).zip(plans) {
+            if let Some((shared, _)) = p.cow {
+                self.alloc.release(shared);
+            }
+            let s = self.seqs.get_mut(k).expect("validated");
+            s.table = p.table;
+            s.len += e.tokens.len();
+            if e.tokens.len() == 1 {
+                decode += 1;
+            } else {
+                prefill += e.tokens.len() as u64;
+            }
+        }
+        self.gauges.steps.fetch_add(1, Relaxed);
+        self.gauges.prefill_tokens.fetch_add(prefill, Relaxed);
+        self.gauges.decode_tokens.fetch_add(decode, Relaxed);
+        self.publish();
+    }
+}

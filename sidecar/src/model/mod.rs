@@ -1,0 +1,241 @@
+//! The Llama-family decoder, written once over [`Backend`].
+//!
+//! | piece | file |
+//! | --- | --- |
+//! | shapes, `config.json`, presets | [`config`] |
+//! | tensor sources (random, safetensors, GGUF) | [`weights`], [`hf`] |
+//! | the forward pass | this file |
+
+pub mod config;
+pub mod hf;
+pub mod weights;
+
+use crate::backend::{AttnDims, Backend, StepMeta};
+use crate::error::{Error, Result};
+use config::ModelConfig;
+use std::path::Path;
+use tacflow_kernels::cpu::{RopeScaling, rope_inv_freq};
+use weights::{RandomSource, WeightKey, WeightSource};
+
+/// One decoder layer's weights.
+pub struct Layer<B: Backend> {
+    attn_norm: B::Vector,
+    qkv: B::Matrix,
+    qkv_bias: Option<B::Vector>,
+    o: B::Matrix,
+    mlp_norm: B::Vector,
+    gate_up: B::Matrix,
+    down: B::Matrix,
+}
+
+/// A loaded model on a backend.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    embed: B::Matrix,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Vector,
+    lm_head: Option<B::Matrix>,
+    inv_freq: B::Vector,
+}
+
+/// How to find a model: `tiny`, `random:<preset or config.json>`, a Hugging
+/// Face folder, or a GGUF file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSpec {
+    /// A preset or config with seeded random weights.
+    Random {
+        config: ModelConfig,
+        seed: u64,
+    },
+    HfFolder(std::path::PathBuf),
+}
+
+impl ModelSpec {
+    /// Parses the `--model` argument.
+    pub fn parse(s: &str, seed: u64) -> Result<ModelSpec> {
+        if let Some(rest) = s.strip_prefix("random:") {
+            let config = match ModelConfig::preset(rest) {
+                Some(c) => c,
+                None if Path::new(rest).is_file() => ModelConfig::from_hf_file(Path::new(rest))?,
+                None => {
+                    return Err(Error::Config(format!(
+                        "random:{rest}: neither a preset ({}) nor a config.json file",
+                        ModelConfig::PRESETS.join(", ")
+                    )));
+                }
+            };
+            return Ok(ModelSpec::Random { config, seed });
+        }
+        if let Some(c) = ModelConfig::preset(s)
+            && s == "tiny"
+        {
+            return Ok(ModelSpec::Random { config: c, seed });
+        }
+        let p = Path::new(s);
+        if p.is_dir() {
+            return Ok(ModelSpec::HfFolder(p.to_owned()));
+        }
+        Err(Error::Config(format!(
+            "--model {s}: not `tiny`, `random:<preset|config.json>`, or a model folder"
+        )))
+    }
+
+    /// Opens the weight source.
+    pub fn open(&self) -> Result<(ModelConfig, Box<dyn WeightSource>)> {
+        match self {
+            ModelSpec::Random { config, seed } => Ok((
+                config.clone(),
+                Box::new(RandomSource {
+                    config: config.clone(),
+                    seed: *seed,
+                }),
+            )),
+            ModelSpec::HfFolder(dir) => {
+                let src = hf::HfSource::open(dir)?;
+                Ok((src.config().clone(), Box::new(src)))
+            }
+        }
+    }
+}
+
+/// Activation buffers of one forward pass.
+struct Workspace<B: Backend> {
+    x: B::Act,
+    h: B::Act,
+    qkv: B::Act,
+    attn: B::Act,
+    proj: B::Act,
+    gate_up: B::Act,
+    act: B::Act,
+}
+
+impl<B: Backend> Model<B> {
+    /// Uploads every tensor of `src` to the backend.
+    pub fn load(
+        b: &B,
+        config: &ModelConfig,
+        src: &dyn WeightSource,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Model<B>> {
+        config.validate()?;
+        let all = weights::keys(config);
+        let total = all.len();
+        let mut done = 0;
+        let mut mat = |key: WeightKey| -> Result<B::Matrix> {
+            let (r, c) = key.shape(config);
+            let t = src.tensor(key)?;
+            let m = b.matrix(r, c, t.data());
+            done += 1;
+            progress(done, total);
+            m
+        };
+        let embed = mat(WeightKey::Embed)?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let qkv = mat(WeightKey::Qkv(l))?;
+            let o = mat(WeightKey::O(l))?;
+            let gate_up = mat(WeightKey::GateUp(l))?;
+            let down = mat(WeightKey::Down(l))?;
+            layers.push((qkv, o, gate_up, down));
+        }
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(mat(WeightKey::LmHead)?)
+        };
+        let vec = |key: WeightKey| -> Result<B::Vector> {
+            let (_, c) = key.shape(config);
+            b.vector(c, src.tensor(key)?.data())
+        };
+        let layers = layers
+            .into_iter()
+            .enumerate()
+            .map(|(l, (qkv, o, gate_up, down))| {
+                Ok(Layer {
+                    attn_norm: vec(WeightKey::AttnNorm(l))?,
+                    qkv,
+                    qkv_bias: if config.qkv_bias {
+                        Some(vec(WeightKey::QkvBias(l))?)
+                    } else {
+                        None
+                    },
+                    o,
+                    mlp_norm: vec(WeightKey::MlpNorm(l))?,
+                    gate_up,
+                    down,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let scaling = config.rope_scaling.map(|s| RopeScaling {
+            factor: s.factor,
+            low_freq_factor: s.low_freq_factor,
+            high_freq_factor: s.high_freq_factor,
+            original_max_position_embeddings: s.original_max_position_embeddings as f32,
+        });
+        let inv = rope_inv_freq(config.head_dim, config.rope_theta, scaling);
+        Ok(Model {
+            config: config.clone(),
+            embed,
+            final_norm: vec(WeightKey::FinalNorm)?,
+            lm_head,
+            inv_freq: b.vector(inv.len(), crate::backend::HostData::F32(&inv))?,
+            layers,
+        })
+    }
+
+    pub fn dims(&self) -> AttnDims {
+        AttnDims {
+            num_heads: self.config.num_heads,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs every layer over the step's tokens and returns the logits of
+    /// `meta.logit_rows`, `[rows, vocab]`.
+    pub fn forward(&self, b: &B, kv: &mut B::Kv, meta: &StepMeta) -> Result<B::Act> {
+        let c = &self.config;
+        let t = meta.tokens.len();
+        let dims = self.dims();
+        let step = b.begin_step(meta)?;
+        let mut w = Workspace::<B> {
+            x: b.act(t, c.hidden_size)?,
+            h: b.act(t, c.hidden_size)?,
+            qkv: b.act(t, c.qkv_dim())?,
+            attn: b.act(t, c.q_dim())?,
+            proj: b.act(t, c.hidden_size)?,
+            gate_up: b.act(t, 2 * c.intermediate_size)?,
+            act: b.act(t, c.intermediate_size)?,
+        };
+        b.embed(&step, &self.embed, &mut w.x)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            b.rmsnorm(&w.x, &layer.attn_norm, c.rms_norm_eps, &mut w.h)?;
+            b.linear(&w.h, &layer.qkv, &mut w.qkv)?;
+            if let Some(bias) = &layer.qkv_bias {
+                b.add_bias(&mut w.qkv, bias)?;
+            }
+            b.rope(&step, &mut w.qkv, &self.inv_freq, dims)?;
+            b.kv_append(&step, &w.qkv, kv, l, dims)?;
+            b.attention(&step, &w.qkv, kv, l, dims, &mut w.attn)?;
+            b.linear(&w.attn, &layer.o, &mut w.proj)?;
+            b.add(&mut w.x, &w.proj)?;
+            b.rmsnorm(&w.x, &layer.mlp_norm, c.rms_norm_eps, &mut w.h)?;
+            b.linear(&w.h, &layer.gate_up, &mut w.gate_up)?;
+            b.silu_mul(&w.gate_up, &mut w.act)?;
+            b.linear(&w.act, &layer.down, &mut w.proj)?;
+            b.add(&mut w.x, &w.proj)?;
+        }
+        let rows = meta.logit_rows.len();
+        let mut sel = b.act(rows, c.hidden_size)?;
+        b.gather_rows(&step, &w.x, &mut sel)?;
+        let mut normed = b.act(rows, c.hidden_size)?;
+        b.rmsnorm(&sel, &self.final_norm, c.rms_norm_eps, &mut normed)?;
+        let mut logits = b.act(rows, c.vocab_size)?;
+        b.linear(
+            &normed,
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &mut logits,
+        )?;
+        Ok(logits)
+    }
+}

@@ -1,0 +1,236 @@
+//! The executor thread: owns the engine (model, KV cache, sequences, CUDA
+//! context) and runs one command at a time from its queue. It never touches
+//! the client socket; replies go back to the I/O thread over an in-process
+//! ZeroMQ pair, already encoded.
+
+use crate::backend::Backend;
+use crate::engine::step::StepWork;
+use crate::engine::{Engine, SeqKey, SessionId};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+use tacflow_ipc::codec::{encode_error, encode_reply};
+use tacflow_ipc::*;
+use tracing::{debug, error, info_span, warn};
+
+/// Where a reply goes: the peer, the request it answers, and when the I/O
+/// thread received it.
+#[derive(Debug, Clone)]
+pub struct ReplyTo {
+    pub identity: Vec<u8>,
+    pub session: SessionId,
+    pub request_id: u64,
+    pub kind: Kind,
+    pub received: Instant,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Open {
+        to: ReplyTo,
+        seq: u64,
+        policy: AttentionPolicy,
+        sampling: SamplingParams,
+        diagnostics: bool,
+    },
+    Fork {
+        to: ReplyTo,
+        parent: u64,
+        child: u64,
+        sampling: Option<SamplingParams>,
+    },
+    Truncate {
+        to: ReplyTo,
+        seq: u64,
+        drop: u64,
+    },
+    Close {
+        to: ReplyTo,
+        seq: u64,
+    },
+    Step {
+        to: ReplyTo,
+        work: StepWork,
+    },
+    /// The session ended: free its sequences. Not a client request, no reply.
+    DropSession(SessionId),
+    /// Finish: answer nothing more, send [`DONE`] and return.
+    Stop,
+}
+
+/// Frame the executor sends last, so the I/O thread knows every reply is in.
+pub const DONE: &[u8] = b"executor-done";
+
+/// State shared by the executor and the I/O thread.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Set when shutdown begins: queued work is answered `shutting_down`.
+    pub stopping: AtomicBool,
+    /// Client commands in the queue or running.
+    pub queue_depth: AtomicU64,
+}
+
+/// Sends `[identity, session id, kind, header]` to the I/O thread.
+fn send(replies: &zmq::Socket, to: &ReplyTo, frames: [Vec<u8>; 2]) {
+    let [kind, header] = frames;
+    let parts: [&[u8]; 4] = [&to.identity, &to.session.to_le_bytes(), &kind, &header];
+    if let Err(e) = replies.send_multipart(parts, 0) {
+        error!(cause = %e, "cannot pass a reply to the I/O thread");
+    }
+}
+
+fn reply_err(replies: &zmq::Socket, to: &ReplyTo, e: ErrorReply) {
+    debug!(code = %e.code, request_id = to.request_id, "{}", e.message);
+    send(replies, to, encode_error(&e.for_request(to.request_id)));
+}
+
+/// The next command. Waits by spinning for up to `spin` first: on a VM a
+/// thread woken from sleep costs tens of microseconds, which is most of an
+/// empty step's round trip, and a serving loop's next step usually arrives
+/// within that window.
+fn next_command(rx: &Receiver<Command>, spin: Duration) -> Option<Command> {
+    if !spin.is_zero() {
+        let until = Instant::now() + spin;
+        loop {
+            match rx.try_recv() {
+                Ok(c) => return Some(c),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= until {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+    }
+    rx.recv().ok()
+}
+
+/// Runs commands until [`Command::Stop`].
+pub fn run<B: Backend>(
+    mut engine: Engine<B>,
+    rx: Receiver<Command>,
+    replies: zmq::Socket,
+    shared: Arc<Shared>,
+    max_sequences: u64,
+    spin: Duration,
+) {
+    let gauges = engine.gauges();
+    gauges.mark_done();
+    while let Some(cmd) = next_command(&rx, spin) {
+        let to = match &cmd {
+            Command::Stop => break,
+            Command::DropSession(id) => {
+                let n = engine.drop_session(*id);
+                debug!(session = id, sequences = n, "session dropped");
+                gauges.mark_done();
+                continue;
+            }
+            Command::Open { to, .. }
+            | Command::Fork { to, .. }
+            | Command::Truncate { to, .. }
+            | Command::Close { to, .. }
+            | Command::Step { to, .. } => to.clone(),
+        };
+        shared.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if shared.stopping.load(Ordering::Relaxed) {
+            reply_err(
+                &replies,
+                &to,
+                ErrorReply::new(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+            );
+            continue;
+        }
+        let span = info_span!(
+            "request",
+            kind = to.kind.name(),
+            request_id = to.request_id,
+            session = to.session
+        );
+        let _guard = span.enter();
+        if matches!(cmd, Command::Open { .. } | Command::Fork { .. })
+            && engine.session_sequences(to.session) as u64 >= max_sequences
+        {
+            reply_err(
+                &replies,
+                &to,
+                ErrorReply::new(
+                    ErrorCode::LimitExceeded,
+                    "too many sequences in this session",
+                )
+                .with("max_sequences", max_sequences),
+            );
+            continue;
+        }
+        execute(&mut engine, cmd, &to, &replies);
+        gauges.mark_done();
+    }
+    if let Err(e) = replies.send(DONE, 0) {
+        warn!(cause = %e, "cannot tell the I/O thread that the executor stopped");
+    }
+}
+
+fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, replies: &zmq::Socket) {
+    let key = |seq| SeqKey {
+        session: to.session,
+        seq,
+    };
+    let seq_reply = |seq_id: u64, n: usize| SequenceReply {
+        request_id: to.request_id,
+        seq_id,
+        num_tokens: n as u64,
+    };
+    let result = match cmd {
+        Command::Open {
+            seq,
+            policy,
+            sampling,
+            diagnostics,
+            ..
+        } => engine
+            .open_sequence(key(seq), policy, sampling, diagnostics)
+            .map(|()| encode_reply(to.kind, &seq_reply(seq, 0))),
+        Command::Fork {
+            parent,
+            child,
+            sampling,
+            ..
+        } => engine
+            .fork_sequence(key(parent), key(child), sampling)
+            .map(|n| encode_reply(to.kind, &seq_reply(child, n))),
+        Command::Truncate { seq, drop, .. } => engine
+            .truncate_sequence(key(seq), drop)
+            .map(|n| encode_reply(to.kind, &seq_reply(seq, n))),
+        Command::Close { seq, .. } => engine.close_sequence(key(seq)).map(|()| {
+            encode_reply(
+                to.kind,
+                &AckReply {
+                    request_id: to.request_id,
+                },
+            )
+        }),
+        Command::Step { work, .. } => {
+            let started = Instant::now();
+            let queued_us = started.duration_since(to.received).as_micros() as u64;
+            engine.step(&work).map(|results| {
+                encode_reply(
+                    to.kind,
+                    &StepReply {
+                        request_id: to.request_id,
+                        results,
+                        timing: StepTiming {
+                            queued_us,
+                            run_us: started.elapsed().as_micros() as u64,
+                        },
+                    },
+                )
+            })
+        }
+        Command::DropSession(_) | Command::Stop => unreachable!("handled by the loop"),
+    };
+    match result {
+        Ok(frames) => send(replies, to, frames),
+        Err(e) => reply_err(replies, to, e),
+    }
+}

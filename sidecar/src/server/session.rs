@@ -1,0 +1,163 @@
+//! Sessions as the I/O thread keeps them: token, lease, and the regions the
+//! session registered. Sequences live in the engine, keyed by session id.
+
+use crate::engine::SessionId;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tacflow_ipc::{ErrorCode, ErrorReply, HostRegion, SessionToken};
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub deadline: Instant,
+    pub regions: HashMap<u64, Arc<HostRegion>>,
+    pub mapped_bytes: u64,
+    /// Requests of this session waiting for (or in) the executor.
+    pub queued: u64,
+    pub client: String,
+}
+
+#[derive(Debug)]
+pub struct Sessions {
+    by_token: HashMap<SessionToken, Session>,
+    /// Session id → token, to account replies coming back from the executor.
+    by_id: HashMap<SessionId, SessionToken>,
+    next_id: SessionId,
+    next_region: u64,
+    lease: Duration,
+    /// The daemon instance, reported with `unknown_session`.
+    instance_id: String,
+}
+
+fn random_token() -> SessionToken {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the OS random source is available");
+    SessionToken(b)
+}
+
+impl Sessions {
+    pub fn new(lease: Duration, instance_id: String) -> Sessions {
+        Sessions {
+            by_token: HashMap::new(),
+            by_id: HashMap::new(),
+            next_id: 1,
+            next_region: 1,
+            lease,
+            instance_id,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_token.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_token.is_empty()
+    }
+
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub fn open(&mut self, client: String, now: Instant) -> (SessionToken, SessionId) {
+        let token = random_token();
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_token.insert(
+            token,
+            Session {
+                id,
+                deadline: now + self.lease,
+                regions: HashMap::new(),
+                mapped_bytes: 0,
+                queued: 0,
+                client,
+            },
+        );
+        self.by_id.insert(id, token);
+        (token, id)
+    }
+
+    /// The live session of `token`, its lease renewed.
+    pub fn touch(
+        &mut self,
+        token: &SessionToken,
+        now: Instant,
+    ) -> Result<&mut Session, ErrorReply> {
+        let lease = self.lease;
+        match self.by_token.get_mut(token) {
+            Some(s) => {
+                s.deadline = now + lease;
+                Ok(s)
+            }
+            None => Err(ErrorReply::new(
+                ErrorCode::UnknownSession,
+                "unknown session: it was closed, its lease expired, or the daemon restarted",
+            )
+            .with("instance_id", self.instance_id.as_str())),
+        }
+    }
+
+    pub fn by_id_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        let token = self.by_id.get(&id)?;
+        self.by_token.get_mut(token)
+    }
+
+    pub fn close(&mut self, token: &SessionToken) -> Option<Session> {
+        let s = self.by_token.remove(token)?;
+        self.by_id.remove(&s.id);
+        Some(s)
+    }
+
+    /// Removes and returns the sessions whose lease ran out.
+    pub fn expire(&mut self, now: Instant) -> Vec<Session> {
+        let dead: Vec<SessionToken> = self
+            .by_token
+            .iter()
+            .filter(|(_, s)| s.deadline <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        dead.iter().filter_map(|t| self.close(t)).collect()
+    }
+
+    /// Every session (for shutdown).
+    pub fn drain(&mut self) -> Vec<Session> {
+        self.by_id.clear();
+        self.by_token.drain().map(|(_, s)| s).collect()
+    }
+
+    pub fn new_region_id(&mut self) -> u64 {
+        let id = self.next_region;
+        self.next_region += 1;
+        id
+    }
+
+    pub fn total_regions(&self) -> usize {
+        self.by_token.values().map(|s| s.regions.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_name_sessions_and_leases_expire() {
+        let t0 = Instant::now();
+        let mut s = Sessions::new(Duration::from_millis(100), "inst".into());
+        let (a, ida) = s.open("a".into(), t0);
+        let (b, _) = s.open("b".into(), t0);
+        assert_ne!(a, b);
+        assert_eq!(s.touch(&a, t0).unwrap().id, ida);
+        // b is renewed, a is not.
+        s.touch(&b, t0 + Duration::from_millis(80)).unwrap();
+        let dead = s.expire(t0 + Duration::from_millis(120));
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, ida);
+        let err = s.touch(&a, t0).unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnknownSession);
+        assert!(s.touch(&b, t0).is_ok());
+        assert!(s.by_id_mut(ida).is_none());
+    }
+}
