@@ -237,9 +237,11 @@ pub fn decode_request(frames: &[&[u8]]) -> Result<Request, ErrorReply> {
         }
     };
     if header.len() > MAX_HEADER_BYTES {
-        return Err(ErrorReply::bad_request("header too large")
+        let mut e = ErrorReply::bad_request("header too large")
             .with("bytes", header.len())
-            .with("max_bytes", MAX_HEADER_BYTES));
+            .with("max_bytes", MAX_HEADER_BYTES);
+        e.request_id = probe();
+        return Err(e);
     }
     if !rest.is_empty() {
         let mut e = ErrorReply::bad_request(format!(
@@ -388,6 +390,13 @@ mod tests {
         h.push(0xc0);
         let err = decode_request(&[&[0x02], &h]).unwrap_err();
         assert_eq!(err.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn large_ids_survive_in_error_details() {
+        let e = ErrorReply::bad_request("x").with("seq_id", u64::MAX);
+        let back: ErrorReply = from_msgpack(&to_msgpack(&e)).unwrap();
+        assert_eq!(back.detail["seq_id"], crate::error::DetailValue::UInt(u64::MAX));
     }
 
     #[test]

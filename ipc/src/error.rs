@@ -112,13 +112,15 @@ impl<'de> Deserialize<'de> for ErrorCode {
 #[serde(untagged)]
 pub enum DetailValue {
     Int(i64),
+    /// Integers above `i64::MAX` (sequence ids are any `u64`).
+    UInt(u64),
     Float(f64),
     Text(String),
 }
 
 impl From<u64> for DetailValue {
     fn from(v: u64) -> Self {
-        DetailValue::Int(i64::try_from(v).unwrap_or(i64::MAX))
+        i64::try_from(v).map_or(DetailValue::UInt(v), DetailValue::Int)
     }
 }
 impl From<usize> for DetailValue {
