@@ -1,0 +1,110 @@
+"""Fixtures for end-to-end tests: start the real ``tacflowd`` binary, talk to
+it with the real Python client, stop it with SIGTERM and check that it exits
+cleanly (exit code 0, socket file removed).
+
+The binary is ``target/release/tacflowd`` (``cargo build --release``; both
+``./scripts/test`` and ``./scripts/demo`` build it) or ``$TACFLOWD``. A
+missing binary fails the tests: it never skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tacflow import Client
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(os.environ.get("TACFLOWD", ROOT / "target" / "release" / "tacflowd"))
+
+
+class Daemon:
+    """One running ``tacflowd``."""
+
+    def __init__(self, workdir: pathlib.Path, args: list[str], env: dict[str, str] | None = None):
+        if not BIN.exists():
+            pytest.fail(f"{BIN} is missing: build it with `cargo build --release`")
+        self.socket = workdir / "tacflowd.sock"
+        self.log_path = workdir / "tacflowd.log"
+        self._log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.setdefault("TACFLOW_LOG", "info")
+        full_env.update(env or {})
+        # The CPU backend must not depend on what this machine has: tests pin it.
+        cmd = [str(BIN), "serve", "--socket", str(self.socket), "--backend", "cpu", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self._wait_ready()
+
+    @property
+    def address(self) -> str:
+        return f"ipc://{self.socket}"
+
+    def _wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tacflowd exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"tacflowd did not bind within {timeout_s} s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def client(self, **kw) -> Client:
+        kw.setdefault("timeout_s", 120.0)
+        return Client(self.address, **kw)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM, then wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"tacflowd ignored SIGTERM for {timeout_s} s:\n{self.log()}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """Factory: ``start_daemon("--kv-blocks", "64")`` starts a daemon on the
+    CPU backend; every daemon started is stopped at teardown and must exit 0
+    and remove its socket."""
+    started: list[Daemon] = []
+    count = 0
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Daemon:
+        nonlocal count
+        count += 1
+        workdir = tmp_path / f"d{count}"
+        workdir.mkdir()
+        d = Daemon(workdir, list(args), env)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        rc = d.stop()
+        assert rc == 0, f"tacflowd exited with {rc}:\n{d.log()}"
+        assert not d.socket.exists(), "tacflowd left its socket file behind"
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> pathlib.Path:
+    """The built-in ``tiny`` model exported as a Hugging Face folder."""
+    if not BIN.exists():
+        pytest.fail(f"{BIN} is missing: build it with `cargo build --release`")
+    out = tmp_path_factory.mktemp("tiny-hf")
+    subprocess.run([str(BIN), "export-model", "--model", "tiny", "--out", str(out)], check=True)
+    return out

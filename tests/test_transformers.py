@@ -1,0 +1,153 @@
+"""The daemon against Hugging Face transformers, the oracle for the model's
+logits (DESIGN §9): the built-in ``tiny`` model is exported as a safetensors
+folder, loaded by ``LlamaForCausalLM`` in f32, and compared with the daemon
+on the CPU backend.
+
+- logits of a chunked prefill plus 32 decode steps, for a batch of sequences
+  of different lengths stepped together (mixed prefill and decode entries),
+  must match within 1e-4 norm-wise;
+- greedy generation of 32 tokens must give identical ids, with every step's
+  top-2 margin well above f32 rounding (so equality is not luck).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from tacflow import StepEntry
+
+# Lengths that cross the 16-token block boundary, and length 1.
+PROMPT_LENGTHS = [1, 5, 16, 17, 33, 50]
+DECODE_STEPS = 32
+CHUNK = 7  # prefill chunk: not a divisor of the block size
+
+
+def _hf_model(path):
+    torch.manual_seed(0)
+    m = LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
+    m.eval()
+    return m
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(1234)
+    return [rng.integers(3, vocab, size=n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _hf_logits(model, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]))
+    return out.logits[0].double().numpy()
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_logits_match_transformers_over_chunked_prefill_and_decode(start_daemon, tiny_hf):
+    d = start_daemon("--kv-blocks", "512")
+    c = d.client()
+    vocab = c.info.model.vocab_size
+    prompts = _prompts(vocab)
+    n = len(prompts)
+    max_len = max(PROMPT_LENGTHS) + DECODE_STEPS
+    # One logits row per (sequence, position), written by the daemon.
+    region = c.create_region(4 * n * max_len * vocab)
+    for i in range(n):
+        c.open_sequence(100 + i)
+    fed = [0] * n  # tokens sent so far
+    seqs = [list(p) for p in prompts]  # prompt + greedy continuation
+    logits = np.full((n, max_len, vocab), np.nan, dtype=np.float64)
+
+    def ref_for(i: int, pos: int, count: int):
+        off = 4 * ((i * max_len + pos) * vocab)
+        return region.ref(off, "f32", (count, vocab))
+
+    # Chunked prefill: every step carries a chunk of each unfinished prompt
+    # and a decode token of every sequence whose prompt is done. A sequence
+    # is done when all but its last sampled token have been fed.
+    target = [len(p) + DECODE_STEPS for p in prompts]
+    while any(fed[i] < target[i] - 1 for i in range(n)):
+        entries = []
+        for i in range(n):
+            if fed[i] >= target[i] - 1:
+                continue
+            if fed[i] < len(prompts[i]):
+                toks = seqs[i][fed[i] : min(fed[i] + CHUNK, len(prompts[i]))]
+            else:
+                toks = seqs[i][fed[i] : fed[i] + 1]
+            last_of_prompt = fed[i] + len(toks) >= len(prompts[i])
+            entries.append(
+                (i, StepEntry(100 + i, toks, sample=last_of_prompt, logits=ref_for(i, fed[i], len(toks))))
+            )
+        out = c.step([e for _, e in entries])
+        for (i, e), r in zip(entries, out.results):
+            rows = region.view(e.logits)
+            logits[i, fed[i] : fed[i] + len(e.tokens)] = rows
+            fed[i] += len(e.tokens)
+            assert r.num_tokens == fed[i]
+            if e.sample:
+                seqs[i].append(r.token)
+    model = _hf_model(tiny_hf)
+    worst = 0.0
+    for i in range(n):
+        total = len(seqs[i])
+        # The last sampled token was never fed, so logits exist for total-1 rows.
+        got = logits[i, : total - 1]
+        assert not np.isnan(got).any(), "daemon left logits unwritten"
+        want = _hf_logits(model, seqs[i][: total - 1])
+        err = _rel(got, want)
+        worst = max(worst, err)
+        assert err <= 1e-4, f"sequence {i} (prompt {PROMPT_LENGTHS[i]}): rel err {err:.2e}"
+    print(f"worst norm-wise relative error: {worst:.2e}")
+
+
+def test_greedy_generation_matches_transformers(start_daemon, tiny_hf):
+    d = start_daemon("--kv-blocks", "256")
+    c = d.client()
+    prompts = _prompts(c.info.model.vocab_size)[1:4]
+    model = _hf_model(tiny_hf)
+    for sid, p in enumerate(prompts):
+        with torch.no_grad():
+            gen = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=DECODE_STEPS,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+        want = gen.sequences[0, len(p) :].tolist()
+        # Margins: the greedy choice must not be decided by rounding.
+        for s in gen.scores:
+            top2 = torch.topk(s[0].double(), 2).values
+            assert float(top2[0] - top2[1]) > 1e-3, "tiny's logits are too flat for an exact test"
+        c.open_sequence(sid)
+        out = c.step([StepEntry(sid, p)])
+        got = [out.results[0].token]
+        for _ in range(DECODE_STEPS - 1):
+            out = c.step([StepEntry(sid, [got[-1]])])
+            got.append(out.results[0].token)
+        assert got == want, f"prompt {sid}: daemon {got} vs transformers {want}"
+        c.close_sequence(sid)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_seeded_sampling_is_reproducible(start_daemon, seed):
+    from tacflow import SamplingParams
+
+    d = start_daemon("--kv-blocks", "256")
+    c = d.client()
+    runs = []
+    for sid in (1, 2):
+        c.open_sequence(sid, sampling=SamplingParams(temperature=1.0, top_p=0.9, seed=seed, logprobs=2))
+        out = c.step([StepEntry(sid, [1, 2, 3, 4, 5])])
+        toks = [out.results[0].token]
+        assert len(out.results[0].top_logprobs) == 2
+        for _ in range(10):
+            toks.append(c.step([StepEntry(sid, [toks[-1]])]).results[0].token)
+        runs.append(toks)
+    assert runs[0] == runs[1]
