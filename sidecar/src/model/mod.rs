@@ -3,10 +3,11 @@
 //! | piece | file |
 //! | --- | --- |
 //! | shapes, `config.json`, presets | [`config`] |
-//! | tensor sources (random, safetensors, GGUF) | [`weights`], [`hf`] |
+//! | tensor sources (random, safetensors, GGUF) | [`weights`], [`hf`], [`gguf`] |
 //! | the forward pass | this file |
 
 pub mod config;
+pub mod gguf;
 pub mod hf;
 pub mod weights;
 
@@ -48,6 +49,8 @@ pub enum ModelSpec {
         seed: u64,
     },
     HfFolder(std::path::PathBuf),
+    /// A llama.cpp GGUF file (a path ending in `.gguf`).
+    Gguf(std::path::PathBuf),
 }
 
 impl ModelSpec {
@@ -72,11 +75,16 @@ impl ModelSpec {
             return Ok(ModelSpec::Random { config: c, seed });
         }
         let p = Path::new(s);
+        if p.extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return Ok(ModelSpec::Gguf(p.to_owned()));
+        }
         if p.is_dir() {
             return Ok(ModelSpec::HfFolder(p.to_owned()));
         }
         Err(Error::Config(format!(
-            "--model {s}: not `tiny`, `random:<preset|config.json>`, or a model folder"
+            "--model {s}: not `tiny`, `random:<preset|config.json>`, a model folder, or a .gguf file"
         )))
     }
 
@@ -92,6 +100,10 @@ impl ModelSpec {
             )),
             ModelSpec::HfFolder(dir) => {
                 let src = hf::HfSource::open(dir)?;
+                Ok((src.config().clone(), Box::new(src)))
+            }
+            ModelSpec::Gguf(path) => {
+                let src = gguf::GgufSource::open(path)?;
                 Ok((src.config().clone(), Box::new(src)))
             }
         }
