@@ -1,0 +1,240 @@
+//! The GPU handle: context, stream, cuBLAS, and every kernel compiled and
+//! loaded. Everything runs on one stream, in issue order, so buffers need
+//! no cross-stream events (cudarc's event tracking is switched off).
+
+use super::nvrtc;
+use super::probe::{ALL, require};
+use super::sources::{MODULES, kernel_names};
+use crate::error::{Error, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+    PushKernelArg, sys,
+};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tracing::info;
+
+/// What the kernels need to know about the device.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub name: String,
+    /// NVRTC target, `compute_90` on an H100.
+    pub arch: String,
+    pub sm_count: usize,
+    pub total_memory: usize,
+}
+
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    funcs: HashMap<String, CudaFunction>,
+    info: DeviceInfo,
+    /// Synchronise after every launch so that a fault names its kernel
+    /// (the self-check turns this on; it costs a round trip per launch).
+    sync_launches: bool,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("info", &self.info).finish()
+    }
+}
+
+pub(crate) fn drv(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+    move |e| Error::Driver {
+        op,
+        msg: e.to_string(),
+    }
+}
+
+/// `have >= need` elements, or a shape error naming `what`.
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::Shape(format!(
+            "{what}: buffer of {have} elements, {need} needed"
+        )));
+    }
+    Ok(())
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, compiles (or reads from the PTX cache) every
+    /// module for its architecture and resolves every kernel.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        require(&ALL)?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| Error::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
+        // SAFETY: called before any allocation; the backend uses one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv("compute capability"))?;
+        let sm_count = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv("multiprocessor count"))? as usize;
+        let info = DeviceInfo {
+            name: ctx.name().map_err(drv("cuDeviceGetName"))?,
+            arch: format!("compute_{major}{minor}"),
+            sm_count,
+            total_memory: ctx.total_mem().map_err(drv("cuDeviceTotalMem"))?,
+        };
+        let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Cublas {
+            op: "cublasCreate",
+            msg: e.to_string(),
+        })?;
+        let funcs = load_kernels(&ctx, &info.arch)?;
+        info!(device = %info.name, arch = %info.arch, sms = sm_count, kernels = funcs.len(), "GPU ready");
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            info,
+            sync_launches: false,
+        })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn set_sync_launches(&mut self, on: bool) {
+        self.sync_launches = on;
+    }
+
+    /// Waits for all issued work; reports any fault it raised.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(drv("cuStreamSynchronize"))
+    }
+
+    /// Bytes of device memory free now.
+    pub fn free_memory(&self) -> Result<usize> {
+        Ok(self.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?.0)
+    }
+
+    /// Launches kernel `name` with one by-value parameter struct.
+    ///
+    /// # Safety
+    /// `params` must hold valid device pointers for every element the kernel
+    /// touches under `cfg` (each caller states the shapes it relies on).
+    pub(crate) unsafe fn launch<P: DeviceRepr>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &P,
+    ) -> Result<()> {
+        let f = self.funcs.get(name).ok_or_else(|| Error::Launch {
+            kernel: name.into(),
+            msg: "no such kernel was loaded".into(),
+        })?;
+        let fail = |e: cudarc::driver::DriverError| Error::Launch {
+            kernel: name.into(),
+            msg: e.to_string(),
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(params);
+        // SAFETY: forwarded from the caller.
+        unsafe { b.launch(cfg) }.map_err(fail)?;
+        if self.sync_launches {
+            self.stream.synchronize().map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// The raw address of a buffer, for parameter structs.
+    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    /// An uninitialised buffer of `n` elements (at least one is allocated).
+    pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the memory is uninitialised; every user writes before it
+        // reads (outputs) or poisons it first.
+        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(drv("cuMemAlloc"))
+    }
+
+    /// Fills a buffer with 0xFF bytes: NaN as f32 and as bf16.
+    pub fn poison<T: DeviceRepr>(&self, s: &mut CudaSlice<T>) -> Result<()> {
+        let bytes = s.num_bytes();
+        let (p, _sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(s, &self.stream);
+        // SAFETY: `p` addresses `bytes` bytes of `s`.
+        unsafe { cudarc::driver::result::memset_d8_async(p, 0xff, bytes, self.stream.cu_stream()) }
+            .map_err(drv("cuMemsetD8Async"))
+    }
+
+    pub fn alloc_poisoned<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
+        let mut s = self.alloc(n)?;
+        self.poison(&mut s)?;
+        Ok(s)
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        let mut s = self.alloc(host.len())?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut s)
+                .map_err(drv("cuMemcpyHtoD"))?;
+        }
+        Ok(s)
+    }
+
+    /// The first `n` elements of `s`, after all issued work.
+    pub fn download<T: DeviceRepr + Default + Clone>(
+        &self,
+        s: &CudaSlice<T>,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        check_len("download", s.len(), n)?;
+        let mut host = vec![T::default(); n];
+        if n > 0 {
+            self.stream
+                .memcpy_dtoh(&s.slice(..n), &mut host[..])
+                .map_err(drv("cuMemcpyDtoH"))?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    /// Elementwise launch shape: 256 threads, a grid-stride loop over `n`.
+    pub(crate) fn grid_for(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, self.info.sm_count.max(1) * 16);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Compiles every module (in parallel, through the PTX cache), loads it and
+/// resolves the kernels the wrappers use.
+fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<HashMap<String, CudaFunction>> {
+    let dir = nvrtc::cache_dir();
+    let mut funcs = HashMap::new();
+    for (module, ptx) in nvrtc::compile_all(&MODULES, arch, dir.as_deref()) {
+        let m = ctx
+            .load_module(Ptx::from_src(ptx?))
+            .map_err(|e| Error::Launch {
+                kernel: format!("module {}", module.name),
+                msg: format!("the driver rejected its PTX: {e}"),
+            })?;
+        for name in kernel_names(module.name) {
+            let f = m.load_function(&name).map_err(|e| Error::Launch {
+                kernel: name.clone(),
+                msg: format!("not found in module {}: {e}", module.name),
+            })?;
+            funcs.insert(name, f);
+        }
+    }
+    Ok(funcs)
+}

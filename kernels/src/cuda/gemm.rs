@@ -1,0 +1,73 @@
+//! GEMMs through cuBLAS: bf16 operands, f32 accumulate, f32 output.
+
+use super::device::{Gpu, check_len};
+use crate::error::{Error, Result};
+use cudarc::cublas::{result as blas, sys};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+
+fn dim(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Unsupported(format!("GEMM {what} = {v} exceeds i32")))
+}
+
+impl Gpu {
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, every matrix row-major, `w` in
+    /// PyTorch `nn.Linear` layout.
+    ///
+    /// cuBLAS is column-major. A row-major `[r, c]` matrix is, byte for
+    /// byte, the column-major `[c, r]` matrix of its transpose, so we ask
+    /// cuBLAS for `outᵀ[n, m] = w · xᵀ`: its `A` is our `w` read as the
+    /// column-major `[k, n]` matrix `wᵀ` and transposed back (`OP_T`,
+    /// `lda = k`), its `B` is our `x` read as the column-major `[k, m]`
+    /// matrix `xᵀ` (`OP_N`, `ldb = k`), and its column-major `[n, m]`
+    /// result (`ldc = n`) is exactly our row-major `[m, n]` output. No copy
+    /// or transpose kernel is involved.
+    pub fn gemm_nt(
+        &self,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        out: &mut CudaSlice<f32>,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        check_len("gemm x", x.len(), m * k)?;
+        check_len("gemm w", w.len(), n * k)?;
+        check_len("gemm out", out.len(), m * n)?;
+        let (mi, ni, ki) = (dim("m", m)?, dim("n", n)?, dim("k", k)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (px, pw, po) = (self.ptr(x), self.ptr(w), self.ptr(out));
+        // SAFETY: the lengths were checked above against the extents the
+        // leading dimensions imply (w: n rows of k, x: m rows of k, out: m
+        // rows of n); alpha and beta are host scalars (pointer mode host);
+        // the handle runs on this GPU's stream.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                pw as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                px as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                (&beta) as *const f32 as *const _,
+                po as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                ni,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| Error::Cublas {
+            op: "cublasGemmEx",
+            msg: e.to_string(),
+        })
+    }
+}
