@@ -31,6 +31,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write every tensor of a GGUF file, decoded to f32 under its GGUF name,
+    /// to one safetensors file (checks the reader against other readers).
+    #[command(hide = true)]
+    DumpWeights {
+        /// The `.gguf` file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Flags override the config file, which overrides the defaults.
@@ -164,6 +175,16 @@ fn main() -> anyhow::Result<()> {
                 "wrote {} ({}) to {}",
                 config.name,
                 src.describe(),
+                out.display()
+            );
+            Ok(())
+        }
+        Some(Command::DumpWeights { model, out }) => {
+            let file = tacflow_sidecar::model::gguf::GgufFile::open(&model)?;
+            let n = file.dump_f32(&out)?;
+            println!(
+                "wrote {n} tensors of {} to {}",
+                model.display(),
                 out.display()
             );
             Ok(())

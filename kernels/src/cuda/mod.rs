@@ -32,6 +32,8 @@ pub mod sources;
 pub mod step;
 
 pub use attention::{AttnIo, AttnPlan, AttnShape};
+/// Device buffers are cudarc's, re-exported so users need no cudarc dependency.
+pub use cudarc::driver::CudaSlice;
 pub use device::{DeviceInfo, Gpu};
 pub use kv::KvCache;
 pub use probe::probe;

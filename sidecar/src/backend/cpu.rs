@@ -105,6 +105,10 @@ impl Backend for CpuBackend {
         self.to_f32(len, data)
     }
 
+    fn constants(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
+    }
+
     fn kv_cache(&self, layout: &KvLayout) -> Result<CpuKv> {
         let n = layout.num_blocks * layout.block_elems();
         Ok(CpuKv {

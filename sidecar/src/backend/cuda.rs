@@ -1,6 +1,422 @@
-//! The CUDA backend (being written).
+//! The CUDA backend: the decoder's ops on one GPU through the kernels of
+//! `tacflow_kernels::cuda`.
+//!
+//! Precision: weights and the KV cache are bf16; the residual stream, GEMM
+//! outputs, q/k/v and logits are f32; what feeds a GEMM (normed rows, the
+//! attention output, the SwiGLU output) is bf16. An activation is therefore
+//! allocated by the op that first writes it, in that op's dtype ([`Act`]),
+//! so the model code stays dtype-free. Vectors (norm weights, biases) are
+//! held in f32 with bf16-rounded values, like the CPU backend's
+//! `round_to_bf16`; [`Backend::constants`] (RoPE frequencies) stay exact.
+
+use super::{AttnDims, Backend, HostData, KvLayout, SampleOutput, StepMeta};
+use crate::error::{Error, Result};
+use half::bf16;
+use rayon::prelude::*;
+use tacflow_kernels::cpu::SampleParams;
+use tacflow_kernels::cuda::{
+    AttnIo, AttnShape, CudaSlice, DeviceStep, Gpu, KvCache, RmsOut, Rows, StepArrays,
+};
+use tacflow_kernels::rng::random_weight;
 
 /// Whether a usable GPU is present: its name, or why not.
 pub fn probe() -> Result<String, String> {
-    Err("the CUDA backend is not built yet".into())
+    tacflow_kernels::cuda::probe().map_err(|e| e.to_string())
+}
+
+/// Device memory kept out of the KV cache's share for cuBLAS, modules and
+/// the allocator's slack.
+const RESERVE_BYTES: usize = 1 << 30;
+
+pub struct CudaBackend {
+    gpu: Gpu,
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and compiles (or loads cached) kernels.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        Ok(CudaBackend {
+            gpu: Gpu::new(ordinal)?,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn gpu_mut(&mut self) -> &mut Gpu {
+        &mut self.gpu
+    }
+
+    /// An activation filled from the host, in `dtype` (tests, self-check).
+    pub fn act_from_host(&self, rows: usize, cols: usize, data: &[f32], bf16: bool) -> Result<Act> {
+        check(data.len() == rows * cols, || format!("{} values for {rows} x {cols}", data.len()))?;
+        let buf = if bf16 {
+            ActBuf::Bf16(self.gpu.upload(&to_bf16(data))?)
+        } else {
+            ActBuf::F32(self.gpu.upload(data)?)
+        };
+        Ok(Act { rows, cols, buf })
+    }
+
+    /// An activation's values as f32 (bf16 widened).
+    pub fn act_to_host(&self, a: &Act) -> Result<Vec<f32>> {
+        let n = a.rows * a.cols;
+        Ok(match &a.buf {
+            ActBuf::Empty => return Err(Error::Backend("reading an unwritten activation".into())),
+            ActBuf::F32(s) => self.gpu.download(s, n)?,
+            ActBuf::Bf16(s) => self.gpu.download(s, n)?.iter().map(|x| x.to_f32()).collect(),
+        })
+    }
+
+    /// An activation of NaNs in `dtype`, so a check sees what an op left
+    /// unwritten.
+    pub fn act_poisoned(&self, rows: usize, cols: usize, bf16: bool) -> Result<Act> {
+        let n = rows * cols;
+        let buf = if bf16 {
+            ActBuf::Bf16(self.gpu.alloc_poisoned(n)?)
+        } else {
+            ActBuf::F32(self.gpu.alloc_poisoned(n)?)
+        };
+        Ok(Act { rows, cols, buf })
+    }
+
+    /// Every layer's K and V as f32, `[layer][num_blocks * block_elems]`.
+    pub fn kv_to_host(&self, kv: &KvCache) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = kv.layers * kv.layer_elems();
+        let widen = |s: &CudaSlice<bf16>| -> Result<Vec<f32>> {
+            Ok(self.gpu.download(s, n)?.iter().map(|x| x.to_f32()).collect())
+        };
+        Ok((widen(&kv.k)?, widen(&kv.v)?))
+    }
+
+    /// Fills the whole cache with NaN (self-check: unwritten slots show).
+    pub fn kv_poison(&self, kv: &mut KvCache) -> Result<()> {
+        self.gpu.poison(&mut kv.k)?;
+        self.gpu.poison(&mut kv.v)?;
+        Ok(())
+    }
+
+    fn out_f32<'a>(&self, a: &'a mut Act) -> Result<&'a mut CudaSlice<f32>> {
+        let n = a.rows * a.cols;
+        if !matches!(&a.buf, ActBuf::F32(s) if s.len() >= n) {
+            a.buf = ActBuf::F32(self.gpu.alloc(n)?);
+        }
+        match &mut a.buf {
+            ActBuf::F32(s) => Ok(s),
+            _ => unreachable!("just allocated as f32"),
+        }
+    }
+
+    fn out_bf16<'a>(&self, a: &'a mut Act) -> Result<&'a mut CudaSlice<bf16>> {
+        let n = a.rows * a.cols;
+        if !matches!(&a.buf, ActBuf::Bf16(s) if s.len() >= n) {
+            a.buf = ActBuf::Bf16(self.gpu.alloc(n)?);
+        }
+        match &mut a.buf {
+            ActBuf::Bf16(s) => Ok(s),
+            _ => unreachable!("just allocated as bf16"),
+        }
+    }
+
+    /// `x` as bf16 for a GEMM: itself, or a rounded copy of f32 rows.
+    fn gemm_input<'a>(&self, x: &'a Act, tmp: &'a mut Option<CudaSlice<bf16>>) -> Result<&'a CudaSlice<bf16>> {
+        match &x.buf {
+            ActBuf::Bf16(s) => Ok(s),
+            ActBuf::F32(s) => {
+                let n = x.rows * x.cols;
+                let mut c = self.gpu.alloc(n)?;
+                self.gpu.cast_bf16(s, &mut c, n)?;
+                Ok(tmp.insert(c))
+            }
+            ActBuf::Empty => Err(Error::Backend("GEMM of an unwritten activation".into())),
+        }
+    }
+}
+
+/// An activation `[rows, cols]`; see the module doc for its dtype.
+pub struct Act {
+    pub rows: usize,
+    pub cols: usize,
+    buf: ActBuf,
+}
+
+enum ActBuf {
+    /// Not written yet: allocated by the first op that writes it.
+    Empty,
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl Act {
+    fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
+        match &self.buf {
+            ActBuf::F32(s) => Ok(s),
+            ActBuf::Bf16(_) => Err(Error::Backend(format!("{what}: expected f32 rows, got bf16"))),
+            ActBuf::Empty => Err(Error::Backend(format!("{what}: reading an unwritten activation"))),
+        }
+    }
+
+    fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
+        match &mut self.buf {
+            ActBuf::F32(s) => Ok(s),
+            _ => Err(Error::Backend(format!("{what}: expected written f32 rows"))),
+        }
+    }
+
+    fn shape(&self) -> Rows {
+        Rows {
+            rows: self.rows,
+            cols: self.cols,
+        }
+    }
+}
+
+/// A weight matrix in bf16, PyTorch `nn.Linear` layout.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    data: CudaSlice<bf16>,
+}
+
+/// A vector in f32 (norm weights hold bf16-rounded values).
+pub struct Vector {
+    pub len: usize,
+    data: CudaSlice<f32>,
+}
+
+fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { Err(Error::Backend(msg())) }
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.par_iter().map(|&x| bf16::from_f32(x)).collect()
+}
+
+/// Host values as the CPU backend's `round_to_bf16` sees them.
+fn host_f32(n: usize, data: HostData<'_>) -> Result<Vec<f32>> {
+    if let Some(len) = data.host_len() {
+        check(len == n, || format!("tensor has {len} values, expected {n}"))?;
+    }
+    let v: Vec<f32> = match data {
+        HostData::F32(d) => d.to_vec(),
+        HostData::Bf16(d) => return Ok(d.iter().map(|x| x.to_f32()).collect()),
+        HostData::F16(d) => d.iter().map(|x| x.to_f32()).collect(),
+        HostData::Random { seed, stream, mean, std } => (0..n as u64)
+            .into_par_iter()
+            .map(|i| random_weight(seed, stream, i, mean, std))
+            .collect(),
+    };
+    Ok(v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect())
+}
+
+/// Per-row attention metadata from the host description of a step.
+fn step_arrays(meta: &StepMeta) -> Result<StepArrays> {
+    let rows = meta.tokens.len();
+    let mut a = StepArrays {
+        tokens: meta.tokens.clone(),
+        positions: meta.positions.clone(),
+        slots: meta.slots.clone(),
+        kv_len: vec![0; rows],
+        table_off: vec![0; rows],
+        tables: Vec::new(),
+        logit_rows: meta.logit_rows.clone(),
+    };
+    let mut covered = 0;
+    for s in &meta.seqs {
+        check(
+            s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows && s.ctx_len <= 16 * s.block_table.len(),
+            || format!("sequence rows {}+{} of {rows}, {} cached in {} blocks", s.q_start, s.q_len, s.ctx_len, s.block_table.len()),
+        )?;
+        let off = a.tables.len() as u32;
+        a.tables.extend_from_slice(&s.block_table);
+        for i in 0..s.q_len {
+            a.kv_len[s.q_start + i] = (s.ctx_len - s.q_len + i + 1) as u32;
+            a.table_off[s.q_start + i] = off;
+        }
+        covered += s.q_len;
+    }
+    check(covered == rows && a.kv_len.iter().all(|&l| l > 0), || {
+        format!("the sequences cover {covered} of {rows} rows, each exactly once")
+    })?;
+    Ok(a)
+}
+
+impl Backend for CudaBackend {
+    type Act = Act;
+    type Matrix = Matrix;
+    type Vector = Vector;
+    type Kv = KvCache;
+    type Step = DeviceStep;
+
+    fn describe(&self) -> (String, String) {
+        let i = self.gpu.info();
+        let gib = i.total_memory as f64 / (1u64 << 30) as f64;
+        ("cuda".into(), format!("{} ({}, {} SMs, {gib:.0} GiB)", i.name, i.arch, i.sm_count))
+    }
+
+    fn weight_dtype(&self) -> &'static str {
+        "bf16"
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        self.gpu
+            .free_memory()
+            .ok()
+            .map(|f| f.saturating_sub(RESERVE_BYTES))
+    }
+
+    fn kv_block_bytes(&self, l: &KvLayout) -> usize {
+        2 * l.num_layers * l.block_elems() * 2
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Matrix> {
+        let n = rows * cols;
+        let data = match data {
+            HostData::Random { seed, stream, mean, std } => {
+                let mut d = self.gpu.alloc(n)?;
+                self.gpu.random_bf16(&mut d, n, seed, stream, mean, std)?;
+                d
+            }
+            HostData::Bf16(d) => {
+                check(d.len() == n, || format!("tensor has {} values, expected {n}", d.len()))?;
+                self.gpu.upload(d)?
+            }
+            other => self.gpu.upload(&to_bf16(&host_f32(n, other)?))?,
+        };
+        Ok(Matrix { rows, cols, data })
+    }
+
+    fn vector(&self, len: usize, data: HostData<'_>) -> Result<Vector> {
+        Ok(Vector {
+            len,
+            data: self.gpu.upload(&host_f32(len, data)?)?,
+        })
+    }
+
+    fn constants(&self, data: &[f32]) -> Result<Vector> {
+        Ok(Vector {
+            len: data.len(),
+            data: self.gpu.upload(data)?,
+        })
+    }
+
+    fn kv_cache(&self, l: &KvLayout) -> Result<KvCache> {
+        check(l.block_size == 16, || format!("KV block size {} (the kernels use 16)", l.block_size))?;
+        Ok(self.gpu.kv_cache(l.num_layers, l.num_blocks, l.num_kv_heads, l.head_dim)?)
+    }
+
+    fn act(&self, rows: usize, cols: usize) -> Result<Act> {
+        Ok(Act { rows, cols, buf: ActBuf::Empty })
+    }
+
+    fn begin_step(&self, meta: &StepMeta) -> Result<DeviceStep> {
+        Ok(DeviceStep::upload(&self.gpu, &step_arrays(meta)?)?)
+    }
+
+    fn embed(&self, step: &DeviceStep, table: &Matrix, out: &mut Act) -> Result<()> {
+        check(out.rows == step.rows && out.cols == table.cols, || "embed: output shape".into())?;
+        let cols = out.cols;
+        let o = self.out_f32(out)?;
+        Ok(self.gpu.embed(step, &table.data, table.rows, o, cols)?)
+    }
+
+    fn rmsnorm(&self, x: &Act, w: &Vector, eps: f32, out: &mut Act) -> Result<()> {
+        check(out.shape() == x.shape() && w.len == x.cols, || "rmsnorm: shapes".into())?;
+        let o = self.out_bf16(out)?;
+        Ok(self.gpu.rmsnorm(x.f32("rmsnorm")?, &w.data, eps, x.shape(), RmsOut::Bf16(o))?)
+    }
+
+    fn linear(&self, x: &Act, w: &Matrix, out: &mut Act) -> Result<()> {
+        check(x.cols == w.cols && out.rows == x.rows && out.cols == w.rows, || {
+            format!("linear: [{}, {}] x [{}, {}]ᵀ into [{}, {}]", x.rows, x.cols, w.rows, w.cols, out.rows, out.cols)
+        })?;
+        if x.rows == 0 {
+            return Ok(());
+        }
+        let mut tmp = None;
+        let xin = self.gemm_input(x, &mut tmp)?;
+        let o = self.out_f32(out)?;
+        Ok(self.gpu.gemm_nt(xin, &w.data, o, (x.rows, w.rows, w.cols))?)
+    }
+
+    fn add_bias(&self, x: &mut Act, b: &Vector) -> Result<()> {
+        check(b.len == x.cols, || "add_bias: width".into())?;
+        let shape = x.shape();
+        Ok(self.gpu.add_bias(x.f32_mut("add_bias")?, &b.data, shape)?)
+    }
+
+    fn rope(&self, step: &DeviceStep, qkv: &mut Act, inv_freq: &Vector, d: AttnDims) -> Result<()> {
+        let shape = qkv.shape();
+        let heads = d.num_heads + d.num_kv_heads;
+        Ok(self.gpu.rope(step, qkv.f32_mut("rope")?, shape, &inv_freq.data, heads, d.head_dim)?)
+    }
+
+    fn kv_append(&self, step: &DeviceStep, qkv: &Act, kv: &mut KvCache, layer: usize, d: AttnDims) -> Result<()> {
+        check(qkv.rows == step.rows, || "kv_append: rows".into())?;
+        Ok(self.gpu.kv_append(step, qkv.f32("kv_append")?, qkv.cols, d.q_dim(), kv, layer)?)
+    }
+
+    fn attention(&self, step: &DeviceStep, qkv: &Act, kv: &KvCache, layer: usize, d: AttnDims, out: &mut Act) -> Result<()> {
+        check(qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(), || "attention: shapes".into())?;
+        let shape = AttnShape {
+            num_heads: d.num_heads,
+            kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            qkv_stride: qkv.cols,
+        };
+        let io = AttnIo {
+            qkv: qkv.f32("attention")?,
+            kv,
+            layer,
+            out: self.out_bf16(out)?,
+        };
+        self.gpu.attention(step, io, shape, None)?;
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Act, y: &Act) -> Result<()> {
+        check(x.shape() == y.shape(), || "add: shapes".into())?;
+        let n = x.rows * x.cols;
+        Ok(self.gpu.add(x.f32_mut("add")?, y.f32("add")?, n)?)
+    }
+
+    fn silu_mul(&self, gate_up: &Act, out: &mut Act) -> Result<()> {
+        check(gate_up.rows == out.rows && gate_up.cols == 2 * out.cols, || "silu_mul: shapes".into())?;
+        let (rows, inter) = (out.rows, out.cols);
+        let o = self.out_bf16(out)?;
+        Ok(self.gpu.silu_mul(gate_up.f32("silu_mul")?, o, rows, inter)?)
+    }
+
+    fn gather_rows(&self, step: &DeviceStep, x: &Act, out: &mut Act) -> Result<()> {
+        check(out.rows == step.logit_rows && out.cols == x.cols, || "gather_rows: shapes".into())?;
+        if out.rows == 0 {
+            return Ok(());
+        }
+        let (rows, cols) = (x.rows, x.cols);
+        let o = self.out_f32(out)?;
+        Ok(self.gpu.gather_rows(step, x.f32("gather_rows")?, rows, o, cols)?)
+    }
+
+    fn sample(&self, logits: &Act, params: &[Option<SampleParams>], want_logits: bool) -> Result<SampleOutput> {
+        check(params.len() == logits.rows, || "sample: one parameter set per row".into())?;
+        if logits.rows == 0 {
+            return Ok(SampleOutput {
+                sampled: vec![],
+                logits: want_logits.then(Vec::new),
+            });
+        }
+        let l = logits.f32("sample")?;
+        let sampled = self.gpu.sample(l, logits.cols, params)?;
+        let logits = if want_logits {
+            Some(self.gpu.download(l, logits.rows * logits.cols)?)
+        } else {
+            None
+        };
+        Ok(SampleOutput { sampled, logits })
+    }
+
+    fn copy_blocks(&self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<()> {
+        Ok(self.gpu.copy_blocks(kv, pairs)?)
+    }
 }

@@ -148,6 +148,10 @@ pub trait Backend {
 
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Self::Matrix>;
     fn vector(&self, len: usize, data: HostData<'_>) -> Result<Self::Vector>;
+    /// f32 constants that are not weights (RoPE's inverse frequencies): held
+    /// exactly, never rounded to the weight dtype, so that a bf16 backend
+    /// rotates by the same angles as the f32 reference.
+    fn constants(&self, data: &[f32]) -> Result<Self::Vector>;
     fn kv_cache(&self, layout: &KvLayout) -> Result<Self::Kv>;
     fn act(&self, rows: usize, cols: usize) -> Result<Self::Act>;
 

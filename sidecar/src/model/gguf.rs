@@ -367,6 +367,36 @@ impl GgufFile {
         dequant::to_f32(t.ty, bytes).ok_or_else(|| self.unsupported_type(t))
     }
 
+    /// Writes every tensor, decoded to f32, to one safetensors file under
+    /// its GGUF name, in numpy order (`dims` reversed) and unpermuted: a
+    /// check of this reader against other GGUF readers. Returns the count.
+    pub fn dump_f32(&self, out: &Path) -> Result<usize> {
+        let decoded = self
+            .tensors
+            .iter()
+            .map(|t| {
+                let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+                Ok((t.name.clone(), shape, self.dequantize(&t.name)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let views = decoded
+            .iter()
+            .map(|(name, shape, data)| {
+                let bytes = bytemuck::cast_slice::<f32, u8>(data);
+                let v = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )
+                .map_err(|e| Error::BadModel(format!("{name}: {e}")))?;
+                Ok((name.clone(), v))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize_to_file(views, None, out)
+            .map_err(|e| Error::BadModel(format!("{}: {e}", out.display())))?;
+        Ok(decoded.len())
+    }
+
     fn unsupported_type(&self, t: &TensorInfo) -> Error {
         Error::UnsupportedModel(format!(
             "{}: tensor {} has type {} (supported: {})",

@@ -190,7 +190,7 @@ impl<B: Backend> Model<B> {
             embed,
             final_norm: vec(WeightKey::FinalNorm)?,
             lm_head,
-            inv_freq: b.vector(inv.len(), crate::backend::HostData::F32(&inv))?,
+            inv_freq: b.constants(&inv)?,
             layers,
         })
     }

@@ -15,6 +15,7 @@ pub mod session;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::config::{BackendKind, Config};
 use crate::engine::gauges::Gauges;
 use crate::engine::{BLOCK_SIZE, Engine, KvCapacity};
@@ -235,9 +236,9 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
             .spawn(move || {
                 let fail = ready_tx.clone();
                 let r = match kind {
-                    BackendKind::Cuda => Err(Error::Backend(
-                        "the CUDA backend is not wired into the server yet".into(),
-                    )),
+                    BackendKind::Cuda => CudaBackend::new(0).and_then(|b| {
+                        start_executor(b, &config, replies_tx, cmd_rx, shared, ready_tx)
+                    }),
                     _ => start_executor(
                         CpuBackend {
                             round_to_bf16: config.cpu_round_bf16,
