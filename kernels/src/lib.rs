@@ -17,5 +17,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod error;
 pub mod rng;
+pub mod tactic;
 
 pub use error::{Error, Result};
