@@ -1,14 +1,14 @@
 //! The executor thread: owns the engine (model, KV cache, sequences, CUDA
 //! context) and runs one command at a time from its queue. It never touches
-//! the client socket; replies go back to the I/O thread over an in-process
-//! ZeroMQ pair, already encoded.
+//! the client socket: replies go back to the I/O thread, already encoded,
+//! through an [`Outbox`].
 
 use crate::backend::Backend;
 use crate::engine::step::StepWork;
 use crate::engine::{Engine, SeqKey, SessionId};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 use tacflow_ipc::codec::{encode_error, encode_reply};
 use tacflow_ipc::*;
@@ -55,12 +55,9 @@ pub enum Command {
     },
     /// The session ended: free its sequences. Not a client request, no reply.
     DropSession(SessionId),
-    /// Finish: answer nothing more, send [`DONE`] and return.
+    /// Finish: answer nothing more, push [`Outgoing::Done`] and return.
     Stop,
 }
-
-/// Frame the executor sends last, so the I/O thread knows every reply is in.
-pub const DONE: &[u8] = b"executor-done";
 
 /// State shared by the executor and the I/O thread.
 #[derive(Debug, Default)]
@@ -69,20 +66,62 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// Client commands in the queue or running.
     pub queue_depth: AtomicU64,
+    /// The I/O thread is (about to be) asleep in its poll and must be woken
+    /// for a reply.
+    pub io_sleeping: AtomicBool,
 }
 
-/// Sends `[identity, session id, kind, header]` to the I/O thread.
-fn send(replies: &zmq::Socket, to: &ReplyTo, frames: [Vec<u8>; 2]) {
-    let [kind, header] = frames;
-    let parts: [&[u8]; 4] = [&to.identity, &to.session.to_le_bytes(), &kind, &header];
-    if let Err(e) = replies.send_multipart(parts, 0) {
-        error!(cause = %e, "cannot pass a reply to the I/O thread");
+/// What the executor hands back to the I/O thread.
+#[derive(Debug)]
+pub enum Outgoing {
+    Reply {
+        identity: Vec<u8>,
+        session: SessionId,
+        frames: [Vec<u8>; 2],
+    },
+    /// The executor stopped: every reply is in.
+    Done,
+}
+
+/// The executor's way back to the I/O thread: a queue, plus a wake-up
+/// through an in-process ZeroMQ pair that is sent only when the I/O thread
+/// sleeps in its poll. A thread woken from sleep costs more than an empty
+/// step's whole run, so the I/O thread spins on the queue for a moment
+/// after handing work over and most replies need no wake-up at all.
+pub struct Outbox {
+    pub tx: Sender<Outgoing>,
+    pub wake: zmq::Socket,
+    pub shared: Arc<Shared>,
+}
+
+impl Outbox {
+    pub fn push(&self, msg: Outgoing) {
+        if self.tx.send(msg).is_err() {
+            warn!("the I/O thread is gone; a reply is dropped");
+            return;
+        }
+        // Pairs with the I/O thread's store of `io_sleeping` before its last
+        // look at the queue: one of the two sides sees the other.
+        fence(Ordering::SeqCst);
+        if self.shared.io_sleeping.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.wake.send(&b""[..], zmq::DONTWAIT)
+        {
+            error!(cause = %e, "cannot wake the I/O thread");
+        }
     }
 }
 
-fn reply_err(replies: &zmq::Socket, to: &ReplyTo, e: ErrorReply) {
+fn send(out: &Outbox, to: &ReplyTo, frames: [Vec<u8>; 2]) {
+    out.push(Outgoing::Reply {
+        identity: to.identity.clone(),
+        session: to.session,
+        frames,
+    });
+}
+
+fn reply_err(out: &Outbox, to: &ReplyTo, e: ErrorReply) {
     debug!(code = %e.code, request_id = to.request_id, "{}", e.message);
-    send(replies, to, encode_error(&e.for_request(to.request_id)));
+    send(out, to, encode_error(&e.for_request(to.request_id)));
 }
 
 /// The next command. Waits by spinning for up to `spin` first: on a VM a
@@ -101,7 +140,7 @@ fn next_command(rx: &Receiver<Command>, spin: Duration) -> Option<Command> {
             if Instant::now() >= until {
                 break;
             }
-            std::hint::spin_loop();
+            super::backoff();
         }
     }
     rx.recv().ok()
@@ -111,8 +150,7 @@ fn next_command(rx: &Receiver<Command>, spin: Duration) -> Option<Command> {
 pub fn run<B: Backend>(
     mut engine: Engine<B>,
     rx: Receiver<Command>,
-    replies: zmq::Socket,
-    shared: Arc<Shared>,
+    out: Outbox,
     max_sequences: u64,
     spin: Duration,
 ) {
@@ -133,10 +171,10 @@ pub fn run<B: Backend>(
             | Command::Close { to, .. }
             | Command::Step { to, .. } => to.clone(),
         };
-        shared.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        if shared.stopping.load(Ordering::Relaxed) {
+        out.shared.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if out.shared.stopping.load(Ordering::Relaxed) {
             reply_err(
-                &replies,
+                &out,
                 &to,
                 ErrorReply::new(ErrorCode::ShuttingDown, "the daemon is shutting down"),
             );
@@ -153,7 +191,7 @@ pub fn run<B: Backend>(
             && engine.session_sequences(to.session) as u64 >= max_sequences
         {
             reply_err(
-                &replies,
+                &out,
                 &to,
                 ErrorReply::new(
                     ErrorCode::LimitExceeded,
@@ -163,15 +201,13 @@ pub fn run<B: Backend>(
             );
             continue;
         }
-        execute(&mut engine, cmd, &to, &replies);
+        execute(&mut engine, cmd, &to, &out);
         gauges.mark_done();
     }
-    if let Err(e) = replies.send(DONE, 0) {
-        warn!(cause = %e, "cannot tell the I/O thread that the executor stopped");
-    }
+    out.push(Outgoing::Done);
 }
 
-fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, replies: &zmq::Socket) {
+fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: &Outbox) {
     let key = |seq| SeqKey {
         session: to.session,
         seq,
@@ -230,7 +266,7 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, repli
         Command::DropSession(_) | Command::Stop => unreachable!("handled by the loop"),
     };
     match result {
-        Ok(frames) => send(replies, to, frames),
-        Err(e) => reply_err(replies, to, e),
+        Ok(frames) => send(out, to, frames),
+        Err(e) => reply_err(out, to, e),
     }
 }

@@ -2,7 +2,7 @@
 //! checks every request, answers the cheap ones itself and queues the rest
 //! for the executor, whose encoded replies it forwards.
 
-use super::executor::{Command, DONE, ReplyTo, Shared};
+use super::executor::{Command, Outgoing, ReplyTo, Shared};
 use super::session::Sessions;
 use super::{ServerInfo, Shutdown};
 use crate::config::Config;
@@ -10,18 +10,21 @@ use crate::engine::step::{LogitsTarget, StepWork};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 use tacflow_ipc::codec::{ERROR_KIND, decode_request, encode_error, encode_reply, from_msgpack};
 use tacflow_ipc::*;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Requests read per wake-up before replies are forwarded again.
 const READ_BATCH: usize = 256;
 
 pub struct Io {
     pub router: zmq::Socket,
-    pub replies: zmq::Socket,
+    /// Replies from the executor.
+    pub inbox: Receiver<Outgoing>,
+    /// Readable when the executor woke this thread (see `executor::Outbox`).
+    pub wake: zmq::Socket,
     pub cmd_tx: Sender<Command>,
     pub sessions: Sessions,
     pub shared: Arc<Shared>,
@@ -45,26 +48,14 @@ impl Io {
     pub fn run(&mut self, shutdown: &Shutdown) -> crate::error::Result<()> {
         let mut next_expiry_check = Instant::now();
         while !self.executor_done {
-            let (requests, replies) = {
-                let mut items = [
-                    self.router.as_poll_item(zmq::POLLIN),
-                    self.replies.as_poll_item(zmq::POLLIN),
-                ];
-                let busy = self.shared.queue_depth.load(Relaxed) > 0
-                    && self.last_exchange.elapsed() < self.spin;
-                match zmq::poll(&mut items, if busy { 0 } else { 100 }) {
-                    Ok(_) => {}
-                    Err(zmq::Error::EINTR) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-                (items[0].is_readable(), items[1].is_readable())
-            };
-            if replies {
-                self.forward_replies()?;
+            self.forward_replies();
+            if self.executor_done {
+                break;
             }
-            if requests {
-                self.read_requests();
+            if !self.spin_for_replies() {
+                self.sleep()?;
             }
+            self.read_requests();
             let now = Instant::now();
             if now >= next_expiry_check {
                 self.expire(now);
@@ -86,6 +77,63 @@ impl Io {
         Ok(())
     }
 
+    /// Right after work went to the executor, waits for its reply by
+    /// spinning on the queue (a wake-up from sleep would cost more than a
+    /// short step). Returns whether something is ready to handle.
+    fn spin_for_replies(&mut self) -> bool {
+        if self.shared.queue_depth.load(Relaxed) == 0 {
+            return false;
+        }
+        let until = self.last_exchange + self.spin;
+        let mut i = 0u32;
+        while Instant::now() < until {
+            match self.inbox.try_recv() {
+                Ok(msg) => {
+                    self.handle_outgoing(msg);
+                    return true;
+                }
+                Err(TryRecvError::Disconnected) => return true,
+                Err(TryRecvError::Empty) => {}
+            }
+            i += 1;
+            if i.is_multiple_of(4)
+                && self
+                    .router
+                    .get_events()
+                    .is_ok_and(|e| e.contains(zmq::POLLIN))
+            {
+                return true;
+            }
+            super::backoff();
+        }
+        false
+    }
+
+    /// Sleeps in a poll of the client socket and the executor's wake-up.
+    fn sleep(&mut self) -> crate::error::Result<()> {
+        self.shared.io_sleeping.store(true, Relaxed);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        // A reply pushed before the flag was visible is seen here.
+        if let Ok(msg) = self.inbox.try_recv() {
+            self.shared.io_sleeping.store(false, Relaxed);
+            self.handle_outgoing(msg);
+            return Ok(());
+        }
+        let mut items = [
+            self.router.as_poll_item(zmq::POLLIN),
+            self.wake.as_poll_item(zmq::POLLIN),
+        ];
+        let polled = zmq::poll(&mut items, 100);
+        self.shared.io_sleeping.store(false, Relaxed);
+        if items[1].is_readable() {
+            while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+        }
+        match polled {
+            Ok(_) | Err(zmq::Error::EINTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn begin_stop(&mut self) {
         info!("shutdown requested: finishing the step in flight, refusing new work");
         self.stopping = true;
@@ -105,33 +153,34 @@ impl Io {
         }
     }
 
-    fn forward_replies(&mut self) -> crate::error::Result<()> {
-        loop {
-            let parts = match self.replies.recv_multipart(zmq::DONTWAIT) {
-                Ok(p) => p,
-                Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
-            self.last_exchange = Instant::now();
-            if parts.len() == 1 && parts[0] == DONE {
-                self.executor_done = true;
-                return Ok(());
-            }
-            let [identity, session, kind, header] = &parts[..] else {
-                warn!(frames = parts.len(), "malformed internal reply");
-                continue;
-            };
-            let sid = u64::from_le_bytes(session[..8].try_into().unwrap_or([0; 8]));
-            if let Some(s) = self.sessions.by_id_mut(sid) {
-                s.queued = s.queued.saturating_sub(1);
-            }
-            if kind[..] == [ERROR_KIND]
-                && let Ok(e) = from_msgpack::<ErrorReply>(header)
-            {
-                *self.errors.entry(e.code.as_str().to_owned()).or_default() += 1;
-            }
-            self.send(identity, [kind.clone(), header.clone()]);
+    fn forward_replies(&mut self) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            self.handle_outgoing(msg);
         }
+    }
+
+    fn handle_outgoing(&mut self, msg: Outgoing) {
+        self.last_exchange = Instant::now();
+        let (identity, session, frames) = match msg {
+            Outgoing::Done => {
+                self.executor_done = true;
+                return;
+            }
+            Outgoing::Reply {
+                identity,
+                session,
+                frames,
+            } => (identity, session, frames),
+        };
+        if let Some(s) = self.sessions.by_id_mut(session) {
+            s.queued = s.queued.saturating_sub(1);
+        }
+        if frames[0][..] == [ERROR_KIND]
+            && let Ok(e) = from_msgpack::<ErrorReply>(&frames[1])
+        {
+            *self.errors.entry(e.code.as_str().to_owned()).or_default() += 1;
+        }
+        self.send(&identity, frames);
     }
 
     fn send(&self, identity: &[u8], [kind, header]: [Vec<u8>; 2]) {

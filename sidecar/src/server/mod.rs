@@ -22,7 +22,7 @@ use crate::engine::{BLOCK_SIZE, Engine, KvCapacity};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::model::config::ModelConfig;
-use executor::{Command, Shared};
+use executor::{Command, Outbox, Outgoing, Shared};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +31,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use tacflow_ipc::{BackendInfo, ModelInfo};
 use tracing::{info, warn};
+
+/// One turn of a wait loop: yields the core, so that waiting for the other
+/// thread costs about a system call on an idle machine and steals nothing
+/// from other threads on a busy one (a pure spin measured far worse with
+/// the cores oversubscribed).
+pub(crate) fn backoff() {
+    std::thread::yield_now();
+}
 
 /// Asks a running server to stop (signals, tests).
 #[derive(Debug, Clone, Default)]
@@ -56,7 +64,7 @@ pub struct ServerInfo {
     pub gauges: Arc<Gauges>,
 }
 
-const REPLIES_ADDR: &str = "inproc://tacflow-replies";
+const WAKE_ADDR: &str = "inproc://tacflow-wake";
 
 fn model_info(c: &ModelConfig, dtype: &str, max_context: usize) -> ModelInfo {
     ModelInfo {
@@ -85,9 +93,8 @@ fn instance_id() -> String {
 fn start_executor<B: Backend + 'static>(
     backend: B,
     config: &Config,
-    replies: zmq::Socket,
+    out: Outbox,
     rx: mpsc::Receiver<Command>,
-    shared: Arc<Shared>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<()> {
     let spec = ModelSpec::parse(&config.model, config.seed)?;
@@ -148,8 +155,7 @@ fn start_executor<B: Backend + 'static>(
     executor::run(
         engine,
         rx,
-        replies,
-        shared,
+        out,
         config.limits.max_sequences,
         Duration::from_micros(config.spin_us),
     );
@@ -220,33 +226,36 @@ fn set_socket_mode(path: &Path, group: Option<&str>) -> Result<()> {
 pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> Result<()> {
     config.validate()?;
     let ctx = zmq::Context::new();
-    let replies_rx = ctx.socket(zmq::PAIR)?;
-    replies_rx.bind(REPLIES_ADDR)?;
-    let replies_tx = ctx.socket(zmq::PAIR)?;
-    replies_tx.connect(REPLIES_ADDR)?;
+    let wake_rx = ctx.socket(zmq::PAIR)?;
+    wake_rx.bind(WAKE_ADDR)?;
+    let wake_tx = ctx.socket(zmq::PAIR)?;
+    wake_tx.connect(WAKE_ADDR)?;
     let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<ServerInfo>>();
     let shared = Arc::new(Shared::default());
     let kind = choose_backend(&config)?;
     let exec = {
         let config = config.clone();
-        let shared = shared.clone();
+        let out = Outbox {
+            tx: out_tx,
+            wake: wake_tx,
+            shared: shared.clone(),
+        };
         std::thread::Builder::new()
             .name("executor".into())
             .spawn(move || {
                 let fail = ready_tx.clone();
                 let r = match kind {
-                    BackendKind::Cuda => CudaBackend::new(0).and_then(|b| {
-                        start_executor(b, &config, replies_tx, cmd_rx, shared, ready_tx)
-                    }),
+                    BackendKind::Cuda => CudaBackend::new(0)
+                        .and_then(|b| start_executor(b, &config, out, cmd_rx, ready_tx)),
                     _ => start_executor(
                         CpuBackend {
                             round_to_bf16: config.cpu_round_bf16,
                         },
                         &config,
-                        replies_tx,
+                        out,
                         cmd_rx,
-                        shared,
                         ready_tx,
                     ),
                 };
@@ -287,7 +296,8 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
     let spin = Duration::from_micros(config.spin_us);
     let mut io = io::Io {
         router,
-        replies: replies_rx,
+        inbox: out_rx,
+        wake: wake_rx,
         cmd_tx,
         sessions: session::Sessions::new(
             Duration::from_millis(config.session_lease_ms),
