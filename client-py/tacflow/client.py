@@ -249,12 +249,17 @@ class Client:
         return int(self._exchange(Kind.OPEN_SEQUENCE, rid, self._packer.pack(body))["num_tokens"])
 
     def fork_sequence(
-        self, parent: int, child: int, sampling: SamplingParams | None = None
+        self,
+        parent: int,
+        child: int,
+        sampling: SamplingParams | None = None,
+        attention: AttentionPolicy | None = None,
     ) -> int:
         """Forks ``parent`` into a new ``child`` sharing its KV blocks
-        copy-on-write; returns the child's cached length."""
+        copy-on-write; returns the child's cached length. The child keeps the
+        parent's sampling and attention policy unless given."""
         rid = self._take_id()
-        body = fork_sequence_body(rid, self._session, parent, child, sampling)
+        body = fork_sequence_body(rid, self._session, parent, child, sampling, attention)
         return int(self._exchange(Kind.FORK_SEQUENCE, rid, self._packer.pack(body))["num_tokens"])
 
     def truncate_sequence(self, seq_id: int, num_tokens: int) -> int:

@@ -318,7 +318,12 @@ def open_sequence_body(
 
 
 def fork_sequence_body(
-    request_id: int, session: bytes, parent: int, child: int, sampling: SamplingParams | None = None
+    request_id: int,
+    session: bytes,
+    parent: int,
+    child: int,
+    sampling: SamplingParams | None = None,
+    attention: AttentionPolicy | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "request_id": request_id,
@@ -328,6 +333,8 @@ def fork_sequence_body(
     }
     if sampling is not None:
         body["sampling"] = sampling.to_wire()
+    if attention is not None:
+        body["attention"] = attention.to_wire()
     return body
 
 

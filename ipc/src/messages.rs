@@ -280,6 +280,10 @@ pub struct ForkSequenceRequest {
     /// Sampling for the child; the parent's when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampling: Option<SamplingParams>,
+    /// Attention policy for the child; the parent's when absent (an A/B of
+    /// policies on one shared prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<AttentionPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

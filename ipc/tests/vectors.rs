@@ -269,6 +269,24 @@ fn vectors_match_the_rust_types() {
             parent: 42,
             child: 43,
             sampling: None,
+            attention: None,
+        },
+    );
+    check(
+        "fork_sequence_ab_request",
+        d,
+        f,
+        "fork_sequence",
+        &ForkSequenceRequest {
+            request_id: 11,
+            session: t,
+            parent: 42,
+            child: 44,
+            sampling: Some(SamplingParams {
+                seed: 9,
+                ..SamplingParams::default()
+            }),
+            attention: Some(AttentionPolicy::OracleTopP { p: 0.9375 }),
         },
     );
     let (d, f) = req(Kind::TruncateSequence);

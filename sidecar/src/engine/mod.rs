@@ -179,9 +179,13 @@ impl<B: Backend> Engine<B> {
         parent: SeqKey,
         child: SeqKey,
         sampling: Option<SamplingParams>,
+        policy: Option<AttentionPolicy>,
     ) -> Result<usize, ErrorReply> {
         if let Some(s) = &sampling {
             validate_sampling(s)?;
+        }
+        if let Some(p) = &policy {
+            validate_policy(p)?;
         }
         let p = self
             .seqs
@@ -197,6 +201,9 @@ impl<B: Backend> Engine<B> {
         let mut c = p.clone();
         if let Some(s) = sampling {
             c.sampling = s;
+        }
+        if let Some(p) = policy {
+            c.policy = p;
         }
         for &b in &c.table {
             self.alloc.retain(b);

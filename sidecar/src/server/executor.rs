@@ -39,6 +39,7 @@ pub enum Command {
         parent: u64,
         child: u64,
         sampling: Option<SamplingParams>,
+        policy: Option<AttentionPolicy>,
     },
     Truncate {
         to: ReplyTo,
@@ -231,9 +232,10 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: 
             parent,
             child,
             sampling,
+            policy,
             ..
         } => engine
-            .fork_sequence(key(parent), key(child), sampling)
+            .fork_sequence(key(parent), key(child), sampling, policy)
             .map(|n| encode_reply(to.kind, &seq_reply(child, n))),
         Command::Truncate { seq, drop, .. } => engine
             .truncate_sequence(key(seq), drop)

@@ -310,6 +310,7 @@ impl Io {
                 parent: r.parent,
                 child: r.child,
                 sampling: r.sampling,
+                policy: r.attention,
             },
             Request::TruncateSequence(r) => Command::Truncate {
                 to,
