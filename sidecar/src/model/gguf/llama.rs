@@ -545,6 +545,16 @@ mod tests {
     }
 
     #[test]
+    fn model_spec_takes_gguf_paths() {
+        use crate::model::ModelSpec;
+        let spec = ModelSpec::parse("/models/m.GGUF", 0).unwrap();
+        assert_eq!(spec, ModelSpec::Gguf("/models/m.GGUF".into()));
+        let missing = ModelSpec::parse("/nonexistent/m.gguf", 0).unwrap();
+        let e = missing.open().err().unwrap().to_string();
+        assert!(e.contains("/nonexistent/m.gguf"), "{e}");
+    }
+
+    #[test]
     fn unsupported_models_are_refused() {
         let c = tiny();
         let src = RandomSource {
