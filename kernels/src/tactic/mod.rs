@@ -171,3 +171,6 @@ impl TacticSeq {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
