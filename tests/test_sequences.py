@@ -103,3 +103,13 @@ def test_shutdown_finishes_the_step_in_flight_and_refuses_the_rest(start_daemon)
     assert isinstance(late.get("err"), E.ShuttingDown), late
     assert d.proc.wait(60) == 0
     assert not d.socket.exists()
+
+
+def test_a_step_longer_than_the_lease_keeps_its_session(start_daemon):
+    d = start_daemon("--model", "random:smollm2-135m", "--kv-blocks", "256", "--session-lease-ms", "300")
+    c = d.client()
+    c.open_sequence(1)
+    out = c.step([StepEntry(1, [1 + i % 1000 for i in range(1024)])])
+    assert out.timing.run_us > 300_000, "the step must outlast the lease for this test to mean anything"
+    # The session lived through it, and its lease restarted at the reply.
+    assert c.step([StepEntry(1, [out.results[0].token])]).results[0].num_tokens == 1025

@@ -172,9 +172,7 @@ impl Io {
                 frames,
             } => (identity, session, frames),
         };
-        if let Some(s) = self.sessions.by_id_mut(session) {
-            s.queued = s.queued.saturating_sub(1);
-        }
+        self.sessions.answered(session, self.last_exchange);
         if frames[0][..] == [ERROR_KIND]
             && let Ok(e) = from_msgpack::<ErrorReply>(&frames[1])
         {

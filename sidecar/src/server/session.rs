@@ -99,6 +99,16 @@ impl Sessions {
         }
     }
 
+    /// A reply went out: the session's requests are done, and its lease
+    /// counts from now.
+    pub fn answered(&mut self, id: SessionId, now: Instant) {
+        let lease = self.lease;
+        if let Some(s) = self.by_id_mut(id) {
+            s.queued = s.queued.saturating_sub(1);
+            s.deadline = now + lease;
+        }
+    }
+
     pub fn by_id_mut(&mut self, id: SessionId) -> Option<&mut Session> {
         let token = self.by_id.get(&id)?;
         self.by_token.get_mut(token)
@@ -110,12 +120,13 @@ impl Sessions {
         Some(s)
     }
 
-    /// Removes and returns the sessions whose lease ran out.
+    /// Removes and returns the sessions whose lease ran out. A session with
+    /// requests queued or running is alive: its client is waiting for them.
     pub fn expire(&mut self, now: Instant) -> Vec<Session> {
         let dead: Vec<SessionToken> = self
             .by_token
             .iter()
-            .filter(|(_, s)| s.deadline <= now)
+            .filter(|(_, s)| s.deadline <= now && s.queued == 0)
             .map(|(t, _)| *t)
             .collect();
         dead.iter().filter_map(|t| self.close(t)).collect()
@@ -152,12 +163,18 @@ mod tests {
         assert_eq!(s.touch(&a, t0).unwrap().id, ida);
         // b is renewed, a is not.
         s.touch(&b, t0 + Duration::from_millis(80)).unwrap();
-        let dead = s.expire(t0 + Duration::from_millis(120));
+        s.touch(&b, t0).unwrap().queued = 1; // b waits for a long step
+        let dead = s.expire(t0 + Duration::from_millis(500));
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].id, ida);
         let err = s.touch(&a, t0).unwrap_err();
         assert_eq!(err.code, ErrorCode::UnknownSession);
         assert!(s.touch(&b, t0).is_ok());
         assert!(s.by_id_mut(ida).is_none());
+        // Once answered, b's lease runs from the reply.
+        let idb = s.touch(&b, t0).unwrap().id;
+        s.answered(idb, t0 + Duration::from_millis(500));
+        assert!(s.expire(t0 + Duration::from_millis(550)).is_empty());
+        assert_eq!(s.expire(t0 + Duration::from_millis(700)).len(), 1);
     }
 }
