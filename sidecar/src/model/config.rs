@@ -250,13 +250,24 @@ impl ModelConfig {
                 "sliding_window {w} below the context length {max_pos} (windowed attention is not implemented)"
             ));
         }
-        let rope_scaling = match &j["rope_scaling"] {
+        // transformers 5 writes `rope_parameters` (theta included); older
+        // configs write `rope_scaling` and a top-level `rope_theta`.
+        let rope_params = if j["rope_parameters"].is_object() {
+            &j["rope_parameters"]
+        } else {
+            &j["rope_scaling"]
+        };
+        let rope_theta = rope_params["rope_theta"]
+            .as_f64()
+            .or_else(|| j["rope_theta"].as_f64())
+            .unwrap_or(10_000.0) as f32;
+        let rope_scaling = match rope_params {
             serde_json::Value::Null => None,
             rs => {
                 let kind = rs["rope_type"]
                     .as_str()
                     .or_else(|| rs["type"].as_str())
-                    .unwrap_or("");
+                    .unwrap_or("default");
                 if kind == "default" {
                     None
                 } else if kind != "llama3" {
@@ -302,7 +313,7 @@ impl ModelConfig {
             num_kv_heads: kv_heads,
             head_dim,
             rms_norm_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32,
-            rope_theta: j["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+            rope_theta,
             rope_scaling,
             max_position_embeddings: max_pos,
             tie_word_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
@@ -378,6 +389,26 @@ mod tests {
         let t = ModelConfig::tiny();
         let back = ModelConfig::from_hf_json(&t.to_hf_json(), "tiny").unwrap();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_are_read() {
+        let mut j = ModelConfig::tiny().to_hf_json();
+        let scaling = j["rope_scaling"].take();
+        j.as_object_mut().unwrap().remove("rope_scaling");
+        j.as_object_mut().unwrap().remove("rope_theta");
+        let mut params = scaling;
+        params["rope_theta"] = 12_345.0.into();
+        j["rope_parameters"] = params;
+        let c = ModelConfig::from_hf_json(&j, "tiny").unwrap();
+        assert_eq!(c.rope_theta, 12_345.0);
+        assert_eq!(c.rope_scaling, ModelConfig::tiny().rope_scaling);
+        j["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 100000.0});
+        let c = ModelConfig::from_hf_json(&j, "tiny").unwrap();
+        assert_eq!((c.rope_theta, c.rope_scaling), (100_000.0, None));
+        j["rope_parameters"] =
+            serde_json::json!({"rope_type": "dynamic", "rope_theta": 1.0, "factor": 2.0});
+        assert!(ModelConfig::from_hf_json(&j, "tiny").is_err());
     }
 
     #[test]
