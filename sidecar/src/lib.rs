@@ -8,12 +8,14 @@
 //! | sequences, KV blocks, steps | [`engine`] |
 //! | the decoder and its weights | [`model`] |
 //! | the ops it runs on (CPU reference, CUDA) | [`backend`] |
+//! | GPU against CPU, every kernel and whole models | [`selfcheck`] |
 
 pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod selfcheck;
 pub mod server;
 
 pub use config::Config;

@@ -31,6 +31,26 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Check every GPU kernel and whole models against the CPU reference:
+    /// prints a table last, exits non-zero on any failure or without a GPU.
+    Selfcheck {
+        /// Run one check group in this process (normally each group runs in
+        /// a child process of its own).
+        #[arg(long)]
+        only: Option<String>,
+        /// SmolLM2's GGUF file, for the real-model check.
+        #[arg(long)]
+        smollm2: Option<PathBuf>,
+        /// Token ids of real text (whitespace-separated) for the SmolLM2 check.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Seed of the random inputs (from the clock when absent).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Run only these check groups (comma-separated; all by default).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+    },
     /// Write every tensor of a GGUF file, decoded to f32 under its GGUF name,
     /// to one safetensors file (checks the reader against other readers).
     #[command(hide = true)]
@@ -188,6 +208,26 @@ fn main() -> anyhow::Result<()> {
                 model.display(),
                 out.display()
             );
+            Ok(())
+        }
+        Some(Command::Selfcheck {
+            only,
+            smollm2,
+            tokens,
+            seed,
+            groups,
+        }) => {
+            init_logging(LogFormat::Text);
+            let opts = tacflow_sidecar::selfcheck::Options {
+                only,
+                smollm2,
+                tokens,
+                seed,
+                groups,
+            };
+            if !tacflow_sidecar::selfcheck::run(&opts)? {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Some(Command::Serve(args)) => serve(args),

@@ -253,3 +253,50 @@ impl Gpu {
         Ok(plan)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(num_heads: usize, kv_heads: usize) -> AttnShape {
+        AttnShape {
+            num_heads,
+            kv_heads,
+            head_dim: 128,
+            qkv_stride: 0,
+        }
+    }
+
+    #[test]
+    fn heads_per_cta_divide_the_group() {
+        for (h, kv, g, chunks) in [
+            (32, 8, 4, 1),
+            (9, 3, 3, 1),
+            (24, 2, 6, 2),
+            (32, 2, 8, 2),
+            (10, 1, 5, 2),
+            (8, 8, 1, 1),
+        ] {
+            let p = AttnPlan::new(&shape(h, kv), 1000, 10, 132, None);
+            assert_eq!((p.heads_per_cta, p.chunks), (g, chunks), "{h}/{kv}");
+        }
+    }
+
+    #[test]
+    fn splits_only_when_rows_cannot_fill_the_gpu_and_cover_the_context() {
+        let s = shape(32, 8);
+        assert_eq!(AttnPlan::new(&s, 512, 4096, 132, None).splits, 1);
+        let p = AttnPlan::new(&s, 1, 32_768, 132, None);
+        assert!(p.splits > 16, "{p:?}");
+        assert!(p.splits * p.pages_per_split * 16 >= 32_768);
+        assert!(
+            (p.splits - 1) * p.pages_per_split * 16 < 32_768,
+            "no empty split: {p:?}"
+        );
+        let short = AttnPlan::new(&s, 1, 20, 132, None);
+        assert_eq!(short.splits, 1, "{short:?}");
+        let forced = AttnPlan::new(&s, 1, 100, 132, Some(3));
+        assert_eq!((forced.splits, forced.pages_per_split), (3, 3));
+        assert_eq!(AttnPlan::new(&s, 1, 5, 132, Some(16)).splits, 1);
+    }
+}

@@ -15,7 +15,7 @@ use half::bf16;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::SampleParams;
 use tacflow_kernels::cuda::{
-    AttnIo, AttnShape, CudaSlice, DeviceStep, Gpu, KvCache, RmsOut, Rows, StepArrays,
+    AttnIo, AttnPlan, AttnShape, CudaSlice, DeviceStep, Gpu, KvCache, RmsOut, Rows, StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
@@ -50,7 +50,9 @@ impl CudaBackend {
 
     /// An activation filled from the host, in `dtype` (tests, self-check).
     pub fn act_from_host(&self, rows: usize, cols: usize, data: &[f32], bf16: bool) -> Result<Act> {
-        check(data.len() == rows * cols, || format!("{} values for {rows} x {cols}", data.len()))?;
+        check(data.len() == rows * cols, || {
+            format!("{} values for {rows} x {cols}", data.len())
+        })?;
         let buf = if bf16 {
             ActBuf::Bf16(self.gpu.upload(&to_bf16(data))?)
         } else {
@@ -65,7 +67,12 @@ impl CudaBackend {
         Ok(match &a.buf {
             ActBuf::Empty => return Err(Error::Backend("reading an unwritten activation".into())),
             ActBuf::F32(s) => self.gpu.download(s, n)?,
-            ActBuf::Bf16(s) => self.gpu.download(s, n)?.iter().map(|x| x.to_f32()).collect(),
+            ActBuf::Bf16(s) => self
+                .gpu
+                .download(s, n)?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
         })
     }
 
@@ -81,11 +88,21 @@ impl CudaBackend {
         Ok(Act { rows, cols, buf })
     }
 
+    /// A weight matrix's bf16 values.
+    pub fn matrix_to_host(&self, m: &Matrix) -> Result<Vec<bf16>> {
+        Ok(self.gpu.download(&m.data, m.rows * m.cols)?)
+    }
+
     /// Every layer's K and V as f32, `[layer][num_blocks * block_elems]`.
     pub fn kv_to_host(&self, kv: &KvCache) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = kv.layers * kv.layer_elems();
         let widen = |s: &CudaSlice<bf16>| -> Result<Vec<f32>> {
-            Ok(self.gpu.download(s, n)?.iter().map(|x| x.to_f32()).collect())
+            Ok(self
+                .gpu
+                .download(s, n)?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect())
         };
         Ok((widen(&kv.k)?, widen(&kv.v)?))
     }
@@ -95,6 +112,35 @@ impl CudaBackend {
         self.gpu.poison(&mut kv.k)?;
         self.gpu.poison(&mut kv.v)?;
         Ok(())
+    }
+
+    /// [`Backend::attention`] with the split count forced (self-check);
+    /// returns how the launch was cut.
+    pub fn attention_split(
+        &self,
+        step: &DeviceStep,
+        (qkv, kv, layer): (&Act, &KvCache, usize),
+        d: AttnDims,
+        out: &mut Act,
+        force_splits: Option<usize>,
+    ) -> Result<AttnPlan> {
+        check(
+            qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(),
+            || "attention: shapes".into(),
+        )?;
+        let shape = AttnShape {
+            num_heads: d.num_heads,
+            kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            qkv_stride: qkv.cols,
+        };
+        let io = AttnIo {
+            qkv: qkv.f32("attention")?,
+            kv,
+            layer,
+            out: self.out_bf16(out)?,
+        };
+        Ok(self.gpu.attention(step, io, shape, force_splits)?)
     }
 
     fn out_f32<'a>(&self, a: &'a mut Act) -> Result<&'a mut CudaSlice<f32>> {
@@ -120,7 +166,11 @@ impl CudaBackend {
     }
 
     /// `x` as bf16 for a GEMM: itself, or a rounded copy of f32 rows.
-    fn gemm_input<'a>(&self, x: &'a Act, tmp: &'a mut Option<CudaSlice<bf16>>) -> Result<&'a CudaSlice<bf16>> {
+    fn gemm_input<'a>(
+        &self,
+        x: &'a Act,
+        tmp: &'a mut Option<CudaSlice<bf16>>,
+    ) -> Result<&'a CudaSlice<bf16>> {
         match &x.buf {
             ActBuf::Bf16(s) => Ok(s),
             ActBuf::F32(s) => {
@@ -152,8 +202,12 @@ impl Act {
     fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
         match &self.buf {
             ActBuf::F32(s) => Ok(s),
-            ActBuf::Bf16(_) => Err(Error::Backend(format!("{what}: expected f32 rows, got bf16"))),
-            ActBuf::Empty => Err(Error::Backend(format!("{what}: reading an unwritten activation"))),
+            ActBuf::Bf16(_) => Err(Error::Backend(format!(
+                "{what}: expected f32 rows, got bf16"
+            ))),
+            ActBuf::Empty => Err(Error::Backend(format!(
+                "{what}: reading an unwritten activation"
+            ))),
         }
     }
 
@@ -186,7 +240,11 @@ pub struct Vector {
 }
 
 fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
-    if ok { Ok(()) } else { Err(Error::Backend(msg())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Backend(msg()))
+    }
 }
 
 fn to_bf16(v: &[f32]) -> Vec<bf16> {
@@ -196,13 +254,20 @@ fn to_bf16(v: &[f32]) -> Vec<bf16> {
 /// Host values as the CPU backend's `round_to_bf16` sees them.
 fn host_f32(n: usize, data: HostData<'_>) -> Result<Vec<f32>> {
     if let Some(len) = data.host_len() {
-        check(len == n, || format!("tensor has {len} values, expected {n}"))?;
+        check(len == n, || {
+            format!("tensor has {len} values, expected {n}")
+        })?;
     }
     let v: Vec<f32> = match data {
         HostData::F32(d) => d.to_vec(),
         HostData::Bf16(d) => return Ok(d.iter().map(|x| x.to_f32()).collect()),
         HostData::F16(d) => d.iter().map(|x| x.to_f32()).collect(),
-        HostData::Random { seed, stream, mean, std } => (0..n as u64)
+        HostData::Random {
+            seed,
+            stream,
+            mean,
+            std,
+        } => (0..n as u64)
             .into_par_iter()
             .map(|i| random_weight(seed, stream, i, mean, std))
             .collect(),
@@ -225,8 +290,18 @@ fn step_arrays(meta: &StepMeta) -> Result<StepArrays> {
     let mut covered = 0;
     for s in &meta.seqs {
         check(
-            s.q_len <= s.ctx_len && s.q_start + s.q_len <= rows && s.ctx_len <= 16 * s.block_table.len(),
-            || format!("sequence rows {}+{} of {rows}, {} cached in {} blocks", s.q_start, s.q_len, s.ctx_len, s.block_table.len()),
+            s.q_len <= s.ctx_len
+                && s.q_start + s.q_len <= rows
+                && s.ctx_len <= 16 * s.block_table.len(),
+            || {
+                format!(
+                    "sequence rows {}+{} of {rows}, {} cached in {} blocks",
+                    s.q_start,
+                    s.q_len,
+                    s.ctx_len,
+                    s.block_table.len()
+                )
+            },
         )?;
         let off = a.tables.len() as u32;
         a.tables.extend_from_slice(&s.block_table);
@@ -252,7 +327,10 @@ impl Backend for CudaBackend {
     fn describe(&self) -> (String, String) {
         let i = self.gpu.info();
         let gib = i.total_memory as f64 / (1u64 << 30) as f64;
-        ("cuda".into(), format!("{} ({}, {} SMs, {gib:.0} GiB)", i.name, i.arch, i.sm_count))
+        (
+            "cuda".into(),
+            format!("{} ({}, {} SMs, {gib:.0} GiB)", i.name, i.arch, i.sm_count),
+        )
     }
 
     fn weight_dtype(&self) -> &'static str {
@@ -273,13 +351,20 @@ impl Backend for CudaBackend {
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Matrix> {
         let n = rows * cols;
         let data = match data {
-            HostData::Random { seed, stream, mean, std } => {
+            HostData::Random {
+                seed,
+                stream,
+                mean,
+                std,
+            } => {
                 let mut d = self.gpu.alloc(n)?;
                 self.gpu.random_bf16(&mut d, n, seed, stream, mean, std)?;
                 d
             }
             HostData::Bf16(d) => {
-                check(d.len() == n, || format!("tensor has {} values, expected {n}", d.len()))?;
+                check(d.len() == n, || {
+                    format!("tensor has {} values, expected {n}", d.len())
+                })?;
                 self.gpu.upload(d)?
             }
             other => self.gpu.upload(&to_bf16(&host_f32(n, other)?))?,
@@ -302,12 +387,20 @@ impl Backend for CudaBackend {
     }
 
     fn kv_cache(&self, l: &KvLayout) -> Result<KvCache> {
-        check(l.block_size == 16, || format!("KV block size {} (the kernels use 16)", l.block_size))?;
-        Ok(self.gpu.kv_cache(l.num_layers, l.num_blocks, l.num_kv_heads, l.head_dim)?)
+        check(l.block_size == 16, || {
+            format!("KV block size {} (the kernels use 16)", l.block_size)
+        })?;
+        Ok(self
+            .gpu
+            .kv_cache(l.num_layers, l.num_blocks, l.num_kv_heads, l.head_dim)?)
     }
 
     fn act(&self, rows: usize, cols: usize) -> Result<Act> {
-        Ok(Act { rows, cols, buf: ActBuf::Empty })
+        Ok(Act {
+            rows,
+            cols,
+            buf: ActBuf::Empty,
+        })
     }
 
     fn begin_step(&self, meta: &StepMeta) -> Result<DeviceStep> {
@@ -315,29 +408,43 @@ impl Backend for CudaBackend {
     }
 
     fn embed(&self, step: &DeviceStep, table: &Matrix, out: &mut Act) -> Result<()> {
-        check(out.rows == step.rows && out.cols == table.cols, || "embed: output shape".into())?;
+        check(out.rows == step.rows && out.cols == table.cols, || {
+            "embed: output shape".into()
+        })?;
         let cols = out.cols;
         let o = self.out_f32(out)?;
         Ok(self.gpu.embed(step, &table.data, table.rows, o, cols)?)
     }
 
     fn rmsnorm(&self, x: &Act, w: &Vector, eps: f32, out: &mut Act) -> Result<()> {
-        check(out.shape() == x.shape() && w.len == x.cols, || "rmsnorm: shapes".into())?;
+        check(out.shape() == x.shape() && w.len == x.cols, || {
+            "rmsnorm: shapes".into()
+        })?;
         let o = self.out_bf16(out)?;
-        Ok(self.gpu.rmsnorm(x.f32("rmsnorm")?, &w.data, eps, x.shape(), RmsOut::Bf16(o))?)
+        Ok(self
+            .gpu
+            .rmsnorm(x.f32("rmsnorm")?, &w.data, eps, x.shape(), RmsOut::Bf16(o))?)
     }
 
     fn linear(&self, x: &Act, w: &Matrix, out: &mut Act) -> Result<()> {
-        check(x.cols == w.cols && out.rows == x.rows && out.cols == w.rows, || {
-            format!("linear: [{}, {}] x [{}, {}]ᵀ into [{}, {}]", x.rows, x.cols, w.rows, w.cols, out.rows, out.cols)
-        })?;
+        check(
+            x.cols == w.cols && out.rows == x.rows && out.cols == w.rows,
+            || {
+                format!(
+                    "linear: [{}, {}] x [{}, {}]ᵀ into [{}, {}]",
+                    x.rows, x.cols, w.rows, w.cols, out.rows, out.cols
+                )
+            },
+        )?;
         if x.rows == 0 {
             return Ok(());
         }
         let mut tmp = None;
         let xin = self.gemm_input(x, &mut tmp)?;
         let o = self.out_f32(out)?;
-        Ok(self.gpu.gemm_nt(xin, &w.data, o, (x.rows, w.rows, w.cols))?)
+        Ok(self
+            .gpu
+            .gemm_nt(xin, &w.data, o, (x.rows, w.rows, w.cols))?)
     }
 
     fn add_bias(&self, x: &mut Act, b: &Vector) -> Result<()> {
@@ -349,29 +456,40 @@ impl Backend for CudaBackend {
     fn rope(&self, step: &DeviceStep, qkv: &mut Act, inv_freq: &Vector, d: AttnDims) -> Result<()> {
         let shape = qkv.shape();
         let heads = d.num_heads + d.num_kv_heads;
-        Ok(self.gpu.rope(step, qkv.f32_mut("rope")?, shape, &inv_freq.data, heads, d.head_dim)?)
+        Ok(self.gpu.rope(
+            step,
+            qkv.f32_mut("rope")?,
+            shape,
+            &inv_freq.data,
+            heads,
+            d.head_dim,
+        )?)
     }
 
-    fn kv_append(&self, step: &DeviceStep, qkv: &Act, kv: &mut KvCache, layer: usize, d: AttnDims) -> Result<()> {
+    fn kv_append(
+        &self,
+        step: &DeviceStep,
+        qkv: &Act,
+        kv: &mut KvCache,
+        layer: usize,
+        d: AttnDims,
+    ) -> Result<()> {
         check(qkv.rows == step.rows, || "kv_append: rows".into())?;
-        Ok(self.gpu.kv_append(step, qkv.f32("kv_append")?, qkv.cols, d.q_dim(), kv, layer)?)
+        Ok(self
+            .gpu
+            .kv_append(step, qkv.f32("kv_append")?, qkv.cols, d.q_dim(), kv, layer)?)
     }
 
-    fn attention(&self, step: &DeviceStep, qkv: &Act, kv: &KvCache, layer: usize, d: AttnDims, out: &mut Act) -> Result<()> {
-        check(qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(), || "attention: shapes".into())?;
-        let shape = AttnShape {
-            num_heads: d.num_heads,
-            kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-            qkv_stride: qkv.cols,
-        };
-        let io = AttnIo {
-            qkv: qkv.f32("attention")?,
-            kv,
-            layer,
-            out: self.out_bf16(out)?,
-        };
-        self.gpu.attention(step, io, shape, None)?;
+    fn attention(
+        &self,
+        step: &DeviceStep,
+        qkv: &Act,
+        kv: &KvCache,
+        layer: usize,
+        d: AttnDims,
+        out: &mut Act,
+    ) -> Result<()> {
+        self.attention_split(step, (qkv, kv, layer), d, out, None)?;
         Ok(())
     }
 
@@ -382,24 +500,40 @@ impl Backend for CudaBackend {
     }
 
     fn silu_mul(&self, gate_up: &Act, out: &mut Act) -> Result<()> {
-        check(gate_up.rows == out.rows && gate_up.cols == 2 * out.cols, || "silu_mul: shapes".into())?;
+        check(
+            gate_up.rows == out.rows && gate_up.cols == 2 * out.cols,
+            || "silu_mul: shapes".into(),
+        )?;
         let (rows, inter) = (out.rows, out.cols);
         let o = self.out_bf16(out)?;
-        Ok(self.gpu.silu_mul(gate_up.f32("silu_mul")?, o, rows, inter)?)
+        Ok(self
+            .gpu
+            .silu_mul(gate_up.f32("silu_mul")?, o, rows, inter)?)
     }
 
     fn gather_rows(&self, step: &DeviceStep, x: &Act, out: &mut Act) -> Result<()> {
-        check(out.rows == step.logit_rows && out.cols == x.cols, || "gather_rows: shapes".into())?;
+        check(out.rows == step.logit_rows && out.cols == x.cols, || {
+            "gather_rows: shapes".into()
+        })?;
         if out.rows == 0 {
             return Ok(());
         }
         let (rows, cols) = (x.rows, x.cols);
         let o = self.out_f32(out)?;
-        Ok(self.gpu.gather_rows(step, x.f32("gather_rows")?, rows, o, cols)?)
+        Ok(self
+            .gpu
+            .gather_rows(step, x.f32("gather_rows")?, rows, o, cols)?)
     }
 
-    fn sample(&self, logits: &Act, params: &[Option<SampleParams>], want_logits: bool) -> Result<SampleOutput> {
-        check(params.len() == logits.rows, || "sample: one parameter set per row".into())?;
+    fn sample(
+        &self,
+        logits: &Act,
+        params: &[Option<SampleParams>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        check(params.len() == logits.rows, || {
+            "sample: one parameter set per row".into()
+        })?;
         if logits.rows == 0 {
             return Ok(SampleOutput {
                 sampled: vec![],
@@ -418,5 +552,45 @@ impl Backend for CudaBackend {
 
     fn copy_blocks(&self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<()> {
         Ok(self.gpu.copy_blocks(kv, pairs)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::SeqMeta;
+
+    #[test]
+    fn step_arrays_give_each_row_its_causal_key_count_and_table() {
+        let meta = StepMeta {
+            tokens: vec![5, 6, 7, 8],
+            positions: vec![17, 18, 19, 3],
+            slots: vec![1, 2, 3, 4],
+            seqs: vec![
+                SeqMeta {
+                    q_start: 0,
+                    q_len: 3,
+                    ctx_len: 20,
+                    block_table: vec![9, 4],
+                },
+                SeqMeta {
+                    q_start: 3,
+                    q_len: 1,
+                    ctx_len: 4,
+                    block_table: vec![7],
+                },
+            ],
+            logit_rows: vec![2, 3],
+        };
+        let a = step_arrays(&meta).unwrap();
+        assert_eq!(a.kv_len, vec![18, 19, 20, 4]);
+        assert_eq!(a.table_off, vec![0, 0, 0, 2]);
+        assert_eq!(a.tables, vec![9, 4, 7]);
+        let mut bad = meta.clone();
+        bad.seqs[1].ctx_len = 17; // more keys than one block holds
+        assert!(step_arrays(&bad).is_err());
+        let mut gap = meta;
+        gap.seqs.pop(); // row 3 belongs to no sequence
+        assert!(step_arrays(&gap).is_err());
     }
 }

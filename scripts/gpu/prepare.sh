@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run on the DEVELOPMENT machine before a GPU run: builds tacflowd, and
+# fills the git-ignored folders that the device tool carries to the GPU
+# machine (no Rust there):
+#   .device-carry/    tacflowd (stripped, xz), COMMIT, and optionally the
+#                     first part of SmolLM2's GGUF, its sha256 and the text's
+#                     token ids
+#   .device-carry-b/  the GGUF's second part (the whole file is larger than
+#                     one transfer carries: send it in a second call while
+#                     the machine is still warm)
+#
+#   scripts/gpu/prepare.sh [SMOLLM2.gguf TEXT.tokens]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+grep -qx '/.device-carry-b' .git/info/exclude 2>/dev/null || echo '/.device-carry-b' >> .git/info/exclude
+cargo build --release -p tacflow-sidecar
+rm -rf .device-carry .device-carry-b
+mkdir -p .device-carry .device-carry-b
+strip -o .device-carry/tacflowd target/release/tacflowd
+xz -T0 -6 .device-carry/tacflowd
+dirty=$(git diff --quiet HEAD -- kernels sidecar scripts/gpu && echo "" || echo " (+ uncommitted changes)")
+echo "$(git rev-parse HEAD)$dirty" > .device-carry/COMMIT
+if [ $# -ge 2 ]; then
+    gguf=$1
+    size=$(stat -c %s "$gguf")
+    half=$(( (size / 2 + 4095) / 4096 * 4096 ))
+    head -c "$half" "$gguf" > .device-carry/smollm2.gguf.part-a
+    tail -c +"$((half + 1))" "$gguf" > .device-carry-b/smollm2.gguf.part-b
+    (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") | awk '{print $1"  smollm2.gguf"}' > .device-carry/smollm2.gguf.sha256
+    cp "$2" .device-carry/text.tokens
+fi
+du -sh .device-carry .device-carry-b

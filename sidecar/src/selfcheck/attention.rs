@@ -1,0 +1,198 @@
+//! Paged attention against the CPU reference: decode batches with contexts
+//! around block (16) and page-chunk (1024) boundaries, long single
+//! sequences that the plan splits, prefill chunks on top of a context, and
+//! every GQA grouping shape the kernel instantiates. The cache is poisoned,
+//! then filled through `kv_append` with tables in shuffled block order.
+
+use super::report::{BF16_TOL, Row, compare_row};
+use super::{Ctx, case, round_bf16};
+use crate::backend::{AttnDims, Backend, KvLayout, SeqMeta, StepMeta};
+use crate::error::Result;
+use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
+
+struct Case {
+    heads: (usize, usize, usize),
+    /// `(tokens cached after the step, new tokens in the step)` per sequence.
+    seqs: Vec<(usize, usize)>,
+    splits: Vec<Option<usize>>,
+    q_std: f32,
+}
+
+fn cases() -> Vec<Case> {
+    let c = |heads, seqs: &[(usize, usize)], splits: &[Option<usize>], q_std| Case {
+        heads,
+        seqs: seqs.to_vec(),
+        splits: splits.to_vec(),
+        q_std,
+    };
+    let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
+    vec![
+        c(
+            (32, 8, 128),
+            &decode(&[1, 15, 16, 17, 100, 1000, 3001]),
+            &[None, Some(1), Some(3), Some(16)],
+            1.0,
+        ),
+        c((9, 3, 64), &decode(&[8191]), &[None, Some(1)], 2.0),
+        c(
+            (4, 2, 16),
+            &[(87, 37), (70, 70), (33, 1)],
+            &[None, Some(2)],
+            2.0,
+        ),
+        c(
+            (32, 8, 128),
+            &[(165, 65), (16, 16), (2049, 1)],
+            &[None],
+            4.0,
+        ),
+        c((8, 8, 64), &decode(&[200, 5]), &[None], 1.0),
+        c(
+            (16, 2, 128),
+            &[(513, 1), (1, 1), (40, 20)],
+            &[None, Some(4)],
+            1.0,
+        ),
+        c((24, 2, 64), &[(300, 1), (50, 18)], &[None], 1.0),
+        c((4, 1, 256), &decode(&[129, 17]), &[None, Some(3)], 1.0),
+        c((6, 2, 32), &[(31, 31), (64, 1)], &[None], 1.0),
+    ]
+}
+
+pub fn attention(cx: &mut Ctx) -> Vec<Row> {
+    let mut rows = vec![];
+    for c in cases() {
+        for &s in &c.splits {
+            let (nh, kvh, d) = c.heads;
+            let lens: Vec<String> = c.seqs.iter().map(|(l, q)| format!("{l}/{q}")).collect();
+            let name = format!(
+                "{nh}/{kvh}x{d} ctx/new {} splits {}",
+                lens.join(","),
+                s.map_or("auto".into(), |s| s.to_string())
+            );
+            case(&mut rows, "attention", name, || run_case(cx, &c, s));
+        }
+    }
+    rows
+}
+
+/// Block tables over a shuffled set of blocks, one per sequence.
+fn tables(cx: &mut Ctx, seqs: &[(usize, usize)]) -> (Vec<Vec<u32>>, usize) {
+    let need: usize = seqs.iter().map(|(l, _)| l.div_ceil(16)).sum();
+    let total = need + 3;
+    let keys = cx.rand_u32(total, u32::MAX);
+    let mut order: Vec<u32> = (0..total as u32).collect();
+    order.sort_by_key(|&b| keys[b as usize]);
+    let mut out = vec![];
+    let mut next = 0;
+    for (l, _) in seqs {
+        let n = l.div_ceil(16);
+        out.push(order[next..next + n].to_vec());
+        next += n;
+    }
+    (out, total)
+}
+
+/// A step over `seqs` whose rows are, per sequence, its slots `from(l, q)..l`.
+fn meta(
+    seqs: &[(usize, usize)],
+    tables: &[Vec<u32>],
+    from: impl Fn(usize, usize) -> usize,
+) -> StepMeta {
+    let mut m = StepMeta::default();
+    for (&(l, q), t) in seqs.iter().zip(tables) {
+        let first = from(l, q);
+        let q_start = m.tokens.len();
+        for s in first..l {
+            m.tokens.push(0);
+            m.positions.push(s as u32);
+            m.slots.push(t[s / 16] * 16 + (s % 16) as u32);
+        }
+        m.seqs.push(SeqMeta {
+            q_start,
+            q_len: l - first,
+            ctx_len: l,
+            block_table: t.clone(),
+        });
+    }
+    m
+}
+
+fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
+    let (nh, kvh, d) = c.heads;
+    let dims = AttnDims {
+        num_heads: nh,
+        num_kv_heads: kvh,
+        head_dim: d,
+    };
+    let w = dims.qkv_dim();
+    let (tabs, blocks) = tables(cx, &c.seqs);
+    let layout = KvLayout {
+        num_layers: 1,
+        num_blocks: blocks,
+        block_size: 16,
+        num_kv_heads: kvh,
+        head_dim: d,
+    };
+    let mut kv = cx.b.kv_cache(&layout)?;
+    cx.b.kv_poison(&mut kv)?;
+    // Every cached token's k and v, written the way the model writes them.
+    let fill = meta(&c.seqs, &tabs, |_, _| 0);
+    let hist = cx.rand(fill.tokens.len() * w, 0.0, 1.0);
+    let fill_step = cx.b.begin_step(&fill)?;
+    cx.b.kv_append(
+        &fill_step,
+        &cx.b.act_from_host(fill.tokens.len(), w, &hist, false)?,
+        &mut kv,
+        0,
+        dims,
+    )?;
+    // The step's queries.
+    let step = meta(&c.seqs, &tabs, |l, q| l - q);
+    let t = step.tokens.len();
+    let q = cx.rand(t * w, 0.0, c.q_std);
+    let qa = cx.b.act_from_host(t, w, &q, false)?;
+    let mut out = cx.b.act_poisoned(t, dims.q_dim(), true)?;
+    let ds = cx.b.begin_step(&step)?;
+    let plan =
+        cx.b.attention_split(&ds, (&qa, &kv, 0), dims, &mut out, splits)?;
+    let got = cx.b.act_to_host(&out)?;
+    // The CPU on the same bf16 keys and values.
+    let per_layer = blocks * layout.block_elems();
+    let (mut k, mut v) = (vec![f32::NAN; per_layer], vec![f32::NAN; per_layer]);
+    cpu::kv_append(
+        &mut k,
+        &mut v,
+        (kvh, 16, d),
+        &round_bf16(&hist),
+        w,
+        dims.q_dim(),
+        &fill.slots,
+    );
+    let layer = KvLayer {
+        k: &k,
+        v: &v,
+        kv_heads: kvh,
+        head_dim: d,
+        block_size: 16,
+    };
+    let seqs: Vec<AttnSeq<'_>> = step
+        .seqs
+        .iter()
+        .map(|s| AttnSeq {
+            q_start: s.q_start,
+            q_len: s.q_len,
+            ctx_len: s.ctx_len,
+            block_table: &s.block_table,
+            selection: None,
+        })
+        .collect();
+    let mut want = vec![0.0; t * dims.q_dim()];
+    cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
+    Ok(
+        compare_row("attention", "", &got, &want, BF16_TOL).with_note(format!(
+            "{} heads/CTA, {} splits of {} pages",
+            plan.heads_per_cta, plan.splits, plan.pages_per_split
+        )),
+    )
+}

@@ -1,0 +1,199 @@
+//! Sampling on identical logits: greedy tokens identical (ties to the
+//! lowest id, NaN never wins), seeded temperature / top-k / top-p draws
+//! identical, log-probabilities and top-k lists equal, logits returned
+//! bit for bit.
+
+use super::report::Row;
+use super::{Ctx, case};
+use crate::backend::Backend;
+use crate::error::Result;
+use tacflow_kernels::cpu::{self, SampleParams};
+use tacflow_kernels::rng::{SAMPLING_STREAM, uniform01};
+
+struct Config {
+    vocab: usize,
+    rows: usize,
+    sigma: f32,
+    temperature: f32,
+    top_p: f32,
+    top_k: u32,
+    logprobs: u32,
+    /// Round logits to multiples of this (0: don't), to create many ties.
+    quantum: f32,
+}
+
+fn configs() -> Vec<Config> {
+    let c = |vocab, rows, sigma, temperature, top_p, top_k, logprobs, quantum| Config {
+        vocab,
+        rows,
+        sigma,
+        temperature,
+        top_p,
+        top_k,
+        logprobs,
+        quantum,
+    };
+    vec![
+        c(128_256, 64, 3.0, 0.0, 1.0, 0, 5, 0.0),
+        c(128_256, 16, 3.0, 0.0, 1.0, 0, 3, 0.5),
+        c(128_256, 96, 3.0, 1.0, 0.9, 0, 20, 0.0),
+        c(128_256, 48, 1.0, 0.7, 1.0, 0, 0, 0.0),
+        c(49_152, 96, 8.0, 1.5, 0.5, 50, 5, 0.0),
+        c(49_152, 32, 3.0, 1.0, 0.0, 0, 1, 0.0),
+        c(49_152, 64, 3.0, 1.0, 0.95, 0, 64, 0.25),
+        c(1000, 64, 2.0, 1.0, 0.95, 1000, 64, 0.0),
+        c(100, 32, 0.5, 1.0, 1.0, 1, 3, 0.0),
+    ]
+}
+
+pub fn sampling(cx: &mut Ctx) -> Vec<Row> {
+    let mut rows = vec![];
+    for c in configs() {
+        let name = format!(
+            "V={} T={} p={} k={} lp={}{}",
+            c.vocab,
+            c.temperature,
+            c.top_p,
+            c.top_k,
+            c.logprobs,
+            if c.quantum > 0.0 { " ties" } else { "" }
+        );
+        case(&mut rows, "sampling", name, || run_config(cx, &c));
+    }
+    rows
+}
+
+fn logits_for(cx: &mut Ctx, c: &Config) -> Vec<f32> {
+    let mut x = cx.rand(c.rows * c.vocab, 0.0, c.sigma);
+    if c.quantum > 0.0 {
+        x.iter_mut()
+            .for_each(|v| *v = (*v / c.quantum).round() * c.quantum);
+    }
+    if c.temperature == 0.0 {
+        // Plant ties at the maximum, -inf entries, and one NaN (never wins).
+        for r in 0..c.rows {
+            let row = &mut x[r * c.vocab..(r + 1) * c.vocab];
+            let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) + 1.0;
+            let (a, b) = ((r * 7919) % c.vocab, (r * 104_729 + 13) % c.vocab);
+            row[a] = top;
+            row[b] = top;
+            row[(r * 31) % c.vocab] = f32::NEG_INFINITY;
+            if r == 1 {
+                row[c.vocab - 1] = f32::NAN;
+            }
+        }
+    }
+    x
+}
+
+fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
+    let x = logits_for(cx, c);
+    let params: Vec<Option<SampleParams>> = (0..c.rows)
+        .map(|r| {
+            (r % 9 != 4).then_some(SampleParams {
+                temperature: c.temperature,
+                top_p: c.top_p,
+                top_k: c.top_k,
+                seed: cx.seed ^ (r as u64 * 0x9e37),
+                position: r as u64 * 7 + 1,
+                logprobs: c.logprobs,
+            })
+        })
+        .collect();
+    let a = cx.b.act_from_host(c.rows, c.vocab, &x, false)?;
+    let got = cx.b.sample(&a, &params, true)?;
+    let cpu_b = crate::backend::cpu::CpuBackend::default();
+    let cpu_a = crate::backend::cpu::Mat {
+        data: x.clone(),
+        rows: c.rows,
+        cols: c.vocab,
+    };
+    let want = cpu_b.sample(&cpu_a, &params, true)?;
+    let (mut wrong, mut boundary, mut lp_err, mut top_wrong) = (0, 0, 0.0f64, 0);
+    for (r, (g, w)) in got.sampled.iter().zip(&want.sampled).enumerate() {
+        let (Some(g), Some(w)) = (g, w) else {
+            if g.is_some() != w.is_some() {
+                wrong += 1;
+            }
+            continue;
+        };
+        if g.token != w.token {
+            let row = &x[r * c.vocab..(r + 1) * c.vocab];
+            let p = params[r].as_ref().expect("sampled rows have params");
+            if !p.is_greedy() && draw_margin(row, p) < 1e-4 {
+                boundary += 1;
+            } else {
+                wrong += 1;
+            }
+            continue;
+        }
+        let close = |a: f32, b: f32| {
+            (a.is_nan() && b.is_nan()) || ((a - b).abs() as f64) <= 1e-4 * (1.0 + b.abs() as f64)
+        };
+        if !close(g.logprob, w.logprob) {
+            lp_err = lp_err.max((g.logprob - w.logprob).abs() as f64);
+        }
+        let same_top = g.top.len() == w.top.len()
+            && g.top
+                .iter()
+                .zip(&w.top)
+                .all(|(a, b)| a.0 == b.0 && close(a.1, b.1));
+        top_wrong += usize::from(!same_top);
+    }
+    let logits_exact = want.logits.as_deref() == Some(&x[..])
+        && got
+            .logits
+            .as_ref()
+            .is_some_and(|l| l.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let draws = params.iter().filter(|p| p.is_some()).count();
+    let mut row = Row::at_most("sampling", "", "mismatches", wrong as f64, 0.0).with_note(format!(
+        "{draws} rows; {boundary} draws within 1e-4 of a boundary differ"
+    ));
+    if lp_err > 0.0 || top_wrong > 0 || !logits_exact {
+        row = row.failing(format!(
+            "logprob err {lp_err:.2e}, {top_wrong} top-k lists differ, logits returned exactly: {logits_exact}"
+        ));
+    }
+    Ok(row)
+}
+
+/// How close the CPU's draw came to a boundary: the CPU algorithm redone
+/// in f64, the smallest distance from `u * kept` (or from the top-p target)
+/// to a running sum, relative to the mass. Mismatches closer than rounding
+/// are not errors.
+fn draw_margin(logits: &[f32], p: &SampleParams) -> f64 {
+    let inv_t = 1.0 / p.temperature as f64;
+    let k = if p.top_k == 0 {
+        logits.len()
+    } else {
+        (p.top_k as usize).min(logits.len())
+    };
+    let ranked = cpu::sampling::top_k(logits, k);
+    let m = ranked[0].1 as f64 * inv_t;
+    let probs: Vec<f64> = ranked
+        .iter()
+        .map(|&(_, v)| (v as f64 * inv_t - m).exp())
+        .collect();
+    let z: f64 = probs.iter().sum();
+    let target = p.top_p.clamp(0.0, 1.0) as f64 * z;
+    let mut cum = 0.0;
+    let mut sums = vec![];
+    for q in &probs {
+        cum += q;
+        sums.push(cum);
+        if cum >= target {
+            break;
+        }
+    }
+    let kept = cum;
+    let u = uniform01(p.seed, SAMPLING_STREAM, p.position) as f64 * kept;
+    let to_u = sums
+        .iter()
+        .map(|s| (s - u).abs() / kept)
+        .fold(f64::INFINITY, f64::min);
+    let to_cut = sums
+        .iter()
+        .map(|s| (s - target).abs() / z)
+        .fold(f64::INFINITY, f64::min);
+    to_u.min(to_cut)
+}
