@@ -46,7 +46,7 @@ if [ -f "$a" ] && [ -f "$b" ] && [ -f "$carry/text.tokens" ]; then
     fi
 fi
 
-export TACFLOW_KERNEL_CACHE=/tmp/tacflow-kernels
+export TACFLOW_KERNEL_CACHE=/tmp/tacflow-kernels NO_COLOR=1
 "$bin" selfcheck "${args[@]}" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 echo "selfcheck exit status: $rc" | tee -a "$log"

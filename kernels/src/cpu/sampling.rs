@@ -7,8 +7,18 @@
 //! by `(seed, position)`, picks the first ranked token whose running sum
 //! exceeds `u` times the kept mass. Log-probabilities are of the model's own
 //! distribution (before temperature and cuts).
+//!
+//! Masses are integers: each token's probability relative to the best one,
+//! `exp(v/T - m)` by [`sampling_exp`], times 2^32 and rounded. Integer sums
+//! do not depend on their order, and `sampling_exp` is a fixed sequence of
+//! rounded f32 operations that `cuda/kernels/sampling.cu` repeats exactly,
+//! so the GPU's parallel sampler draws the very same token as this
+//! sequential one. (With f32 running sums, as first written, the two
+//! disagreed on most draws from kept sets of thousands of tokens: the
+//! rounding of a long sequential sum moves it across many token
+//! boundaries.)
 
-use crate::rng::{SAMPLING_STREAM, uniform01};
+use crate::rng::{SAMPLING_STREAM, bits};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleParams {
@@ -109,6 +119,46 @@ pub fn sample(logits: &[f32], p: &SampleParams) -> Sampled {
     }
 }
 
+/// `exp(x)` for `x <= 0` as a fixed sequence of rounded f32 operations
+/// (Cody-Waite reduction by ln 2, a degree-6 Taylor polynomial, scaling by
+/// 2^n), within 2 ulp; `sampling.cu` evaluates the same operations in the
+/// same order, so both give the same bits. Rust never contracts `a * b + c`
+/// into an FMA; the CUDA twin spells every step with `__fmul_rn` /
+/// `__fadd_rn`.
+pub fn sampling_exp(x: f32) -> f32 {
+    // Constants by their bits, so both sides provably use the same values.
+    // LN2_HI has 8 trailing zero bits (n * LN2_HI is exact); LN2_LO is
+    // ln 2 - LN2_HI.
+    let ln2_hi = f32::from_bits(0x3f31_7200);
+    let ln2_lo = f32::from_bits(0x35bf_be8e);
+    let log2_e = f32::from_bits(0x3fb8_aa3b);
+    let coeffs = [0x3c08_8889, 0x3d2a_aaab, 0x3e2a_aaab, 0x3f00_0000, 0x3f80_0000, 0x3f80_0000];
+    if x.is_nan() {
+        return x;
+    }
+    if x < -104.0 {
+        return 0.0;
+    }
+    let n = (x * log2_e).round_ties_even();
+    let r = (x - n * ln2_hi) - n * ln2_lo;
+    let mut p = f32::from_bits(0x3ab6_0b61); // 1/720
+    for c in coeffs {
+        p = p * r + f32::from_bits(c); // 1/120, 1/24, 1/6, 1/2, 1, 1
+    }
+    let n = n as i32;
+    if n >= -126 {
+        p * f32::from_bits(((n + 127) as u32) << 23)
+    } else {
+        p * f32::from_bits(((n + 64 + 127) as u32) << 23) * f32::from_bits((127 - 64) << 23)
+    }
+}
+
+/// A token's mass: `sampling_exp(v / T - m)` in units of 2^-32, rounded to
+/// nearest even.
+pub fn sampling_mass(v: f32, inv_t: f32, m: f32) -> u64 {
+    (sampling_exp(v * inv_t - m) * 4_294_967_296.0).round_ties_even() as u64
+}
+
 fn draw(logits: &[f32], p: &SampleParams) -> u32 {
     let inv_t = 1.0 / p.temperature;
     let k = if p.top_k == 0 {
@@ -119,22 +169,27 @@ fn draw(logits: &[f32], p: &SampleParams) -> u32 {
     // Rank by logit (same order as by probability), ties by id.
     let ranked = top_k(logits, k);
     let m = ranked[0].1 * inv_t;
-    let probs: Vec<f32> = ranked.iter().map(|&(_, v)| (v * inv_t - m).exp()).collect();
-    let z: f32 = probs.iter().sum();
+    let mass: Vec<u64> = ranked
+        .iter()
+        .map(|&(_, v)| sampling_mass(v, inv_t, m))
+        .collect();
+    let z: u64 = mass.iter().sum();
     // Shortest prefix reaching top_p of the (top-k renormalised) mass.
-    let target = p.top_p.clamp(0.0, 1.0) * z;
-    let mut kept = 0.0f32;
+    let target = (p.top_p.clamp(0.0, 1.0) as f64 * z as f64).ceil() as u64;
+    let mut kept = 0u64;
     let mut n = 0;
-    for &q in &probs {
+    for &q in &mass {
         kept += q;
         n += 1;
         if kept >= target {
             break;
         }
     }
-    let u = uniform01(p.seed, SAMPLING_STREAM, p.position) * kept;
-    let mut acc = 0.0f32;
-    for (i, &q) in probs[..n].iter().enumerate() {
+    // u * kept with u = u24 / 2^24, exactly.
+    let u24 = bits(p.seed, SAMPLING_STREAM, p.position) >> 40;
+    let u = ((u24 as u128 * kept as u128) >> 24) as u64;
+    let mut acc = 0u64;
+    for (i, &q) in mass[..n].iter().enumerate() {
         acc += q;
         if acc > u {
             return ranked[i].0;
@@ -146,6 +201,23 @@ fn draw(logits: &[f32], p: &SampleParams) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_exp_is_within_two_ulp_of_exp() {
+        let mut worst = 0.0f64;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 5e-4;
+            let want = (x as f64).exp();
+            let got = sampling_exp(x) as f64;
+            if want > 1e-37 {
+                worst = worst.max((got - want).abs() / want);
+            }
+        }
+        assert!(worst < 2.5e-7, "relative error {worst}");
+        assert_eq!(sampling_exp(0.0), 1.0);
+        assert_eq!(sampling_exp(-200.0), 0.0);
+        assert!(sampling_exp(-100.0) > 0.0);
+    }
 
     #[test]
     fn greedy_takes_lowest_index_on_ties() {

@@ -35,7 +35,10 @@ fn random_scenario(
         chunks: chunks.to_vec(),
         decode: (0..=lens.len()).map(|_| next(steps)).collect(),
         fork: true,
-        min_agreement: 0.99,
+        // Random weights leave many near-ties (tiny showed 3 in 357 below
+        // 1e-2): the criterion for random models is the logits' error; this
+        // is a sanity floor.
+        min_agreement: 0.95,
     }
 }
 

@@ -1,14 +1,14 @@
 //! Sampling on identical logits: greedy tokens identical (ties to the
 //! lowest id, NaN never wins), seeded temperature / top-k / top-p draws
-//! identical, log-probabilities and top-k lists equal, logits returned
-//! bit for bit.
+//! identical (the CPU reference and the GPU compute the same integer
+//! masses, so every draw must agree), log-probabilities and top-k lists
+//! equal, logits returned bit for bit.
 
 use super::report::Row;
 use super::{Ctx, case};
 use crate::backend::Backend;
 use crate::error::Result;
-use tacflow_kernels::cpu::{self, SampleParams};
-use tacflow_kernels::rng::{SAMPLING_STREAM, uniform01};
+use tacflow_kernels::cpu::SampleParams;
 
 struct Config {
     vocab: usize,
@@ -109,7 +109,7 @@ fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
         cols: c.vocab,
     };
     let want = cpu_b.sample(&cpu_a, &params, true)?;
-    let (mut wrong, mut boundary, mut lp_err, mut top_wrong) = (0, 0, 0.0f64, 0);
+    let (mut wrong, mut lp_err, mut top_wrong) = (0, 0.0f64, 0);
     for (r, (g, w)) in got.sampled.iter().zip(&want.sampled).enumerate() {
         let (Some(g), Some(w)) = (g, w) else {
             if g.is_some() != w.is_some() {
@@ -118,13 +118,8 @@ fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
             continue;
         };
         if g.token != w.token {
-            let row = &x[r * c.vocab..(r + 1) * c.vocab];
-            let p = params[r].as_ref().expect("sampled rows have params");
-            if !p.is_greedy() && draw_margin(row, p) < 1e-4 {
-                boundary += 1;
-            } else {
-                wrong += 1;
-            }
+            eprintln!("  row {r}: GPU token {} vs CPU {}", g.token, w.token);
+            wrong += 1;
             continue;
         }
         let close = |a: f32, b: f32| {
@@ -146,54 +141,12 @@ fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
             .as_ref()
             .is_some_and(|l| l.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
     let draws = params.iter().filter(|p| p.is_some()).count();
-    let mut row = Row::at_most("sampling", "", "mismatches", wrong as f64, 0.0).with_note(format!(
-        "{draws} rows; {boundary} draws within 1e-4 of a boundary differ"
-    ));
+    let mut row = Row::at_most("sampling", "", "mismatches", wrong as f64, 0.0)
+        .with_note(format!("{draws} rows"));
     if lp_err > 0.0 || top_wrong > 0 || !logits_exact {
         row = row.failing(format!(
             "logprob err {lp_err:.2e}, {top_wrong} top-k lists differ, logits returned exactly: {logits_exact}"
         ));
     }
     Ok(row)
-}
-
-/// How close the CPU's draw came to a boundary: the CPU algorithm redone
-/// in f64, the smallest distance from `u * kept` (or from the top-p target)
-/// to a running sum, relative to the mass. Mismatches closer than rounding
-/// are not errors.
-fn draw_margin(logits: &[f32], p: &SampleParams) -> f64 {
-    let inv_t = 1.0 / p.temperature as f64;
-    let k = if p.top_k == 0 {
-        logits.len()
-    } else {
-        (p.top_k as usize).min(logits.len())
-    };
-    let ranked = cpu::sampling::top_k(logits, k);
-    let m = ranked[0].1 as f64 * inv_t;
-    let probs: Vec<f64> = ranked
-        .iter()
-        .map(|&(_, v)| (v as f64 * inv_t - m).exp())
-        .collect();
-    let z: f64 = probs.iter().sum();
-    let target = p.top_p.clamp(0.0, 1.0) as f64 * z;
-    let mut cum = 0.0;
-    let mut sums = vec![];
-    for q in &probs {
-        cum += q;
-        sums.push(cum);
-        if cum >= target {
-            break;
-        }
-    }
-    let kept = cum;
-    let u = uniform01(p.seed, SAMPLING_STREAM, p.position) as f64 * kept;
-    let to_u = sums
-        .iter()
-        .map(|s| (s - u).abs() / kept)
-        .fold(f64::INFINITY, f64::min);
-    let to_cut = sums
-        .iter()
-        .map(|s| (s - target).abs() / z)
-        .fold(f64::INFINITY, f64::min);
-    to_u.min(to_cut)
 }

@@ -10,9 +10,10 @@
 // the top bucket down. Tokens with equal logits have equal mass, so the
 // last step (ties, ranked by id) is arithmetic plus one ordered scan.
 //
-// Masses are fixed point (probability * 2^32 in a u64) and histograms use
-// integer atomics, so the result is deterministic; it equals the CPU's draw
-// except where u lands within rounding (~1e-7 relative) of a boundary.
+// Masses are integers, `sampling_exp(v / T - m) * 2^32` rounded, exactly
+// as the CPU reference computes them (same f32 operations in the same
+// order, nothing contracted), and histograms use integer atomics: the
+// draw is deterministic and equals the CPU's bit for bit.
 // Greedy is a plain arg-max (lowest id among ties, NaN never wins);
 // log-probabilities are of the unscaled logits.
 
@@ -99,10 +100,28 @@ struct Weight {
     float m;
 };
 
+// The twin of `cpu::sampling::sampling_exp`: exp(x) for x <= 0 by Cody-Waite
+// reduction, a degree-6 polynomial and scaling by 2^n, every step rounded
+// as on the host.
+__device__ __forceinline__ float sampling_exp(float x) {
+    if (x != x) return x;
+    if (x < -104.0f) return 0.0f;
+    const float ln2_hi = __uint_as_float(0x3f317200u), ln2_lo = __uint_as_float(0x35bfbe8eu);
+    const float n = rintf(__fmul_rn(x, __uint_as_float(0x3fb8aa3bu)));
+    const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, ln2_hi)), __fmul_rn(n, ln2_lo));
+    const u32 coeffs[6] = {0x3c088889u, 0x3d2aaaabu, 0x3e2aaaabu, 0x3f000000u, 0x3f800000u, 0x3f800000u};
+    float p = __uint_as_float(0x3ab60b61u);
+#pragma unroll
+    for (int i = 0; i < 6; i++) p = __fadd_rn(__fmul_rn(p, r), __uint_as_float(coeffs[i]));
+    const int ni = (int)n;
+    if (ni >= -126) return __fmul_rn(p, __uint_as_float((u32)(ni + 127) << 23));
+    return __fmul_rn(__fmul_rn(p, __uint_as_float((u32)(ni + 64 + 127) << 23)), __uint_as_float((u32)(127 - 64) << 23));
+}
+
 __device__ __forceinline__ u64 weigh(float v, Weight w) {
     if (w.count) return 1;
-    const float pr = expf(__fmul_rn(v, w.inv_t) - w.m);
-    return __float2ull_rn(pr * 4294967296.0f);
+    const float pr = sampling_exp(__fsub_rn(__fmul_rn(v, w.inv_t), w.m));
+    return __float2ull_rn(__fmul_rn(pr, 4294967296.0f));
 }
 
 __device__ u64 block_sum_u64(u64 v, Shared& sh) {
