@@ -17,9 +17,7 @@ mod variants;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use tacflow_kernels::tactic::{
-    ClusterIndex, DenseKeys, exact_scores, kmeans::kmeans, oracle_top_p, true_mass,
-};
+use tacflow_kernels::tactic::{ClusterIndex, DenseKeys, exact_scores, kmeans::kmeans};
 use variants::{Membership, Outcome, Variant};
 
 /// One dump: keys `[L, KVH, n, d]` after and before RoPE, queries
@@ -60,6 +58,45 @@ impl Dump {
         let rows = self.q.shape[1];
         let base = ((l * rows + i) * heads + h * group) * d;
         &self.q.data[base..base + group * d]
+    }
+}
+
+/// One head's exact softmax weights at one step, normalised, and the slots
+/// sorted heaviest first (ties by slot): the oracle's order.
+#[derive(Default)]
+struct Weights {
+    w: Vec<f64>,
+    order: Vec<u32>,
+}
+
+impl Weights {
+    fn set(&mut self, scores: &[f32]) {
+        let mx = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        self.w.clear();
+        self.w
+            .extend(scores.iter().map(|&s| ((s - mx) as f64).exp()));
+        let z: f64 = self.w.iter().sum();
+        self.w.iter_mut().for_each(|x| *x /= z);
+        self.order.clear();
+        self.order.extend(0..scores.len() as u32);
+        let w = &self.w;
+        self.order
+            .sort_unstable_by(|&a, &b| w[b as usize].total_cmp(&w[a as usize]).then(a.cmp(&b)));
+    }
+    /// The true mass p(I) of a slot set.
+    fn mass(&self, sel: &[u32]) -> f64 {
+        sel.iter().map(|&i| self.w[i as usize]).sum()
+    }
+    /// Appends the oracle's smallest set reaching `p`.
+    fn oracle(&self, p: f32, out: &mut Vec<u32>) {
+        let mut acc = 0.0;
+        for &i in &self.order {
+            if acc >= p as f64 {
+                break;
+            }
+            acc += self.w[i as usize];
+            out.push(i);
+        }
     }
 }
 
@@ -126,7 +163,15 @@ fn clusterings(
     out
 }
 
-fn run_task(dump: &Dump, l: usize, h: usize, w: usize, vs: &[Variant], ps: &[f32]) -> Cells {
+fn run_task(
+    dump: &Dump,
+    l: usize,
+    h: usize,
+    w: usize,
+    vs: &[Variant],
+    ps: &[f32],
+    stride: usize,
+) -> Cells {
     let (_, kvh, _, d, heads) = dump.dims();
     let group = heads / kvh;
     let end = dump.ends[w];
@@ -139,17 +184,19 @@ fn run_task(dump: &Dump, l: usize, h: usize, w: usize, vs: &[Variant], ps: &[f32
     let mut cells = Cells::new();
     let mut ctx = variants::Ctx::default();
     let mut scores: Vec<Vec<f32>> = vec![Vec::new(); group];
-    let (mut order, mut sel, mut uni) = (Vec::new(), Vec::new(), Vec::new());
-    for j in 0..dump.steps {
+    let mut heads: Vec<Weights> = (0..group).map(|_| Weights::default()).collect();
+    let (mut sel, mut uni) = (Vec::new(), Vec::new());
+    for j in (0..dump.steps).step_by(stride) {
         let ctx_len = n0 + j + 1;
         let q = dump.queries(l, w * dump.steps + j, h, group);
         for (g, sc) in scores.iter_mut().enumerate() {
             exact_scores(&keys, &q[g * d..(g + 1) * d], ctx_len, sc);
+            heads[g].set(sc);
         }
         for &p in ps {
             uni.clear();
-            for sc in &scores {
-                oracle_top_p(sc, p, &mut order, &mut uni);
+            for hw in &heads {
+                hw.oracle(p, &mut uni);
             }
             uni.sort_unstable();
             uni.dedup();
@@ -160,8 +207,8 @@ fn run_task(dump: &Dump, l: usize, h: usize, w: usize, vs: &[Variant], ps: &[f32
                     let acc = cells
                         .entry((format!("{name}{knob}"), p.to_bits()))
                         .or_default();
-                    for (g, sc) in scores.iter().enumerate() {
-                        let tm = true_mass(sc, sel);
+                    for (g, hw) in heads.iter().enumerate() {
+                        let tm = hw.mass(sel);
                         acc.heads += 1.0;
                         acc.hits += f64::from(tm >= p as f64);
                         acc.est_err += o.est.get(g).map_or(0.0, |&e| e as f64 - tm);
@@ -184,15 +231,23 @@ fn main() -> anyhow::Result<()> {
     let mut dirs = Vec::new();
     let mut suite = "main".to_string();
     let mut json = None;
+    let mut stride = 1usize;
+    let mut ps: Vec<f32> = vec![0.8, 0.9, 0.95, 0.99];
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--suite" => suite = it.next().cloned().unwrap_or_default(),
             "--json" => json = it.next().cloned(),
+            "--stride" => stride = it.next().and_then(|x| x.parse().ok()).unwrap_or(1),
+            "--p" => {
+                ps = it
+                    .next()
+                    .map(|x| x.split(',').filter_map(|y| y.parse().ok()).collect())
+                    .unwrap_or_default()
+            }
             _ => dirs.push(PathBuf::from(a)),
         }
     }
-    let ps: Vec<f32> = vec![0.8, 0.9, 0.95, 0.99];
     let vs = variants::suite(&suite);
     let mut all = Vec::new();
     for dir in &dirs {
@@ -209,7 +264,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
         let cells = tasks
             .par_iter()
-            .map(|&(l, h, w)| run_task(&dump, l, h, w, &vs, &ps))
+            .map(|&(l, h, w)| run_task(&dump, l, h, w, &vs, &ps, stride))
             .reduce(Cells::new, |mut a, b| {
                 for (k, v) in b {
                     a.entry(k).or_default().add(&v);

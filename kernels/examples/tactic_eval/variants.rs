@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use tacflow_kernels::tactic::{
     ClusterIndex, DenseKeys, FitParams, FitScratch, Init, KMeansParams, PageBounds, Scratch,
-    Spread, TacticParams, fixed_budget, select_group, select_group_fit,
+    Spread, TacticParams, fixed_budget, keys::dot, select_group, select_group_fit,
 };
 
 /// Which keys k-means groups (centroids always come from the keys as cached).
@@ -178,38 +178,66 @@ impl Variant {
             }
             Variant::RankOracle { mem, prm, .. } => {
                 let idx = &idxs[&key(*mem, &prm.kmeans)];
-                let read = rank_oracle(idx, keys, q, ctx_len, p, scores, sel);
+                let read = rank_oracle(idx, keys, q, ctx_len, p, prm, scores, sel);
                 emit("", sel, Outcome { read, est: vec![] });
             }
         }
     }
 }
 
+/// Walks each head's cluster order (as `prm` ranks: centroid score, plus
+/// the spread term when `rank_by_estimate`) until the exact mass reaches
+/// `p`; with `token_level`, keeps only the heaviest scored tokens. The
+/// best any estimator can do with this ranking.
+#[allow(clippy::too_many_arguments)]
 fn rank_oracle(
     idx: &ClusterIndex,
     keys: &DenseKeys<'_>,
     q: &[f32],
     ctx_len: usize,
     p: f32,
+    prm: &TacticParams,
     scores: &[Vec<f32>],
     sel: &mut Vec<u32>,
 ) -> f64 {
     let d = keys.d;
     let c_n = idx.clusters();
+    let scale = 1.0 / (d as f32).sqrt();
     let mut taken = vec![false; c_n];
-    sel.clear();
-    sel.extend(idx.len as u32..ctx_len as u32);
-    for (g, sc) in scores.iter().enumerate() {
-        let qg = &q[g * d..(g + 1) * d];
-        let m: Vec<f32> = (0..c_n)
-            .map(|c| tacflow_kernels::tactic::keys::dot(qg, idx.centroid(c)))
+    let mut scored: Vec<u32> = Vec::new();
+    let ws: Vec<(Vec<f64>, f64)> = scores
+        .iter()
+        .map(|sc| {
+            let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f64> = sc.iter().map(|&s| ((s - mx) as f64).exp()).collect();
+            let t = w.iter().sum();
+            (w, t)
+        })
+        .collect();
+    let tail: Vec<u32> = (idx.len as u32..ctx_len as u32).collect();
+    for (w, total) in &ws {
+        let g = ws.iter().position(|x| std::ptr::eq(&x.0, w)).unwrap();
+        let qg: Vec<f32> = q[g * d..(g + 1) * d].iter().map(|x| x * scale).collect();
+        let var = match prm.spread {
+            Spread::None => 0.0,
+            Spread::Iso => dot(&qg, &qg) / d as f32,
+            Spread::Pooled => (0..d)
+                .map(|i| qg[i] * dot(&idx.shape[i * d..(i + 1) * d], &qg))
+                .sum(),
+        };
+        let key: Vec<f32> = (0..c_n)
+            .map(|c| {
+                let m = dot(&qg, idx.centroid(c));
+                if prm.rank_by_estimate {
+                    m + 0.5 * var * idx.spread[c]
+                } else {
+                    m
+                }
+            })
             .collect();
         let mut order: Vec<usize> = (0..c_n).collect();
-        order.sort_unstable_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
-        let mx = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total: f64 = sc.iter().map(|&s| ((s - mx) as f64).exp()).sum();
-        let e = |i: u32| ((sc[i as usize] - mx) as f64).exp();
-        let mut have: f64 = sel.iter().map(|&i| e(i)).sum();
+        order.sort_unstable_by(|&a, &b| key[b].total_cmp(&key[a]).then(a.cmp(&b)));
+        let mut have: f64 = tail.iter().chain(&scored).map(|&i| w[i as usize]).sum();
         for &c in &order {
             if have >= p as f64 * total {
                 break;
@@ -219,14 +247,36 @@ fn rank_oracle(
             }
             taken[c] = true;
             for &s in idx.members_of(c) {
-                sel.push(s);
+                scored.push(s);
+                have += w[s as usize];
             }
-            // Mass for this head and the others' later check.
-            have = sel.iter().map(|&i| e(i)).sum();
         }
     }
+    sel.clear();
+    sel.extend_from_slice(&tail);
+    let overhead = 0.5 * c_n as f64 * (1.0 + 1.0 / d as f64);
+    if !prm.token_level {
+        sel.extend_from_slice(&scored);
+        sel.sort_unstable();
+        return sel.len() as f64 + overhead;
+    }
+    let mut keep = vec![false; scored.len()];
+    for (w, total) in &ws {
+        let mut have: f64 = tail.iter().map(|&i| w[i as usize]).sum();
+        let mut o: Vec<usize> = (0..scored.len()).collect();
+        o.sort_unstable_by(|&a, &b| w[scored[b] as usize].total_cmp(&w[scored[a] as usize]));
+        for i in o {
+            if have >= p as f64 * total {
+                break;
+            }
+            have += w[scored[i] as usize];
+            keep[i] = true;
+        }
+    }
+    let kept = keep.iter().filter(|&&k| k).count();
+    sel.extend(scored.iter().zip(&keep).filter(|x| *x.1).map(|x| *x.0));
     sel.sort_unstable();
-    sel.len() as f64 + 0.5 * c_n as f64 * (1.0 + 1.0 / d as f64)
+    tail.len() as f64 + kept as f64 + 0.5 * (scored.len() - kept) as f64 + overhead
 }
 
 fn km(cluster_size: usize, iterations: usize, init: Init) -> KMeansParams {
@@ -242,37 +292,155 @@ fn km(cluster_size: usize, iterations: usize, init: Init) -> KMeansParams {
 /// decisions in TACTIC.md.
 pub fn suite(name: &str) -> Vec<Variant> {
     let base = TacticParams::new(0.9);
-    let margins = vec![1.0, 1.5, 2.0, 3.0, 5.0];
+    let margins = vec![0.5, 0.7, 0.85, 1.0, 1.25, 1.5, 2.0, 3.0];
     let tac = |name: &str, mem, prm: TacticParams, margins: &[f32]| Variant::Tactic {
         name: name.into(),
         mem,
         prm,
         margins: margins.to_vec(),
     };
-    let mut v = vec![
-        Variant::Oracle,
-        Variant::Quest {
-            budgets: vec![0.05, 0.1, 0.15, 0.2, 0.3],
-        },
-        Variant::Fit {
-            name: "paper-fit".into(),
-            km: base.kmeans,
-            fp: FitParams {
-                p: 0.9,
-                outlier_frac: 0.015,
-                segments: 2,
-                seg_len: 16,
-                margin: 1.0,
+    let ro = |name: &str, mem, prm: TacticParams| Variant::RankOracle {
+        name: name.into(),
+        mem,
+        prm,
+    };
+    let mean = TacticParams {
+        rank_by_estimate: false,
+        ..base
+    };
+    let mut v = vec![Variant::Oracle];
+    if name == "ranking" {
+        v.push(ro("ro-mean", Membership::Post, mean));
+        v.push(ro("ro-est", Membership::Post, base));
+        v.push(ro(
+            "ro-est-iso",
+            Membership::Post,
+            TacticParams {
+                spread: Spread::Iso,
+                ..base
             },
-            margins: margins.clone(),
+        ));
+        v.push(ro(
+            "ro-mean-token",
+            Membership::Post,
+            TacticParams {
+                token_level: true,
+                ..mean
+            },
+        ));
+        v.push(ro(
+            "ro-est-token",
+            Membership::Post,
+            TacticParams {
+                token_level: true,
+                ..base
+            },
+        ));
+        v.push(ro("ro-pre-rope", Membership::Pre, base));
+        v.push(ro(
+            "ro-random",
+            Membership::Post,
+            TacticParams {
+                kmeans: km(16, 10, Init::Random),
+                ..base
+            },
+        ));
+        v.push(ro(
+            "ro-iters3",
+            Membership::Post,
+            TacticParams {
+                kmeans: km(16, 3, Init::PlusPlus),
+                ..base
+            },
+        ));
+        v.push(ro(
+            "ro-iters20",
+            Membership::Post,
+            TacticParams {
+                kmeans: km(16, 20, Init::PlusPlus),
+                ..base
+            },
+        ));
+        for cs in [8, 32, 64] {
+            v.push(ro(
+                &format!("ro-size{cs}"),
+                Membership::Post,
+                TacticParams {
+                    kmeans: km(cs, 10, Init::PlusPlus),
+                    ..base
+                },
+            ));
+            v.push(ro(
+                &format!("ro-size{cs}-token"),
+                Membership::Post,
+                TacticParams {
+                    kmeans: km(cs, 10, Init::PlusPlus),
+                    token_level: true,
+                    ..base
+                },
+            ));
+        }
+    }
+    if name == "ranking" || name == "strided" {
+        let st = |cs, it| TacticParams {
+            kmeans: km(cs, it, Init::Strided),
+            ..base
+        };
+        v.push(ro("ro-strided", Membership::Post, st(16, 10)));
+        v.push(ro(
+            "ro-strided-mean",
+            Membership::Post,
+            TacticParams {
+                rank_by_estimate: false,
+                ..st(16, 10)
+            },
+        ));
+        v.push(ro(
+            "ro-strided-token",
+            Membership::Post,
+            TacticParams {
+                token_level: true,
+                ..st(16, 10)
+            },
+        ));
+        v.push(ro("ro-strided-it0", Membership::Post, st(16, 0)));
+        v.push(ro("ro-strided-it3", Membership::Post, st(16, 3)));
+        v.push(ro("ro-strided-it20", Membership::Post, st(16, 20)));
+        v.push(ro("ro-strided-pre", Membership::Pre, st(16, 10)));
+        for cs in [8, 12, 24, 32] {
+            v.push(ro(
+                &format!("ro-strided-size{cs}"),
+                Membership::Post,
+                st(cs, 10),
+            ));
+            v.push(ro(
+                &format!("ro-strided-size{cs}-token"),
+                Membership::Post,
+                TacticParams {
+                    token_level: true,
+                    ..st(cs, 10)
+                },
+            ));
+        }
+        return v;
+    }
+    v.push(Variant::Quest {
+        budgets: vec![0.05, 0.1, 0.15, 0.2, 0.3],
+    });
+    v.push(Variant::Fit {
+        name: "paper-fit".into(),
+        km: base.kmeans,
+        fp: FitParams {
+            p: 0.9,
+            outlier_frac: 0.015,
+            segments: 2,
+            seg_len: 16,
+            margin: 1.0,
         },
-        Variant::RankOracle {
-            name: "rank-oracle".into(),
-            mem: Membership::Post,
-            prm: base,
-        },
-        tac("tactic", Membership::Post, base, &margins),
-    ];
+        margins: margins.clone(),
+    });
+    v.push(ro("rank-oracle", Membership::Post, base));
+    v.push(tac("tactic", Membership::Post, base, &margins));
     if name == "explore" || name == "all" {
         let none = TacticParams {
             spread: Spread::None,
@@ -285,75 +453,12 @@ pub fn suite(name: &str) -> Vec<Variant> {
         };
         v.push(tac("spread-none", Membership::Post, none, &margins));
         v.push(tac("spread-iso", Membership::Post, iso, &margins));
-        v.push(tac(
-            "rank-by-mean",
-            Membership::Post,
-            TacticParams {
-                rank_by_estimate: false,
-                ..base
-            },
-            &margins,
-        ));
+        v.push(tac("rank-by-mean", Membership::Post, mean, &margins));
         v.push(tac(
             "token-level",
             Membership::Post,
             TacticParams {
                 token_level: true,
-                ..base
-            },
-            &margins,
-        ));
-        v.push(tac("pre-rope", Membership::Pre, base, &margins));
-        v.push(tac(
-            "init-strided",
-            Membership::Post,
-            TacticParams {
-                kmeans: km(16, 10, Init::Strided),
-                ..base
-            },
-            &margins,
-        ));
-        v.push(tac(
-            "init-random",
-            Membership::Post,
-            TacticParams {
-                kmeans: km(16, 10, Init::Random),
-                ..base
-            },
-            &margins,
-        ));
-        v.push(tac(
-            "iters-3",
-            Membership::Post,
-            TacticParams {
-                kmeans: km(16, 3, Init::PlusPlus),
-                ..base
-            },
-            &margins,
-        ));
-        v.push(tac(
-            "iters-20",
-            Membership::Post,
-            TacticParams {
-                kmeans: km(16, 20, Init::PlusPlus),
-                ..base
-            },
-            &margins,
-        ));
-        v.push(tac(
-            "size-8",
-            Membership::Post,
-            TacticParams {
-                kmeans: km(8, 10, Init::PlusPlus),
-                ..base
-            },
-            &margins,
-        ));
-        v.push(tac(
-            "size-32",
-            Membership::Post,
-            TacticParams {
-                kmeans: km(32, 10, Init::PlusPlus),
                 ..base
             },
             &margins,

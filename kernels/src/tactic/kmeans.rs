@@ -60,7 +60,7 @@ pub fn kmeans(keys: &[f32], n: usize, d: usize, p: &KMeansParams) -> KMeans {
     };
     let mut assign = vec![u32::MAX; n];
     let mut scratch = vec![0.0f32; ASSIGN_ROWS.min(n) * k];
-    for _ in 0..p.iterations.max(1) {
+    for _ in 0..p.iterations {
         let changed = assign_step(keys, n, d, &centroids, k, &mut assign, &mut scratch);
         update_step(keys, d, &assign, &mut centroids);
         if !changed {

@@ -27,6 +27,7 @@ pub struct Scratch {
     scored: Vec<u32>,
     mass: Vec<f32>,
     pick: Vec<u32>,
+    keep: Vec<bool>,
 }
 
 /// What one selection cost and what it believes it reached.
@@ -131,7 +132,7 @@ pub fn select_group<K: KeyRows>(
     }
     let scored_only = if token_level {
         let before = out.len();
-        refine_tokens(s, g_n, target, ctx_len - idx.len, out);
+        refine_tokens(s, g_n, target, out);
         s.scored.len() - (out.len() - before)
     } else {
         0
@@ -204,14 +205,14 @@ fn prepare(idx: &ClusterIndex, q: &[f32], prm: &TacticParams, s: &mut Scratch) {
 /// Token-level refinement: of the scored tokens, each head keeps its
 /// heaviest ones until its exact tail mass plus them reaches `P` of its
 /// estimated total; the union goes to `out` (after the tail).
-fn refine_tokens(s: &mut Scratch, g_n: usize, target: f64, tail: usize, out: &mut Vec<u32>) {
+fn refine_tokens(s: &mut Scratch, g_n: usize, target: f64, out: &mut Vec<u32>) {
     let n = s.scored.len();
-    let mut keep = vec![false; n];
+    s.keep.clear();
+    s.keep.resize(n, false);
     for g in 0..g_n {
         let total = s.z[g] + s.r[g];
         let scored_mass: f64 = (0..n).map(|i| s.mass[i * g_n + g] as f64).sum();
         let mut have = s.z[g] - scored_mass;
-        let _ = tail;
         s.pick.clear();
         s.pick.extend(0..n as u32);
         let mass = &s.mass;
@@ -225,8 +226,8 @@ fn refine_tokens(s: &mut Scratch, g_n: usize, target: f64, tail: usize, out: &mu
                 break;
             }
             have += s.mass[i as usize * g_n + g] as f64;
-            keep[i as usize] = true;
+            s.keep[i as usize] = true;
         }
     }
-    out.extend((0..n).filter(|&i| keep[i]).map(|i| s.scored[i]));
+    out.extend((0..n).filter(|&i| s.keep[i]).map(|i| s.scored[i]));
 }
