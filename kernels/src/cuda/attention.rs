@@ -7,7 +7,6 @@ use super::sources::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, attention_kernel}
 use super::step::DeviceStep;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
-use half::bf16;
 
 /// The attention part of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,8 +25,8 @@ pub struct AttnIo<'a> {
     pub qkv: &'a CudaSlice<f32>,
     pub kv: &'a KvCache,
     pub layer: usize,
-    /// `[rows, num_heads * head_dim]` bf16.
-    pub out: &'a mut CudaSlice<bf16>,
+    /// `[rows, num_heads * head_dim]` f32.
+    pub out: &'a mut CudaSlice<f32>,
 }
 
 /// How a launch is cut up.
@@ -147,7 +146,7 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
 
 impl Gpu {
     /// Causal attention of every row of the step over its sequence's cached
-    /// keys of `io.layer`; `io.out` gets bf16 rows of `num_heads * head_dim`.
+    /// keys of `io.layer`; `io.out` gets f32 rows of `num_heads * head_dim`.
     /// `force_splits` overrides the split plan (tests).
     pub fn attention(
         &self,
@@ -248,7 +247,7 @@ impl Gpu {
             };
             // SAFETY: the partials were written for every (split, row, head)
             // by the launch above; out holds rows x num_heads x d.
-            unsafe { self.launch("attention_merge_bf16", cfg, &m)? };
+            unsafe { self.launch("attention_merge_f32", cfg, &m)? };
         }
         Ok(plan)
     }

@@ -59,6 +59,20 @@ struct SiluParams {
 }
 
 #[repr(C)]
+struct SplitParams {
+    x: u64,
+    out: u64,
+    n: u64,
+}
+
+#[repr(C)]
+struct HalvesParams {
+    tmp: u64,
+    out: u64,
+    n: u64,
+}
+
+#[repr(C)]
 struct GatherParams {
     x: u64,
     rows: u64,
@@ -94,6 +108,8 @@ unsafe impl DeviceRepr for AddParams {}
 unsafe impl DeviceRepr for BiasParams {}
 unsafe impl DeviceRepr for SiluParams {}
 unsafe impl DeviceRepr for GatherParams {}
+unsafe impl DeviceRepr for SplitParams {}
+unsafe impl DeviceRepr for HalvesParams {}
 unsafe impl DeviceRepr for CastParams {}
 unsafe impl DeviceRepr for RopeParams {}
 
@@ -234,11 +250,11 @@ impl Gpu {
         unsafe { self.launch("add_bias_f32", self.grid_for(shape.n()), &p) }
     }
 
-    /// SwiGLU: rows of `[gate | up]` (`2 * inter` wide) into bf16 rows of `inter`.
+    /// SwiGLU: rows of `[gate | up]` (`2 * inter` wide) into rows of `inter`.
     pub fn silu_mul(
         &self,
         gate_up: &CudaSlice<f32>,
-        out: &mut CudaSlice<bf16>,
+        out: &mut CudaSlice<f32>,
         rows: usize,
         inter: usize,
     ) -> Result<()> {
@@ -252,7 +268,7 @@ impl Gpu {
             inter: u32_of("inter", inter)?,
         };
         // SAFETY: gate_up holds rows x 2 inter, out rows x inter (checked).
-        unsafe { self.launch("silu_mul_bf16", self.grid_for(n), &p) }
+        unsafe { self.launch("silu_mul_f32", self.grid_for(n), &p) }
     }
 
     /// `out[i] = x[step.logit_rows[i]]`.
@@ -286,6 +302,43 @@ impl Gpu {
         // SAFETY: every gathered row is below x_rows (max checked); out
         // holds n x cols.
         unsafe { self.launch("gather_rows_f32", per_row(n, 256)?, &p) }
+    }
+
+    /// `x` (`rows x cols` f32) as `[hi; lo]`, `2 rows x cols` bf16 with
+    /// `hi = bf16(x)`, `lo = bf16(x - hi)`.
+    pub fn split_bf16x2(
+        &self,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
+        n: usize,
+    ) -> Result<()> {
+        check_len("split x", x.len(), n)?;
+        check_len("split out", out.len(), 2 * n)?;
+        let p = SplitParams {
+            x: self.ptr(x),
+            out: self.ptr(out),
+            n: n as u64,
+        };
+        // SAFETY: x holds n f32, out 2n bf16 (checked).
+        unsafe { self.launch("split_bf16x2", self.grid_for(n), &p) }
+    }
+
+    /// `out[i] = tmp[i] + tmp[n + i]`.
+    pub fn sum_halves(
+        &self,
+        tmp: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        check_len("halves tmp", tmp.len(), 2 * n)?;
+        check_len("halves out", out.len(), n)?;
+        let p = HalvesParams {
+            tmp: self.ptr(tmp),
+            out: self.ptr(out),
+            n: n as u64,
+        };
+        // SAFETY: tmp holds 2n f32, out n (checked).
+        unsafe { self.launch("sum_halves_f32", self.grid_for(n), &p) }
     }
 
     /// f32 to bf16, `n` elements.

@@ -54,7 +54,7 @@ pub const ATTENTION_MAX_GROUP: usize = 8;
 
 /// The attention kernel for head size `d` and `g` query heads per CTA.
 pub fn attention_kernel(d: usize, g: usize) -> String {
-    format!("attention_bf16_d{d}_g{g}")
+    format!("attention_f32_d{d}_g{g}")
 }
 
 /// Every kernel the launch wrappers call, by module: the loader resolves
@@ -68,13 +68,15 @@ pub fn kernel_names(module: &str) -> Vec<String> {
             "rmsnorm_f32",
             "add_f32",
             "add_bias_f32",
-            "silu_mul_bf16",
+            "silu_mul_f32",
+            "split_bf16x2",
+            "sum_halves_f32",
             "gather_rows_f32",
             "cast_bf16",
         ],
         "rope" => &["rope_f32"],
         "kv" => &["kv_append_bf16", "copy_blocks_bf16"],
-        "attention" => &["attention_merge_bf16"],
+        "attention" => &["attention_merge_f32"],
         "sampling" => &["sample_f32"],
         _ => &[],
     };

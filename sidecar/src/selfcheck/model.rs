@@ -257,7 +257,13 @@ fn run<G: Backend>(
         c.fork_sequence(key(0), key(child), None, None)?;
         seqs.push(child);
     }
-    let steps = sc.decode.iter().map(Vec::len).min().unwrap_or(0);
+    let steps = sc
+        .decode
+        .iter()
+        .take(seqs.len())
+        .map(Vec::len)
+        .min()
+        .unwrap_or(0);
     for s in 0..steps {
         let entries = seqs
             .iter()

@@ -114,7 +114,7 @@ pub fn smollm2(b: CudaBackend, opts: &super::Options) -> Vec<Row> {
     let sc = Scenario {
         prompts: vec![ids[..prompt].to_vec()],
         chunks: vec![512],
-        decode: vec![ids[prompt..prompt + 64].to_vec(), vec![]],
+        decode: vec![ids[prompt..prompt + 64].to_vec()],
         fork: false,
         min_agreement: 0.995,
     };

@@ -7,6 +7,11 @@ use serde::{Deserialize, Serialize};
 pub const F32_TOL: f64 = 1e-5;
 pub const BF16_TOL: f64 = 1e-2;
 pub const LOGITS_TOL: f64 = 2e-2;
+/// A GEMM of f32 rows through their two bf16 halves (the input is seen to
+/// ~2^-17) against the f32 product.
+pub const SPLIT_TOL: f64 = 5e-5;
+/// f32 attention on bf16 keys and values (exp2f, another summation order).
+pub const ATTN_TOL: f64 = 1e-4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {

@@ -135,18 +135,59 @@ fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
                 .all(|(a, b)| a.0 == b.0 && close(a.1, b.1));
         top_wrong += usize::from(!same_top);
     }
-    let logits_exact = want.logits.as_deref() == Some(&x[..])
-        && got
-            .logits
-            .as_ref()
-            .is_some_and(|l| l.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+    // Bits, not ==: the planted NaN must come back as it went.
+    let (gpu_logits, cpu_logits) = (
+        first_difference(&got.logits, &x),
+        first_difference(&want.logits, &x),
+    );
+    let logits_exact = gpu_logits.is_none() && cpu_logits.is_none();
     let draws = params.iter().filter(|p| p.is_some()).count();
     let mut row = Row::at_most("sampling", "", "mismatches", wrong as f64, 0.0)
         .with_note(format!("{draws} rows"));
     if lp_err > 0.0 || top_wrong > 0 || !logits_exact {
         row = row.failing(format!(
-            "logprob err {lp_err:.2e}, {top_wrong} top-k lists differ, logits returned exactly: {logits_exact}"
+            "logprob err {lp_err:.2e}, {top_wrong} top-k lists differ, logits returned: GPU {}, CPU {}",
+            gpu_logits.as_deref().unwrap_or("exact"),
+            cpu_logits.as_deref().unwrap_or("exact"),
         ));
     }
     Ok(row)
+}
+
+/// Where returned logits first differ from the input, bit for bit.
+fn first_difference(l: &Option<Vec<f32>>, x: &[f32]) -> Option<String> {
+    let Some(l) = l else {
+        return Some("none returned".into());
+    };
+    if l.len() != x.len() {
+        return Some(format!("{} values for {}", l.len(), x.len()));
+    }
+    let i = l
+        .iter()
+        .zip(x)
+        .position(|(a, b)| a.to_bits() != b.to_bits())?;
+    let n = l
+        .iter()
+        .zip(x)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    Some(format!(
+        "{n} differ, first [{i}] {:#010x} for {:#010x}",
+        l[i].to_bits(),
+        x[i].to_bits()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returned_logits_compare_by_bits() {
+        let x = [1.0, f32::NAN, f32::NEG_INFINITY];
+        assert_eq!(first_difference(&Some(x.to_vec()), &x), None);
+        let d = first_difference(&Some(vec![1.0, 0.0, f32::NEG_INFINITY]), &x).unwrap();
+        assert!(d.starts_with("1 differ, first [1]"), "{d}");
+        assert!(first_difference(&None, &x).is_some());
+    }
 }

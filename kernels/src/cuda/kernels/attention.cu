@@ -18,8 +18,8 @@
 // exponentials are exp2f.
 //
 // With splits > 1 (few rows, long contexts: flash-decoding), each CTA
-// writes an unnormalised partial (acc, max, sum) and `attention_merge_bf16`
-// combines the splits of each (row, head).
+// writes an unnormalised partial (acc, max, sum) and `attention_merge_f32`
+// combines the splits of each (row, head). The output is f32.
 
 #define ATT_THREADS 128
 #define PAGE_CHUNK 64
@@ -31,7 +31,7 @@ struct AttnParams {
     const u32* kv_len;     // [rows]: keys row r sees
     const u32* table_off;  // [rows]: start of row r's block table in `tables`
     const u32* tables;
-    bf16* out;             // [rows, num_heads * D]
+    float* out;            // [rows, num_heads * D]
     float* part_acc;       // [splits, rows, num_heads, D]
     float* part_ml;        // [splits, rows, num_heads, 2]
     u32 rows;
@@ -177,7 +177,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         }
         const u32 h = h0 + g;
         if (p.splits == 1) {
-            p.out[(u64)row * p.num_heads * D + h * D + d] = f2bf(ll > 0.0f ? a / ll : 0.0f);
+            p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
         } else {
             const u64 idx = ((u64)split * p.rows + row) * p.num_heads + h;
             p.part_acc[idx * D + d] = a;
@@ -191,7 +191,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
 
 #define ATTN(D, G)                                                                       \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS)                            \
-        attention_bf16_d##D##_g##G(const AttnParams p) {                                 \
+        attention_f32_d##D##_g##G(const AttnParams p) {                                 \
         attention_cta<D, G>(p);                                                          \
     }
 #define ATTN_D(D) ATTN(D, 1) ATTN(D, 2) ATTN(D, 3) ATTN(D, 4) ATTN(D, 5) ATTN(D, 6) ATTN(D, 7) ATTN(D, 8)
@@ -204,7 +204,7 @@ ATTN_D(256)
 struct MergeParams {
     const float* part_acc;  // [splits, rows, num_heads, head_dim]
     const float* part_ml;   // [splits, rows, num_heads, 2]
-    bf16* out;              // [rows, num_heads * head_dim]
+    float* out;             // [rows, num_heads * head_dim]
     u32 rows;
     u32 num_heads;
     u32 head_dim;
@@ -212,7 +212,7 @@ struct MergeParams {
 };
 
 // grid: (rows, num_heads). Splits that saw no key carry max = -inf.
-extern "C" __global__ void attention_merge_bf16(const MergeParams p) {
+extern "C" __global__ void attention_merge_f32(const MergeParams p) {
     const u32 row = blockIdx.x, h = blockIdx.y;
     const u64 stride = (u64)p.rows * p.num_heads;
     const u64 idx0 = (u64)row * p.num_heads + h;
@@ -229,6 +229,6 @@ extern "C" __global__ void attention_merge_bf16(const MergeParams p) {
             const float ms = p.part_ml[2 * (s * stride + idx0)];
             if (ms != NEG_INF) a += p.part_acc[(s * stride + idx0) * p.head_dim + d] * exp2f(ms - mm);
         }
-        p.out[idx0 * p.head_dim + d] = f2bf(ll > 0.0f ? a / ll : 0.0f);
+        p.out[idx0 * p.head_dim + d] = ll > 0.0f ? a / ll : 0.0f;
     }
 }

@@ -1,5 +1,5 @@
-// Row-wise and element-wise ops of the decoder. The residual stream and
-// every GEMM output are f32; the inputs of GEMMs are bf16. Names are
+// Row-wise and element-wise ops of the decoder. Activations are f32; a GEMM
+// sees its f32 input as two bf16 halves (`split_bf16x2`). Names are
 // `op_dtype` with the dtype of what the kernel writes.
 
 struct EmbedParams {
@@ -75,19 +75,49 @@ extern "C" __global__ void add_bias_f32(const BiasParams p) {
 
 struct SiluParams {
     const float* gate_up;  // [rows, 2 * inter]: gate | up
-    bf16* out;             // [rows, inter]
+    float* out;            // [rows, inter]
     u64 n;                 // rows * inter
     u32 inter;
 };
 
-extern "C" __global__ void silu_mul_bf16(const SiluParams p) {
+extern "C" __global__ void silu_mul_f32(const SiluParams p) {
     const u64 step = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += step) {
         const u64 r = i / p.inter, c = i % p.inter;
         const float g = p.gate_up[r * 2 * p.inter + c];
         const float u = p.gate_up[r * 2 * p.inter + p.inter + c];
-        p.out[i] = f2bf(g / (1.0f + expf(-g)) * u);
+        p.out[i] = g / (1.0f + expf(-g)) * u;
     }
+}
+
+struct SplitParams {
+    const float* x;  // [rows, cols]
+    bf16* out;       // [2 * rows, cols]: hi rows, then lo rows
+    u64 n;           // rows * cols
+};
+
+// f32 rows as two bf16 matrices, hi = bf16(x) and lo = bf16(x - hi) (x - hi
+// is exact in f32), so that a bf16 GEMM of [hi; lo] summed over the halves
+// sees the activation to ~2^-17 instead of bf16's 2^-9.
+extern "C" __global__ void split_bf16x2(const SplitParams p) {
+    const u64 step = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += step) {
+        const float x = p.x[i];
+        const bf16 hi = f2bf(x);
+        p.out[i] = hi;
+        p.out[p.n + i] = f2bf(__fsub_rn(x, bf2f(hi)));
+    }
+}
+
+struct HalvesParams {
+    const float* tmp;  // [2 * n]
+    float* out;        // [n] = tmp[..n] + tmp[n..]
+    u64 n;
+};
+
+extern "C" __global__ void sum_halves_f32(const HalvesParams p) {
+    const u64 step = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += step) p.out[i] = p.tmp[i] + p.tmp[p.n + i];
 }
 
 struct GatherParams {
