@@ -7,10 +7,14 @@
 #
 #   scripts/gpu/check.sh [selfcheck flags...]
 #
-# SmolLM2 is checked when its GGUF file is present as parts
-# (.device-carry/smollm2.gguf.part-* and .device-carry-b/smollm2.gguf.part-*:
-# the file is larger than one transfer carries) with the token ids of the
-# text in .device-carry/text.tokens.
+# SmolLM2 (98 MB, more than one transfer carries) is checked when both
+# halves of its GGUF file are there, with the token ids of the text:
+#   scripts/gpu/prepare.sh SmolLM2-135M-Instruct.Q4_1.gguf gpl3.tokens   # here
+#   call 1, carry .device-carry:    bash scripts/gpu/check.sh            # everything else
+#   call 2 at once (machine still warm), carry .device-carry-b:
+#                                   bash scripts/gpu/check.sh --groups smollm2
+# (the tokens: the SmolLM2 tokenizer on /usr/share/common-licenses/GPL-3,
+# e.g. transformers' AutoTokenizer with gguf_file=...).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 carry=.device-carry
