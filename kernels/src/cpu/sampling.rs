@@ -132,7 +132,14 @@ pub fn sampling_exp(x: f32) -> f32 {
     let ln2_hi = f32::from_bits(0x3f31_7200);
     let ln2_lo = f32::from_bits(0x35bf_be8e);
     let log2_e = f32::from_bits(0x3fb8_aa3b);
-    let coeffs = [0x3c08_8889, 0x3d2a_aaab, 0x3e2a_aaab, 0x3f00_0000, 0x3f80_0000, 0x3f80_0000];
+    let coeffs = [
+        0x3c08_8889,
+        0x3d2a_aaab,
+        0x3e2a_aaab,
+        0x3f00_0000,
+        0x3f80_0000,
+        0x3f80_0000,
+    ];
     if x.is_nan() {
         return x;
     }
