@@ -243,7 +243,7 @@ def test_attention_step_and_other_region_kinds_are_refused_clearly(daemon):
     c = daemon.client()
     from tacflow.protocol import CudaRegion, MemfdRegion
 
-    with pytest.raises(E.Unsupported):
+    with pytest.raises(E.UnknownRegion):  # served since 1.1: no such fd_token
         c.register_region(MemfdRegion(fd_token=1, byte_size=4096))
     with pytest.raises(E.Unsupported):
         c.register_region(CudaRegion(ipc_handle=bytes(64), device_uuid="GPU-x", byte_size=4096))

@@ -42,6 +42,7 @@ from .protocol import (
     Health,
     HelloInfo,
     Kind,
+    MemfdRegion,
     RegionDesc,
     SamplingParams,
     ShmRegion,
@@ -58,7 +59,8 @@ from .protocol import (
     truncate_sequence_body,
     unregister_region_body,
 )
-from .region import HostRegion
+from .companion import close_quietly, companion_path, send_memfd
+from .region import HostRegion, memfd_create_sealed
 from .transport import recv_message, send_message
 
 DEFAULT_CLIENT_NAME = f"tacflow-py/{__version__}"
@@ -217,8 +219,50 @@ class Client:
         self._exchange(Kind.UNREGISTER_REGION, rid, self._packer.pack(body))
 
     def create_region(self, nbytes: int) -> HostRegion:
-        """Creates a shared-memory object of ``nbytes``, registers it, and
-        returns it; :meth:`HostRegion.close` (or :meth:`close`) undoes both."""
+        """Creates host memory of ``nbytes``, registers it, and returns it;
+        :meth:`HostRegion.close` (or :meth:`close`) undoes both.
+
+        A shared-memory object by name when the daemon accepts that from
+        this session (it runs as the same user: ``info.region_kinds`` has
+        ``shm``, or the daemon predates 1.1), else a sealed memfd
+        (:meth:`create_memfd_region`).
+        """
+        kinds = self.info.region_kinds
+        if kinds and "shm" not in kinds:
+            return self.create_memfd_region(nbytes)
+        return self.create_shm_region(nbytes)
+
+    def create_memfd_region(self, nbytes: int) -> HostRegion:
+        """Creates a sealed memfd of ``nbytes``, hands it to the daemon over
+        its companion socket, registers it, and returns it. Works whatever
+        user the daemon runs as, and leaves nothing behind after a crash."""
+        fd = memfd_create_sealed(nbytes)
+        try:
+            region_id = self.register_memfd(fd, nbytes)
+            region = HostRegion(self, None, region_id, memfd=fd, byte_size=nbytes)
+        finally:
+            close_quietly(fd)  # the mappings (ours and the daemon's) keep it
+        self._regions[region_id] = region
+        return region
+
+    def register_memfd(self, fd: int, byte_size: int) -> int:
+        """Registers an existing memfd (sealed with ``F_SEAL_SHRINK`` and
+        ``F_SEAL_SEAL``); returns the region id. The caller keeps ``fd``."""
+        token = self.send_memfd(fd, byte_size)
+        return self.register_region(MemfdRegion(token, byte_size))
+
+    def send_memfd(self, fd: int, byte_size: int) -> int:
+        """Sends a memfd on the companion socket; returns its ``fd_token``
+        (register it with :class:`MemfdRegion` within one lease)."""
+        self._socket()
+        path = companion_path(self.address, self.info.fd_socket)
+        return send_memfd(
+            path, self._session, self._take_id(), fd, byte_size, self.timeout_s, self._instance_id
+        )
+
+    def create_shm_region(self, nbytes: int) -> HostRegion:
+        """Creates a POSIX shared-memory object of ``nbytes`` and registers
+        it by name (the daemon must run as this user)."""
         shm = shared_memory.SharedMemory(create=True, size=nbytes)
         try:
             region_id = self.register_shm(shm.name, nbytes)

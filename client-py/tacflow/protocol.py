@@ -39,7 +39,7 @@ __all__ = [
     "PROTOCOL_VERSION", "Kind", "REPLY_BIT", "ERROR_KIND", "DTYPES",
     "Full", "Tactic", "FixedBudget", "OracleTopP", "AttentionPolicy",
     "SamplingParams", "TensorRef", "StepEntry",
-    "ShmRegion", "MemfdRegion", "CudaRegion", "RegionDesc",
+    "ShmRegion", "MemfdRegion", "CudaRegion", "RegionDesc", "fd_transfer_body",
     "hello_body", "session_body", "register_region_body", "unregister_region_body",
     "open_sequence_body", "fork_sequence_body", "truncate_sequence_body",
     "close_sequence_body", "step_body", "attention_step_body",
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: The protocol version this client speaks: (major, minor).
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)
 
 #: A successful reply carries its request's kind with this bit set.
 REPLY_BIT = 0x80
@@ -282,6 +282,11 @@ def hello_body(
     if client:  # Rust skips an empty string
         body["client"] = client
     return body
+
+
+def fd_transfer_body(request_id: int, session: bytes, byte_size: int) -> dict[str, Any]:
+    """The packet sent with a memfd on the companion socket (PROTOCOL.md §3.4)."""
+    return {"request_id": request_id, "session": session, "byte_size": int(byte_size)}
 
 
 def session_body(request_id: int, session: bytes) -> dict[str, Any]:

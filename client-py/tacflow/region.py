@@ -1,8 +1,16 @@
 """Host shared-memory regions: memory the daemon reads and writes in place.
 
 Large tensors never travel inside messages (PROTOCOL.md §3): the client
-creates a POSIX shared-memory object, registers it once, and then names
+creates a POSIX shared-memory object — or a sealed memfd, which it hands to
+the daemon over the companion socket — registers it once, and then names
 tensors in it by ``region_id`` + offset (:class:`~tacflow.protocol.TensorRef`).
+
+By name or by descriptor: a daemon accepts regions by name only from a
+client of its own user (``HelloInfo.region_kinds`` says so); a daemon that
+runs as its own system user, or a client over TCP, gets memfds
+(:func:`memfd_create_sealed`, :meth:`tacflow.Client.create_memfd_region`).
+A memfd has no name to guess or leak, nothing is left behind after a crash,
+and it is sealed against shrinking, so the daemon's mapping stays valid.
 :class:`HostRegion` bundles the three things that go together — the mapping,
 the daemon's region id, and numpy views of it — and cleans all of them up.
 
@@ -23,8 +31,10 @@ existing object from Python, the case that makes the tracker double-unlink.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import mmap
+import os
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -99,6 +109,21 @@ def check_ref(ref: TensorRef, region_size: int) -> None:
         raise ValueError(f"tensor ends at byte {end}, past the region's {region_size} bytes")
 
 
+def memfd_create_sealed(nbytes: int, name: str = "tacflow-region") -> int:
+    """A memfd of ``nbytes`` sealed against shrinking (and against changing
+    its seals), as the daemon requires; returns the descriptor."""
+    if nbytes <= 0:
+        raise ValueError("a region needs at least one byte")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     """Row-major element strides (a zero-size dimension counts as 1)."""
     strides = []
@@ -110,29 +135,50 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 class HostRegion:
-    """A POSIX shared-memory object registered with the daemon.
+    """Host memory registered with the daemon: a POSIX shared-memory object
+    (``kind == "shm"``) or a sealed memfd (``kind == "memfd"``, no name).
 
-    Made by :meth:`tacflow.Client.create_region`. Numpy views from
+    Made by :meth:`tacflow.Client.create_region` or
+    :meth:`tacflow.Client.create_memfd_region`. Numpy views from
     :meth:`array` and :meth:`view` share its memory with the daemon; they keep
     the mapping alive even after :meth:`close`, so keep them no longer than
     the region is meant to live.
     """
 
-    def __init__(self, client: "Client | None", shm: shared_memory.SharedMemory, region_id: int):
+    def __init__(
+        self,
+        client: "Client | None",
+        shm: shared_memory.SharedMemory | None,
+        region_id: int,
+        *,
+        memfd: int | None = None,
+        byte_size: int | None = None,
+    ):
         self._client = client
         self.region_id = region_id
-        self.name = shm.name
-        self.byte_size = shm.size
         self.closed = False
-        # Our own mapping (see the module doc); SharedMemory's is closed at
-        # once, and the object is kept only to unlink the name.
-        self._mmap = mmap.mmap(shm._fd, shm.size)  # noqa: SLF001 (no public fd)
-        shm.close()
         self._shm = shm
+        if shm is not None:
+            self.kind = "shm"
+            self.name: str | None = shm.name
+            self.byte_size = shm.size
+            # Our own mapping (see the module doc); SharedMemory's is closed
+            # at once, and the object is kept only to unlink the name.
+            self._mmap = mmap.mmap(shm._fd, shm.size)  # noqa: SLF001 (no public fd)
+            shm.close()
+        else:
+            if memfd is None or byte_size is None:
+                raise ValueError("a HostRegion needs a SharedMemory or a memfd and its size")
+            self.kind = "memfd"
+            self.name = None
+            self.byte_size = int(byte_size)
+            # The mapping keeps the memory; the descriptor is not needed.
+            self._mmap = mmap.mmap(memfd, self.byte_size)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"HostRegion(id={self.region_id}, name={self.name!r}, bytes={self.byte_size}, {state})"
+        what = f"name={self.name!r}" if self.name is not None else "memfd"
+        return f"HostRegion(id={self.region_id}, {what}, bytes={self.byte_size}, {state})"
 
     def __enter__(self) -> "HostRegion":
         return self
@@ -220,7 +266,8 @@ class HostRegion:
         return self.ref(offset, arr.dtype, arr.shape, keep)
 
     def close(self, unregister: bool = True) -> None:
-        """Unregisters the region (when its session is alive) and unlinks the object.
+        """Unregisters the region (when its session is alive) and unlinks the
+        object (a memfd has no name: its memory goes with the last mapping).
 
         Idempotent. Errors from the daemon while unregistering are ignored:
         the object is unlinked either way, and the daemon drops the region with
@@ -245,10 +292,11 @@ class HostRegion:
                 # Views still hold the mapping; it is unmapped when the last
                 # one goes. The name can go now.
                 pass
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+            if self._shm is not None:
+                try:
+                    self._shm.unlink()
+                except FileNotFoundError:
+                    pass
 
     def _check_open(self) -> None:
         if self.closed:

@@ -115,6 +115,12 @@ class HelloInfo:
     attention_policies: tuple[str, ...]
     lease_ms: int
     limits: Limits
+    #: Region kinds this session may register (protocol 1.1): ``shm`` only
+    #: when the daemon runs as the client's own user, ``memfd`` when its
+    #: companion socket is served. Empty from a 1.0 daemon.
+    region_kinds: tuple[str, ...] = ()
+    #: The companion socket's path for memfd regions (protocol 1.1).
+    fd_socket: str | None = None
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> "HelloInfo":
@@ -130,6 +136,7 @@ class HelloInfo:
             kv=KvInfo.from_wire(_map(body, "kv")),
             attention_policies=tuple(body.get("attention_policies") or ()),
             limits=Limits.from_wire(_map(body, "limits")),
+            region_kinds=tuple(body.get("region_kinds") or ()),
         )
 
 

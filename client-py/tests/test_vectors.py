@@ -14,6 +14,7 @@ from tacflow.protocol import (
     CudaRegion,
     Full,
     Kind,
+    MemfdRegion,
     SamplingParams,
     ShmRegion,
     StepEntry,
@@ -90,6 +91,9 @@ BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
     "register_region_shm_request": lambda: register_region_body(
         3, SESSION, ShmRegion("psm_0a1b2c", 1 << 20)
     ),
+    "register_region_memfd_request": lambda: register_region_body(
+        12, SESSION, MemfdRegion(0x8000_0000_0000_0001, 1 << 20)
+    ),
     "register_region_cuda_request": lambda: register_region_body(
         4,
         SESSION,
@@ -152,7 +156,9 @@ def test_hello_reply() -> None:
     info = HelloInfo.from_wire(body)
     assert info.session == SESSION
     assert info.instance_id == "00112233445566778899aabbccddeeff"
-    assert info.protocol == (1, 0)
+    assert info.protocol == (1, 1)
+    assert info.region_kinds == ("shm", "memfd")
+    assert info.fd_socket == "/run/tacflow/tacflowd.fd.sock"
     assert info.model.name == "tiny" and info.model.vocab_size == 512
     assert info.model.bos_token_id == 1 and info.model.eos_token_ids == (2,)
     assert info.backend.kind == "cpu"

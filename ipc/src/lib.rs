@@ -7,14 +7,20 @@
 //! | errors | [`error`] | the wire error codes and the error reply |
 //! | tensors | [`tensor`] | references into regions, checked before use |
 //! | regions | [`region`] | client shared memory mapped by the daemon |
+//! | memfds | [`companion`] | the descriptor socket's packets, seal checks |
+//! | faults | [`sigbus`] | surviving a by-name region truncated under its mapping |
+//! | fuzzing | [`fuzz`] | the decoder and validator under hostile bytes |
 //!
 //! `PROTOCOL.md` beside this crate is the specification; the test vectors in
 //! `ipc/vectors/` are checked by both the Rust and the Python tests.
 
 pub mod codec;
+pub mod companion;
 pub mod error;
+pub mod fuzz;
 pub mod messages;
 pub mod region;
+pub mod sigbus;
 pub mod tensor;
 
 pub use codec::{Kind, Request};

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The protocol version this build speaks: major, minor.
-pub const PROTOCOL_VERSION: (u32, u32) = (1, 0);
+/// 1.1 serves the companion socket and `memfd` regions and adds
+/// `region_kinds` and `fd_socket` to `hello`.
+pub const PROTOCOL_VERSION: (u32, u32) = (1, 1);
 
 /// A session token: 128 random bits chosen by the daemon at `hello`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -67,6 +69,15 @@ pub struct HelloReply {
     /// The session ends this long after its last request.
     pub lease_ms: u64,
     pub limits: Limits,
+    /// Region kinds this session may register (1.1): `shm` only when the
+    /// peer has the daemon's own uid, `memfd` when the companion socket is
+    /// served. Absent from a 1.0 daemon.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub region_kinds: Vec<String>,
+    /// Path of the companion socket for `memfd` regions (1.1), so that a
+    /// client connected over TCP on the same host finds it too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd_socket: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

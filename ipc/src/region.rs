@@ -4,8 +4,15 @@
 //! The client may write to the same pages at any time, so the mapping is
 //! never turned into a Rust slice: every access is a raw copy of checked
 //! bounds ([`memmap2::MmapRaw`]).
+//!
+//! By-name regions ([`HostRegion::open_shm`]) can be truncated by their
+//! owner while mapped; they are guarded ([`crate::sigbus`]) so that the
+//! access that would fault completes into zero pages and fails its request
+//! instead of killing the daemon. Memfd regions ([`HostRegion::from_fd`])
+//! are sealed against shrinking and need no guard.
 
 use crate::error::{Error, ErrorCode, ErrorReply, Result};
+use crate::sigbus::Guard;
 use crate::tensor::{DType, TensorView};
 use half::{bf16, f16};
 use memmap2::MmapRaw;
@@ -18,6 +25,8 @@ use std::os::fd::OwnedFd;
 /// A mapped host region.
 pub struct HostRegion {
     label: String,
+    /// Declared before `map`: the range is unguarded before it is unmapped.
+    guard: Option<Guard>,
     map: MmapRaw,
     size: u64,
     owner_uid: u32,
@@ -29,6 +38,7 @@ impl std::fmt::Debug for HostRegion {
             .field("label", &self.label)
             .field("size", &self.size)
             .field("owner_uid", &self.owner_uid)
+            .field("guarded", &self.guard.is_some())
             .finish()
     }
 }
@@ -74,7 +84,18 @@ impl HostRegion {
                 format!("cannot open shared memory {name}: {e}"),
             ))
         })?;
-        Self::from_fd(fd, byte_size, name)
+        let mut region = Self::from_fd(fd, byte_size, name)?;
+        let guard = Guard::new(region.map.as_ptr(), region.map.len()).ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the daemon holds {} by-name regions, its most; use memfd regions",
+                    crate::sigbus::SLOTS
+                ),
+            )
+        })?;
+        region.guard = Some(guard);
+        Ok(region)
     }
 
     /// Maps `byte_size` bytes of an open file descriptor (a shm object or a
@@ -103,6 +124,7 @@ impl HostRegion {
             .map_err(|e| os("mmap", &label, e))?;
         Ok(HostRegion {
             label,
+            guard: None,
             map,
             size: byte_size,
             owner_uid: st.st_uid,
@@ -122,7 +144,35 @@ impl HostRegion {
         self.owner_uid
     }
 
+    /// Whether its owner truncated it under the mapping: its pages were
+    /// replaced with zeros and every later access fails.
+    pub fn is_poisoned(&self) -> bool {
+        self.guard.as_ref().is_some_and(Guard::poisoned)
+    }
+
+    /// The error of every access after [`HostRegion::is_poisoned`].
+    pub fn poisoned_error(&self) -> ErrorReply {
+        ErrorReply::new(
+            ErrorCode::OutOfBounds,
+            format!(
+                "region {} shrank below its registered {} bytes while mapped (its owner \
+                 truncated it); the daemon dropped its memory: unregister it and register \
+                 a new region",
+                self.label, self.size
+            ),
+        )
+        .with("truncated", 1u64)
+    }
+
+    fn after_access(&self) -> Result<(), ErrorReply> {
+        if self.is_poisoned() {
+            return Err(self.poisoned_error());
+        }
+        Ok(())
+    }
+
     fn check(&self, offset: u64, len: usize) -> Result<(), ErrorReply> {
+        self.after_access()?;
         let end = offset.checked_add(len as u64);
         if end.is_none_or(|e| e > self.size) {
             return Err(ErrorReply::new(
@@ -148,7 +198,7 @@ impl HostRegion {
                 src.len(),
             );
         }
-        Ok(())
+        self.after_access()
     }
 
     /// Copies bytes out of the region at byte `offset` into `dst`.
@@ -162,7 +212,7 @@ impl HostRegion {
                 dst.len(),
             );
         }
-        Ok(())
+        self.after_access()
     }
 
     /// Writes a row-major `[rows, cols]` f32 matrix into a 2-D view of this
@@ -270,6 +320,30 @@ mod tests {
         assert!(matches!(err, Error::Protocol(e) if e.code == ErrorCode::OutOfBounds));
         let err = HostRegion::open_shm("/tacflow-does-not-exist", 8).unwrap_err();
         assert!(matches!(err, Error::Protocol(e) if e.code == ErrorCode::UnknownRegion));
+    }
+
+    #[test]
+    fn a_region_truncated_under_its_mapping_fails_instead_of_crashing() {
+        let shm = make_shm(3 * 4096);
+        let r = HostRegion::open_shm(&shm.0, 3 * 4096).unwrap();
+        r.write_bytes(8192, &[7; 16]).unwrap();
+        // The owner truncates the object: pages past the end now SIGBUS.
+        let fd = shm_open(shm.0.as_str(), OFlag::O_RDWR, Mode::empty()).unwrap();
+        ftruncate(&fd, 4096).unwrap();
+        let err = r.write_bytes(8192, &[1; 64]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::OutOfBounds);
+        assert!(err.message.contains("truncated"), "{}", err.message);
+        assert!(r.is_poisoned());
+        let mut back = [0u8; 4];
+        assert!(
+            r.read_bytes(0, &mut back).is_err(),
+            "every later access fails"
+        );
+        // Other regions are untouched.
+        let other = make_shm(4096);
+        let o = HostRegion::open_shm(&other.0, 4096).unwrap();
+        o.write_bytes(0, &[1, 2]).unwrap();
+        assert!(!o.is_poisoned());
     }
 
     #[test]

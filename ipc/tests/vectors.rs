@@ -104,7 +104,7 @@ fn vectors_match_the_rust_types() {
         "hello",
         &HelloRequest {
             request_id: 1,
-            protocol: (1, 0),
+            protocol: (1, 1),
             client: "tacflow-py/0.1.0".into(),
         },
     );
@@ -117,7 +117,7 @@ fn vectors_match_the_rust_types() {
             request_id: 1,
             session: t,
             instance_id: "00112233445566778899aabbccddeeff".into(),
-            protocol: (1, 0),
+            protocol: (1, 1),
             daemon: "tacflowd 0.1.0".into(),
             model: ModelInfo {
                 name: "tiny".into(),
@@ -151,6 +151,8 @@ fn vectors_match_the_rust_types() {
                 max_queued_requests: 256,
                 max_step_tokens: 65_536,
             },
+            region_kinds: vec!["shm".into(), "memfd".into()],
+            fd_socket: Some("/run/tacflow/tacflowd.fd.sock".into()),
         },
     );
     let session = SessionRequest {
@@ -187,6 +189,20 @@ fn vectors_match_the_rust_types() {
             session: t,
             region: RegionDesc::Shm {
                 name: "psm_0a1b2c".into(),
+                byte_size: 1 << 20,
+            },
+        },
+    );
+    check(
+        "register_region_memfd_request",
+        d,
+        f,
+        "register_region",
+        &RegisterRegionRequest {
+            request_id: 12,
+            session: t,
+            region: RegionDesc::Memfd {
+                fd_token: 0x8000_0000_0000_0001,
                 byte_size: 1 << 20,
             },
         },

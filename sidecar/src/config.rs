@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -56,8 +57,12 @@ pub struct Config {
     /// Unix socket path; the default depends on the environment
     /// (`PROTOCOL.md` §1).
     pub socket: Option<PathBuf>,
-    /// Optional TCP address (`127.0.0.1:5555`); unauthenticated.
+    /// Optional TCP address: `host:port`, or a bare port for loopback
+    /// (`5555` is `127.0.0.1:5555`). Unauthenticated: an address that is not
+    /// loopback is refused unless `tcp_allow_remote` is set.
     pub tcp: Option<String>,
+    /// Allow `tcp` to bind an address other than loopback.
+    pub tcp_allow_remote: bool,
     /// Group that may use the socket (mode 0660 instead of 0600).
     pub socket_group: Option<String>,
     /// `tiny`, `random:<preset|config.json>`, or a model folder.
@@ -89,6 +94,15 @@ pub struct Config {
     /// Round weights to bf16 on the CPU backend (to compare with the GPU).
     pub cpu_round_bf16: bool,
     pub log_format: LogFormat,
+    /// Prometheus text endpoint (`GET /metrics`), off when absent:
+    /// `host:port` or a bare port for loopback. An address that is not
+    /// loopback is refused unless `metrics_allow_remote` is set.
+    pub metrics_addr: Option<String>,
+    pub metrics_allow_remote: bool,
+    /// How long shutdown waits for the step in flight before giving up on
+    /// it (the daemon then exits non-zero; systemd's `TimeoutStopSec` should
+    /// be longer).
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -96,6 +110,7 @@ impl Default for Config {
         Config {
             socket: None,
             tcp: None,
+            tcp_allow_remote: false,
             socket_group: None,
             model: "tiny".into(),
             seed: 0,
@@ -111,6 +126,9 @@ impl Default for Config {
             threads: None,
             cpu_round_bf16: false,
             log_format: LogFormat::Text,
+            metrics_addr: None,
+            metrics_allow_remote: false,
+            shutdown_timeout_ms: 30_000,
         }
     }
 }
@@ -136,7 +154,29 @@ impl Config {
         if self.max_queue == 0 {
             return Err(Error::Config("max_queue must be at least 1".into()));
         }
+        if let Some(a) = &self.tcp {
+            listen_addr("tcp", a, self.tcp_allow_remote)?;
+        }
+        if let Some(a) = &self.metrics_addr {
+            listen_addr("metrics_addr", a, self.metrics_allow_remote)?;
+        }
         Ok(())
+    }
+
+    /// The TCP address to bind, checked (`tcp`).
+    pub fn tcp_addr(&self) -> Result<Option<SocketAddr>> {
+        self.tcp
+            .as_deref()
+            .map(|a| listen_addr("tcp", a, self.tcp_allow_remote))
+            .transpose()
+    }
+
+    /// The metrics endpoint's address, checked (`metrics_addr`).
+    pub fn metrics_socket_addr(&self) -> Result<Option<SocketAddr>> {
+        self.metrics_addr
+            .as_deref()
+            .map(|a| listen_addr("metrics_addr", a, self.metrics_allow_remote))
+            .transpose()
     }
 
     /// The socket path: configured, else by environment (`PROTOCOL.md` §1).
@@ -146,6 +186,35 @@ impl Config {
         }
         default_socket_path()
     }
+}
+
+/// Parses a listening address: `ip:port`, `[ipv6]:port`, or a bare port
+/// (loopback). Unauthenticated listeners stay on loopback unless the
+/// operator allowed more with `allow_remote`.
+pub fn listen_addr(what: &str, text: &str, allow_remote: bool) -> Result<SocketAddr> {
+    let t = text.trim();
+    let addr = match t.trim_start_matches(':').parse::<u16>() {
+        Ok(port) => SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        Err(_) => {
+            let t = t
+                .strip_prefix("localhost:")
+                .map_or(t.to_owned(), |p| format!("127.0.0.1:{p}"));
+            t.parse::<SocketAddr>().map_err(|e| {
+                Error::Config(format!(
+                    "{what} = {text:?}: expected ip:port or a port ({e})"
+                ))
+            })?
+        }
+    };
+    if !addr.ip().is_loopback() && !allow_remote {
+        let key = what.trim_end_matches("_addr");
+        return Err(Error::Config(format!(
+            "{what} = {addr} is not a loopback address and the listener is unauthenticated; \
+             set {key}_allow_remote (or --{}-allow-remote) to allow it",
+            key.replace('_', "-")
+        )));
+    }
+    Ok(addr)
 }
 
 /// `/run/tacflow` under systemd (`RuntimeDirectory=tacflow` sets
@@ -190,5 +259,33 @@ mod tests {
             SessionLimits::default().max_sequences
         );
         assert!(toml::from_str::<Config>("kv_blokcs = 1").is_err());
+    }
+
+    #[test]
+    fn listeners_stay_on_loopback_unless_allowed() {
+        let lo = listen_addr("tcp", "5555", false).unwrap();
+        assert_eq!(lo.to_string(), "127.0.0.1:5555");
+        assert_eq!(listen_addr("tcp", ":7", false).unwrap().port(), 7);
+        assert!(
+            listen_addr("tcp", "[::1]:9", false)
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+        assert!(listen_addr("tcp", "localhost:9", false).is_ok());
+        let err = listen_addr("metrics_addr", "0.0.0.0:9464", false).unwrap_err();
+        assert!(err.to_string().contains("metrics_allow_remote"), "{err}");
+        assert!(listen_addr("metrics_addr", "0.0.0.0:9464", true).is_ok());
+        assert!(listen_addr("tcp", "example.com:1", true).is_err());
+        let c = Config {
+            tcp: Some("10.1.2.3:5555".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            tcp_allow_remote: true,
+            ..c
+        };
+        assert_eq!(c.tcp_addr().unwrap().unwrap().port(), 5555);
     }
 }

@@ -15,6 +15,8 @@ struct Cli {
     serve: ServeArgs,
 }
 
+// Parsed once at start-up: the size of the serve flags does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve clients (the default).
@@ -109,8 +111,38 @@ struct ServeArgs {
     /// Round weights to bf16 on the CPU backend.
     #[arg(long, env = "TACFLOW_CPU_ROUND_BF16")]
     cpu_round_bf16: bool,
+    /// `journal` under systemd: no timestamps, no colours, syslog
+    /// priorities.
     #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Allow --tcp to bind an address other than loopback (unauthenticated!).
+    #[arg(long, env = "TACFLOW_TCP_ALLOW_REMOTE")]
+    tcp_allow_remote: bool,
+    /// Prometheus endpoint (`GET /metrics`) on this address or port, off
+    /// when absent; loopback only unless --metrics-allow-remote.
+    #[arg(long, env = "TACFLOW_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Allow --metrics-addr to bind an address other than loopback.
+    #[arg(long, env = "TACFLOW_METRICS_ALLOW_REMOTE")]
+    metrics_allow_remote: bool,
+    /// How long shutdown waits for the step in flight (milliseconds).
+    #[arg(long, env = "TACFLOW_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
+    /// Per-session limit: open sequences.
+    #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
+    max_sequences: Option<u64>,
+    /// Per-session limit: registered regions.
+    #[arg(long, env = "TACFLOW_MAX_REGIONS")]
+    max_regions: Option<u64>,
+    /// Per-session limit: bytes of client memory mapped.
+    #[arg(long, env = "TACFLOW_MAX_MAPPED_BYTES")]
+    max_mapped_bytes: Option<u64>,
+    /// Per-session limit: requests waiting for the executor before `busy`.
+    #[arg(long, env = "TACFLOW_MAX_QUEUED_REQUESTS")]
+    max_queued_requests: Option<u64>,
+    /// Per-session limit: new tokens in one step.
+    #[arg(long, env = "TACFLOW_MAX_STEP_TOKENS")]
+    max_step_tokens: Option<u64>,
 }
 
 impl ServeArgs {
@@ -132,12 +164,34 @@ impl ServeArgs {
             kv_memory_fraction,
             session_lease_ms,
             max_queue,
-            log_format
+            log_format,
+            shutdown_timeout_ms
         );
-        set_opt!(socket, tcp, socket_group, kv_blocks, max_context, threads);
+        set_opt!(
+            socket,
+            tcp,
+            socket_group,
+            kv_blocks,
+            max_context,
+            threads,
+            metrics_addr
+        );
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
         }
+        c.tcp_allow_remote |= self.tcp_allow_remote;
+        c.metrics_allow_remote |= self.metrics_allow_remote;
+        let l = &mut c.limits;
+        macro_rules! limit {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { l.$f = v; } )* };
+        }
+        limit!(
+            max_sequences,
+            max_regions,
+            max_mapped_bytes,
+            max_queued_requests,
+            max_step_tokens
+        );
         c.validate()?;
         Ok(c)
     }
@@ -151,7 +205,15 @@ fn init_logging(format: LogFormat) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
-        LogFormat::Journal => b.without_time().with_ansi(false).init(),
+        LogFormat::Journal => {
+            let plain = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_ansi(false)
+                .with_level(false);
+            b.with_ansi(false)
+                .event_format(tacflow_sidecar::server::systemd::JournalFormat(plain))
+                .init()
+        }
         LogFormat::Json => b.json().init(),
     }
 }

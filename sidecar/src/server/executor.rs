@@ -3,12 +3,14 @@
 //! the client socket: replies go back to the I/O thread, already encoded,
 //! through an [`Outbox`].
 
+use super::systemd::Heartbeat;
 use crate::backend::Backend;
+use crate::engine::gauges::Gauges;
 use crate::engine::step::StepWork;
 use crate::engine::{Engine, SeqKey, SessionId};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 use tacflow_ipc::codec::{encode_error, encode_reply};
 use tacflow_ipc::*;
@@ -93,6 +95,8 @@ pub struct Outbox {
     pub tx: Sender<Outgoing>,
     pub wake: zmq::Socket,
     pub shared: Arc<Shared>,
+    /// Error replies are counted by code here (`stats`, metrics).
+    pub gauges: Arc<Gauges>,
 }
 
 impl Outbox {
@@ -122,14 +126,16 @@ fn send(out: &Outbox, to: &ReplyTo, frames: [Vec<u8>; 2]) {
 
 fn reply_err(out: &Outbox, to: &ReplyTo, e: ErrorReply) {
     debug!(code = %e.code, request_id = to.request_id, "{}", e.message);
+    out.gauges.count_error(e.code);
     send(out, to, encode_error(&e.for_request(to.request_id)));
 }
 
 /// The next command. Waits by spinning for up to `spin` first: on a VM a
 /// thread woken from sleep costs tens of microseconds, which is most of an
 /// empty step's round trip, and a serving loop's next step usually arrives
-/// within that window.
-fn next_command(rx: &Receiver<Command>, spin: Duration) -> Option<Command> {
+/// within that window. Then sleeps, waking for the heartbeat when one is
+/// due (a stuck step therefore stops the watchdog pings).
+fn next_command(rx: &Receiver<Command>, spin: Duration, beat: &mut Heartbeat) -> Option<Command> {
     if !spin.is_zero() {
         let until = Instant::now() + spin;
         loop {
@@ -144,7 +150,16 @@ fn next_command(rx: &Receiver<Command>, spin: Duration) -> Option<Command> {
             super::backoff();
         }
     }
-    rx.recv().ok()
+    loop {
+        let Some(wait) = beat.idle_timeout() else {
+            return rx.recv().ok();
+        };
+        match rx.recv_timeout(wait) {
+            Ok(c) => return Some(c),
+            Err(RecvTimeoutError::Timeout) => beat.tick(),
+            Err(RecvTimeoutError::Disconnected) => return None,
+        }
+    }
 }
 
 /// Runs commands until [`Command::Stop`].
@@ -154,10 +169,12 @@ pub fn run<B: Backend>(
     out: Outbox,
     max_sequences: u64,
     spin: Duration,
+    mut beat: Heartbeat,
 ) {
     let gauges = engine.gauges();
     gauges.mark_done();
-    while let Some(cmd) = next_command(&rx, spin) {
+    while let Some(cmd) = next_command(&rx, spin, &mut beat) {
+        beat.tick();
         let to = match &cmd {
             Command::Stop => break,
             Command::DropSession(id) => {
@@ -251,7 +268,9 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: 
         Command::Step { work, .. } => {
             let started = Instant::now();
             let queued_us = started.duration_since(to.received).as_micros() as u64;
-            engine.step(&work).map(|results| {
+            let result = engine.step(&work);
+            out.gauges.step_run.observe(started.elapsed());
+            result.map(|results| {
                 encode_reply(
                     to.kind,
                     &StepReply {

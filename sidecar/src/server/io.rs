@@ -1,20 +1,20 @@
 //! The I/O thread: owns the ROUTER socket and the session table, decodes and
-//! checks every request, answers the cheap ones itself and queues the rest
-//! for the executor, whose encoded replies it forwards.
+//! checks every request, answers the cheap ones itself (`requests.rs`) and
+//! queues the rest for the executor, whose encoded replies it forwards.
 
 use super::executor::{Command, Outgoing, ReplyTo, Shared};
-use super::session::Sessions;
+use super::fdpass::FdBroker;
+use super::session::{Session, Sessions};
+use super::systemd::Notifier;
 use super::{ServerInfo, Shutdown};
 use crate::config::Config;
-use crate::engine::step::{LogitsTarget, StepWork};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
-use tacflow_ipc::codec::{ERROR_KIND, decode_request, encode_error, encode_reply, from_msgpack};
+use tacflow_ipc::codec::{decode_request, encode_error, encode_reply};
 use tacflow_ipc::*;
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 /// Requests read per wake-up before replies are forwarded again.
 const READ_BATCH: usize = 256;
@@ -30,21 +30,43 @@ pub struct Io {
     pub shared: Arc<Shared>,
     pub info: ServerInfo,
     pub config: Config,
-    pub errors: BTreeMap<String, u64>,
+    /// Descriptors received on the companion socket.
+    pub fds: Arc<FdBroker>,
+    pub notifier: Notifier,
+    /// The daemon's own uid: regions by name need a peer with it.
     pub uid: u32,
     pub stopping: bool,
+    /// Shutdown gives up on the executor after this.
+    pub stop_deadline: Option<Instant>,
     pub executor_done: bool,
     /// How long to busy-poll for the executor's reply after handing it work
     /// (see `executor::next_command`).
     pub spin: Duration,
     /// Last time work went to the executor or a reply came back.
     pub last_exchange: Instant,
+    /// Scratch messages for the identity frame and the frame after it
+    /// (whose metadata carries the peer's credentials).
+    pub identity: zmq::Message,
+    pub first: zmq::Message,
 }
 
-type Reply = Result<[Vec<u8>; 2], ErrorReply>;
+pub(super) type Reply = Result<[Vec<u8>; 2], ErrorReply>;
+
+/// `localhost:uid:gid:pid`: what libzmq reports as `Peer-Address` for an
+/// `ipc://` peer when it was built with `ZMQ_HAVE_SO_PEERCRED` (see
+/// `.cargo/config.toml`). A TCP peer's address is an IP and names no uid.
+pub fn peer_uid(peer_address: &str) -> Option<u32> {
+    let mut parts = peer_address.split(':');
+    let (host, uid) = (parts.next()?, parts.next()?);
+    let (_gid, _pid) = (parts.next()?, parts.next()?);
+    if host != "localhost" || parts.next().is_some() {
+        return None;
+    }
+    uid.parse().ok()
+}
 
 impl Io {
-    /// Serves until shutdown completes.
+    /// Serves until shutdown completes (or its bound runs out: `Err`).
     pub fn run(&mut self, shutdown: &Shutdown) -> crate::error::Result<()> {
         let mut next_expiry_check = Instant::now();
         while !self.executor_done {
@@ -64,10 +86,20 @@ impl Io {
             if shutdown.is_triggered() && !self.stopping {
                 self.begin_stop();
             }
+            if self.stop_deadline.is_some_and(|d| now > d) {
+                error!(
+                    timeout_ms = self.config.shutdown_timeout_ms,
+                    "the step in flight did not finish within the shutdown timeout: giving up on it"
+                );
+                return Err(crate::error::Error::Backend(
+                    "shutdown timed out waiting for the executor".into(),
+                ));
+            }
         }
         // Whatever arrived after the executor stopped is answered too.
         self.read_requests();
         for s in self.sessions.drain() {
+            self.fds.session_closed(&s.token);
             debug!(
                 session = s.id,
                 regions = s.regions.len(),
@@ -136,9 +168,30 @@ impl Io {
 
     fn begin_stop(&mut self) {
         info!("shutdown requested: finishing the step in flight, refusing new work");
+        self.notifier.stopping();
         self.stopping = true;
+        self.stop_deadline =
+            Some(Instant::now() + Duration::from_millis(self.config.shutdown_timeout_ms));
         self.shared.stopping.store(true, Relaxed);
         let _ = self.cmd_tx.send(Command::Stop);
+    }
+
+    /// A session ended (close, lease, shutdown): the executor frees its
+    /// sequences; its regions are unmapped as their last user drops them.
+    pub(super) fn session_ended(&mut self, s: Session) {
+        self.fds.session_closed(&s.token);
+        let _ = self.cmd_tx.send(Command::DropSession(s.id));
+        self.publish_sessions();
+    }
+
+    /// Session, region and mapped-byte counts for `stats` and metrics.
+    pub(super) fn publish_sessions(&self) {
+        let g = &self.info.gauges;
+        g.sessions.store(self.sessions.len() as u64, Relaxed);
+        g.regions
+            .store(self.sessions.total_regions() as u64, Relaxed);
+        g.mapped_bytes
+            .store(self.sessions.total_mapped_bytes(), Relaxed);
     }
 
     fn expire(&mut self, now: Instant) {
@@ -149,8 +202,10 @@ impl Io {
                 regions = s.regions.len(),
                 "session lease expired: freeing its sequences and regions"
             );
-            let _ = self.cmd_tx.send(Command::DropSession(s.id));
+            self.session_ended(s);
         }
+        self.fds
+            .expire(now.checked_sub(self.sessions.lease()).unwrap_or(now));
     }
 
     fn forward_replies(&mut self) {
@@ -173,11 +228,6 @@ impl Io {
             } => (identity, session, frames),
         };
         self.sessions.answered(session, self.last_exchange);
-        if frames[0][..] == [ERROR_KIND]
-            && let Ok(e) = from_msgpack::<ErrorReply>(&frames[1])
-        {
-            *self.errors.entry(e.code.as_str().to_owned()).or_default() += 1;
-        }
         self.send(&identity, frames);
     }
 
@@ -188,21 +238,39 @@ impl Io {
         }
     }
 
+    /// The next request: the identity into `self.identity`, the first frame
+    /// after it into `self.first` (whose metadata `hello` reads), and every
+    /// frame after the identity as bytes.
+    fn recv_request(&mut self) -> Option<Vec<Vec<u8>>> {
+        self.router.recv(&mut self.identity, zmq::DONTWAIT).ok()?;
+        let mut frames = Vec::with_capacity(2);
+        if !self.identity.get_more() {
+            return Some(frames);
+        }
+        self.router.recv(&mut self.first, 0).ok()?;
+        frames.push(self.first.to_vec());
+        let mut more = self.first.get_more();
+        while more {
+            let m = self.router.recv_msg(0).ok()?;
+            more = m.get_more();
+            frames.push(m.to_vec());
+        }
+        Some(frames)
+    }
+
     fn read_requests(&mut self) {
         for _ in 0..READ_BATCH {
-            let parts = match self.router.recv_multipart(zmq::DONTWAIT) {
-                Ok(p) => p,
-                Err(_) => return,
+            let Some(rest) = self.recv_request() else {
+                return;
             };
-            let Some((identity, rest)) = parts.split_first() else {
-                continue;
-            };
+            let identity = self.identity.to_vec();
             let frames: Vec<&[u8]> = rest.iter().map(Vec::as_slice).collect();
             let received = Instant::now();
             let reply = match decode_request(&frames) {
                 Ok(req) => {
                     let rid = req.request_id();
-                    self.dispatch(identity, req, received).map_err(|e| {
+                    self.info.gauges.count_request(req.kind());
+                    self.dispatch(&identity, req, received).map_err(|e| {
                         if e.request_id.is_none() {
                             e.for_request(rid)
                         } else {
@@ -213,15 +281,24 @@ impl Io {
                 Err(e) => Err(e),
             };
             match reply {
-                Ok(Some(frames)) => self.send(identity, frames),
+                Ok(Some(frames)) => self.send(&identity, frames),
                 Ok(None) => {}
                 Err(e) => {
-                    *self.errors.entry(e.code.as_str().to_owned()).or_default() += 1;
+                    self.info.gauges.count_error(e.code);
                     debug!(code = %e.code, "{}", e.message);
-                    self.send(identity, encode_error(&e));
+                    self.send(&identity, encode_error(&e));
                 }
             }
         }
+    }
+
+    /// The peer uid of the request just received (read at `hello` only).
+    /// The identity frame cannot tell: libzmq 4.3.4 leaves it without
+    /// metadata when a poll prefetched the message (`router_t::xhas_in`).
+    pub(super) fn current_peer_uid(&mut self) -> Option<u32> {
+        let address = self.first.gets("Peer-Address");
+        debug!(peer_address = ?address, "hello");
+        address.and_then(peer_uid)
     }
 
     /// Answers a request, or queues it (`Ok(None)`: the executor replies).
@@ -246,8 +323,7 @@ impl Io {
             .session()
             .expect("every request but hello has a session");
         let lease_ms = self.sessions.lease().as_millis() as u64;
-        let session = self.sessions.touch(&token, now)?;
-        let sid = session.id;
+        let sid = self.sessions.touch(&token, now)?.id;
         let to = ReplyTo {
             identity: identity.to_vec(),
             session: sid,
@@ -258,18 +334,16 @@ impl Io {
         let cmd = match req {
             Request::Hello(_) => unreachable!(),
             Request::Ping(_) => {
-                return Ok(Some(encode_reply(
-                    kind,
-                    &PingReply {
-                        request_id: rid,
-                        lease_ms,
-                    },
-                )));
+                let reply = PingReply {
+                    request_id: rid,
+                    lease_ms,
+                };
+                return Ok(Some(encode_reply(kind, &reply)));
             }
             Request::Close(_) => {
                 if let Some(s) = self.sessions.close(&token) {
                     debug!(session = s.id, "session closed by its client");
-                    let _ = self.cmd_tx.send(Command::DropSession(s.id));
+                    self.session_ended(s);
                 }
                 return Ok(Some(encode_reply(kind, &AckReply { request_id: rid })));
             }
@@ -279,15 +353,7 @@ impl Io {
                 return self.register(&token, rid, r.region, kind).map(Some);
             }
             Request::UnregisterRegion(r) => {
-                let s = self.sessions.touch(&token, now)?;
-                let region = s.regions.remove(&r.region_id).ok_or_else(|| {
-                    ErrorReply::new(
-                        ErrorCode::UnknownRegion,
-                        format!("region {} is not registered", r.region_id),
-                    )
-                    .with("region_id", r.region_id)
-                })?;
-                s.mapped_bytes -= region.size();
+                self.unregister(&token, r.region_id, now)?;
                 return Ok(Some(encode_reply(kind, &AckReply { request_id: rid })));
             }
             Request::AttentionStep(_) => {
@@ -351,184 +417,22 @@ impl Io {
             .send(cmd)
             .map_err(|_| ErrorReply::new(ErrorCode::ShuttingDown, "the executor has stopped"))
     }
+}
 
-    fn hello(&mut self, h: &HelloRequest, now: Instant) -> Reply {
-        let (session, id) = self.sessions.open(h.client.clone(), now);
-        info!(session = id, client = %h.client, "session opened");
-        let g = &self.info.gauges;
-        let l = &self.config.limits;
-        Ok(encode_reply(
-            Kind::Hello,
-            &HelloReply {
-                request_id: h.request_id,
-                session,
-                instance_id: self.info.instance_id.clone(),
-                protocol: PROTOCOL_VERSION,
-                daemon: format!("tacflowd {}", env!("CARGO_PKG_VERSION")),
-                model: self.info.model.clone(),
-                backend: self.info.backend.clone(),
-                kv: KvInfo {
-                    block_size: self.info.block_size,
-                    total_blocks: g.kv_total_blocks.load(Relaxed),
-                    free_blocks: g.kv_free_blocks.load(Relaxed),
-                },
-                attention_policies: self.info.policies.clone(),
-                lease_ms: self.sessions.lease().as_millis() as u64,
-                limits: Limits {
-                    max_sequences: l.max_sequences,
-                    max_regions: l.max_regions,
-                    max_mapped_bytes: l.max_mapped_bytes,
-                    max_queued_requests: l.max_queued_requests,
-                    max_step_tokens: l.max_step_tokens,
-                },
-            },
-        ))
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-    fn register(&mut self, token: &SessionToken, rid: u64, desc: RegionDesc, kind: Kind) -> Reply {
-        let limits = self.config.limits.clone();
-        let uid = self.uid;
-        let s = self.sessions.touch(token, Instant::now())?;
-        if s.regions.len() as u64 >= limits.max_regions {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                "too many regions in this session",
-            )
-            .with("max_regions", limits.max_regions));
-        }
-        let (name, byte_size) = match desc {
-            RegionDesc::Shm { name, byte_size } => (name, byte_size),
-            RegionDesc::Memfd { .. } => {
-                return Err(ErrorReply::new(
-                    ErrorCode::Unsupported,
-                    "memfd regions need the companion socket, which this daemon does not serve yet",
-                ));
-            }
-            RegionDesc::Cuda { .. } => {
-                return Err(ErrorReply::new(
-                    ErrorCode::Unsupported,
-                    "CUDA regions are not served by this daemon yet",
-                ));
-            }
-        };
-        if s.mapped_bytes.saturating_add(byte_size) > limits.max_mapped_bytes {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                "too many bytes mapped for this session",
-            )
-            .with("mapped_bytes", s.mapped_bytes)
-            .with("max_mapped_bytes", limits.max_mapped_bytes));
-        }
-        let region = HostRegion::open_shm(&name, byte_size).map_err(|e| match e {
-            tacflow_ipc::Error::Protocol(r) => r,
-            other => ErrorReply::bad_request(other.to_string()),
-        })?;
-        if region.owner_uid() != uid {
-            return Err(ErrorReply::new(
-                ErrorCode::PermissionDenied,
-                format!(
-                    "shared memory {name} belongs to uid {}, not the daemon's uid {uid}; pass a sealed memfd instead",
-                    region.owner_uid()
-                ),
-            ));
-        }
-        let region_id = self.sessions.new_region_id();
-        let s = self.sessions.touch(token, Instant::now())?;
-        s.mapped_bytes += byte_size;
-        s.regions.insert(region_id, Arc::new(region));
-        debug!(session = s.id, region_id, byte_size, "region registered");
-        Ok(encode_reply(
-            kind,
-            &RegisterRegionReply {
-                request_id: rid,
-                region_id,
-                byte_size,
-            },
-        ))
-    }
-
-    /// Checks a step's limits and resolves its logits targets.
-    fn prepare_step(
-        &mut self,
-        token: &SessionToken,
-        r: StepRequest,
-    ) -> Result<StepWork, ErrorReply> {
-        let total: u64 = r.entries.iter().map(|e| e.tokens.len() as u64).sum();
-        let max = self.config.limits.max_step_tokens;
-        if total > max {
-            return Err(ErrorReply::new(
-                ErrorCode::LimitExceeded,
-                format!("step has {total} tokens, the limit is {max}"),
-            )
-            .with("max_step_tokens", max));
-        }
-        let vocab = u64::from(self.info.model.vocab_size);
-        let s = self.sessions.touch(token, Instant::now())?;
-        let mut logits = Vec::with_capacity(r.entries.len());
-        for (i, e) in r.entries.iter().enumerate() {
-            let Some(t) = &e.logits else {
-                logits.push(None);
-                continue;
-            };
-            let at = |err: ErrorReply| {
-                let msg = format!("entry {i} logits: {}", err.message);
-                ErrorReply {
-                    message: msg,
-                    ..err
-                }
-                .with("entry", i)
-            };
-            let region = s.regions.get(&t.region_id).ok_or_else(|| {
-                at(ErrorReply::new(
-                    ErrorCode::UnknownRegion,
-                    format!("region {} is not registered", t.region_id),
-                )
-                .with("region_id", t.region_id))
-            })?;
-            let view = t.resolve(region.size()).map_err(at)?;
-            view.expect_dtype("logits", &[DType::F32, DType::F16, DType::Bf16])
-                .map_err(at)?;
-            view.expect_shape("logits", &[e.tokens.len() as u64, vocab])
-                .map_err(at)?;
-            logits.push(Some(LogitsTarget {
-                region: region.clone(),
-                view,
-            }));
-        }
-        Ok(StepWork {
-            session: s.id,
-            entries: r.entries,
-            logits,
-        })
-    }
-
-    fn stats(&self, rid: u64) -> StatsReply {
-        let g = &self.info.gauges;
-        StatsReply {
-            request_id: rid,
-            instance_id: self.info.instance_id.clone(),
-            uptime_s: g.start.elapsed().as_secs_f64(),
-            steps: g.steps.load(Relaxed),
-            prefill_tokens: g.prefill_tokens.load(Relaxed),
-            decode_tokens: g.decode_tokens.load(Relaxed),
-            sessions: self.sessions.len() as u64,
-            sequences: g.sequences.load(Relaxed),
-            regions: self.sessions.total_regions() as u64,
-            kv_total_blocks: g.kv_total_blocks.load(Relaxed),
-            kv_free_blocks: g.kv_free_blocks.load(Relaxed),
-            queue_depth: self.shared.queue_depth.load(Relaxed),
-            errors: self.errors.clone(),
-            attention: g.attention.lock().map(|a| a.clone()).unwrap_or_default(),
-        }
-    }
-
-    fn health(&self, rid: u64) -> HealthReply {
-        HealthReply {
-            request_id: rid,
-            status: if self.stopping { "stopping" } else { "ok" }.into(),
-            instance_id: self.info.instance_id.clone(),
-            backend: self.info.backend.clone(),
-            executor_idle_ms: self.info.gauges.idle_ms(),
-        }
+    #[test]
+    fn only_ipc_credentials_name_a_uid() {
+        assert_eq!(peer_uid("localhost:1000:1000:4242"), Some(1000));
+        assert_eq!(peer_uid("localhost:0:0:1"), Some(0));
+        assert_eq!(peer_uid("localhost"), None, "libzmq without SO_PEERCRED");
+        assert_eq!(peer_uid("127.0.0.1"), None);
+        // An IPv6 TCP peer has colons but is not an ipc peer.
+        assert_eq!(peer_uid("2001:db8::0:0:1"), None);
+        assert_eq!(peer_uid("::1"), None);
+        assert_eq!(peer_uid("localhost:x:0:1"), None);
+        assert_eq!(peer_uid("localhost:1:2:3:4"), None);
     }
 }

@@ -5,32 +5,44 @@
 //!                       ◄──────── inproc PAIR (encoded replies) ◄───┘
 //! ```
 //!
-//! The executor thread is started first and loads the model; the socket is
-//! bound only once the model is ready, so a client that can connect can use
-//! the daemon.
+//! Beside them: the companion socket's thread (`fdpass.rs`, memfds), the
+//! metrics endpoint (`metrics.rs`), and systemd notifications
+//! (`systemd.rs`). `listen.rs` makes or adopts the sockets.
+//!
+//! The executor thread is started first, loads the model and runs one
+//! warm-up step; the socket is bound only then, so a client that can connect
+//! can use the daemon, and only then is systemd told READY.
 
 pub mod executor;
+pub mod fdpass;
 pub mod io;
+pub mod listen;
+pub mod metrics;
+mod requests;
 pub mod session;
+pub mod systemd;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::config::{BackendKind, Config};
 use crate::engine::gauges::Gauges;
-use crate::engine::{BLOCK_SIZE, Engine, KvCapacity};
+use crate::engine::step::StepWork;
+use crate::engine::{BLOCK_SIZE, Engine, KvCapacity, SeqKey, SessionId};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::model::config::ModelConfig;
 use executor::{Command, Outbox, Outgoing, Shared};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use fdpass::{Companion, FdBroker};
+use listen::Listeners;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use tacflow_ipc::{BackendInfo, ModelInfo};
-use tracing::{info, warn};
+use systemd::{Heartbeat, Notifier};
+use tacflow_ipc::{AttentionPolicy, BackendInfo, ModelInfo, SamplingParams, StepEntry};
+use tracing::info;
 
 /// One turn of a wait loop: yields the core, so that waiting for the other
 /// thread costs about a system call on an idle machine and steals nothing
@@ -62,6 +74,8 @@ pub struct ServerInfo {
     pub block_size: u32,
     pub policies: Vec<String>,
     pub gauges: Arc<Gauges>,
+    /// The companion socket's path (told in `hello`).
+    pub fd_socket: String,
 }
 
 const WAKE_ADDR: &str = "inproc://tacflow-wake";
@@ -89,36 +103,81 @@ fn instance_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Loads the engine on the executor thread and serves its queue.
-fn start_executor<B: Backend + 'static>(
-    backend: B,
-    config: &Config,
-    out: Outbox,
-    rx: mpsc::Receiver<Command>,
-    ready: mpsc::Sender<Result<ServerInfo>>,
-) -> Result<()> {
-    let spec = ModelSpec::parse(&config.model, config.seed)?;
-    let (model_config, src) = spec.open()?;
-    info!(model = %model_config.name, source = %src.describe(), params = model_config.num_params(), "loading model");
-    let capacity = match config.kv_blocks {
+/// What the executor thread needs to reply and to beat.
+struct ExecutorLinks {
+    tx: mpsc::Sender<Outgoing>,
+    wake: zmq::Socket,
+    shared: Arc<Shared>,
+    notifier: Notifier,
+}
+
+/// Sizes the KV cache the configuration asks for.
+fn kv_capacity<B: Backend>(backend: &B, config: &Config, model: &ModelConfig) -> KvCapacity {
+    match config.kv_blocks {
         Some(n) => KvCapacity::Blocks(n),
         None if backend.free_memory().is_some() => {
             KvCapacity::MemoryFraction(config.kv_memory_fraction)
         }
         None => {
             let layout = crate::backend::KvLayout {
-                num_layers: model_config.num_layers,
+                num_layers: model.num_layers,
                 num_blocks: 0,
                 block_size: BLOCK_SIZE,
-                num_kv_heads: model_config.num_kv_heads,
-                head_dim: model_config.head_dim,
+                num_kv_heads: model.num_kv_heads,
+                head_dim: model.head_dim,
             };
             KvCapacity::Blocks((config.cpu_kv_memory_mb << 20) / backend.kv_block_bytes(&layout))
         }
+    }
+}
+
+/// One tiny step through the whole engine before READY: the first step
+/// pays for lazy initialisation (kernels, pools, pages), and a daemon that
+/// cannot run one should fail at start, not at its first client.
+fn warm_up<B: Backend>(engine: &mut Engine<B>) -> Result<()> {
+    const WARM_UP_SESSION: SessionId = 0; // client sessions start at 1
+    let key = SeqKey {
+        session: WARM_UP_SESSION,
+        seq: 0,
+    };
+    let token = engine.config().bos_token_id.unwrap_or(0);
+    engine.open_sequence(key, AttentionPolicy::Full, SamplingParams::default(), false)?;
+    let work = StepWork {
+        session: WARM_UP_SESSION,
+        entries: vec![StepEntry {
+            seq_id: 0,
+            tokens: vec![token],
+            positions: None,
+            sample: true,
+            logits: None,
+        }],
+        logits: vec![None],
     };
     let t0 = Instant::now();
+    let ran = engine.step(&work);
+    engine.drop_session(WARM_UP_SESSION);
+    ran?;
+    engine.gauges().reset_work_counters();
+    info!(ms = t0.elapsed().as_secs_f64() * 1e3, "warm-up step done");
+    Ok(())
+}
+
+/// Loads the engine on the executor thread, warms it up, and serves its
+/// queue.
+fn start_executor<B: Backend + 'static>(
+    backend: B,
+    config: &Config,
+    links: ExecutorLinks,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ServerInfo>>,
+) -> Result<()> {
+    let spec = ModelSpec::parse(&config.model, config.seed)?;
+    let (model_config, src) = spec.open()?;
+    info!(model = %model_config.name, source = %src.describe(), params = model_config.num_params(), "loading model");
+    let capacity = kv_capacity(&backend, config, &model_config);
+    let t0 = Instant::now();
     let mut last = Instant::now();
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         backend,
         &model_config,
         src.as_ref(),
@@ -131,6 +190,8 @@ fn start_executor<B: Backend + 'static>(
             }
         },
     )?;
+    links.notifier.status("warming up");
+    warm_up(&mut engine)?;
     let (kind, device) = engine.backend().describe();
     info!(
         backend = %kind,
@@ -139,6 +200,7 @@ fn start_executor<B: Backend + 'static>(
         secs = t0.elapsed().as_secs_f64(),
         "model ready"
     );
+    let gauges = engine.gauges();
     let info = ServerInfo {
         instance_id: instance_id(),
         model: model_info(
@@ -149,15 +211,24 @@ fn start_executor<B: Backend + 'static>(
         backend: BackendInfo { kind, device },
         block_size: BLOCK_SIZE as u32,
         policies: vec!["full".into()],
-        gauges: engine.gauges(),
+        gauges: gauges.clone(),
+        fd_socket: String::new(),
     };
     let _ = ready.send(Ok(info));
+    let beat = Heartbeat::new(links.notifier, systemd::watchdog_period(), gauges.clone());
+    let out = Outbox {
+        tx: links.tx,
+        wake: links.wake,
+        shared: links.shared,
+        gauges,
+    };
     executor::run(
         engine,
         rx,
         out,
         config.limits.max_sequences,
         Duration::from_micros(config.spin_us),
+        beat,
     );
     Ok(())
 }
@@ -183,48 +254,128 @@ fn choose_backend(config: &Config) -> Result<BackendKind> {
     }
 }
 
-/// Creates the socket's folder (private when the daemon makes it) and clears
-/// a stale socket file; refuses to steal the path of a live daemon.
-fn prepare_socket_path(path: &Path) -> Result<()> {
-    if let Some(dir) = path.parent()
-        && !dir.exists()
-    {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(dir, e))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(Error::Config(format!(
-                "{}: another daemon is listening there",
-                path.display()
-            )));
-        }
-        warn!(path = %path.display(), "removing a stale socket file");
-        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
+/// Starts the executor thread, which loads the model.
+fn spawn_executor(
+    kind: BackendKind,
+    config: &Config,
+    links: ExecutorLinks,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ServerInfo>>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let config = config.clone();
+    std::thread::Builder::new()
+        .name("executor".into())
+        .spawn(move || {
+            let fail = ready.clone();
+            let r = match kind {
+                BackendKind::Cuda => {
+                    CudaBackend::new(0).and_then(|b| start_executor(b, &config, links, rx, ready))
+                }
+                _ => {
+                    let cpu = CpuBackend {
+                        round_to_bf16: config.cpu_round_bf16,
+                    };
+                    start_executor(cpu, &config, links, rx, ready)
+                }
+            };
+            if let Err(e) = r {
+                let _ = fail.send(Err(e));
+            }
+        })
+        .map_err(|e| Error::Backend(format!("cannot start the executor thread: {e}")))
 }
 
-fn set_socket_mode(path: &Path, group: Option<&str>) -> Result<()> {
-    let mode = match group {
-        None => 0o600,
-        Some(g) => {
-            let grp = nix::unistd::Group::from_name(g)
-                .map_err(|e| Error::Config(format!("group {g}: {e}")))?
-                .ok_or_else(|| Error::Config(format!("group {g} does not exist")))?;
-            nix::unistd::chown(path, None, Some(grp.gid)).map_err(|e| Error::io(path, e.into()))?;
-            0o660
+/// Waits for the executor to load the model (or fail).
+fn wait_ready(
+    ready: mpsc::Receiver<Result<ServerInfo>>,
+    exec: std::thread::JoinHandle<()>,
+) -> Result<(ServerInfo, std::thread::JoinHandle<()>)> {
+    match ready.recv() {
+        Ok(Ok(info)) => Ok((info, exec)),
+        Ok(Err(e)) => {
+            let _ = exec.join();
+            Err(e)
         }
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(path, e))
+        Err(_) => {
+            let _ = exec.join();
+            Err(Error::Backend(
+                "the executor thread died while loading".into(),
+            ))
+        }
+    }
+}
+
+/// The ROUTER, bound where clients reach it.
+fn open_router(
+    ctx: &zmq::Context,
+    listeners: &mut Listeners,
+    config: &Config,
+) -> Result<zmq::Socket> {
+    let mut router = ctx.socket(zmq::ROUTER)?;
+    router.set_linger(0)?;
+    router.set_maxmsgsize((tacflow_ipc::codec::MAX_HEADER_BYTES + 4096) as i64)?;
+    router.set_rcvhwm(100_000)?;
+    router.set_sndhwm(100_000)?;
+    listeners.bind_router(&mut router, config)?;
+    Ok(router)
+}
+
+/// The threads beside the I/O thread and the executor: the companion
+/// socket, and the metrics endpoint when configured.
+struct Helpers {
+    stop: Shutdown,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Helpers {
+    fn start(
+        listeners: &mut Listeners,
+        info: &ServerInfo,
+        shared: &Arc<Shared>,
+        broker: &Arc<FdBroker>,
+        config: &Config,
+    ) -> Result<Helpers> {
+        let stop = Shutdown::default();
+        let mut threads = Vec::new();
+        if let Some(addr) = config.metrics_socket_addr()? {
+            threads.push(metrics::spawn(
+                addr,
+                info.clone(),
+                shared.clone(),
+                stop.clone(),
+            )?);
+        }
+        if let Some(listener) = listeners.fd_listener.take() {
+            let companion = Companion {
+                listener,
+                broker: broker.clone(),
+                gauges: info.gauges.clone(),
+                max_pending: config.limits.max_regions,
+            };
+            let stop = stop.clone();
+            let t = std::thread::Builder::new()
+                .name("fdpass".into())
+                .spawn(move || companion.serve(&stop))
+                .map_err(|e| Error::Backend(format!("cannot start the companion thread: {e}")))?;
+            threads.push(t);
+        }
+        Ok(Helpers { stop, threads })
+    }
+
+    fn stop(self) {
+        self.stop.trigger();
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Runs the daemon until `shutdown` is triggered and every request is
 /// answered. `on_ready` is called once the socket accepts clients.
 pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> Result<()> {
     config.validate()?;
+    let notifier = Notifier::from_env();
+    notifier.status(&format!("loading model {}", config.model));
     let ctx = zmq::Context::new();
     let wake_rx = ctx.socket(zmq::PAIR)?;
     wake_rx.bind(WAKE_ADDR)?;
@@ -234,66 +385,30 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<ServerInfo>>();
     let shared = Arc::new(Shared::default());
-    let kind = choose_backend(&config)?;
-    let exec = {
-        let config = config.clone();
-        let out = Outbox {
-            tx: out_tx,
-            wake: wake_tx,
-            shared: shared.clone(),
-        };
-        std::thread::Builder::new()
-            .name("executor".into())
-            .spawn(move || {
-                let fail = ready_tx.clone();
-                let r = match kind {
-                    BackendKind::Cuda => CudaBackend::new(0)
-                        .and_then(|b| start_executor(b, &config, out, cmd_rx, ready_tx)),
-                    _ => start_executor(
-                        CpuBackend {
-                            round_to_bf16: config.cpu_round_bf16,
-                        },
-                        &config,
-                        out,
-                        cmd_rx,
-                        ready_tx,
-                    ),
-                };
-                if let Err(e) = r {
-                    let _ = fail.send(Err(e));
-                }
-            })
-            .map_err(|e| Error::Backend(format!("cannot start the executor thread: {e}")))?
+    let links = ExecutorLinks {
+        tx: out_tx,
+        wake: wake_tx,
+        shared: shared.clone(),
+        notifier: notifier.clone(),
     };
-    let info = match ready_rx.recv() {
-        Ok(Ok(info)) => info,
-        Ok(Err(e)) => {
-            let _ = exec.join();
+    let exec = spawn_executor(choose_backend(&config)?, &config, links, cmd_rx, ready_tx)?;
+    let (mut info, exec) = wait_ready(ready_rx, exec)?;
+    let mut listeners = Listeners::prepare(&config)?;
+    info.fd_socket = listeners.fd_path.display().to_string();
+    let broker = Arc::new(FdBroker::default());
+    let started = open_router(&ctx, &mut listeners, &config).and_then(|router| {
+        Helpers::start(&mut listeners, &info, &shared, &broker, &config).map(|h| (router, h))
+    });
+    let (router, helpers) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            listeners.remove_files();
             return Err(e);
         }
-        Err(_) => {
-            let _ = exec.join();
-            return Err(Error::Backend(
-                "the executor thread died while loading".into(),
-            ));
-        }
     };
-    let path: PathBuf = config.socket_path();
-    prepare_socket_path(&path)?;
-    let router = ctx.socket(zmq::ROUTER)?;
-    router.set_linger(0)?;
-    router.set_maxmsgsize((tacflow_ipc::codec::MAX_HEADER_BYTES + 4096) as i64)?;
-    router.set_rcvhwm(100_000)?;
-    router.set_sndhwm(100_000)?;
-    router.bind(&format!("ipc://{}", path.display()))?;
-    set_socket_mode(&path, config.socket_group.as_deref())?;
-    if let Some(tcp) = &config.tcp {
-        router.bind(&format!("tcp://{tcp}"))?;
-        warn!(address = %tcp, "TCP listener is unauthenticated: anyone who reaches it can use the daemon");
-    }
-    info!(socket = %path.display(), instance = %info.instance_id, "listening");
-    on_ready(&path);
-    let spin = Duration::from_micros(config.spin_us);
+    info!(socket = %listeners.path.display(), companion = %listeners.fd_path.display(), instance = %info.instance_id, "listening");
+    on_ready(&listeners.path);
+    notifier.ready(&systemd::serving_status(&info.gauges));
     let mut io = io::Io {
         router,
         inbox: out_rx,
@@ -305,18 +420,25 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
         ),
         shared,
         info,
+        spin: Duration::from_micros(config.spin_us),
         config,
-        errors: Default::default(),
+        fds: broker,
+        notifier,
         uid: nix::unistd::getuid().as_raw(),
         stopping: false,
+        stop_deadline: None,
         executor_done: false,
-        spin,
         last_exchange: Instant::now(),
+        identity: zmq::Message::new(),
+        first: zmq::Message::new(),
     };
     let served = io.run(&shutdown);
     drop(io);
-    let _ = std::fs::remove_file(&path);
-    let _ = exec.join();
-    info!("stopped");
+    helpers.stop();
+    listeners.remove_files();
+    if served.is_ok() {
+        let _ = exec.join();
+        info!("stopped");
+    }
     served
 }

@@ -10,12 +10,17 @@ use tacflow_ipc::{ErrorCode, ErrorReply, HostRegion, SessionToken};
 #[derive(Debug)]
 pub struct Session {
     pub id: SessionId,
+    pub token: SessionToken,
     pub deadline: Instant,
     pub regions: HashMap<u64, Arc<HostRegion>>,
     pub mapped_bytes: u64,
     /// Requests of this session waiting for (or in) the executor.
     pub queued: u64,
     pub client: String,
+    /// The peer's uid when the transport told it (an `ipc://` peer's
+    /// credentials); `None` over TCP. Regions by name need it to be the
+    /// daemon's own uid.
+    pub peer_uid: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -60,7 +65,12 @@ impl Sessions {
         self.lease
     }
 
-    pub fn open(&mut self, client: String, now: Instant) -> (SessionToken, SessionId) {
+    pub fn open(
+        &mut self,
+        client: String,
+        peer_uid: Option<u32>,
+        now: Instant,
+    ) -> (SessionToken, SessionId) {
         let token = random_token();
         let id = self.next_id;
         self.next_id += 1;
@@ -68,11 +78,13 @@ impl Sessions {
             token,
             Session {
                 id,
+                token,
                 deadline: now + self.lease,
                 regions: HashMap::new(),
                 mapped_bytes: 0,
                 queued: 0,
                 client,
+                peer_uid,
             },
         );
         self.by_id.insert(id, token);
@@ -147,6 +159,10 @@ impl Sessions {
     pub fn total_regions(&self) -> usize {
         self.by_token.values().map(|s| s.regions.len()).sum()
     }
+
+    pub fn total_mapped_bytes(&self) -> u64 {
+        self.by_token.values().map(|s| s.mapped_bytes).sum()
+    }
 }
 
 #[cfg(test)]
@@ -157,8 +173,8 @@ mod tests {
     fn tokens_name_sessions_and_leases_expire() {
         let t0 = Instant::now();
         let mut s = Sessions::new(Duration::from_millis(100), "inst".into());
-        let (a, ida) = s.open("a".into(), t0);
-        let (b, _) = s.open("b".into(), t0);
+        let (a, ida) = s.open("a".into(), Some(0), t0);
+        let (b, _) = s.open("b".into(), None, t0);
         assert_ne!(a, b);
         assert_eq!(s.touch(&a, t0).unwrap().id, ida);
         // b is renewed, a is not.
