@@ -19,6 +19,8 @@ from transformers import LlamaForCausalLM
 
 from tacflow import StepEntry
 
+from teacher import collect, rel_err
+
 # Lengths that cross the 16-token block boundary, and length 1.
 PROMPT_LENGTHS = [1, 5, 16, 17, 33, 50]
 DECODE_STEPS = 32
@@ -43,63 +45,17 @@ def _hf_logits(model, tokens: list[int]) -> np.ndarray:
     return out.logits[0].double().numpy()
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def test_logits_match_transformers_over_chunked_prefill_and_decode(start_daemon, tiny_hf):
     d = start_daemon("--kv-blocks", "512")
     c = d.client()
-    vocab = c.info.model.vocab_size
-    prompts = _prompts(vocab)
-    n = len(prompts)
-    max_len = max(PROMPT_LENGTHS) + DECODE_STEPS
-    # One logits row per (sequence, position), written by the daemon.
-    region = c.create_region(4 * n * max_len * vocab)
-    for i in range(n):
-        c.open_sequence(100 + i)
-    fed = [0] * n  # tokens sent so far
-    seqs = [list(p) for p in prompts]  # prompt + greedy continuation
-    logits = np.full((n, max_len, vocab), np.nan, dtype=np.float64)
-
-    def ref_for(i: int, pos: int, count: int):
-        off = 4 * ((i * max_len + pos) * vocab)
-        return region.ref(off, "f32", (count, vocab))
-
-    # Chunked prefill: every step carries a chunk of each unfinished prompt
-    # and a decode token of every sequence whose prompt is done. A sequence
-    # is done when all but its last sampled token have been fed.
-    target = [len(p) + DECODE_STEPS for p in prompts]
-    while any(fed[i] < target[i] - 1 for i in range(n)):
-        entries = []
-        for i in range(n):
-            if fed[i] >= target[i] - 1:
-                continue
-            if fed[i] < len(prompts[i]):
-                toks = seqs[i][fed[i] : min(fed[i] + CHUNK, len(prompts[i]))]
-            else:
-                toks = seqs[i][fed[i] : fed[i] + 1]
-            last_of_prompt = fed[i] + len(toks) >= len(prompts[i])
-            entries.append(
-                (i, StepEntry(100 + i, toks, sample=last_of_prompt, logits=ref_for(i, fed[i], len(toks))))
-            )
-        out = c.step([e for _, e in entries])
-        for (i, e), r in zip(entries, out.results):
-            rows = region.view(e.logits)
-            logits[i, fed[i] : fed[i] + len(e.tokens)] = rows
-            fed[i] += len(e.tokens)
-            assert r.num_tokens == fed[i]
-            if e.sample:
-                seqs[i].append(r.token)
+    prompts = _prompts(c.info.model.vocab_size)
+    seqs, rows = collect(c, prompts, DECODE_STEPS, CHUNK)
     model = _hf_model(tiny_hf)
     worst = 0.0
-    for i in range(n):
-        total = len(seqs[i])
-        # The last sampled token was never fed, so logits exist for total-1 rows.
-        got = logits[i, : total - 1]
-        assert not np.isnan(got).any(), "daemon left logits unwritten"
-        want = _hf_logits(model, seqs[i][: total - 1])
-        err = _rel(got, want)
+    for i, (seq, got) in enumerate(zip(seqs, rows)):
+        assert len(seq) == len(prompts[i]) + DECODE_STEPS
+        want = _hf_logits(model, seq[:-1])
+        err = rel_err(got, want)
         worst = max(worst, err)
         assert err <= 1e-4, f"sequence {i} (prompt {PROMPT_LENGTHS[i]}): rel err {err:.2e}"
     print(f"worst norm-wise relative error: {worst:.2e}")
