@@ -87,7 +87,8 @@ pub struct Gauges {
     /// Error replies sent, by code (index: position in [`ErrorCode::ALL`],
     /// then one for codes this build does not know).
     errors: [AtomicU64; ErrorCode::ALL.len() + 1],
-    /// How long steps ran on the executor (excluding their wait in the queue).
+    /// How long successful steps ran on the executor (excluding their wait
+    /// in the queue).
     pub step_run: Histogram,
     /// Microseconds since `start` when the executor last finished a command.
     pub last_done_us: AtomicU64,

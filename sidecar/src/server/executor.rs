@@ -269,7 +269,9 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: 
             let started = Instant::now();
             let queued_us = started.duration_since(to.received).as_micros() as u64;
             let result = engine.step(&work);
-            out.gauges.step_run.observe(started.elapsed());
+            if result.is_ok() {
+                out.gauges.step_run.observe(started.elapsed());
+            }
             result.map(|results| {
                 encode_reply(
                     to.kind,

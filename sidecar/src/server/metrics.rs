@@ -171,7 +171,7 @@ fn histogram(o: &mut String, g: &Gauges) {
         o,
         name,
         "histogram",
-        "Time steps ran on the executor (queue wait excluded).",
+        "Time successful steps ran on the executor (queue wait excluded).",
     );
     let h = g.step_run.snapshot();
     for (bound, n) in STEP_BUCKETS_S.iter().zip(&h.cumulative) {
