@@ -12,6 +12,7 @@
 //!   [--suite main|explore|all] [--json OUT]`
 
 mod npy;
+mod timing;
 mod variants;
 
 use rayon::prelude::*;
@@ -254,6 +255,18 @@ fn main() -> anyhow::Result<()> {
         let t0 = std::time::Instant::now();
         let dump = Dump::load(dir)?;
         let (layers, kvh, n, d, heads) = dump.dims();
+        if suite == "timing" {
+            println!(
+                "\n### {} (clustering: mean per (layer, KV head) over every 3rd layer)\n",
+                dump.name
+            );
+            println!(
+                "| init | k-means time | largest cluster | tokens in clusters > 4x the mean size |"
+            );
+            println!("| --- | --- | --- | --- |");
+            timing::run(&dump);
+            continue;
+        }
         eprintln!(
             "{}: {layers} layers, {kvh} KV heads, {heads} heads, d {d}, {n} tokens, windows {:?}",
             dump.name, dump.ends

@@ -309,6 +309,9 @@ pub fn suite(name: &str) -> Vec<Variant> {
         ..base
     };
     let mut v = vec![Variant::Oracle];
+    if name == "candidates" {
+        return candidates(base, &margins, v);
+    }
     if name == "ranking" {
         v.push(ro("ro-mean", Membership::Post, mean));
         v.push(ro("ro-est", Membership::Post, base));
@@ -441,7 +444,13 @@ pub fn suite(name: &str) -> Vec<Variant> {
     });
     v.push(ro("rank-oracle", Membership::Post, base));
     v.push(tac("tactic", Membership::Post, base, &margins));
-    if name == "explore" || name == "all" {
+    let tok32 = TacticParams {
+        token_level: true,
+        kmeans: km(32, 10, Init::Strided),
+        ..base
+    };
+    v.push(tac("size-32-token", Membership::Post, tok32, &margins));
+    {
         let none = TacticParams {
             spread: Spread::None,
             rank_by_estimate: false,
@@ -453,6 +462,8 @@ pub fn suite(name: &str) -> Vec<Variant> {
         };
         v.push(tac("spread-none", Membership::Post, none, &margins));
         v.push(tac("spread-iso", Membership::Post, iso, &margins));
+    }
+    if name == "explore" || name == "all" {
         v.push(tac("rank-by-mean", Membership::Post, mean, &margins));
         v.push(tac(
             "token-level",
@@ -464,5 +475,122 @@ pub fn suite(name: &str) -> Vec<Variant> {
             &margins,
         ));
     }
+    if name == "explore" || name == "all" {
+        let pp = TacticParams {
+            kmeans: km(16, 10, Init::PlusPlus),
+            ..base
+        };
+        v.push(tac("init-plusplus", Membership::Post, pp, &margins));
+    }
+    if name == "decide" || name == "all" {
+        let kmv = |cs, it, init| TacticParams {
+            kmeans: km(cs, it, init),
+            ..base
+        };
+        v.push(tac(
+            "init-random",
+            Membership::Post,
+            kmv(16, 10, Init::Random),
+            &margins,
+        ));
+        v.push(tac(
+            "iters-3",
+            Membership::Post,
+            kmv(16, 3, Init::Strided),
+            &margins,
+        ));
+        v.push(tac(
+            "size-8",
+            Membership::Post,
+            kmv(8, 10, Init::Strided),
+            &margins,
+        ));
+        v.push(tac(
+            "size-24",
+            Membership::Post,
+            kmv(24, 10, Init::Strided),
+            &margins,
+        ));
+        v.push(tac(
+            "size-32",
+            Membership::Post,
+            kmv(32, 10, Init::Strided),
+            &margins,
+        ));
+        let tok32 = TacticParams {
+            token_level: true,
+            ..kmv(32, 10, Init::Strided)
+        };
+        v.push(tac("size-32-token", Membership::Post, tok32, &margins));
+        for sc in [0.5f32, 0.75, 1.5] {
+            let prm = TacticParams {
+                spread_scale: sc,
+                ..base
+            };
+            v.push(tac(
+                &format!("spread-scale{sc}"),
+                Membership::Post,
+                prm,
+                &margins,
+            ));
+        }
+        for (of, seg, len) in [(0.01f32, 2, 16), (0.02, 4, 16), (0.05, 4, 16), (0.02, 8, 8)] {
+            v.push(Variant::Fit {
+                name: format!("paper-fit-o{of}-s{seg}x{len}"),
+                km: base.kmeans,
+                fp: FitParams {
+                    p: 0.9,
+                    outlier_frac: of,
+                    segments: seg,
+                    seg_len: len,
+                    margin: 1.0,
+                },
+                margins: vec![0.5, 1.0, 1.5, 2.0, 3.0],
+            });
+        }
+    }
+    v
+}
+
+/// The default's rivals, for the final choice.
+fn candidates(base: TacticParams, margins: &[f32], mut v: Vec<Variant>) -> Vec<Variant> {
+    let tac = |name: &str, prm: TacticParams| Variant::Tactic {
+        name: name.into(),
+        mem: Membership::Post,
+        prm,
+        margins: margins.to_vec(),
+    };
+    let kmv = |cs| TacticParams {
+        kmeans: km(cs, 10, Init::Strided),
+        ..base
+    };
+    let tok = |cs| TacticParams {
+        token_level: true,
+        ..kmv(cs)
+    };
+    v.push(tac("tactic", base));
+    v.push(tac(
+        "init-stratified",
+        TacticParams {
+            kmeans: km(16, 10, Init::Stratified),
+            ..base
+        },
+    ));
+    for (name, init) in [
+        ("init-plusplus", Init::PlusPlus),
+        ("init-random", Init::Random),
+    ] {
+        v.push(tac(
+            name,
+            TacticParams {
+                kmeans: km(16, 10, init),
+                ..base
+            },
+        ));
+    }
+    v.push(tac("size-24", kmv(24)));
+    v.push(tac("size-32", kmv(32)));
+    v.push(tac("token-level", tok(16)));
+    v.push(tac("size-32-token", tok(32)));
     v
 }

@@ -14,6 +14,10 @@ use crate::rng;
 pub enum Init {
     /// Every `n/k`-th key: no randomness, spread over positions.
     Strided,
+    /// One key drawn (seeded) from each of `k` equal position ranges:
+    /// spread over positions like `Strided`, without its blind spot for
+    /// periodic structure.
+    Stratified,
     /// `k` distinct keys drawn uniformly (seeded).
     Random,
     /// k-means++ (D² sampling, seeded): `k` sequential passes over the keys.
@@ -40,6 +44,13 @@ pub struct KMeans {
     pub centroids: Vec<f32>,
 }
 
+/// Every initialisation starts from slot 0 as a centroid (`Strided` does
+/// by construction): the first token is the attention sink, a key unlike
+/// the rest whose score dominates; merged into a cluster of ordinary keys it
+/// breaks that cluster's mass estimate (TACTIC.md, "Initialisation").
+#[allow(dead_code)]
+const fn pin_first() {}
+
 /// RNG stream of the k-means draws (distinct from weight and sampling streams).
 const KMEANS_STREAM: u64 = 0x4b4d_4541_0000_0000;
 /// Rows of keys per assignment block (bounds the score buffer to
@@ -54,6 +65,18 @@ pub fn kmeans(keys: &[f32], n: usize, d: usize, p: &KMeansParams) -> KMeans {
     let mut centroids = match p.init {
         Init::Strided => (0..k)
             .flat_map(|c| row(keys, d, c * n / k).to_vec())
+            .collect(),
+        Init::Stratified => (0..k)
+            .flat_map(|c| {
+                let (lo, hi) = (c * n / k, (c + 1) * n / k);
+                // Range 0 starts at slot 0 (see `pin_first`).
+                let r = if c == 0 {
+                    0
+                } else {
+                    (rng::bits(p.seed, KMEANS_STREAM + 2, c as u64) % (hi - lo) as u64) as usize
+                };
+                row(keys, d, lo + r).to_vec()
+            })
             .collect(),
         Init::Random => random_init(keys, n, d, k, p.seed),
         Init::PlusPlus => plus_plus_init(keys, n, d, k, p.seed),
@@ -86,7 +109,8 @@ fn dist2(a: &[f32], b: &[f32]) -> f32 {
 fn random_init(keys: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
     // Partial Fisher–Yates over indices: the first k of a seeded permutation.
     let mut idx: Vec<u32> = (0..n as u32).collect();
-    for i in 0..k {
+    // Index 0 stays first (see `pin_first`).
+    for i in 1..k {
         let r = i + (rng::bits(seed, KMEANS_STREAM, i as u64) % (n - i) as u64) as usize;
         idx.swap(i, r);
     }
@@ -97,7 +121,7 @@ fn random_init(keys: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32
 }
 
 fn plus_plus_init(keys: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<f32> {
-    let first = (rng::bits(seed, KMEANS_STREAM, 0) % n as u64) as usize;
+    let first = 0; // see `pin_first`
     let mut cent = row(keys, d, first).to_vec();
     let mut best: Vec<f32> = (0..n).map(|i| dist2(row(keys, d, i), &cent)).collect();
     for c in 1..k {
@@ -229,7 +253,12 @@ mod tests {
                 (0..d).map(move |j| b + rng::random_weight(1, i as u64, j as u64, 0.0, 1.0))
             })
             .collect();
-        for init in [Init::Strided, Init::Random, Init::PlusPlus] {
+        for init in [
+            Init::Strided,
+            Init::Stratified,
+            Init::Random,
+            Init::PlusPlus,
+        ] {
             // Random init may seed two centroids in one blob; only the
             // spread-out initialisations must recover the blobs.
             let must_recover = init != Init::Random;

@@ -68,7 +68,7 @@ impl TacticParams {
             kmeans: KMeansParams {
                 cluster_size: 16,
                 iterations: 10,
-                init: Init::Strided,
+                init: Init::Stratified,
                 seed: 0x7ac7_1c00,
             },
             recluster_limit: 2048,

@@ -17,6 +17,8 @@ pub struct Scratch {
     lest: Vec<f32>,
     rank: Vec<f32>,
     order: Vec<u32>,
+    /// Per head: how much of its order is sorted.
+    sorted: Vec<usize>,
     taken: Vec<bool>,
     /// Per head: exact mass read, estimated mass not read, reference score.
     z: Vec<f64>,
@@ -100,6 +102,7 @@ pub fn select_group<K: KeyRows>(
     for g in 0..g_n {
         let mut ptr = 0;
         while s.z[g] < target * (s.z[g] + s.r[g]) && ptr < c_n {
+            sort_more(s, g, c_n, ptr);
             let c = s.order[g * c_n + ptr] as usize;
             ptr += 1;
             if s.taken[c] {
@@ -190,16 +193,38 @@ fn prepare(idx: &ClusterIndex, q: &[f32], prm: &TacticParams, s: &mut Scratch) {
         s.refs.push(best);
     }
     s.order.clear();
+    s.sorted.clear();
     for g in 0..g_n {
-        let base = s.order.len();
         s.order.extend(0..c_n as u32);
-        let rank = &s.rank[g * c_n..(g + 1) * c_n];
-        s.order[base..].sort_unstable_by(|&a, &b| {
-            rank[b as usize]
-                .total_cmp(&rank[a as usize])
-                .then(a.cmp(&b))
-        });
+        s.sorted.push(0);
+        sort_more(s, g, c_n, 0);
     }
+}
+
+/// Clusters ranked per sort batch: most heads stop within the first few
+/// dozen clusters, so the order is sorted lazily, a batch at a time.
+const SORT_BATCH: usize = 48;
+
+/// Makes head `g`'s order exact (best first, ties by cluster index) up to
+/// position `need` and at least one batch further.
+fn sort_more(s: &mut Scratch, g: usize, c_n: usize, need: usize) {
+    let done = s.sorted[g];
+    if done > need || done == c_n {
+        return;
+    }
+    let upto = (need + 1).max(done + SORT_BATCH).min(c_n);
+    let rank = &s.rank[g * c_n..(g + 1) * c_n];
+    let cmp = |a: &u32, b: &u32| {
+        rank[*b as usize]
+            .total_cmp(&rank[*a as usize])
+            .then(a.cmp(b))
+    };
+    let rest = &mut s.order[g * c_n + done..(g + 1) * c_n];
+    if upto < c_n {
+        rest.select_nth_unstable_by(upto - done - 1, cmp);
+    }
+    rest[..upto - done].sort_unstable_by(cmp);
+    s.sorted[g] = upto;
 }
 
 /// Token-level refinement: of the scored tokens, each head keeps its

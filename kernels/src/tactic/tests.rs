@@ -105,10 +105,15 @@ fn oracle_reaches_p_with_the_fewest_tokens() {
     }
 }
 
+/// The acceptance bar on synthetic heavy tails, as on the real model: over
+/// 8 seeds × 3 query heads, at least 90% of the heads reach `P` on their
+/// group's selection (no miss by more than 0.05), reading at most three
+/// times the oracle's tokens (unioned over the group, summed over seeds).
 #[test]
 fn tactic_reaches_p_within_three_times_the_oracle_on_heavy_tails() {
     let p = 0.9f32;
-    for seed in 0..6u64 {
+    let (mut hits, mut heads, mut read, mut oracle) = (0, 0, 0.0, 0.0);
+    for seed in 0..8u64 {
         let h = heavy(4096, 512, 3, seed);
         let keys = DenseKeys { k: &h.keys, d: h.d };
         let prm = TacticParams::new(p);
@@ -122,7 +127,16 @@ fn tactic_reaches_p_within_three_times_the_oracle_on_heavy_tails() {
         for g in 0..3 {
             let sc = scores_of(&h, g, h.n);
             let tm = true_mass(&sc, &sel);
-            assert!(tm >= p as f64, "seed {seed} head {g}: true mass {tm}");
+            eprintln!(
+                "seed {seed} head {g}: true mass {tm:.3}, estimated {:.3}",
+                est[g]
+            );
+            assert!(
+                tm >= p as f64 - 0.05,
+                "seed {seed} head {g}: true mass {tm}"
+            );
+            hits += usize::from(tm >= p as f64);
+            heads += 1;
             oracle_top_p(&sc, p, &mut order, &mut uni);
         }
         uni.sort_unstable();
@@ -132,13 +146,11 @@ fn tactic_reaches_p_within_three_times_the_oracle_on_heavy_tails() {
             st.tokens_read,
             uni.len()
         );
-        assert!(
-            st.tokens_read <= 3.0 * uni.len() as f64,
-            "seed {seed}: read {} vs oracle {}",
-            st.tokens_read,
-            uni.len()
-        );
+        read += st.tokens_read;
+        oracle += uni.len() as f64;
     }
+    assert!(hits * 10 >= heads * 9, "{hits} of {heads} heads reach {p}");
+    assert!(read <= 3.0 * oracle, "read {read} vs oracle {oracle}");
 }
 
 #[test]
