@@ -17,28 +17,38 @@ pub struct PageBounds {
 
 impl PageBounds {
     pub fn build<K: KeyRows>(keys: &K, len: usize, page: usize) -> PageBounds {
-        let d = keys.dim();
-        let pages = len.div_ceil(page);
         let mut b = PageBounds {
-            d,
+            d: keys.dim(),
             page,
-            len,
-            min: vec![f32::INFINITY; pages * d],
-            max: vec![f32::NEG_INFINITY; pages * d],
+            ..Default::default()
         };
-        for slot in 0..len {
-            let p = slot / page;
+        b.extend(keys, len);
+        b
+    }
+
+    /// Covers slots up to `len` (the engine calls this as pages fill; the
+    /// last, partial page is recomputed).
+    pub fn extend<K: KeyRows>(&mut self, keys: &K, len: usize) {
+        let d = self.d;
+        let first = self.len / self.page;
+        let pages = len.div_ceil(self.page);
+        self.min.truncate(first * d);
+        self.max.truncate(first * d);
+        self.min.resize(pages * d, f32::INFINITY);
+        self.max.resize(pages * d, f32::NEG_INFINITY);
+        for slot in first * self.page..len {
+            let p = slot / self.page;
             let k = keys.key(slot);
-            let lo = &mut b.min[p * d..(p + 1) * d];
+            let lo = &mut self.min[p * d..(p + 1) * d];
             for (m, &x) in lo.iter_mut().zip(k) {
                 *m = m.min(x);
             }
-            let hi = &mut b.max[p * d..(p + 1) * d];
+            let hi = &mut self.max[p * d..(p + 1) * d];
             for (m, &x) in hi.iter_mut().zip(k) {
                 *m = m.max(x);
             }
         }
-        b
+        self.len = len;
     }
 
     pub fn pages(&self) -> usize {

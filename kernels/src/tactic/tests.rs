@@ -349,3 +349,23 @@ fn attention_over_the_selection_equals_the_renormalised_reference() {
         }
     }
 }
+
+#[test]
+fn page_bounds_grow_like_a_fresh_build_and_bound_every_score() {
+    let h = heavy(100, 8, 1, 2);
+    let keys = DenseKeys { k: &h.keys, d: h.d };
+    let mut b = PageBounds::build(&keys, 37, 16);
+    b.extend(&keys, 90);
+    let fresh = PageBounds::build(&keys, 90, 16);
+    assert_eq!((b.min.clone(), b.max.clone()), (fresh.min, fresh.max));
+    let q = &h.queries[..h.d];
+    for slot in 0..90 {
+        let s: f32 = q.iter().zip(keys.key(slot)).map(|(a, b)| a * b).sum();
+        assert!(s <= b.bound(slot / 16, q) + 1e-3 * (1.0 + s.abs()));
+    }
+    // The budget is respected and the tail past the bounds is kept.
+    let mut out = Vec::new();
+    let read = fixed_budget(&b, q, 100, 40, &mut out);
+    assert!(out.len() <= 40 + 15 && (90..100).all(|t| out.contains(&t)));
+    assert_eq!(read, out.len() as f64 + 6.0);
+}
