@@ -25,6 +25,18 @@ from tacflow import errors as E
 UNITS = ROOT / "examples" / "systemd"
 
 
+@pytest.fixture
+def reap():
+    """Registers daemons started here; any still running at teardown (a
+    failed assertion skipped its stop) is killed."""
+    started: list[Daemon] = []
+    yield lambda d: started.append(d) or d
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
 class NotifySocket:
     """What systemd listens on: a datagram socket collecting sd_notify lines."""
 
@@ -70,10 +82,10 @@ def big_step(c: Client, n_seqs: int = 3) -> list[StepEntry]:
     return entries
 
 
-def test_notify_ready_status_watchdog_and_stopping(tmp_path):
+def test_notify_ready_status_watchdog_and_stopping(tmp_path, reap):
     notify = NotifySocket(tmp_path / "notify")
     env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"}
-    d = Daemon(tmp_path, ["--kv-blocks", "2048"], env)
+    d = reap(Daemon(tmp_path, ["--kv-blocks", "2048"], env))
     ready = notify.wait_for("READY=1")
     statuses = notify.statuses()
     assert statuses[0].startswith("loading model tiny"), statuses
@@ -109,10 +121,10 @@ def test_notify_ready_status_watchdog_and_stopping(tmp_path):
     assert not d.socket.exists()
 
 
-def test_shutdown_waits_for_the_step_in_flight_but_not_forever(tmp_path):
+def test_shutdown_waits_for_the_step_in_flight_but_not_forever(tmp_path, reap):
     # Default bound: the step in flight finishes, the daemon exits 0.
     (tmp_path / "a").mkdir()
-    d = Daemon(tmp_path / "a", ["--kv-blocks", "2048"])
+    d = reap(Daemon(tmp_path / "a", ["--kv-blocks", "2048"]))
     c = d.client()
     c.send_raw(_step_frames(c, big_step(c, 2)))
     time.sleep(0.2)
@@ -123,7 +135,7 @@ def test_shutdown_waits_for_the_step_in_flight_but_not_forever(tmp_path):
     # A bound shorter than the step: the daemon gives up on it and exits
     # non-zero at once, instead of hanging until systemd kills it.
     (tmp_path / "b").mkdir()
-    d = Daemon(tmp_path / "b", ["--kv-blocks", "2048", "--shutdown-timeout-ms", "200"])
+    d = reap(Daemon(tmp_path / "b", ["--kv-blocks", "2048", "--shutdown-timeout-ms", "200"]))
     c = d.client()
     entries = big_step(c, 3)
     c.send_raw(_step_frames(c, entries))
@@ -188,8 +200,8 @@ def test_socket_activation_adopts_the_passed_sockets(tmp_path):
     fdsock.close()
 
 
-def test_journal_log_format(tmp_path):
-    d = Daemon(tmp_path, ["--kv-blocks", "64", "--log-format", "journal"])
+def test_journal_log_format(tmp_path, reap):
+    d = reap(Daemon(tmp_path, ["--kv-blocks", "64", "--log-format", "journal"]))
     d.client().close()
     assert d.stop() == 0
     lines = [x for x in d.log_path.read_text().splitlines() if x.strip()]
@@ -201,7 +213,7 @@ def test_journal_log_format(tmp_path):
     assert any(x.startswith("<6>") and "listening" in x for x in lines)
 
 
-def test_unit_files_pass_systemd_analyze_verify(tmp_path):
+def test_unit_files_pass_systemd_analyze_verify(tmp_path, reap):
     service = (UNITS / "tacflowd.service").read_text()
     for key in ("Type=notify", "WatchdogSec=", "TimeoutStopSec=", "NoNewPrivileges=yes",
                 "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "RuntimeDirectory=tacflow",
@@ -212,7 +224,7 @@ def test_unit_files_pass_systemd_analyze_verify(tmp_path):
     # The example config loads (minus the group, which this machine may lack).
     toml = (UNITS / "tacflowd.toml").read_text().replace('socket_group = "tacflow"', "")
     (tmp_path / "c.toml").write_text(toml)
-    d = Daemon(tmp_path, ["--config", str(tmp_path / "c.toml"), "--log-format", "text"])
+    d = reap(Daemon(tmp_path, ["--config", str(tmp_path / "c.toml"), "--log-format", "text"]))
     assert d.client().info.model.name == "tiny"
     assert d.stop() == 0
     tool = shutil.which("systemd-analyze")
@@ -243,11 +255,11 @@ def scrape(port: int, path: str = "/metrics") -> dict[str, float]:
     return out
 
 
-def test_prometheus_endpoint(tmp_path):
+def test_prometheus_endpoint(tmp_path, reap):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = Daemon(tmp_path, ["--kv-blocks", "64", "--metrics-addr", str(port)])
+    d = reap(Daemon(tmp_path, ["--kv-blocks", "64", "--metrics-addr", str(port)]))
     c = d.client()
     c.open_sequence(1)
     t = c.step([StepEntry(1, [1, 2, 3])]).results[0].token

@@ -226,19 +226,61 @@ fn random_policy(rng: &mut Rng) -> AttentionPolicy {
     }
 }
 
+fn random_sampling(rng: &mut Rng) -> SamplingParams {
+    SamplingParams {
+        temperature: f32::from_bits(rng.next_u64() as u32),
+        top_p: f32::from_bits(rng.next_u64() as u32),
+        top_k: rng.interesting() as u32,
+        seed: rng.interesting(),
+        logprobs: rng.interesting() as u32,
+    }
+}
+
+fn random_region(rng: &mut Rng) -> RegionDesc {
+    match rng.below(3) {
+        0 => RegionDesc::Shm {
+            name: random_name(rng),
+            byte_size: rng.interesting(),
+        },
+        1 => RegionDesc::Memfd {
+            fd_token: rng.interesting(),
+            byte_size: rng.interesting(),
+        },
+        _ => RegionDesc::Cuda {
+            ipc_handle: vec![rng.next_u64() as u8; rng.below(80)],
+            device_uuid: random_name(rng),
+            byte_size: rng.interesting(),
+            offset: rng.interesting(),
+        },
+    }
+}
+
+fn random_entries(rng: &mut Rng) -> Vec<StepEntry> {
+    (0..rng.below(4))
+        .map(|_| {
+            let n = [0, 1, 3, 17][rng.below(4)];
+            let positions = rng.chance(30).then(|| {
+                (0..n + rng.below(2))
+                    .map(|_| rng.interesting() as u32)
+                    .collect()
+            });
+            StepEntry {
+                seq_id: rng.interesting(),
+                tokens: (0..n).map(|_| rng.interesting() as u32).collect(),
+                positions,
+                sample: rng.chance(50),
+                logits: rng.chance(70).then(|| random_tensor(rng)),
+            }
+        })
+        .collect()
+}
+
 /// A typed request with hostile numbers, as a client would encode it.
 pub fn random_request(rng: &mut Rng) -> Request {
     let request_id = rng.interesting();
     let mut t = [0u8; 16];
     t.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
     let session = SessionToken(t);
-    let sampling = |rng: &mut Rng| SamplingParams {
-        temperature: f32::from_bits(rng.next_u64() as u32),
-        top_p: f32::from_bits(rng.next_u64() as u32),
-        top_k: rng.interesting() as u32,
-        seed: rng.interesting(),
-        logprobs: rng.interesting() as u32,
-    };
     match rng.below(8) {
         0 => Request::Hello(HelloRequest {
             request_id,
@@ -248,29 +290,14 @@ pub fn random_request(rng: &mut Rng) -> Request {
         1 => Request::RegisterRegion(RegisterRegionRequest {
             request_id,
             session,
-            region: match rng.below(3) {
-                0 => RegionDesc::Shm {
-                    name: random_name(rng),
-                    byte_size: rng.interesting(),
-                },
-                1 => RegionDesc::Memfd {
-                    fd_token: rng.interesting(),
-                    byte_size: rng.interesting(),
-                },
-                _ => RegionDesc::Cuda {
-                    ipc_handle: vec![rng.next_u64() as u8; rng.below(80)],
-                    device_uuid: random_name(rng),
-                    byte_size: rng.interesting(),
-                    offset: rng.interesting(),
-                },
-            },
+            region: random_region(rng),
         }),
         2 => Request::OpenSequence(OpenSequenceRequest {
             request_id,
             session,
             seq_id: rng.interesting(),
             attention: random_policy(rng),
-            sampling: sampling(rng),
+            sampling: random_sampling(rng),
             diagnostics: rng.chance(50),
         }),
         3 => Request::ForkSequence(ForkSequenceRequest {
@@ -278,7 +305,7 @@ pub fn random_request(rng: &mut Rng) -> Request {
             session,
             parent: rng.interesting(),
             child: rng.interesting(),
-            sampling: rng.chance(50).then(|| sampling(rng)),
+            sampling: rng.chance(50).then(|| random_sampling(rng)),
             attention: rng.chance(50).then(|| random_policy(rng)),
         }),
         4 => Request::AttentionStep(Box::new(AttentionStepRequest {
@@ -291,29 +318,11 @@ pub fn random_request(rng: &mut Rng) -> Request {
             v: random_tensor(rng),
             out: random_tensor(rng),
         })),
-        _ => {
-            let entries = (0..rng.below(4))
-                .map(|_| {
-                    let n = [0, 1, 3, 17][rng.below(4)];
-                    StepEntry {
-                        seq_id: rng.interesting(),
-                        tokens: (0..n).map(|_| rng.interesting() as u32).collect(),
-                        positions: rng.chance(30).then(|| {
-                            (0..n + rng.below(2))
-                                .map(|_| rng.interesting() as u32)
-                                .collect()
-                        }),
-                        sample: rng.chance(50),
-                        logits: rng.chance(70).then(|| random_tensor(rng)),
-                    }
-                })
-                .collect();
-            Request::Step(StepRequest {
-                request_id,
-                session,
-                entries,
-            })
-        }
+        _ => Request::Step(StepRequest {
+            request_id,
+            session,
+            entries: random_entries(rng),
+        }),
     }
 }
 
