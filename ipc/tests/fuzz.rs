@@ -19,7 +19,7 @@ fn bounded_fuzz_run_finds_nothing() {
     let n = std::env::var("TACFLOW_FUZZ_INPUTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30_000);
+        .unwrap_or(100_000);
     let report = Fuzzer::new(0x7ac_f10e, corpus).run(n, check);
     assert_eq!(report.inputs, n);
     assert!(report.by_source.iter().all(|&k| k > 0), "{report:?}");
