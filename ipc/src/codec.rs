@@ -396,7 +396,10 @@ mod tests {
     fn large_ids_survive_in_error_details() {
         let e = ErrorReply::bad_request("x").with("seq_id", u64::MAX);
         let back: ErrorReply = from_msgpack(&to_msgpack(&e)).unwrap();
-        assert_eq!(back.detail["seq_id"], crate::error::DetailValue::UInt(u64::MAX));
+        assert_eq!(
+            back.detail["seq_id"],
+            crate::error::DetailValue::UInt(u64::MAX)
+        );
     }
 
     #[test]
