@@ -154,21 +154,20 @@ def main() -> int:
     _client_path()
     from tacflow import Client
 
-    watcher = Client(args.address, timeout_s=60, client_name="load-watcher")
-    info = watcher.info
+    with Client(args.address, timeout_s=60, client_name="load-watcher") as watcher:
+        info = watcher.info
     print(f"daemon: {info.daemon}, model {info.model.name}, backend {info.backend.kind} "
           f"({info.backend.device}), {info.kv.total_blocks} KV blocks")
     rows = []
     for n in (int(x) for x in args.clients.split(",")):
-        watcher.ping()
         row = run_level(args.address, n, args)
-        watcher.ping()
         rows.append(row)
         print(f"N={n:3d}: {row['steps_per_s']:8.0f} steps/s  p50 {row['p50_us']:8.0f} µs  "
               f"p99 {row['p99_us']:8.0f} µs  errors {row['errors'] or 'none'}  "
               f"missing {row['missing']} duplicated {row['duplicates']} unknown {row['unknown']}",
               flush=True)
-    stats = watcher.stats()
+    with Client(args.address, timeout_s=60, client_name="load-watcher") as watcher:
+        stats = watcher.stats()
     print(f"daemon after the run: {stats.sessions} sessions, {stats.sequences} sequences, "
           f"{stats.kv_free_blocks}/{stats.kv_total_blocks} KV blocks free, errors {stats.errors}")
     print()
