@@ -73,6 +73,14 @@ pub fn select_group_fit<K: KeyRows>(
     let (read, sel) = (s.epoch, s.epoch + 1);
     out.clear();
     out.extend(n as u32..ctx_len as u32);
+    if c_n == 0 {
+        est_mass.iter_mut().for_each(|e| *e = 1.0);
+        return SelectStats {
+            tokens_read: out.len() as f64,
+            selected: out.len(),
+        };
+    }
+    assert!(d <= 256, "head_dim above 256");
     let mut qs = [0.0f32; 256];
     for g in 0..g_n {
         let qg = &mut qs[..d];

@@ -167,6 +167,8 @@ fn prepare(idx: &ClusterIndex, q: &[f32], prm: &TacticParams, s: &mut Scratch) {
         let v = match prm.spread {
             Spread::None => 0.0,
             Spread::Iso => dot(qg, qg) / d as f32,
+            // No clusters yet (nothing cached before the first token): no shape.
+            Spread::Pooled if idx.shape.is_empty() => 0.0,
             Spread::Pooled => (0..d)
                 .map(|i| qg[i] * dot(&idx.shape[i * d..(i + 1) * d], qg))
                 .sum(),

@@ -369,3 +369,26 @@ fn page_bounds_grow_like_a_fresh_build_and_bound_every_score() {
     assert!(out.len() <= 40 + 15 && (90..100).all(|t| out.contains(&t)));
     assert_eq!(read, out.len() as f64 + 6.0);
 }
+
+#[test]
+fn tiny_contexts_select_everything_they_must() {
+    // Length 1 (nothing clustered), a context shorter than one cluster, and
+    // one crossing a block boundary.
+    for n in [1usize, 5, 17, 33] {
+        let h = heavy(n.max(2), 2, 3, n as u64);
+        let pc = paged(&h, 1);
+        let mut seq = TacticSeq::new(TacticParams::new(0.9), 1);
+        let mut out = vec![Vec::new()];
+        let mut diag = vec![HeadDiag::default()];
+        seq.select_layer(0, &step(&pc, &h.queries, h.d, n), &mut out, &mut diag);
+        assert!(out[0].contains(&(n as u32 - 1)), "n {n}: own token");
+        assert!(out[0].iter().all(|&s| (s as usize) < n));
+        for g in 0..3 {
+            let sc = scores_of(&h, g, n);
+            assert!(
+                true_mass(&sc, &out[0]) >= 0.9 - 1e-6 || n > 16,
+                "n {n} head {g}"
+            );
+        }
+    }
+}
