@@ -129,12 +129,18 @@ class Tactic:
 
 @dataclass(frozen=True, slots=True)
 class FixedBudget:
-    """Quest-style page selection up to a fixed token budget (a baseline)."""
+    """Quest-style page selection up to a fixed token budget (a baseline).
+    ``p`` only sets the target mass its diagnostics count success against
+    (the daemon uses 0.9 when it is absent)."""
 
     tokens: int
+    p: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"policy": "fixed_budget", "tokens": int(self.tokens)}
+        body: dict[str, Any] = {"policy": "fixed_budget", "tokens": int(self.tokens)}
+        if self.p is not None:
+            body["p"] = float(self.p)
+        return body
 
 
 @dataclass(frozen=True, slots=True)

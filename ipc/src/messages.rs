@@ -207,7 +207,13 @@ pub enum AttentionPolicy {
         recluster_limit: Option<u32>,
     },
     /// Quest-style pages ranked by key bounds, up to a fixed token budget.
-    FixedBudget { tokens: u32 },
+    FixedBudget {
+        tokens: u32,
+        /// Target mass the diagnostics measure success against (0.9 when
+        /// absent); the selection itself ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        p: Option<f32>,
+    },
     /// Exact scores, exact smallest set reaching `p` (evaluation only).
     OracleTopP { p: f32 },
 }

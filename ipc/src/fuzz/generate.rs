@@ -221,6 +221,7 @@ fn random_policy(rng: &mut Rng) -> AttentionPolicy {
         },
         2 => AttentionPolicy::FixedBudget {
             tokens: rng.interesting() as u32,
+            p: rng.chance(50).then_some(p),
         },
         _ => AttentionPolicy::OracleTopP { p },
     }

@@ -4,7 +4,9 @@
 //! (then held in f32), so that the CPU computes with exactly the weights the
 //! GPU holds and the two can be compared at bf16 tolerance.
 
-use super::{AttnDims, Backend, HostData, KvLayout, SampleOutput, StepMeta};
+use super::{
+    AttnDims, Backend, HostData, HostLayerView, KvLayout, SampleOutput, Selections, StepMeta,
+};
 use crate::error::{Error, Result};
 use half::bf16;
 use rayon::prelude::*;
@@ -30,6 +32,20 @@ pub struct CpuKv {
     pub layout: KvLayout,
     pub k: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
+}
+
+impl CpuKv {
+    /// One layer of the cache as the CPU kernels take it.
+    pub fn layer(&self, layer: usize) -> KvLayer<'_> {
+        let l = self.layout;
+        KvLayer {
+            k: &self.k[layer],
+            v: &self.v[layer],
+            kv_heads: l.num_kv_heads,
+            head_dim: l.head_dim,
+            block_size: l.block_size,
+        }
+    }
 }
 
 impl CpuBackend {
@@ -196,30 +212,53 @@ impl Backend for CpuBackend {
         d: AttnDims,
         out: &mut Mat,
     ) -> Result<()> {
-        let l = kv.layout;
-        let layer_kv = KvLayer {
-            k: &kv.k[layer],
-            v: &kv.v[layer],
-            kv_heads: l.num_kv_heads,
-            head_dim: l.head_dim,
-            block_size: l.block_size,
-        };
+        self.sparse_attention(step, qkv, kv, layer, d, &[], out)
+    }
+
+    fn supports_sparse(&self) -> bool {
+        true
+    }
+
+    fn host_view<'a>(
+        &self,
+        qkv: &'a Mat,
+        kv: &'a CpuKv,
+        layer: usize,
+    ) -> Option<HostLayerView<'a>> {
+        Some(HostLayerView {
+            qkv: &qkv.data,
+            row_len: qkv.cols,
+            kv: kv.layer(layer),
+        })
+    }
+
+    fn sparse_attention(
+        &self,
+        step: &StepMeta,
+        qkv: &Mat,
+        kv: &CpuKv,
+        layer: usize,
+        d: AttnDims,
+        selections: &Selections,
+        out: &mut Mat,
+    ) -> Result<()> {
         let seqs: Vec<AttnSeq<'_>> = step
             .seqs
             .iter()
-            .map(|s| AttnSeq {
+            .enumerate()
+            .map(|(i, s)| AttnSeq {
                 q_start: s.q_start,
                 q_len: s.q_len,
                 ctx_len: s.ctx_len,
                 block_table: &s.block_table,
-                selection: None,
+                selection: selections.get(i).and_then(|x| x.as_deref()),
             })
             .collect();
         cpu::paged_attention(
             &qkv.data,
             qkv.cols,
             d.num_heads,
-            &layer_kv,
+            &kv.layer(layer),
             &seqs,
             &mut out.data,
         );

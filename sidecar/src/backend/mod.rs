@@ -112,6 +112,20 @@ pub struct StepMeta {
     pub logit_rows: Vec<u32>,
 }
 
+/// One layer's queries and cache as host memory, for the sparse attention
+/// policies, which select on the CPU (`engine::sparse`).
+#[derive(Debug, Clone, Copy)]
+pub struct HostLayerView<'a> {
+    /// Fused `[q | k | v]` rows of the step, `row_len` wide.
+    pub qkv: &'a [f32],
+    pub row_len: usize,
+    pub kv: tacflow_kernels::cpu::KvLayer<'a>,
+}
+
+/// Per sequence of a step: the slots each KV head attends, or `None` for
+/// full attention.
+pub type Selections = [Option<Vec<Vec<u32>>>];
+
 /// What sampling returns for the logit rows.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SampleOutput {
@@ -193,6 +207,39 @@ pub trait Backend {
         dims: AttnDims,
         out: &mut Self::Act,
     ) -> Result<()>;
+    /// Whether [`Backend::host_view`] and [`Backend::sparse_attention`] work,
+    /// i.e. whether sequences may use sparse attention policies.
+    fn supports_sparse(&self) -> bool {
+        false
+    }
+    /// The layer's queries and cache as host memory, when the backend keeps
+    /// them there (sparse policies select on it). `None` by default.
+    fn host_view<'a>(
+        &self,
+        _qkv: &'a Self::Act,
+        _kv: &'a Self::Kv,
+        _layer: usize,
+    ) -> Option<HostLayerView<'a>> {
+        None
+    }
+    /// Attention where some sequences attend only selected slots. Backends
+    /// without sparse attention refuse it (the engine offers sparse policies
+    /// only where [`Backend::host_view`] is available).
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention(
+        &self,
+        _step: &Self::Step,
+        _qkv: &Self::Act,
+        _kv: &Self::Kv,
+        _layer: usize,
+        _dims: AttnDims,
+        _selections: &Selections,
+        _out: &mut Self::Act,
+    ) -> Result<()> {
+        Err(crate::error::Error::Backend(
+            "this backend runs full attention only".into(),
+        ))
+    }
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
     /// SwiGLU over rows `[gate | up]`.

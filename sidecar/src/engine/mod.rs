@@ -5,10 +5,12 @@
 //! | --- | --- |
 //! | block allocation, copy-on-write plans | [`kv_cache`] |
 //! | a step: validate, plan, run, sample, commit | [`step`] |
+//! | sparse attention policies and their diagnostics | [`sparse`] |
 //! | counters shared with the I/O thread | [`gauges`] |
 
 pub mod gauges;
 pub mod kv_cache;
+pub mod sparse;
 pub mod step;
 
 use crate::backend::{Backend, KvLayout};
@@ -18,7 +20,8 @@ use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
 use gauges::Gauges;
 use kv_cache::{BlockAllocator, blocks_for};
-use std::collections::HashMap;
+use sparse::{PolicyState, PolicyTotals};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply, SamplingParams};
 
@@ -33,9 +36,11 @@ pub struct SeqKey {
 }
 
 /// One sequence's state.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Sequence {
     pub policy: AttentionPolicy,
+    /// What the policy keeps across steps (clusterings, page bounds).
+    pub state: PolicyState,
     pub sampling: SamplingParams,
     pub diagnostics: bool,
     /// KV blocks covering `len` tokens exactly (`blocks_for(len)` of them).
@@ -62,6 +67,8 @@ pub struct Engine<B: Backend> {
     /// Longest sequence accepted.
     max_context: usize,
     gauges: Arc<Gauges>,
+    /// Attention diagnostics aggregated per policy, for `stats`.
+    policy_totals: BTreeMap<String, PolicyTotals>,
 }
 
 fn seq_error(code: ErrorCode, key: SeqKey, what: &str) -> ErrorReply {
@@ -115,6 +122,7 @@ impl<B: Backend> Engine<B> {
             alloc: BlockAllocator::new(layout.num_blocks),
             seqs: HashMap::new(),
             gauges,
+            policy_totals: BTreeMap::new(),
         })
     }
 
@@ -155,7 +163,7 @@ impl<B: Backend> Engine<B> {
         sampling: SamplingParams,
         diagnostics: bool,
     ) -> Result<(), ErrorReply> {
-        validate_policy(&policy)?;
+        validate_policy(&policy, self.backend.supports_sparse())?;
         validate_sampling(&sampling)?;
         if self.seqs.contains_key(&key) {
             return Err(seq_error(ErrorCode::SequenceExists, key, "is already open"));
@@ -163,6 +171,7 @@ impl<B: Backend> Engine<B> {
         self.seqs.insert(
             key,
             Sequence {
+                state: PolicyState::new(&policy, self.model.config.num_layers),
                 policy,
                 sampling,
                 diagnostics,
@@ -185,7 +194,7 @@ impl<B: Backend> Engine<B> {
             validate_sampling(s)?;
         }
         if let Some(p) = &policy {
-            validate_policy(p)?;
+            validate_policy(p, self.backend.supports_sparse())?;
         }
         let p = self
             .seqs
@@ -198,13 +207,23 @@ impl<B: Backend> Engine<B> {
                 "is already open",
             ));
         }
-        let mut c = p.clone();
-        if let Some(s) = sampling {
-            c.sampling = s;
-        }
-        if let Some(p) = policy {
-            c.policy = p;
-        }
+        // A child with its own policy starts its own state; one that keeps
+        // the parent's takes a copy (it covers the shared prefix).
+        let (policy, state) = match policy {
+            Some(np) if np != p.policy => {
+                let st = PolicyState::new(&np, self.model.config.num_layers);
+                (np, st)
+            }
+            _ => (p.policy.clone(), p.state.fork()),
+        };
+        let c = Sequence {
+            policy,
+            state,
+            sampling: sampling.unwrap_or_else(|| p.sampling.clone()),
+            diagnostics: p.diagnostics,
+            table: p.table.clone(),
+            len: p.len,
+        };
         for &b in &c.table {
             self.alloc.retain(b);
         }
@@ -227,6 +246,9 @@ impl<B: Backend> Engine<B> {
             .with("num_tokens", s.len));
         }
         s.len -= drop as usize;
+        if drop > 0 {
+            s.state.reset();
+        }
         let keep = blocks_for(s.len, BLOCK_SIZE);
         let gone = s.table.split_off(keep);
         let len = s.len;
@@ -266,17 +288,57 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-fn validate_policy(p: &AttentionPolicy) -> Result<(), ErrorReply> {
-    match p {
-        AttentionPolicy::Full => Ok(()),
-        other => Err(ErrorReply::new(
+/// The policies a backend serves (what `hello` lists).
+pub fn policies(sparse: bool) -> Vec<String> {
+    let all = ["full", "tactic", "fixed_budget", "oracle_top_p"];
+    let n = if sparse { all.len() } else { 1 };
+    all[..n].iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn validate_policy(p: &AttentionPolicy, sparse: bool) -> Result<(), ErrorReply> {
+    let bad = |m: &str| Err(ErrorReply::bad_request(format!("{}: {m}", p.name())));
+    let unit = |x: f32| x > 0.0 && x <= 1.0;
+    match *p {
+        AttentionPolicy::Full => return Ok(()),
+        AttentionPolicy::Tactic {
+            p,
+            cluster_size,
+            recluster_limit,
+        } => {
+            if !unit(p) {
+                return bad("p must be in (0, 1]");
+            }
+            if cluster_size.is_some_and(|c| !(2..=1024).contains(&c)) {
+                return bad("cluster_size must be in 2..=1024");
+            }
+            if recluster_limit.is_some_and(|r| r < 16) {
+                return bad("recluster_limit must be at least 16");
+            }
+        }
+        AttentionPolicy::FixedBudget { tokens, p } => {
+            if tokens == 0 {
+                return bad("tokens must be at least 1");
+            }
+            if p.is_some_and(|p| !unit(p)) {
+                return bad("p must be in (0, 1]");
+            }
+        }
+        AttentionPolicy::OracleTopP { p } => {
+            if !unit(p) {
+                return bad("p must be in (0, 1]");
+            }
+        }
+    }
+    if !sparse {
+        return Err(ErrorReply::new(
             ErrorCode::Unsupported,
             format!(
-                "attention policy {} is not served by this daemon yet",
-                other.name()
+                "attention policy {} runs on the CPU backend only; this daemon serves full attention",
+                p.name()
             ),
-        )),
+        ));
     }
+    Ok(())
 }
 
 fn validate_sampling(s: &SamplingParams) -> Result<(), ErrorReply> {

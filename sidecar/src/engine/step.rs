@@ -4,12 +4,15 @@
 //! was (its fresh blocks go back to the allocator).
 
 use super::kv_cache::{AppendPlan, append_cost, plan_append};
+use super::sparse::{self, PolicyState, Selector, StepDiag};
 use super::{BLOCK_SIZE, Engine, SeqKey, SessionId};
 use crate::backend::{Backend, SeqMeta, StepMeta};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use tacflow_ipc::{ErrorCode, ErrorReply, HostRegion, StepEntry, StepResult, TensorView};
+use tacflow_ipc::{
+    AttentionDiagnostics, ErrorCode, ErrorReply, HostRegion, StepEntry, StepResult, TensorView,
+};
 use tacflow_kernels::cpu::SampleParams;
 
 /// Where an entry's logits go, already checked against its region by the
@@ -200,10 +203,8 @@ impl<B: Backend> Engine<B> {
                 .copy_blocks(&mut self.kv, &cow)
                 .map_err(|e| e.to_reply())?;
         }
-        let logits = self
-            .model
-            .forward(&self.backend, &mut self.kv, &meta)
-            .map_err(|e| e.to_reply())?;
+        let (logits, diags) = self.forward_sparse(work, keys, &meta);
+        let logits = logits.map_err(|e| e.to_reply())?;
         // Sampling parameters per logit row: the last row of each sampling
         // entry draws the token that will sit at position `len + n`.
         let mut params = vec![None; meta.logit_rows.len()];
@@ -257,10 +258,72 @@ impl<B: Backend> Engine<B> {
                 token: sampled.as_ref().map(|s| s.token),
                 logprob: sampled.as_ref().map(|s| s.logprob),
                 top_logprobs: sampled.map(|s| s.top).unwrap_or_default(),
-                attention: None,
+                attention: diags[i].clone(),
             });
         }
         Ok(results)
+    }
+
+    /// The forward pass, with the sparse policies of the step's decode
+    /// entries selecting layer by layer. Returns the logits and, per entry,
+    /// the attention diagnostics of sequences that asked for them.
+    fn forward_sparse(
+        &mut self,
+        work: &StepWork,
+        keys: &[SeqKey],
+        meta: &StepMeta,
+    ) -> (
+        crate::error::Result<B::Act>,
+        Vec<Option<AttentionDiagnostics>>,
+    ) {
+        let c = &self.model.config;
+        let dims = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let layers = c.num_layers;
+        // Take the decode entries' policy states out of their sequences for
+        // the pass (the selector borrows them mutably), and put them back.
+        let mut taken: Vec<(usize, PolicyState, bool)> = Vec::new();
+        let mut diags = vec![None; keys.len()];
+        for (i, (k, e)) in keys.iter().zip(&work.entries).enumerate() {
+            let s = self.seqs.get_mut(k).expect("validated");
+            if e.tokens.len() != 1 {
+                continue;
+            }
+            if s.state.is_full() {
+                diags[i] = s.diagnostics.then(StepDiag::full);
+            } else {
+                taken.push((
+                    i,
+                    std::mem::replace(&mut s.state, PolicyState::Full),
+                    s.diagnostics,
+                ));
+            }
+        }
+        let entries = taken.iter_mut().map(|(i, st, d)| (*i, st, *d)).collect();
+        let mut selector = Selector::new(entries, keys.len(), layers, dims);
+        let logits =
+            self.model
+                .forward_with(&self.backend, &mut self.kv, meta, Some(&mut selector));
+        let step_diags = selector.finish();
+        for (i, state, _) in taken {
+            self.seqs.get_mut(&keys[i]).expect("validated").state = state;
+        }
+        if logits.is_ok() && !step_diags.is_empty() {
+            for (i, d) in step_diags {
+                let name = self.seqs[&keys[i]].policy.name();
+                self.policy_totals
+                    .entry(name.to_owned())
+                    .or_default()
+                    .add(&d);
+                diags[i] = Some(AttentionDiagnostics {
+                    policy: name.to_owned(),
+                    ..d.summary
+                });
+            }
+            if let Ok(mut g) = self.gauges.attention.lock() {
+                *g = sparse::publish(&self.policy_totals);
+            }
+        }
+        (logits, diags)
     }
 
     fn commit(&mut self, work: &StepWork, keys: &[SeqKey], plans: Vec<AppendPlan>) {

@@ -12,6 +12,7 @@ pub mod hf;
 pub mod weights;
 
 use crate::backend::{AttnDims, Backend, StepMeta};
+use crate::engine::sparse::Selector;
 use crate::error::{Error, Result};
 use config::ModelConfig;
 use std::path::Path;
@@ -206,6 +207,18 @@ impl<B: Backend> Model<B> {
     /// Runs every layer over the step's tokens and returns the logits of
     /// `meta.logit_rows`, `[rows, vocab]`.
     pub fn forward(&self, b: &B, kv: &mut B::Kv, meta: &StepMeta) -> Result<B::Act> {
+        self.forward_with(b, kv, meta, None)
+    }
+
+    /// [`Model::forward`] with sparse decode attention: `selector` chooses,
+    /// layer by layer, the slots its sequences' decode tokens attend.
+    pub fn forward_with(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        meta: &StepMeta,
+        mut selector: Option<&mut Selector<'_>>,
+    ) -> Result<B::Act> {
         let c = &self.config;
         let t = meta.tokens.len();
         let dims = self.dims();
@@ -228,7 +241,13 @@ impl<B: Backend> Model<B> {
             }
             b.rope(&step, &mut w.qkv, &self.inv_freq, dims)?;
             b.kv_append(&step, &w.qkv, kv, l, dims)?;
-            b.attention(&step, &w.qkv, kv, l, dims, &mut w.attn)?;
+            match selector.as_deref_mut().filter(|s| s.is_active()) {
+                Some(sel) => {
+                    let chosen = sel.select(l, b.host_view(&w.qkv, kv, l), meta)?;
+                    b.sparse_attention(&step, &w.qkv, kv, l, dims, chosen, &mut w.attn)?;
+                }
+                None => b.attention(&step, &w.qkv, kv, l, dims, &mut w.attn)?,
+            }
             b.linear(&w.attn, &layer.o, &mut w.proj)?;
             b.add(&mut w.x, &w.proj)?;
             b.rmsnorm(&w.x, &layer.mlp_norm, c.rms_norm_eps, &mut w.h)?;

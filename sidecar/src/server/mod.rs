@@ -210,7 +210,7 @@ fn start_executor<B: Backend + 'static>(
         ),
         backend: BackendInfo { kind, device },
         block_size: BLOCK_SIZE as u32,
-        policies: vec!["full".into()],
+        policies: crate::engine::policies(engine.backend().supports_sparse()),
         gauges: gauges.clone(),
         fd_socket: String::new(),
     };

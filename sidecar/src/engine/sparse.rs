@@ -1,0 +1,405 @@
+//! Sparse decode attention in the engine: each sequence's policy state, the
+//! per-layer selection of the step's decode tokens, and the diagnostics that
+//! measure what a selection kept (DESIGN §5).
+//!
+//! Prefill is always full attention; a policy acts on decode entries (one new
+//! token). The selection math lives in `tacflow_kernels::tactic`; this module
+//! owns the state across steps and runs it on the host views the backend
+//! exposes (the CPU backend).
+
+use crate::backend::{HostLayerView, StepMeta};
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+use tacflow_ipc::{AttentionDiagnostics, AttentionPolicy, PolicyStats};
+use tacflow_kernels::cpu::KvLayer;
+use tacflow_kernels::tactic::{
+    self, DecodeStep, HeadDiag, PageBounds, PagedKeys, TacticParams, TacticSeq,
+};
+
+/// Target mass the diagnostics of a `fixed_budget` sequence measure success
+/// against when it names none.
+pub const DEFAULT_DIAGNOSTIC_P: f32 = 0.9;
+
+/// A sequence's sparse-attention state across steps.
+#[derive(Debug)]
+pub enum PolicyState {
+    Full,
+    Tactic(Box<TacticSeq>),
+    /// Quest page bounds per `[layer][kv_head]`, grown as pages fill.
+    FixedBudget {
+        tokens: usize,
+        p: f32,
+        bounds: Vec<Vec<PageBounds>>,
+    },
+    Oracle {
+        p: f32,
+    },
+}
+
+impl PolicyState {
+    pub fn new(policy: &AttentionPolicy, layers: usize) -> PolicyState {
+        match *policy {
+            AttentionPolicy::Full => PolicyState::Full,
+            AttentionPolicy::Tactic {
+                p,
+                cluster_size,
+                recluster_limit,
+            } => {
+                let mut params = TacticParams::new(p);
+                if let Some(c) = cluster_size {
+                    params.kmeans.cluster_size = c as usize;
+                }
+                if let Some(r) = recluster_limit {
+                    params.recluster_limit = r as usize;
+                }
+                PolicyState::Tactic(Box::new(TacticSeq::new(params, layers)))
+            }
+            AttentionPolicy::FixedBudget { tokens, p } => PolicyState::FixedBudget {
+                tokens: tokens as usize,
+                p: p.unwrap_or(DEFAULT_DIAGNOSTIC_P),
+                bounds: vec![Vec::new(); layers],
+            },
+            AttentionPolicy::OracleTopP { p } => PolicyState::Oracle { p },
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        matches!(self, PolicyState::Full)
+    }
+
+    /// The state for a copy of the sequence (a fork): clusterings and bounds
+    /// cover the shared prefix, so they carry over.
+    pub fn fork(&self) -> PolicyState {
+        match self {
+            PolicyState::Full => PolicyState::Full,
+            PolicyState::Tactic(t) => {
+                let mut copy = TacticSeq::new(t.params, t.index.len());
+                copy.index = t.index.clone();
+                PolicyState::Tactic(Box::new(copy))
+            }
+            PolicyState::FixedBudget { tokens, p, bounds } => PolicyState::FixedBudget {
+                tokens: *tokens,
+                p: *p,
+                bounds: bounds.clone(),
+            },
+            PolicyState::Oracle { p } => PolicyState::Oracle { p: *p },
+        }
+    }
+
+    /// Forgets what covers tokens that were dropped (a truncation): the state
+    /// is rebuilt over the remaining cache at the next decode step.
+    pub fn reset(&mut self) {
+        match self {
+            PolicyState::Tactic(t) => **t = TacticSeq::new(t.params, t.index.len()),
+            PolicyState::FixedBudget { bounds, .. } => bounds.iter_mut().for_each(Vec::clear),
+            PolicyState::Full | PolicyState::Oracle { .. } => {}
+        }
+    }
+
+    fn target(&self) -> f32 {
+        match self {
+            PolicyState::Full => 1.0,
+            PolicyState::Tactic(t) => t.params.p,
+            PolicyState::FixedBudget { p, .. } | PolicyState::Oracle { p } => *p,
+        }
+    }
+}
+
+/// Running sums of one sequence's diagnostics over one step (all layers).
+#[derive(Debug, Clone, Default)]
+struct Sums {
+    /// `[layer][query head]` true mass.
+    mass: Vec<Vec<f64>>,
+    est: Vec<Vec<f64>>,
+    /// `[layer][kv head]` token-equivalents read and tokens selected, over
+    /// the context length.
+    read: Vec<Vec<f64>>,
+    selected: Vec<Vec<f64>>,
+}
+
+/// One decode entry of the step that runs a sparse policy.
+struct Slot<'a> {
+    /// Index into the step's sequences.
+    seq: usize,
+    state: &'a mut PolicyState,
+    diagnostics: bool,
+    sums: Sums,
+}
+
+/// The selections of a step's sparse decode entries, layer by layer.
+pub struct Selector<'a> {
+    slots: Vec<Slot<'a>>,
+    /// Per sequence of the step: the slots each KV head attends (`None`:
+    /// full attention).
+    current: Vec<Option<Vec<Vec<u32>>>>,
+    dims: (usize, usize, usize),
+}
+
+impl<'a> Selector<'a> {
+    /// `entries` pairs each sequence of the step (by index into
+    /// `meta.seqs`) with its state and diagnostics flag; prefill entries
+    /// and full-attention sequences are left out by the caller.
+    pub fn new(
+        entries: Vec<(usize, &'a mut PolicyState, bool)>,
+        num_seqs: usize,
+        layers: usize,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+    ) -> Selector<'a> {
+        let slots = entries
+            .into_iter()
+            .map(|(seq, state, diagnostics)| Slot {
+                seq,
+                state,
+                diagnostics,
+                sums: Sums {
+                    mass: vec![vec![0.0; heads]; layers],
+                    est: vec![vec![0.0; heads]; layers],
+                    read: vec![vec![0.0; kv_heads]; layers],
+                    selected: vec![vec![0.0; kv_heads]; layers],
+                },
+            })
+            .collect();
+        Selector {
+            slots,
+            current: vec![None; num_seqs],
+            dims: (heads, kv_heads, head_dim),
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
+    /// Computes this layer's selections; returns them per step sequence.
+    pub fn select(
+        &mut self,
+        layer: usize,
+        view: Option<HostLayerView<'_>>,
+        meta: &StepMeta,
+    ) -> Result<&[Option<Vec<Vec<u32>>>]> {
+        let view = view.ok_or_else(|| {
+            Error::Backend("sparse attention policies need the CPU backend".into())
+        })?;
+        let dims = self.dims;
+        let picks: Vec<(usize, Vec<Vec<u32>>)> = self
+            .slots
+            .par_iter_mut()
+            .map(|slot| {
+                let s = &meta.seqs[slot.seq];
+                let row = s.q_start;
+                let q = &view.qkv[row * view.row_len..row * view.row_len + dims.0 * dims.2];
+                let sel = select_one(slot, layer, q, view.kv, &s.block_table, s.ctx_len, dims);
+                (slot.seq, sel)
+            })
+            .collect();
+        for (seq, sel) in picks {
+            self.current[seq] = Some(sel);
+        }
+        Ok(&self.current)
+    }
+
+    /// The step's diagnostics of every sparse decode entry that asked for
+    /// them, by index into the step's sequences.
+    pub fn finish(self) -> Vec<(usize, StepDiag)> {
+        self.slots
+            .into_iter()
+            .filter(|slot| slot.diagnostics)
+            .map(|slot| {
+                (
+                    slot.seq,
+                    StepDiag::from_sums(&slot.sums, slot.state.target()),
+                )
+            })
+            .collect()
+    }
+}
+
+/// One sequence's selection at one layer, with its diagnostics.
+fn select_one(
+    slot: &mut Slot<'_>,
+    layer: usize,
+    q: &[f32],
+    kv: KvLayer<'_>,
+    table: &[u32],
+    ctx_len: usize,
+    (heads, kv_heads, d): (usize, usize, usize),
+) -> Vec<Vec<u32>> {
+    let group = heads / kv_heads;
+    let mut out = vec![Vec::new(); kv_heads];
+    let mut diags = vec![HeadDiag::default(); kv_heads];
+    let keys = |h: usize| PagedKeys {
+        kv,
+        block_table: table,
+        head: h,
+    };
+    let mut scores = Vec::new();
+    match slot.state {
+        PolicyState::Full => unreachable!("full attention has no slot"),
+        PolicyState::Tactic(t) => {
+            let step = DecodeStep {
+                q,
+                kv,
+                block_table: table,
+                ctx_len,
+            };
+            t.select_layer(layer, &step, &mut out, &mut diags);
+        }
+        PolicyState::FixedBudget { tokens, bounds, .. } => {
+            let page = kv.block_size;
+            // Bounds cover the full pages; the partial last page is new
+            // tokens, always attended.
+            let covered = (ctx_len / page) * page;
+            for h in 0..kv_heads {
+                let b = &mut bounds[layer];
+                if b.len() <= h {
+                    b.push(PageBounds::build(&keys(h), covered, page));
+                } else if b[h].len < covered {
+                    b[h].extend(&keys(h), covered);
+                }
+                let qg = &q[h * group * d..(h + 1) * group * d];
+                diags[h].tokens_read =
+                    tactic::fixed_budget(&b[h], qg, ctx_len, *tokens, &mut out[h]);
+                diags[h].selected = out[h].len();
+            }
+        }
+        PolicyState::Oracle { p } => {
+            let mut order = Vec::new();
+            for (h, sel) in out.iter_mut().enumerate() {
+                for g in 0..group {
+                    let qh = &q[(h * group + g) * d..(h * group + g + 1) * d];
+                    tactic::exact_scores(&keys(h), qh, ctx_len, &mut scores);
+                    tactic::oracle_top_p(&scores, *p, &mut order, sel);
+                }
+                sel.sort_unstable();
+                sel.dedup();
+                // The oracle scores every key for free: it reads its set.
+                diags[h].tokens_read = sel.len() as f64;
+                diags[h].selected = sel.len();
+            }
+        }
+    }
+    if slot.diagnostics {
+        let sums = &mut slot.sums;
+        for h in 0..kv_heads {
+            sums.read[layer][h] = diags[h].tokens_read / ctx_len as f64;
+            sums.selected[layer][h] = diags[h].selected as f64 / ctx_len as f64;
+            for g in 0..group {
+                let qh = &q[(h * group + g) * d..(h * group + g + 1) * d];
+                tactic::exact_scores(&keys(h), qh, ctx_len, &mut scores);
+                let mass = tactic::true_mass(&scores, &out[h]);
+                sums.mass[layer][h * group + g] = mass;
+                sums.est[layer][h * group + g] = match slot.state {
+                    PolicyState::Tactic(_) => f64::from(diags[h].est_mass[g]),
+                    // The oracle knows its mass; a fixed budget estimates none.
+                    PolicyState::Oracle { .. } => mass,
+                    _ => f64::NAN,
+                };
+            }
+        }
+    }
+    out
+}
+
+/// One decode step's diagnostics for one sequence, over every layer and head.
+#[derive(Debug, Clone)]
+pub struct StepDiag {
+    pub target: f32,
+    /// `[layer][query head]`.
+    pub mass: Vec<Vec<f64>>,
+    /// `[layer][kv head]`, over the context length.
+    pub read: Vec<Vec<f64>>,
+    pub summary: AttentionDiagnostics,
+}
+
+fn mean2(x: &[Vec<f64>]) -> f64 {
+    let n: usize = x.iter().map(Vec::len).sum();
+    x.iter().flatten().sum::<f64>() / n.max(1) as f64
+}
+
+impl StepDiag {
+    fn from_sums(s: &Sums, target: f32) -> StepDiag {
+        let all: Vec<f64> = s.mass.iter().flatten().copied().collect();
+        let ok = all.iter().filter(|&&m| m >= f64::from(target)).count();
+        StepDiag {
+            target,
+            mass: s.mass.clone(),
+            read: s.read.clone(),
+            summary: AttentionDiagnostics {
+                policy: String::new(),
+                tokens_read_fraction: mean2(&s.read),
+                selected_fraction: mean2(&s.selected),
+                true_mass: mean2(&s.mass),
+                estimated_mass: mean2(&s.est),
+                min_true_mass: all.iter().copied().fold(f64::INFINITY, f64::min),
+                success_rate: ok as f64 / all.len().max(1) as f64,
+            },
+        }
+    }
+
+    /// Diagnostics of full attention: every token, all the mass.
+    pub fn full() -> AttentionDiagnostics {
+        AttentionDiagnostics {
+            policy: "full".into(),
+            tokens_read_fraction: 1.0,
+            selected_fraction: 1.0,
+            true_mass: 1.0,
+            estimated_mass: 1.0,
+            min_true_mass: 1.0,
+            success_rate: 1.0,
+        }
+    }
+}
+
+/// Daemon-wide aggregates per policy (what `stats` reports).
+#[derive(Debug, Default)]
+pub struct PolicyTotals {
+    steps: u64,
+    mass: Vec<Vec<f64>>,
+    read: Vec<Vec<f64>>,
+    successes: f64,
+    observations: f64,
+}
+
+impl PolicyTotals {
+    pub fn add(&mut self, d: &StepDiag) {
+        if self.mass.is_empty() {
+            self.mass = vec![vec![0.0; d.mass[0].len()]; d.mass.len()];
+            self.read = vec![vec![0.0; d.read[0].len()]; d.read.len()];
+        }
+        for (acc, x) in self.mass.iter_mut().flatten().zip(d.mass.iter().flatten()) {
+            *acc += x;
+        }
+        for (acc, x) in self.read.iter_mut().flatten().zip(d.read.iter().flatten()) {
+            *acc += x;
+        }
+        let n = d.mass.iter().map(Vec::len).sum::<usize>() as f64;
+        self.successes += d.summary.success_rate * n;
+        self.observations += n;
+        self.steps += 1;
+    }
+
+    pub fn stats(&self) -> PolicyStats {
+        let n = self.steps.max(1) as f64;
+        let per = |x: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+            x.iter()
+                .map(|r| r.iter().map(|v| v / n).collect())
+                .collect()
+        };
+        let mass = per(&self.mass);
+        let read = per(&self.read);
+        PolicyStats {
+            decode_steps: self.steps,
+            tokens_read_fraction: mean2(&read),
+            true_mass: mean2(&mass),
+            success_rate: self.successes / self.observations.max(1.0),
+            true_mass_by_layer_head: mass,
+            tokens_read_by_layer_head: read,
+        }
+    }
+}
+
+/// Publishes every policy's totals (the I/O thread reads them for `stats`).
+pub fn publish(totals: &BTreeMap<String, PolicyTotals>) -> BTreeMap<String, PolicyStats> {
+    totals.iter().map(|(k, v)| (k.clone(), v.stats())).collect()
+}
