@@ -67,3 +67,23 @@ fn no_kernel_spills_registers_on_sm90() {
     }
     assert!(spills.is_empty(), "register spills:\n{}", spills.join("\n"));
 }
+
+/// ptxas's report of the attention kernels (registers, shared memory,
+/// spills): `cargo test --release -p tacflow-kernels --test nvrtc_compile
+/// attention_resources -- --nocapture` prints it (kernels/ATTENTION.md).
+#[test]
+fn attention_resources() {
+    require_nvrtc();
+    for m in MODULES.iter().filter(|m| m.name.starts_with("attention")) {
+        let report = resource_report(m, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+        let mut kernel = String::new();
+        for line in report.lines() {
+            if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                kernel = rest.split('\'').next().unwrap_or("").to_owned();
+            } else if (line.contains("Used") || line.contains("spill")) && kernel.contains("128_g4")
+            {
+                println!("{kernel}: {}", line.trim());
+            }
+        }
+    }
+}

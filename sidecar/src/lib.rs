@@ -9,8 +9,10 @@
 //! | the decoder and its weights | [`model`] |
 //! | the ops it runs on (CPU reference, CUDA) | [`backend`] |
 //! | GPU against CPU, every kernel and whole models | [`selfcheck`] |
+//! | GPU benchmarks (hidden subcommands) | [`bench`] |
 
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -53,6 +53,37 @@ enum Command {
         #[arg(long, value_delimiter = ',')]
         groups: Vec<String>,
     },
+    /// Paged decode attention in the Llama-3.1-8B shape against the copy
+    /// bandwidth (issue 5); `--json` writes the numbers.
+    #[command(hide = true)]
+    BenchAttention {
+        /// `batch:context` cases, comma-separated (issue 5's by default).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
+        /// Time the alternative kernels and issue 4's too.
+        #[arg(long)]
+        variants: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+    },
+    /// Decode-step time of a random model, host wall and GPU-only.
+    #[command(hide = true)]
+    BenchDecode {
+        #[arg(long, default_value = "random:llama-3-8b")]
+        model: String,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64, 128])]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+    },
     /// Write every tensor of a GGUF file, decoded to f32 under its GGUF name,
     /// to one safetensors file (checks the reader against other readers).
     #[command(hide = true)]
@@ -291,6 +322,51 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Some(Command::BenchAttention {
+            cases,
+            variants,
+            json,
+            seed,
+        }) => {
+            init_logging(LogFormat::Text);
+            let cases = if cases.is_empty() {
+                tacflow_sidecar::bench::attention::CASES.to_vec()
+            } else {
+                cases
+                    .iter()
+                    .map(|c| {
+                        let (b, t) = c.split_once(':').context("a case is BATCH:CONTEXT")?;
+                        Ok((b.parse()?, t.parse()?))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let opts = tacflow_sidecar::bench::attention::Options {
+                cases,
+                variants,
+                json,
+                seed,
+            };
+            Ok(tacflow_sidecar::bench::attention::run(&opts)?)
+        }
+        Some(Command::BenchDecode {
+            model,
+            batches,
+            context,
+            steps,
+            json,
+            seed,
+        }) => {
+            init_logging(LogFormat::Text);
+            let opts = tacflow_sidecar::bench::decode::Options {
+                model,
+                batches,
+                context,
+                steps,
+                json,
+                seed,
+            };
+            Ok(tacflow_sidecar::bench::decode::run(&opts)?)
         }
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),

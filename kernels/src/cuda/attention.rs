@@ -1,9 +1,13 @@
 //! Launch wrapper of `attention.cu`: paged attention for decode tokens and
-//! prefill chunks, with the split-over-context plan (kernels/ATTENTION.md).
+//! prefill chunks, with the split-over-context plan and the fused merge of
+//! the splits (kernels/ATTENTION.md).
 
 use super::device::{Gpu, check_len};
 use super::kv::{BLOCK_TOKENS, KvCache};
-use super::sources::{ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, attention_kernel};
+use super::sources::{
+    ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, ATTENTION_MAX_SPLIT_PAGES, ATTENTION_THREADS,
+    AttnVariant, attention_kernel,
+};
 use super::step::DeviceStep;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
@@ -18,6 +22,18 @@ pub struct AttnShape {
     pub qkv_stride: usize,
 }
 
+impl AttnShape {
+    /// Query heads per CTA: the largest divisor of the group that is at
+    /// most 8.
+    pub fn heads_per_cta(&self) -> usize {
+        let group = self.num_heads / self.kv_heads.max(1);
+        (1..=ATTENTION_MAX_GROUP.min(group))
+            .rev()
+            .find(|g| group.is_multiple_of(*g))
+            .unwrap_or(1)
+    }
+}
+
 /// What one attention launch reads and writes.
 #[derive(Debug)]
 pub struct AttnIo<'a> {
@@ -29,6 +45,24 @@ pub struct AttnIo<'a> {
     pub out: &'a mut CudaSlice<f32>,
 }
 
+/// Which kernel runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// The pipelined kernel with this loop shape.
+    Pipelined(AttnVariant),
+    /// Issue 4's kernel (loads into registers, a second launch merges the
+    /// splits): the measured baseline, head size 128 and 4 heads per CTA
+    /// only.
+    Registers,
+}
+
+/// Overrides of the plan, for checks and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttnForce {
+    pub splits: Option<usize>,
+    pub kernel: Option<AttnKernel>,
+}
+
 /// How a launch is cut up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnPlan {
@@ -36,51 +70,54 @@ pub struct AttnPlan {
     pub heads_per_cta: usize,
     /// CTAs per KV head (`group / heads_per_cta`).
     pub chunks: usize,
-    /// Splits of the context per row (1: no merge pass).
+    /// Splits of the context per row (1: no partials, no merge).
     pub splits: usize,
     pub pages_per_split: usize,
+    pub kernel: AttnKernel,
 }
 
 /// A split should stream at least this many pages (64 keys) so that its
-/// fixed costs (loading q, merging row groups) stay small.
+/// fixed costs (q, the table slice, the partial it writes) stay small.
 const MIN_PAGES_PER_SPLIT: usize = 4;
-/// CTAs that fill the GPU: 4 per SM co-reside at 128 threads.
-const CTAS_PER_SM: usize = 4;
+/// Most splits of one row (the merge keeps `heads x splits` weights in
+/// shared memory).
+pub const MAX_SPLITS: usize = 1024;
 
 impl AttnPlan {
-    /// Splits the context only when rows x heads alone cannot fill the GPU
-    /// (few, long sequences); `force_splits` overrides (tests).
+    /// One wave: when `rows x kv_heads x chunks` CTAs leave some of the
+    /// `slots` (CTAs that co-reside on the whole GPU) empty, each row's
+    /// keys are cut into `slots / ctas` equal splits, so that every CTA
+    /// streams the same number of pages and all finish together. A split
+    /// never holds more than `ATTENTION_MAX_SPLIT_PAGES` pages (the table
+    /// slice a CTA stages) nor fewer than `MIN_PAGES_PER_SPLIT`.
     pub fn new(
         shape: &AttnShape,
         rows: usize,
         max_kv_len: usize,
-        sm_count: usize,
-        force_splits: Option<usize>,
+        slots: usize,
+        force: AttnForce,
     ) -> AttnPlan {
-        let group = shape.num_heads / shape.kv_heads.max(1);
-        let heads_per_cta = (1..=ATTENTION_MAX_GROUP.min(group))
-            .rev()
-            .find(|g| group.is_multiple_of(*g))
-            .unwrap_or(1);
-        let chunks = group / heads_per_cta;
-        let ctas = rows * shape.kv_heads * chunks;
+        let heads_per_cta = shape.heads_per_cta();
+        let chunks = shape.num_heads / shape.kv_heads.max(1) / heads_per_cta;
+        let ctas = (rows * shape.kv_heads * chunks).max(1);
         let pages = max_kv_len.div_ceil(BLOCK_TOKENS).max(1);
-        let target = CTAS_PER_SM * sm_count.max(1);
-        let want = force_splits.unwrap_or_else(|| {
-            if ctas >= target {
-                1
-            } else {
-                target
-                    .div_ceil(ctas.max(1))
-                    .min(pages.div_ceil(MIN_PAGES_PER_SPLIT))
-            }
+        let fewest = pages.div_ceil(ATTENTION_MAX_SPLIT_PAGES);
+        let want = force.splits.unwrap_or_else(|| {
+            (slots / ctas)
+                .min(pages / MIN_PAGES_PER_SPLIT)
+                .clamp(1, MAX_SPLITS)
         });
-        let pages_per_split = pages.div_ceil(want.clamp(1, pages));
+        let pages_per_split = pages.div_ceil(want.max(fewest).clamp(1, pages));
         AttnPlan {
             heads_per_cta,
             chunks,
             splits: pages.div_ceil(pages_per_split),
             pages_per_split,
+            kernel: force
+                .kernel
+                .unwrap_or(AttnKernel::Pipelined(AttnVariant::default_for(
+                    heads_per_cta,
+                ))),
         }
     }
 }
@@ -96,6 +133,7 @@ struct AttnParams {
     out: u64,
     part_acc: u64,
     part_ml: u64,
+    counters: u64,
     rows: u32,
     qkv_stride: u32,
     num_heads: u32,
@@ -107,20 +145,38 @@ struct AttnParams {
     scale_log2: f32,
 }
 
-#[repr(C)]
-struct MergeParams {
-    part_acc: u64,
-    part_ml: u64,
-    out: u64,
-    rows: u32,
-    num_heads: u32,
-    head_dim: u32,
-    splits: u32,
+// SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// Device buffers the splits need, kept between launches (no allocation per
+/// step): the partials, and one counter per (row, head group) that the
+/// merging CTA resets to zero.
+#[derive(Debug, Default)]
+pub struct AttnWorkspace {
+    acc: Option<CudaSlice<f32>>,
+    ml: Option<CudaSlice<f32>>,
+    counters: Option<CudaSlice<u32>>,
 }
 
-// SAFETY: `#[repr(C)]` mirrors of the structs in attention.cu.
-unsafe impl DeviceRepr for AttnParams {}
-unsafe impl DeviceRepr for MergeParams {}
+impl AttnWorkspace {
+    /// Addresses of buffers of at least `acc`, `ml` and `counters`
+    /// elements, grown (and the counters zeroed) when too small.
+    fn ensure(&mut self, gpu: &Gpu, acc: usize, ml: usize, counters: usize) -> Result<[u64; 3]> {
+        if self.acc.as_ref().is_none_or(|b| b.len() < acc) {
+            self.acc = Some(gpu.alloc(acc)?);
+        }
+        if self.ml.as_ref().is_none_or(|b| b.len() < ml) {
+            self.ml = Some(gpu.alloc(ml)?);
+        }
+        if self.counters.as_ref().is_none_or(|b| b.len() < counters) {
+            self.counters = Some(gpu.alloc_zeroed(counters)?);
+        }
+        fn p<T>(gpu: &Gpu, b: &Option<CudaSlice<T>>) -> u64 {
+            b.as_ref().map_or(0, |b| gpu.ptr(b))
+        }
+        Ok([p(gpu, &self.acc), p(gpu, &self.ml), p(gpu, &self.counters)])
+    }
+}
 
 fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
     let ok = ATTENTION_HEAD_DIMS.contains(&shape.head_dim)
@@ -128,7 +184,8 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
         && shape.num_heads.is_multiple_of(shape.kv_heads)
         && kv.head_dim == shape.head_dim
         && kv.kv_heads == shape.kv_heads
-        && shape.num_heads * shape.head_dim <= shape.qkv_stride;
+        && shape.num_heads * shape.head_dim <= shape.qkv_stride
+        && shape.qkv_stride.is_multiple_of(4);
     if ok {
         Ok(())
     } else {
@@ -145,15 +202,38 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
 }
 
 impl Gpu {
+    /// CTAs of the pipelined kernel for `(d, g, v)` that co-reside on the
+    /// whole GPU.
+    pub fn attention_slots(&self, d: usize, g: usize, v: AttnVariant) -> usize {
+        self.info().sm_count.max(1) * self.occupancy(&attention_kernel(d, g, v))
+    }
+
+    /// The plan [`Gpu::attention`] would use.
+    pub fn attention_plan(
+        &self,
+        shape: &AttnShape,
+        rows: usize,
+        max_kv_len: usize,
+        force: AttnForce,
+    ) -> AttnPlan {
+        let g = shape.heads_per_cta();
+        let v = match force.kernel {
+            Some(AttnKernel::Pipelined(v)) => v,
+            _ => AttnVariant::default_for(g),
+        };
+        let slots = self.attention_slots(shape.head_dim, g, v);
+        AttnPlan::new(shape, rows, max_kv_len, slots, force)
+    }
+
     /// Causal attention of every row of the step over its sequence's cached
     /// keys of `io.layer`; `io.out` gets f32 rows of `num_heads * head_dim`.
-    /// `force_splits` overrides the split plan (tests).
+    /// `force` overrides the plan (checks, benchmarks).
     pub fn attention(
         &self,
         step: &DeviceStep,
         io: AttnIo<'_>,
         shape: AttnShape,
-        force_splits: Option<usize>,
+        force: AttnForce,
     ) -> Result<AttnPlan> {
         let AttnIo {
             qkv,
@@ -172,38 +252,54 @@ impl Gpu {
                 step.max_block, kv.num_blocks
             )));
         }
-        let plan = AttnPlan::new(
-            &shape,
-            rows,
-            step.max_kv_len as usize,
-            self.info().sm_count,
-            force_splits,
-        );
-        if rows > i32::MAX as usize || shape.kv_heads * plan.chunks > 65_535 || plan.splits > 65_535
+        let plan = self.attention_plan(&shape, rows, step.max_kv_len as usize, force);
+        let y = shape.kv_heads * plan.chunks;
+        if rows > i32::MAX as usize
+            || y > 65_535
+            || plan.splits > 65_535.min(MAX_SPLITS)
+            || plan.pages_per_split > ATTENTION_MAX_SPLIT_PAGES
         {
             return Err(Error::Unsupported(format!(
-                "attention grid {rows} x {} x {}",
-                shape.kv_heads * plan.chunks,
-                plan.splits
+                "attention grid {rows} x {y} x {} of {} pages",
+                plan.splits, plan.pages_per_split
             )));
         }
-        let parts = if plan.splits > 1 {
-            let n = plan.splits * rows * shape.num_heads;
-            Some((self.alloc::<f32>(n * d)?, self.alloc::<f32>(n * 2)?))
-        } else {
-            None
+        let v = match plan.kernel {
+            AttnKernel::Pipelined(v) => v,
+            AttnKernel::Registers => {
+                let (splits, pages_per_split) = self.attention_registers(
+                    step,
+                    (qkv, kv, layer, out),
+                    &shape,
+                    &plan,
+                    force.splits,
+                )?;
+                return Ok(AttnPlan {
+                    splits,
+                    pages_per_split,
+                    ..plan
+                });
+            }
         };
-        let (k, v) = kv.layer_ptrs(self, layer)?;
+        let (k, vv) = kv.layer_ptrs(self, layer)?;
+        let [part_acc, part_ml, counters] = if plan.splits > 1 {
+            let n = rows * shape.num_heads * plan.splits;
+            self.attention_workspace()
+                .ensure(self, n * d, n * 2, rows * y)?
+        } else {
+            [0; 3]
+        };
         let p = AttnParams {
             qkv: self.ptr(qkv),
             k,
-            v,
+            v: vv,
             kv_len: step.kv_len(self),
             table_off: step.table_off(self),
             tables: step.tables(self),
             out: self.ptr(out),
-            part_acc: parts.as_ref().map_or(0, |(a, _)| self.ptr(a)),
-            part_ml: parts.as_ref().map_or(0, |(_, m)| self.ptr(m)),
+            part_acc,
+            part_ml,
+            counters,
             rows: rows as u32,
             qkv_stride: shape.qkv_stride as u32,
             num_heads: shape.num_heads as u32,
@@ -215,40 +311,21 @@ impl Gpu {
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
         };
         let cfg = LaunchConfig {
-            grid_dim: (
-                rows as u32,
-                (shape.kv_heads * plan.chunks) as u32,
-                plan.splits as u32,
-            ),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: (rows as u32, y as u32, plan.splits as u32),
+            block_dim: (ATTENTION_THREADS as u32, 1, 1),
+            shared_mem_bytes: v.smem_bytes(plan.heads_per_cta) as u32,
         };
-        // SAFETY: qkv holds rows x qkv_stride f32 with every query head
-        // inside a row; each row's kv_len keys are covered by its block
-        // table (checked at upload) whose ids are below num_blocks (max
-        // checked), so every K/V read is inside the layer; out holds rows x
-        // num_heads x d; the partial buffers hold splits x rows x num_heads
-        // x (d, 2) when splits > 1 and are not touched otherwise.
-        unsafe { self.launch(&attention_kernel(d, plan.heads_per_cta), cfg, &p)? };
-        if let Some((acc, ml)) = &parts {
-            let m = MergeParams {
-                part_acc: self.ptr(acc),
-                part_ml: self.ptr(ml),
-                out: self.ptr(out),
-                rows: rows as u32,
-                num_heads: shape.num_heads as u32,
-                head_dim: d as u32,
-                splits: plan.splits as u32,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, shape.num_heads as u32, 1),
-                block_dim: (d.min(128) as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the partials were written for every (split, row, head)
-            // by the launch above; out holds rows x num_heads x d.
-            unsafe { self.launch("attention_merge_f32", cfg, &m)? };
-        }
+        // SAFETY: qkv holds rows x qkv_stride f32 (a multiple of 4, so the
+        // float4 loads of q are aligned) with every query head inside a
+        // row; each row's kv_len keys are covered by its block table
+        // (checked at upload) whose ids are below num_blocks (max checked),
+        // so every K/V read is inside the layer; a split stages at most
+        // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
+        // x num_heads x d. With splits > 1 the workspace holds rows x
+        // num_heads x splits partials and rows x y zeroed counters, and
+        // no other launch uses it concurrently (one stream).
+        let name = attention_kernel(d, plan.heads_per_cta, v);
+        unsafe { self.launch(&name, cfg, &p)? };
         Ok(plan)
     }
 }
@@ -266,6 +343,8 @@ mod tests {
         }
     }
 
+    const SLOTS: usize = 4 * 132;
+
     #[test]
     fn heads_per_cta_divide_the_group() {
         for (h, kv, g, chunks) in [
@@ -276,26 +355,45 @@ mod tests {
             (10, 1, 5, 2),
             (8, 8, 1, 1),
         ] {
-            let p = AttnPlan::new(&shape(h, kv), 1000, 10, 132, None);
+            let p = AttnPlan::new(&shape(h, kv), 1000, 10, SLOTS, AttnForce::default());
             assert_eq!((p.heads_per_cta, p.chunks), (g, chunks), "{h}/{kv}");
         }
     }
 
     #[test]
-    fn splits_only_when_rows_cannot_fill_the_gpu_and_cover_the_context() {
+    fn splits_fill_one_wave_and_cover_the_context() {
         let s = shape(32, 8);
-        assert_eq!(AttnPlan::new(&s, 512, 4096, 132, None).splits, 1);
-        let p = AttnPlan::new(&s, 1, 32_768, 132, None);
-        assert!(p.splits > 16, "{p:?}");
-        assert!(p.splits * p.pages_per_split * 16 >= 32_768);
-        assert!(
-            (p.splits - 1) * p.pages_per_split * 16 < 32_768,
-            "no empty split: {p:?}"
-        );
-        let short = AttnPlan::new(&s, 1, 20, 132, None);
-        assert_eq!(short.splits, 1, "{short:?}");
-        let forced = AttnPlan::new(&s, 1, 100, 132, Some(3));
+        let plan = |rows, len| AttnPlan::new(&s, rows, len, SLOTS, AttnForce::default());
+        // The benchmark shapes: one wave of equal CTAs each.
+        for (rows, len, splits) in [
+            (1, 32_768, 64),
+            (8, 32_768, 8),
+            (32, 32_768, 2),
+            (1, 131_072, 66),
+            (4, 131_072, 16),
+            (64, 4096, 1),
+            (256, 2048, 1),
+        ] {
+            let p = plan(rows, len);
+            assert_eq!(p.splits, splits, "{rows} x {len}: {p:?}");
+            assert!(p.splits * p.pages_per_split * 16 >= len);
+            assert!(
+                (p.splits - 1) * p.pages_per_split * 16 < len,
+                "no empty split"
+            );
+            assert!(p.pages_per_split <= ATTENTION_MAX_SPLIT_PAGES);
+        }
+        assert_eq!(plan(1, 20).splits, 1);
+        // A long context splits even when the rows fill the GPU: a CTA
+        // stages at most ATTENTION_MAX_SPLIT_PAGES pages of its table.
+        let long = plan(600, 40_000);
+        assert_eq!(long.splits, 3, "{long:?}");
+        let force = |n| AttnForce {
+            splits: Some(n),
+            kernel: None,
+        };
+        let forced = AttnPlan::new(&s, 1, 100, SLOTS, force(3));
         assert_eq!((forced.splits, forced.pages_per_split), (3, 3));
-        assert_eq!(AttnPlan::new(&s, 1, 5, 132, Some(16)).splits, 1);
+        assert_eq!(AttnPlan::new(&s, 1, 5, SLOTS, force(16)).splits, 1);
     }
 }

@@ -2,9 +2,11 @@
 //! loaded. Everything runs on one stream, in issue order, so buffers need
 //! no cross-stream events (cudarc's event tracking is switched off).
 
+use super::attention::AttnWorkspace;
+use super::gemm::GemmScratch;
 use super::nvrtc;
 use super::probe::{ALL, require};
-use super::sources::{MODULES, kernel_names};
+use super::sources::{ATTENTION_THREADS, MODULES, attention_kernels, kernel_names};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -13,8 +15,8 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
-use std::sync::Arc;
-use tracing::info;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tracing::{info, warn};
 
 /// What the kernels need to know about the device.
 #[derive(Debug, Clone)]
@@ -31,6 +33,12 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
+    /// CTAs per SM of the attention kernels (their split plans fill one
+    /// wave of them).
+    occupancy: HashMap<String, usize>,
+    /// Partials and counters of split attention, kept between launches.
+    attn_ws: Mutex<AttnWorkspace>,
+    gemm_ws: Mutex<GemmScratch>,
     info: DeviceInfo,
     /// Synchronise after every launch so that a fault names its kernel
     /// (the self-check turns this on; it costs a round trip per launch).
@@ -86,13 +94,18 @@ impl Gpu {
             op: "cublasCreate",
             msg: e.to_string(),
         })?;
+        keep_pool_memory(&ctx);
         let funcs = load_kernels(&ctx, &info.arch)?;
+        let occupancy = attention_occupancy(&funcs)?;
         info!(device = %info.name, arch = %info.arch, sms = sm_count, kernels = funcs.len(), "GPU ready");
         Ok(Gpu {
             ctx,
             stream,
             blas,
             funcs,
+            occupancy,
+            attn_ws: Mutex::new(AttnWorkspace::default()),
+            gemm_ws: Mutex::new(GemmScratch::default()),
             info,
             sync_launches: false,
         })
@@ -104,6 +117,20 @@ impl Gpu {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// CTAs of kernel `name` that co-reside on one SM (1 when unknown).
+    pub fn occupancy(&self, name: &str) -> usize {
+        self.occupancy.get(name).copied().unwrap_or(1).max(1)
+    }
+
+    pub(crate) fn attention_workspace(&self) -> MutexGuard<'_, AttnWorkspace> {
+        // A poisoned lock only means a panic elsewhere; the buffers are fine.
+        self.attn_ws.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn gemm_scratch(&self) -> MutexGuard<'_, GemmScratch> {
+        self.gemm_ws.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn set_sync_launches(&mut self, on: bool) {
@@ -172,6 +199,16 @@ impl Gpu {
             .map_err(drv("cuMemsetD8Async"))
     }
 
+    /// A buffer of `n` zeros (at least one element).
+    pub fn alloc_zeroed<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(drv("cuMemAllocAsync"))
+    }
+
     pub fn alloc_poisoned<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
         let mut s = self.alloc(n)?;
         self.poison(&mut s)?;
@@ -186,6 +223,17 @@ impl Gpu {
                 .map_err(drv("cuMemcpyHtoD"))?;
         }
         Ok(s)
+    }
+
+    /// Copies `host` into the first `host.len()` elements of `s`.
+    pub fn upload_into<T: DeviceRepr>(&self, host: &[T], s: &mut CudaSlice<T>) -> Result<()> {
+        check_len("upload", s.len(), host.len())?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut s.slice_mut(..host.len()))
+                .map_err(drv("cuMemcpyHtoD"))?;
+        }
+        Ok(())
     }
 
     /// The first `n` elements of `s`, after all issued work.
@@ -214,6 +262,60 @@ impl Gpu {
             shared_mem_bytes: 0,
         }
     }
+}
+
+/// Stream-ordered allocations come from the device's default pool, which by
+/// default hands its memory back to the driver at every synchronisation, so
+/// that the next step's buffers are mapped afresh (tens of microseconds
+/// each). Keeping freed memory in the pool makes a step's allocations cheap
+/// reuses; the memory stays this process's either way.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) {
+    let mut threshold = u64::MAX;
+    // SAFETY: the device is the context's own; the attribute takes a u64.
+    let r = unsafe {
+        cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()).and_then(|pool| {
+            cudarc::driver::result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+            )
+        })
+    };
+    if let Err(e) = r {
+        warn!(cause = %e, "cannot keep freed memory in the default pool");
+    }
+}
+
+/// Raises each attention kernel's dynamic shared-memory limit to what its
+/// variant uses, prefers shared memory over L1, and reads how many of its
+/// CTAs fit on one SM.
+fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<String, usize>> {
+    let mut out = HashMap::new();
+    for (name, g, v) in attention_kernels() {
+        let Some(f) = funcs.get(&name) else { continue };
+        let bytes = v.smem_bytes(g);
+        let fail = |e: cudarc::driver::DriverError| Error::Launch {
+            kernel: name.clone(),
+            msg: format!("shared memory of {bytes} bytes: {e}"),
+        };
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(fail)?;
+        // All of L1 as shared memory: the KV stream bypasses L1 anyway
+        // (cp.async.cg), and 4 CTAs of ~52 KiB need the largest carveout.
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .map_err(fail)?;
+        let n = f
+            .occupancy_max_active_blocks_per_multiprocessor(ATTENTION_THREADS as u32, bytes, None)
+            .map_err(fail)?;
+        out.insert(name, n as usize);
+    }
+    Ok(out)
 }
 
 /// Compiles every module (in parallel, through the PTX cache), loads it and

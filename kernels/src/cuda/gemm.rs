@@ -88,10 +88,26 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let mut halves = self.alloc::<bf16>(2 * m * k)?;
-        self.split_bf16x2(x, &mut halves, m * k)?;
-        let mut tmp = self.alloc::<f32>(2 * m * n)?;
-        self.gemm_nt(&halves, w, &mut tmp, (2 * m, n, k))?;
-        self.sum_halves(&tmp, out, m * n)
+        // The halves and the two-half product live in scratch buffers kept
+        // between calls (grown, never shrunk): no allocation per GEMM.
+        let mut s = self.gemm_scratch();
+        if s.halves.as_ref().is_none_or(|b| b.len() < 2 * m * k) {
+            s.halves = Some(self.alloc::<bf16>(2 * m * k)?);
+        }
+        if s.tmp.as_ref().is_none_or(|b| b.len() < 2 * m * n) {
+            s.tmp = Some(self.alloc::<f32>(2 * m * n)?);
+        }
+        let GemmScratch { halves, tmp } = &mut *s;
+        let (halves, tmp) = (halves.as_mut().expect("set"), tmp.as_mut().expect("set"));
+        self.split_bf16x2(x, halves, m * k)?;
+        self.gemm_nt(halves, w, tmp, (2 * m, n, k))?;
+        self.sum_halves(tmp, out, m * n)
     }
+}
+
+/// Scratch of [`Gpu::gemm_nt_f32`].
+#[derive(Debug, Default)]
+pub struct GemmScratch {
+    halves: Option<CudaSlice<bf16>>,
+    tmp: Option<CudaSlice<f32>>,
 }

@@ -89,6 +89,19 @@ impl Gpu {
         vocab: usize,
         params: &[Option<SampleParams>],
     ) -> Result<Vec<Option<Sampled>>> {
+        self.sample_with(logits, vocab, params, || Ok(()))
+    }
+
+    /// [`Gpu::sample`], calling `launched` once the sampling kernel is
+    /// issued and before its results are copied back (benchmarks mark the
+    /// end of the device's work there).
+    pub fn sample_with(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        params: &[Option<SampleParams>],
+        launched: impl FnOnce() -> Result<()>,
+    ) -> Result<Vec<Option<Sampled>>> {
         let rows = params.len();
         if rows == 0 || params.iter().all(Option::is_none) {
             return Ok(vec![None; rows]);
@@ -117,6 +130,7 @@ impl Gpu {
         // SAFETY: logits hold rows x vocab f32 (checked), params and out
         // one entry per row; the kernel touches row blockIdx.x only.
         unsafe { self.launch("sample_f32", cfg, &a)? };
+        launched()?;
         let outs = self.download(&out, rows)?;
         Ok(params
             .iter()

@@ -21,7 +21,7 @@ impl Module {
     }
 }
 
-pub const MODULES: [Module; 6] = [
+pub const MODULES: [Module; 7] = [
     Module {
         name: "random",
         source: include_str!("kernels/random.cu"),
@@ -43,6 +43,10 @@ pub const MODULES: [Module; 6] = [
         source: include_str!("kernels/attention.cu"),
     },
     Module {
+        name: "attention_regs",
+        source: include_str!("kernels/attention_regs.cu"),
+    },
+    Module {
         name: "sampling",
         source: include_str!("kernels/sampling.cu"),
     },
@@ -51,10 +55,69 @@ pub const MODULES: [Module; 6] = [
 /// Head sizes and query heads per CTA that `attention.cu` instantiates.
 pub const ATTENTION_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
 pub const ATTENTION_MAX_GROUP: usize = 8;
+/// Threads of an attention CTA (`ATT_THREADS`).
+pub const ATTENTION_THREADS: usize = 128;
+/// Block-table pages one attention CTA stages (`MAX_SPLIT_PAGES`).
+pub const ATTENTION_MAX_SPLIT_PAGES: usize = 1024;
 
-/// The attention kernel for head size `d` and `g` query heads per CTA.
-pub fn attention_kernel(d: usize, g: usize) -> String {
-    format!("attention_f32_d{d}_g{g}")
+/// The shape of the pipelined attention kernel's key loop: `keys` keys per
+/// row group per stage (U), `stages` stages in the shared-memory ring (P).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnVariant {
+    pub keys: usize,
+    pub stages: usize,
+}
+
+impl AttnVariant {
+    /// What the daemon runs for `g` query heads per CTA: 4 keys x 3 stages
+    /// (48 KiB of ring) up to 4 heads, 2 x 4 above (the accumulators of 5-8
+    /// heads leave fewer registers).
+    pub fn default_for(g: usize) -> AttnVariant {
+        if g <= 4 {
+            AttnVariant { keys: 4, stages: 3 }
+        } else {
+            AttnVariant { keys: 2, stages: 4 }
+        }
+    }
+
+    /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` in attention.cu):
+    /// the ring or the row-group merge, whichever is larger, then the
+    /// block-table slice.
+    pub fn smem_bytes(&self, g: usize) -> usize {
+        let ring = self.stages * self.keys * 2 * ATTENTION_THREADS * 16;
+        let merge = g * ATTENTION_THREADS * 8 * 4;
+        ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4
+    }
+}
+
+/// Variants instantiated beside the defaults for the Llama-3 shape (head
+/// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 3] = [
+    AttnVariant { keys: 4, stages: 4 },
+    AttnVariant { keys: 2, stages: 4 },
+    AttnVariant { keys: 2, stages: 6 },
+];
+
+/// The pipelined attention kernel for head size `d`, `g` query heads per
+/// CTA and loop shape `v`.
+pub fn attention_kernel(d: usize, g: usize, v: AttnVariant) -> String {
+    format!("attention_f32_d{d}_g{g}_u{}_p{}", v.keys, v.stages)
+}
+
+/// Every pipelined attention kernel with its query heads per CTA and
+/// variant (the loader raises each one's shared-memory limit).
+pub fn attention_kernels() -> Vec<(String, usize, AttnVariant)> {
+    let mut out = vec![];
+    for d in ATTENTION_HEAD_DIMS {
+        for g in 1..=ATTENTION_MAX_GROUP {
+            let v = AttnVariant::default_for(g);
+            out.push((attention_kernel(d, g, v), g, v));
+        }
+    }
+    for v in ATTENTION_BENCH_VARIANTS {
+        out.push((attention_kernel(128, 4, v), 4, v));
+    }
+    out
 }
 
 /// Every kernel the launch wrappers call, by module: the loader resolves
@@ -73,20 +136,17 @@ pub fn kernel_names(module: &str) -> Vec<String> {
             "sum_halves_f32",
             "gather_rows_f32",
             "cast_bf16",
+            "spin_wait",
         ],
         "rope" => &["rope_f32"],
         "kv" => &["kv_append_bf16", "copy_blocks_bf16"],
-        "attention" => &["attention_merge_f32"],
+        "attention_regs" => &["attention_regs_f32_d128_g4", "attention_regs_merge_f32"],
         "sampling" => &["sample_f32"],
         _ => &[],
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     if module == "attention" {
-        for d in ATTENTION_HEAD_DIMS {
-            for g in 1..=ATTENTION_MAX_GROUP {
-                names.push(attention_kernel(d, g));
-            }
-        }
+        names.extend(attention_kernels().into_iter().map(|(name, _, _)| name));
     }
     names
 }

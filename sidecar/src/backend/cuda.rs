@@ -19,7 +19,8 @@ use half::bf16;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::SampleParams;
 use tacflow_kernels::cuda::{
-    AttnIo, AttnPlan, AttnShape, CudaSlice, DeviceStep, Gpu, KvCache, RmsOut, Rows, StepArrays,
+    AttnForce, AttnIo, AttnPlan, AttnShape, BufferPool, CudaSlice, DeviceStep, Gpu, KvCache,
+    Pooled, RmsOut, Rows, StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
@@ -34,6 +35,8 @@ const RESERVE_BYTES: usize = 1 << 30;
 
 pub struct CudaBackend {
     gpu: Gpu,
+    /// f32 activation buffers, reused from step to step.
+    pool: BufferPool,
 }
 
 impl CudaBackend {
@@ -41,6 +44,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
         Ok(CudaBackend {
             gpu: Gpu::new(ordinal)?,
+            pool: BufferPool::default(),
         })
     }
 
@@ -60,7 +64,9 @@ impl CudaBackend {
         let buf = if bf16 {
             ActBuf::Bf16(self.gpu.upload(&to_bf16(data))?)
         } else {
-            ActBuf::F32(self.gpu.upload(data)?)
+            let mut b = self.pool.take(&self.gpu, data.len())?;
+            self.gpu.upload_into(data, &mut b)?;
+            ActBuf::F32(b)
         };
         Ok(Act { rows, cols, buf })
     }
@@ -87,7 +93,9 @@ impl CudaBackend {
         let buf = if bf16 {
             ActBuf::Bf16(self.gpu.alloc_poisoned(n)?)
         } else {
-            ActBuf::F32(self.gpu.alloc_poisoned(n)?)
+            let mut b = self.pool.take(&self.gpu, n)?;
+            self.gpu.poison(&mut b)?;
+            ActBuf::F32(b)
         };
         Ok(Act { rows, cols, buf })
     }
@@ -118,15 +126,15 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// [`Backend::attention`] with the split count forced (self-check);
-    /// returns how the launch was cut.
-    pub fn attention_split(
+    /// [`Backend::attention`] with its plan overridden (self-check,
+    /// benchmarks); returns how the launch was cut.
+    pub fn attention_forced(
         &self,
         step: &DeviceStep,
         (qkv, kv, layer): (&Act, &KvCache, usize),
         d: AttnDims,
         out: &mut Act,
-        force_splits: Option<usize>,
+        force: AttnForce,
     ) -> Result<AttnPlan> {
         check(
             qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(),
@@ -144,13 +152,34 @@ impl CudaBackend {
             layer,
             out: self.out_f32(out)?,
         };
-        Ok(self.gpu.attention(step, io, shape, force_splits)?)
+        Ok(self.gpu.attention(step, io, shape, force)?)
+    }
+
+    /// Greedy or seeded sampling of every row of `logits` as
+    /// [`Backend::sample`] does (no logits back), calling `launched` once
+    /// the device has all of it (benchmarks: the end mark of the GPU time).
+    pub fn sample_until(
+        &self,
+        logits: &Act,
+        params: &[Option<SampleParams>],
+        launched: impl FnOnce() -> tacflow_kernels::Result<()>,
+    ) -> Result<Vec<Option<tacflow_kernels::cpu::Sampled>>> {
+        check(params.len() == logits.rows, || {
+            "sample: one parameter set per row".into()
+        })?;
+        let l = logits.f32("sample")?;
+        Ok(self.gpu.sample_with(l, logits.cols, params, launched)?)
+    }
+
+    /// Activation buffers waiting for reuse (benchmarks).
+    pub fn pooled_buffers(&self) -> usize {
+        self.pool.cached()
     }
 
     fn out_f32<'a>(&self, a: &'a mut Act) -> Result<&'a mut CudaSlice<f32>> {
         let n = a.rows * a.cols;
         if !matches!(&a.buf, ActBuf::F32(s) if s.len() >= n) {
-            a.buf = ActBuf::F32(self.gpu.alloc(n)?);
+            a.buf = ActBuf::F32(self.pool.take(&self.gpu, n)?);
         }
         match &mut a.buf {
             ActBuf::F32(s) => Ok(s),
@@ -169,7 +198,8 @@ pub struct Act {
 enum ActBuf {
     /// Not written yet: allocated by the first op that writes it.
     Empty,
-    F32(CudaSlice<f32>),
+    /// At least `rows * cols` elements, from the backend's pool.
+    F32(Pooled),
     Bf16(CudaSlice<bf16>),
 }
 
@@ -470,7 +500,7 @@ impl Backend for CudaBackend {
         d: AttnDims,
         out: &mut Act,
     ) -> Result<()> {
-        self.attention_split(step, (qkv, kv, layer), d, out, None)?;
+        self.attention_forced(step, (qkv, kv, layer), d, out, AttnForce::default())?;
         Ok(())
     }
 

@@ -1,7 +1,9 @@
 //! Paged attention against the CPU reference: decode batches with contexts
-//! around block (16) and page-chunk (1024) boundaries, long single
-//! sequences that the plan splits, prefill chunks on top of a context, and
-//! every GQA grouping shape the kernel instantiates. The cache is poisoned,
+//! around block (16) boundaries, long single sequences that the plan splits
+//! (the fused merge) or must split (more pages than a CTA stages), prefill
+//! chunks on top of a context, every GQA grouping shape the kernel
+//! instantiates, and every kernel variant `tacflowd bench-attention`
+//! times (the loop shapes and issue 4's baseline). The cache is poisoned,
 //! then filled through `kv_append` with tables in shuffled block order.
 
 use super::report::{ATTN_TOL, Row, compare_row};
@@ -9,6 +11,8 @@ use super::{Ctx, case, round_bf16};
 use crate::backend::{AttnDims, Backend, KvLayout, SeqMeta, StepMeta};
 use crate::error::Result;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
+use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
+use tacflow_kernels::cuda::{AttnForce, AttnKernel};
 
 struct Case {
     heads: (usize, usize, usize),
@@ -16,6 +20,8 @@ struct Case {
     seqs: Vec<(usize, usize)>,
     splits: Vec<Option<usize>>,
     q_std: f32,
+    /// The daemon's choice when `None`.
+    kernel: Option<AttnKernel>,
 }
 
 fn cases() -> Vec<Case> {
@@ -24,9 +30,31 @@ fn cases() -> Vec<Case> {
         seqs: seqs.to_vec(),
         splits: splits.to_vec(),
         q_std,
+        kernel: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
-    vec![
+    let mut benched: Vec<Case> = ATTENTION_BENCH_VARIANTS
+        .iter()
+        .map(|&v| AttnKernel::Pipelined(v))
+        .chain([AttnKernel::Registers])
+        .map(|k| Case {
+            kernel: Some(k),
+            ..c(
+                (32, 8, 128),
+                &decode(&[1, 17, 1000, 3001]),
+                &[None, Some(7)],
+                1.0,
+            )
+        })
+        .collect();
+    // 1250 pages: more than one CTA stages, so even "1 split" is two.
+    benched.push(c(
+        (32, 8, 128),
+        &decode(&[20_000, 5]),
+        &[None, Some(1)],
+        1.0,
+    ));
+    benched.extend(vec![
         c(
             (32, 8, 128),
             &decode(&[1, 15, 16, 17, 100, 1000, 3001]),
@@ -56,7 +84,8 @@ fn cases() -> Vec<Case> {
         c((24, 2, 64), &[(300, 1), (50, 18)], &[None], 1.0),
         c((4, 1, 256), &decode(&[129, 17]), &[None, Some(3)], 1.0),
         c((6, 2, 32), &[(31, 31), (64, 1)], &[None], 1.0),
-    ]
+    ]);
+    benched
 }
 
 pub fn attention(cx: &mut Ctx) -> Vec<Row> {
@@ -65,8 +94,13 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
         for &s in &c.splits {
             let (nh, kvh, d) = c.heads;
             let lens: Vec<String> = c.seqs.iter().map(|(l, q)| format!("{l}/{q}")).collect();
+            let kernel = match c.kernel {
+                None => String::new(),
+                Some(AttnKernel::Pipelined(v)) => format!(" u{} p{}", v.keys, v.stages),
+                Some(AttnKernel::Registers) => " regs".into(),
+            };
             let name = format!(
-                "{nh}/{kvh}x{d} ctx/new {} splits {}",
+                "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
                 lens.join(","),
                 s.map_or("auto".into(), |s| s.to_string())
             );
@@ -154,8 +188,12 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     let qa = cx.b.act_from_host(t, w, &q, false)?;
     let mut out = cx.b.act_poisoned(t, dims.q_dim(), false)?;
     let ds = cx.b.begin_step(&step)?;
+    let force = AttnForce {
+        splits,
+        kernel: c.kernel,
+    };
     let plan =
-        cx.b.attention_split(&ds, (&qa, &kv, 0), dims, &mut out, splits)?;
+        cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;
     let got = cx.b.act_to_host(&out)?;
     // The CPU on the same bf16 keys and values.
     let per_layer = blocks * layout.block_elems();

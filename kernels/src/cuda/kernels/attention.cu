@@ -1,28 +1,37 @@
 // Paged attention over the bf16 KV cache, for decode tokens and prefill
-// chunks alike (kernels/ATTENTION.md has the design and its reasons).
+// chunks alike (kernels/ATTENTION.md has the design, its reasons and the
+// measurements).
 //
 // One CTA = one query row x one group of G query heads that share a KV head
 // x one split of that row's visible keys. K and V rows are read once per
-// CTA for all G heads (GQA), with 16-byte loads: a row of D bf16 is spread
-// over D/8 lanes ("a row group"), and the 128 threads form 128/(D/8) row
-// groups that walk the keys in an interleaved order. Each row group keeps
-// its own online softmax (max, sum, unnormalised output) in registers, so
-// the key loop needs no barrier; the row groups are merged once at the end
-// through shared memory. The block table slice is staged in shared memory,
-// read once. Causality is a per-row key count: a row sees keys
-// [0, kv_len), kv_len = its slot + 1, which covers decode tokens and
-// prefill chunks on top of an existing context. No score matrix exists
-// anywhere: scores live in registers for U keys at a time.
+// CTA for all G heads (GQA). A row of D bf16 is spread over D/8 lanes (a
+// "row group"), 16 bytes each; the 128 threads form 128/(D/8) row groups
+// that take the keys of a stage in an interleaved order.
 //
-// Scores are in the log2 domain: q is pre-scaled by log2(e)/sqrt(D) and
-// exponentials are exp2f.
+// Loads: each thread streams ITS OWN 16-byte pieces of K and V through a
+// private P-stage ring in shared memory with `cp.async` (LDGSTS, 16 bytes,
+// L2 only): P-1 stages are always in flight while the thread computes on
+// the oldest, and since a thread only ever reads back what it copied
+// itself, `cp.async.wait_group` is the only synchronisation the key loop
+// needs (no barrier, no registers held by loads in flight).
 //
-// With splits > 1 (few rows, long contexts: flash-decoding), each CTA
-// writes an unnormalised partial (acc, max, sum) and `attention_merge_f32`
-// combines the splits of each (row, head). The output is f32.
+// Scores exist only in registers, U x G at a time; each row group keeps its
+// own online softmax (log2 domain: q is pre-scaled by log2(e)/sqrt(D)); the
+// row groups are merged once at the end through shared memory. The CTA's
+// slice of the block table is staged in shared memory once.
+//
+// Causality is a per-row key count: a row sees keys [0, kv_len), which
+// covers decode tokens and prefill chunks on top of an existing context.
+//
+// Splits (few rows, long contexts): every CTA of a (row, head group)
+// writes an unnormalised partial (acc, max, sum); the LAST one to finish
+// (an atomic counter per (row, head group), reset by that CTA) merges them
+// and writes the output, so no second launch is needed.
 
 #define ATT_THREADS 128
-#define PAGE_CHUNK 64
+// Pages of the block table one CTA stages (4 KiB); the planner splits
+// longer contexts.
+#define MAX_SPLIT_PAGES 1024
 
 struct AttnParams {
     const float* qkv;      // [rows, qkv_stride] f32; query head h at columns h*D
@@ -32,8 +41,9 @@ struct AttnParams {
     const u32* table_off;  // [rows]: start of row r's block table in `tables`
     const u32* tables;
     float* out;            // [rows, num_heads * D]
-    float* part_acc;       // [splits, rows, num_heads, D]
-    float* part_ml;        // [splits, rows, num_heads, 2]
+    float* part_acc;       // [rows, num_heads, splits, D]
+    float* part_ml;        // [rows, num_heads, splits, 2]
+    u32* counters;         // [rows, kv_heads * chunks]; zero between launches
     u32 rows;
     u32 qkv_stride;
     u32 num_heads;
@@ -45,27 +55,112 @@ struct AttnParams {
     float scale_log2;
 };
 
+__device__ __forceinline__ u32 shared_addr(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Loads that bypass L1: partials written by other CTAs of this launch.
+__device__ __forceinline__ float ldcg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float4 ldcg4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// Dynamic shared memory of one CTA: the ring (later the row-group merge and
+// the split weights), then the block-table slice (later the row groups'
+// max and sum). Mirrored by `attention_smem_bytes` in sources.rs.
+template <int G, int U, int P>
+struct AttnSmem {
+    static constexpr int RING = P * U * 2 * ATT_THREADS * 16;
+    static constexpr int MERGE = G * ATT_THREADS * 8 * 4;
+    static constexpr int A = RING > MERGE ? RING : MERGE;
+    static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
+};
+
+// The last CTA of a (row, head group) combines every split's partial:
+// M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
+// Splits that saw no key carry m = -inf, l = 0, acc = 0.
 template <int D, int G>
+__device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, float* sm_L) {
+    const u32 S = gridDim.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int g = warp; g < G; g += ATT_THREADS / 32) {
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
+        float mx = NEG_INF;
+        for (u32 s = lane; s < S; s += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + s)));
+        mx = warp_max(mx);
+        float l = 0.0f;
+        for (u32 s = lane; s < S; s += 32) {
+            const float ms = ldcg(p.part_ml + 2 * (base + s));
+            const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
+            sm_w[g * S + s] = w;
+            l += w * ldcg(p.part_ml + 2 * (base + s) + 1);
+        }
+        l = warp_sum(l);
+        if (lane == 0) sm_L[g] = l;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D / 4; i += ATT_THREADS) {
+        const int g = i / (D / 4), d = (i % (D / 4)) * 4;
+        const u32 h = h0 + g;
+        const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+        for (u32 s = 0; s < S; s++) {
+            const float w = sm_w[g * S + s];
+            const float4 x = ldcg4(acc + (u64)s * D);
+            a.x += w * x.x;
+            a.y += w * x.y;
+            a.z += w * x.z;
+            a.w += w * x.w;
+        }
+        const float L = sm_L[g];
+        const float r = L > 0.0f ? 1.0f / L : 0.0f;
+        *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+    }
+}
+
+template <int D, int G, int U, int P>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
-    constexpr int LPR = D / 8;               // lanes per K/V row
-    constexpr int RG = ATT_THREADS / LPR;    // row groups
-    constexpr int U = (G <= 4) ? 4 : 2;      // keys per row group per step
-    __shared__ u32 pages[PAGE_CHUNK];
-    __shared__ float sm_m[RG][G];
-    __shared__ float sm_l[RG][G];
-    __shared__ float sm_acc[G][RG * D];
+    constexpr int LPR = D / 8;             // lanes per K/V row
+    constexpr int RG = ATT_THREADS / LPR;  // row groups
+    constexpr int KS = RG * U;             // keys per stage
+    typedef AttnSmem<G, U, P> Smem;
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint4* ring = (uint4*)smem;                  // [P][U][2][ATT_THREADS]
+    u32* pages = (u32*)(smem + Smem::A);         // [MAX_SPLIT_PAGES]
+    __shared__ int sm_last;
 
     const u32 row = blockIdx.x;
     const u32 kvh = blockIdx.y / p.chunks;
     const u32 h0 = kvh * p.group + (blockIdx.y % p.chunks) * G;
     const u32 split = blockIdx.z;
-    const int lane = threadIdx.x % LPR, rg = threadIdx.x / LPR;
+    const int tid = threadIdx.x, lane = tid % LPR, rg = tid / LPR;
 
+    // Independent loads first: the row's key count and table start, q.
     const u32 kv_len = p.kv_len[row];
-    const u32 t_begin = split * p.pages_per_split * BLOCK_TOKENS;
-    const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
-    const u32* table = p.tables + p.table_off[row];
-
+    const u32 toff = p.table_off[row];
     float q[G][8], m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -81,105 +176,131 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         for (int j = 0; j < 8; j++) acc[g][j] = 0.0f;
     }
 
+    const u32 t_begin = split * p.pages_per_split * BLOCK_TOKENS;
+    const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
+    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
+    __syncthreads();
+
+    const u32 n_stages = (n_keys + KS - 1) / KS;
+    const u32 ring_base = shared_addr(ring) + tid * 16;
+    const u64 head_off = (u64)kvh * BLOCK_TOKENS * D + lane * 8;
+    // Copies this thread's pieces of stage s into ring slot s % P.
+    auto issue = [&](u32 s) {
+        const u32 slot = s % P;
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const u32 k = s * KS + u * RG + rg;  // key index within the split
+            if (k < n_keys) {
+                const u64 off = (u64)pages[k / BLOCK_TOKENS] * p.kv_heads * BLOCK_TOKENS * D + head_off +
+                                (k % BLOCK_TOKENS) * D;
+                const u32 dst = ring_base + ((slot * U + u) * 2) * ATT_THREADS * 16;
+                cp_async16(dst, p.k + off);
+                cp_async16(dst + ATT_THREADS * 16, p.v + off);
+            }
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < P - 1; s++) {
+        if (s < (int)n_stages) issue(s);
+        cp_async_commit();
+    }
+
     // Every loop bound below is uniform over the CTA, so the shuffles always
     // see whole warps.
-    for (u32 c0 = t_begin; c0 < t_end; c0 += PAGE_CHUNK * BLOCK_TOKENS) {
-        const u32 c1 = min(t_end, c0 + PAGE_CHUNK * BLOCK_TOKENS);
-        __syncthreads();
-        if (threadIdx.x < (c1 - c0 + BLOCK_TOKENS - 1) / BLOCK_TOKENS)
-            pages[threadIdx.x] = table[c0 / BLOCK_TOKENS + threadIdx.x];
-        __syncthreads();
-        for (u32 base = c0; base < c1; base += RG * U) {
-            uint4 kw[U], vw[U];
-            bool ok[U];
+    for (u32 s = 0; s < n_stages; s++) {
+        cp_async_wait<P - 2>();
+        // Slot (s + P - 1) % P was consumed by the previous iteration.
+        if (s + P - 1 < n_stages) issue(s + P - 1);
+        cp_async_commit();
+        const uint4* slot = ring + (s % P) * U * 2 * ATT_THREADS + tid;
+        float sc[U][G];
+        bool ok[U];
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const u32 t = base + u * RG + rg;
-                ok[u] = t < c1;
-                kw[u] = make_uint4(0, 0, 0, 0);
-                vw[u] = make_uint4(0, 0, 0, 0);
-                if (ok[u]) {
-                    const u32 page = pages[(t - c0) / BLOCK_TOKENS];
-                    const u64 off =
-                        (((u64)page * p.kv_heads + kvh) * BLOCK_TOKENS + t % BLOCK_TOKENS) * D + lane * 8;
-                    kw[u] = ld16(p.k + off);
-                    vw[u] = ld16(p.v + off);
-                }
-            }
-            float s[U][G];
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                float kf[8];
-                unpack8(kw[u], kf);
-#pragma unroll
-                for (int g = 0; g < G; g++) {
-                    float d = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 8; j++) d += q[g][j] * kf[j];
-#pragma unroll
-                    for (int o = LPR / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                    s[u][g] = ok[u] ? d : NEG_INF;
-                }
-            }
-            float vf[U][8];
-#pragma unroll
-            for (int u = 0; u < U; u++) unpack8(vw[u], vf[u]);
+        for (int u = 0; u < U; u++) {
+            ok[u] = s * KS + u * RG + rg < n_keys;
+            float kf[8];
+            unpack8(slot[(u * 2) * ATT_THREADS], kf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
-                float mx = s[0][g];
+                float d = 0.0f;
 #pragma unroll
-                for (int u = 1; u < U; u++) mx = fmaxf(mx, s[u][g]);
-                const float mn = fmaxf(m[g], mx);
-                if (mn == NEG_INF) continue;
-                const float corr = exp2f(m[g] - mn);
-                l[g] *= corr;
+                for (int j = 0; j < 8; j++) d += q[g][j] * kf[j];
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+                for (int o = LPR / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                sc[u][g] = ok[u] ? d : NEG_INF;
+            }
+        }
 #pragma unroll
-                for (int u = 0; u < U; u++) {
-                    const float pr = exp2f(s[u][g] - mn);
-                    l[g] += pr;
+        for (int g = 0; g < G; g++) {
+            float mx = sc[0][g];
 #pragma unroll
-                    for (int j = 0; j < 8; j++) acc[g][j] += pr * vf[u][j];
-                }
-                m[g] = mn;
+            for (int u = 1; u < U; u++) mx = fmaxf(mx, sc[u][g]);
+            const float mn = fmaxf(m[g], mx);
+            if (mn == NEG_INF) continue;
+            const float corr = exp2f(m[g] - mn);
+            l[g] *= corr;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+            m[g] = mn;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (!ok[u]) continue;  // its ring slot holds stale bytes
+            float vf[8];
+            unpack8(slot[(u * 2 + 1) * ATT_THREADS], vf);
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const float pr = exp2f(sc[u][g] - m[g]);
+                l[g] += pr;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] += pr * vf[j];
             }
         }
     }
+    cp_async_wait<0>();
 
-    // Merge the row groups: rescale each to the CTA's max, then sum.
+    // Merge the row groups: rescale each to the CTA's max, then sum. The
+    // ring and the table slice are free now.
+    float* sm_acc = (float*)smem;               // [G][RG * D]
+    float* sm_m = (float*)(smem + Smem::A);     // [RG][G]
+    float* sm_l = sm_m + RG * G;                // [RG][G]
+    __syncthreads();
     if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            sm_m[rg][g] = m[g];
-            sm_l[rg][g] = l[g];
+            sm_m[rg * G + g] = m[g];
+            sm_l[rg * G + g] = l[g];
         }
     }
     __syncthreads();
 #pragma unroll
     for (int g = 0; g < G; g++) {
         float mm = NEG_INF;
-        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r][g]);
+        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r * G + g]);
         const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - mm);
-#pragma unroll
-        for (int j = 0; j < 8; j++) sm_acc[g][rg * D + lane * 8 + j] = acc[g][j] * f;
+        float4* dst = (float4*)(sm_acc + g * RG * D + rg * D + lane * 8);
+        dst[0] = make_float4(acc[g][0] * f, acc[g][1] * f, acc[g][2] * f, acc[g][3] * f);
+        dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += ATT_THREADS) {
+    const bool split_mode = gridDim.z > 1;
+    for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i % D;
         float mm = NEG_INF;
-        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r][g]);
+        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r * G + g]);
         float ll = 0.0f, a = 0.0f;
         for (int r = 0; r < RG; r++) {
-            const float mr = sm_m[r][g];
-            if (mr != NEG_INF) ll += sm_l[r][g] * exp2f(mr - mm);
-            a += sm_acc[g][r * D + d];
+            const float mr = sm_m[r * G + g];
+            if (mr != NEG_INF) ll += sm_l[r * G + g] * exp2f(mr - mm);
+            a += sm_acc[g * RG * D + r * D + d];
         }
         const u32 h = h0 + g;
-        if (p.splits == 1) {
+        if (!split_mode) {
             p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
         } else {
-            const u64 idx = ((u64)split * p.rows + row) * p.num_heads + h;
+            const u64 idx = ((u64)row * p.num_heads + h) * gridDim.z + split;
             p.part_acc[idx * D + d] = a;
             if (d == 0) {
                 p.part_ml[2 * idx] = mm;
@@ -187,48 +308,38 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             }
         }
     }
+    if (!split_mode) return;
+
+    // The last CTA of this (row, head group) merges (threadFenceReduction:
+    // publish the partial, count, and the one that completes the count
+    // reads everyone's partial from L2).
+    __threadfence();
+    __syncthreads();
+    u32* counter = p.counters + (u64)row * gridDim.y + blockIdx.y;
+    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();
+    if (tid == 0) *counter = 0;  // ready for the next launch
+    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)(smem + Smem::A));
 }
 
-#define ATTN(D, G)                                                                       \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS)                            \
-        attention_f32_d##D##_g##G(const AttnParams p) {                                 \
-        attention_cta<D, G>(p);                                                          \
+// Query heads per CTA G = 1..8; U keys per row group per stage; P stages.
+// The default (U, P) per G is in sources.rs (`attention_kernel`).
+#define ATTN_VARIANT(D, G, U, P, MINB)                                                      \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                         \
+        attention_f32_d##D##_g##G##_u##U##_p##P(const AttnParams p) {                      \
+        attention_cta<D, G, U, P>(p);                                                       \
     }
-#define ATTN_D(D) ATTN(D, 1) ATTN(D, 2) ATTN(D, 3) ATTN(D, 4) ATTN(D, 5) ATTN(D, 6) ATTN(D, 7) ATTN(D, 8)
+#define ATTN(D, G) ATTN_VARIANT(D, G, 4, 3, 4)
+#define ATTN_WIDE(D, G) ATTN_VARIANT(D, G, 2, 4, 2)
+#define ATTN_D(D) ATTN(D, 1) ATTN(D, 2) ATTN(D, 3) ATTN(D, 4) ATTN_WIDE(D, 5) ATTN_WIDE(D, 6) ATTN_WIDE(D, 7) ATTN_WIDE(D, 8)
 ATTN_D(16)
 ATTN_D(32)
 ATTN_D(64)
 ATTN_D(128)
 ATTN_D(256)
-
-struct MergeParams {
-    const float* part_acc;  // [splits, rows, num_heads, head_dim]
-    const float* part_ml;   // [splits, rows, num_heads, 2]
-    float* out;             // [rows, num_heads * head_dim]
-    u32 rows;
-    u32 num_heads;
-    u32 head_dim;
-    u32 splits;
-};
-
-// grid: (rows, num_heads). Splits that saw no key carry max = -inf.
-extern "C" __global__ void attention_merge_f32(const MergeParams p) {
-    const u32 row = blockIdx.x, h = blockIdx.y;
-    const u64 stride = (u64)p.rows * p.num_heads;
-    const u64 idx0 = (u64)row * p.num_heads + h;
-    float mm = NEG_INF;
-    for (u32 s = 0; s < p.splits; s++) mm = fmaxf(mm, p.part_ml[2 * (s * stride + idx0)]);
-    float ll = 0.0f;
-    for (u32 s = 0; s < p.splits; s++) {
-        const float ms = p.part_ml[2 * (s * stride + idx0)];
-        if (ms != NEG_INF) ll += p.part_ml[2 * (s * stride + idx0) + 1] * exp2f(ms - mm);
-    }
-    for (u32 d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-        float a = 0.0f;
-        for (u32 s = 0; s < p.splits; s++) {
-            const float ms = p.part_ml[2 * (s * stride + idx0)];
-            if (ms != NEG_INF) a += p.part_acc[(s * stride + idx0) * p.head_dim + d] * exp2f(ms - mm);
-        }
-        p.out[idx0 * p.head_dim + d] = ll > 0.0f ? a / ll : 0.0f;
-    }
-}
+// Alternatives measured by `tacflowd bench-attention` (Llama-3 shape).
+ATTN_VARIANT(128, 4, 4, 4, 3)
+ATTN_VARIANT(128, 4, 2, 4, 4)
+ATTN_VARIANT(128, 4, 2, 6, 4)

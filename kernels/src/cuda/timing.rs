@@ -1,0 +1,81 @@
+//! What benchmarks need from the device: intervals timed by CUDA events on
+//! the stream, the device-to-device copy that sets the bandwidth ceiling,
+//! and a kernel that holds the stream while the host enqueues work.
+
+use super::device::{Gpu, drv};
+use crate::error::Result;
+use cudarc::driver::{CudaEvent, CudaSlice, DeviceRepr, LaunchConfig, sys};
+
+/// An interval of the stream between two timing events.
+#[derive(Debug)]
+pub struct Span {
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+#[repr(C)]
+struct SpinParams {
+    ns: u64,
+}
+
+// SAFETY: `#[repr(C)]` mirror of the struct in rowwise.cu.
+unsafe impl DeviceRepr for SpinParams {}
+
+impl Span {
+    /// Marks the start: work issued after this is inside the interval.
+    pub fn start(&self, gpu: &Gpu) -> Result<()> {
+        self.start
+            .record(gpu.stream())
+            .map_err(drv("cuEventRecord"))
+    }
+
+    /// Marks the end: work issued before this is inside the interval.
+    pub fn stop(&self, gpu: &Gpu) -> Result<()> {
+        self.end.record(gpu.stream()).map_err(drv("cuEventRecord"))
+    }
+
+    /// Milliseconds between the marks (waits for the end mark).
+    pub fn ms(&self) -> Result<f64> {
+        Ok(self
+            .start
+            .elapsed_ms(&self.end)
+            .map_err(drv("cuEventElapsedTime"))? as f64)
+    }
+}
+
+impl Gpu {
+    /// Two fresh timing events.
+    pub fn span(&self) -> Result<Span> {
+        let ctx = self.stream().context();
+        let ev = || {
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv("cuEventCreate"))
+        };
+        Ok(Span {
+            start: ev()?,
+            end: ev()?,
+        })
+    }
+
+    /// `dst = src` on the device (cuMemcpyDtoDAsync).
+    pub fn copy_d2d<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        self.stream()
+            .memcpy_dtod(src, dst)
+            .map_err(drv("cuMemcpyDtoDAsync"))
+    }
+
+    /// Holds the stream for `ns` nanoseconds.
+    pub fn spin_wait(&self, ns: u64) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel touches no memory.
+        unsafe { self.launch("spin_wait", cfg, &SpinParams { ns }) }
+    }
+}

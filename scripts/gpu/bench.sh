@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 5's GPU run, ON THE GPU MACHINE, in one device call: the self-check
+# (every kernel against the CPU reference, the benchmarked attention
+# variants included), then the decode-attention benchmark against torch SDPA
+# and the copy bandwidth (bench/attention/run.py), then the decode step
+# against its floor, in-process and end to end through the Python client
+# (bench/decode/run.py). Tables last. Everything goes to $OUT/bench.log,
+# headed by the commit, the date and the card's nvidia-smi line (commit it
+# under bench/logs/), the numbers to $OUT/*.json and $OUT/*.md.
+#
+#   here:   scripts/gpu/prepare.sh
+#   device: bash scripts/gpu/bench.sh [selfcheck] [attention] [decode]
+#           (carry .device-carry and .whl: pyzmq for the client)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+carry=.device-carry
+out=${OUT:-/tmp/tacflow-out}
+mkdir -p "$out"
+log="$out/bench.log"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(selfcheck attention decode)
+{
+    echo "# issue 5 benchmarks: ${stages[*]}"
+    echo "commit: $(cat "$carry/COMMIT" 2>/dev/null || echo unknown)"
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -srm), $(nproc) cores"
+    nvidia-smi -L
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu --format=csv
+} 2>&1 | tee "$log"
+
+bin=/tmp/tacflowd
+xz -dc "$carry/tacflowd.xz" > "$bin" && chmod +x "$bin" || { echo "no tacflowd in $carry" | tee -a "$log"; exit 1; }
+export TACFLOW_KERNEL_CACHE=/tmp/tacflow-kernels NO_COLOR=1 PYTHONUNBUFFERED=1
+whl=$(ls .whl/pyzmq-27.3.0-*.whl 2>/dev/null | head -1)
+if [ -n "$whl" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl" 2>&1 | tail -1
+    export PYTHONPATH=/tmp/site
+fi
+
+rc=0
+for s in "${stages[@]}"; do
+    echo -e "\n== $s ($(date -u +%H:%M:%S))" | tee -a "$log"
+    case $s in
+        selfcheck) timeout 240 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
+        attention) timeout 200 python3 bench/attention/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        decode) timeout 330 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        *) echo "unknown stage $s" | tee -a "$log" ;;
+    esac
+    r=${PIPESTATUS[0]}
+    echo "== $s: exit $r" | tee -a "$log"
+    [ "$r" -ne 0 ] && rc=$r
+done
+
+{
+    echo -e "\n== summary"
+    grep -E "^selfcheck: [0-9]+ passed" "$log" | tail -1
+    grep -E "^FAIL " "$log" | head -20
+    for f in attention.md decode.md; do [ -f "$out/$f" ] && { echo; cat "$out/$f"; }; done
+    grep -E "^batch 64 in-daemon" "$log" | tail -1
+} 2>&1 | tee -a "$log"
+exit "$rc"

@@ -1,0 +1,243 @@
+//! `tacflowd bench-attention`: paged decode attention in the Llama-3.1-8B
+//! attention shape (32 query heads over 8 KV heads of 128, bf16 cache,
+//! pages of 16 tokens in random order) at the (batch, context) cases of
+//! issue 5, against the device-to-device copy bandwidth measured in the same
+//! run. Every kernel variant that `attention.cu` instantiates for the shape
+//! is timed, and issue 4's kernel as the baseline; the daemon's choice is
+//! timed first and again last (the spread of the measurement).
+//!
+//! Timing: CUDA events around each launch, a warm-up, the median of many
+//! launches; the caches rotate over several sets of pages (at least 1 GiB
+//! of K and V in all), so that L2 (50 MB) cannot serve a launch the bytes
+//! the previous one read. Bytes are the K and V rows read, once each.
+
+use super::{copy_bandwidth, device_line, quantiles, shuffled, write_json};
+use crate::error::Result;
+use serde_json::json;
+use std::path::PathBuf;
+use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
+use tacflow_kernels::cuda::{
+    AttnForce, AttnIo, AttnKernel, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache, StepArrays,
+};
+use tacflow_kernels::rng::random_weight;
+
+/// The (batch, context) cases of issue 5.
+pub const CASES: [(usize, usize); 7] = [
+    (1, 32_768),
+    (8, 32_768),
+    (32, 32_768),
+    (1, 131_072),
+    (4, 131_072),
+    (64, 4096),
+    (256, 2048),
+];
+
+const HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+/// Bytes of K and V per token (all KV heads).
+const TOKEN_BYTES: usize = 2 * KV_HEADS * HEAD_DIM * 2;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub cases: Vec<(usize, usize)>,
+    /// Time the alternative kernels too (else only the daemon's).
+    pub variants: bool,
+    pub json: Option<PathBuf>,
+    pub seed: u64,
+}
+
+/// One timed kernel on one case.
+#[derive(Debug, Clone)]
+struct Timing {
+    kernel: String,
+    splits: usize,
+    pages_per_split: usize,
+    median_us: f64,
+    p10_us: f64,
+    p90_us: f64,
+}
+
+/// Everything one case needs on the device: the cache and one step per
+/// rotation set.
+struct CaseData {
+    kv: KvCache,
+    steps: Vec<DeviceStep>,
+    qkv: tacflow_kernels::cuda::CudaSlice<f32>,
+    out: tacflow_kernels::cuda::CudaSlice<f32>,
+}
+
+fn shape() -> AttnShape {
+    AttnShape {
+        num_heads: HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+        qkv_stride: (HEADS + 2 * KV_HEADS) * HEAD_DIM,
+    }
+}
+
+fn prepare(gpu: &Gpu, batch: usize, ctx: usize, seed: u64) -> Result<CaseData> {
+    let bytes = batch * ctx * TOKEN_BYTES;
+    let sets = (1usize << 30).div_ceil(bytes).clamp(1, 8);
+    let pages = ctx.div_ceil(16);
+    let blocks = sets * batch * pages;
+    let mut kv = gpu.kv_cache(1, blocks, KV_HEADS, HEAD_DIM)?;
+    let n = kv.layer_elems();
+    gpu.random_bf16(&mut kv.k, n, seed, 11, 0.0, 1.0)?;
+    gpu.random_bf16(&mut kv.v, n, seed, 12, 0.0, 1.0)?;
+    let order = shuffled(blocks, seed);
+    let mut steps = vec![];
+    for set in order.chunks(batch * pages) {
+        let a = StepArrays {
+            tokens: vec![0; batch],
+            positions: vec![ctx as u32 - 1; batch],
+            slots: vec![0; batch],
+            kv_len: vec![ctx as u32; batch],
+            table_off: (0..batch).map(|b| (b * pages) as u32).collect(),
+            tables: set.to_vec(),
+            logit_rows: vec![],
+        };
+        steps.push(DeviceStep::upload(gpu, &a)?);
+    }
+    let w = shape().qkv_stride;
+    let q: Vec<f32> = (0..(batch * w) as u64)
+        .map(|i| random_weight(seed, 13, i, 0.0, 1.0))
+        .collect();
+    Ok(CaseData {
+        kv,
+        steps,
+        qkv: gpu.upload(&q)?,
+        out: gpu.alloc(batch * HEADS * HEAD_DIM)?,
+    })
+}
+
+fn kernel_name(k: Option<AttnKernel>) -> String {
+    match k {
+        None => "daemon".into(),
+        Some(AttnKernel::Pipelined(v)) => format!("u{}p{}", v.keys, v.stages),
+        Some(AttnKernel::Registers) => "issue4".into(),
+    }
+}
+
+/// Times one kernel over the rotation sets.
+fn time_kernel(gpu: &Gpu, d: &mut CaseData, k: Option<AttnKernel>, est_s: f64) -> Result<Timing> {
+    let force = AttnForce {
+        splits: None,
+        kernel: k,
+    };
+    let launch = |i: usize, d: &mut CaseData| {
+        let io = AttnIo {
+            qkv: &d.qkv,
+            kv: &d.kv,
+            layer: 0,
+            out: &mut d.out,
+        };
+        gpu.attention(&d.steps[i % d.steps.len()], io, shape(), force)
+    };
+    let mut plan = None;
+    for i in 0..5 {
+        plan = Some(launch(i, d)?);
+    }
+    let plan = plan.expect("warmed up");
+    let iters = (0.15 / est_s).clamp(30.0, 400.0) as usize;
+    let spans = (0..iters)
+        .map(|_| gpu.span())
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, s) in spans.iter().enumerate() {
+        s.start(gpu)?;
+        launch(i, d)?;
+        s.stop(gpu)?;
+    }
+    let mut us = spans
+        .iter()
+        .map(|s| Ok(s.ms()? * 1e3))
+        .collect::<Result<Vec<f64>>>()?;
+    let out = gpu.download(&d.out, d.out.len())?;
+    if let Some(bad) = out.iter().position(|x| !x.is_finite()) {
+        return Err(crate::error::Error::Backend(format!(
+            "{}: output {bad} is {}",
+            kernel_name(k),
+            out[bad]
+        )));
+    }
+    let (median_us, p10_us, p90_us) = quantiles(&mut us);
+    Ok(Timing {
+        kernel: kernel_name(k),
+        splits: plan.splits,
+        pages_per_split: plan.pages_per_split,
+        median_us,
+        p10_us,
+        p90_us,
+    })
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let gpu = Gpu::new(0)?;
+    println!("bench-attention on {}", device_line(&gpu));
+    let slots = gpu.attention_slots(HEAD_DIM, 4, AttnVariant::default_for(4));
+    println!("daemon kernel: {slots} CTAs co-reside (one wave)");
+    let (copy, samples) = copy_bandwidth(&gpu, 2 << 30, 20)?;
+    println!(
+        "copy bandwidth: {:.0} GB/s (read + write, 2 GiB copy, median of {})",
+        copy / 1e9,
+        samples.len()
+    );
+    let mut kernels: Vec<Option<AttnKernel>> = vec![None];
+    if opts.variants {
+        kernels.extend(
+            ATTENTION_BENCH_VARIANTS
+                .iter()
+                .map(|&v| Some(AttnKernel::Pipelined(v))),
+        );
+        kernels.push(Some(AttnKernel::Registers));
+        kernels.push(None);
+    }
+    let mut rows = vec![];
+    let mut table = vec![];
+    for &(batch, ctx) in &opts.cases {
+        let bytes = (batch * ctx * TOKEN_BYTES) as f64;
+        let mut d = prepare(&gpu, batch, ctx, opts.seed)?;
+        for &k in &kernels {
+            let t = time_kernel(&gpu, &mut d, k, bytes / 2.5e12 + 10e-6)?;
+            let gbps = bytes / (t.median_us * 1e-6) / 1e9;
+            let frac = gbps * 1e9 / copy;
+            table.push(format!(
+                "{batch:>5} {ctx:>7} {:>8} {:>4}x{:<5} {:>10.1} {:>10.1} {:>10.1} {:>8.0} {:>7.1}%",
+                t.kernel,
+                t.splits,
+                t.pages_per_split,
+                t.median_us,
+                t.p10_us,
+                t.p90_us,
+                gbps,
+                100.0 * frac
+            ));
+            rows.push(json!({
+                "batch": batch, "context": ctx, "kv_bytes": bytes, "kernel": t.kernel,
+                "splits": t.splits, "pages_per_split": t.pages_per_split,
+                "median_us": t.median_us, "p10_us": t.p10_us, "p90_us": t.p90_us,
+                "gbps": gbps, "fraction_of_copy": frac, "rotation_sets": d.steps.len(),
+            }));
+        }
+    }
+    println!(
+        "\n{:>5} {:>7} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "batch", "context", "kernel", "splits", "median_us", "p10_us", "p90_us", "GB/s", "of copy"
+    );
+    for l in &table {
+        println!("{l}");
+    }
+    if let Some(path) = &opts.json {
+        write_json(
+            path,
+            &json!({
+                "device": device_line(&gpu),
+                "copy_gbps": copy / 1e9,
+                "copy_samples_gbps": samples.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
+                "slots": slots,
+                "results": rows,
+            }),
+        )?;
+    }
+    Ok(())
+}
