@@ -14,7 +14,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 use tacflow_ipc::codec::{decode_request, encode_error, encode_reply};
 use tacflow_ipc::*;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 /// Requests read per wake-up before replies are forwarded again.
 const READ_BATCH: usize = 256;
@@ -48,6 +48,8 @@ pub struct Io {
     /// (whose metadata carries the peer's credentials).
     pub identity: zmq::Message,
     pub first: zmq::Message,
+    /// Said once that peer credentials are missing.
+    pub warned_no_credentials: bool,
 }
 
 pub(super) type Reply = Result<[Vec<u8>; 2], ErrorReply>;
@@ -298,6 +300,14 @@ impl Io {
     pub(super) fn current_peer_uid(&mut self) -> Option<u32> {
         let address = self.first.gets("Peer-Address");
         debug!(peer_address = ?address, "hello");
+        if address == Some("localhost") && !self.warned_no_credentials {
+            self.warned_no_credentials = true;
+            warn!(
+                "libzmq reports no credentials for ipc:// peers (built without \
+                 ZMQ_HAVE_SO_PEERCRED, see .cargo/config.toml): regions by name are refused \
+                 for every client; clients use memfds"
+            );
+        }
         address.and_then(peer_uid)
     }
 

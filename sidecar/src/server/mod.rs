@@ -431,6 +431,7 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
         last_exchange: Instant::now(),
         identity: zmq::Message::new(),
         first: zmq::Message::new(),
+        warned_no_credentials: false,
     };
     let served = io.run(&shutdown);
     drop(io);
