@@ -111,18 +111,21 @@ def greedy(s: Session, base: int, first: int, n: int) -> list[int]:
     return out
 
 
-def answer(s: Session, base: int, policy, question_last: int, n: int, decode) -> str:
+def answer(s: Session, base: int, policy, question_last: int, n: int, decode) -> tuple[str, float]:
     """Greedy answer of ``n`` tokens under ``policy`` after a prefilled prompt
     whose last token ``question_last`` was held back (so the first sampled
-    token already uses the policy)."""
+    token already uses the policy); returns it with the mean fraction of
+    tokens read (1 for full attention)."""
     kid = s.new_id()
     s.c.fork_sequence(base, kid, attention=policy)
-    toks, tok = [], question_last
+    toks, tok, read = [], question_last, []
     for _ in range(n):
-        tok = s.c.step([StepEntry(kid, [tok])]).results[0].token
+        r = s.c.step([StepEntry(kid, [tok])]).results[0]
+        tok = r.token
         toks.append(tok)
+        read.append(r.attention.tokens_read_fraction if r.attention else 1.0)
     s.c.close_sequence(kid)
-    return decode(toks)
+    return decode(toks), float(np.mean(read))
 
 
 def first_number(text: str) -> str | None:

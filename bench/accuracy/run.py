@@ -102,7 +102,7 @@ def text_track(s: Session, texts, ps, decode: int, gen_len: int):
             budget = max(16, int(round(frac * ctx - pages)))
             label = f"fixed_budget @tactic P={p}"
             r = budget_runs.setdefault(label, PolicyRun(label, None))
-            r.policy = FixedBudget(budget)
+            r.policy = FixedBudget(budget, p=p)
             these.append(r)
         teacher_forced(s, base, [PolicyRun("full", Full())] + these, inputs, targets)
         # Top-1 agreement over full attention's own greedy generation.
@@ -115,25 +115,38 @@ def text_track(s: Session, texts, ps, decode: int, gen_len: int):
     return {**runs, **budget_runs}, gen
 
 
-def passkey_track(s: Session, tok, texts, args, budget_tokens: int):
-    policies = {
-        "full": Full(),
-        "tactic P=0.9": Tactic(0.9),
-        f"fixed_budget {budget_tokens}": FixedBudget(budget_tokens),
-        "oracle P=0.9": OracleTopP(0.9),
-    }
+def passkey_track(s: Session, tok, texts, args, which: list[str]):
+    """Per trial: one prefill, then a greedy answer under each policy. The
+    fixed budget gets, trial by trial, the tokens Tactic read on that trial."""
+    labels = {"full": "full", "tactic": "tactic P=0.9", "fixed_budget": "fixed_budget @tactic", "oracle": "oracle P=0.9"}
+    policies = [labels[w] for w in which]
     trials = passkey_trials(tok, texts, args.passkey_context, args.depths, args.passkey_trials, seed=7)
     hits = {(label, d): 0 for label in policies for d in args.depths}
+    read = {label: [] for label in policies}
     decode = lambda ids: tok.decode(ids)  # noqa: E731
     for i, trial in enumerate(trials):
         base = s.prefill(trial.tokens[:-1])
-        for label, pol in policies.items():
-            got = first_number(answer(s, base, pol, trial.tokens[-1], 8, decode))
-            hits[(label, trial.depth)] += int(got == trial.key)
+        ctx = len(trial.tokens)
+        tactic_read = None
+        for label in policies:
+            if label == "full":
+                pol = Full()
+            elif label.startswith("tactic"):
+                pol = Tactic(0.9)
+            elif label.startswith("oracle"):
+                pol = OracleTopP(0.9)
+            else:
+                frac = tactic_read if tactic_read is not None else 0.1
+                pol = FixedBudget(max(16, int(round(frac * ctx - ctx / 16))), p=0.9)
+            text, frac_read = answer(s, base, pol, trial.tokens[-1], 8, decode)
+            if label.startswith("tactic"):
+                tactic_read = frac_read
+            read[label].append(frac_read)
+            hits[(label, trial.depth)] += int(first_number(text) == trial.key)
         s.c.close_sequence(base)
         log(f"passkey {i + 1}/{len(trials)} depth {trial.depth}: " + ", ".join(
             f"{lab} {hits[(lab, trial.depth)]}" for lab in policies))
-    return policies, hits
+    return policies, hits, {k: float(np.mean(v)) for k, v in read.items()}
 
 
 def main() -> None:
@@ -149,6 +162,8 @@ def main() -> None:
     ap.add_argument("--passkey-trials", type=int, default=20)
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9])
     ap.add_argument("--skip-passkey", action="store_true")
+    ap.add_argument("--skip-text", action="store_true", help="passkey only")
+    ap.add_argument("--passkey-policies", default="full,tactic,fixed_budget,oracle")
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -161,40 +176,47 @@ def main() -> None:
     log(f"daemon {info.daemon}: {info.model.name} on {info.backend.kind} ({info.backend.device})")
     texts = load_texts(tok)[: args.texts]
     s = Session(c, max_rows=64)
-    t0 = time.time()
-    runs, gen = text_track(s, texts, args.ps, args.decode, args.generation)
-    rows = summarize(runs, gen)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} ({platform.machine()}), backend {info.backend.kind} {info.backend.device}",
         "model": info.model.name,
-        "texts": {t.name: len(t.tokens) for t in texts},
-        "decode_positions": args.decode,
-        "rows": rows,
-        "text_track_s": time.time() - t0,
     }
-    print("\n" + table(rows))
+    rows: list[dict] = []
+    if not args.skip_text:
+        t0 = time.time()
+        runs, gen = text_track(s, texts, args.ps, args.decode, args.generation)
+        rows = summarize(runs, gen)
+        result.update(
+            texts={t.name: len(t.tokens) for t in texts},
+            decode_positions=args.decode,
+            rows=rows,
+            text_track_s=time.time() - t0,
+        )
+        print("\n" + table(rows))
     if not args.skip_passkey:
-        frac = next(r["tokens_read"] for r in rows if r["policy"] == "tactic P=0.9")
-        budget = max(16, int(round(frac * args.passkey_context - args.passkey_context / 16)))
-        policies, hits = passkey_track(s, tok, texts, args, budget)
-        lines = ["| policy | " + " | ".join(f"depth {d}" for d in args.depths) + " |",
-                 "| --- |" + " ---: |" * len(args.depths)]
+        policies, hits, read = passkey_track(s, tok, texts, args, args.passkey_policies.split(","))
+        lines = ["| policy | tokens read | " + " | ".join(f"depth {d}" for d in args.depths) + " |",
+                 "| --- | ---: |" + " ---: |" * len(args.depths)]
         for label in policies:
-            lines.append(f"| {label} | " + " | ".join(f"{hits[(label, d)]}/{args.passkey_trials}" for d in args.depths) + " |")
-        full_ok = sum(hits[("full", d)] >= 16 for d in args.depths)
+            lines.append(f"| {label} | {read[label]:.4f} | "
+                         + " | ".join(f"{hits[(label, d)]}/{args.passkey_trials}" for d in args.depths) + " |")
+        full_ok = sum(hits[("full", d)] >= 16 for d in args.depths) if "full" in policies else None
         result["passkey"] = {
             "context": args.passkey_context,
             "trials": args.passkey_trials,
             "hits": {f"{k[0]}@{k[1]}": v for k, v in hits.items()},
+            "tokens_read": read,
             "full_depths_at_least_16": full_ok,
         }
         print(f"\npasskey, context {args.passkey_context} tokens, {args.passkey_trials} trials per depth:")
         print("\n".join(lines))
         print(f"full attention reaches 16/20 at {full_ok} of {len(args.depths)} depths")
+    s.region.close()
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    plot(rows, out_dir / "kl_vs_tokens.png")
-    log(f"wrote {out_dir / 'results.json'} and {out_dir / 'kl_vs_tokens.png'}")
+    log(f"wrote {out_dir / 'results.json'}")
+    if rows:
+        plot(rows, out_dir / "kl_vs_tokens.png")
+        log(f"wrote {out_dir / 'kl_vs_tokens.png'}")
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
