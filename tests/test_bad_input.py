@@ -241,12 +241,14 @@ def test_identity_reuse_without_token_sees_nothing(daemon):
 
 def test_attention_step_and_other_region_kinds_are_refused_clearly(daemon):
     c = daemon.client()
-    from tacflow.protocol import CudaRegion, MemfdRegion
+    from tacflow.protocol import CudaRegion, Kind, MemfdRegion
 
     with pytest.raises(E.UnknownRegion):  # served since 1.1: no such fd_token
         c.register_region(MemfdRegion(fd_token=1, byte_size=4096))
     with pytest.raises(E.Unsupported):
         c.register_region(CudaRegion(ipc_handle=bytes(64), device_uuid="GPU-x", byte_size=4096))
+    ref = {"region_id": 1, "offset": 0, "dtype": "f32", "shape": [1]}
+    body = {"layer": 0, "seq_ids": [1], "q": ref, "k": ref, "v": ref, "out": ref}
     with pytest.raises(E.Unsupported):
-        c.open_sequence(1, attention=__import__("tacflow").OracleTopP(0.9))
+        c.request(Kind.ATTENTION_STEP, body)
     bystander_ok(daemon)
