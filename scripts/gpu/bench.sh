@@ -42,6 +42,19 @@ for s in "${stages[@]}"; do
     echo -e "\n== $s ($(date -u +%H:%M:%S))" | tee -a "$log"
     case $s in
         selfcheck) timeout 240 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
+        selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
+        variants) timeout 150 "$bin" bench-attention --variants --json "$out/attention-ours.json" 2>&1 | tee -a "$log" ;;
+        profile)
+            # ncu on 256 x 2k, one launch of each of three kernels: DRAM
+            # bytes and throughput, where the warps stall ($out/ncu.txt).
+            for k in daemon:ring4x3 direct4x1:direct4x1 issue4:regs_f32_d128_g4; do
+                timeout 60 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+                    --section WarpStateStats -k regex:"${k#*:}\$" --launch-skip 4 --launch-count 1 \
+                    "$bin" bench-attention --variants --only "${k%%:*}" --iters 1 --cases 256:2048 \
+                    >> "$out/ncu.txt" 2>&1
+            done
+            grep -E "^  attention|Duration|DRAM Throughput|Memory Throughput|Mem Busy|Max Bandwidth|Stall|Warp Cycles Per Issued|Issued Warp|L2 Hit|Registers|Achieved Occupancy" "$out/ncu.txt" | head -80 | tee -a "$log"
+            ;;
         attention) timeout 200 python3 bench/attention/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         decode) timeout 330 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;

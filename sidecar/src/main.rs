@@ -67,6 +67,12 @@ enum Command {
         json: Option<PathBuf>,
         #[arg(long, default_value_t = 5)]
         seed: u64,
+        /// Timed launches per kernel and case (0: about 0.15 s of them).
+        #[arg(long, default_value_t = 0)]
+        iters: usize,
+        /// Only the kernels whose name contains one of these (profiling).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Decode-step time of a random model, host wall and GPU-only.
     #[command(hide = true)]
@@ -328,6 +334,8 @@ fn main() -> anyhow::Result<()> {
             variants,
             json,
             seed,
+            iters,
+            only,
         }) => {
             init_logging(LogFormat::Text);
             let cases = if cases.is_empty() {
@@ -346,6 +354,8 @@ fn main() -> anyhow::Result<()> {
                 variants,
                 json,
                 seed,
+                iters,
+                only,
             };
             Ok(tacflow_sidecar::bench::attention::run(&opts)?)
         }

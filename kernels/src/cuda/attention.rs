@@ -48,12 +48,12 @@ pub struct AttnIo<'a> {
 /// Which kernel runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnKernel {
-    /// The pipelined kernel with this loop shape.
-    Pipelined(AttnVariant),
+    /// attention.cu's kernel with this loop shape.
+    Main(AttnVariant),
     /// Issue 4's kernel (loads into registers, a second launch merges the
     /// splits): the measured baseline, head size 128 and 4 heads per CTA
     /// only.
-    Registers,
+    Issue4,
 }
 
 /// Overrides of the plan, for checks and benchmarks.
@@ -61,7 +61,13 @@ pub enum AttnKernel {
 pub struct AttnForce {
     pub splits: Option<usize>,
     pub kernel: Option<AttnKernel>,
+    pub head_major: Option<bool>,
 }
+
+/// Launch order of the CTAs by default: the head groups of one row (and
+/// split) next to each other, so that they are resident together and read
+/// the neighbouring 4 KiB head slices of the same block at the same time.
+pub const HEAD_MAJOR: bool = true;
 
 /// How a launch is cut up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +80,8 @@ pub struct AttnPlan {
     pub splits: usize,
     pub pages_per_split: usize,
     pub kernel: AttnKernel,
+    /// CTA order: a row's head groups adjacent (else a head group's rows).
+    pub head_major: bool,
 }
 
 /// A split should stream at least this many pages (64 keys) so that its
@@ -115,9 +123,8 @@ impl AttnPlan {
             pages_per_split,
             kernel: force
                 .kernel
-                .unwrap_or(AttnKernel::Pipelined(AttnVariant::default_for(
-                    heads_per_cta,
-                ))),
+                .unwrap_or(AttnKernel::Main(AttnVariant::default_for(heads_per_cta))),
+            head_major: force.head_major.unwrap_or(HEAD_MAJOR),
         }
     }
 }
@@ -142,6 +149,7 @@ struct AttnParams {
     chunks: u32,
     pages_per_split: u32,
     splits: u32,
+    head_major: u32,
     scale_log2: f32,
 }
 
@@ -218,7 +226,8 @@ impl Gpu {
     ) -> AttnPlan {
         let g = shape.heads_per_cta();
         let v = match force.kernel {
-            Some(AttnKernel::Pipelined(v)) => v,
+            // A read-only twin runs its compute kernel's grid.
+            Some(AttnKernel::Main(v)) => AttnVariant { compute: true, ..v },
             _ => AttnVariant::default_for(g),
         };
         let slots = self.attention_slots(shape.head_dim, g, v);
@@ -254,8 +263,7 @@ impl Gpu {
         }
         let plan = self.attention_plan(&shape, rows, step.max_kv_len as usize, force);
         let y = shape.kv_heads * plan.chunks;
-        if rows > i32::MAX as usize
-            || y > 65_535
+        if rows * y > i32::MAX as usize
             || plan.splits > 65_535.min(MAX_SPLITS)
             || plan.pages_per_split > ATTENTION_MAX_SPLIT_PAGES
         {
@@ -265,8 +273,8 @@ impl Gpu {
             )));
         }
         let v = match plan.kernel {
-            AttnKernel::Pipelined(v) => v,
-            AttnKernel::Registers => {
+            AttnKernel::Main(v) => v,
+            AttnKernel::Issue4 => {
                 let (splits, pages_per_split) = self.attention_registers(
                     step,
                     (qkv, kv, layer, out),
@@ -308,10 +316,11 @@ impl Gpu {
             chunks: plan.chunks as u32,
             pages_per_split: plan.pages_per_split as u32,
             splits: plan.splits as u32,
+            head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
         };
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, y as u32, plan.splits as u32),
+            grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
             block_dim: (ATTENTION_THREADS as u32, 1, 1),
             shared_mem_bytes: v.smem_bytes(plan.heads_per_cta) as u32,
         };
@@ -390,7 +399,7 @@ mod tests {
         assert_eq!(long.splits, 3, "{long:?}");
         let force = |n| AttnForce {
             splits: Some(n),
-            kernel: None,
+            ..AttnForce::default()
         };
         let forced = AttnPlan::new(&s, 1, 100, SLOTS, force(3));
         assert_eq!((forced.splits, forced.pages_per_split), (3, 3));

@@ -43,6 +43,6 @@ pub use kv::KvCache;
 pub use pool::{BufferPool, Pooled};
 pub use probe::probe;
 pub use rowwise::{RmsOut, Rows};
-pub use sources::AttnVariant;
+pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays};
 pub use timing::Span;

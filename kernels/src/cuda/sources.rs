@@ -60,23 +60,64 @@ pub const ATTENTION_THREADS: usize = 128;
 /// Block-table pages one attention CTA stages (`MAX_SPLIT_PAGES`).
 pub const ATTENTION_MAX_SPLIT_PAGES: usize = 1024;
 
-/// The shape of the pipelined attention kernel's key loop: `keys` keys per
-/// row group per stage (U), `stages` stages in the shared-memory ring (P).
+/// How the attention kernel's key loop loads K and V (`LOAD_*` in
+/// attention.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnLoad {
+    /// `cp.async` into a per-thread ring of `stages` stages in shared memory.
+    Ring,
+    /// 16-byte loads straight into registers, then the arithmetic.
+    Direct,
+    /// 16-byte loads into registers one stage ahead of the arithmetic.
+    Prefetch,
+}
+
+/// The shape of the attention kernel's key loop: `keys` keys per row group
+/// per stage (U), `stages` stages in the shared-memory ring (P, ring mode;
+/// 1 otherwise); `compute: false` is the read-only twin (the loads and
+/// nothing else: what the loop's loads alone reach, benchmarks only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnVariant {
+    pub load: AttnLoad,
     pub keys: usize,
     pub stages: usize,
+    pub compute: bool,
 }
 
 impl AttnVariant {
+    pub const fn ring(keys: usize, stages: usize) -> AttnVariant {
+        AttnVariant {
+            load: AttnLoad::Ring,
+            keys,
+            stages,
+            compute: true,
+        }
+    }
+
+    pub const fn registers(load: AttnLoad, keys: usize) -> AttnVariant {
+        AttnVariant {
+            load,
+            keys,
+            stages: 1,
+            compute: true,
+        }
+    }
+
+    pub const fn read_only(self) -> AttnVariant {
+        AttnVariant {
+            compute: false,
+            ..self
+        }
+    }
+
     /// What the daemon runs for `g` query heads per CTA: 4 keys x 3 stages
     /// (48 KiB of ring) up to 4 heads, 2 x 4 above (the accumulators of 5-8
     /// heads leave fewer registers).
     pub fn default_for(g: usize) -> AttnVariant {
         if g <= 4 {
-            AttnVariant { keys: 4, stages: 3 }
+            AttnVariant::ring(4, 3)
         } else {
-            AttnVariant { keys: 2, stages: 4 }
+            AttnVariant::ring(2, 4)
         }
     }
 
@@ -84,28 +125,45 @@ impl AttnVariant {
     /// the ring or the row-group merge, whichever is larger, then the
     /// block-table slice.
     pub fn smem_bytes(&self, g: usize) -> usize {
-        let ring = self.stages * self.keys * 2 * ATTENTION_THREADS * 16;
+        let ring = match self.load {
+            AttnLoad::Ring => self.stages * self.keys * 2 * ATTENTION_THREADS * 16,
+            _ => 0,
+        };
         let merge = g * ATTENTION_THREADS * 8 * 4;
         ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4
+    }
+
+    /// Short name: `ring4x3`, `direct4x1`, `prefetch2x1`, `..._read`.
+    pub fn tag(&self) -> String {
+        let load = match self.load {
+            AttnLoad::Ring => "ring",
+            AttnLoad::Direct => "direct",
+            AttnLoad::Prefetch => "prefetch",
+        };
+        let read = if self.compute { "" } else { "_read" };
+        format!("{load}{}x{}{read}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 3] = [
-    AttnVariant { keys: 4, stages: 4 },
-    AttnVariant { keys: 2, stages: 4 },
-    AttnVariant { keys: 2, stages: 6 },
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
+    AttnVariant::ring(2, 4),
+    AttnVariant::registers(AttnLoad::Direct, 4),
+    AttnVariant::registers(AttnLoad::Prefetch, 2),
+    AttnVariant::registers(AttnLoad::Prefetch, 4),
+    AttnVariant::ring(4, 3).read_only(),
+    AttnVariant::registers(AttnLoad::Direct, 4).read_only(),
 ];
 
-/// The pipelined attention kernel for head size `d`, `g` query heads per
-/// CTA and loop shape `v`.
+/// The attention kernel for head size `d`, `g` query heads per CTA and
+/// loop shape `v`.
 pub fn attention_kernel(d: usize, g: usize, v: AttnVariant) -> String {
-    format!("attention_f32_d{d}_g{g}_u{}_p{}", v.keys, v.stages)
+    format!("attention_f32_d{d}_g{g}_{}", v.tag())
 }
 
-/// Every pipelined attention kernel with its query heads per CTA and
-/// variant (the loader raises each one's shared-memory limit).
+/// Every attention kernel with its query heads per CTA and variant (the
+/// loader raises each one's shared-memory limit).
 pub fn attention_kernels() -> Vec<(String, usize, AttnVariant)> {
     let mut out = vec![];
     for d in ATTENTION_HEAD_DIMS {
@@ -140,6 +198,7 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         ],
         "rope" => &["rope_f32"],
         "kv" => &["kv_append_bf16", "copy_blocks_bf16"],
+        "attention" => &["read_ceiling"],
         "attention_regs" => &["attention_regs_f32_d128_g4", "attention_regs_merge_f32"],
         "sampling" => &["sample_f32"],
         _ => &[],

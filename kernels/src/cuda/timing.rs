@@ -79,3 +79,39 @@ impl Gpu {
         unsafe { self.launch("spin_wait", cfg, &SpinParams { ns }) }
     }
 }
+
+#[repr(C)]
+struct ReadParams {
+    src: u64,
+    n: u64,
+    out: u64,
+}
+
+// SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
+unsafe impl DeviceRepr for ReadParams {}
+
+impl Gpu {
+    /// Reads every 16-byte word of `src` once (`read_ceiling`): the read
+    /// bandwidth that decode attention could reach at best. `sink` is never
+    /// written in practice.
+    pub fn read_all<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        sink: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let n = src.num_bytes() / 16;
+        let p = ReadParams {
+            src: self.ptr(src),
+            n: n as u64,
+            out: self.ptr(sink),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: ((self.info().sm_count * 8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel reads the first n 16-byte words of src (its
+        // whole length rounded down) and may write sink[0].
+        unsafe { self.launch("read_ceiling", cfg, &p) }
+    }
+}

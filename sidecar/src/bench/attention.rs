@@ -11,13 +11,15 @@
 //! of K and V in all), so that L2 (50 MB) cannot serve a launch the bytes
 //! the previous one read. Bytes are the K and V rows read, once each.
 
-use super::{copy_bandwidth, device_line, quantiles, shuffled, write_json};
+use super::{copy_bandwidth, device_line, quantiles, read_bandwidth, shuffled, write_json};
 use crate::error::Result;
 use serde_json::json;
 use std::path::PathBuf;
+use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{
-    AttnForce, AttnIo, AttnKernel, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache, StepArrays,
+    AttnForce, AttnIo, AttnKernel, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache,
+    StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
@@ -45,6 +47,10 @@ pub struct Options {
     pub variants: bool,
     pub json: Option<PathBuf>,
     pub seed: u64,
+    /// Timed launches per kernel and case (0: enough for ~0.15 s).
+    pub iters: usize,
+    /// Only the kernels whose name contains one of these.
+    pub only: Vec<String>,
 }
 
 /// One timed kernel on one case.
@@ -111,20 +117,26 @@ fn prepare(gpu: &Gpu, batch: usize, ctx: usize, seed: u64) -> Result<CaseData> {
     })
 }
 
-fn kernel_name(k: Option<AttnKernel>) -> String {
-    match k {
+fn kernel_name(f: &AttnForce) -> String {
+    let order = match f.head_major {
+        Some(false) => "/rows",
+        _ => "",
+    };
+    let name = match f.kernel {
         None => "daemon".into(),
-        Some(AttnKernel::Pipelined(v)) => format!("u{}p{}", v.keys, v.stages),
-        Some(AttnKernel::Registers) => "issue4".into(),
-    }
+        Some(AttnKernel::Main(v)) => v.tag(),
+        Some(AttnKernel::Issue4) => "issue4".into(),
+    };
+    format!("{name}{order}")
 }
 
 /// Times one kernel over the rotation sets.
-fn time_kernel(gpu: &Gpu, d: &mut CaseData, k: Option<AttnKernel>, est_s: f64) -> Result<Timing> {
-    let force = AttnForce {
-        splits: None,
-        kernel: k,
-    };
+fn time_kernel(
+    gpu: &Gpu,
+    d: &mut CaseData,
+    force: AttnForce,
+    (est_s, iters): (f64, usize),
+) -> Result<Timing> {
     let launch = |i: usize, d: &mut CaseData| {
         let io = AttnIo {
             qkv: &d.qkv,
@@ -139,7 +151,11 @@ fn time_kernel(gpu: &Gpu, d: &mut CaseData, k: Option<AttnKernel>, est_s: f64) -
         plan = Some(launch(i, d)?);
     }
     let plan = plan.expect("warmed up");
-    let iters = (0.15 / est_s).clamp(30.0, 400.0) as usize;
+    let iters = if iters > 0 {
+        iters
+    } else {
+        (0.15 / est_s).clamp(30.0, 400.0) as usize
+    };
     let spans = (0..iters)
         .map(|_| gpu.span())
         .collect::<Result<Vec<_>, _>>()?;
@@ -152,17 +168,20 @@ fn time_kernel(gpu: &Gpu, d: &mut CaseData, k: Option<AttnKernel>, est_s: f64) -
         .iter()
         .map(|s| Ok(s.ms()? * 1e3))
         .collect::<Result<Vec<f64>>>()?;
+    let read_only = matches!(force.kernel, Some(AttnKernel::Main(v)) if !v.compute);
     let out = gpu.download(&d.out, d.out.len())?;
-    if let Some(bad) = out.iter().position(|x| !x.is_finite()) {
+    if let Some(bad) = out.iter().position(|x| !x.is_finite())
+        && !read_only
+    {
         return Err(crate::error::Error::Backend(format!(
             "{}: output {bad} is {}",
-            kernel_name(k),
+            kernel_name(&force),
             out[bad]
         )));
     }
     let (median_us, p10_us, p90_us) = quantiles(&mut us);
     Ok(Timing {
-        kernel: kernel_name(k),
+        kernel: kernel_name(&force),
         splits: plan.splits,
         pages_per_split: plan.pages_per_split,
         median_us,
@@ -182,15 +201,27 @@ pub fn run(opts: &Options) -> Result<()> {
         copy / 1e9,
         samples.len()
     );
-    let mut kernels: Vec<Option<AttnKernel>> = vec![None];
+    let force = |kernel, head_major| AttnForce {
+        splits: None,
+        kernel,
+        head_major,
+    };
+    let (read, _) = read_bandwidth(&gpu, 2 << 30, 20)?;
+    println!(
+        "read bandwidth: {:.0} GB/s ({:.1}% of the copy; 2 GiB read, median of 20)",
+        read / 1e9,
+        100.0 * read / copy
+    );
+    let mut kernels = vec![force(None, None)];
     if opts.variants {
-        kernels.extend(
-            ATTENTION_BENCH_VARIANTS
-                .iter()
-                .map(|&v| Some(AttnKernel::Pipelined(v))),
-        );
-        kernels.push(Some(AttnKernel::Registers));
-        kernels.push(None);
+        kernels.push(force(None, Some(!HEAD_MAJOR)));
+        for v in ATTENTION_BENCH_VARIANTS {
+            kernels.push(force(Some(AttnKernel::Main(v)), None));
+        }
+        let direct = AttnVariant::registers(AttnLoad::Direct, 4);
+        kernels.push(force(Some(AttnKernel::Main(direct)), Some(!HEAD_MAJOR)));
+        kernels.push(force(Some(AttnKernel::Issue4), None));
+        kernels.push(force(None, None));
     }
     let mut rows = vec![];
     let mut table = vec![];
@@ -198,7 +229,11 @@ pub fn run(opts: &Options) -> Result<()> {
         let bytes = (batch * ctx * TOKEN_BYTES) as f64;
         let mut d = prepare(&gpu, batch, ctx, opts.seed)?;
         for &k in &kernels {
-            let t = time_kernel(&gpu, &mut d, k, bytes / 2.5e12 + 10e-6)?;
+            let name = kernel_name(&k);
+            if !opts.only.is_empty() && !opts.only.iter().any(|o| name.contains(o.as_str())) {
+                continue;
+            }
+            let t = time_kernel(&gpu, &mut d, k, (bytes / 2.5e12 + 10e-6, opts.iters))?;
             let gbps = bytes / (t.median_us * 1e-6) / 1e9;
             let frac = gbps * 1e9 / copy;
             table.push(format!(
@@ -234,6 +269,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 "device": device_line(&gpu),
                 "copy_gbps": copy / 1e9,
                 "copy_samples_gbps": samples.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
+                "read_gbps": read / 1e9,
                 "slots": slots,
                 "results": rows,
             }),

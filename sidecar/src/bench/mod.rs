@@ -53,6 +53,33 @@ pub fn copy_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<(f64, Vec<
     Ok((quantiles(&mut rates).0, all))
 }
 
+/// The read bandwidth: every byte of a `bytes` buffer read once by
+/// `read_ceiling`, median of `reps`. Returns (median, all samples) in
+/// bytes/s.
+pub fn read_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<(f64, Vec<f64>)> {
+    let n = bytes / 2;
+    let mut src: CudaSlice<bf16> = gpu.alloc(n)?;
+    gpu.random_bf16(&mut src, n, 0x7ac7, 2, 0.0, 1.0)?;
+    let mut sink: CudaSlice<f32> = gpu.alloc(1)?;
+    for _ in 0..3 {
+        gpu.read_all(&src, &mut sink)?;
+    }
+    let spans = (0..reps)
+        .map(|_| gpu.span())
+        .collect::<Result<Vec<_>, _>>()?;
+    for s in &spans {
+        s.start(gpu)?;
+        gpu.read_all(&src, &mut sink)?;
+        s.stop(gpu)?;
+    }
+    let mut rates = spans
+        .iter()
+        .map(|s| Ok((2 * n) as f64 / (s.ms()? * 1e-3)))
+        .collect::<Result<Vec<f64>>>()?;
+    let all = rates.clone();
+    Ok((quantiles(&mut rates).0, all))
+}
+
 /// A random permutation of `0..n` (seeded Fisher-Yates).
 pub fn shuffled(n: usize, seed: u64) -> Vec<u32> {
     let mut v: Vec<u32> = (0..n as u32).collect();

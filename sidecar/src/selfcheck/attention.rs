@@ -11,6 +11,7 @@ use super::{Ctx, case, round_bf16};
 use crate::backend::{AttnDims, Backend, KvLayout, SeqMeta, StepMeta};
 use crate::error::Result;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
+use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{AttnForce, AttnKernel};
 
@@ -22,6 +23,7 @@ struct Case {
     q_std: f32,
     /// The daemon's choice when `None`.
     kernel: Option<AttnKernel>,
+    head_major: Option<bool>,
 }
 
 fn cases() -> Vec<Case> {
@@ -31,14 +33,18 @@ fn cases() -> Vec<Case> {
         splits: splits.to_vec(),
         q_std,
         kernel: None,
+        head_major: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
-    let mut benched: Vec<Case> = ATTENTION_BENCH_VARIANTS
+    let kernels = ATTENTION_BENCH_VARIANTS
         .iter()
-        .map(|&v| AttnKernel::Pipelined(v))
-        .chain([AttnKernel::Registers])
-        .map(|k| Case {
-            kernel: Some(k),
+        .filter(|v| v.compute)
+        .map(|&v| (Some(AttnKernel::Main(v)), None))
+        .chain([(Some(AttnKernel::Issue4), None), (None, Some(!HEAD_MAJOR))]);
+    let mut benched: Vec<Case> = kernels
+        .map(|(kernel, head_major)| Case {
+            kernel,
+            head_major,
             ..c(
                 (32, 8, 128),
                 &decode(&[1, 17, 1000, 3001]),
@@ -94,11 +100,14 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
         for &s in &c.splits {
             let (nh, kvh, d) = c.heads;
             let lens: Vec<String> = c.seqs.iter().map(|(l, q)| format!("{l}/{q}")).collect();
-            let kernel = match c.kernel {
+            let mut kernel = match c.kernel {
                 None => String::new(),
-                Some(AttnKernel::Pipelined(v)) => format!(" u{} p{}", v.keys, v.stages),
-                Some(AttnKernel::Registers) => " regs".into(),
+                Some(AttnKernel::Main(v)) => format!(" {}", v.tag()),
+                Some(AttnKernel::Issue4) => " issue4".into(),
             };
+            if c.head_major == Some(!HEAD_MAJOR) {
+                kernel += " (other CTA order)";
+            }
             let name = format!(
                 "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
                 lens.join(","),
@@ -191,6 +200,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     let force = AttnForce {
         splits,
         kernel: c.kernel,
+        head_major: c.head_major,
     };
     let plan =
         cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;

@@ -52,6 +52,7 @@ struct AttnParams {
     u32 chunks;            // group / G: CTAs per KV head
     u32 pages_per_split;
     u32 splits;
+    u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
 };
 
@@ -90,9 +91,14 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
 // Dynamic shared memory of one CTA: the ring (later the row-group merge and
 // the split weights), then the block-table slice (later the row groups'
 // max and sum). Mirrored by `attention_smem_bytes` in sources.rs.
-template <int G, int U, int P>
+// How the key loop loads K and V (sources.rs: `AttnLoad`).
+#define LOAD_RING 0      // cp.async into a per-thread P-stage shared-memory ring
+#define LOAD_DIRECT 1    // LDG.128 straight into registers, then compute (issue 4's way)
+#define LOAD_PREFETCH 2  // LDG.128 into registers, one stage ahead of the compute
+
+template <int G, int U, int P, int MODE>
 struct AttnSmem {
-    static constexpr int RING = P * U * 2 * ATT_THREADS * 16;
+    static constexpr int RING = MODE == LOAD_RING ? P * U * 2 * ATT_THREADS * 16 : 0;
     static constexpr int MERGE = G * ATT_THREADS * 8 * 4;
     static constexpr int A = RING > MERGE ? RING : MERGE;
     static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
@@ -141,20 +147,24 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
-template <int D, int G, int U, int P>
+// Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
+// rg, lane `lane` holding dims lane*8..+8).
+template <int D, int G, int U, int P, int MODE, bool COMPUTE>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
     constexpr int KS = RG * U;             // keys per stage
-    typedef AttnSmem<G, U, P> Smem;
+    typedef AttnSmem<G, U, P, MODE> Smem;
     extern __shared__ __align__(16) unsigned char smem[];
     uint4* ring = (uint4*)smem;                  // [P][U][2][ATT_THREADS]
     u32* pages = (u32*)(smem + Smem::A);         // [MAX_SPLIT_PAGES]
     __shared__ int sm_last;
 
-    const u32 row = blockIdx.x;
-    const u32 kvh = blockIdx.y / p.chunks;
-    const u32 h0 = kvh * p.group + (blockIdx.y % p.chunks) * G;
+    const u32 ny = gridDim.x / p.rows;           // head groups per row
+    const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
+    const u32 yi = p.head_major ? blockIdx.x % ny : blockIdx.x / p.rows;
+    const u32 kvh = yi / p.chunks;
+    const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
     const u32 split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid % LPR, rg = tid / LPR;
 
@@ -186,42 +196,95 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     const u32 n_stages = (n_keys + KS - 1) / KS;
     const u32 ring_base = shared_addr(ring) + tid * 16;
     const u64 head_off = (u64)kvh * BLOCK_TOKENS * D + lane * 8;
-    // Copies this thread's pieces of stage s into ring slot s % P.
+    // Element offset of key k (within the split) in K or V.
+    auto key_off = [&](u32 k) -> u64 {
+        return (u64)pages[k / BLOCK_TOKENS] * p.kv_heads * BLOCK_TOKENS * D + head_off + (k % BLOCK_TOKENS) * D;
+    };
+    // Ring mode: copies this thread's pieces of stage s into slot s % P.
     auto issue = [&](u32 s) {
         const u32 slot = s % P;
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const u32 k = s * KS + u * RG + rg;  // key index within the split
+            const u32 k = s * KS + u * RG + rg;
             if (k < n_keys) {
-                const u64 off = (u64)pages[k / BLOCK_TOKENS] * p.kv_heads * BLOCK_TOKENS * D + head_off +
-                                (k % BLOCK_TOKENS) * D;
+                const u64 off = key_off(k);
                 const u32 dst = ring_base + ((slot * U + u) * 2) * ATT_THREADS * 16;
                 cp_async16(dst, p.k + off);
                 cp_async16(dst + ATT_THREADS * 16, p.v + off);
             }
         }
     };
+    uint4 nk[U], nv[U];  // prefetch mode: the next stage
+    if constexpr (MODE == LOAD_RING) {
 #pragma unroll
-    for (int s = 0; s < P - 1; s++) {
-        if (s < (int)n_stages) issue(s);
-        cp_async_commit();
+        for (int s = 0; s < P - 1; s++) {
+            if (s < (int)n_stages) issue(s);
+            cp_async_commit();
+        }
+    } else if constexpr (MODE == LOAD_PREFETCH) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const u32 k = u * RG + rg;
+            nk[u] = nv[u] = make_uint4(0, 0, 0, 0);
+            if (k < n_keys) {
+                nk[u] = ld16(p.k + key_off(k));
+                nv[u] = ld16(p.v + key_off(k));
+            }
+        }
     }
+    u32 sink = 0;  // read-only twin: what it read, so the loads stay
 
     // Every loop bound below is uniform over the CTA, so the shuffles always
     // see whole warps.
     for (u32 s = 0; s < n_stages; s++) {
-        cp_async_wait<P - 2>();
-        // Slot (s + P - 1) % P was consumed by the previous iteration.
-        if (s + P - 1 < n_stages) issue(s + P - 1);
-        cp_async_commit();
+        uint4 kw[U], vw[U];
+        if constexpr (MODE == LOAD_RING) {
+            cp_async_wait<P - 2>();
+            // Slot (s + P - 1) % P was consumed by the previous iteration.
+            if (s + P - 1 < n_stages) issue(s + P - 1);
+            cp_async_commit();
+        } else if constexpr (MODE == LOAD_DIRECT) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const u32 k = s * KS + u * RG + rg;
+                kw[u] = vw[u] = make_uint4(0, 0, 0, 0);
+                if (k < n_keys) {
+                    kw[u] = ld16(p.k + key_off(k));
+                    vw[u] = ld16(p.v + key_off(k));
+                }
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                kw[u] = nk[u];
+                vw[u] = nv[u];
+                const u32 k = (s + 1) * KS + u * RG + rg;
+                nk[u] = nv[u] = make_uint4(0, 0, 0, 0);
+                if (k < n_keys) {
+                    nk[u] = ld16(p.k + key_off(k));
+                    nv[u] = ld16(p.v + key_off(k));
+                }
+            }
+        }
         const uint4* slot = ring + (s % P) * U * 2 * ATT_THREADS + tid;
-        float sc[U][G];
+#define KW(u) (MODE == LOAD_RING ? slot[(2 * (u)) * ATT_THREADS] : kw[u])
+#define VW(u) (MODE == LOAD_RING ? slot[(2 * (u) + 1) * ATT_THREADS] : vw[u])
         bool ok[U];
 #pragma unroll
+        for (int u = 0; u < U; u++) ok[u] = s * KS + u * RG + rg < n_keys;
+        if constexpr (!COMPUTE) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const uint4 a = KW(u), b = VW(u);
+                if (ok[u]) sink ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w;
+            }
+            continue;
+        }
+        float sc[U][G];
+#pragma unroll
         for (int u = 0; u < U; u++) {
-            ok[u] = s * KS + u * RG + rg < n_keys;
             float kf[8];
-            unpack8(slot[(u * 2) * ATT_THREADS], kf);
+            unpack8(KW(u), kf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 float d = 0.0f;
@@ -247,9 +310,9 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            if (!ok[u]) continue;  // its ring slot holds stale bytes
+            if (!ok[u]) continue;  // its bytes are stale or zero
             float vf[8];
-            unpack8(slot[(u * 2 + 1) * ATT_THREADS], vf);
+            unpack8(VW(u), vf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 const float pr = exp2f(sc[u][g] - m[g]);
@@ -258,8 +321,15 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
                 for (int j = 0; j < 8; j++) acc[g][j] += pr * vf[j];
             }
         }
+#undef KW
+#undef VW
     }
-    cp_async_wait<0>();
+    if constexpr (MODE == LOAD_RING) cp_async_wait<0>();
+    if constexpr (!COMPUTE) {
+        // Never true for random data; keeps the loads.
+        if (sink == 0x9e3779b9u) p.out[0] = (float)sink;
+        return;
+    }
 
     // Merge the row groups: rescale each to the CTA's max, then sum. The
     // ring and the table slice are free now.
@@ -315,7 +385,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
-    u32* counter = p.counters + (u64)row * gridDim.y + blockIdx.y;
+    u32* counter = p.counters + (u64)row * ny + yi;
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!sm_last) return;
@@ -324,15 +394,18 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     merge_splits<D, G>(p, row, h0, (float*)smem, (float*)(smem + Smem::A));
 }
 
-// Query heads per CTA G = 1..8; U keys per row group per stage; P stages.
-// The default (U, P) per G is in sources.rs (`attention_kernel`).
-#define ATTN_VARIANT(D, G, U, P, MINB)                                                      \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                         \
-        attention_f32_d##D##_g##G##_u##U##_p##P(const AttnParams p) {                      \
-        attention_cta<D, G, U, P>(p);                                                       \
+// Names: attention_f32_d{D}_g{G}_{load}{U}x{P}[_read]: G query heads per
+// CTA, U keys per row group per stage, P ring stages (ring mode only);
+// `_read` is the read-only twin (the loads, no arithmetic) that measures
+// what the loop's loads alone reach. sources.rs lists the instances.
+#define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB)                                 \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
+        attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
+        attention_cta<D, G, U, P, MODE, COMPUTE>(p);                                         \
     }
-#define ATTN(D, G) ATTN_VARIANT(D, G, 4, 3, 4)
-#define ATTN_WIDE(D, G) ATTN_VARIANT(D, G, 2, 4, 2)
+#define ATTN_RING(D, G, U, P, MINB) ATTN_K(D, G, U, P, LOAD_RING, ring, true, , MINB)
+#define ATTN(D, G) ATTN_RING(D, G, 4, 3, 4)
+#define ATTN_WIDE(D, G) ATTN_RING(D, G, 2, 4, 2)
 #define ATTN_D(D) ATTN(D, 1) ATTN(D, 2) ATTN(D, 3) ATTN(D, 4) ATTN_WIDE(D, 5) ATTN_WIDE(D, 6) ATTN_WIDE(D, 7) ATTN_WIDE(D, 8)
 ATTN_D(16)
 ATTN_D(32)
@@ -340,6 +413,33 @@ ATTN_D(64)
 ATTN_D(128)
 ATTN_D(256)
 // Alternatives measured by `tacflowd bench-attention` (Llama-3 shape).
-ATTN_VARIANT(128, 4, 4, 4, 3)
-ATTN_VARIANT(128, 4, 2, 4, 4)
-ATTN_VARIANT(128, 4, 2, 6, 4)
+ATTN_RING(128, 4, 2, 4, 4)
+ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
+ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
+ATTN_K(128, 4, 4, 1, LOAD_PREFETCH, prefetch, true, , 3)
+ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
+ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, false, _read, 4)
+
+struct ReadParams {
+    const uint4* src;
+    u64 n;  // 16-byte words
+    float* out;
+};
+
+// The read ceiling: every 16-byte word of a flat buffer read once, four
+// loads in flight per thread, nothing written (unless the words' XOR hits
+// a constant that random data never does).
+extern "C" __global__ void __launch_bounds__(256) read_ceiling(const ReadParams p) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u32 sink = 0;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < p.n; i += 4 * stride) {
+        const uint4 a = p.src[i], b = p.src[i + stride], c = p.src[i + 2 * stride], d = p.src[i + 3 * stride];
+        sink ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+    }
+    for (; i < p.n; i += stride) {
+        const uint4 a = p.src[i];
+        sink ^= a.x ^ a.y ^ a.z ^ a.w;
+    }
+    if (sink == 0x9e3779b9u) p.out[0] = (float)sink;
+}
