@@ -298,12 +298,13 @@ class Client:
         child: int,
         sampling: SamplingParams | None = None,
         attention: AttentionPolicy | None = None,
+        diagnostics: bool | None = None,
     ) -> int:
         """Forks ``parent`` into a new ``child`` sharing its KV blocks
         copy-on-write; returns the child's cached length. The child keeps the
-        parent's sampling and attention policy unless given."""
+        parent's sampling, attention policy and diagnostics unless given."""
         rid = self._take_id()
-        body = fork_sequence_body(rid, self._session, parent, child, sampling, attention)
+        body = fork_sequence_body(rid, self._session, parent, child, sampling, attention, diagnostics)
         return int(self._exchange(Kind.FORK_SEQUENCE, rid, self._packer.pack(body))["num_tokens"])
 
     def truncate_sequence(self, seq_id: int, num_tokens: int) -> int:

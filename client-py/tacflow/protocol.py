@@ -335,6 +335,7 @@ def fork_sequence_body(
     child: int,
     sampling: SamplingParams | None = None,
     attention: AttentionPolicy | None = None,
+    diagnostics: bool | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "request_id": request_id,
@@ -346,6 +347,8 @@ def fork_sequence_body(
         body["sampling"] = sampling.to_wire()
     if attention is not None:
         body["attention"] = attention.to_wire()
+    if diagnostics is not None:
+        body["diagnostics"] = bool(diagnostics)
     return body
 
 

@@ -110,7 +110,7 @@ BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
     "open_sequence_full_request": lambda: open_sequence_body(6, SESSION, 2**64 - 1, Full()),
     "fork_sequence_request": lambda: fork_sequence_body(7, SESSION, 42, 43),
     "fork_sequence_ab_request": lambda: fork_sequence_body(
-        11, SESSION, 42, 44, SamplingParams(seed=9), OracleTopP(0.9375)
+        11, SESSION, 42, 44, SamplingParams(seed=9), OracleTopP(0.9375), True
     ),
     "truncate_sequence_request": lambda: truncate_sequence_body(8, SESSION, 42, 3),
     "step_request": lambda: step_body(

@@ -301,6 +301,9 @@ pub struct ForkSequenceRequest {
     /// policies on one shared prompt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<AttentionPolicy>,
+    /// Diagnostics for the child; the parent's setting when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -286,6 +286,7 @@ fn vectors_match_the_rust_types() {
             child: 43,
             sampling: None,
             attention: None,
+            diagnostics: None,
         },
     );
     check(
@@ -303,6 +304,7 @@ fn vectors_match_the_rust_types() {
                 ..SamplingParams::default()
             }),
             attention: Some(AttentionPolicy::OracleTopP { p: 0.9375 }),
+            diagnostics: Some(true),
         },
     );
     let (d, f) = req(Kind::TruncateSequence);

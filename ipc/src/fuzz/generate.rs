@@ -308,6 +308,7 @@ pub fn random_request(rng: &mut Rng) -> Request {
             child: rng.interesting(),
             sampling: rng.chance(50).then(|| random_sampling(rng)),
             attention: rng.chance(50).then(|| random_policy(rng)),
+            diagnostics: rng.chance(50).then(|| rng.chance(50)),
         }),
         4 => Request::AttentionStep(Box::new(AttentionStepRequest {
             request_id,

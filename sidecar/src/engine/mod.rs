@@ -189,6 +189,7 @@ impl<B: Backend> Engine<B> {
         child: SeqKey,
         sampling: Option<SamplingParams>,
         policy: Option<AttentionPolicy>,
+        diagnostics: Option<bool>,
     ) -> Result<usize, ErrorReply> {
         if let Some(s) = &sampling {
             validate_sampling(s)?;
@@ -220,7 +221,7 @@ impl<B: Backend> Engine<B> {
             policy,
             state,
             sampling: sampling.unwrap_or_else(|| p.sampling.clone()),
-            diagnostics: p.diagnostics,
+            diagnostics: diagnostics.unwrap_or(p.diagnostics),
             table: p.table.clone(),
             len: p.len,
         };

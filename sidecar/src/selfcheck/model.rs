@@ -253,8 +253,8 @@ fn run<G: Backend>(
     let mut seqs: Vec<u64> = (0..sc.prompts.len() as u64).collect();
     if sc.fork {
         let child = sc.prompts.len() as u64;
-        g.fork_sequence(key(0), key(child), None, None)?;
-        c.fork_sequence(key(0), key(child), None, None)?;
+        g.fork_sequence(key(0), key(child), None, None, None)?;
+        c.fork_sequence(key(0), key(child), None, None, None)?;
         seqs.push(child);
     }
     let steps = sc

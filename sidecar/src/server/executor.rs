@@ -42,6 +42,7 @@ pub enum Command {
         child: u64,
         sampling: Option<SamplingParams>,
         policy: Option<AttentionPolicy>,
+        diagnostics: Option<bool>,
     },
     Truncate {
         to: ReplyTo,
@@ -250,9 +251,10 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: 
             child,
             sampling,
             policy,
+            diagnostics,
             ..
         } => engine
-            .fork_sequence(key(parent), key(child), sampling, policy)
+            .fork_sequence(key(parent), key(child), sampling, policy, diagnostics)
             .map(|n| encode_reply(to.kind, &seq_reply(child, n))),
         Command::Truncate { seq, drop, .. } => engine
             .truncate_sequence(key(seq), drop)

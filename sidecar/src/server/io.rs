@@ -385,6 +385,7 @@ impl Io {
                 child: r.child,
                 sampling: r.sampling,
                 policy: r.attention,
+                diagnostics: r.diagnostics,
             },
             Request::TruncateSequence(r) => Command::Truncate {
                 to,
