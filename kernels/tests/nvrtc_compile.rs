@@ -81,6 +81,7 @@ fn attention_resources() {
             if let Some(rest) = line.split("Compiling entry function '").nth(1) {
                 kernel = rest.split('\'').next().unwrap_or("").to_owned();
             } else if (line.contains("Used") || line.contains("spill")) && kernel.contains("128_g4")
+                || kernel.contains("_g8_mma")
             {
                 println!("{kernel}: {}", line.trim());
             }

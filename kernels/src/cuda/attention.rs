@@ -123,7 +123,10 @@ impl AttnPlan {
             pages_per_split,
             kernel: force
                 .kernel
-                .unwrap_or(AttnKernel::Main(AttnVariant::default_for(heads_per_cta))),
+                .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
+                    shape.head_dim,
+                    heads_per_cta,
+                ))),
             head_major: force.head_major.unwrap_or(HEAD_MAJOR),
         }
     }
@@ -228,7 +231,7 @@ impl Gpu {
         let v = match force.kernel {
             // A read-only twin runs its compute kernel's grid.
             Some(AttnKernel::Main(v)) => AttnVariant { compute: true, ..v },
-            _ => AttnVariant::default_for(g),
+            _ => AttnVariant::default_for(shape.head_dim, g),
         };
         let slots = self.attention_slots(shape.head_dim, g, v);
         AttnPlan::new(shape, rows, max_kv_len, slots, force)
@@ -322,7 +325,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
             block_dim: (ATTENTION_THREADS as u32, 1, 1),
-            shared_mem_bytes: v.smem_bytes(plan.heads_per_cta) as u32,
+            shared_mem_bytes: v.smem_bytes(d, plan.heads_per_cta) as u32,
         };
         // SAFETY: qkv holds rows x qkv_stride f32 (a multiple of 4, so the
         // float4 loads of q are aligned) with every query head inside a

@@ -291,9 +291,9 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
 /// CTAs fit on one SM.
 fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<String, usize>> {
     let mut out = HashMap::new();
-    for (name, g, v) in attention_kernels() {
+    for (name, d, g, v) in attention_kernels() {
         let Some(f) = funcs.get(&name) else { continue };
-        let bytes = v.smem_bytes(g);
+        let bytes = v.smem_bytes(d, g);
         let fail = |e: cudarc::driver::DriverError| Error::Launch {
             kernel: name.clone(),
             msg: format!("shared memory of {bytes} bytes: {e}"),
@@ -303,8 +303,9 @@ fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<
             bytes as i32,
         )
         .map_err(fail)?;
-        // All of L1 as shared memory: the KV stream bypasses L1 anyway
-        // (cp.async.cg), and 4 CTAs of ~52 KiB need the largest carveout.
+        // All of L1 as shared memory: the K and V streams bypass L1 (or
+        // never come back to it), and several CTAs of 50-100 KiB need the
+        // largest carveout.
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
             100,

@@ -70,6 +70,9 @@ pub enum AttnLoad {
     Direct,
     /// 16-byte loads into registers one stage ahead of the arithmetic.
     Prefetch,
+    /// A warp per page, `cp.async` into a per-warp ring of `stages` stages,
+    /// both products on tensor cores (mma.sync).
+    Mma,
 }
 
 /// The shape of the attention kernel's key loop: `keys` keys per row group
@@ -103,6 +106,15 @@ impl AttnVariant {
         }
     }
 
+    pub const fn mma(stages: usize) -> AttnVariant {
+        AttnVariant {
+            load: AttnLoad::Mma,
+            keys: 16,
+            stages,
+            compute: true,
+        }
+    }
+
     pub const fn read_only(self) -> AttnVariant {
         AttnVariant {
             compute: false,
@@ -110,35 +122,45 @@ impl AttnVariant {
         }
     }
 
-    /// What the daemon runs for `g` query heads per CTA: 4 keys x 3 stages
-    /// (48 KiB of ring) up to 4 heads, 2 x 4 above (the accumulators of 5-8
-    /// heads leave fewer registers).
-    pub fn default_for(g: usize) -> AttnVariant {
-        if g <= 4 {
-            AttnVariant::ring(4, 3)
+    /// What the daemon runs for head size `d` (the `g` query heads per CTA
+    /// do not change the choice): the tensor-core kernel with 3 stages
+    /// where it is instantiated (head sizes 64 and 128), else the SIMT loop
+    /// with 2 keys loaded one stage ahead (kernels/ATTENTION.md has the
+    /// measurements).
+    pub fn default_for(d: usize, _g: usize) -> AttnVariant {
+        if ATTENTION_MMA_HEAD_DIMS.contains(&d) {
+            AttnVariant::mma(3)
         } else {
-            AttnVariant::ring(2, 4)
+            AttnVariant::registers(AttnLoad::Prefetch, 2)
         }
     }
 
-    /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` in attention.cu):
-    /// the ring or the row-group merge, whichever is larger, then the
-    /// block-table slice.
-    pub fn smem_bytes(&self, g: usize) -> usize {
-        let ring = match self.load {
-            AttnLoad::Ring => self.stages * self.keys * 2 * ATTENTION_THREADS * 16,
-            _ => 0,
+    /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
+    /// `MmaSmem::BYTES` in attention.cu): the ring or the merge of the row
+    /// groups (warps), whichever is larger, then the block-table slice.
+    pub fn smem_bytes(&self, d: usize, g: usize) -> usize {
+        let (ring, merge) = match self.load {
+            AttnLoad::Ring => (
+                self.stages * self.keys * 2 * ATTENTION_THREADS * 16,
+                g * ATTENTION_THREADS * 8 * 4,
+            ),
+            AttnLoad::Mma => (
+                ATTENTION_THREADS / 32 * self.stages * 2 * 16 * d * 2,
+                8 * ATTENTION_THREADS / 32 * d * 4,
+            ),
+            _ => (0, g * ATTENTION_THREADS * 8 * 4),
         };
-        let merge = g * ATTENTION_THREADS * 8 * 4;
         ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4
     }
 
-    /// Short name: `ring4x3`, `direct4x1`, `prefetch2x1`, `..._read`.
+    /// Short name: `ring4x3`, `direct4x1`, `prefetch2x1`, `mma3`,
+    /// `..._read`.
     pub fn tag(&self) -> String {
         let load = match self.load {
             AttnLoad::Ring => "ring",
             AttnLoad::Direct => "direct",
             AttnLoad::Prefetch => "prefetch",
+            AttnLoad::Mma => return format!("mma{}", self.stages),
         };
         let read = if self.compute { "" } else { "_read" };
         format!("{load}{}x{}{read}", self.keys, self.stages)
@@ -148,12 +170,12 @@ impl AttnVariant {
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
 pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
-    AttnVariant::ring(2, 4),
-    AttnVariant::registers(AttnLoad::Direct, 4),
+    AttnVariant::mma(2),
+    AttnVariant::mma(4),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
-    AttnVariant::registers(AttnLoad::Prefetch, 4),
+    AttnVariant::registers(AttnLoad::Direct, 4),
+    AttnVariant::ring(4, 3),
     AttnVariant::ring(4, 3).read_only(),
-    AttnVariant::registers(AttnLoad::Direct, 4).read_only(),
 ];
 
 /// The attention kernel for head size `d`, `g` query heads per CTA and
@@ -162,21 +184,24 @@ pub fn attention_kernel(d: usize, g: usize, v: AttnVariant) -> String {
     format!("attention_f32_d{d}_g{g}_{}", v.tag())
 }
 
-/// Every attention kernel with its query heads per CTA and variant (the
-/// loader raises each one's shared-memory limit).
-pub fn attention_kernels() -> Vec<(String, usize, AttnVariant)> {
+/// Every attention kernel with its head size, query heads per CTA and
+/// variant (the loader raises each one's shared-memory limit).
+pub fn attention_kernels() -> Vec<(String, usize, usize, AttnVariant)> {
     let mut out = vec![];
     for d in ATTENTION_HEAD_DIMS {
         for g in 1..=ATTENTION_MAX_GROUP {
-            let v = AttnVariant::default_for(g);
-            out.push((attention_kernel(d, g, v), g, v));
+            let v = AttnVariant::default_for(d, g);
+            out.push((attention_kernel(d, g, v), d, g, v));
         }
     }
     for v in ATTENTION_BENCH_VARIANTS {
-        out.push((attention_kernel(128, 4, v), 4, v));
+        out.push((attention_kernel(128, 4, v), 128, 4, v));
     }
     out
 }
+
+/// Head sizes of the tensor-core kernel (`ATTN_MMA_D` in attention.cu).
+pub const ATTENTION_MMA_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Every kernel the launch wrappers call, by module: the loader resolves
 /// them all at start-up, so a missing one fails there and in CI.
@@ -205,7 +230,7 @@ pub fn kernel_names(module: &str) -> Vec<String> {
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     if module == "attention" {
-        names.extend(attention_kernels().into_iter().map(|(name, _, _)| name));
+        names.extend(attention_kernels().into_iter().map(|(name, ..)| name));
     }
     names
 }

@@ -193,7 +193,7 @@ fn time_kernel(
 pub fn run(opts: &Options) -> Result<()> {
     let gpu = Gpu::new(0)?;
     println!("bench-attention on {}", device_line(&gpu));
-    let slots = gpu.attention_slots(HEAD_DIM, 4, AttnVariant::default_for(4));
+    let slots = gpu.attention_slots(HEAD_DIM, 4, AttnVariant::default_for(HEAD_DIM, 4));
     println!("daemon kernel: {slots} CTAs co-reside (one wave)");
     let (copy, samples) = copy_bandwidth(&gpu, 2 << 30, 20)?;
     println!(
@@ -218,8 +218,8 @@ pub fn run(opts: &Options) -> Result<()> {
         for v in ATTENTION_BENCH_VARIANTS {
             kernels.push(force(Some(AttnKernel::Main(v)), None));
         }
-        let direct = AttnVariant::registers(AttnLoad::Direct, 4);
-        kernels.push(force(Some(AttnKernel::Main(direct)), Some(!HEAD_MAJOR)));
+        let prefetch = AttnVariant::registers(AttnLoad::Prefetch, 2);
+        kernels.push(force(Some(AttnKernel::Main(prefetch)), Some(!HEAD_MAJOR)));
         kernels.push(force(Some(AttnKernel::Issue4), None));
         kernels.push(force(None, None));
     }

@@ -147,6 +147,56 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
+// The end of a CTA: the NR row groups' partial results, in shared memory
+// as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
+// [NR][G], are summed; with one split the output is written, else the
+// CTA's partial, and the last CTA of the (row, head group) merges them.
+template <int D, int G, int NR>
+__device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
+                                             unsigned char* smem, float* sm_m) {
+    __shared__ int sm_last;
+    const float* sm_acc = (const float*)smem;
+    const float* sm_l = sm_m + NR * G;
+    const int tid = threadIdx.x;
+    const bool split_mode = gridDim.z > 1;
+    for (int i = tid; i < G * D; i += ATT_THREADS) {
+        const int g = i / D, d = i % D;
+        float mm = NEG_INF;
+        for (int r = 0; r < NR; r++) mm = fmaxf(mm, sm_m[r * G + g]);
+        float ll = 0.0f, a = 0.0f;
+        for (int r = 0; r < NR; r++) {
+            const float mr = sm_m[r * G + g];
+            if (mr != NEG_INF) ll += sm_l[r * G + g] * exp2f(mr - mm);
+            a += sm_acc[g * NR * D + r * D + d];
+        }
+        const u32 h = h0 + g;
+        if (!split_mode) {
+            p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
+        } else {
+            const u64 idx = ((u64)row * p.num_heads + h) * gridDim.z + split;
+            p.part_acc[idx * D + d] = a;
+            if (d == 0) {
+                p.part_ml[2 * idx] = mm;
+                p.part_ml[2 * idx + 1] = ll;
+            }
+        }
+    }
+    if (!split_mode) return;
+
+    // The last CTA of this (row, head group) merges (threadFenceReduction:
+    // publish the partial, count, and the one that completes the count
+    // reads everyone's partial from L2).
+    __threadfence();
+    __syncthreads();
+    u32* counter = p.counters + (u64)row * ny + yi;
+    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();
+    if (tid == 0) *counter = 0;  // ready for the next launch
+    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
+}
+
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
 // rg, lane `lane` holding dims lane*8..+8).
 template <int D, int G, int U, int P, int MODE, bool COMPUTE>
@@ -158,7 +208,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     extern __shared__ __align__(16) unsigned char smem[];
     uint4* ring = (uint4*)smem;                  // [P][U][2][ATT_THREADS]
     u32* pages = (u32*)(smem + Smem::A);         // [MAX_SPLIT_PAGES]
-    __shared__ int sm_last;
 
     const u32 ny = gridDim.x / p.rows;           // head groups per row
     const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
@@ -355,44 +404,259 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    const bool split_mode = gridDim.z > 1;
-    for (int i = tid; i < G * D; i += ATT_THREADS) {
-        const int g = i / D, d = i % D;
-        float mm = NEG_INF;
-        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r * G + g]);
-        float ll = 0.0f, a = 0.0f;
-        for (int r = 0; r < RG; r++) {
-            const float mr = sm_m[r * G + g];
-            if (mr != NEG_INF) ll += sm_l[r * G + g] * exp2f(mr - mm);
-            a += sm_acc[g * RG * D + r * D + d];
-        }
-        const u32 h = h0 + g;
-        if (!split_mode) {
-            p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
-        } else {
-            const u64 idx = ((u64)row * p.num_heads + h) * gridDim.z + split;
-            p.part_acc[idx * D + d] = a;
-            if (d == 0) {
-                p.part_ml[2 * idx] = mm;
-                p.part_ml[2 * idx + 1] = ll;
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m);
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-core variant. The SIMT loop above spends ~80 warp instructions per
+// key (dot products, butterflies, a softmax per lane), which keeps it from
+// the bandwidth; here a warp takes a whole page (16 keys) at a time and
+// both products run on mma.sync m16n8k16 (bf16 in, f32 accumulate):
+//   S[head][key] = Q (16 rows: the G heads, the rest zero) x K^T
+//   O[head][dim] += P x V
+// q and p enter as two bf16 halves each (hi = bf16(x), lo = bf16(x - hi)),
+// so they are seen to ~2^-17 as in the f32 loop: K and V are exact bf16.
+// Each warp streams its pages (w, w + 4, ...) through its own P-stage ring
+// of cp.async copies (K and V rows swizzled by 16-byte chunk, so that
+// ldmatrix reads 8 rows without bank conflicts); rows past the last key
+// are zero-filled, so that masked keys contribute exactly nothing.
+
+__device__ __forceinline__ void cp_async16_zfill(u32 dst, const void* src, u32 bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// d = a x b + d for the rows 0-7 of the 16 x 8 tile that hold heads: a1 and
+// a3 (rows 8-15) are zero and d2, d3 are discarded.
+__device__ __forceinline__ void mma_rows8(float& d0, float& d1, u32 a0, u32 a2, u32 b0, u32 b1) {
+    float x2, x3;
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};"
+        : "=f"(d0), "=f"(d1), "=f"(x2), "=f"(x3)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(d0), "f"(d1), "f"(0.0f), "f"(0.0f));
+}
+
+// Two floats as packed bf16 (lower index in the low half), and what the
+// rounding left over, also packed.
+__device__ __forceinline__ void split2(float x, float y, u32& hi, u32& lo) {
+    const bf16 xh = f2bf(x), yh = f2bf(y);
+    hi = (u32)xh | ((u32)yh << 16);
+    lo = (u32)f2bf(x - bf2f(xh)) | ((u32)f2bf(y - bf2f(yh)) << 16);
+}
+
+#define MMA_WARPS (ATT_THREADS / 32)
+
+template <int D, int P>
+struct MmaSmem {
+    static constexpr int STAGE = 2 * BLOCK_TOKENS * D * 2;  // K and V of one page
+    static constexpr int RING = MMA_WARPS * P * STAGE;
+    static constexpr int MERGE = 8 * MMA_WARPS * D * 4;    // G <= 8
+    static constexpr int A = RING > MERGE ? RING : MERGE;
+    static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
+};
+
+template <int D, int G, int P>
+__device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
+    constexpr int KSTEPS = D / 16;  // k-steps of QK, n-tile pairs of PV
+    constexpr int RB = D * 2;       // bytes of a K or V row
+    constexpr int CPR = D / 8;      // 16-byte chunks per row
+    typedef MmaSmem<D, P> Smem;
+    extern __shared__ __align__(16) unsigned char smem[];
+    u32* pages = (u32*)(smem + Smem::A);
+
+    const u32 ny = gridDim.x / p.rows;
+    const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
+    const u32 yi = p.head_major ? blockIdx.x % ny : blockIdx.x / p.rows;
+    const u32 kvh = yi / p.chunks;
+    const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
+    const u32 split = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int qr = lane >> 2, qc = lane & 3;  // fragment row (head) and column pair
+
+    const u32 kv_len = p.kv_len[row];
+    const u32 toff = p.table_off[row];
+    // Q as A fragments: a0 = (q[qr][16s + 2qc], +1), a2 = the same + 8;
+    // heads qr >= G are zero rows.
+    u32 qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
+    {
+        const bool real = qr < G;
+        const float* qp = p.qkv + (u64)row * p.qkv_stride + (h0 + (real ? qr : 0)) * D + 2 * qc;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ks++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const float2 v = real ? *(const float2*)(qp + 16 * ks + 8 * half) : make_float2(0.0f, 0.0f);
+                split2(v.x * p.scale_log2, v.y * p.scale_log2, qa_hi[ks][half], qa_lo[ks][half]);
             }
         }
     }
-    if (!split_mode) return;
 
-    // The last CTA of this (row, head group) merges (threadFenceReduction:
-    // publish the partial, count, and the one that completes the count
-    // reads everyone's partial from L2).
-    __threadfence();
+    const u32 t_begin = split * p.pages_per_split * BLOCK_TOKENS;
+    const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
+    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
     __syncthreads();
-    u32* counter = p.counters + (u64)row * ny + yi;
-    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+
+    // This warp's pages: warp, warp + MMA_WARPS, ...
+    const u32 my_pages = n_pages > (u32)warp ? (n_pages - warp + MMA_WARPS - 1) / MMA_WARPS : 0;
+    const u32 ring = shared_addr(smem) + warp * P * Smem::STAGE;
+    const u64 head_off = (u64)kvh * BLOCK_TOKENS * D;
+    // Copies page j of this warp into slot j % P: lane takes chunks
+    // lane + 32i, i.e. rows 32i/CPR.. of K and of V.
+    auto issue = [&](u32 j) {
+        const u32 pi = warp + j * MMA_WARPS;
+        const u64 base = (u64)pages[pi] * p.kv_heads * BLOCK_TOKENS * D + head_off;
+        const u32 valid = min(n_keys - pi * BLOCK_TOKENS, (u32)BLOCK_TOKENS);
+        const u32 slot = ring + (j % P) * Smem::STAGE;
+#pragma unroll
+        for (int i = 0; i < BLOCK_TOKENS * CPR / 32; i++) {
+            const int c = lane + 32 * i, r = c / CPR, cc = c % CPR;
+            const u32 dst = slot + r * RB + ((cc ^ (r & 7)) << 4);
+            const u32 bytes = (u32)r < valid ? 16u : 0u;
+            const u64 off = base + r * D + cc * 8;
+            cp_async16_zfill(dst, p.k + off, bytes);
+            cp_async16_zfill(dst + BLOCK_TOKENS * RB, p.v + off, bytes);
+        }
+    };
+#pragma unroll
+    for (int j = 0; j < P - 1; j++) {
+        if (j < (int)my_pages) issue(j);
+        cp_async_commit();
+    }
+
+    float m = NEG_INF, l = 0.0f;  // head qr, replicated over the quad
+    float acc[2 * KSTEPS][2];     // O[qr][8t + 2qc + {0,1}]
+#pragma unroll
+    for (int t = 0; t < 2 * KSTEPS; t++) acc[t][0] = acc[t][1] = 0.0f;
+
+    for (u32 j = 0; j < my_pages; j++) {
+        cp_async_wait<P - 2>();
+        __syncwarp();  // every lane's copies of page j landed; slot (j-1) % P is read
+        if (j + P - 1 < my_pages) issue(j + P - 1);
+        cp_async_commit();
+        const u32 kbase = ring + (j % P) * Smem::STAGE;
+        const u32 vbase = kbase + BLOCK_TOKENS * RB;
+
+        // S = Q K^T for keys 0-7 (n-tile 0) and 8-15 (n-tile 1).
+        float s[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+        float sl[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const int key = 8 * nt + (lane & 7);
+#pragma unroll
+            for (int kq = 0; kq < KSTEPS / 2; kq++) {
+                const int chunk = 4 * kq + (lane >> 3);
+                u32 b0, b1, b2, b3;
+                ldsm_x4(kbase + key * RB + ((chunk ^ (key & 7)) << 4), b0, b1, b2, b3);
+                mma_rows8(s[nt][0], s[nt][1], qa_hi[2 * kq][0], qa_hi[2 * kq][1], b0, b1);
+                mma_rows8(sl[nt][0], sl[nt][1], qa_lo[2 * kq][0], qa_lo[2 * kq][1], b0, b1);
+                mma_rows8(s[nt][0], s[nt][1], qa_hi[2 * kq + 1][0], qa_hi[2 * kq + 1][1], b2, b3);
+                mma_rows8(sl[nt][0], sl[nt][1], qa_lo[2 * kq + 1][0], qa_lo[2 * kq + 1][1], b2, b3);
+            }
+        }
+        // Online softmax over the page's keys 8nt + 2qc + e.
+        const u32 k0 = (warp + j * MMA_WARPS) * BLOCK_TOKENS;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const bool ok = k0 + 8 * nt + 2 * qc + e < n_keys;
+                s[nt][e] = ok ? s[nt][e] + sl[nt][e] : NEG_INF;
+                mx = fmaxf(mx, s[nt][e]);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m, mx);
+        const float base = mn == NEG_INF ? 0.0f : mn;  // no key yet: p = 0, no NaN
+        const float corr = exp2f(m - base);
+        m = mn;
+        float pr[2][2];
+        float psum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                pr[nt][e] = exp2f(s[nt][e] - base);
+                psum += pr[nt][e];
+            }
+        l = l * corr + psum;
+#pragma unroll
+        for (int t = 0; t < 2 * KSTEPS; t++) {
+            acc[t][0] *= corr;
+            acc[t][1] *= corr;
+        }
+        u32 pa_hi[2], pa_lo[2];  // P as A fragments: a0 keys 0-7, a2 keys 8-15
+        split2(pr[0][0], pr[0][1], pa_hi[0], pa_lo[0]);
+        split2(pr[1][0], pr[1][1], pa_hi[1], pa_lo[1]);
+        // O += P V, two n-tiles (16 dims) per ldmatrix.
+        const int vkey = (lane & 7) + 8 * ((lane >> 3) & 1);
+#pragma unroll
+        for (int dq = 0; dq < KSTEPS; dq++) {
+            const int chunk = 2 * dq + (lane >> 4);
+            u32 b0, b1, b2, b3;
+            ldsm_x4_t(vbase + vkey * RB + ((chunk ^ (vkey & 7)) << 4), b0, b1, b2, b3);
+            mma_rows8(acc[2 * dq][0], acc[2 * dq][1], pa_hi[0], pa_hi[1], b0, b1);
+            mma_rows8(acc[2 * dq][0], acc[2 * dq][1], pa_lo[0], pa_lo[1], b0, b1);
+            mma_rows8(acc[2 * dq + 1][0], acc[2 * dq + 1][1], pa_hi[0], pa_hi[1], b2, b3);
+            mma_rows8(acc[2 * dq + 1][0], acc[2 * dq + 1][1], pa_lo[0], pa_lo[1], b2, b3);
+        }
+    }
+    cp_async_wait<0>();
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+    // The warps' partials to shared memory ([G][warp * D + d]), then the
+    // same end as the SIMT kernel.
+    float* sm_acc = (float*)smem;
+    float* sm_m = (float*)(smem + Smem::A);
+    float* sm_l = sm_m + MMA_WARPS * G;
     __syncthreads();
-    if (!sm_last) return;
-    __threadfence();
-    if (tid == 0) *counter = 0;  // ready for the next launch
-    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)(smem + Smem::A));
+    if (qr < G) {
+        if (qc == 0) {
+            sm_m[warp * G + qr] = m;
+            sm_l[warp * G + qr] = l;
+        }
+#pragma unroll
+        for (int t = 0; t < 2 * KSTEPS; t++)
+            *(float2*)(sm_acc + qr * MMA_WARPS * D + warp * D + 8 * t + 2 * qc) = make_float2(acc[t][0], acc[t][1]);
+    }
+    __syncthreads();
+    // Rescale each warp's rows to the CTA max of its head.
+    for (int i = tid; i < G * MMA_WARPS * D; i += ATT_THREADS) {
+        const int g = i / (MMA_WARPS * D), w = (i / D) % MMA_WARPS;
+        float mm = NEG_INF;
+        for (int r = 0; r < MMA_WARPS; r++) mm = fmaxf(mm, sm_m[r * G + g]);
+        const float mw = sm_m[w * G + g];
+        sm_acc[i] *= mw == NEG_INF ? 0.0f : exp2f(mw - mm);
+    }
+    __syncthreads();
+    combine_rows<D, G, MMA_WARPS>(p, row, yi, ny, h0, split, smem, sm_m);
 }
+
+#define ATTN_MMA(D, G, P)                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 2)                             \
+        attention_f32_d##D##_g##G##_mma##P(const AttnParams p) {                             \
+        attention_mma_cta<D, G, P>(p);                                                       \
+    }
+#define ATTN_MMA_D(D) ATTN_MMA(D, 1, 3) ATTN_MMA(D, 2, 3) ATTN_MMA(D, 3, 3) ATTN_MMA(D, 4, 3) \
+    ATTN_MMA(D, 5, 3) ATTN_MMA(D, 6, 3) ATTN_MMA(D, 7, 3) ATTN_MMA(D, 8, 3)
+ATTN_MMA_D(64)
+ATTN_MMA_D(128)
+ATTN_MMA(128, 4, 2)
+ATTN_MMA(128, 4, 4)
 
 // Names: attention_f32_d{D}_g{G}_{load}{U}x{P}[_read]: G query heads per
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
@@ -404,21 +668,18 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         attention_cta<D, G, U, P, MODE, COMPUTE>(p);                                         \
     }
 #define ATTN_RING(D, G, U, P, MINB) ATTN_K(D, G, U, P, LOAD_RING, ring, true, , MINB)
-#define ATTN(D, G) ATTN_RING(D, G, 4, 3, 4)
-#define ATTN_WIDE(D, G) ATTN_RING(D, G, 2, 4, 2)
-#define ATTN_D(D) ATTN(D, 1) ATTN(D, 2) ATTN(D, 3) ATTN(D, 4) ATTN_WIDE(D, 5) ATTN_WIDE(D, 6) ATTN_WIDE(D, 7) ATTN_WIDE(D, 8)
-ATTN_D(16)
-ATTN_D(32)
-ATTN_D(64)
-ATTN_D(128)
-ATTN_D(256)
+#define ATTN_PF(D, G, MINB) ATTN_K(D, G, 2, 1, LOAD_PREFETCH, prefetch, true, , MINB)
+// Head sizes without a tensor-core instance (sources.rs: AttnVariant::default_for).
+#define ATTN_PF_D(D) ATTN_PF(D, 1, 4) ATTN_PF(D, 2, 4) ATTN_PF(D, 3, 4) ATTN_PF(D, 4, 4) \
+    ATTN_PF(D, 5, 2) ATTN_PF(D, 6, 2) ATTN_PF(D, 7, 2) ATTN_PF(D, 8, 2)
+ATTN_PF_D(16)
+ATTN_PF_D(32)
+ATTN_PF_D(256)
 // Alternatives measured by `tacflowd bench-attention` (Llama-3 shape).
-ATTN_RING(128, 4, 2, 4, 4)
+ATTN_RING(128, 4, 4, 3, 4)
+ATTN_PF(128, 4, 4)
 ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
-ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
-ATTN_K(128, 4, 4, 1, LOAD_PREFETCH, prefetch, true, , 3)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
-ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, false, _read, 4)
 
 struct ReadParams {
     const uint4* src;
