@@ -85,6 +85,8 @@ pub struct AttnVariant {
     pub keys: usize,
     pub stages: usize,
     pub compute: bool,
+    /// Loads through `ld.global.nc.L1::no_allocate` (register modes).
+    pub stream: bool,
 }
 
 impl AttnVariant {
@@ -94,6 +96,7 @@ impl AttnVariant {
             keys,
             stages,
             compute: true,
+            stream: false,
         }
     }
 
@@ -103,6 +106,7 @@ impl AttnVariant {
             keys,
             stages: 1,
             compute: true,
+            stream: false,
         }
     }
 
@@ -112,6 +116,14 @@ impl AttnVariant {
             keys: 16,
             stages,
             compute: true,
+            stream: false,
+        }
+    }
+
+    pub const fn streaming(self) -> AttnVariant {
+        AttnVariant {
+            stream: true,
+            ..self
         }
     }
 
@@ -122,17 +134,12 @@ impl AttnVariant {
         }
     }
 
-    /// What the daemon runs for head size `d` (the `g` query heads per CTA
-    /// do not change the choice): the tensor-core kernel with 3 stages
-    /// where it is instantiated (head sizes 64 and 128), else the SIMT loop
-    /// with 2 keys loaded one stage ahead (kernels/ATTENTION.md has the
-    /// measurements).
-    pub fn default_for(d: usize, _g: usize) -> AttnVariant {
-        if ATTENTION_MMA_HEAD_DIMS.contains(&d) {
-            AttnVariant::mma(3)
-        } else {
-            AttnVariant::registers(AttnLoad::Prefetch, 2)
-        }
+    /// What the daemon runs, whatever the head size and heads per CTA:
+    /// the SIMT loop with 2 keys per row group loaded one stage ahead into
+    /// registers, the fastest variant measured on the H100
+    /// (kernels/ATTENTION.md).
+    pub fn default_for(_d: usize, _g: usize) -> AttnVariant {
+        AttnVariant::registers(AttnLoad::Prefetch, 2)
     }
 
     /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
@@ -163,16 +170,17 @@ impl AttnVariant {
             AttnLoad::Mma => return format!("mma{}", self.stages),
         };
         let read = if self.compute { "" } else { "_read" };
-        format!("{load}{}x{}{read}", self.keys, self.stages)
+        let nc = if self.stream { "_nc" } else { "" };
+        format!("{load}{}x{}{read}{nc}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
 pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
+    AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
     AttnVariant::mma(2),
-    AttnVariant::mma(4),
-    AttnVariant::registers(AttnLoad::Prefetch, 2),
+    AttnVariant::mma(3),
     AttnVariant::registers(AttnLoad::Direct, 4),
     AttnVariant::ring(4, 3),
     AttnVariant::ring(4, 3).read_only(),
@@ -199,9 +207,6 @@ pub fn attention_kernels() -> Vec<(String, usize, usize, AttnVariant)> {
     }
     out
 }
-
-/// Head sizes of the tensor-core kernel (`ATTN_MMA_D` in attention.cu).
-pub const ATTENTION_MMA_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// Every kernel the launch wrappers call, by module: the loader resolves
 /// them all at start-up, so a missing one fails there and in CI.

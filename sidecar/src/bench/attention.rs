@@ -218,8 +218,8 @@ pub fn run(opts: &Options) -> Result<()> {
         for v in ATTENTION_BENCH_VARIANTS {
             kernels.push(force(Some(AttnKernel::Main(v)), None));
         }
-        let prefetch = AttnVariant::registers(AttnLoad::Prefetch, 2);
-        kernels.push(force(Some(AttnKernel::Main(prefetch)), Some(!HEAD_MAJOR)));
+        let direct = AttnVariant::registers(AttnLoad::Direct, 4);
+        kernels.push(force(Some(AttnKernel::Main(direct)), Some(!HEAD_MAJOR)));
         kernels.push(force(Some(AttnKernel::Issue4), None));
         kernels.push(force(None, None));
     }

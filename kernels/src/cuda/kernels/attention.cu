@@ -132,7 +132,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
         const u32 h = h0 + g;
         const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
         float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
+#pragma unroll 16
         for (u32 s = 0; s < S; s++) {
             const float w = sm_w[g * S + s];
             const float4 x = ldcg4(acc + (u64)s * D);
@@ -155,20 +155,28 @@ template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, float* sm_m) {
     __shared__ int sm_last;
+    __shared__ float sm_head[8][2];  // per head: CTA max, CTA sum
     const float* sm_acc = (const float*)smem;
     const float* sm_l = sm_m + NR * G;
     const int tid = threadIdx.x;
     const bool split_mode = gridDim.z > 1;
+    if (tid < G) {
+        float mm = NEG_INF, ll = 0.0f;
+        for (int r = 0; r < NR; r++) mm = fmaxf(mm, sm_m[r * G + tid]);
+        for (int r = 0; r < NR; r++) {
+            const float mr = sm_m[r * G + tid];
+            if (mr != NEG_INF) ll += sm_l[r * G + tid] * exp2f(mr - mm);
+        }
+        sm_head[tid][0] = mm;
+        sm_head[tid][1] = ll;
+    }
+    __syncthreads();
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i % D;
-        float mm = NEG_INF;
-        for (int r = 0; r < NR; r++) mm = fmaxf(mm, sm_m[r * G + g]);
-        float ll = 0.0f, a = 0.0f;
-        for (int r = 0; r < NR; r++) {
-            const float mr = sm_m[r * G + g];
-            if (mr != NEG_INF) ll += sm_l[r * G + g] * exp2f(mr - mm);
-            a += sm_acc[g * NR * D + r * D + d];
-        }
+        const float mm = sm_head[g][0], ll = sm_head[g][1];
+        float a = 0.0f;
+#pragma unroll
+        for (int r = 0; r < NR; r++) a += sm_acc[g * NR * D + r * D + d];
         const u32 h = h0 + g;
         if (!split_mode) {
             p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
@@ -199,7 +207,17 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
 // rg, lane `lane` holding dims lane*8..+8).
-template <int D, int G, int U, int P, int MODE, bool COMPUTE>
+// 16 bytes through the non-coherent path without allocating in L1: the
+// K and V rows are read once.
+__device__ __forceinline__ uint4 ld16_stream(const bf16* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -263,6 +281,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             }
         }
     };
+    auto ld = [](const bf16* a) { return STREAM ? ld16_stream(a) : ld16(a); };
     uint4 nk[U], nv[U];  // prefetch mode: the next stage
     if constexpr (MODE == LOAD_RING) {
 #pragma unroll
@@ -276,8 +295,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             const u32 k = u * RG + rg;
             nk[u] = nv[u] = make_uint4(0, 0, 0, 0);
             if (k < n_keys) {
-                nk[u] = ld16(p.k + key_off(k));
-                nv[u] = ld16(p.v + key_off(k));
+                nk[u] = ld(p.k + key_off(k));
+                nv[u] = ld(p.v + key_off(k));
             }
         }
     }
@@ -298,8 +317,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
                 const u32 k = s * KS + u * RG + rg;
                 kw[u] = vw[u] = make_uint4(0, 0, 0, 0);
                 if (k < n_keys) {
-                    kw[u] = ld16(p.k + key_off(k));
-                    vw[u] = ld16(p.v + key_off(k));
+                    kw[u] = ld(p.k + key_off(k));
+                    vw[u] = ld(p.v + key_off(k));
                 }
             }
         } else {
@@ -310,8 +329,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
                 const u32 k = (s + 1) * KS + u * RG + rg;
                 nk[u] = nv[u] = make_uint4(0, 0, 0, 0);
                 if (k < n_keys) {
-                    nk[u] = ld16(p.k + key_off(k));
-                    nv[u] = ld16(p.v + key_off(k));
+                    nk[u] = ld(p.k + key_off(k));
+                    nv[u] = ld(p.v + key_off(k));
                 }
             }
         }
@@ -397,6 +416,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
 #pragma unroll
     for (int g = 0; g < G; g++) {
         float mm = NEG_INF;
+#pragma unroll
         for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r * G + g]);
         const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - mm);
         float4* dst = (float4*)(sm_acc + g * RG * D + rg * D + lane * 8);
@@ -651,35 +671,36 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
         attention_f32_d##D##_g##G##_mma##P(const AttnParams p) {                             \
         attention_mma_cta<D, G, P>(p);                                                       \
     }
-#define ATTN_MMA_D(D) ATTN_MMA(D, 1, 3) ATTN_MMA(D, 2, 3) ATTN_MMA(D, 3, 3) ATTN_MMA(D, 4, 3) \
-    ATTN_MMA(D, 5, 3) ATTN_MMA(D, 6, 3) ATTN_MMA(D, 7, 3) ATTN_MMA(D, 8, 3)
-ATTN_MMA_D(64)
-ATTN_MMA_D(128)
+// Measured beside the default (Llama-3 shape); slower than the SIMT loop.
 ATTN_MMA(128, 4, 2)
-ATTN_MMA(128, 4, 4)
+ATTN_MMA(128, 4, 3)
 
 // Names: attention_f32_d{D}_g{G}_{load}{U}x{P}[_read]: G query heads per
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
 // what the loop's loads alone reach. sources.rs lists the instances.
-#define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB)                                 \
+#define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB)                        \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
         attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
-        attention_cta<D, G, U, P, MODE, COMPUTE>(p);                                         \
+        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM>(p);                                 \
     }
+#define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB) \
+    ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, false, SUFFIX, MINB)
 #define ATTN_RING(D, G, U, P, MINB) ATTN_K(D, G, U, P, LOAD_RING, ring, true, , MINB)
 #define ATTN_PF(D, G, MINB) ATTN_K(D, G, 2, 1, LOAD_PREFETCH, prefetch, true, , MINB)
-// Head sizes without a tensor-core instance (sources.rs: AttnVariant::default_for).
+// The daemon's kernels (sources.rs: AttnVariant::default_for).
 #define ATTN_PF_D(D) ATTN_PF(D, 1, 4) ATTN_PF(D, 2, 4) ATTN_PF(D, 3, 4) ATTN_PF(D, 4, 4) \
     ATTN_PF(D, 5, 2) ATTN_PF(D, 6, 2) ATTN_PF(D, 7, 2) ATTN_PF(D, 8, 2)
 ATTN_PF_D(16)
 ATTN_PF_D(32)
+ATTN_PF_D(64)
+ATTN_PF_D(128)
 ATTN_PF_D(256)
 // Alternatives measured by `tacflowd bench-attention` (Llama-3 shape).
 ATTN_RING(128, 4, 4, 3, 4)
-ATTN_PF(128, 4, 4)
 ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
+ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
 
 struct ReadParams {
     const uint4* src;
