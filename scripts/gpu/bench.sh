@@ -47,7 +47,7 @@ for s in "${stages[@]}"; do
         profile)
             # ncu on 256 x 2k, one launch of each of three kernels: DRAM
             # bytes and throughput, where the warps stall ($out/ncu.txt).
-            for k in daemon:prefetch2x1 mma3:mma3; do
+            for k in daemon:prefetch2x1_nc mma3:mma3; do
                 timeout 60 ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
                     --section WarpStateStats -k regex:"${k#*:}\$" --launch-skip 4 --launch-count 1 \
                     "$bin" bench-attention --variants --only "${k%%:*}" --iters 1 --cases 256:2048 \

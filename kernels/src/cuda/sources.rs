@@ -136,10 +136,10 @@ impl AttnVariant {
 
     /// What the daemon runs, whatever the head size and heads per CTA:
     /// the SIMT loop with 2 keys per row group loaded one stage ahead into
-    /// registers, the fastest variant measured on the H100
-    /// (kernels/ATTENTION.md).
+    /// registers, through the non-coherent path without L1 allocation, the
+    /// fastest variant measured on the H100 (kernels/ATTENTION.md).
     pub fn default_for(_d: usize, _g: usize) -> AttnVariant {
-        AttnVariant::registers(AttnLoad::Prefetch, 2)
+        AttnVariant::registers(AttnLoad::Prefetch, 2).streaming()
     }
 
     /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
@@ -177,9 +177,8 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
-    AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
-    AttnVariant::mma(2),
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 5] = [
+    AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),
     AttnVariant::registers(AttnLoad::Direct, 4),
     AttnVariant::ring(4, 3),

@@ -672,7 +672,6 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
         attention_mma_cta<D, G, P>(p);                                                       \
     }
 // Measured beside the default (Llama-3 shape); slower than the SIMT loop.
-ATTN_MMA(128, 4, 2)
 ATTN_MMA(128, 4, 3)
 
 // Names: attention_f32_d{D}_g{G}_{load}{U}x{P}[_read]: G query heads per
@@ -687,7 +686,7 @@ ATTN_MMA(128, 4, 3)
 #define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB) \
     ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, false, SUFFIX, MINB)
 #define ATTN_RING(D, G, U, P, MINB) ATTN_K(D, G, U, P, LOAD_RING, ring, true, , MINB)
-#define ATTN_PF(D, G, MINB) ATTN_K(D, G, 2, 1, LOAD_PREFETCH, prefetch, true, , MINB)
+#define ATTN_PF(D, G, MINB) ATTN_KS(D, G, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, MINB)
 // The daemon's kernels (sources.rs: AttnVariant::default_for).
 #define ATTN_PF_D(D) ATTN_PF(D, 1, 4) ATTN_PF(D, 2, 4) ATTN_PF(D, 3, 4) ATTN_PF(D, 4, 4) \
     ATTN_PF(D, 5, 2) ATTN_PF(D, 6, 2) ATTN_PF(D, 7, 2) ATTN_PF(D, 8, 2)
@@ -700,7 +699,7 @@ ATTN_PF_D(256)
 ATTN_RING(128, 4, 4, 3, 4)
 ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
-ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
+ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 
 struct ReadParams {
     const uint4* src;
