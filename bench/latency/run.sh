@@ -1,28 +1,6 @@
 #!/usr/bin/env bash
-# Starts tacflowd on `tiny` (CPU), runs bench/latency/run.py against it, and
-# keeps the raw output under bench/logs/ with the commit, machine and date.
+# Empty-step latency (issue 2): tacflowd on `tiny` (CPU) against a pyzmq
+# echo and a Unix socket ping-pong, measured in one run; raw log under
+# bench/logs/latency-<time>.log.
 # Usage: bench/latency/run.sh [extra args for run.py]
-set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-cd "$root"
-bin=${TACFLOWD:-$root/target/release/tacflowd}
-[ -x "$bin" ] || { echo "error: $bin missing: cargo build --release" >&2; exit 1; }
-source scripts/lib/venv.sh
-tacflow_venv
-work=$(mktemp -d)
-trap 'kill -TERM $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$work"' EXIT
-TACFLOW_LOG=warn "$bin" serve --backend cpu --socket "$work/d.sock" --model tiny --kv-blocks 1024 &
-pid=$!
-for _ in $(seq 1 100); do [ -S "$work/d.sock" ] && break; sleep 0.1; done
-stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
-mkdir -p bench/logs
-log="bench/logs/latency-$stamp.log"
-{
-    echo "commit: $(git rev-parse HEAD)$(git diff --quiet || echo ' (dirty)')"
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(uname -r)"
-    "$PY" bench/latency/run.py --address "ipc://$work/d.sock" --json "$work/latency.json" "$@"
-    echo "--- json"
-    cat "$work/latency.json"
-} 2>&1 | tee "$log"
-echo "raw log: $log"
+exec "$(dirname "$0")/../lib/tiny-bench.sh" latency 1024 bench/latency/run.py "$@"
