@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use half::bf16;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer, SampleParams};
-use tacflow_kernels::rng::random_weight;
 
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend {
@@ -57,20 +56,7 @@ impl CpuBackend {
                 "tensor has {len} values, expected {n}"
             )));
         }
-        let mut v: Vec<f32> = match data {
-            HostData::F32(d) => d.to_vec(),
-            HostData::Bf16(d) => d.par_iter().map(|x| x.to_f32()).collect(),
-            HostData::F16(d) => d.par_iter().map(|x| x.to_f32()).collect(),
-            HostData::Random {
-                seed,
-                stream,
-                mean,
-                std,
-            } => (0..n as u64)
-                .into_par_iter()
-                .map(|i| random_weight(seed, stream, i, mean, std))
-                .collect(),
-        };
+        let mut v = data.to_f32(n);
         if self.round_to_bf16 {
             v.par_iter_mut()
                 .for_each(|x| *x = bf16::from_f32(*x).to_f32());

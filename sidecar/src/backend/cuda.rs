@@ -22,7 +22,6 @@ use tacflow_kernels::cuda::{
     AttnForce, AttnIo, AttnPlan, AttnShape, BufferPool, CudaSlice, DeviceStep, Gpu, KvCache,
     Pooled, RmsOut, Rows, StepArrays,
 };
-use tacflow_kernels::rng::random_weight;
 
 /// Whether a usable GPU is present: its name, or why not.
 pub fn probe() -> Result<String, String> {
@@ -263,20 +262,10 @@ fn host_f32(n: usize, data: HostData<'_>) -> Result<Vec<f32>> {
             format!("tensor has {len} values, expected {n}")
         })?;
     }
-    let v: Vec<f32> = match data {
-        HostData::F32(d) => d.to_vec(),
-        HostData::Bf16(d) => return Ok(d.iter().map(|x| x.to_f32()).collect()),
-        HostData::F16(d) => d.iter().map(|x| x.to_f32()).collect(),
-        HostData::Random {
-            seed,
-            stream,
-            mean,
-            std,
-        } => (0..n as u64)
-            .into_par_iter()
-            .map(|i| random_weight(seed, stream, i, mean, std))
-            .collect(),
-    };
+    if let HostData::Bf16(d) = data {
+        return Ok(d.iter().map(|x| x.to_f32()).collect());
+    }
+    let v = data.to_f32(n);
     Ok(v.into_iter().map(|x| bf16::from_f32(x).to_f32()).collect())
 }
 

@@ -35,6 +35,26 @@ pub enum HostData<'a> {
 }
 
 impl HostData<'_> {
+    /// The `n` values as f32, generating random ones (in parallel: a large
+    /// random model is hundreds of millions of values).
+    pub fn to_f32(&self, n: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        match *self {
+            HostData::F32(d) => d.to_vec(),
+            HostData::Bf16(d) => d.par_iter().map(|x| x.to_f32()).collect(),
+            HostData::F16(d) => d.par_iter().map(|x| x.to_f32()).collect(),
+            HostData::Random {
+                seed,
+                stream,
+                mean,
+                std,
+            } => (0..n as u64)
+                .into_par_iter()
+                .map(|i| tacflow_kernels::rng::random_weight(seed, stream, i, mean, std))
+                .collect(),
+        }
+    }
+
     /// Element count of host data; `None` for generated data.
     pub fn host_len(&self) -> Option<usize> {
         match self {

@@ -100,19 +100,7 @@ impl HostTensor {
 
     /// The values as f32 (generating random ones), `n` of them.
     pub fn to_f32(&self, n: usize) -> Vec<f32> {
-        match self {
-            HostTensor::F32(v) => v.clone(),
-            HostTensor::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            HostTensor::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            &HostTensor::Random {
-                seed,
-                stream,
-                mean,
-                std,
-            } => (0..n as u64)
-                .map(|i| tacflow_kernels::rng::random_weight(seed, stream, i, mean, std))
-                .collect(),
-        }
+        self.data().to_f32(n)
     }
 
     /// Concatenates row blocks (for fusing q|k|v and gate|up); the result
