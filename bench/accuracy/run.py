@@ -115,9 +115,11 @@ def text_track(s: Session, texts, ps, decode: int, gen_len: int):
     return {**runs, **budget_runs}, gen
 
 
-def passkey_track(s: Session, tok, texts, args, which: list[str]):
+def passkey_track(s: Session, tok, texts, args, which: list[str], checkpoint):
     """Per trial: one prefill, then a greedy answer under each policy. The
-    fixed budget gets, trial by trial, the tokens Tactic read on that trial."""
+    fixed budget gets, trial by trial, the tokens Tactic read on that trial.
+    ``checkpoint(hits, read, done)`` is called after every trial, so a run cut
+    short still leaves its finished trials on disk."""
     labels = {"full": "full", "tactic": "tactic P=0.9", "fixed_budget": "fixed_budget @tactic", "oracle": "oracle P=0.9"}
     policies = [labels[w] for w in which]
     trials = passkey_trials(tok, texts, args.passkey_context, args.depths, args.passkey_trials, seed=7)
@@ -146,6 +148,7 @@ def passkey_track(s: Session, tok, texts, args, which: list[str]):
         s.c.close_sequence(base)
         log(f"passkey {i + 1}/{len(trials)} depth {trial.depth}: " + ", ".join(
             f"{lab} {hits[(lab, trial.depth)]}" for lab in policies))
+        checkpoint(policies, hits, read, i + 1)
     return policies, hits, {k: float(np.mean(v)) for k, v in read.items()}
 
 
@@ -193,30 +196,43 @@ def main() -> None:
             text_track_s=time.time() - t0,
         )
         print("\n" + table(rows))
+    results_path = out_dir / "results.json"
+
+    def save() -> None:
+        results_path.write_text(json.dumps(result, indent=2))
+
+    if rows:
+        save()  # the text track alone took minutes: keep it even if the passkey run is cut short
+        plot(rows, out_dir / "kl_vs_tokens.png")
+        log(f"wrote {out_dir / 'kl_vs_tokens.png'}")
+
+    def passkey_summary(policies, hits, read, done: int) -> None:
+        full_ok = sum(hits[("full", d)] >= 16 for d in args.depths) if "full" in policies else None
+        result["passkey"] = {
+            "context": args.passkey_context,
+            "trials": args.passkey_trials,
+            "trials_done": done,
+            "complete": done == args.passkey_trials * len(args.depths),
+            "hits": {f"{k[0]}@{k[1]}": v for k, v in hits.items()},
+            "tokens_read": {k: float(np.mean(v)) for k, v in read.items() if v},
+            "full_depths_at_least_16": full_ok,
+        }
+        save()
+
     if not args.skip_passkey:
-        policies, hits, read = passkey_track(s, tok, texts, args, args.passkey_policies.split(","))
+        policies, hits, read = passkey_track(s, tok, texts, args, args.passkey_policies.split(","), passkey_summary)
         lines = ["| policy | tokens read | " + " | ".join(f"depth {d}" for d in args.depths) + " |",
                  "| --- | ---: |" + " ---: |" * len(args.depths)]
         for label in policies:
             lines.append(f"| {label} | {read[label]:.4f} | "
                          + " | ".join(f"{hits[(label, d)]}/{args.passkey_trials}" for d in args.depths) + " |")
-        full_ok = sum(hits[("full", d)] >= 16 for d in args.depths) if "full" in policies else None
-        result["passkey"] = {
-            "context": args.passkey_context,
-            "trials": args.passkey_trials,
-            "hits": {f"{k[0]}@{k[1]}": v for k, v in hits.items()},
-            "tokens_read": read,
-            "full_depths_at_least_16": full_ok,
-        }
+        full_ok = result["passkey"]["full_depths_at_least_16"]
         print(f"\npasskey, context {args.passkey_context} tokens, {args.passkey_trials} trials per depth:")
         print("\n".join(lines))
         print(f"full attention reaches 16/20 at {full_ok} of {len(args.depths)} depths")
     s.region.close()
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
-    log(f"wrote {out_dir / 'results.json'}")
-    if rows:
-        plot(rows, out_dir / "kl_vs_tokens.png")
-        log(f"wrote {out_dir / 'kl_vs_tokens.png'}")
+    save()
+    log(f"wrote {results_path}")
 
 
 def plot(rows: list[dict], path: pathlib.Path) -> None:
