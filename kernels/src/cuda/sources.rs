@@ -87,6 +87,12 @@ pub struct AttnVariant {
     pub compute: bool,
     /// Loads through `ld.global.nc.L1::no_allocate` (register modes).
     pub stream: bool,
+    /// The lean loop: the scores summed by one reduce-scatter over the row
+    /// group (when the keys x heads of a stage fit its lanes), the
+    /// accumulator rescaled only when a head's max grows.
+    pub lean: bool,
+    /// `__launch_bounds__` minimum CTAs per SM when not the usual 4 (0).
+    pub min_ctas: usize,
 }
 
 impl AttnVariant {
@@ -97,6 +103,8 @@ impl AttnVariant {
             stages,
             compute: true,
             stream: false,
+            lean: false,
+            min_ctas: 0,
         }
     }
 
@@ -107,6 +115,8 @@ impl AttnVariant {
             stages: 1,
             compute: true,
             stream: false,
+            lean: false,
+            min_ctas: 0,
         }
     }
 
@@ -117,6 +127,8 @@ impl AttnVariant {
             stages,
             compute: true,
             stream: false,
+            lean: false,
+            min_ctas: 0,
         }
     }
 
@@ -127,6 +139,14 @@ impl AttnVariant {
         }
     }
 
+    pub const fn lean(self) -> AttnVariant {
+        AttnVariant { lean: true, ..self }
+    }
+
+    pub const fn min_ctas(self, min_ctas: usize) -> AttnVariant {
+        AttnVariant { min_ctas, ..self }
+    }
+
     pub const fn read_only(self) -> AttnVariant {
         AttnVariant {
             compute: false,
@@ -135,11 +155,14 @@ impl AttnVariant {
     }
 
     /// What the daemon runs, whatever the head size and heads per CTA:
-    /// the SIMT loop with 2 keys per row group loaded one stage ahead into
-    /// registers, through the non-coherent path without L1 allocation, the
-    /// fastest variant measured on the H100 (kernels/ATTENTION.md).
+    /// the lean SIMT loop with 2 keys per row group loaded one stage ahead
+    /// into registers, through the non-coherent path without L1
+    /// allocation, the fastest variant measured on the H100
+    /// (kernels/ATTENTION.md).
     pub fn default_for(_d: usize, _g: usize) -> AttnVariant {
-        AttnVariant::registers(AttnLoad::Prefetch, 2).streaming()
+        AttnVariant::registers(AttnLoad::Prefetch, 2)
+            .streaming()
+            .lean()
     }
 
     /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
@@ -171,13 +194,23 @@ impl AttnVariant {
         };
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
-        format!("{load}{}x{}{read}{nc}", self.keys, self.stages)
+        let lean = if self.lean { "_lean" } else { "" };
+        let ctas = match self.min_ctas {
+            0 => String::new(),
+            n => n.to_string(),
+        };
+        format!("{load}{}x{}{read}{nc}{lean}{ctas}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 5] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
+    AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
+    AttnVariant::registers(AttnLoad::Prefetch, 4)
+        .streaming()
+        .lean()
+        .min_ctas(3),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),
     AttnVariant::registers(AttnLoad::Direct, 4),

@@ -127,7 +127,12 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Main(v)) => v.tag(),
         Some(AttnKernel::Issue4) => "issue4".into(),
     };
-    format!("{name}{order}")
+    let merge = match f.fanin {
+        Some(usize::MAX) => "/flat".to_string(),
+        Some(n) => format!("/tiles{n}"),
+        None => String::new(),
+    };
+    format!("{name}{order}{merge}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -203,6 +208,7 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let force = |kernel, head_major| AttnForce {
         splits: None,
+        fanin: None,
         kernel,
         head_major,
     };
@@ -215,6 +221,10 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut kernels = vec![force(None, None)];
     if opts.variants {
         kernels.push(force(None, Some(!HEAD_MAJOR)));
+        kernels.push(AttnForce {
+            fanin: Some(usize::MAX),
+            ..force(None, None)
+        });
         for v in ATTENTION_BENCH_VARIANTS {
             kernels.push(force(Some(AttnKernel::Main(v)), None));
         }

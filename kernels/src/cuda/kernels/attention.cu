@@ -26,7 +26,10 @@
 // Splits (few rows, long contexts): every CTA of a (row, head group)
 // writes an unnormalised partial (acc, max, sum); the LAST one to finish
 // (an atomic counter per (row, head group), reset by that CTA) merges them
-// and writes the output, so no second launch is needed.
+// and writes the output, so no second launch is needed. With many splits
+// the merge has two levels: the splits form tiles of `fanin`, the last CTA
+// of a tile merges the tile into its first slot, and the last tile's
+// merger merges the tiles (each level one round of loads from L2).
 
 #define ATT_THREADS 128
 // Pages of the block table one CTA stages (4 KiB); the planner splits
@@ -54,6 +57,7 @@ struct AttnParams {
     u32 splits;
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
+    u32 fanin;             // splits merged per tile (two-level merge); >= splits: one level
 };
 
 __device__ __forceinline__ u32 shared_addr(const void* p) {
@@ -104,47 +108,79 @@ struct AttnSmem {
     static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
 };
 
-// The last CTA of a (row, head group) combines every split's partial:
-// M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
-// Splits that saw no key carry m = -inf, l = 0, acc = 0.
+// Merges the partials of slots first, first + stride, ... (n of them) of
+// one (row, head group): M = max m_s, L = sum l_s 2^(m_s - M),
+// A = sum acc_s 2^(m_s - M). The final level writes out = A / L; a tile
+// level writes (A, M, L) back into slot `first` as one partial. Slots that
+// saw no key carry m = -inf, l = 0, acc = 0. Each thread reads and writes
+// only its own float4 columns of acc, so slot `first` can be overwritten.
 template <int D, int G>
-__device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, float* sm_L) {
+__device__ void merge_partials(const AttnParams& p, u32 row, u32 h0, u32 first, u32 n, u32 stride, bool final,
+                               float* sm_w, float* sm_ml) {
     const u32 S = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int g = warp; g < G; g += ATT_THREADS / 32) {
-        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S + first;
         float mx = NEG_INF;
-        for (u32 s = lane; s < S; s += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + s)));
+        for (u32 i = lane; i < n; i += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + (u64)i * stride)));
         mx = warp_max(mx);
         float l = 0.0f;
-        for (u32 s = lane; s < S; s += 32) {
-            const float ms = ldcg(p.part_ml + 2 * (base + s));
+        for (u32 i = lane; i < n; i += 32) {
+            const float* ml = p.part_ml + 2 * (base + (u64)i * stride);
+            const float ms = ldcg(ml);
             const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
-            sm_w[g * S + s] = w;
-            l += w * ldcg(p.part_ml + 2 * (base + s) + 1);
+            sm_w[g * n + i] = w;
+            l += w * ldcg(ml + 1);
         }
         l = warp_sum(l);
-        if (lane == 0) sm_L[g] = l;
+        if (lane == 0) {
+            sm_ml[2 * g] = mx;
+            sm_ml[2 * g + 1] = l;
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < G * D / 4; i += ATT_THREADS) {
         const int g = i / (D / 4), d = (i % (D / 4)) * 4;
         const u32 h = h0 + g;
-        const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
+        float* acc = p.part_acc + (((u64)row * p.num_heads + h) * S + first) * D + d;
         float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 16
-        for (u32 s = 0; s < S; s++) {
-            const float w = sm_w[g * S + s];
-            const float4 x = ldcg4(acc + (u64)s * D);
+        for (u32 s = 0; s < n; s++) {
+            const float w = sm_w[g * n + s];
+            const float4 x = ldcg4(acc + (u64)s * stride * D);
             a.x += w * x.x;
             a.y += w * x.y;
             a.z += w * x.z;
             a.w += w * x.w;
         }
-        const float L = sm_L[g];
-        const float r = L > 0.0f ? 1.0f / L : 0.0f;
-        *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+        if (final) {
+            const float L = sm_ml[2 * g + 1];
+            const float r = L > 0.0f ? 1.0f / L : 0.0f;
+            *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) =
+                make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+        } else {
+            *(float4*)acc = a;
+        }
     }
+    if (!final && threadIdx.x < G) {
+        const u64 idx = ((u64)row * p.num_heads + h0 + threadIdx.x) * S + first;
+        p.part_ml[2 * idx] = sm_ml[2 * threadIdx.x];
+        p.part_ml[2 * idx + 1] = sm_ml[2 * threadIdx.x + 1];
+    }
+}
+
+// threadFenceReduction: publish what this CTA wrote, count it, and tell
+// whether this CTA completed the count (then it may read everyone's writes
+// from L2, and it resets the counter for the next launch).
+__device__ __forceinline__ bool last_to_arrive(u32* counter, u32 total, int* sm_flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *sm_flag = atomicAdd(counter, 1u) == total - 1;
+    __syncthreads();
+    if (!*sm_flag) return false;
+    __threadfence();
+    if (threadIdx.x == 0) *counter = 0;
+    return true;
 }
 
 // The end of a CTA: the NR row groups' partial results, in shared memory
@@ -191,18 +227,27 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (!split_mode) return;
 
-    // The last CTA of this (row, head group) merges (threadFenceReduction:
-    // publish the partial, count, and the one that completes the count
-    // reads everyone's partial from L2).
-    __threadfence();
-    __syncthreads();
+    // Counters: [rows * ny] for the (row, head group), then, with tiles,
+    // [rows * ny * tiles] for the tiles.
+    const u32 S = gridDim.z;
+    const u32 F = p.fanin < S ? p.fanin : S;
+    const u32 tiles = (S + F - 1) / F;
+    float* sm_w = (float*)smem;
     u32* counter = p.counters + (u64)row * ny + yi;
-    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
-    __syncthreads();
-    if (!sm_last) return;
-    __threadfence();
-    if (tid == 0) *counter = 0;  // ready for the next launch
-    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
+    if (tiles > 1) {
+        const u32 tile = split / F, first = tile * F;
+        const u32 n = min(F, S - first);
+        if (n > 1) {
+            u32* tc = p.counters + (u64)p.rows * ny + ((u64)row * ny + yi) * tiles + tile;
+            if (!last_to_arrive(tc, n, &sm_last)) return;
+            merge_partials<D, G>(p, row, h0, first, n, 1, false, sm_w, sm_m);
+        }
+        if (!last_to_arrive(counter, tiles, &sm_last)) return;
+        merge_partials<D, G>(p, row, h0, 0, tiles, F, true, sm_w, sm_m);
+    } else {
+        if (!last_to_arrive(counter, S, &sm_last)) return;
+        merge_partials<D, G>(p, row, h0, 0, S, 1, true, sm_w, sm_m);
+    }
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -217,7 +262,43 @@ __device__ __forceinline__ uint4 ld16_stream(const bf16* p) {
     return v;
 }
 
-template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false>
+// Sums x[0..N) over the L lanes of each row group (L = D/8) and leaves the
+// total of x[j] in every lane: a reduce-scatter (at each level a lane sends
+// half of what it holds and keeps the other half: N - 1 + log2(L/N)
+// shuffles instead of N log2 L), then the N sums are gathered back (N
+// shuffles). Needs N and L powers of two with N <= L; x[j] ends in lane
+// j * (L / N) of the row group.
+template <int L, int N, int O, int M>
+__device__ __forceinline__ void rowgroup_level(float (&x)[N], int lane) {
+    if constexpr (O > 0) {
+        if constexpr (M > 1) {
+            // Halve: the lanes with bit O keep the upper half of what is left.
+            constexpr int H = M / 2;
+            const bool upper = lane & O;
+#pragma unroll
+            for (int i = 0; i < H; i++) {
+                const float send = upper ? x[i] : x[i + H];
+                const float keep = upper ? x[i + H] : x[i];
+                x[i] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+            }
+            rowgroup_level<L, N, O / 2, H>(x, lane);
+        } else {
+            x[0] += __shfl_xor_sync(0xffffffffu, x[0], O);
+            rowgroup_level<L, N, O / 2, 1>(x, lane);
+        }
+    }
+}
+
+template <int L, int N>
+__device__ __forceinline__ void rowgroup_sum(float (&x)[N], int lane) {
+    static_assert((N & (N - 1)) == 0 && (L & (L - 1)) == 0 && N <= L, "powers of two, N <= L");
+    rowgroup_level<L, N, L / 2, N>(x, lane);
+    const float mine = x[0];
+#pragma unroll
+    for (int j = 0; j < N; j++) x[j] = __shfl_sync(0xffffffffu, mine, j * (L / N), L);
+}
+
+template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -349,6 +430,11 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             continue;
         }
         float sc[U][G];
+        // Lean: the scores summed by one reduce-scatter over the row group,
+        // and the accumulator rescaled only when a head's max grows (in the
+        // steady state it rarely does; a factor of exactly 1 otherwise, so
+        // the results are the same).
+        constexpr bool RS = LEAN && ((U * G) & (U * G - 1)) == 0 && U * G <= LPR;
 #pragma unroll
         for (int u = 0; u < U; u++) {
             float kf[8];
@@ -358,23 +444,40 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
                 float d = 0.0f;
 #pragma unroll
                 for (int j = 0; j < 8; j++) d += q[g][j] * kf[j];
+                if constexpr (!RS) {
 #pragma unroll
-                for (int o = LPR / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                sc[u][g] = ok[u] ? d : NEG_INF;
+                    for (int o = LPR / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                }
+                sc[u][g] = d;
             }
         }
+        if constexpr (RS) rowgroup_sum<LPR, U * G>(reinterpret_cast<float(&)[U * G]>(sc), lane);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int g = 0; g < G; g++) sc[u][g] = ok[u] ? sc[u][g] : NEG_INF;
 #pragma unroll
         for (int g = 0; g < G; g++) {
             float mx = sc[0][g];
 #pragma unroll
             for (int u = 1; u < U; u++) mx = fmaxf(mx, sc[u][g]);
-            const float mn = fmaxf(m[g], mx);
-            if (mn == NEG_INF) continue;
-            const float corr = exp2f(m[g] - mn);
-            l[g] *= corr;
+            if constexpr (LEAN) {
+                if (mx > m[g]) {
+                    const float corr = exp2f(m[g] - mx);
+                    l[g] *= corr;
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[g][j] *= corr;
-            m[g] = mn;
+                    for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+                    m[g] = mx;
+                }
+            } else {
+                const float mn = fmaxf(m[g], mx);
+                if (mn == NEG_INF) continue;
+                const float corr = exp2f(m[g] - mn);
+                l[g] *= corr;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] *= corr;
+                m[g] = mn;
+            }
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -678,15 +781,17 @@ ATTN_MMA(128, 4, 3)
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
 // what the loop's loads alone reach. sources.rs lists the instances.
-#define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB)                        \
+#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB)                  \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
         attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
-        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM>(p);                                 \
+        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN>(p);                           \
     }
+#define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB) \
+    ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, false, SUFFIX, MINB)
 #define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB) \
     ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, false, SUFFIX, MINB)
 #define ATTN_RING(D, G, U, P, MINB) ATTN_K(D, G, U, P, LOAD_RING, ring, true, , MINB)
-#define ATTN_PF(D, G, MINB) ATTN_KS(D, G, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, MINB)
+#define ATTN_PF(D, G, MINB) ATTN_KL(D, G, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, _nc_lean, MINB)
 // The daemon's kernels (sources.rs: AttnVariant::default_for).
 #define ATTN_PF_D(D) ATTN_PF(D, 1, 4) ATTN_PF(D, 2, 4) ATTN_PF(D, 3, 4) ATTN_PF(D, 4, 4) \
     ATTN_PF(D, 5, 2) ATTN_PF(D, 6, 2) ATTN_PF(D, 7, 2) ATTN_PF(D, 8, 2)
@@ -700,6 +805,8 @@ ATTN_RING(128, 4, 4, 3, 4)
 ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
+ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
+ATTN_KL(128, 4, 4, 1, LOAD_PREFETCH, prefetch, true, true, true, _nc_lean3, 3)
 
 struct ReadParams {
     const uint4* src;
