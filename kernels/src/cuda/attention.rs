@@ -60,8 +60,7 @@ pub enum AttnKernel {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AttnForce {
     pub splits: Option<usize>,
-    /// Splits per tile of the two-level merge (`usize::MAX`: one level).
-    pub fanin: Option<usize>,
+    pub merge: Option<AttnMerge>,
     pub kernel: Option<AttnKernel>,
     pub head_major: Option<bool>,
 }
@@ -84,16 +83,24 @@ pub struct AttnPlan {
     pub kernel: AttnKernel,
     /// CTA order: a row's head groups adjacent (else a head group's rows).
     pub head_major: bool,
-    /// Splits merged per tile: with more splits than this, the merge has
-    /// two levels (tiles of `fanin` splits, then the tiles).
-    pub fanin: usize,
+    /// How the last CTA of a (row, head group) merges the splits.
+    pub merge: AttnMerge,
 }
 
-/// Up to this many splits are merged in one level by the last CTA; beyond,
-/// in tiles of about the square root (two rounds of loads from L2, each
-/// of at most ~`sqrt(splits)` partials per thread, instead of one round of
-/// `splits`).
-pub const FLAT_MERGE_SPLITS: usize = 16;
+/// How the last CTA of a (row, head group) merges the splits' partials
+/// (`MERGE_*` in attention.cu).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnMerge {
+    /// Every thread fences its partial; the merger reads the maxima and
+    /// sums first, then the partials, weighted.
+    Weights = 0,
+    /// One thread fences for the CTA; the merger reads maxima, sums and
+    /// partials together in one pass with a running max.
+    Online = 1,
+}
+
+/// The daemon's merge.
+pub const MERGE: AttnMerge = AttnMerge::Online;
 
 /// A split should stream at least this many pages (64 keys) so that its
 /// fixed costs (q, the table slice, the partial it writes) stay small.
@@ -127,18 +134,12 @@ impl AttnPlan {
                 .clamp(1, MAX_SPLITS)
         });
         let pages_per_split = pages.div_ceil(want.max(fewest).clamp(1, pages));
-        let splits = pages.div_ceil(pages_per_split);
-        let fanin = force.fanin.unwrap_or(if splits > FLAT_MERGE_SPLITS {
-            splits.isqrt() + usize::from(splits.isqrt().pow(2) < splits)
-        } else {
-            splits
-        });
         AttnPlan {
             heads_per_cta,
             chunks,
-            splits,
+            splits: pages.div_ceil(pages_per_split),
             pages_per_split,
-            fanin: fanin.clamp(1, splits.max(1)),
+            merge: force.merge.unwrap_or(MERGE),
             kernel: force
                 .kernel
                 .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
@@ -172,7 +173,7 @@ struct AttnParams {
     splits: u32,
     head_major: u32,
     scale_log2: f32,
-    fanin: u32,
+    merge: u32,
 }
 
 // SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
@@ -314,12 +315,8 @@ impl Gpu {
         let (k, vv) = kv.layer_ptrs(self, layer)?;
         let [part_acc, part_ml, counters] = if plan.splits > 1 {
             let n = rows * shape.num_heads * plan.splits;
-            let tiles = match plan.splits.div_ceil(plan.fanin) {
-                1 => 0,
-                t => t,
-            };
             self.attention_workspace()
-                .ensure(self, n * d, n * 2, rows * y * (1 + tiles))?
+                .ensure(self, n * d, n * 2, rows * y)?
         } else {
             [0; 3]
         };
@@ -344,7 +341,7 @@ impl Gpu {
             splits: plan.splits as u32,
             head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
-            fanin: plan.fanin as u32,
+            merge: plan.merge as u32,
         };
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
@@ -358,8 +355,7 @@ impl Gpu {
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
         // x num_heads x d. With splits > 1 the workspace holds rows x
-        // num_heads x splits partials and rows x y zeroed counters (times
-        // 1 + tiles with a two-level merge), and
+        // num_heads x splits partials and rows x y zeroed counters, and
         // no other launch uses it concurrently (one stream).
         let name = attention_kernel(d, plan.heads_per_cta, v);
         unsafe { self.launch(&name, cfg, &p)? };
@@ -419,12 +415,6 @@ mod tests {
                 "no empty split"
             );
             assert!(p.pages_per_split <= ATTENTION_MAX_SPLIT_PAGES);
-        }
-        // Many splits merge in two levels, tiles of about their square root.
-        for (rows, len, fanin) in [(1, 32_768, 8), (1, 131_072, 9), (8, 32_768, 8)] {
-            let p = plan(rows, len);
-            assert_eq!(p.fanin, fanin, "{rows} x {len}: {p:?}");
-            assert!(p.fanin * p.fanin >= p.splits);
         }
         assert_eq!(plan(1, 20).splits, 1);
         // A long context splits even when the rows fill the GPU: a CTA

@@ -91,8 +91,6 @@ pub struct AttnVariant {
     /// group (when the keys x heads of a stage fit its lanes), the
     /// accumulator rescaled only when a head's max grows.
     pub lean: bool,
-    /// `__launch_bounds__` minimum CTAs per SM when not the usual 4 (0).
-    pub min_ctas: usize,
 }
 
 impl AttnVariant {
@@ -104,7 +102,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            min_ctas: 0,
         }
     }
 
@@ -116,7 +113,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            min_ctas: 0,
         }
     }
 
@@ -128,7 +124,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            min_ctas: 0,
         }
     }
 
@@ -141,10 +136,6 @@ impl AttnVariant {
 
     pub const fn lean(self) -> AttnVariant {
         AttnVariant { lean: true, ..self }
-    }
-
-    pub const fn min_ctas(self, min_ctas: usize) -> AttnVariant {
-        AttnVariant { min_ctas, ..self }
     }
 
     pub const fn read_only(self) -> AttnVariant {
@@ -195,22 +186,14 @@ impl AttnVariant {
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
         let lean = if self.lean { "_lean" } else { "" };
-        let ctas = match self.min_ctas {
-            0 => String::new(),
-            n => n.to_string(),
-        };
-        format!("{load}{}x{}{read}{nc}{lean}{ctas}", self.keys, self.stages)
+        format!("{load}{}x{}{read}{nc}{lean}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
     AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
-    AttnVariant::registers(AttnLoad::Prefetch, 4)
-        .streaming()
-        .lean()
-        .min_ctas(3),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),
     AttnVariant::registers(AttnLoad::Direct, 4),

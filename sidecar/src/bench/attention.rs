@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{
-    AttnForce, AttnIo, AttnKernel, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache,
-    StepArrays,
+    AttnForce, AttnIo, AttnKernel, AttnLoad, AttnMerge, AttnShape, AttnVariant, DeviceStep, Gpu,
+    KvCache, StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
@@ -127,10 +127,10 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Main(v)) => v.tag(),
         Some(AttnKernel::Issue4) => "issue4".into(),
     };
-    let merge = match f.fanin {
-        Some(usize::MAX) => "/flat".to_string(),
-        Some(n) => format!("/tiles{n}"),
-        None => String::new(),
+    let merge = match f.merge {
+        Some(AttnMerge::Weights) => "/weights",
+        Some(AttnMerge::Online) => "/online",
+        None => "",
     };
     format!("{name}{order}{merge}")
 }
@@ -208,7 +208,7 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let force = |kernel, head_major| AttnForce {
         splits: None,
-        fanin: None,
+        merge: None,
         kernel,
         head_major,
     };
@@ -222,7 +222,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.variants {
         kernels.push(force(None, Some(!HEAD_MAJOR)));
         kernels.push(AttnForce {
-            fanin: Some(usize::MAX),
+            merge: Some(AttnMerge::Weights),
             ..force(None, None)
         });
         for v in ATTENTION_BENCH_VARIANTS {

@@ -26,10 +26,7 @@
 // Splits (few rows, long contexts): every CTA of a (row, head group)
 // writes an unnormalised partial (acc, max, sum); the LAST one to finish
 // (an atomic counter per (row, head group), reset by that CTA) merges them
-// and writes the output, so no second launch is needed. With many splits
-// the merge has two levels: the splits form tiles of `fanin`, the last CTA
-// of a tile merges the tile into its first slot, and the last tile's
-// merger merges the tiles (each level one round of loads from L2).
+// and writes the output, so no second launch is needed.
 
 #define ATT_THREADS 128
 // Pages of the block table one CTA stages (4 KiB); the planner splits
@@ -57,7 +54,7 @@ struct AttnParams {
     u32 splits;
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
-    u32 fanin;             // splits merged per tile (two-level merge); >= splits: one level
+    u32 merge;             // how the last CTA merges the splits: MERGE_*
 };
 
 __device__ __forceinline__ u32 shared_addr(const void* p) {
@@ -99,6 +96,9 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
 #define LOAD_RING 0      // cp.async into a per-thread P-stage shared-memory ring
 #define LOAD_DIRECT 1    // LDG.128 straight into registers, then compute (issue 4's way)
 #define LOAD_PREFETCH 2  // LDG.128 into registers, one stage ahead of the compute
+// How the last CTA of a (row, head group) merges the splits' partials.
+#define MERGE_WEIGHTS 0  // every thread fences; the weights first, then 16 partials' loads in flight
+#define MERGE_ONLINE 1   // one thread fences; one pass with a running max
 
 template <int G, int U, int P, int MODE>
 struct AttnSmem {
@@ -108,79 +108,92 @@ struct AttnSmem {
     static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
 };
 
-// Merges the partials of slots first, first + stride, ... (n of them) of
-// one (row, head group): M = max m_s, L = sum l_s 2^(m_s - M),
-// A = sum acc_s 2^(m_s - M). The final level writes out = A / L; a tile
-// level writes (A, M, L) back into slot `first` as one partial. Slots that
-// saw no key carry m = -inf, l = 0, acc = 0. Each thread reads and writes
-// only its own float4 columns of acc, so slot `first` can be overwritten.
+// The last CTA of a (row, head group) combines every split's partial:
+// M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
+// Splits that saw no key carry m = -inf, l = 0, acc = 0.
 template <int D, int G>
-__device__ void merge_partials(const AttnParams& p, u32 row, u32 h0, u32 first, u32 n, u32 stride, bool final,
-                               float* sm_w, float* sm_ml) {
+__device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, float* sm_L) {
     const u32 S = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int g = warp; g < G; g += ATT_THREADS / 32) {
-        const u64 base = ((u64)row * p.num_heads + h0 + g) * S + first;
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
         float mx = NEG_INF;
-        for (u32 i = lane; i < n; i += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + (u64)i * stride)));
+        for (u32 s = lane; s < S; s += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + s)));
         mx = warp_max(mx);
         float l = 0.0f;
-        for (u32 i = lane; i < n; i += 32) {
-            const float* ml = p.part_ml + 2 * (base + (u64)i * stride);
-            const float ms = ldcg(ml);
+        for (u32 s = lane; s < S; s += 32) {
+            const float ms = ldcg(p.part_ml + 2 * (base + s));
             const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
-            sm_w[g * n + i] = w;
-            l += w * ldcg(ml + 1);
+            sm_w[g * S + s] = w;
+            l += w * ldcg(p.part_ml + 2 * (base + s) + 1);
         }
         l = warp_sum(l);
-        if (lane == 0) {
-            sm_ml[2 * g] = mx;
-            sm_ml[2 * g + 1] = l;
-        }
+        if (lane == 0) sm_L[g] = l;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < G * D / 4; i += ATT_THREADS) {
         const int g = i / (D / 4), d = (i % (D / 4)) * 4;
         const u32 h = h0 + g;
-        float* acc = p.part_acc + (((u64)row * p.num_heads + h) * S + first) * D + d;
+        const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
         float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 16
-        for (u32 s = 0; s < n; s++) {
-            const float w = sm_w[g * n + s];
-            const float4 x = ldcg4(acc + (u64)s * stride * D);
+        for (u32 s = 0; s < S; s++) {
+            const float w = sm_w[g * S + s];
+            const float4 x = ldcg4(acc + (u64)s * D);
             a.x += w * x.x;
             a.y += w * x.y;
             a.z += w * x.z;
             a.w += w * x.w;
         }
-        if (final) {
-            const float L = sm_ml[2 * g + 1];
-            const float r = L > 0.0f ? 1.0f / L : 0.0f;
-            *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) =
-                make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
-        } else {
-            *(float4*)acc = a;
-        }
-    }
-    if (!final && threadIdx.x < G) {
-        const u64 idx = ((u64)row * p.num_heads + h0 + threadIdx.x) * S + first;
-        p.part_ml[2 * idx] = sm_ml[2 * threadIdx.x];
-        p.part_ml[2 * idx + 1] = sm_ml[2 * threadIdx.x + 1];
+        const float L = sm_L[g];
+        const float r = L > 0.0f ? 1.0f / L : 0.0f;
+        *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
     }
 }
 
-// threadFenceReduction: publish what this CTA wrote, count it, and tell
-// whether this CTA completed the count (then it may read everyone's writes
-// from L2, and it resets the counter for the next launch).
-__device__ __forceinline__ bool last_to_arrive(u32* counter, u32 total, int* sm_flag) {
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) *sm_flag = atomicAdd(counter, 1u) == total - 1;
-    __syncthreads();
-    if (!*sm_flag) return false;
-    __threadfence();
-    if (threadIdx.x == 0) *counter = 0;
-    return true;
+// The same merge in one pass (MERGE_ONLINE): each thread walks the splits
+// of its float4 columns with a running max, rescaling as it goes, so the
+// maxima and sums are read together with the partials (no round of loads
+// for the weights first, no barrier), 16 splits' loads in flight.
+template <int D, int G>
+__device__ void merge_splits_online(const AttnParams& p, u32 row, u32 h0) {
+    constexpr int B = 16;
+    const u32 S = gridDim.z;
+    for (int i = threadIdx.x; i < G * D / 4; i += ATT_THREADS) {
+        const int g = i / (D / 4), d = (i % (D / 4)) * 4;
+        const u32 h = h0 + g;
+        const u64 base = ((u64)row * p.num_heads + h) * S;
+        const float4* acc = (const float4*)(p.part_acc + base * D + d);
+        const float2* ml = (const float2*)p.part_ml + base;
+        float M = NEG_INF, L = 0.0f;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (u32 s0 = 0; s0 < S; s0 += B) {
+            float4 x[B];
+            float2 y[B];
+#pragma unroll
+            for (int b = 0; b < B; b++) {
+                y[b] = make_float2(NEG_INF, 0.0f);
+                if (s0 + b < S) {
+                    x[b] = __ldcg(acc + (u64)(s0 + b) * (D / 4));
+                    y[b] = __ldcg(ml + s0 + b);
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < B; b++) {
+                if (y[b].x == NEG_INF) continue;  // no key (or past the last split)
+                const float Mn = fmaxf(M, y[b].x);
+                const float c = exp2f(M - Mn), w = exp2f(y[b].x - Mn);
+                a.x = a.x * c + w * x[b].x;
+                a.y = a.y * c + w * x[b].y;
+                a.z = a.z * c + w * x[b].z;
+                a.w = a.w * c + w * x[b].w;
+                L = L * c + w * y[b].y;
+                M = Mn;
+            }
+        }
+        const float r = L > 0.0f ? 1.0f / L : 0.0f;
+        *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+    }
 }
 
 // The end of a CTA: the NR row groups' partial results, in shared memory
@@ -227,27 +240,36 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (!split_mode) return;
 
-    // Counters: [rows * ny] for the (row, head group), then, with tiles,
-    // [rows * ny * tiles] for the tiles.
-    const u32 S = gridDim.z;
-    const u32 F = p.fanin < S ? p.fanin : S;
-    const u32 tiles = (S + F - 1) / F;
-    float* sm_w = (float*)smem;
     u32* counter = p.counters + (u64)row * ny + yi;
-    if (tiles > 1) {
-        const u32 tile = split / F, first = tile * F;
-        const u32 n = min(F, S - first);
-        if (n > 1) {
-            u32* tc = p.counters + (u64)p.rows * ny + ((u64)row * ny + yi) * tiles + tile;
-            if (!last_to_arrive(tc, n, &sm_last)) return;
-            merge_partials<D, G>(p, row, h0, first, n, 1, false, sm_w, sm_m);
+    if (p.merge == MERGE_ONLINE) {
+        // One thread publishes for the CTA: the barrier orders everyone's
+        // partial before its fence (as cooperative groups' grid sync does).
+        __syncthreads();
+        if (tid == 0) {
+            __threadfence();
+            const bool last = atomicAdd(counter, 1u) == gridDim.z - 1;
+            if (last) {
+                __threadfence();
+                *counter = 0;  // ready for the next launch
+            }
+            sm_last = last;
         }
-        if (!last_to_arrive(counter, tiles, &sm_last)) return;
-        merge_partials<D, G>(p, row, h0, 0, tiles, F, true, sm_w, sm_m);
-    } else {
-        if (!last_to_arrive(counter, S, &sm_last)) return;
-        merge_partials<D, G>(p, row, h0, 0, S, 1, true, sm_w, sm_m);
+        __syncthreads();
+        if (sm_last) merge_splits_online<D, G>(p, row, h0);
+        return;
     }
+
+    // The last CTA of this (row, head group) merges (threadFenceReduction:
+    // publish the partial, count, and the one that completes the count
+    // reads everyone's partial from L2).
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();
+    if (tid == 0) *counter = 0;  // ready for the next launch
+    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -806,7 +828,6 @@ ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
-ATTN_KL(128, 4, 4, 1, LOAD_PREFETCH, prefetch, true, true, true, _nc_lean3, 3)
 
 struct ReadParams {
     const uint4* src;
