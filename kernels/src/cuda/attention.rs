@@ -60,7 +60,6 @@ pub enum AttnKernel {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AttnForce {
     pub splits: Option<usize>,
-    pub merge: Option<AttnMerge>,
     pub kernel: Option<AttnKernel>,
     pub head_major: Option<bool>,
 }
@@ -83,24 +82,7 @@ pub struct AttnPlan {
     pub kernel: AttnKernel,
     /// CTA order: a row's head groups adjacent (else a head group's rows).
     pub head_major: bool,
-    /// How the last CTA of a (row, head group) merges the splits.
-    pub merge: AttnMerge,
 }
-
-/// How the last CTA of a (row, head group) merges the splits' partials
-/// (`MERGE_*` in attention.cu).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttnMerge {
-    /// Every thread fences its partial; the merger reads the maxima and
-    /// sums first, then the partials, weighted.
-    Weights = 0,
-    /// One thread fences for the CTA; the merger reads maxima, sums and
-    /// partials together in one pass with a running max.
-    Online = 1,
-}
-
-/// The daemon's merge.
-pub const MERGE: AttnMerge = AttnMerge::Online;
 
 /// A split should stream at least this many pages (64 keys) so that its
 /// fixed costs (q, the table slice, the partial it writes) stay small.
@@ -139,7 +121,6 @@ impl AttnPlan {
             chunks,
             splits: pages.div_ceil(pages_per_split),
             pages_per_split,
-            merge: force.merge.unwrap_or(MERGE),
             kernel: force
                 .kernel
                 .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
@@ -173,7 +154,6 @@ struct AttnParams {
     splits: u32,
     head_major: u32,
     scale_log2: f32,
-    merge: u32,
 }
 
 // SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
@@ -341,7 +321,6 @@ impl Gpu {
             splits: plan.splits as u32,
             head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
-            merge: plan.merge as u32,
         };
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),

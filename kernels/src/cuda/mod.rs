@@ -35,7 +35,7 @@ pub mod sources;
 pub mod step;
 pub mod timing;
 
-pub use attention::{AttnForce, AttnIo, AttnKernel, AttnMerge, AttnPlan, AttnShape};
+pub use attention::{AttnForce, AttnIo, AttnKernel, AttnPlan, AttnShape};
 /// Device buffers are cudarc's, re-exported so users need no cudarc dependency.
 pub use cudarc::driver::CudaSlice;
 pub use device::{DeviceInfo, Gpu};

@@ -18,8 +18,8 @@ use std::path::PathBuf;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{
-    AttnForce, AttnIo, AttnKernel, AttnLoad, AttnMerge, AttnShape, AttnVariant, DeviceStep, Gpu,
-    KvCache, StepArrays,
+    AttnForce, AttnIo, AttnKernel, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache,
+    StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
@@ -127,12 +127,7 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Main(v)) => v.tag(),
         Some(AttnKernel::Issue4) => "issue4".into(),
     };
-    let merge = match f.merge {
-        Some(AttnMerge::Weights) => "/weights",
-        Some(AttnMerge::Online) => "/online",
-        None => "",
-    };
-    format!("{name}{order}{merge}")
+    format!("{name}{order}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -208,7 +203,6 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let force = |kernel, head_major| AttnForce {
         splits: None,
-        merge: None,
         kernel,
         head_major,
     };
@@ -221,10 +215,6 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut kernels = vec![force(None, None)];
     if opts.variants {
         kernels.push(force(None, Some(!HEAD_MAJOR)));
-        kernels.push(AttnForce {
-            merge: Some(AttnMerge::Weights),
-            ..force(None, None)
-        });
         for v in ATTENTION_BENCH_VARIANTS {
             kernels.push(force(Some(AttnKernel::Main(v)), None));
         }

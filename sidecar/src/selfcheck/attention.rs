@@ -13,7 +13,7 @@ use crate::error::Result;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
-use tacflow_kernels::cuda::{AttnForce, AttnKernel, AttnMerge};
+use tacflow_kernels::cuda::{AttnForce, AttnKernel};
 
 struct Case {
     heads: (usize, usize, usize),
@@ -24,8 +24,6 @@ struct Case {
     /// The daemon's choice when `None`.
     kernel: Option<AttnKernel>,
     head_major: Option<bool>,
-    /// How the splits are merged (the plan's when `None`).
-    merge: Option<AttnMerge>,
 }
 
 fn cases() -> Vec<Case> {
@@ -36,7 +34,6 @@ fn cases() -> Vec<Case> {
         q_std,
         kernel: None,
         head_major: None,
-        merge: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
     let kernels = ATTENTION_BENCH_VARIANTS
@@ -94,18 +91,13 @@ fn cases() -> Vec<Case> {
         c((4, 1, 256), &decode(&[129, 17]), &[None, Some(3)], 1.0),
         c((6, 2, 32), &[(31, 31), (64, 1)], &[None], 1.0),
     ]);
-    // Both merges of many splits (some of them empty: the 1-token row).
-    for merge in [AttnMerge::Weights, AttnMerge::Online] {
-        benched.push(Case {
-            merge: Some(merge),
-            ..c(
-                (32, 8, 128),
-                &decode(&[3001, 20_000, 1]),
-                &[Some(40), Some(100)],
-                1.0,
-            )
-        });
-    }
+    // The merge of many splits, some of them empty (the 1-token row).
+    benched.push(c(
+        (32, 8, 128),
+        &decode(&[3001, 20_000, 1]),
+        &[Some(40), Some(100)],
+        1.0,
+    ));
     benched
 }
 
@@ -122,9 +114,6 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
             };
             if c.head_major == Some(!HEAD_MAJOR) {
                 kernel += " (other CTA order)";
-            }
-            if let Some(m) = c.merge {
-                kernel += &format!(" merge {m:?}");
             }
             let name = format!(
                 "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
@@ -219,7 +208,6 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         splits,
         kernel: c.kernel,
         head_major: c.head_major,
-        merge: c.merge,
     };
     let plan =
         cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;
@@ -258,8 +246,8 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
     Ok(
         compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
-            "{} heads/CTA, {} splits of {} pages, merge {:?}",
-            plan.heads_per_cta, plan.splits, plan.pages_per_split, plan.merge
+            "{} heads/CTA, {} splits of {} pages",
+            plan.heads_per_cta, plan.splits, plan.pages_per_split
         )),
     )
 }

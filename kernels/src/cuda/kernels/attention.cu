@@ -54,7 +54,6 @@ struct AttnParams {
     u32 splits;
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
-    u32 merge;             // how the last CTA merges the splits: MERGE_*
 };
 
 __device__ __forceinline__ u32 shared_addr(const void* p) {
@@ -96,9 +95,6 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
 #define LOAD_RING 0      // cp.async into a per-thread P-stage shared-memory ring
 #define LOAD_DIRECT 1    // LDG.128 straight into registers, then compute (issue 4's way)
 #define LOAD_PREFETCH 2  // LDG.128 into registers, one stage ahead of the compute
-// How the last CTA of a (row, head group) merges the splits' partials.
-#define MERGE_WEIGHTS 0  // every thread fences; the weights first, then 16 partials' loads in flight
-#define MERGE_ONLINE 1   // one thread fences; one pass with a running max
 
 template <int G, int U, int P, int MODE>
 struct AttnSmem {
@@ -151,51 +147,6 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
-// The same merge in one pass (MERGE_ONLINE): each thread walks the splits
-// of its float4 columns with a running max, rescaling as it goes, so the
-// maxima and sums are read together with the partials (no round of loads
-// for the weights first, no barrier), 16 splits' loads in flight.
-template <int D, int G>
-__device__ void merge_splits_online(const AttnParams& p, u32 row, u32 h0) {
-    constexpr int B = 16;
-    const u32 S = gridDim.z;
-    for (int i = threadIdx.x; i < G * D / 4; i += ATT_THREADS) {
-        const int g = i / (D / 4), d = (i % (D / 4)) * 4;
-        const u32 h = h0 + g;
-        const u64 base = ((u64)row * p.num_heads + h) * S;
-        const float4* acc = (const float4*)(p.part_acc + base * D + d);
-        const float2* ml = (const float2*)p.part_ml + base;
-        float M = NEG_INF, L = 0.0f;
-        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (u32 s0 = 0; s0 < S; s0 += B) {
-            float4 x[B];
-            float2 y[B];
-#pragma unroll
-            for (int b = 0; b < B; b++) {
-                y[b] = make_float2(NEG_INF, 0.0f);
-                if (s0 + b < S) {
-                    x[b] = __ldcg(acc + (u64)(s0 + b) * (D / 4));
-                    y[b] = __ldcg(ml + s0 + b);
-                }
-            }
-#pragma unroll
-            for (int b = 0; b < B; b++) {
-                if (y[b].x == NEG_INF) continue;  // no key (or past the last split)
-                const float Mn = fmaxf(M, y[b].x);
-                const float c = exp2f(M - Mn), w = exp2f(y[b].x - Mn);
-                a.x = a.x * c + w * x[b].x;
-                a.y = a.y * c + w * x[b].y;
-                a.z = a.z * c + w * x[b].z;
-                a.w = a.w * c + w * x[b].w;
-                L = L * c + w * y[b].y;
-                M = Mn;
-            }
-        }
-        const float r = L > 0.0f ? 1.0f / L : 0.0f;
-        *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
-    }
-}
-
 // The end of a CTA: the NR row groups' partial results, in shared memory
 // as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
 // [NR][G], are summed; with one split the output is written, else the
@@ -240,30 +191,12 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (!split_mode) return;
 
-    u32* counter = p.counters + (u64)row * ny + yi;
-    if (p.merge == MERGE_ONLINE) {
-        // One thread publishes for the CTA: the barrier orders everyone's
-        // partial before its fence (as cooperative groups' grid sync does).
-        __syncthreads();
-        if (tid == 0) {
-            __threadfence();
-            const bool last = atomicAdd(counter, 1u) == gridDim.z - 1;
-            if (last) {
-                __threadfence();
-                *counter = 0;  // ready for the next launch
-            }
-            sm_last = last;
-        }
-        __syncthreads();
-        if (sm_last) merge_splits_online<D, G>(p, row, h0);
-        return;
-    }
-
     // The last CTA of this (row, head group) merges (threadFenceReduction:
     // publish the partial, count, and the one that completes the count
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
+    u32* counter = p.counters + (u64)row * ny + yi;
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!sm_last) return;
