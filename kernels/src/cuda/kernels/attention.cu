@@ -8,17 +8,18 @@
 // "row group"), 16 bytes each; the 128 threads form 128/(D/8) row groups
 // that take the keys of a stage in an interleaved order.
 //
-// Loads: each thread streams ITS OWN 16-byte pieces of K and V through a
-// private P-stage ring in shared memory with `cp.async` (LDGSTS, 16 bytes,
-// L2 only): P-1 stages are always in flight while the thread computes on
-// the oldest, and since a thread only ever reads back what it copied
-// itself, `cp.async.wait_group` is the only synchronisation the key loop
-// needs (no barrier, no registers held by loads in flight).
+// Loads (the daemon's kernels, LOAD_PREFETCH): each thread loads its
+// 16-byte pieces of the next stage's K and V rows into registers
+// (ld.global.nc, no L1 allocation) before computing on this stage's: no
+// shared memory and no barrier in the key loop. The cp.async ring
+// (LOAD_RING) and loads-then-compute (LOAD_DIRECT) are measured variants.
 //
-// Scores exist only in registers, U x G at a time; each row group keeps its
-// own online softmax (log2 domain: q is pre-scaled by log2(e)/sqrt(D)); the
-// row groups are merged once at the end through shared memory. The CTA's
-// slice of the block table is staged in shared memory once.
+// Scores exist only in registers, U x G at a time; the lean loop sums them
+// over the row group with one reduce-scatter and rescales a head's
+// accumulator only when its max grows. Each row group keeps its own online
+// softmax (log2 domain: q is pre-scaled by log2(e)/sqrt(D)); the row
+// groups are merged once at the end through shared memory. The CTA's slice
+// of the block table is staged in shared memory once.
 //
 // Causality is a per-row key count: a row sees keys [0, kv_len), which
 // covers decode tokens and prefill chunks on top of an existing context.
