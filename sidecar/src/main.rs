@@ -73,6 +73,10 @@ enum Command {
         /// Only the kernels whose name contains one of these (profiling).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
+        /// Also time the daemon's kernel with each of these split counts
+        /// forced (comma-separated; the plan's choice is always timed).
+        #[arg(long, value_delimiter = ',')]
+        splits: Vec<usize>,
     },
     /// Decode-step time of a random model, host wall and GPU-only.
     #[command(hide = true)]
@@ -336,6 +340,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             iters,
             only,
+            splits,
         }) => {
             init_logging(LogFormat::Text);
             let cases = if cases.is_empty() {
@@ -356,6 +361,7 @@ fn main() -> anyhow::Result<()> {
                 seed,
                 iters,
                 only,
+                splits,
             };
             Ok(tacflow_sidecar::bench::attention::run(&opts)?)
         }

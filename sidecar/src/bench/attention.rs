@@ -51,6 +51,8 @@ pub struct Options {
     pub iters: usize,
     /// Only the kernels whose name contains one of these.
     pub only: Vec<String>,
+    /// The daemon's kernel again with each of these split counts forced.
+    pub splits: Vec<usize>,
 }
 
 /// One timed kernel on one case.
@@ -127,7 +129,8 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Main(v)) => v.tag(),
         Some(AttnKernel::Issue4) => "issue4".into(),
     };
-    format!("{name}{order}")
+    let splits = f.splits.map_or(String::new(), |n| format!("/s{n}"));
+    format!("{name}{order}{splits}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -206,6 +209,10 @@ pub fn run(opts: &Options) -> Result<()> {
         kernel,
         head_major,
     };
+    let forced_splits = opts.splits.iter().map(|&n| AttnForce {
+        splits: Some(n),
+        ..force(None, None)
+    });
     let (read, _) = read_bandwidth(&gpu, 2 << 30, 20)?;
     println!(
         "read bandwidth: {:.0} GB/s ({:.1}% of the copy; 2 GiB read, median of 20)",
@@ -213,6 +220,7 @@ pub fn run(opts: &Options) -> Result<()> {
         100.0 * read / copy
     );
     let mut kernels = vec![force(None, None)];
+    kernels.extend(forced_splits);
     if opts.variants {
         kernels.push(force(None, Some(!HEAD_MAJOR)));
         for v in ATTENTION_BENCH_VARIANTS {
