@@ -91,9 +91,6 @@ pub struct AttnVariant {
     /// group (when the keys x heads of a stage fit its lanes), the
     /// accumulator rescaled only when a head's max grows.
     pub lean: bool,
-    /// The end of a split CTA publishes its partial with one thread's
-    /// acquire-release add instead of a fence in every thread.
-    pub release: bool,
 }
 
 impl AttnVariant {
@@ -105,7 +102,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            release: false,
         }
     }
 
@@ -117,7 +113,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            release: false,
         }
     }
 
@@ -129,7 +124,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            release: false,
         }
     }
 
@@ -142,13 +136,6 @@ impl AttnVariant {
 
     pub const fn lean(self) -> AttnVariant {
         AttnVariant { lean: true, ..self }
-    }
-
-    pub const fn release(self) -> AttnVariant {
-        AttnVariant {
-            release: true,
-            ..self
-        }
     }
 
     pub const fn read_only(self) -> AttnVariant {
@@ -199,18 +186,13 @@ impl AttnVariant {
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
         let lean = if self.lean { "_lean" } else { "" };
-        let rel = if self.release { "_rel" } else { "" };
-        format!("{load}{}x{}{read}{nc}{lean}{rel}", self.keys, self.stages)
+        format!("{load}{}x{}{read}{nc}{lean}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
-    AttnVariant::registers(AttnLoad::Prefetch, 2)
-        .streaming()
-        .lean()
-        .release(),
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
     AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),

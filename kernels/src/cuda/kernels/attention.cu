@@ -152,16 +152,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 // as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
 // [NR][G], are summed; with one split the output is written, else the
 // CTA's partial, and the last CTA of the (row, head group) merges them.
-// One thread's acquire-release add on a counter (gpu scope): with a
-// barrier before it, it publishes what the whole CTA wrote; with a barrier
-// after it, what it acquired is visible to the whole CTA.
-__device__ __forceinline__ u32 atomic_add_acq_rel(u32* p, u32 v) {
-    u32 old;
-    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-    return old;
-}
-
-template <int D, int G, int NR, bool REL = false>
+template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, float* sm_m) {
     __shared__ int sm_last;
@@ -201,29 +192,17 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (!split_mode) return;
 
-    // The last CTA of this (row, head group) merges: publish the partial,
-    // count, and the one that completes the count reads everyone's partial
-    // from L2. REL: after a barrier one thread's acquire-release add
-    // publishes the CTA's writes (and acquires the others'), no fence per
-    // thread; else threadFenceReduction (every thread fences).
+    // The last CTA of this (row, head group) merges (threadFenceReduction:
+    // publish the partial, count, and the one that completes the count
+    // reads everyone's partial from L2).
+    __threadfence();
+    __syncthreads();
     u32* counter = p.counters + (u64)row * ny + yi;
-    if constexpr (REL) {
-        __syncthreads();
-        if (tid == 0) {
-            sm_last = atomic_add_acq_rel(counter, 1u) == gridDim.z - 1;
-            if (sm_last) *counter = 0;  // ready for the next launch
-        }
-        __syncthreads();
-        if (!sm_last) return;
-    } else {
-        __threadfence();
-        __syncthreads();
-        if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
-        __syncthreads();
-        if (!sm_last) return;
-        __threadfence();
-        if (tid == 0) *counter = 0;  // ready for the next launch
-    }
+    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();
+    if (tid == 0) *counter = 0;  // ready for the next launch
     merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
 }
 
@@ -275,8 +254,7 @@ __device__ __forceinline__ void rowgroup_sum(float (&x)[N], int lane) {
     for (int j = 0; j < N; j++) x[j] = __shfl_sync(0xffffffffu, mine, j * (L / N), L);
 }
 
-template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false,
-          bool REL = false>
+template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -505,7 +483,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    combine_rows<D, G, RG, REL>(p, row, yi, ny, h0, split, smem, sm_m);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m);
 }
 
 // ---------------------------------------------------------------------------
@@ -759,13 +737,11 @@ ATTN_MMA(128, 4, 3)
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
 // what the loop's loads alone reach. sources.rs lists the instances.
-#define ATTN_KR(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, REL, SUFFIX, MINB)             \
+#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB)                  \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
         attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
-        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN, REL>(p);                      \
+        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN>(p);                           \
     }
-#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB) \
-    ATTN_KR(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, false, SUFFIX, MINB)
 #define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB) \
     ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, false, SUFFIX, MINB)
 #define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB) \
@@ -786,7 +762,6 @@ ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
-ATTN_KR(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, true, _nc_lean_rel, 4)
 
 struct ReadParams {
     const uint4* src;
