@@ -240,6 +240,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for family in ("tactic", "oracle", "fixed_budget"):
@@ -250,6 +251,10 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.set_ylabel("mean next-token KL from full attention (nats)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Labelled ticks at round fractions (the default labels of 2-9 x 10^k overlap).
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:.0%}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("SmolLM2-135M, licence texts, decode attention")
