@@ -118,7 +118,7 @@ def text_track(s: Session, texts, ps, decode: int, gen_len: int):
 def passkey_track(s: Session, tok, texts, args, which: list[str], checkpoint):
     """Per trial: one prefill, then a greedy answer under each policy. The
     fixed budget gets, trial by trial, the tokens Tactic read on that trial.
-    ``checkpoint(hits, read, done)`` is called after every trial, so a run cut
+    ``checkpoint(policies, hits, read, done)`` is called after every trial, so a run cut
     short still leaves its finished trials on disk."""
     labels = {"full": "full", "tactic": "tactic P=0.9", "fixed_budget": "fixed_budget @tactic", "oracle": "oracle P=0.9"}
     policies = [labels[w] for w in which]
