@@ -148,95 +148,11 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
-// The same merge with fewer rounds of loads on its path (FAST): the first
-// 12 partials of a thread's first column are requested before the
-// weights are worked out (they do not depend on them), and each split's
-// max and sum are read once, in one round: a lane keeps a running (max,
-// sum) over its splits, the warp combines the lanes', and the splits'
-// maxima wait in shared memory for the weights.
-template <int D, int G>
-__device__ void merge_splits_fast(const AttnParams& p, u32 row, u32 h0, float* sm_m, float* sm_ml) {
-    constexpr int B = 12;
-    constexpr int NCOL = G * D / 4;  // float4 columns of the G heads
-    const u32 S = gridDim.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int i0 = threadIdx.x;
-    const u32 nb = S < (u32)B ? S : (u32)B;
-    float4 pre[B];
-    if (i0 < NCOL) {
-        const int g = i0 / (D / 4), d = (i0 % (D / 4)) * 4;
-        const float* acc = p.part_acc + ((u64)row * p.num_heads + h0 + g) * S * D + d;
-#pragma unroll
-        for (int s = 0; s < B; s++)
-            if (s < (int)nb) pre[s] = ldcg4(acc + (u64)s * D);
-    }
-    for (int g = warp; g < G; g += ATT_THREADS / 32) {
-        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
-        float mx = NEG_INF, l = 0.0f;
-        for (u32 s = lane; s < S; s += 32) {
-            const float ms = ldcg(p.part_ml + 2 * (base + s));
-            const float ls = ldcg(p.part_ml + 2 * (base + s) + 1);
-            sm_m[g * S + s] = ms;
-            if (ms == NEG_INF) continue;
-            if (ms > mx) {
-                l = l * exp2f(mx - ms) + ls;
-                mx = ms;
-            } else {
-                l += ls * exp2f(ms - mx);
-            }
-        }
-        const float M = warp_max(mx);
-        l = warp_sum(mx == NEG_INF ? 0.0f : l * exp2f(mx - M));
-        if (lane == 0) {
-            sm_ml[2 * g] = M;
-            sm_ml[2 * g + 1] = l;
-        }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < NCOL; i += ATT_THREADS) {
-        const int g = i / (D / 4), d = (i % (D / 4)) * 4;
-        const u32 h = h0 + g;
-        const float M = sm_ml[2 * g];
-        const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
-        auto weight = [&](u32 s) {
-            const float ms = sm_m[g * S + s];
-            return ms == NEG_INF ? 0.0f : exp2f(ms - M);
-        };
-        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        u32 s0 = 0;
-        if (i == i0) {
-#pragma unroll
-            for (int s = 0; s < B; s++) {
-                if (s < (int)nb) {
-                    const float w = weight(s);
-                    a.x += w * pre[s].x;
-                    a.y += w * pre[s].y;
-                    a.z += w * pre[s].z;
-                    a.w += w * pre[s].w;
-                }
-            }
-            s0 = nb;
-        }
-#pragma unroll 16
-        for (u32 s = s0; s < S; s++) {
-            const float w = weight(s);
-            const float4 x = ldcg4(acc + (u64)s * D);
-            a.x += w * x.x;
-            a.y += w * x.y;
-            a.z += w * x.z;
-            a.w += w * x.w;
-        }
-        const float L = sm_ml[2 * g + 1];
-        const float r = L > 0.0f ? 1.0f / L : 0.0f;
-        *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
-    }
-}
-
 // The end of a CTA: the NR row groups' partial results, in shared memory
 // as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
 // [NR][G], are summed; with one split the output is written, else the
 // CTA's partial, and the last CTA of the (row, head group) merges them.
-template <int D, int G, int NR, bool FAST = false>
+template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, float* sm_m) {
     __shared__ int sm_last;
@@ -287,11 +203,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     if (!sm_last) return;
     __threadfence();
     if (tid == 0) *counter = 0;  // ready for the next launch
-    if constexpr (FAST) {
-        merge_splits_fast<D, G>(p, row, h0, (float*)smem, sm_m);
-    } else {
-        merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
-    }
+    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -342,8 +254,7 @@ __device__ __forceinline__ void rowgroup_sum(float (&x)[N], int lane) {
     for (int j = 0; j < N; j++) x[j] = __shfl_sync(0xffffffffu, mine, j * (L / N), L);
 }
 
-template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false,
-          bool FAST = false>
+template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -572,7 +483,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    combine_rows<D, G, RG, FAST>(p, row, yi, ny, h0, split, smem, sm_m);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m);
 }
 
 // ---------------------------------------------------------------------------
@@ -826,13 +737,11 @@ ATTN_MMA(128, 4, 3)
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
 // what the loop's loads alone reach. sources.rs lists the instances.
-#define ATTN_KF(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, FAST, SUFFIX, MINB)            \
+#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB)                  \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
         attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
-        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN, FAST>(p);                     \
+        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN>(p);                           \
     }
-#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB) \
-    ATTN_KF(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, false, SUFFIX, MINB)
 #define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB) \
     ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, false, SUFFIX, MINB)
 #define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB) \
@@ -853,7 +762,6 @@ ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
-ATTN_KF(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, true, _nc_lean_fm, 4)
 
 struct ReadParams {
     const uint4* src;
