@@ -115,29 +115,18 @@ impl AttnPlan {
                 .min(pages / MIN_PAGES_PER_SPLIT)
                 .clamp(1, MAX_SPLITS)
         });
-        let kernel = force
-            .kernel
-            .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
-                shape.head_dim,
-                heads_per_cta,
-            )));
-        let mut pages_per_split = pages.div_ceil(want.max(fewest).clamp(1, pages));
-        let mut splits = pages.div_ceil(pages_per_split);
-        if let AttnKernel::Main(v) = kernel
-            && v.cluster > 1
-        {
-            // The grid's z is a multiple of the cluster: round the splits
-            // down (one wave stays one wave), trailing splits may be empty.
-            let c = v.cluster;
-            splits = ((splits / c).max(1) * c).max(fewest.div_ceil(c) * c);
-            pages_per_split = pages.div_ceil(splits);
-        }
+        let pages_per_split = pages.div_ceil(want.max(fewest).clamp(1, pages));
         AttnPlan {
             heads_per_cta,
             chunks,
-            splits,
+            splits: pages.div_ceil(pages_per_split),
             pages_per_split,
-            kernel,
+            kernel: force
+                .kernel
+                .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
+                    shape.head_dim,
+                    heads_per_cta,
+                ))),
             head_major: force.head_major.unwrap_or(HEAD_MAJOR),
         }
     }

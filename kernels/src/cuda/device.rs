@@ -6,9 +6,7 @@ use super::attention::AttnWorkspace;
 use super::gemm::GemmScratch;
 use super::nvrtc;
 use super::probe::{ALL, require};
-use super::sources::{
-    ATTENTION_THREADS, AttnVariant, MODULES, attention_kernel, attention_kernels, kernel_names,
-};
+use super::sources::{ATTENTION_THREADS, MODULES, attention_kernels, kernel_names};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -313,23 +311,10 @@ fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<
             100,
         )
         .map_err(fail)?;
-        let n = match f.occupancy_max_active_blocks_per_multiprocessor(
-            ATTENTION_THREADS as u32,
-            bytes,
-            None,
-        ) {
-            Ok(n) => n as usize,
-            // A cluster kernel's CTAs per SM are its loop's, as without
-            // clusters (listed first).
-            Err(e) if v.cluster > 1 => {
-                let base = attention_kernel(d, g, AttnVariant { cluster: 0, ..v });
-                let n = out.get(&base).copied().unwrap_or(1);
-                warn!(kernel = %name, cause = %e, ctas = n, "occupancy of a cluster kernel taken from its loop");
-                n
-            }
-            Err(e) => return Err(fail(e)),
-        };
-        out.insert(name, n);
+        let n = f
+            .occupancy_max_active_blocks_per_multiprocessor(ATTENTION_THREADS as u32, bytes, None)
+            .map_err(fail)?;
+        out.insert(name, n as usize);
     }
     Ok(out)
 }

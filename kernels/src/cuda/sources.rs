@@ -91,8 +91,6 @@ pub struct AttnVariant {
     /// group (when the keys x heads of a stage fit its lanes), the
     /// accumulator rescaled only when a head's max grows.
     pub lean: bool,
-    /// Splits merged in thread-block clusters of this many CTAs (0: none).
-    pub cluster: usize,
 }
 
 impl AttnVariant {
@@ -104,7 +102,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            cluster: 0,
         }
     }
 
@@ -116,7 +113,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            cluster: 0,
         }
     }
 
@@ -128,7 +124,6 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
-            cluster: 0,
         }
     }
 
@@ -141,10 +136,6 @@ impl AttnVariant {
 
     pub const fn lean(self) -> AttnVariant {
         AttnVariant { lean: true, ..self }
-    }
-
-    pub const fn cluster(self, cluster: usize) -> AttnVariant {
-        AttnVariant { cluster, ..self }
     }
 
     pub const fn read_only(self) -> AttnVariant {
@@ -195,21 +186,13 @@ impl AttnVariant {
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
         let lean = if self.lean { "_lean" } else { "" };
-        let cl = match self.cluster {
-            0 => String::new(),
-            c => format!("_cl{c}"),
-        };
-        format!("{load}{}x{}{read}{nc}{lean}{cl}", self.keys, self.stages)
+        format!("{load}{}x{}{read}{nc}{lean}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
-    AttnVariant::registers(AttnLoad::Prefetch, 2)
-        .streaming()
-        .lean()
-        .cluster(8),
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
     AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),

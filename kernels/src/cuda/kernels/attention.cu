@@ -108,23 +108,21 @@ struct AttnSmem {
 // The last CTA of a (row, head group) combines every split's partial:
 // M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
 // Splits that saw no key carry m = -inf, l = 0, acc = 0.
-// Slots first... of the merge: `n` partials, `stride` apart (a cluster's
-// partial sits in the slot of its first split).
 template <int D, int G>
-__device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, float* sm_L, u32 n, u32 stride) {
+__device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, float* sm_L) {
     const u32 S = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int g = warp; g < G; g += ATT_THREADS / 32) {
         const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
         float mx = NEG_INF;
-        for (u32 s = lane; s < n; s += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + (u64)s * stride)));
+        for (u32 s = lane; s < S; s += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + s)));
         mx = warp_max(mx);
         float l = 0.0f;
-        for (u32 s = lane; s < n; s += 32) {
-            const float ms = ldcg(p.part_ml + 2 * (base + (u64)s * stride));
+        for (u32 s = lane; s < S; s += 32) {
+            const float ms = ldcg(p.part_ml + 2 * (base + s));
             const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
-            sm_w[g * n + s] = w;
-            l += w * ldcg(p.part_ml + 2 * (base + (u64)s * stride) + 1);
+            sm_w[g * S + s] = w;
+            l += w * ldcg(p.part_ml + 2 * (base + s) + 1);
         }
         l = warp_sum(l);
         if (lane == 0) sm_L[g] = l;
@@ -136,9 +134,9 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
         const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
         float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 16
-        for (u32 s = 0; s < n; s++) {
-            const float w = sm_w[g * n + s];
-            const float4 x = ldcg4(acc + (u64)s * stride * D);
+        for (u32 s = 0; s < S; s++) {
+            const float w = sm_w[g * S + s];
+            const float4 x = ldcg4(acc + (u64)s * D);
             a.x += w * x.x;
             a.y += w * x.y;
             a.z += w * x.z;
@@ -154,38 +152,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 // as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
 // [NR][G], are summed; with one split the output is written, else the
 // CTA's partial, and the last CTA of the (row, head group) merges them.
-// Thread-block clusters (sm_90): this CTA's rank, a barrier over the
-// cluster that orders shared-memory writes before it with reads after it,
-// and a 16-byte read of a peer CTA's shared memory.
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-__device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ float4 ld_peer4(const float* local, u32 rank) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_addr(local)), "r"(rank));
-    float4 v;
-    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-                 : "r"(remote));
-    return v;
-}
-
-__device__ __forceinline__ float ld_peer(const float* local, u32 rank) {
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_addr(local)), "r"(rank));
-    float v;
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote));
-    return v;
-}
-
-template <int D, int G, int NR, int CL = 1>
+template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, float* sm_m) {
     __shared__ int sm_last;
@@ -205,104 +172,6 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
         sm_head[tid][1] = ll;
     }
     __syncthreads();
-    if constexpr (CL > 1) {
-        // A cluster of CL consecutive splits: each CTA leaves its partial in
-        // its own shared memory (after the row groups' maxima and sums),
-        // rank 0 merges the cluster's CL partials through distributed shared
-        // memory, and only it goes on to the global merge (or, when the
-        // cluster is the whole row, writes the output).
-        static_assert(NR * G * 2 + G * D + 2 * G <= MAX_SPLIT_PAGES, "the cluster partial fits the table slice");
-        float* part = sm_m + NR * G * 2;  // [G * D], then [G] max, [G] sum
-        float vals[(G * D + ATT_THREADS - 1) / ATT_THREADS];
-#pragma unroll
-        for (int k = 0; k < (G * D + ATT_THREADS - 1) / ATT_THREADS; k++) {
-            const int i = tid + k * ATT_THREADS;
-            float a = 0.0f;
-            if (i < G * D) {
-                const int g = i / D, d = i % D;
-#pragma unroll
-                for (int r = 0; r < NR; r++) a += sm_acc[g * NR * D + r * D + d];
-            }
-            vals[k] = a;
-        }
-#pragma unroll
-        for (int k = 0; k < (G * D + ATT_THREADS - 1) / ATT_THREADS; k++) {
-            const int i = tid + k * ATT_THREADS;
-            if (i < G * D) part[i] = vals[k];
-        }
-        if (tid < G) {
-            part[G * D + tid] = sm_head[tid][0];
-            part[G * D + G + tid] = sm_head[tid][1];
-        }
-        cluster_sync();  // every partial of the cluster written
-        const u32 rank = cluster_rank();
-        if (rank == 0) {
-            // Per head: the cluster's max and the weights of its CTAs.
-            __shared__ float sm_cw[8][CL];
-            __shared__ float sm_cl[8][2];
-            if (tid < G) {
-                float mx = NEG_INF;
-                float ms[CL], ls[CL];
-#pragma unroll
-                for (int r = 0; r < CL; r++) {
-                    ms[r] = ld_peer(part + G * D + tid, r);
-                    ls[r] = ld_peer(part + G * D + G + tid, r);
-                    mx = fmaxf(mx, ms[r]);
-                }
-                float l = 0.0f;
-#pragma unroll
-                for (int r = 0; r < CL; r++) {
-                    const float w = ms[r] == NEG_INF ? 0.0f : exp2f(ms[r] - mx);
-                    sm_cw[tid][r] = w;
-                    l += w * ls[r];
-                }
-                sm_cl[tid][0] = mx;
-                sm_cl[tid][1] = l;
-            }
-            __syncthreads();
-            for (int i = tid; i < G * D / 4; i += ATT_THREADS) {
-                const int g = i / (D / 4), d = (i % (D / 4)) * 4;
-                float4 x[CL];
-#pragma unroll
-                for (int r = 0; r < CL; r++) x[r] = ld_peer4(part + g * D + d, r);
-                float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-                for (int r = 0; r < CL; r++) {
-                    const float w = sm_cw[g][r];
-                    a.x += w * x[r].x;
-                    a.y += w * x[r].y;
-                    a.z += w * x[r].z;
-                    a.w += w * x[r].w;
-                }
-                const u32 h = h0 + g;
-                if (gridDim.z == CL) {
-                    const float L = sm_cl[g][1];
-                    const float rl = L > 0.0f ? 1.0f / L : 0.0f;
-                    *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) =
-                        make_float4(a.x * rl, a.y * rl, a.z * rl, a.w * rl);
-                } else {
-                    const u64 idx = ((u64)row * p.num_heads + h) * gridDim.z + split;
-                    *(float4*)(p.part_acc + idx * D + d) = a;
-                    if (d == 0) {
-                        p.part_ml[2 * idx] = sm_cl[g][0];
-                        p.part_ml[2 * idx + 1] = sm_cl[g][1];
-                    }
-                }
-            }
-        }
-        cluster_sync();  // the peers' shared memory stays until rank 0 has read it
-        if (rank != 0 || gridDim.z == CL) return;
-        __threadfence();
-        __syncthreads();
-        u32* counter = p.counters + (u64)row * ny + yi;
-        if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z / CL - 1;
-        __syncthreads();
-        if (!sm_last) return;
-        __threadfence();
-        if (tid == 0) *counter = 0;  // ready for the next launch
-        merge_splits<D, G>(p, row, h0, (float*)smem, sm_m, gridDim.z / CL, CL);
-        return;
-    }
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i % D;
         const float mm = sm_head[g][0], ll = sm_head[g][1];
@@ -334,7 +203,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     if (!sm_last) return;
     __threadfence();
     if (tid == 0) *counter = 0;  // ready for the next launch
-    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m, gridDim.z, 1);
+    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -385,8 +254,7 @@ __device__ __forceinline__ void rowgroup_sum(float (&x)[N], int lane) {
     for (int j = 0; j < N; j++) x[j] = __shfl_sync(0xffffffffu, mine, j * (L / N), L);
 }
 
-template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false,
-          int CL = 1>
+template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -615,7 +483,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    combine_rows<D, G, RG, CL>(p, row, yi, ny, h0, split, smem, sm_m);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m);
 }
 
 // ---------------------------------------------------------------------------
@@ -894,11 +762,6 @@ ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
-// Splits merged in clusters of 8 CTAs (the grid's z is a multiple of 8).
-extern "C" __global__ void __cluster_dims__(1, 1, 8) __launch_bounds__(ATT_THREADS, 4)
-    attention_f32_d128_g4_prefetch2x1_nc_lean_cl8(const AttnParams p) {
-    attention_cta<128, 4, 2, 1, LOAD_PREFETCH, true, true, true, 8>(p);
-}
 
 struct ReadParams {
     const uint4* src;
