@@ -149,7 +149,7 @@ def passkey_track(s: Session, tok, texts, args, which: list[str], checkpoint):
         log(f"passkey {i + 1}/{len(trials)} depth {trial.depth}: " + ", ".join(
             f"{lab} {hits[(lab, trial.depth)]}" for lab in policies))
         checkpoint(policies, hits, read, i + 1)
-    return policies, hits, {k: float(np.mean(v)) for k, v in read.items()}
+    return policies, hits
 
 
 def main() -> None:
@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--skip-text", action="store_true", help="passkey only")
     ap.add_argument("--passkey-policies", default="full,tactic,fixed_budget,oracle")
     args = ap.parse_args()
+    if not args.skip_passkey and (args.passkey_trials < 1 or not args.depths):
+        ap.error("the passkey test needs --passkey-trials >= 1 and at least one depth (or --skip-passkey)")
 
     from transformers import AutoTokenizer
 
@@ -206,8 +208,12 @@ def main() -> None:
         plot(rows, out_dir / "kl_vs_tokens.png")
         log(f"wrote {out_dir / 'kl_vs_tokens.png'}")
 
+    # Issue 3's bar for a usable context: full attention right on 16 of 20
+    # trials (80%) at a depth.
+    full_need = math.ceil(0.8 * args.passkey_trials)
+
     def passkey_summary(policies, hits, read, done: int) -> None:
-        full_ok = sum(hits[("full", d)] >= 16 for d in args.depths) if "full" in policies else None
+        full_ok = sum(hits[("full", d)] >= full_need for d in args.depths) if "full" in policies else None
         result["passkey"] = {
             "context": args.passkey_context,
             "trials": args.passkey_trials,
@@ -215,21 +221,23 @@ def main() -> None:
             "complete": done == args.passkey_trials * len(args.depths),
             "hits": {f"{k[0]}@{k[1]}": v for k, v in hits.items()},
             "tokens_read": {k: float(np.mean(v)) for k, v in read.items() if v},
-            "full_depths_at_least_16": full_ok,
+            "full_need": full_need,
+            "full_depths_at_need": full_ok,
         }
         save()
 
     if not args.skip_passkey:
-        policies, hits, read = passkey_track(s, tok, texts, args, args.passkey_policies.split(","), passkey_summary)
+        policies, hits = passkey_track(s, tok, texts, args, args.passkey_policies.split(","), passkey_summary)
+        read = result["passkey"]["tokens_read"]
         lines = ["| policy | tokens read | " + " | ".join(f"depth {d}" for d in args.depths) + " |",
                  "| --- | ---: |" + " ---: |" * len(args.depths)]
         for label in policies:
             lines.append(f"| {label} | {read[label]:.4f} | "
                          + " | ".join(f"{hits[(label, d)]}/{args.passkey_trials}" for d in args.depths) + " |")
-        full_ok = result["passkey"]["full_depths_at_least_16"]
+        full_ok = result["passkey"]["full_depths_at_need"]
         print(f"\npasskey, context {args.passkey_context} tokens, {args.passkey_trials} trials per depth:")
         print("\n".join(lines))
-        print(f"full attention reaches 16/20 at {full_ok} of {len(args.depths)} depths")
+        print(f"full attention reaches {full_need}/{args.passkey_trials} at {full_ok} of {len(args.depths)} depths")
     s.region.close()
     save()
     log(f"wrote {results_path}")
