@@ -73,6 +73,9 @@ pub enum AttnLoad {
     /// A warp per page, `cp.async` into a per-warp ring of `stages` stages,
     /// both products on tensor cores (mma.sync).
     Mma,
+    /// Whole pages copied by one thread (`cp.async.bulk`, the TMA engine)
+    /// into a ring of `stages` stages in shared memory, with mbarriers.
+    Bulk,
 }
 
 /// The shape of the attention kernel's key loop: `keys` keys per row group
@@ -127,6 +130,17 @@ impl AttnVariant {
         }
     }
 
+    pub const fn bulk(keys: usize, stages: usize) -> AttnVariant {
+        AttnVariant {
+            load: AttnLoad::Bulk,
+            keys,
+            stages,
+            compute: true,
+            stream: false,
+            lean: true,
+        }
+    }
+
     pub const fn streaming(self) -> AttnVariant {
         AttnVariant {
             stream: true,
@@ -169,9 +183,18 @@ impl AttnVariant {
                 ATTENTION_THREADS / 32 * self.stages * 2 * 16 * d * 2,
                 8 * ATTENTION_THREADS / 32 * d * 4,
             ),
+            AttnLoad::Bulk => (
+                self.stages * 4096 * self.keys,
+                g * ATTENTION_THREADS * 8 * 4,
+            ),
             _ => (0, g * ATTENTION_THREADS * 8 * 4),
         };
-        ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4
+        // Bulk mode: two mbarriers per stage.
+        let bars = match self.load {
+            AttnLoad::Bulk => 16 * self.stages,
+            _ => 0,
+        };
+        ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4 + bars
     }
 
     /// Short name: `ring4x3`, `direct4x1`, `prefetch2x1`, `mma3`,
@@ -181,6 +204,7 @@ impl AttnVariant {
             AttnLoad::Ring => "ring",
             AttnLoad::Direct => "direct",
             AttnLoad::Prefetch => "prefetch",
+            AttnLoad::Bulk => "bulk",
             AttnLoad::Mma => return format!("mma{}", self.stages),
         };
         let read = if self.compute { "" } else { "_read" };
@@ -192,7 +216,11 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 6] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
+    AttnVariant::bulk(2, 4),
+    AttnVariant::bulk(2, 6),
+    AttnVariant::bulk(4, 3),
+    AttnVariant::bulk(2, 4).read_only(),
     AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),
