@@ -11,6 +11,10 @@ pub enum Error {
     /// A kernel launch, or the device work it started, failed.
     #[error("kernel {kernel}: {msg}")]
     Launch { kernel: String, msg: String },
+    /// A cooperative launch whose CTAs cannot all be resident at once
+    /// (fewer SMs than the device reports, e.g. under MPS).
+    #[error("kernel {kernel}: cooperative grid too large for the SMs available")]
+    CooperativeTooLarge { kernel: String },
     #[error("NVRTC failed to compile {module} for {arch}: {log}")]
     Compile {
         module: String,

@@ -11,6 +11,7 @@ use super::sources::{
 use super::step::DeviceStep;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use tracing::warn;
 
 /// The attention part of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +63,9 @@ pub struct AttnForce {
     pub splits: Option<usize>,
     pub kernel: Option<AttnKernel>,
     pub head_major: Option<bool>,
+    /// The cooperative merge of the splits on (where the grid allows it)
+    /// or off.
+    pub coop: Option<bool>,
 }
 
 /// Launch order of the CTAs by default: the head groups of one row (and
@@ -82,6 +86,9 @@ pub struct AttnPlan {
     pub kernel: AttnKernel,
     /// CTA order: a row's head groups adjacent (else a head group's rows).
     pub head_major: bool,
+    /// The splits are merged by every CTA of a cooperative launch (else by
+    /// the last CTA of each row and head group to finish).
+    pub coop: bool,
 }
 
 /// A split should stream at least this many pages (64 keys) so that its
@@ -90,6 +97,10 @@ const MIN_PAGES_PER_SPLIT: usize = 4;
 /// Most splits of one row (the merge keeps `heads x splits` weights in
 /// shared memory).
 pub const MAX_SPLITS: usize = 1024;
+/// The cooperative merge pays where the last CTA would read many partials
+/// (kernels/ATTENTION.md); it takes at most `COOP_MAX_SPLITS` (attention.cu).
+const COOP_MIN_SPLITS: usize = 32;
+const COOP_MAX_SPLITS: usize = 256;
 
 impl AttnPlan {
     /// One wave: when `rows x kv_heads x chunks` CTAs leave some of the
@@ -116,11 +127,15 @@ impl AttnPlan {
                 .clamp(1, MAX_SPLITS)
         });
         let pages_per_split = pages.div_ceil(want.max(fewest).clamp(1, pages));
+        let splits = pages.div_ceil(pages_per_split);
+        // Every CTA must be resident to wait for the others.
+        let coop_fits = splits > 1 && splits <= COOP_MAX_SPLITS && ctas * splits <= slots;
         AttnPlan {
             heads_per_cta,
             chunks,
-            splits: pages.div_ceil(pages_per_split),
+            splits,
             pages_per_split,
+            coop: coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS),
             kernel: force
                 .kernel
                 .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
@@ -154,6 +169,7 @@ struct AttnParams {
     splits: u32,
     head_major: u32,
     scale_log2: f32,
+    coop: u32,
 }
 
 // SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
@@ -167,6 +183,9 @@ pub struct AttnWorkspace {
     acc: Option<CudaSlice<f32>>,
     ml: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<u32>>,
+    /// The driver refused a cooperative launch: fewer CTAs fit than the
+    /// plan counted, so the splits are merged by their last CTA from then on.
+    coop_refused: bool,
 }
 
 impl AttnWorkspace {
@@ -234,6 +253,14 @@ impl Gpu {
             _ => AttnVariant::default_for(shape.head_dim, g),
         };
         let slots = self.attention_slots(shape.head_dim, g, v);
+        let force = if self.attention_workspace().coop_refused {
+            AttnForce {
+                coop: Some(false),
+                ..force
+            }
+        } else {
+            force
+        };
         AttnPlan::new(shape, rows, max_kv_len, slots, force)
     }
 
@@ -296,7 +323,7 @@ impl Gpu {
         let [part_acc, part_ml, counters] = if plan.splits > 1 {
             let n = rows * shape.num_heads * plan.splits;
             self.attention_workspace()
-                .ensure(self, n * d, n * 2, rows * y)?
+                .ensure(self, n * d, n * 2, rows * y * 2)?
         } else {
             [0; 3]
         };
@@ -321,6 +348,7 @@ impl Gpu {
             splits: plan.splits as u32,
             head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
+            coop: plan.coop as u32,
         };
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
@@ -334,11 +362,31 @@ impl Gpu {
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
         // x num_heads x d. With splits > 1 the workspace holds rows x
-        // num_heads x splits partials and rows x y zeroed counters, and
-        // no other launch uses it concurrently (one stream).
+        // num_heads x splits partials and rows x y zeroed counter pairs,
+        // and no other launch uses it concurrently (one stream). A
+        // cooperative merge waits for the other CTAs of its row and head
+        // group: the cooperative launch guarantees they are all resident
+        // (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);
-        unsafe { self.launch(&name, cfg, &p)? };
-        Ok(plan)
+        match unsafe { self.launch_as(&name, cfg, &p, plan.coop) } {
+            Err(Error::CooperativeTooLarge { .. }) => {
+                warn!(
+                    kernel = %name,
+                    ctas = rows * y * plan.splits,
+                    "the GPU refused a cooperative launch (fewer SMs available than it reports?); \
+                     attention splits are merged by their last CTA from now on"
+                );
+                self.attention_workspace().coop_refused = true;
+                let p = AttnParams { coop: 0, ..p };
+                // SAFETY: as above; the last-CTA merge needs no residency.
+                unsafe { self.launch(&name, cfg, &p)? };
+                Ok(AttnPlan {
+                    coop: false,
+                    ..plan
+                })
+            }
+            r => r.map(|()| plan),
+        }
     }
 }
 
@@ -407,5 +455,45 @@ mod tests {
         let forced = AttnPlan::new(&s, 1, 100, SLOTS, force(3));
         assert_eq!((forced.splits, forced.pages_per_split), (3, 3));
         assert_eq!(AttnPlan::new(&s, 1, 5, SLOTS, force(16)).splits, 1);
+    }
+
+    #[test]
+    fn cooperative_merge_only_where_every_cta_is_resident() {
+        let s = shape(32, 8);
+        let plan = |rows, len, force| AttnPlan::new(&s, rows, len, SLOTS, force);
+        let auto = AttnForce::default();
+        // Many splits in one wave: cooperative.
+        assert!(plan(1, 32_768, auto).coop);
+        assert!(plan(1, 131_072, auto).coop);
+        // Few splits: the last CTA merges them cheaply.
+        assert!(!plan(8, 32_768, auto).coop);
+        assert!(!plan(64, 4096, auto).coop, "no splits");
+        let on = AttnForce {
+            coop: Some(true),
+            ..auto
+        };
+        assert!(plan(8, 32_768, on).coop);
+        assert!(
+            !plan(
+                1,
+                32_768,
+                AttnForce {
+                    coop: Some(false),
+                    ..auto
+                }
+            )
+            .coop
+        );
+        // More CTAs than slots (forced splits): never cooperative.
+        let many = AttnForce {
+            splits: Some(100),
+            coop: Some(true),
+            ..auto
+        };
+        assert!(!plan(1, 32_768, many).coop);
+        // More splits than the cooperative merge takes.
+        let one_cta = shape(8, 1);
+        let wide = AttnPlan::new(&one_cta, 1, 131_072, 4 * SLOTS, on);
+        assert!(wide.splits > 256 && !wide.coop, "{wide:?}");
     }
 }

@@ -160,6 +160,23 @@ impl Gpu {
         cfg: LaunchConfig,
         params: &P,
     ) -> Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.launch_as(name, cfg, params, false) }
+    }
+
+    /// [`Gpu::launch`], cooperatively when `cooperative`: every CTA of the
+    /// grid resident at once (the driver refuses a grid that cannot be),
+    /// so that CTAs may wait for each other.
+    ///
+    /// # Safety
+    /// As [`Gpu::launch`].
+    pub(crate) unsafe fn launch_as<P: DeviceRepr>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        params: &P,
+        cooperative: bool,
+    ) -> Result<()> {
         let f = self.funcs.get(name).ok_or_else(|| Error::Launch {
             kernel: name.into(),
             msg: "no such kernel was loaded".into(),
@@ -171,7 +188,19 @@ impl Gpu {
         let mut b = self.stream.launch_builder(f);
         b.arg(params);
         // SAFETY: forwarded from the caller.
-        unsafe { b.launch(cfg) }.map_err(fail)?;
+        if cooperative {
+            unsafe { b.launch_cooperative(cfg) }.map_err(|e| {
+                if e.0 == sys::cudaError_enum::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
+                    Error::CooperativeTooLarge {
+                        kernel: name.into(),
+                    }
+                } else {
+                    fail(e)
+                }
+            })?;
+        } else {
+            unsafe { b.launch(cfg) }.map_err(fail)?;
+        }
         if self.sync_launches {
             self.stream.synchronize().map_err(fail)?;
         }

@@ -130,7 +130,12 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Issue4) => "issue4".into(),
     };
     let splits = f.splits.map_or(String::new(), |n| format!("/s{n}"));
-    format!("{name}{order}{splits}")
+    let coop = match f.coop {
+        Some(true) => "/coop",
+        Some(false) => "/last",
+        None => "",
+    };
+    format!("{name}{order}{splits}{coop}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -208,6 +213,7 @@ pub fn run(opts: &Options) -> Result<()> {
         splits: None,
         kernel,
         head_major,
+        coop: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
         splits: Some(n),
@@ -222,6 +228,13 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut kernels = vec![force(None, None)];
     kernels.extend(forced_splits);
     if opts.variants {
+        // The other merge of the splits (the plan's choice is the first row).
+        for coop in [true, false] {
+            kernels.push(AttnForce {
+                coop: Some(coop),
+                ..force(None, None)
+            });
+        }
         kernels.push(force(None, Some(!HEAD_MAJOR)));
         for v in ATTENTION_BENCH_VARIANTS {
             kernels.push(force(Some(AttnKernel::Main(v)), None));

@@ -24,6 +24,8 @@ struct Case {
     /// The daemon's choice when `None`.
     kernel: Option<AttnKernel>,
     head_major: Option<bool>,
+    /// The cooperative merge of the splits forced on or off.
+    coop: Option<bool>,
 }
 
 fn cases() -> Vec<Case> {
@@ -34,6 +36,7 @@ fn cases() -> Vec<Case> {
         q_std,
         kernel: None,
         head_major: None,
+        coop: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
     let kernels = ATTENTION_BENCH_VARIANTS
@@ -45,6 +48,7 @@ fn cases() -> Vec<Case> {
         .map(|(kernel, head_major)| Case {
             kernel,
             head_major,
+            coop: None,
             ..c(
                 (32, 8, 128),
                 &decode(&[1, 17, 1000, 3001]),
@@ -98,6 +102,24 @@ fn cases() -> Vec<Case> {
         &[Some(40), Some(100)],
         1.0,
     ));
+    // Both merges where either could run: the cooperative one (every CTA
+    // resident: 24 CTAs x 20 splits fill less than a wave; 16 x 33 by the
+    // plan; 128 splits of one CTA, head size 64 with 3 heads per CTA) and
+    // the last CTA's.
+    for coop in [true, false] {
+        for (heads, seqs, splits) in [
+            ((32, 8, 128), decode(&[3001, 20_000, 1]), Some(20)),
+            ((32, 8, 128), decode(&[20_000, 5]), None),
+            ((8, 1, 128), decode(&[8191]), None),
+            ((9, 3, 64), decode(&[8191, 700]), None),
+            ((4, 1, 256), decode(&[4000]), Some(40)),
+        ] {
+            benched.push(Case {
+                coop: Some(coop),
+                ..c(heads, &seqs, &[splits], 1.0)
+            });
+        }
+    }
     benched
 }
 
@@ -114,6 +136,11 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
             };
             if c.head_major == Some(!HEAD_MAJOR) {
                 kernel += " (other CTA order)";
+            }
+            match c.coop {
+                Some(true) => kernel += " coop merge",
+                Some(false) => kernel += " last-CTA merge",
+                None => {}
             }
             let name = format!(
                 "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
@@ -208,6 +235,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         splits,
         kernel: c.kernel,
         head_major: c.head_major,
+        coop: c.coop,
     };
     let plan =
         cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;
@@ -246,8 +274,11 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
     Ok(
         compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
-            "{} heads/CTA, {} splits of {} pages",
-            plan.heads_per_cta, plan.splits, plan.pages_per_split
+            "{} heads/CTA, {} splits of {} pages{}",
+            plan.heads_per_cta,
+            plan.splits,
+            plan.pages_per_split,
+            if plan.coop { ", cooperative merge" } else { "" }
         )),
     )
 }

@@ -44,7 +44,7 @@ struct AttnParams {
     float* out;            // [rows, num_heads * D]
     float* part_acc;       // [rows, num_heads, splits, D]
     float* part_ml;        // [rows, num_heads, splits, 2]
-    u32* counters;         // [rows, kv_heads * chunks]; zero between launches
+    u32* counters;         // [rows, kv_heads * chunks, 2]; zero between launches
     u32 rows;
     u32 qkv_stride;
     u32 num_heads;
@@ -55,6 +55,7 @@ struct AttnParams {
     u32 splits;
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
+    u32 coop;              // splits merged by all CTAs (cooperative launch only)
 };
 
 __device__ __forceinline__ u32 shared_addr(const void* p) {
@@ -196,6 +197,91 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
+// Most splits the cooperative merge takes: 8 per lane.
+#define COOP_MAX_SPLITS 256
+
+// The cooperative merge (a cooperative launch: every CTA of the grid is
+// resident, so a CTA may wait for the others). Every CTA of a (row, head
+// group) publishes its partial, waits until all S have, then merges its
+// share of the output: float4 items split, split + S, ..., one per warp,
+// each a weighted sum over the S partials that the warp's lanes load at
+// once (one round of loads) and sum in a fixed order (lane-local, then a
+// butterfly), so the bits do not depend on timing. Counters per (row, head
+// group): [arrived, done]; the CTA that completes "done" (every CTA has
+// stopped reading "arrived") zeroes both for the next launch.
+template <int D, int G>
+__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split) {
+    __shared__ int sm_reset;
+    const u32 S = gridDim.z;
+    u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
+    u32* done = arrived + 1;
+    __syncthreads();  // every thread's piece of the partial is written
+    if (threadIdx.x == 0) {
+        // Release (cumulative over the barrier): the partial before the count.
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
+        u32 n;
+        for (;;) {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
+            if (n >= S) break;
+            __nanosleep(32);
+        }
+        u32 old;
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done) : "memory");
+        sm_reset = old == S - 1;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr u32 ITEMS = G * D / 4;
+    constexpr int PER_LANE = COOP_MAX_SPLITS / 32;
+    for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
+        const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
+        float ms[PER_LANE], ls[PER_LANE];
+        float4 as[PER_LANE];
+#pragma unroll
+        for (int k = 0; k < PER_LANE; k++) {
+            const u32 sp = lane + 32 * k;
+            ms[k] = NEG_INF;
+            ls[k] = 0.0f;
+            as[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (sp < S) {
+                ms[k] = ldcg(p.part_ml + 2 * (base + sp));
+                ls[k] = ldcg(p.part_ml + 2 * (base + sp) + 1);
+                as[k] = ldcg4(p.part_acc + (base + sp) * D + d);
+            }
+        }
+        float mx = NEG_INF;
+#pragma unroll
+        for (int k = 0; k < PER_LANE; k++) mx = fmaxf(mx, ms[k]);
+        mx = warp_max(mx);
+        float l = 0.0f;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int k = 0; k < PER_LANE; k++) {
+            const float w = ms[k] == NEG_INF ? 0.0f : exp2f(ms[k] - mx);
+            l += w * ls[k];
+            a.x += w * as[k].x;
+            a.y += w * as[k].y;
+            a.z += w * as[k].z;
+            a.w += w * as[k].w;
+        }
+        l = warp_sum(l);
+        a.x = warp_sum(a.x);
+        a.y = warp_sum(a.y);
+        a.z = warp_sum(a.z);
+        a.w = warp_sum(a.w);
+        if (lane == 0) {
+            const float r = l > 0.0f ? 1.0f / l : 0.0f;
+            *(float4*)(p.out + (u64)row * p.num_heads * D + (h0 + g) * D + d) =
+                make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+        }
+    }
+    if (threadIdx.x == 0 && sm_reset) {
+        *arrived = 0;
+        *done = 0;
+    }
+}
+
 // The end of a CTA: the NR row groups' partial results, in shared memory
 // as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
 // [NR][G], are summed; with one split the output is written, else the
@@ -239,13 +325,17 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
         }
     }
     if (!split_mode) return;
+    if (p.coop) {
+        merge_cooperative<D, G>(p, row, yi, ny, h0, split);
+        return;
+    }
 
     // The last CTA of this (row, head group) merges (threadFenceReduction:
     // publish the partial, count, and the one that completes the count
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
-    u32* counter = p.counters + (u64)row * ny + yi;
+    u32* counter = p.counters + 2 * ((u64)row * ny + yi);
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
     __syncthreads();
     if (!sm_last) return;
