@@ -77,6 +77,10 @@ enum Command {
         /// forced (comma-separated; the plan's choice is always timed).
         #[arg(long, value_delimiter = ',')]
         splits: Vec<usize>,
+        /// Print where the time of one launch of each case goes: a timeline
+        /// of every CTA (the default kernel's timeline variant).
+        #[arg(long)]
+        timeline: bool,
     },
     /// Decode-step time of a random model, host wall and GPU-only.
     #[command(hide = true)]
@@ -341,6 +345,7 @@ fn main() -> anyhow::Result<()> {
             iters,
             only,
             splits,
+            timeline,
         }) => {
             init_logging(LogFormat::Text);
             let cases = if cases.is_empty() {
@@ -362,6 +367,7 @@ fn main() -> anyhow::Result<()> {
                 iters,
                 only,
                 splits,
+                timeline,
             };
             Ok(tacflow_sidecar::bench::attention::run(&opts)?)
         }

@@ -66,6 +66,9 @@ pub struct AttnForce {
     /// The cooperative merge of the splits on (where the grid allows it)
     /// or off.
     pub coop: Option<bool>,
+    /// Device address of `8 x CTAs` u64 that a timeline variant fills
+    /// (`TL_*` in attention.cu).
+    pub timeline: Option<u64>,
 }
 
 /// Launch order of the CTAs by default: the head groups of one row (and
@@ -170,6 +173,7 @@ struct AttnParams {
     head_major: u32,
     scale_log2: f32,
     coop: u32,
+    timeline: u64,
 }
 
 // SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
@@ -349,6 +353,7 @@ impl Gpu {
             head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             coop: plan.coop as u32,
+            timeline: force.timeline.unwrap_or(0),
         };
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
@@ -361,7 +366,7 @@ impl Gpu {
         // (checked at upload) whose ids are below num_blocks (max checked),
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
-        // x num_heads x d. With splits > 1 the workspace holds rows x
+        // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With splits > 1 the workspace holds rows x
         // num_heads x splits partials and rows x y zeroed counter pairs,
         // and no other launch uses it concurrently (one stream). A
         // cooperative merge waits for the other CTAs of its row and head

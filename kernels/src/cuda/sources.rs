@@ -94,6 +94,8 @@ pub struct AttnVariant {
     /// group (when the keys x heads of a stage fit its lanes), the
     /// accumulator rescaled only when a head's max grows.
     pub lean: bool,
+    /// Records a timeline of each CTA when given a buffer (benchmarks).
+    pub timeline: bool,
 }
 
 impl AttnVariant {
@@ -105,6 +107,7 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
+            timeline: false,
         }
     }
 
@@ -116,6 +119,7 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
+            timeline: false,
         }
     }
 
@@ -127,6 +131,7 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: false,
+            timeline: false,
         }
     }
 
@@ -138,6 +143,7 @@ impl AttnVariant {
             compute: true,
             stream: false,
             lean: true,
+            timeline: false,
         }
     }
 
@@ -150,6 +156,13 @@ impl AttnVariant {
 
     pub const fn lean(self) -> AttnVariant {
         AttnVariant { lean: true, ..self }
+    }
+
+    pub const fn with_timeline(self) -> AttnVariant {
+        AttnVariant {
+            timeline: true,
+            ..self
+        }
     }
 
     pub const fn read_only(self) -> AttnVariant {
@@ -210,13 +223,18 @@ impl AttnVariant {
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
         let lean = if self.lean { "_lean" } else { "" };
-        format!("{load}{}x{}{read}{nc}{lean}", self.keys, self.stages)
+        let tl = if self.timeline { "_tl" } else { "" };
+        format!("{load}{}x{}{read}{nc}{lean}{tl}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 11] = [
+    AttnVariant::registers(AttnLoad::Prefetch, 2)
+        .streaming()
+        .lean()
+        .with_timeline(),
     AttnVariant::bulk(2, 4),
     AttnVariant::bulk(2, 6),
     AttnVariant::bulk(4, 3),

@@ -53,6 +53,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// The daemon's kernel again with each of these split counts forced.
     pub splits: Vec<usize>,
+    /// Print a timeline of one launch per case (`timeline_of`).
+    pub timeline: bool,
 }
 
 /// One timed kernel on one case.
@@ -214,6 +216,7 @@ pub fn run(opts: &Options) -> Result<()> {
         kernel,
         head_major,
         coop: None,
+        timeline: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
         splits: Some(n),
@@ -275,6 +278,9 @@ pub fn run(opts: &Options) -> Result<()> {
                 "gbps": gbps, "fraction_of_copy": frac, "rotation_sets": d.steps.len(),
             }));
         }
+        if opts.timeline {
+            timeline_of(&gpu, &mut d, (batch, ctx))?;
+        }
     }
     println!(
         "\n{:>5} {:>7} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
@@ -295,6 +301,73 @@ pub fn run(opts: &Options) -> Result<()> {
                 "results": rows,
             }),
         )?;
+    }
+    Ok(())
+}
+
+/// Where the time of one launch goes: the default kernel's timeline
+/// variant, after a warm-up, records the global timer (ns) at six points of
+/// every CTA (`TL_*` in attention.cu); printed as quantiles over the CTAs,
+/// in microseconds after the first CTA started.
+fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Result<()> {
+    const POINTS: [&str; 6] = ["entry", "loop", "loop end", "published", "merge", "exit"];
+    let v = AttnVariant::default_for(HEAD_DIM, 4).with_timeline();
+    let mut force = AttnForce {
+        kernel: Some(AttnKernel::Main(v)),
+        ..AttnForce::default()
+    };
+    time_kernel(gpu, d, force, (0.0, 5))?;
+    let plan = gpu.attention_plan(&shape(), batch, ctx, force);
+    let ctas = batch * KV_HEADS * plan.chunks * plan.splits;
+    let buf = gpu.alloc_zeroed::<u64>(8 * ctas)?;
+    force.timeline = Some(gpu.ptr(&buf));
+    let io = AttnIo {
+        qkv: &d.qkv,
+        kv: &d.kv,
+        layer: 0,
+        out: &mut d.out,
+    };
+    gpu.attention(&d.steps[0], io, shape(), force)?;
+    let t = gpu.download(&buf, 8 * ctas)?;
+    let t0 = t.chunks(8).map(|c| c[0]).min().unwrap_or(0);
+    let sms = {
+        let mut s: Vec<u64> = t.chunks(8).map(|c| c[7]).collect();
+        s.sort_unstable();
+        s.dedup();
+        s.len()
+    };
+    println!(
+        "\ntimeline of {batch} x {ctx}: {ctas} CTAs on {sms} SMs, {} splits, {} merge; \
+         us after the first CTA started (over the CTAs that reach the point)",
+        plan.splits,
+        if plan.splits == 1 {
+            "no"
+        } else if plan.coop {
+            "cooperative"
+        } else {
+            "last-CTA"
+        }
+    );
+    println!(
+        "{:>10} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "point", "CTAs", "min", "p10", "p50", "p90", "max"
+    );
+    for (i, name) in POINTS.iter().enumerate() {
+        let mut us: Vec<f64> = t
+            .chunks(8)
+            .filter(|c| c[i] != 0)
+            .map(|c| c[i].saturating_sub(t0) as f64 / 1e3)
+            .collect();
+        if us.is_empty() {
+            continue;
+        }
+        let n = us.len();
+        let (p50, p10, p90) = quantiles(&mut us);
+        println!(
+            "{name:>10} {n:>6} {:>8.2} {p10:>8.2} {p50:>8.2} {p90:>8.2} {:>8.2}",
+            us[0],
+            us[n - 1]
+        );
     }
     Ok(())
 }

@@ -236,6 +236,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         kernel: c.kernel,
         head_major: c.head_major,
         coop: c.coop,
+        timeline: None,
     };
     let plan =
         cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;

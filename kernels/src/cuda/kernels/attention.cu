@@ -56,7 +56,31 @@ struct AttnParams {
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
     u32 coop;              // splits merged by all CTAs (cooperative launch only)
+    u64* timeline;         // timeline variants: 8 timestamps per CTA (or null)
 };
+
+// Timeline variants (benchmarks only): thread 0 of each CTA records the
+// global timer (ns) at the points of TL_* into p.timeline[cta * 8 + point],
+// and its SM in slot 7.
+#define TL_ENTRY 0
+#define TL_LOOP 1       // the table slice staged, the key loop starts
+#define TL_LOOP_END 2
+#define TL_PUBLISHED 3  // the partial written and counted
+#define TL_MERGE 4      // the merge starts (cooperative: every split arrived)
+#define TL_EXIT 5
+
+__device__ __forceinline__ void tl_mark(u64* tl, int point) {
+    if (tl != nullptr && threadIdx.x == 0) {
+        u64 t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        tl[point] = t;
+        if (point == TL_ENTRY) {
+            u32 sm;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+            tl[7] = sm;
+        }
+    }
+}
 
 __device__ __forceinline__ u32 shared_addr(const void* p) {
     u32 a;
@@ -210,7 +234,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 // group): [arrived, done]; the CTA that completes "done" (every CTA has
 // stopped reading "arrived") zeroes both for the next launch.
 template <int D, int G>
-__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split) {
+__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
     __shared__ int sm_reset;
     const u32 S = gridDim.z;
     u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
@@ -219,6 +243,7 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
     if (threadIdx.x == 0) {
         // Release (cumulative over the barrier): the partial before the count.
         asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
+        tl_mark(tl, TL_PUBLISHED);
         u32 n;
         for (;;) {
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
@@ -228,6 +253,7 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
         u32 old;
         asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done) : "memory");
         sm_reset = old == S - 1;
+        tl_mark(tl, TL_MERGE);
     }
     __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -288,7 +314,7 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
 // CTA's partial, and the last CTA of the (row, head group) merges them.
 template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
-                                             unsigned char* smem, float* sm_m) {
+                                             unsigned char* smem, float* sm_m, u64* tl = nullptr) {
     __shared__ int sm_last;
     __shared__ float sm_head[8][2];  // per head: CTA max, CTA sum
     const float* sm_acc = (const float*)smem;
@@ -326,7 +352,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (!split_mode) return;
     if (p.coop) {
-        merge_cooperative<D, G>(p, row, yi, ny, h0, split);
+        merge_cooperative<D, G>(p, row, yi, ny, h0, split, tl);
         return;
     }
 
@@ -337,9 +363,11 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     __syncthreads();
     u32* counter = p.counters + 2 * ((u64)row * ny + yi);
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    tl_mark(tl, TL_PUBLISHED);
     __syncthreads();
     if (!sm_last) return;
     __threadfence();
+    tl_mark(tl, TL_MERGE);
     if (tid == 0) *counter = 0;  // ready for the next launch
     merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
 }
@@ -392,7 +420,8 @@ __device__ __forceinline__ void rowgroup_sum(float (&x)[N], int lane) {
     for (int j = 0; j < N; j++) x[j] = __shfl_sync(0xffffffffu, mine, j * (L / N), L);
 }
 
-template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false>
+template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false,
+          bool TL = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -409,6 +438,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
     const u32 split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid % LPR, rg = tid / LPR;
+    u64* tl = TL && p.timeline != nullptr ? p.timeline + 8 * ((u64)blockIdx.z * gridDim.x + blockIdx.x) : nullptr;
+    tl_mark(tl, TL_ENTRY);
 
     // Independent loads first: the row's key count and table start, q.
     const u32 kv_len = p.kv_len[row];
@@ -453,6 +484,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     __syncthreads();
 
     const u32 n_stages = (n_keys + KS - 1) / KS;
+    tl_mark(tl, TL_LOOP);
     const u32 ring_base = shared_addr(ring) + tid * 16;
     // Bulk mode: stage s holds the K rows of its keys, then the V rows
     // (pages in key order, so key k of the stage sits at k * D * 2).
@@ -647,6 +679,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
 #undef VW
     }
     if constexpr (MODE == LOAD_RING) cp_async_wait<0>();
+    tl_mark(tl, TL_LOOP_END);
     if constexpr (!COMPUTE) {
         // Never true for random data; keeps the loads.
         if (sink == 0x9e3779b9u) p.out[0] = (float)sink;
@@ -678,7 +711,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m, tl);
+    tl_mark(tl, TL_EXIT);
 }
 
 // ---------------------------------------------------------------------------
@@ -932,11 +966,13 @@ ATTN_MMA(128, 4, 3)
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
 // what the loop's loads alone reach. sources.rs lists the instances.
-#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB)                  \
+#define ATTN_KT(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, TL, SUFFIX, MINB)              \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
         attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
-        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN>(p);                           \
+        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN, TL>(p);                       \
     }
+#define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB) \
+    ATTN_KT(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, false, SUFFIX, MINB)
 #define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB) \
     ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, false, SUFFIX, MINB)
 #define ATTN_K(D, G, U, P, MODE, TAG, COMPUTE, SUFFIX, MINB) \
@@ -961,6 +997,8 @@ ATTN_KL(128, 4, 2, 4, LOAD_BULK, bulk, true, false, true, _lean, 4)
 ATTN_KL(128, 4, 2, 6, LOAD_BULK, bulk, true, false, true, _lean, 4)
 ATTN_KL(128, 4, 2, 4, LOAD_BULK, bulk, false, false, true, _read_lean, 4)
 ATTN_KL(128, 4, 4, 3, LOAD_BULK, bulk, true, false, true, _lean, 4)
+// The default with a timeline (bench-attention --timeline).
+ATTN_KT(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, true, _nc_lean_tl, 4)
 
 struct ReadParams {
     const uint4* src;
