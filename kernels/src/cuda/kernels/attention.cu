@@ -222,7 +222,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 }
 
 // Most splits the cooperative merge takes: 8 per lane.
-#define COOP_MAX_SPLITS 256
+#define COOP_MAX_SPLITS 256  // at most COOP_EPOCH
 
 // The cooperative merge (a cooperative launch: every CTA of the grid is
 // resident, so a CTA may wait for the others). Every CTA of a (row, head
@@ -230,29 +230,32 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 // share of the output: float4 items split, split + S, ..., one per warp,
 // each a weighted sum over the S partials that the warp's lanes load at
 // once (one round of loads) and sum in a fixed order (lane-local, then a
-// butterfly), so the bits do not depend on timing. Counters per (row, head
-// group): [arrived, done]; the CTA that completes "done" (every CTA has
-// stopped reading "arrived") zeroes both for the next launch.
+// butterfly), so the bits do not depend on timing.
+//
+// The counter is never reset: the S CTAs of a launch add COOP_EPOCH in all
+// (split s adds its share), so it rests at a multiple of COOP_EPOCH between
+// launches, whatever their split counts, and each CTA reads its launch's
+// target off the value its own addition returns (wrapping is harmless:
+// 2^32 is a multiple of COOP_EPOCH). The last CTA to add sees the target at
+// once; the others poll.
+#define COOP_EPOCH 1024u
 template <int D, int G>
 __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
-    __shared__ int sm_reset;
     const u32 S = gridDim.z;
     u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
-    u32* done = arrived + 1;
     __syncthreads();  // every thread's piece of the partial is written
     if (threadIdx.x == 0) {
-        // Release (cumulative over the barrier): the partial before the count.
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
-        tl_mark(tl, TL_PUBLISHED);
+        const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
         u32 n;
-        for (;;) {
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
-            if (n >= S) break;
+        // Release (cumulative over the barrier): the partial before the count.
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(n) : "l"(arrived), "r"(add) : "memory");
+        tl_mark(tl, TL_PUBLISHED);
+        const u32 target = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
+        n += add;
+        while ((int)(n - target) < 0) {
             __nanosleep(32);
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
         }
-        u32 old;
-        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done) : "memory");
-        sm_reset = old == S - 1;
         tl_mark(tl, TL_MERGE);
     }
     __syncthreads();
@@ -301,10 +304,6 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
             *(float4*)(p.out + (u64)row * p.num_heads * D + (h0 + g) * D + d) =
                 make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
         }
-    }
-    if (threadIdx.x == 0 && sm_reset) {
-        *arrived = 0;
-        *done = 0;
     }
 }
 
@@ -361,7 +360,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
-    u32* counter = p.counters + 2 * ((u64)row * ny + yi);
+    u32* counter = p.counters + 2 * ((u64)row * ny + yi) + 1;  // [0] is the cooperative merge's
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
     tl_mark(tl, TL_PUBLISHED);
     __syncthreads();
