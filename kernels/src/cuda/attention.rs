@@ -103,10 +103,7 @@ pub const MAX_SPLITS: usize = 1024;
 /// The cooperative merge pays where the last CTA would read many partials
 /// (kernels/ATTENTION.md); it takes at most `COOP_MAX_SPLITS` (attention.cu).
 const COOP_MIN_SPLITS: usize = 32;
-/// Partials per CTA in the cooperative merge (one per warp) and the most
-/// one (row, head) may have (`COOP_PER_LANE` x 32 in attention.cu).
-const COOP_PARTS: usize = ATTENTION_THREADS / 32;
-const COOP_MAX_SPLITS: usize = 12 * 32 / COOP_PARTS;
+const COOP_MAX_SPLITS: usize = 256;
 
 impl AttnPlan {
     /// One wave: when `rows x kv_heads x chunks` CTAs leave some of the
@@ -328,8 +325,7 @@ impl Gpu {
         };
         let (k, vv) = kv.layer_ptrs(self, layer)?;
         let [part_acc, part_ml, counters] = if plan.splits > 1 {
-            let parts = if plan.coop { COOP_PARTS } else { 1 };
-            let n = rows * shape.num_heads * plan.splits * parts;
+            let n = rows * shape.num_heads * plan.splits;
             self.attention_workspace()
                 .ensure(self, n * d, n * 2, rows * y * 2)?
         } else {
@@ -370,11 +366,8 @@ impl Gpu {
         // (checked at upload) whose ids are below num_blocks (max checked),
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
-        // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With
-        // splits > 1 the workspace holds rows x num_heads x splits partials
-        // (one per warp: x COOP_PARTS for the cooperative merge) and rows x
-        // y counter pairs (zero, or a multiple of 1024 for the cooperative
-        // merge's),
+        // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With splits > 1 the workspace holds rows x
+        // num_heads x splits partials and rows x y zeroed counter pairs,
         // and no other launch uses it concurrently (one stream). A
         // cooperative merge waits for the other CTAs of its row and head
         // group: the cooperative launch guarantees they are all resident
@@ -506,6 +499,6 @@ mod tests {
         // More splits than the cooperative merge takes.
         let one_cta = shape(8, 1);
         let wide = AttnPlan::new(&one_cta, 1, 131_072, 4 * SLOTS, on);
-        assert!(wide.splits > COOP_MAX_SPLITS && !wide.coop, "{wide:?}");
+        assert!(wide.splits > 256 && !wide.coop, "{wide:?}");
     }
 }

@@ -104,13 +104,13 @@ fn cases() -> Vec<Case> {
     ));
     // Both merges where either could run: the cooperative one (every CTA
     // resident: 24 CTAs x 20 splits fill less than a wave; 16 x 33 by the
-    // plan; 96 splits of one CTA, the most it takes; head size 64 with 3
-    // heads per CTA) and the last CTA's.
+    // plan; 128 splits of one CTA, head size 64 with 3 heads per CTA) and
+    // the last CTA's.
     for coop in [true, false] {
         for (heads, seqs, splits) in [
             ((32, 8, 128), decode(&[3001, 20_000, 1]), Some(20)),
             ((32, 8, 128), decode(&[20_000, 5]), None),
-            ((8, 1, 128), decode(&[8191]), Some(96)),
+            ((8, 1, 128), decode(&[8191]), None),
             ((9, 3, 64), decode(&[8191, 700]), None),
             ((4, 1, 256), decode(&[4000]), Some(40)),
         ] {

@@ -221,61 +221,59 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
+// Most splits the cooperative merge takes: 8 per lane.
+#define COOP_MAX_SPLITS 256  // at most COOP_EPOCH
+
 // The cooperative merge (a cooperative launch: every CTA of the grid is
-// resident, so a CTA may wait for the others). Every publisher (a warp of
-// the SIMT kernel, a CTA of the tensor-core one) of a (row, head group)
-// writes its partial, counts it, waits until all have, and the CTA of
-// split s then merges the output's float4 items s, s + S, ..., one per
-// warp, each a weighted sum over every partial that the warp's lanes load
-// at once (one round of loads) and add in a fixed order (lane-local, then
-// a butterfly), so the bits do not depend on timing.
+// resident, so a CTA may wait for the others). Every CTA of a (row, head
+// group) publishes its partial, waits until all S have, then merges its
+// share of the output: float4 items split, split + S, ..., one per warp,
+// each a weighted sum over the S partials that the warp's lanes load at
+// once (one round of loads) and sum in a fixed order (lane-local, then a
+// butterfly), so the bits do not depend on timing.
 //
-// The counter is never reset: the publishers of a launch add COOP_EPOCH in
-// all (publisher i its share), so it rests at a multiple of COOP_EPOCH
-// between launches, whatever their split counts, and each publisher reads
-// its launch's target off the value its own addition returns (wrapping is
-// harmless: 2^32 is a multiple of COOP_EPOCH). The last to add sees the
-// target at once; the others poll.
+// The counter is never reset: the S CTAs of a launch add COOP_EPOCH in all
+// (split s adds its share), so it rests at a multiple of COOP_EPOCH between
+// launches, whatever their split counts, and each CTA reads its launch's
+// target off the value its own addition returns (wrapping is harmless:
+// 2^32 is a multiple of COOP_EPOCH). The last CTA to add sees the target at
+// once; the others poll.
 #define COOP_EPOCH 1024u
-// Partials one lane of the merge loads: at most 32 x 12 per (row, head).
-#define COOP_PER_LANE 12
-
-// One thread of publisher `who` of `n`, after its partial is written (and
-// ordered before this by a barrier): count it, wait for the others.
-__device__ __forceinline__ void coop_arrive_wait(u32* arrived, u32 who, u32 n, u64* tl) {
-    const u32 add = COOP_EPOCH / n + (who < COOP_EPOCH % n ? 1u : 0u);
-    u32 c;
-    // Release (cumulative over the barrier): the partial before the count.
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(c) : "l"(arrived), "r"(add) : "memory");
-    tl_mark(tl, TL_PUBLISHED);
-    const u32 target = (c & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
-    c += add;
-    while ((int)(c - target) < 0) {
-        __nanosleep(32);
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(c) : "l"(arrived) : "memory");
-    }
-    tl_mark(tl, TL_MERGE);
-}
-
-// This warp's items of the merge over `np` partials per (row, head) (after
-// coop_arrive_wait): items first, first + step, ...
 template <int D, int G>
-__device__ __forceinline__ void coop_merge_items(const AttnParams& p, u32 row, u32 h0, u32 np, u32 first,
-                                                 u32 step) {
-    const int lane = threadIdx.x & 31;
+__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
+    const u32 S = gridDim.z;
+    u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
+    __syncthreads();  // every thread's piece of the partial is written
+    if (threadIdx.x == 0) {
+        const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
+        u32 n;
+        // Release (cumulative over the barrier): the partial before the count.
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(n) : "l"(arrived), "r"(add) : "memory");
+        tl_mark(tl, TL_PUBLISHED);
+        const u32 target = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
+        n += add;
+        while ((int)(n - target) < 0) {
+            __nanosleep(32);
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
+        }
+        tl_mark(tl, TL_MERGE);
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr u32 ITEMS = G * D / 4;
-    for (u32 i = first; i < ITEMS; i += step) {
+    constexpr int PER_LANE = COOP_MAX_SPLITS / 32;
+    for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
         const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
-        const u64 base = ((u64)row * p.num_heads + h0 + g) * np;
-        float ms[COOP_PER_LANE], ls[COOP_PER_LANE];
-        float4 as[COOP_PER_LANE];
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
+        float ms[PER_LANE], ls[PER_LANE];
+        float4 as[PER_LANE];
 #pragma unroll
-        for (int k = 0; k < COOP_PER_LANE; k++) {
+        for (int k = 0; k < PER_LANE; k++) {
             const u32 sp = lane + 32 * k;
             ms[k] = NEG_INF;
             ls[k] = 0.0f;
             as[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (sp < np) {
+            if (sp < S) {
                 ms[k] = ldcg(p.part_ml + 2 * (base + sp));
                 ls[k] = ldcg(p.part_ml + 2 * (base + sp) + 1);
                 as[k] = ldcg4(p.part_acc + (base + sp) * D + d);
@@ -283,12 +281,12 @@ __device__ __forceinline__ void coop_merge_items(const AttnParams& p, u32 row, u
         }
         float mx = NEG_INF;
 #pragma unroll
-        for (int k = 0; k < COOP_PER_LANE; k++) mx = fmaxf(mx, ms[k]);
+        for (int k = 0; k < PER_LANE; k++) mx = fmaxf(mx, ms[k]);
         mx = warp_max(mx);
         float l = 0.0f;
         float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-        for (int k = 0; k < COOP_PER_LANE; k++) {
+        for (int k = 0; k < PER_LANE; k++) {
             const float w = ms[k] == NEG_INF ? 0.0f : exp2f(ms[k] - mx);
             l += w * ls[k];
             a.x += w * as[k].x;
@@ -307,17 +305,6 @@ __device__ __forceinline__ void coop_merge_items(const AttnParams& p, u32 row, u
                 make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
         }
     }
-}
-
-// The cooperative merge with one partial per CTA (the tensor-core kernel).
-template <int D, int G>
-__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
-    const u32 S = gridDim.z;
-    __syncthreads();  // every thread's piece of the partial is written
-    if (threadIdx.x == 0) coop_arrive_wait(p.counters + 2 * ((u64)row * ny + yi), split, S, tl);
-    __syncthreads();
-    const int warp = threadIdx.x >> 5;
-    coop_merge_items<D, G>(p, row, h0, S, split + warp * S, (ATT_THREADS / 32) * S);
 }
 
 // The end of a CTA: the NR row groups' partial results, in shared memory
@@ -695,45 +682,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     if constexpr (!COMPUTE) {
         // Never true for random data; keeps the loads.
         if (sink == 0x9e3779b9u) p.out[0] = (float)sink;
-        return;
-    }
-
-    if (gridDim.z > 1 && p.coop) {
-        // The cooperative merge, one partial per warp: its row groups merged
-        // by shuffles (a + b == b + a, so both lanes of a pair agree), then
-        // written, counted and merged with no barrier of the CTA.
-        constexpr int WARPS = ATT_THREADS / 32;
-        const int warp = tid >> 5, wl = tid & 31;
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-#pragma unroll
-            for (int o = LPR; o < 32; o <<= 1) {
-                const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
-                const float mm = fmaxf(m[g], mo);
-                const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - mm);
-                const float fo = mo == NEG_INF ? 0.0f : exp2f(mo - mm);
-                l[g] = l[g] * f + __shfl_xor_sync(0xffffffffu, l[g], o) * fo;
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[g][j] = acc[g][j] * f + __shfl_xor_sync(0xffffffffu, acc[g][j], o) * fo;
-                m[g] = mm;
-            }
-        }
-        const u32 np = WARPS * gridDim.z;
-        if (wl < LPR) {
-#pragma unroll
-            for (int g = 0; g < G; g++) {
-                const u64 idx = ((u64)row * p.num_heads + h0 + g) * np + split * WARPS + warp;
-                float4* dst = (float4*)(p.part_acc + idx * D + wl * 8);
-                dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
-                dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
-                if (wl == 0) *(float2*)(p.part_ml + 2 * idx) = make_float2(m[g], l[g]);
-            }
-        }
-        __syncwarp();
-        if (wl == 0) coop_arrive_wait(p.counters + 2 * ((u64)row * ny + yi), split * WARPS + warp, np, tl);
-        __syncwarp();
-        coop_merge_items<D, G>(p, row, h0, np, split + warp * gridDim.z, WARPS * gridDim.z);
-        tl_mark(tl, TL_EXIT);
         return;
     }
 
