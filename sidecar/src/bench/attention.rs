@@ -310,7 +310,15 @@ pub fn run(opts: &Options) -> Result<()> {
 /// every CTA (`TL_*` in attention.cu); printed as quantiles over the CTAs,
 /// in microseconds after the first CTA started.
 fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Result<()> {
-    const POINTS: [&str; 6] = ["entry", "loop", "loop end", "published", "merge", "exit"];
+    const POINTS: [(usize, &str); 7] = [
+        (0, "entry"),
+        (1, "loop"),
+        (2, "loop end"),
+        (6, "all loops"),
+        (3, "published"),
+        (4, "merge"),
+        (5, "exit"),
+    ];
     let v = AttnVariant::default_for(HEAD_DIM, 4).with_timeline();
     let mut force = AttnForce {
         kernel: Some(AttnKernel::Main(v)),
@@ -352,7 +360,7 @@ fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Res
         "{:>10} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "point", "CTAs", "min", "p10", "p50", "p90", "max"
     );
-    for (i, name) in POINTS.iter().enumerate() {
+    for &(i, name) in &POINTS {
         let mut us: Vec<f64> = t
             .chunks(8)
             .filter(|c| c[i] != 0)
@@ -369,5 +377,58 @@ fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Res
             us[n - 1]
         );
     }
+    // Who ends the key loop late: by the CTAs sharing its SM, and by launch
+    // order (the buffer is in launch order).
+    let loop_end = |c: &[u64]| c[2].saturating_sub(t0) as f64 / 1e3;
+    let mut per_sm = std::collections::HashMap::new();
+    for c in t.chunks(8) {
+        *per_sm.entry(c[7]).or_insert(0usize) += 1;
+    }
+    let mut by_share = std::collections::BTreeMap::new();
+    for c in t.chunks(8) {
+        let e = by_share.entry(per_sm[&c[7]]).or_insert((0.0, 0usize));
+        e.0 += loop_end(c);
+        e.1 += 1;
+    }
+    let shares: Vec<String> = by_share
+        .iter()
+        .map(|(k, (sum, n))| format!("{k} per SM: {:.2} ({n} CTAs)", sum / *n as f64))
+        .collect();
+    println!("mean loop end, by CTAs on the SM: {}", shares.join(", "));
+    let quarters: Vec<String> = t
+        .chunks(8)
+        .collect::<Vec<_>>()
+        .chunks(ctas.div_ceil(4))
+        .map(|q| {
+            format!(
+                "{:.2}",
+                q.iter().map(|c| loop_end(c)).sum::<f64>() / q.len() as f64
+            )
+        })
+        .collect();
+    println!(
+        "mean loop end, by quarter of launch order: {}",
+        quarters.join(", ")
+    );
+    // The launch floor: an almost empty kernel of a full grid, timed alike.
+    let tiny = gpu.alloc_zeroed::<u8>(16)?;
+    let mut sink = gpu.alloc_zeroed::<f32>(1)?;
+    let spans = (0..200)
+        .map(|_| gpu.span())
+        .collect::<Result<Vec<_>, _>>()?;
+    for s in &spans {
+        s.start(gpu)?;
+        gpu.read_all(&tiny, &mut sink)?;
+        s.stop(gpu)?;
+    }
+    let mut us = spans
+        .iter()
+        .map(|s| Ok(s.ms()? * 1e3))
+        .collect::<Result<Vec<f64>>>()?;
+    let (p50, ..) = quantiles(&mut us);
+    println!(
+        "an empty launch of {} CTAs, event to event: {p50:.2} us (median of 200)",
+        gpu.info().sm_count * 8
+    );
     Ok(())
 }

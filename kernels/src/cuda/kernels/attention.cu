@@ -68,6 +68,7 @@ struct AttnParams {
 #define TL_PUBLISHED 3  // the partial written and counted
 #define TL_MERGE 4      // the merge starts (cooperative: every split arrived)
 #define TL_EXIT 5
+#define TL_ALL_LOOPS 6  // every warp of the CTA is out of the key loop
 
 __device__ __forceinline__ void tl_mark(u64* tl, int point) {
     if (tl != nullptr && threadIdx.x == 0) {
@@ -691,6 +692,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     float* sm_m = (float*)(smem + Smem::A);     // [RG][G]
     float* sm_l = sm_m + RG * G;                // [RG][G]
     __syncthreads();
+    tl_mark(tl, TL_ALL_LOOPS);
     if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
