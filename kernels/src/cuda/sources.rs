@@ -73,9 +73,6 @@ pub enum AttnLoad {
     /// A warp per page, `cp.async` into a per-warp ring of `stages` stages,
     /// both products on tensor cores (mma.sync).
     Mma,
-    /// Whole pages copied by one thread (`cp.async.bulk`, the TMA engine)
-    /// into a ring of `stages` stages in shared memory, with mbarriers.
-    Bulk,
 }
 
 /// The shape of the attention kernel's key loop: `keys` keys per row group
@@ -135,18 +132,6 @@ impl AttnVariant {
         }
     }
 
-    pub const fn bulk(keys: usize, stages: usize) -> AttnVariant {
-        AttnVariant {
-            load: AttnLoad::Bulk,
-            keys,
-            stages,
-            compute: true,
-            stream: false,
-            lean: true,
-            timeline: false,
-        }
-    }
-
     pub const fn streaming(self) -> AttnVariant {
         AttnVariant {
             stream: true,
@@ -196,18 +181,9 @@ impl AttnVariant {
                 ATTENTION_THREADS / 32 * self.stages * 2 * 16 * d * 2,
                 8 * ATTENTION_THREADS / 32 * d * 4,
             ),
-            AttnLoad::Bulk => (
-                self.stages * 4096 * self.keys,
-                g * ATTENTION_THREADS * 8 * 4,
-            ),
             _ => (0, g * ATTENTION_THREADS * 8 * 4),
         };
-        // Bulk mode: two mbarriers per stage.
-        let bars = match self.load {
-            AttnLoad::Bulk => 16 * self.stages,
-            _ => 0,
-        };
-        ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4 + bars
+        ring.max(merge) + ATTENTION_MAX_SPLIT_PAGES * 4
     }
 
     /// Short name: `ring4x3`, `direct4x1`, `prefetch2x1`, `mma3`,
@@ -217,7 +193,6 @@ impl AttnVariant {
             AttnLoad::Ring => "ring",
             AttnLoad::Direct => "direct",
             AttnLoad::Prefetch => "prefetch",
-            AttnLoad::Bulk => "bulk",
             AttnLoad::Mma => return format!("mma{}", self.stages),
         };
         let read = if self.compute { "" } else { "_read" };
@@ -230,15 +205,11 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 11] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
     AttnVariant::registers(AttnLoad::Prefetch, 2)
         .streaming()
         .lean()
         .with_timeline(),
-    AttnVariant::bulk(2, 4),
-    AttnVariant::bulk(2, 6),
-    AttnVariant::bulk(4, 3),
-    AttnVariant::bulk(2, 4).read_only(),
     AttnVariant::registers(AttnLoad::Prefetch, 2).streaming(),
     AttnVariant::registers(AttnLoad::Prefetch, 2),
     AttnVariant::mma(3),

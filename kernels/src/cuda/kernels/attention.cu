@@ -122,62 +122,14 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
 #define LOAD_RING 0      // cp.async into a per-thread P-stage shared-memory ring
 #define LOAD_DIRECT 1    // LDG.128 straight into registers, then compute (issue 4's way)
 #define LOAD_PREFETCH 2  // LDG.128 into registers, one stage ahead of the compute
-#define LOAD_BULK 3      // whole pages by one thread (cp.async.bulk) into a P-stage ring
-
-// A stage of U keys per row group is always 4096 * U bytes of K and V
-// (KS = U * 1024 / D keys of D bf16, twice).
-#define BULK_STAGE_BYTES(U) (4096 * (U))
 
 template <int G, int U, int P, int MODE>
 struct AttnSmem {
-    static constexpr int RING = MODE == LOAD_RING   ? P * U * 2 * ATT_THREADS * 16
-                                : MODE == LOAD_BULK ? P * BULK_STAGE_BYTES(U)
-                                                    : 0;
+    static constexpr int RING = MODE == LOAD_RING ? P * U * 2 * ATT_THREADS * 16 : 0;
     static constexpr int MERGE = G * ATT_THREADS * 8 * 4;
     static constexpr int A = RING > MERGE ? RING : MERGE;
-    // Bulk mode: a "full" and an "empty" mbarrier per stage, after the table.
-    static constexpr int BARS = MODE == LOAD_BULK ? 2 * P * 8 : 0;
-    static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4 + BARS;
+    static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
 };
-
-// mbarriers and bulk copies (sm_90) for LOAD_BULK.
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-
-// Waits until the barrier's phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-    asm volatile(
-        "{\n"
-        ".reg .pred done;\n"
-        "WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n"
-        "}" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-
-// `bytes` from global memory into this CTA's shared memory, counted on `bar`.
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                 "l"(src), "r"(bytes), "r"(bar)
-                 : "memory");
-}
-
-__device__ __forceinline__ uint4 lds16(u32 addr) {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
-    return v;
-}
 
 // The last CTA of a (row, head group) combines every split's partial:
 // M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
@@ -463,56 +415,12 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
     const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    // Bulk mode: stage s of the ring fills when its "full" barrier's phase
-    // s / P completes (one arrival with the byte count, then the copies);
-    // it may be refilled when its "empty" barrier's phase s / P completes
-    // (one arrival per warp).
-    const u32 bars = shared_addr(smem + Smem::A + MAX_SPLIT_PAGES * 4);
-    auto full = [&](u32 slot) { return bars + slot * 8; };
-    auto empty = [&](u32 slot) { return bars + (P + slot) * 8; };
-    if constexpr (MODE == LOAD_BULK) {
-        if (tid == 0) {
-#pragma unroll
-            for (int i = 0; i < P; i++) {
-                mbar_init(full(i), 1);
-                mbar_init(empty(i), ATT_THREADS / 32);
-            }
-            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        }
-    }
     for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
     __syncthreads();
 
     const u32 n_stages = (n_keys + KS - 1) / KS;
     tl_mark(tl, TL_LOOP);
     const u32 ring_base = shared_addr(ring) + tid * 16;
-    // Bulk mode: stage s holds the K rows of its keys, then the V rows
-    // (pages in key order, so key k of the stage sits at k * D * 2).
-    constexpr u32 PAGE_BYTES = BLOCK_TOKENS * D * 2;
-    constexpr u32 PPS = KS / BLOCK_TOKENS;  // pages per stage
-    static_assert(MODE != LOAD_BULK || KS % BLOCK_TOKENS == 0, "a bulk stage is whole pages");
-    const u64 kv_head_off = (u64)kvh * BLOCK_TOKENS * D;
-    auto issue_bulk = [&](u32 s) {
-        const u32 slot = s % P, first = s * PPS;
-        const u32 np = min(PPS, n_pages - first);
-        const u32 dst = shared_addr(ring) + slot * BULK_STAGE_BYTES(U);
-        mbar_expect_tx(full(slot), np * 2 * PAGE_BYTES);
-        for (u32 j = 0; j < np; j++) {
-            const u64 off = (u64)pages[first + j] * p.kv_heads * BLOCK_TOKENS * D + kv_head_off;
-            bulk_copy(dst + j * PAGE_BYTES, p.k + off, PAGE_BYTES, full(slot));
-            bulk_copy(dst + (PPS + j) * PAGE_BYTES, p.v + off, PAGE_BYTES, full(slot));
-        }
-    };
-    // Bulk mode: this warp is done with stage s; thread 0 refills its slot
-    // with stage s + P once every warp is.
-    auto release_bulk = [&](u32 s) {
-        __syncwarp();
-        if ((tid & 31) == 0) mbar_arrive(empty(s % P));
-        if (tid == 0 && s + P < n_stages) {
-            mbar_wait(empty(s % P), (s / P) & 1);
-            issue_bulk(s + P);
-        }
-    };
     const u64 head_off = (u64)kvh * BLOCK_TOKENS * D + lane * 8;
     // Element offset of key k (within the split) in K or V.
     auto key_off = [&](u32 k) -> u64 {
@@ -540,9 +448,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             if (s < (int)n_stages) issue(s);
             cp_async_commit();
         }
-    } else if constexpr (MODE == LOAD_BULK) {
-        if (tid == 0)
-            for (u32 s = 0; s < P && s < n_stages; s++) issue_bulk(s);
     } else if constexpr (MODE == LOAD_PREFETCH) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -565,16 +470,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             // Slot (s + P - 1) % P was consumed by the previous iteration.
             if (s + P - 1 < n_stages) issue(s + P - 1);
             cp_async_commit();
-        } else if constexpr (MODE == LOAD_BULK) {
-            mbar_wait(full(s % P), (s / P) & 1);
-            const u32 base = shared_addr(ring) + (s % P) * BULK_STAGE_BYTES(U) + lane * 16;
-#pragma unroll
-            for (int u = 0; u < U; u++) {
-                const u32 k = u * RG + rg;
-                kw[u] = lds16(base + k * D * 2);
-                vw[u] = lds16(base + PPS * PAGE_BYTES + k * D * 2);
-            }
-            release_bulk(s);
         } else if constexpr (MODE == LOAD_DIRECT) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -994,10 +889,6 @@ ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
-ATTN_KL(128, 4, 2, 4, LOAD_BULK, bulk, true, false, true, _lean, 4)
-ATTN_KL(128, 4, 2, 6, LOAD_BULK, bulk, true, false, true, _lean, 4)
-ATTN_KL(128, 4, 2, 4, LOAD_BULK, bulk, false, false, true, _read_lean, 4)
-ATTN_KL(128, 4, 4, 3, LOAD_BULK, bulk, true, false, true, _lean, 4)
 // The default with a timeline (bench-attention --timeline).
 ATTN_KT(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, true, _nc_lean_tl, 4)
 
