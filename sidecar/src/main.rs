@@ -81,10 +81,6 @@ enum Command {
         /// of every CTA (the default kernel's timeline variant).
         #[arg(long)]
         timeline: bool,
-        /// Also time the daemon's kernel with each of these tail sizes
-        /// (pages of a split that other CTAs may take) forced.
-        #[arg(long, value_delimiter = ',')]
-        steal: Vec<usize>,
     },
     /// Decode-step time of a random model, host wall and GPU-only.
     #[command(hide = true)]
@@ -350,7 +346,6 @@ fn main() -> anyhow::Result<()> {
             only,
             splits,
             timeline,
-            steal,
         }) => {
             init_logging(LogFormat::Text);
             let cases = if cases.is_empty() {
@@ -373,7 +368,6 @@ fn main() -> anyhow::Result<()> {
                 only,
                 splits,
                 timeline,
-                steal,
             };
             Ok(tacflow_sidecar::bench::attention::run(&opts)?)
         }

@@ -66,9 +66,6 @@ pub struct AttnForce {
     /// The cooperative merge of the splits on (where the grid allows it)
     /// or off.
     pub coop: Option<bool>,
-    /// Pages at the end of each split that any CTA of its row and head
-    /// group may take (cooperative merge only).
-    pub steal: Option<usize>,
     /// Device address of `8 x CTAs` u64 that a timeline variant fills
     /// (`TL_*` in attention.cu).
     pub timeline: Option<u64>,
@@ -95,11 +92,6 @@ pub struct AttnPlan {
     /// The splits are merged by every CTA of a cooperative launch (else by
     /// the last CTA of each row and head group to finish).
     pub coop: bool,
-    /// With `coop`: the last pages of every split form a separate work
-    /// item that the first CTA of its row and head group to finish its own
-    /// split takes, so that the CTAs the memory system serves last do less
-    /// (0: none).
-    pub steal_pages: usize,
 }
 
 /// A split should stream at least this many pages (64 keys) so that its
@@ -111,20 +103,7 @@ pub const MAX_SPLITS: usize = 1024;
 /// The cooperative merge pays where the last CTA would read many partials
 /// (kernels/ATTENTION.md); it takes at most `COOP_MAX_SPLITS` (attention.cu).
 const COOP_MIN_SPLITS: usize = 32;
-/// Partials per (row, head) the cooperative merge takes (`COOP_MAX_PARTIALS`
-/// in attention.cu): a split each, and a tail each with stealing.
-const COOP_MAX_PARTIALS: usize = 256;
-const COOP_MAX_SPLITS: usize = COOP_MAX_PARTIALS;
-
-/// The pages at the end of a split that other CTAs may take: about a
-/// sixteenth (kernels/ATTENTION.md), where the merge has room for the tails.
-fn steal_pages(pages_per_split: usize, splits: usize) -> usize {
-    if 2 * splits > COOP_MAX_PARTIALS || pages_per_split < 8 {
-        0
-    } else {
-        pages_per_split.div_ceil(16)
-    }
-}
+const COOP_MAX_SPLITS: usize = 256;
 
 impl AttnPlan {
     /// One wave: when `rows x kv_heads x chunks` CTAs leave some of the
@@ -154,20 +133,12 @@ impl AttnPlan {
         let splits = pages.div_ceil(pages_per_split);
         // Every CTA must be resident to wait for the others.
         let coop_fits = splits > 1 && splits <= COOP_MAX_SPLITS && ctas * splits <= slots;
-        let coop = coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS);
-        let steal_pages = match force.steal {
-            _ if !coop => 0,
-            Some(n) if 2 * splits <= COOP_MAX_PARTIALS => n.min(pages_per_split - 1),
-            Some(_) => 0,
-            None => steal_pages(pages_per_split, splits),
-        };
         AttnPlan {
             heads_per_cta,
             chunks,
             splits,
             pages_per_split,
-            coop,
-            steal_pages,
+            coop: coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS),
             kernel: force
                 .kernel
                 .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
@@ -202,7 +173,6 @@ struct AttnParams {
     head_major: u32,
     scale_log2: f32,
     coop: u32,
-    steal_pages: u32,
     timeline: u64,
 }
 
@@ -355,9 +325,7 @@ impl Gpu {
         };
         let (k, vv) = kv.layer_ptrs(self, layer)?;
         let [part_acc, part_ml, counters] = if plan.splits > 1 {
-            // A partial per split, and one per tail with stealing.
-            let parts = if plan.steal_pages > 0 { 2 } else { 1 };
-            let n = rows * shape.num_heads * plan.splits * parts;
+            let n = rows * shape.num_heads * plan.splits;
             self.attention_workspace()
                 .ensure(self, n * d, n * 2, rows * y * 2)?
         } else {
@@ -385,7 +353,6 @@ impl Gpu {
             head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             coop: plan.coop as u32,
-            steal_pages: plan.steal_pages as u32,
             timeline: force.timeline.unwrap_or(0),
         };
         let cfg = LaunchConfig {
@@ -415,16 +382,11 @@ impl Gpu {
                      attention splits are merged by their last CTA from now on"
                 );
                 self.attention_workspace().coop_refused = true;
-                let p = AttnParams {
-                    coop: 0,
-                    steal_pages: 0,
-                    ..p
-                };
+                let p = AttnParams { coop: 0, ..p };
                 // SAFETY: as above; the last-CTA merge needs no residency.
                 unsafe { self.launch(&name, cfg, &p)? };
                 Ok(AttnPlan {
                     coop: false,
-                    steal_pages: 0,
                     ..plan
                 })
             }

@@ -55,8 +55,6 @@ pub struct Options {
     pub splits: Vec<usize>,
     /// Print a timeline of one launch per case (`timeline_of`).
     pub timeline: bool,
-    /// The daemon's kernel again with each of these tail sizes forced.
-    pub steal: Vec<usize>,
 }
 
 /// One timed kernel on one case.
@@ -65,8 +63,6 @@ struct Timing {
     kernel: String,
     splits: usize,
     pages_per_split: usize,
-    /// Pages of each split that other CTAs may take.
-    steal: usize,
     median_us: f64,
     p10_us: f64,
     p90_us: f64,
@@ -135,8 +131,7 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Main(v)) => v.tag(),
         Some(AttnKernel::Issue4) => "issue4".into(),
     };
-    let splits = f.splits.map_or(String::new(), |n| format!("/s{n}"))
-        + &f.steal.map_or(String::new(), |n| format!("/t{n}"));
+    let splits = f.splits.map_or(String::new(), |n| format!("/s{n}"));
     let coop = match f.coop {
         Some(true) => "/coop",
         Some(false) => "/last",
@@ -199,7 +194,6 @@ fn time_kernel(
         kernel: kernel_name(&force),
         splits: plan.splits,
         pages_per_split: plan.pages_per_split,
-        steal: plan.steal_pages,
         median_us,
         p10_us,
         p90_us,
@@ -222,7 +216,6 @@ pub fn run(opts: &Options) -> Result<()> {
         kernel,
         head_major,
         coop: None,
-        steal: None,
         timeline: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
@@ -237,10 +230,6 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let mut kernels = vec![force(None, None)];
     kernels.extend(forced_splits);
-    kernels.extend(opts.steal.iter().map(|&n| AttnForce {
-        steal: Some(n),
-        ..force(None, None)
-    }));
     if opts.variants {
         // The other merge of the splits (the plan's choice is the first row).
         for coop in [true, false] {
@@ -271,16 +260,11 @@ pub fn run(opts: &Options) -> Result<()> {
             let t = time_kernel(&gpu, &mut d, k, (bytes / 2.5e12 + 10e-6, opts.iters))?;
             let gbps = bytes / (t.median_us * 1e-6) / 1e9;
             let frac = gbps * 1e9 / copy;
-            let tail = if t.steal > 0 {
-                format!("-{}", t.steal)
-            } else {
-                String::new()
-            };
             table.push(format!(
-                "{batch:>5} {ctx:>7} {:>8} {:>4}x{:<6} {:>10.1} {:>10.1} {:>10.1} {:>8.0} {:>7.1}%",
+                "{batch:>5} {ctx:>7} {:>8} {:>4}x{:<5} {:>10.1} {:>10.1} {:>10.1} {:>8.0} {:>7.1}%",
                 t.kernel,
                 t.splits,
-                format!("{}{tail}", t.pages_per_split),
+                t.pages_per_split,
                 t.median_us,
                 t.p10_us,
                 t.p90_us,
@@ -289,7 +273,7 @@ pub fn run(opts: &Options) -> Result<()> {
             ));
             rows.push(json!({
                 "batch": batch, "context": ctx, "kv_bytes": bytes, "kernel": t.kernel,
-                "splits": t.splits, "pages_per_split": t.pages_per_split, "steal_pages": t.steal,
+                "splits": t.splits, "pages_per_split": t.pages_per_split,
                 "median_us": t.median_us, "p10_us": t.p10_us, "p90_us": t.p90_us,
                 "gbps": gbps, "fraction_of_copy": frac, "rotation_sets": d.steps.len(),
             }));
@@ -361,10 +345,9 @@ fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Res
         s.len()
     };
     println!(
-        "\ntimeline of {batch} x {ctx}: {ctas} CTAs on {sms} SMs, {} splits (tails of {} pages), \
-         {} merge; us after the first CTA started (over the CTAs that reach the point)",
+        "\ntimeline of {batch} x {ctx}: {ctas} CTAs on {sms} SMs, {} splits, {} merge; \
+         us after the first CTA started (over the CTAs that reach the point)",
         plan.splits,
-        plan.steal_pages,
         if plan.splits == 1 {
             "no"
         } else if plan.coop {

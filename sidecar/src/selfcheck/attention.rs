@@ -26,8 +26,6 @@ struct Case {
     head_major: Option<bool>,
     /// The cooperative merge of the splits forced on or off.
     coop: Option<bool>,
-    /// Pages of each split's tail that other CTAs may take, forced.
-    steal: Option<usize>,
 }
 
 fn cases() -> Vec<Case> {
@@ -39,7 +37,6 @@ fn cases() -> Vec<Case> {
         kernel: None,
         head_major: None,
         coop: None,
-        steal: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
     let kernels = ATTENTION_BENCH_VARIANTS
@@ -52,7 +49,6 @@ fn cases() -> Vec<Case> {
             kernel,
             head_major,
             coop: None,
-            steal: None,
             ..c(
                 (32, 8, 128),
                 &decode(&[1, 17, 1000, 3001]),
@@ -124,20 +120,6 @@ fn cases() -> Vec<Case> {
             });
         }
     }
-    // Tails taken by other CTAs (cooperative merge): partial and empty
-    // tails (the short rows), one-page tails, head size 64 and 256.
-    for (heads, seqs, splits, steal) in [
-        ((32, 8, 128), decode(&[3001, 20_000, 1]), Some(20), 3),
-        ((32, 8, 128), decode(&[20_000, 5]), None, 1),
-        ((9, 3, 64), decode(&[8191, 700]), None, 2),
-        ((4, 1, 256), decode(&[4000]), Some(40), 1),
-    ] {
-        benched.push(Case {
-            coop: Some(true),
-            steal: Some(steal),
-            ..c(heads, &seqs, &[splits], 1.0)
-        });
-    }
     benched
 }
 
@@ -159,9 +141,6 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
                 Some(true) => kernel += " coop merge",
                 Some(false) => kernel += " last-CTA merge",
                 None => {}
-            }
-            if let Some(n) = c.steal {
-                kernel += &format!(" tails of {n}");
             }
             let name = format!(
                 "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
@@ -257,7 +236,6 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         kernel: c.kernel,
         head_major: c.head_major,
         coop: c.coop,
-        steal: c.steal,
         timeline: None,
     };
     let plan =
@@ -297,16 +275,11 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
     Ok(
         compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
-            "{} heads/CTA, {} splits of {} pages{}{}",
+            "{} heads/CTA, {} splits of {} pages{}",
             plan.heads_per_cta,
             plan.splits,
             plan.pages_per_split,
-            if plan.coop { ", cooperative merge" } else { "" },
-            if plan.steal_pages > 0 {
-                format!(", tails of {} pages", plan.steal_pages)
-            } else {
-                String::new()
-            }
+            if plan.coop { ", cooperative merge" } else { "" }
         )),
     )
 }

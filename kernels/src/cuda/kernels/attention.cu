@@ -56,7 +56,6 @@ struct AttnParams {
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
     u32 coop;              // splits merged by all CTAs (cooperative launch only)
-    u32 steal_pages;       // cooperative: the last pages of each split, taken by any CTA
     u64* timeline;         // timeline variants: 8 timestamps per CTA (or null)
 };
 
@@ -70,10 +69,6 @@ struct AttnParams {
 #define TL_MERGE 4      // the merge starts (cooperative: every split arrived)
 #define TL_EXIT 5
 #define TL_ALL_LOOPS 6  // every warp of the CTA is out of the key loop
-
-__device__ __forceinline__ u64* tl_slots(const AttnParams& p) {
-    return p.timeline == nullptr ? nullptr : p.timeline + 8 * ((u64)blockIdx.z * gridDim.x + blockIdx.x);
-}
 
 __device__ __forceinline__ void tl_mark(u64* tl, int point) {
     if (tl != nullptr && threadIdx.x == 0) {
@@ -180,56 +175,49 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 }
 
 // Most splits the cooperative merge takes: 8 per lane.
-#define COOP_MAX_PARTIALS 256  // per (row, head); at most COOP_EPOCH
+#define COOP_MAX_SPLITS 256  // at most COOP_EPOCH
 
 // The cooperative merge (a cooperative launch: every CTA of the grid is
-// resident, so a CTA may wait for the others). Every partial of a (row,
-// head group) is published (written, then counted), every CTA waits until
-// all np have been, and the CTA of split s then merges the output's float4
-// items s, s + S, ..., one per warp, each a weighted sum over the np
-// partials that the warp's lanes load at once (one round of loads) and add
-// in a fixed order (lane-local, then a butterfly), so the bits do not
-// depend on timing.
+// resident, so a CTA may wait for the others). Every CTA of a (row, head
+// group) publishes its partial, waits until all S have, then merges its
+// share of the output: float4 items split, split + S, ..., one per warp,
+// each a weighted sum over the S partials that the warp's lanes load at
+// once (one round of loads) and sum in a fixed order (lane-local, then a
+// butterfly), so the bits do not depend on timing.
 //
-// The counter is never reset: the np publications of a launch add
-// COOP_EPOCH in all (publication i its share), so it rests at a multiple of
-// COOP_EPOCH between launches, whatever their partial counts, and each
-// publisher reads its launch's target off the value its own addition
-// returns (wrapping is harmless: 2^32 is a multiple of COOP_EPOCH). The
-// last to add sees the target at once; the others poll.
+// The counter is never reset: the S CTAs of a launch add COOP_EPOCH in all
+// (split s adds its share), so it rests at a multiple of COOP_EPOCH between
+// launches, whatever their split counts, and each CTA reads its launch's
+// target off the value its own addition returns (wrapping is harmless:
+// 2^32 is a multiple of COOP_EPOCH). The last CTA to add sees the target at
+// once; the others poll.
 #define COOP_EPOCH 1024u
-
-// Counts publication `who` of `np` (thread 0, after a barrier that orders
-// the partial's writes before it). Returns the count after it; `target` is
-// what the count reaches when all np are in.
-__device__ __forceinline__ u32 coop_arrive(u32* arrived, u32 who, u32 np, u32& target) {
-    const u32 add = COOP_EPOCH / np + (who < COOP_EPOCH % np ? 1u : 0u);
-    u32 n;
-    // Release (cumulative over the barrier): the partial before the count.
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(n) : "l"(arrived), "r"(add) : "memory");
-    target = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
-    return n + add;
-}
-
-// Thread 0: waits until the count `n` (last seen) reaches `target`.
-__device__ __forceinline__ void coop_wait(const u32* arrived, u32 n, u32 target) {
-    while ((int)(n - target) < 0) {
-        __nanosleep(32);
-        asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
-    }
-}
-
-// This CTA's share of the merge over np partials per (row, head): after
-// every partial is in (and a barrier after the wait).
 template <int D, int G>
-__device__ void coop_merge(const AttnParams& p, u32 row, u32 h0, u32 split, u32 np) {
+__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
     const u32 S = gridDim.z;
+    u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
+    __syncthreads();  // every thread's piece of the partial is written
+    if (threadIdx.x == 0) {
+        const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
+        u32 n;
+        // Release (cumulative over the barrier): the partial before the count.
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(n) : "l"(arrived), "r"(add) : "memory");
+        tl_mark(tl, TL_PUBLISHED);
+        const u32 target = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
+        n += add;
+        while ((int)(n - target) < 0) {
+            __nanosleep(32);
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
+        }
+        tl_mark(tl, TL_MERGE);
+    }
+    __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr u32 ITEMS = G * D / 4;
-    constexpr int PER_LANE = COOP_MAX_PARTIALS / 32;
+    constexpr int PER_LANE = COOP_MAX_SPLITS / 32;
     for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
         const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
-        const u64 base = ((u64)row * p.num_heads + h0 + g) * np;
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
         float ms[PER_LANE], ls[PER_LANE];
         float4 as[PER_LANE];
 #pragma unroll
@@ -238,7 +226,7 @@ __device__ void coop_merge(const AttnParams& p, u32 row, u32 h0, u32 split, u32 
             ms[k] = NEG_INF;
             ls[k] = 0.0f;
             as[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (sp < np) {
+            if (sp < S) {
                 ms[k] = ldcg(p.part_ml + 2 * (base + sp));
                 ls[k] = ldcg(p.part_ml + 2 * (base + sp) + 1);
                 as[k] = ldcg4(p.part_acc + (base + sp) * D + d);
@@ -272,55 +260,14 @@ __device__ void coop_merge(const AttnParams& p, u32 row, u32 h0, u32 split, u32 
     }
 }
 
-// The last CTA of a (row, head group) merges the S partials
-// (threadFenceReduction: publish the partial, count, and the one that
-// completes the count reads everyone's partial from L2). Uses the second
-// counter of the pair, which it leaves at zero.
-template <int D, int G>
-__device__ void merge_by_last(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, unsigned char* smem,
-                              float* sm_m, u64* tl) {
-    __shared__ int sm_last;
-    __threadfence();
-    __syncthreads();
-    u32* counter = p.counters + 2 * ((u64)row * ny + yi) + 1;
-    if (threadIdx.x == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
-    tl_mark(tl, TL_PUBLISHED);
-    __syncthreads();
-    if (!sm_last) return;
-    __threadfence();
-    tl_mark(tl, TL_MERGE);
-    if (threadIdx.x == 0) *counter = 0;  // ready for the next launch
-    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
-}
-
-// The end of a CTA with one partial (the tensor-core kernel): publish and
-// merge, cooperatively or by the last CTA.
-template <int D, int G>
-__device__ void merge_one_partial(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
-                                  unsigned char* smem, float* sm_m) {
-    if (gridDim.z == 1) return;
-    if (!p.coop) {
-        merge_by_last<D, G>(p, row, yi, ny, h0, smem, sm_m, nullptr);
-        return;
-    }
-    u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 target;
-        const u32 n = coop_arrive(arrived, split, gridDim.z, target);
-        coop_wait(arrived, n, target);
-    }
-    __syncthreads();
-    coop_merge<D, G>(p, row, h0, split, gridDim.z);
-}
-
-// The end of a CTA's pass over its keys: the NR row groups' partial
-// results, in shared memory as sm_acc [G][NR * D] (rescaled to each head's
-// CTA max), sm_m and sm_l [NR][G], are summed; with one split the output is
-// written, else partial `slot` of np per (row, head).
+// The end of a CTA: the NR row groups' partial results, in shared memory
+// as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
+// [NR][G], are summed; with one split the output is written, else the
+// CTA's partial, and the last CTA of the (row, head group) merges them.
 template <int D, int G, int NR>
-__device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 h0, u32 slot, u32 np,
-                                             unsigned char* smem, float* sm_m) {
+__device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
+                                             unsigned char* smem, float* sm_m, u64* tl = nullptr) {
+    __shared__ int sm_last;
     __shared__ float sm_head[8][2];  // per head: CTA max, CTA sum
     const float* sm_acc = (const float*)smem;
     const float* sm_l = sm_m + NR * G;
@@ -347,7 +294,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 h
         if (!split_mode) {
             p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
         } else {
-            const u64 idx = ((u64)row * p.num_heads + h) * np + slot;
+            const u64 idx = ((u64)row * p.num_heads + h) * gridDim.z + split;
             p.part_acc[idx * D + d] = a;
             if (d == 0) {
                 p.part_ml[2 * idx] = mm;
@@ -355,6 +302,26 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 h
             }
         }
     }
+    if (!split_mode) return;
+    if (p.coop) {
+        merge_cooperative<D, G>(p, row, yi, ny, h0, split, tl);
+        return;
+    }
+
+    // The last CTA of this (row, head group) merges (threadFenceReduction:
+    // publish the partial, count, and the one that completes the count
+    // reads everyone's partial from L2).
+    __threadfence();
+    __syncthreads();
+    u32* counter = p.counters + 2 * ((u64)row * ny + yi) + 1;  // [0] is the cooperative merge's
+    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    tl_mark(tl, TL_PUBLISHED);
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();
+    tl_mark(tl, TL_MERGE);
+    if (tid == 0) *counter = 0;  // ready for the next launch
+    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -423,7 +390,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
     const u32 split = blockIdx.z;
     const int tid = threadIdx.x, lane = tid % LPR, rg = tid / LPR;
-    u64* tl = TL ? tl_slots(p) : nullptr;
+    u64* tl = TL && p.timeline != nullptr ? p.timeline + 8 * ((u64)blockIdx.z * gridDim.x + blockIdx.x) : nullptr;
     tl_mark(tl, TL_ENTRY);
 
     // Independent loads first: the row's key count and table start, q.
@@ -438,40 +405,21 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         q[g][2] = a.z * p.scale_log2; q[g][3] = a.w * p.scale_log2;
         q[g][4] = b.x * p.scale_log2; q[g][5] = b.y * p.scale_log2;
         q[g][6] = b.z * p.scale_log2; q[g][7] = b.w * p.scale_log2;
-    }
-
-    // Work items, each one partial: the CTA's split; with stealing (the
-    // cooperative merge only), the split without its last steal_pages
-    // pages, then any split's last pages ("tails") that the CTA takes from
-    // its (row, head group)'s queue, in queue order, while any are left:
-    // partial s is split s's (main part), partial S + t tail t's. Which CTA
-    // computes a partial depends on timing; what it holds does not.
-    const u32 S = gridDim.z, pps = p.pages_per_split;
-    const u32 steal = p.coop ? p.steal_pages : 0;
-    const u32 np = steal > 0 ? 2 * S : S;
-    // Counters of the (row, head group): the cooperative merge's, and the
-    // queue of tails (the last-CTA merge's counter: zero between launches).
-    const u64 ci = 2 * ((u64)row * ny + yi);
-    u32 slot = split;
-    __shared__ u32 sm_next, sm_seen, sm_target;  // thread 0's
-    // This item: keys [t_begin, t_end) of the row.
-    u32 t_begin = split * pps * BLOCK_TOKENS;
-    u32 t_end = min(kv_len, t_begin + (pps - steal) * BLOCK_TOKENS);
-    for (u32 item = 0;; item++) {
-    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
-    const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
         m[g] = NEG_INF;
         l[g] = 0.0f;
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[g][j] = 0.0f;
     }
+
+    const u32 t_begin = split * p.pages_per_split * BLOCK_TOKENS;
+    const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
+    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
     __syncthreads();
 
     const u32 n_stages = (n_keys + KS - 1) / KS;
-    if (item == 0) tl_mark(tl, TL_LOOP);
+    tl_mark(tl, TL_LOOP);
     const u32 ring_base = shared_addr(ring) + tid * 16;
     const u64 head_off = (u64)kvh * BLOCK_TOKENS * D + lane * 8;
     // Element offset of key k (within the split) in K or V.
@@ -626,7 +574,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
 #undef VW
     }
     if constexpr (MODE == LOAD_RING) cp_async_wait<0>();
-    if (item == 0) tl_mark(tl, TL_LOOP_END);
+    tl_mark(tl, TL_LOOP_END);
     if constexpr (!COMPUTE) {
         // Never true for random data; keeps the loads.
         if (sink == 0x9e3779b9u) p.out[0] = (float)sink;
@@ -638,12 +586,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     float* sm_acc = (float*)smem;               // [G][RG * D]
     float* sm_m = (float*)(smem + Smem::A);     // [RG][G]
     float* sm_l = sm_m + RG * G;                // [RG][G]
-    // The next item, asked for before this one's partial is written (so the
-    // answer is back by then) and after every key of this one is read.
-    u32 next = S;
-    if (steal > 0 && tid == 0) next = atomicAdd(p.counters + ci + 1, 1u);
     __syncthreads();
-    if (item == 0) tl_mark(tl, TL_ALL_LOOPS);
+    tl_mark(tl, TL_ALL_LOOPS);
     if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
@@ -663,38 +607,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    combine_rows<D, G, RG>(p, row, h0, slot, np, smem, sm_m);
-    if (S == 1) return;
-    if (!p.coop) {
-        merge_by_last<D, G>(p, row, yi, ny, h0, smem, sm_m, tl);
-        tl_mark(tl, TL_EXIT);
-        return;
-    }
-    __syncthreads();  // the partial is written
-    if (tid == 0) {
-        u32 target;
-        const u32 seen = coop_arrive(p.counters + ci, slot, np, target);
-        if (item == 0) tl_mark(tl, TL_PUBLISHED);
-        // The last publication: every CTA has taken its last item.
-        if (steal > 0 && seen == target) p.counters[ci + 1] = 0;
-        sm_next = next;
-        sm_seen = seen;
-        sm_target = target;
-    }
-    __syncthreads();
-    next = sm_next;
-    if (next >= S) break;
-    // Tail `next`: the last steal_pages pages of split `next`.
-    slot = S + next;
-    t_begin = (next * pps + pps - steal) * BLOCK_TOKENS;
-    t_end = min(kv_len, (next + 1) * pps * BLOCK_TOKENS);
-    }
-    if (tid == 0) {
-        coop_wait(p.counters + ci, sm_seen, sm_target);
-        tl_mark(tl, TL_MERGE);
-    }
-    __syncthreads();
-    coop_merge<D, G>(p, row, h0, split, np);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m, tl);
     tl_mark(tl, TL_EXIT);
 }
 
@@ -934,8 +847,7 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
         sm_acc[i] *= mw == NEG_INF ? 0.0f : exp2f(mw - mm);
     }
     __syncthreads();
-    combine_rows<D, G, MMA_WARPS>(p, row, h0, split, gridDim.z, smem, sm_m);
-    merge_one_partial<D, G>(p, row, yi, ny, h0, split, smem, sm_m);
+    combine_rows<D, G, MMA_WARPS>(p, row, yi, ny, h0, split, smem, sm_m);
 }
 
 #define ATTN_MMA(D, G, P)                                                                     \
