@@ -260,23 +260,20 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
     }
 }
 
-// Per head of the CTA: its max and sum over the CTA's keys.
-__shared__ float sm_head[8][2];
-
-// The end of a CTA: the NR row groups' (or warps') partial results, in
-// shared memory as sm_acc [G][NR * D] (rescaled to each head's CTA max),
-// sm_m and sm_l [NR][G], are summed; with one split the output is written,
-// else the CTA's partial, and the last CTA of the (row, head group) merges
-// them. HEADS: sm_head is already filled (and a barrier passed).
-template <int D, int G, int NR, bool HEADS = false>
+// The end of a CTA: the NR row groups' partial results, in shared memory
+// as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
+// [NR][G], are summed; with one split the output is written, else the
+// CTA's partial, and the last CTA of the (row, head group) merges them.
+template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, float* sm_m, u64* tl = nullptr) {
     __shared__ int sm_last;
+    __shared__ float sm_head[8][2];  // per head: CTA max, CTA sum
     const float* sm_acc = (const float*)smem;
     const float* sm_l = sm_m + NR * G;
     const int tid = threadIdx.x;
     const bool split_mode = gridDim.z > 1;
-    if (!HEADS && tid < G) {
+    if (tid < G) {
         float mm = NEG_INF, ll = 0.0f;
         for (int r = 0; r < NR; r++) mm = fmaxf(mm, sm_m[r * G + tid]);
         for (int r = 0; r < NR; r++) {
@@ -286,7 +283,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
         sm_head[tid][0] = mm;
         sm_head[tid][1] = ll;
     }
-    if (!HEADS) __syncthreads();
+    __syncthreads();
     for (int i = tid; i < G * D; i += ATT_THREADS) {
         const int g = i / D, d = i % D;
         const float mm = sm_head[g][0], ll = sm_head[g][1];
@@ -584,36 +581,18 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         return;
     }
 
-    // Merge the row groups: those of a warp by shuffles (a + b == b + a, so
-    // the lanes of a pair agree), then the warps through shared memory,
-    // each rescaled to the CTA's max of the head. The ring and the table
-    // slice are free now.
-    constexpr int WARPS = ATT_THREADS / 32;
-    const int warp = tid >> 5, wl = tid & 31;
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-#pragma unroll
-        for (int o = LPR; o < 32; o <<= 1) {
-            const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
-            const float mm = fmaxf(m[g], mo);
-            const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - mm);
-            const float fo = mo == NEG_INF ? 0.0f : exp2f(mo - mm);
-            l[g] = l[g] * f + __shfl_xor_sync(0xffffffffu, l[g], o) * fo;
-#pragma unroll
-            for (int j = 0; j < 8; j++) acc[g][j] = acc[g][j] * f + __shfl_xor_sync(0xffffffffu, acc[g][j], o) * fo;
-            m[g] = mm;
-        }
-    }
-    float* sm_acc = (float*)smem;               // [G][WARPS * D]
-    float* sm_m = (float*)(smem + Smem::A);     // [WARPS][G]
-    float* sm_l = sm_m + WARPS * G;             // [WARPS][G]
+    // Merge the row groups: rescale each to the CTA's max, then sum. The
+    // ring and the table slice are free now.
+    float* sm_acc = (float*)smem;               // [G][RG * D]
+    float* sm_m = (float*)(smem + Smem::A);     // [RG][G]
+    float* sm_l = sm_m + RG * G;                // [RG][G]
     __syncthreads();
     tl_mark(tl, TL_ALL_LOOPS);
-    if (wl == 0) {
+    if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            sm_m[warp * G + g] = m[g];
-            sm_l[warp * G + g] = l[g];
+            sm_m[rg * G + g] = m[g];
+            sm_l[rg * G + g] = l[g];
         }
     }
     __syncthreads();
@@ -621,26 +600,14 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     for (int g = 0; g < G; g++) {
         float mm = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < WARPS; w++) mm = fmaxf(mm, sm_m[w * G + g]);
+        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r * G + g]);
         const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - mm);
-        if (wl < LPR) {
-            float4* dst = (float4*)(sm_acc + g * WARPS * D + warp * D + wl * 8);
-            dst[0] = make_float4(acc[g][0] * f, acc[g][1] * f, acc[g][2] * f, acc[g][3] * f);
-            dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
-        }
-        if (tid == g) {
-            float ll = 0.0f;
-#pragma unroll
-            for (int w = 0; w < WARPS; w++) {
-                const float mw = sm_m[w * G + g];
-                if (mw != NEG_INF) ll += sm_l[w * G + g] * exp2f(mw - mm);
-            }
-            sm_head[g][0] = mm;
-            sm_head[g][1] = ll;
-        }
+        float4* dst = (float4*)(sm_acc + g * RG * D + rg * D + lane * 8);
+        dst[0] = make_float4(acc[g][0] * f, acc[g][1] * f, acc[g][2] * f, acc[g][3] * f);
+        dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
     }
     __syncthreads();
-    combine_rows<D, G, WARPS, true>(p, row, yi, ny, h0, split, smem, sm_m, tl);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m, tl);
     tl_mark(tl, TL_EXIT);
 }
 
