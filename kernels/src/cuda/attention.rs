@@ -66,6 +66,8 @@ pub struct AttnForce {
     /// The cooperative merge of the splits on (where the grid allows it)
     /// or off.
     pub coop: Option<bool>,
+    /// Splits of unequal length (`AttnPlan::long_splits`) on or off.
+    pub uneven: Option<bool>,
     /// Device address of `8 x CTAs` u64 that a timeline variant fills
     /// (`TL_*` in attention.cu).
     pub timeline: Option<u64>,
@@ -86,6 +88,10 @@ pub struct AttnPlan {
     /// Splits of the context per row (1: no partials, no merge).
     pub splits: usize,
     pub pages_per_split: usize,
+    /// The first `long_splits` splits have `pages_per_split` pages, the
+    /// others one fewer: any split count covers the pages, so the plan can
+    /// fill every slot of the wave.
+    pub long_splits: usize,
     pub kernel: AttnKernel,
     /// CTA order: a row's head groups adjacent (else a head group's rows).
     pub head_major: bool,
@@ -93,6 +99,9 @@ pub struct AttnPlan {
     /// the last CTA of each row and head group to finish).
     pub coop: bool,
 }
+
+/// Splits of unequal length by default (kernels/ATTENTION.md).
+pub const UNEVEN: bool = true;
 
 /// A split should stream at least this many pages (64 keys) so that its
 /// fixed costs (q, the table slice, the partial it writes) stay small.
@@ -129,8 +138,15 @@ impl AttnPlan {
                 .min(pages / MIN_PAGES_PER_SPLIT)
                 .clamp(1, MAX_SPLITS)
         });
-        let pages_per_split = pages.div_ceil(want.max(fewest).clamp(1, pages));
-        let splits = pages.div_ceil(pages_per_split);
+        let count = want.max(fewest).clamp(1, pages);
+        let pages_per_split = pages.div_ceil(count);
+        // Unequal splits take exactly `count`; equal ones may need fewer.
+        let (splits, long_splits) = if force.uneven.unwrap_or(UNEVEN) {
+            (count, pages - count * (pages_per_split - 1))
+        } else {
+            let n = pages.div_ceil(pages_per_split);
+            (n, n)
+        };
         // Every CTA must be resident to wait for the others.
         let coop_fits = splits > 1 && splits <= COOP_MAX_SPLITS && ctas * splits <= slots;
         AttnPlan {
@@ -138,6 +154,7 @@ impl AttnPlan {
             chunks,
             splits,
             pages_per_split,
+            long_splits,
             coop: coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS),
             kernel: force
                 .kernel
@@ -173,6 +190,7 @@ struct AttnParams {
     head_major: u32,
     scale_log2: f32,
     coop: u32,
+    long_splits: u32,
     timeline: u64,
 }
 
@@ -319,6 +337,7 @@ impl Gpu {
                 return Ok(AttnPlan {
                     splits,
                     pages_per_split,
+                    long_splits: splits,
                     ..plan
                 });
             }
@@ -353,6 +372,7 @@ impl Gpu {
             head_major: plan.head_major as u32,
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             coop: plan.coop as u32,
+            long_splits: plan.long_splits as u32,
             timeline: force.timeline.unwrap_or(0),
         };
         let cfg = LaunchConfig {
@@ -431,7 +451,7 @@ mod tests {
         let plan = |rows, len| AttnPlan::new(&s, rows, len, SLOTS, AttnForce::default());
         // The benchmark shapes: one wave of equal CTAs each.
         for (rows, len, splits) in [
-            (1, 32_768, 64),
+            (1, 32_768, 66),
             (8, 32_768, 8),
             (32, 32_768, 2),
             (1, 131_072, 66),
@@ -441,13 +461,30 @@ mod tests {
         ] {
             let p = plan(rows, len);
             assert_eq!(p.splits, splits, "{rows} x {len}: {p:?}");
-            assert!(p.splits * p.pages_per_split * 16 >= len);
-            assert!(
-                (p.splits - 1) * p.pages_per_split * 16 < len,
-                "no empty split"
+            // The long splits and the short ones cover the pages exactly.
+            let pages = len.div_ceil(16);
+            assert!(p.long_splits >= 1 && p.long_splits <= p.splits, "{p:?}");
+            assert_eq!(
+                p.long_splits * p.pages_per_split
+                    + (p.splits - p.long_splits) * (p.pages_per_split - 1),
+                pages,
+                "{p:?}"
             );
             assert!(p.pages_per_split <= ATTENTION_MAX_SPLIT_PAGES);
         }
+        // Equal splits when asked: the last one may be shorter, none empty.
+        let even = AttnForce {
+            uneven: Some(false),
+            ..AttnForce::default()
+        };
+        let e = AttnPlan::new(&s, 1, 32_768, SLOTS, even);
+        assert_eq!((e.splits, e.pages_per_split, e.long_splits), (64, 32, 64));
+        let e = AttnPlan::new(&s, 1, 131_072, SLOTS, even);
+        assert_eq!((e.splits, e.pages_per_split), (66, 125));
+        assert!(
+            (e.splits - 1) * e.pages_per_split * 16 < 131_072,
+            "no empty split"
+        );
         assert_eq!(plan(1, 20).splits, 1);
         // A long context splits even when the rows fill the GPU: a CTA
         // stages at most ATTENTION_MAX_SPLIT_PAGES pages of its table.

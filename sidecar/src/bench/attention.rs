@@ -137,7 +137,8 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(false) => "/last",
         None => "",
     };
-    format!("{name}{order}{splits}{coop}")
+    let even = if f.uneven == Some(false) { "/even" } else { "" };
+    format!("{name}{order}{splits}{coop}{even}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -216,6 +217,7 @@ pub fn run(opts: &Options) -> Result<()> {
         kernel,
         head_major,
         coop: None,
+        uneven: None,
         timeline: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
@@ -238,6 +240,11 @@ pub fn run(opts: &Options) -> Result<()> {
                 ..force(None, None)
             });
         }
+        // Splits of equal length (the plan's choice is unequal).
+        kernels.push(AttnForce {
+            uneven: Some(false),
+            ..force(None, None)
+        });
         kernels.push(force(None, Some(!HEAD_MAJOR)));
         for v in ATTENTION_BENCH_VARIANTS {
             kernels.push(force(Some(AttnKernel::Main(v)), None));

@@ -26,6 +26,8 @@ struct Case {
     head_major: Option<bool>,
     /// The cooperative merge of the splits forced on or off.
     coop: Option<bool>,
+    /// Splits of unequal length forced on or off.
+    uneven: Option<bool>,
 }
 
 fn cases() -> Vec<Case> {
@@ -37,6 +39,7 @@ fn cases() -> Vec<Case> {
         kernel: None,
         head_major: None,
         coop: None,
+        uneven: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
     let kernels = ATTENTION_BENCH_VARIANTS
@@ -49,6 +52,7 @@ fn cases() -> Vec<Case> {
             kernel,
             head_major,
             coop: None,
+            uneven: None,
             ..c(
                 (32, 8, 128),
                 &decode(&[1, 17, 1000, 3001]),
@@ -120,6 +124,19 @@ fn cases() -> Vec<Case> {
             });
         }
     }
+    // Splits of equal length (the last one shorter), both merges.
+    for coop in [true, false] {
+        benched.push(Case {
+            coop: Some(coop),
+            uneven: Some(false),
+            ..c(
+                (32, 8, 128),
+                &decode(&[3001, 20_000, 1]),
+                &[None, Some(7)],
+                1.0,
+            )
+        });
+    }
     benched
 }
 
@@ -141,6 +158,9 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
                 Some(true) => kernel += " coop merge",
                 Some(false) => kernel += " last-CTA merge",
                 None => {}
+            }
+            if c.uneven == Some(false) {
+                kernel += " equal splits";
             }
             let name = format!(
                 "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
@@ -236,6 +256,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         kernel: c.kernel,
         head_major: c.head_major,
         coop: c.coop,
+        uneven: c.uneven,
         timeline: None,
     };
     let plan =
@@ -275,10 +296,11 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
     Ok(
         compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
-            "{} heads/CTA, {} splits of {} pages{}",
+            "{} heads/CTA, {} splits of {} pages ({} long){}",
             plan.heads_per_cta,
             plan.splits,
             plan.pages_per_split,
+            plan.long_splits,
             if plan.coop { ", cooperative merge" } else { "" }
         )),
     )

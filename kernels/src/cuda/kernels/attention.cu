@@ -56,8 +56,20 @@ struct AttnParams {
     u32 head_major;        // CTA order: the head groups of a row adjacent
     float scale_log2;
     u32 coop;              // splits merged by all CTAs (cooperative launch only)
+    u32 long_splits;       // splits [0, long_splits) have pages_per_split pages, the rest one fewer
     u64* timeline;         // timeline variants: 8 timestamps per CTA (or null)
 };
+
+// The keys [t_begin, t_end) of split s of a row with kv_len keys: the first
+// long_splits splits have pages_per_split pages, the others one fewer (so
+// that any number of splits covers the pages with no CTA more than a page
+// longer than another).
+__device__ __forceinline__ void split_keys(const AttnParams& p, u32 s, u32 kv_len, u32& t_begin, u32& t_end) {
+    const u32 first = s * p.pages_per_split - (s > p.long_splits ? s - p.long_splits : 0);
+    const u32 count = s < p.long_splits ? p.pages_per_split : p.pages_per_split - 1;
+    t_begin = first * BLOCK_TOKENS;
+    t_end = min(kv_len, t_begin + count * BLOCK_TOKENS);
+}
 
 // Timeline variants (benchmarks only): thread 0 of each CTA records the
 // global timer (ns) at the points of TL_* into p.timeline[cta * 8 + point],
@@ -411,8 +423,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         for (int j = 0; j < 8; j++) acc[g][j] = 0.0f;
     }
 
-    const u32 t_begin = split * p.pages_per_split * BLOCK_TOKENS;
-    const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
+    u32 t_begin, t_end;
+    split_keys(p, split, kv_len, t_begin, t_end);
     const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
     for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
@@ -706,8 +718,8 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
         }
     }
 
-    const u32 t_begin = split * p.pages_per_split * BLOCK_TOKENS;
-    const u32 t_end = min(kv_len, t_begin + p.pages_per_split * BLOCK_TOKENS);
+    u32 t_begin, t_end;
+    split_keys(p, split, kv_len, t_begin, t_end);
     const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
     for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
