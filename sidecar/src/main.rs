@@ -81,6 +81,9 @@ enum Command {
         /// of every CTA (the default kernel's timeline variant).
         #[arg(long)]
         timeline: bool,
+        /// With --timeline: write each timeline (a line per CTA) as CSV here.
+        #[arg(long)]
+        timeline_csv: Option<PathBuf>,
     },
     /// Decode-step time of a random model, host wall and GPU-only.
     #[command(hide = true)]
@@ -346,6 +349,7 @@ fn main() -> anyhow::Result<()> {
             only,
             splits,
             timeline,
+            timeline_csv,
         }) => {
             init_logging(LogFormat::Text);
             let cases = if cases.is_empty() {
@@ -368,6 +372,7 @@ fn main() -> anyhow::Result<()> {
                 only,
                 splits,
                 timeline,
+                timeline_csv,
             };
             Ok(tacflow_sidecar::bench::attention::run(&opts)?)
         }

@@ -55,6 +55,8 @@ pub struct Options {
     pub splits: Vec<usize>,
     /// Print a timeline of one launch per case (`timeline_of`).
     pub timeline: bool,
+    /// Also write each timeline, a line per CTA, as CSV into this folder.
+    pub timeline_csv: Option<PathBuf>,
 }
 
 /// One timed kernel on one case.
@@ -286,7 +288,7 @@ pub fn run(opts: &Options) -> Result<()> {
             }));
         }
         if opts.timeline {
-            timeline_of(&gpu, &mut d, (batch, ctx))?;
+            timeline_of(&gpu, &mut d, (batch, ctx), opts.timeline_csv.as_deref())?;
         }
     }
     println!(
@@ -316,7 +318,12 @@ pub fn run(opts: &Options) -> Result<()> {
 /// variant, after a warm-up, records the global timer (ns) at six points of
 /// every CTA (`TL_*` in attention.cu); printed as quantiles over the CTAs,
 /// in microseconds after the first CTA started.
-fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Result<()> {
+fn timeline_of(
+    gpu: &Gpu,
+    d: &mut CaseData,
+    (batch, ctx): (usize, usize),
+    csv: Option<&std::path::Path>,
+) -> Result<()> {
     const POINTS: [(usize, &str); 7] = [
         (0, "entry"),
         (1, "loop"),
@@ -345,6 +352,22 @@ fn timeline_of(gpu: &Gpu, d: &mut CaseData, (batch, ctx): (usize, usize)) -> Res
     gpu.attention(&d.steps[0], io, shape(), force)?;
     let t = gpu.download(&buf, 8 * ctas)?;
     let t0 = t.chunks(8).map(|c| c[0]).min().unwrap_or(0);
+    if let Some(dir) = csv {
+        let mut text = String::from("cta,entry,loop,loop_end,published,merge,exit,all_loops,sm\n");
+        for (i, c) in t.chunks(8).enumerate() {
+            let ns = |x: u64| {
+                if x == 0 {
+                    -1
+                } else {
+                    x.saturating_sub(t0) as i64
+                }
+            };
+            let cols: Vec<String> = c[..7].iter().map(|&x| ns(x).to_string()).collect();
+            text += &format!("{i},{},{}\n", cols.join(","), c[7]);
+        }
+        let path = dir.join(format!("timeline-{batch}x{ctx}.csv"));
+        std::fs::write(&path, text).map_err(|source| crate::error::Error::Io { path, source })?;
+    }
     let sms = {
         let mut s: Vec<u64> = t.chunks(8).map(|c| c[7]).collect();
         s.sort_unstable();
