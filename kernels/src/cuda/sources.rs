@@ -93,9 +93,6 @@ pub struct AttnVariant {
     pub lean: bool,
     /// Records a timeline of each CTA when given a buffer (benchmarks).
     pub timeline: bool,
-    /// Prefetch mode: the stage this many stages after the one loaded into
-    /// registers is requested into L2 (0: none).
-    pub l2_ahead: usize,
 }
 
 impl AttnVariant {
@@ -108,7 +105,6 @@ impl AttnVariant {
             stream: false,
             lean: false,
             timeline: false,
-            l2_ahead: 0,
         }
     }
 
@@ -121,7 +117,6 @@ impl AttnVariant {
             stream: false,
             lean: false,
             timeline: false,
-            l2_ahead: 0,
         }
     }
 
@@ -134,7 +129,6 @@ impl AttnVariant {
             stream: false,
             lean: false,
             timeline: false,
-            l2_ahead: 0,
         }
     }
 
@@ -152,13 +146,6 @@ impl AttnVariant {
     pub const fn with_timeline(self) -> AttnVariant {
         AttnVariant {
             timeline: true,
-            ..self
-        }
-    }
-
-    pub const fn l2_ahead(self, stages: usize) -> AttnVariant {
-        AttnVariant {
-            l2_ahead: stages,
             ..self
         }
     }
@@ -212,33 +199,13 @@ impl AttnVariant {
         let nc = if self.stream { "_nc" } else { "" };
         let lean = if self.lean { "_lean" } else { "" };
         let tl = if self.timeline { "_tl" } else { "" };
-        let l2 = if self.l2_ahead > 0 {
-            format!("_l2p{}", self.l2_ahead)
-        } else {
-            String::new()
-        };
-        format!(
-            "{load}{}x{}{read}{nc}{lean}{l2}{tl}",
-            self.keys, self.stages
-        )
+        format!("{load}{}x{}{read}{nc}{lean}{tl}", self.keys, self.stages)
     }
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
-    AttnVariant::registers(AttnLoad::Prefetch, 2)
-        .streaming()
-        .lean()
-        .l2_ahead(2),
-    AttnVariant::registers(AttnLoad::Prefetch, 2)
-        .streaming()
-        .lean()
-        .l2_ahead(4),
-    AttnVariant::registers(AttnLoad::Prefetch, 2)
-        .streaming()
-        .lean()
-        .l2_ahead(8),
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
     AttnVariant::registers(AttnLoad::Prefetch, 2)
         .streaming()
         .lean()

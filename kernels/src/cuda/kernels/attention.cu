@@ -384,15 +384,8 @@ __device__ __forceinline__ void rowgroup_sum(float (&x)[N], int lane) {
     for (int j = 0; j < N; j++) x[j] = __shfl_sync(0xffffffffu, mine, j * (L / N), L);
 }
 
-// Asks L2 for the 128-byte line holding `a` (no register, no wait).
-__device__ __forceinline__ void prefetch_l2(const void* a) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-}
-
-// PF > 0 (prefetch mode): the stage PF stages after the one loaded into
-// registers is requested into L2, one request per 128-byte line.
 template <int D, int G, int U, int P, int MODE, bool COMPUTE, bool STREAM = false, bool LEAN = false,
-          bool TL = false, int PF = 0>
+          bool TL = false>
 __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     constexpr int LPR = D / 8;             // lanes per K/V row
     constexpr int RG = ATT_THREADS / LPR;  // row groups
@@ -478,21 +471,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
             }
         }
     }
-    // L2 requests for stages 1..PF (lane 0 and every 8th: one per line).
-    auto warm_l2 = [&](u32 st) {
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            const u32 k = st * KS + u * RG + rg;
-            if (k < n_keys && lane % 8 == 0) {
-                prefetch_l2(p.k + key_off(k));
-                prefetch_l2(p.v + key_off(k));
-            }
-        }
-    };
-    if constexpr (MODE == LOAD_PREFETCH && PF > 0) {
-#pragma unroll
-        for (int j = 1; j <= PF; j++) warm_l2(j);
-    }
     u32 sink = 0;  // read-only twin: what it read, so the loads stay
 
     // Every loop bound below is uniform over the CTA, so the shuffles always
@@ -526,7 +504,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
                     nv[u] = ld(p.v + key_off(k));
                 }
             }
-            if constexpr (PF > 0) warm_l2(s + 1 + PF);
         }
         const uint4* slot = ring + (s % P) * U * 2 * ATT_THREADS + tid;
 #define KW(u) (MODE == LOAD_RING ? slot[(2 * (u)) * ATT_THREADS] : kw[u])
@@ -897,13 +874,11 @@ ATTN_MMA(128, 4, 3)
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
 // what the loop's loads alone reach. sources.rs lists the instances.
-#define ATTN_KP(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, TL, PF, SUFFIX, MINB)          \
+#define ATTN_KT(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, TL, SUFFIX, MINB)              \
     extern "C" __global__ void __launch_bounds__(ATT_THREADS, MINB)                          \
         attention_f32_d##D##_g##G##_##TAG##U##x##P##SUFFIX(const AttnParams p) {             \
-        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN, TL, PF>(p);                   \
+        attention_cta<D, G, U, P, MODE, COMPUTE, STREAM, LEAN, TL>(p);                       \
     }
-#define ATTN_KT(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, TL, SUFFIX, MINB) \
-    ATTN_KP(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, TL, 0, SUFFIX, MINB)
 #define ATTN_KL(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, SUFFIX, MINB) \
     ATTN_KT(D, G, U, P, MODE, TAG, COMPUTE, STREAM, LEAN, false, SUFFIX, MINB)
 #define ATTN_KS(D, G, U, P, MODE, TAG, COMPUTE, STREAM, SUFFIX, MINB) \
@@ -926,10 +901,6 @@ ATTN_K(128, 4, 4, 1, LOAD_DIRECT, direct, true, , 4)
 ATTN_K(128, 4, 4, 3, LOAD_RING, ring, false, _read, 4)
 ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
-// The default with L2 requests 2, 4 and 8 stages ahead of the register loads.
-ATTN_KP(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, false, 2, _nc_lean_l2p2, 4)
-ATTN_KP(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, false, 4, _nc_lean_l2p4, 4)
-ATTN_KP(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, false, 8, _nc_lean_l2p8, 4)
 // The default with a timeline (bench-attention --timeline).
 ATTN_KT(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, true, _nc_lean_tl, 4)
 
