@@ -11,7 +11,9 @@
 //! of K and V in all), so that L2 (50 MB) cannot serve a launch the bytes
 //! the previous one read. Bytes are the K and V rows read, once each.
 
-use super::{copy_bandwidth, device_line, quantiles, read_bandwidth, shuffled, write_json};
+use super::{
+    copy_bandwidth, device_line, quantiles, read_bandwidth, shuffled, time_each, write_json,
+};
 use crate::error::Result;
 use serde_json::json;
 use std::path::PathBuf;
@@ -169,18 +171,7 @@ fn time_kernel(
     } else {
         (0.15 / est_s).clamp(30.0, 400.0) as usize
     };
-    let spans = (0..iters)
-        .map(|_| gpu.span())
-        .collect::<Result<Vec<_>, _>>()?;
-    for (i, s) in spans.iter().enumerate() {
-        s.start(gpu)?;
-        launch(i, d)?;
-        s.stop(gpu)?;
-    }
-    let mut us = spans
-        .iter()
-        .map(|s| Ok(s.ms()? * 1e3))
-        .collect::<Result<Vec<f64>>>()?;
+    let mut us = time_each(gpu, iters, |i| launch(i, d).map(|_| ()))?;
     let read_only = matches!(force.kernel, Some(AttnKernel::Main(v)) if !v.compute);
     let out = gpu.download(&d.out, d.out.len())?;
     if let Some(bad) = out.iter().position(|x| !x.is_finite())
@@ -443,18 +434,7 @@ fn timeline_of(
     // The launch floor: an almost empty kernel of a full grid, timed alike.
     let tiny = gpu.alloc_zeroed::<u8>(16)?;
     let mut sink = gpu.alloc_zeroed::<f32>(1)?;
-    let spans = (0..200)
-        .map(|_| gpu.span())
-        .collect::<Result<Vec<_>, _>>()?;
-    for s in &spans {
-        s.start(gpu)?;
-        gpu.read_all(&tiny, &mut sink)?;
-        s.stop(gpu)?;
-    }
-    let mut us = spans
-        .iter()
-        .map(|s| Ok(s.ms()? * 1e3))
-        .collect::<Result<Vec<f64>>>()?;
+    let mut us = time_each(gpu, 200, |_| gpu.read_all(&tiny, &mut sink))?;
     let (p50, ..) = quantiles(&mut us);
     println!(
         "an empty launch of {} CTAs, event to event: {p50:.2} us (median of 200)",

@@ -26,6 +26,27 @@ pub fn quantiles(v: &mut [f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.1), at(0.9))
 }
 
+/// Times `reps` calls of `f` (given the call's index) one by one, CUDA
+/// events around each: the microseconds of each.
+pub fn time_each<E>(
+    gpu: &Gpu,
+    reps: usize,
+    mut f: impl FnMut(usize) -> std::result::Result<(), E>,
+) -> Result<Vec<f64>>
+where
+    crate::error::Error: From<E>,
+{
+    let spans = (0..reps)
+        .map(|_| gpu.span())
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, s) in spans.iter().enumerate() {
+        s.start(gpu)?;
+        f(i)?;
+        s.stop(gpu)?;
+    }
+    spans.iter().map(|s| Ok(s.ms()? * 1e3)).collect()
+}
+
 /// The device-to-device copy bandwidth, bytes read plus written per second:
 /// a copy of `bytes` (at least 1 GiB to measure HBM, not L2), median of
 /// `reps` after a warm-up. Returns (median, all samples) in bytes/s.
@@ -37,18 +58,10 @@ pub fn copy_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<(f64, Vec<
     for _ in 0..3 {
         gpu.copy_d2d(&src, &mut dst)?;
     }
-    let spans = (0..reps)
-        .map(|_| gpu.span())
-        .collect::<Result<Vec<_>, _>>()?;
-    for s in &spans {
-        s.start(gpu)?;
-        gpu.copy_d2d(&src, &mut dst)?;
-        s.stop(gpu)?;
-    }
-    let mut rates = spans
-        .iter()
-        .map(|s| Ok(2.0 * (2 * n) as f64 / (s.ms()? * 1e-3)))
-        .collect::<Result<Vec<f64>>>()?;
+    let mut rates: Vec<f64> = time_each(gpu, reps, |_| gpu.copy_d2d(&src, &mut dst))?
+        .into_iter()
+        .map(|us| 2.0 * (2 * n) as f64 / (us * 1e-6))
+        .collect();
     let all = rates.clone();
     Ok((quantiles(&mut rates).0, all))
 }
@@ -64,18 +77,10 @@ pub fn read_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<(f64, Vec<
     for _ in 0..3 {
         gpu.read_all(&src, &mut sink)?;
     }
-    let spans = (0..reps)
-        .map(|_| gpu.span())
-        .collect::<Result<Vec<_>, _>>()?;
-    for s in &spans {
-        s.start(gpu)?;
-        gpu.read_all(&src, &mut sink)?;
-        s.stop(gpu)?;
-    }
-    let mut rates = spans
-        .iter()
-        .map(|s| Ok((2 * n) as f64 / (s.ms()? * 1e-3)))
-        .collect::<Result<Vec<f64>>>()?;
+    let mut rates: Vec<f64> = time_each(gpu, reps, |_| gpu.read_all(&src, &mut sink))?
+        .into_iter()
+        .map(|us| (2 * n) as f64 / (us * 1e-6))
+        .collect();
     let all = rates.clone();
     Ok((quantiles(&mut rates).0, all))
 }
