@@ -11,10 +11,11 @@ pub enum Error {
     /// A kernel launch, or the device work it started, failed.
     #[error("kernel {kernel}: {msg}")]
     Launch { kernel: String, msg: String },
-    /// A cooperative launch whose CTAs cannot all be resident at once
-    /// (fewer SMs than the device reports, e.g. under MPS).
-    #[error("kernel {kernel}: cooperative grid too large for the SMs available")]
-    CooperativeTooLarge { kernel: String },
+    /// A cooperative launch the driver refused: its CTAs cannot all be
+    /// resident at once (fewer SMs than the device reports, e.g. under
+    /// MPS), or the device cannot launch cooperatively at all.
+    #[error("kernel {kernel}: cooperative launch refused: {msg}")]
+    CooperativeRefused { kernel: String, msg: String },
     #[error("NVRTC failed to compile {module} for {arch}: {log}")]
     Compile {
         module: String,

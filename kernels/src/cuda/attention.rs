@@ -386,20 +386,20 @@ impl Gpu {
         // (checked at upload) whose ids are below num_blocks (max checked),
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
-        // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With splits > 1 the workspace holds rows x
-        // num_heads x splits partials and rows x y zeroed counter pairs,
-        // and no other launch uses it concurrently (one stream). A
-        // cooperative merge waits for the other CTAs of its row and head
-        // group: the cooperative launch guarantees they are all resident
-        // (or fails).
+        // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With
+        // splits > 1 the workspace holds rows x num_heads x splits
+        // partials and rows x y counter pairs (the cooperative merge's at a
+        // multiple of 1024, the last-CTA merge's at zero), and no other
+        // launch uses it concurrently (one stream). A cooperative merge
+        // waits for the other CTAs of its row and head group: the
+        // cooperative launch guarantees they are all resident (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);
         match unsafe { self.launch_as(&name, cfg, &p, plan.coop) } {
-            Err(Error::CooperativeTooLarge { .. }) => {
+            Err(e @ Error::CooperativeRefused { .. }) => {
                 warn!(
-                    kernel = %name,
+                    cause = %e,
                     ctas = rows * y * plan.splits,
-                    "the GPU refused a cooperative launch (fewer SMs available than it reports?); \
-                     attention splits are merged by their last CTA from now on"
+                    "attention splits are merged by their last CTA from now on"
                 );
                 self.attention_workspace().coop_refused = true;
                 let p = AttnParams { coop: 0, ..p };

@@ -190,9 +190,16 @@ impl Gpu {
         // SAFETY: forwarded from the caller.
         if cooperative {
             unsafe { b.launch_cooperative(cfg) }.map_err(|e| {
-                if e.0 == sys::cudaError_enum::CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE {
-                    Error::CooperativeTooLarge {
+                use sys::cudaError_enum::{
+                    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED,
+                };
+                if matches!(
+                    e.0,
+                    CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE | CUDA_ERROR_NOT_SUPPORTED
+                ) {
+                    Error::CooperativeRefused {
                         kernel: name.into(),
+                        msg: e.to_string(),
                     }
                 } else {
                     fail(e)
