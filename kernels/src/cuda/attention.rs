@@ -100,6 +100,13 @@ pub struct AttnPlan {
     pub coop: bool,
 }
 
+/// Where one wave would give each row at most two long splits (many rows of
+/// long contexts: 32 x 32k), the rows are cut into splits of about this
+/// many pages instead, several waves of them, so that the hardware hands
+/// the slots of CTAs that finish early to the next ones and the CTAs the
+/// memory system serves last hold less (kernels/ATTENTION.md).
+const WAVE_SPLIT_PAGES: usize = 256;
+
 /// Splits of unequal length by default (kernels/ATTENTION.md).
 pub const UNEVEN: bool = true;
 
@@ -117,10 +124,13 @@ const COOP_MAX_SPLITS: usize = 256;
 impl AttnPlan {
     /// One wave: when `rows x kv_heads x chunks` CTAs leave some of the
     /// `slots` (CTAs that co-reside on the whole GPU) empty, each row's
-    /// keys are cut into `slots / ctas` equal splits, so that every CTA
-    /// streams the same number of pages and all finish together. A split
-    /// never holds more than `ATTENTION_MAX_SPLIT_PAGES` pages (the table
-    /// slice a CTA stages) nor fewer than `MIN_PAGES_PER_SPLIT`.
+    /// keys are cut into `slots / ctas` splits (a page apart at most), so
+    /// that every CTA streams about the same number of pages and all finish
+    /// together; but where that gives at most two splits of more than
+    /// `WAVE_SPLIT_PAGES` pages, splits of about `WAVE_SPLIT_PAGES` in
+    /// several waves. A split never holds more than
+    /// `ATTENTION_MAX_SPLIT_PAGES` pages (the table slice a CTA stages) nor
+    /// fewer than `MIN_PAGES_PER_SPLIT`.
     pub fn new(
         shape: &AttnShape,
         rows: usize,
@@ -134,9 +144,14 @@ impl AttnPlan {
         let pages = max_kv_len.div_ceil(BLOCK_TOKENS).max(1);
         let fewest = pages.div_ceil(ATTENTION_MAX_SPLIT_PAGES);
         let want = force.splits.unwrap_or_else(|| {
-            (slots / ctas)
+            let one_wave = (slots / ctas)
                 .min(pages / MIN_PAGES_PER_SPLIT)
-                .clamp(1, MAX_SPLITS)
+                .clamp(1, MAX_SPLITS);
+            if ctas <= slots && one_wave <= 2 && pages > 2 * WAVE_SPLIT_PAGES {
+                pages.div_ceil(WAVE_SPLIT_PAGES).min(MAX_SPLITS)
+            } else {
+                one_wave
+            }
         });
         let count = want.max(fewest).clamp(1, pages);
         let pages_per_split = pages.div_ceil(count);
@@ -449,11 +464,12 @@ mod tests {
     fn splits_fill_one_wave_and_cover_the_context() {
         let s = shape(32, 8);
         let plan = |rows, len| AttnPlan::new(&s, rows, len, SLOTS, AttnForce::default());
-        // The benchmark shapes: one wave of equal CTAs each.
+        // The benchmark shapes: one wave of CTAs a page apart at most, but
+        // 32 x 32k in several waves of 256-page splits.
         for (rows, len, splits) in [
             (1, 32_768, 66),
             (8, 32_768, 8),
-            (32, 32_768, 2),
+            (32, 32_768, 8),
             (1, 131_072, 66),
             (4, 131_072, 16),
             (64, 4096, 1),
