@@ -25,9 +25,12 @@
 // covers decode tokens and prefill chunks on top of an existing context.
 //
 // Splits (few rows, long contexts): every CTA of a (row, head group)
-// writes an unnormalised partial (acc, max, sum); the LAST one to finish
-// (an atomic counter per (row, head group), reset by that CTA) merges them
-// and writes the output, so no second launch is needed.
+// writes an unnormalised partial (acc, max, sum) and counts it. With many
+// splits in a cooperative launch every CTA waits for the count and merges
+// a slice of the output (merge_cooperative); otherwise the LAST one to
+// finish merges them all (an atomic counter per (row, head group), reset
+// by that CTA). Either way no second launch is needed, and the summation
+// order does not depend on timing.
 
 #define ATT_THREADS 128
 // Pages of the block table one CTA stages (4 KiB); the planner splits
@@ -44,7 +47,8 @@ struct AttnParams {
     float* out;            // [rows, num_heads * D]
     float* part_acc;       // [rows, num_heads, splits, D]
     float* part_ml;        // [rows, num_heads, splits, 2]
-    u32* counters;         // [rows, kv_heads * chunks, 2]; zero between launches
+    u32* counters;         // [rows, kv_heads * chunks, 2]: the cooperative merge's (a multiple of
+                           // COOP_EPOCH between launches), the last-CTA merge's (zero between launches)
     u32 rows;
     u32 qkv_stride;
     u32 num_heads;
