@@ -194,6 +194,7 @@ struct AttnParams {
     part_acc: u64,
     part_ml: u64,
     counters: u64,
+    part_tagged: u64,
     rows: u32,
     qkv_stride: u32,
     num_heads: u32,
@@ -213,22 +214,32 @@ struct AttnParams {
 unsafe impl DeviceRepr for AttnParams {}
 
 /// Device buffers the splits need, kept between launches (no allocation per
-/// step): the partials, and one counter per (row, head group) that the
-/// merging CTA resets to zero.
+/// step): the last-CTA merge's partials and one counter per (row, head
+/// group) that the merging CTA resets to zero; the cooperative merge's
+/// tagged partials, which their readers zero.
 #[derive(Debug, Default)]
 pub struct AttnWorkspace {
     acc: Option<CudaSlice<f32>>,
     ml: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<u32>>,
+    tagged: Option<CudaSlice<u64>>,
     /// The driver refused a cooperative launch: fewer CTAs fit than the
     /// plan counted, so the splits are merged by their last CTA from then on.
     coop_refused: bool,
 }
 
 impl AttnWorkspace {
-    /// Addresses of buffers of at least `acc`, `ml` and `counters`
-    /// elements, grown (and the counters zeroed) when too small.
-    fn ensure(&mut self, gpu: &Gpu, acc: usize, ml: usize, counters: usize) -> Result<[u64; 3]> {
+    /// Addresses of buffers of at least `acc`, `ml`, `counters` and
+    /// `tagged` elements, grown (the counters and tagged words zeroed) when
+    /// too small.
+    fn ensure(
+        &mut self,
+        gpu: &Gpu,
+        acc: usize,
+        ml: usize,
+        counters: usize,
+        tagged: usize,
+    ) -> Result<[u64; 4]> {
         if self.acc.as_ref().is_none_or(|b| b.len() < acc) {
             self.acc = Some(gpu.alloc(acc)?);
         }
@@ -238,10 +249,18 @@ impl AttnWorkspace {
         if self.counters.as_ref().is_none_or(|b| b.len() < counters) {
             self.counters = Some(gpu.alloc_zeroed(counters)?);
         }
+        if tagged > 0 && self.tagged.as_ref().is_none_or(|b| b.len() < tagged) {
+            self.tagged = Some(gpu.alloc_zeroed(tagged)?);
+        }
         fn p<T>(gpu: &Gpu, b: &Option<CudaSlice<T>>) -> u64 {
             b.as_ref().map_or(0, |b| gpu.ptr(b))
         }
-        Ok([p(gpu, &self.acc), p(gpu, &self.ml), p(gpu, &self.counters)])
+        Ok([
+            p(gpu, &self.acc),
+            p(gpu, &self.ml),
+            p(gpu, &self.counters),
+            p(gpu, &self.tagged),
+        ])
     }
 }
 
@@ -269,6 +288,30 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
 }
 
 impl Gpu {
+    /// Words of the split workspace that are not at rest (a counter not
+    /// zero, a tagged word not zeroed by its reader): 0 after every
+    /// complete launch, else the next launch would merge stale partials.
+    /// Self-check only (copies the workspace to the host).
+    pub fn attention_workspace_unsettled(&self) -> Result<usize> {
+        let ws = self.attention_workspace();
+        let mut n = 0;
+        if let Some(c) = &ws.counters {
+            n += self
+                .download(c, c.len())?
+                .iter()
+                .filter(|&&x| x != 0)
+                .count();
+        }
+        if let Some(t) = &ws.tagged {
+            n += self
+                .download(t, t.len())?
+                .iter()
+                .filter(|&&x| x != 0)
+                .count();
+        }
+        Ok(n)
+    }
+
     /// CTAs of the pipelined kernel for `(d, g, v)` that co-reside on the
     /// whole GPU.
     pub fn attention_slots(&self, d: usize, g: usize, v: AttnVariant) -> usize {
@@ -358,12 +401,14 @@ impl Gpu {
             }
         };
         let (k, vv) = kv.layer_ptrs(self, layer)?;
-        let [part_acc, part_ml, counters] = if plan.splits > 1 {
+        let [part_acc, part_ml, counters, part_tagged] = if plan.splits > 1 {
             let n = rows * shape.num_heads * plan.splits;
+            // A tagged record: 6 words per float4 item of a head and split.
+            let tagged = if plan.coop { n * d / 4 * 6 } else { 0 };
             self.attention_workspace()
-                .ensure(self, n * d, n * 2, rows * y * 2)?
+                .ensure(self, n * d, n * 2, rows * y, tagged)?
         } else {
-            [0; 3]
+            [0; 4]
         };
         let p = AttnParams {
             qkv: self.ptr(qkv),
@@ -376,6 +421,7 @@ impl Gpu {
             part_acc,
             part_ml,
             counters,
+            part_tagged,
             rows: rows as u32,
             qkv_stride: shape.qkv_stride as u32,
             num_heads: shape.num_heads as u32,
@@ -403,11 +449,13 @@ impl Gpu {
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
         // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With
         // splits > 1 the workspace holds rows x num_heads x splits
-        // partials and rows x y counter pairs (the cooperative merge's at a
-        // multiple of 1024, the last-CTA merge's at zero), and no other
-        // launch uses it concurrently (one stream). A cooperative merge
-        // waits for the other CTAs of its row and head group: the
-        // cooperative launch guarantees they are all resident (or fails).
+        // partials, rows x y counters (zero between launches) and, for a
+        // cooperative merge, as many tagged records of 6 words per float4
+        // of a partial (every word zero between launches: each is zeroed
+        // by its one reader), and no other launch uses it concurrently (one
+        // stream). A cooperative merge waits for the other CTAs of its row
+        // and head group: the cooperative launch guarantees they are all
+        // resident (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);
         match unsafe { self.launch_as(&name, cfg, &p, plan.coop) } {
             Err(e @ Error::CooperativeRefused { .. }) => {

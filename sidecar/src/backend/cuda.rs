@@ -125,6 +125,12 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Words of the attention split workspace not at rest between launches
+    /// (`Gpu::attention_workspace_unsettled`); self-check.
+    pub fn attention_workspace_unsettled(&self) -> Result<usize> {
+        Ok(self.gpu.attention_workspace_unsettled()?)
+    }
+
     /// [`Backend::attention`] with its plan overridden (self-check,
     /// benchmarks); returns how the launch was cut.
     pub fn attention_forced(

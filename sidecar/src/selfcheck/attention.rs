@@ -117,6 +117,9 @@ fn cases() -> Vec<Case> {
             ((8, 1, 128), decode(&[8191]), None),
             ((9, 3, 64), decode(&[8191, 700]), None),
             ((4, 1, 256), decode(&[4000]), Some(40)),
+            // More than 128 splits: the cooperative merge in two rounds.
+            ((9, 3, 64), decode(&[20_000]), None),
+            ((8, 1, 128), decode(&[20_000]), Some(256)),
         ] {
             benched.push(Case {
                 coop: Some(coop),
@@ -262,6 +265,10 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     let plan =
         cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;
     let got = cx.b.act_to_host(&out)?;
+    // The merges leave their workspace at rest (counters at zero, every
+    // tagged word zeroed by its reader), or the next launch reads stale
+    // partials.
+    let unsettled = cx.b.attention_workspace_unsettled()?;
     // The CPU on the same bf16 keys and values.
     let per_layer = blocks * layout.block_elems();
     let (mut k, mut v) = (vec![f32::NAN; per_layer], vec![f32::NAN; per_layer]);
@@ -294,6 +301,11 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         .collect();
     let mut want = vec![0.0; t * dims.q_dim()];
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
+    if unsettled > 0 {
+        return Err(crate::error::Error::Backend(format!(
+            "{unsettled} words of the split workspace not at rest after the launch"
+        )));
+    }
     Ok(
         compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
             "{} heads/CTA, {} splits of {} pages ({} long){}",

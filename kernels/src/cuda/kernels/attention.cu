@@ -25,12 +25,13 @@
 // covers decode tokens and prefill chunks on top of an existing context.
 //
 // Splits (few rows, long contexts): every CTA of a (row, head group)
-// writes an unnormalised partial (acc, max, sum) and counts it. With many
-// splits in a cooperative launch every CTA waits for the count and merges
-// a slice of the output (merge_cooperative); otherwise the LAST one to
-// finish merges them all (an atomic counter per (row, head group), reset
-// by that CTA). Either way no second launch is needed, and the summation
-// order does not depend on timing.
+// writes an unnormalised partial (acc, max, sum). With many splits in a
+// cooperative launch the partials are tagged word by word and every CTA
+// merges a slice of the output as soon as its words carry their tags
+// (merge_tagged: no fence, no counter); otherwise each CTA counts its
+// partial and the LAST one to finish merges them all (an atomic counter
+// per (row, head group), reset by that CTA). Either way no second launch
+// is needed, and the summation order does not depend on timing.
 
 #define ATT_THREADS 128
 // Pages of the block table one CTA stages (4 KiB); the planner splits
@@ -47,8 +48,9 @@ struct AttnParams {
     float* out;            // [rows, num_heads * D]
     float* part_acc;       // [rows, num_heads, splits, D]
     float* part_ml;        // [rows, num_heads, splits, 2]
-    u32* counters;         // [rows, kv_heads * chunks, 2]: the cooperative merge's (a multiple of
-                           // COOP_EPOCH between launches), the last-CTA merge's (zero between launches)
+    u32* counters;         // [rows, kv_heads * chunks]: the last-CTA merge's (zero between launches)
+    ulonglong2* part_tagged;  // [rows, kv_heads * chunks, G * D / 4, splits, 3]: the cooperative
+                              // merge's tagged partials (every tag zero between launches)
     u32 rows;
     u32 qkv_stride;
     u32 num_heads;
@@ -190,137 +192,186 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
-// Most splits the cooperative merge takes: 8 per lane.
-#define COOP_MAX_SPLITS 256  // at most COOP_EPOCH
+// Most splits the cooperative merge takes (rounds of 128: 4 per lane).
+#define COOP_MAX_SPLITS 256
+#define COOP_PER_LANE 4
+
+// The cooperative merge's partials are tagged: every 8-byte word holds a
+// float in its low half and the tag 1 in its high half, written by one
+// store and read by one load (an aligned 64-bit strong access: a reader
+// sees the whole word or none of it), so a reader that sees the tag has
+// the float, with no fence on the writer's side and no counter between
+// them. A record is the partial of one float4 item of one split: (acc.x,
+// acc.y), (acc.z, acc.w), (max, sum), 48 bytes. Each record has exactly
+// one reader (the warp that merges its item), which zeroes it once read:
+// between launches every tag is 0, whatever the split counts were.
+__device__ __forceinline__ u64 tagged(float x) { return (1ull << 32) | __float_as_uint(x); }
+__device__ __forceinline__ float untag(u64 w) { return __uint_as_float((u32)w); }
+
+__device__ __forceinline__ void st_tagged(ulonglong2* p, u64 a, u64 b) {
+    asm volatile("st.relaxed.gpu.global.v2.b64 [%0], {%1, %2};" ::"l"(p), "l"(a), "l"(b) : "memory");
+}
+
+__device__ __forceinline__ ulonglong2 ld_tagged(const ulonglong2* p) {
+    ulonglong2 v;
+    asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
+    return v;
+}
+
+// Every word of the record carries its tag.
+__device__ __forceinline__ bool record_ready(const ulonglong2 (&w)[3]) {
+    return ((w[0].x & w[0].y & w[1].x & w[1].y & w[2].x & w[2].y) >> 32) != 0;
+}
 
 // The cooperative merge (a cooperative launch: every CTA of the grid is
-// resident, so a CTA may wait for the others). Every CTA of a (row, head
-// group) publishes its partial, waits until all S have, then merges its
-// share of the output: float4 items split, split + S, ..., one per warp,
-// each a weighted sum over the S partials that the warp's lanes load at
-// once (one round of loads) and sum in a fixed order (lane-local, then a
-// butterfly), so the bits do not depend on timing.
-//
-// The counter is never reset: the S CTAs of a launch add COOP_EPOCH in all
-// (split s adds its share), so it rests at a multiple of COOP_EPOCH between
-// launches, whatever their split counts, and each CTA reads its launch's
-// target off the value its own addition returns (wrapping is harmless:
-// 2^32 is a multiple of COOP_EPOCH). The last CTA to add sees the target at
-// once; the others poll.
-#define COOP_EPOCH 1024u
+// resident, so a CTA may wait for the others). Each CTA has written its
+// tagged records (combine_rows); it then merges float4 items split,
+// split + S, ..., one per warp: the lanes load the item's records of all S
+// splits at once (4 per lane a round), load again those not yet tagged
+// until all are, and sum them in a fixed order (lane-local, then a
+// butterfly; rounds of 128 splits folded in order), so the bits do not
+// depend on timing.
 template <int D, int G>
-__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
+__device__ void merge_tagged(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
     const u32 S = gridDim.z;
-    u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
-    __syncthreads();  // every thread's piece of the partial is written
-    if (threadIdx.x == 0) {
-        const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
-        u32 n;
-        // Release (cumulative over the barrier): the partial before the count.
-        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(n) : "l"(arrived), "r"(add) : "memory");
-        tl_mark(tl, TL_PUBLISHED);
-        const u32 target = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
-        n += add;
-        while ((int)(n - target) < 0) {
-            __nanosleep(32);
-            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
-        }
-        tl_mark(tl, TL_MERGE);
-    }
-    __syncthreads();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr u32 ITEMS = G * D / 4;
-    constexpr int PER_LANE = COOP_MAX_SPLITS / 32;
+    constexpr int K = COOP_PER_LANE;
     for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
         const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
-        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
-        float ms[PER_LANE], ls[PER_LANE];
-        float4 as[PER_LANE];
+        ulonglong2* recs = p.part_tagged + 3 * ((((u64)row * ny + yi) * ITEMS + i) * S);
+        float M = NEG_INF, L = 0.0f;
+        float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (u32 r0 = 0; r0 < S; r0 += 32 * K) {  // uniform over the warp
+            ulonglong2 w[K][3];
+            u32 want = 0;
 #pragma unroll
-        for (int k = 0; k < PER_LANE; k++) {
-            const u32 sp = lane + 32 * k;
-            ms[k] = NEG_INF;
-            ls[k] = 0.0f;
-            as[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (sp < S) {
-                ms[k] = ldcg(p.part_ml + 2 * (base + sp));
-                ls[k] = ldcg(p.part_ml + 2 * (base + sp) + 1);
-                as[k] = ldcg4(p.part_acc + (base + sp) * D + d);
+            for (int k = 0; k < K; k++) {
+                const u32 sp = r0 + lane + 32 * k;
+                w[k][0] = w[k][1] = w[k][2] = make_ulonglong2(0, 0);
+                if (sp < S) {
+                    want |= 1u << k;
+#pragma unroll
+                    for (int j = 0; j < 3; j++) w[k][j] = ld_tagged(recs + 3 * sp + j);
+                }
+            }
+            for (;;) {
+                u32 late = 0;
+#pragma unroll
+                for (int k = 0; k < K; k++)
+                    if ((want >> k & 1) && !record_ready(w[k])) late |= 1u << k;
+                if (!__any_sync(0xffffffffu, late)) break;
+                __nanosleep(64);
+#pragma unroll
+                for (int k = 0; k < K; k++)
+                    if (late >> k & 1)
+#pragma unroll
+                        for (int j = 0; j < 3; j++) w[k][j] = ld_tagged(recs + 3 * (r0 + lane + 32 * k) + j);
+            }
+            if (r0 == 0) tl_mark(tl, TL_MERGE);
+            float mx = NEG_INF;
+#pragma unroll
+            for (int k = 0; k < K; k++)
+                if (want >> k & 1) mx = fmaxf(mx, untag(w[k][2].x));
+            mx = warp_max(mx);
+            float l = 0.0f;
+            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+            for (int k = 0; k < K; k++) {
+                if (!(want >> k & 1)) continue;
+                const float ms = untag(w[k][2].x);
+                const float wt = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
+                l += wt * untag(w[k][2].y);
+                a.x += wt * untag(w[k][0].x);
+                a.y += wt * untag(w[k][0].y);
+                a.z += wt * untag(w[k][1].x);
+                a.w += wt * untag(w[k][1].y);
+                // Read: zero the record for the next launch.
+#pragma unroll
+                for (int j = 0; j < 3; j++) st_tagged(recs + 3 * (r0 + lane + 32 * k) + j, 0, 0);
+            }
+            l = warp_sum(l);
+            a.x = warp_sum(a.x);
+            a.y = warp_sum(a.y);
+            a.z = warp_sum(a.z);
+            a.w = warp_sum(a.w);
+            if (r0 == 0) {
+                M = mx;
+                L = l;
+                A = a;
+            } else {  // more than 128 splits: fold this round in
+                const float nm = fmaxf(M, mx);
+                const float fo = M == NEG_INF ? 0.0f : exp2f(M - nm), fr = mx == NEG_INF ? 0.0f : exp2f(mx - nm);
+                L = L * fo + l * fr;
+                A = make_float4(A.x * fo + a.x * fr, A.y * fo + a.y * fr, A.z * fo + a.z * fr, A.w * fo + a.w * fr);
+                M = nm;
             }
         }
-        float mx = NEG_INF;
-#pragma unroll
-        for (int k = 0; k < PER_LANE; k++) mx = fmaxf(mx, ms[k]);
-        mx = warp_max(mx);
-        float l = 0.0f;
-        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-        for (int k = 0; k < PER_LANE; k++) {
-            const float w = ms[k] == NEG_INF ? 0.0f : exp2f(ms[k] - mx);
-            l += w * ls[k];
-            a.x += w * as[k].x;
-            a.y += w * as[k].y;
-            a.z += w * as[k].z;
-            a.w += w * as[k].w;
-        }
-        l = warp_sum(l);
-        a.x = warp_sum(a.x);
-        a.y = warp_sum(a.y);
-        a.z = warp_sum(a.z);
-        a.w = warp_sum(a.w);
         if (lane == 0) {
-            const float r = l > 0.0f ? 1.0f / l : 0.0f;
+            const float r = L > 0.0f ? 1.0f / L : 0.0f;
             *(float4*)(p.out + (u64)row * p.num_heads * D + (h0 + g) * D + d) =
-                make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+                make_float4(A.x * r, A.y * r, A.z * r, A.w * r);
         }
     }
 }
 
 // The end of a CTA: the NR row groups' partial results, in shared memory
-// as sm_acc [G][NR * D] (rescaled to each head's CTA max), sm_m and sm_l
-// [NR][G], are summed; with one split the output is written, else the
-// CTA's partial, and the last CTA of the (row, head group) merges them.
+// as sm_acc [G][NR * D] (each relative to its own max), sm_m and sm_l
+// [NR][G], are summed, one float4 item (head g, dims d..d+4) per thread at
+// a time, each row group rescaled to the CTA's max of the head on the way;
+// with one split the output is written, else the CTA's partial: tagged
+// records for the cooperative merge, else plain ones that the last CTA of
+// the (row, head group) merges.
 template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
-                                             unsigned char* smem, float* sm_m, u64* tl = nullptr) {
+                                             unsigned char* smem, const float* sm_m, u64* tl = nullptr) {
     __shared__ int sm_last;
-    __shared__ float sm_head[8][2];  // per head: CTA max, CTA sum
+    constexpr u32 ITEMS = G * D / 4;
     const float* sm_acc = (const float*)smem;
     const float* sm_l = sm_m + NR * G;
     const int tid = threadIdx.x;
-    const bool split_mode = gridDim.z > 1;
-    if (tid < G) {
-        float mm = NEG_INF, ll = 0.0f;
-        for (int r = 0; r < NR; r++) mm = fmaxf(mm, sm_m[r * G + tid]);
-        for (int r = 0; r < NR; r++) {
-            const float mr = sm_m[r * G + tid];
-            if (mr != NEG_INF) ll += sm_l[r * G + tid] * exp2f(mr - mm);
-        }
-        sm_head[tid][0] = mm;
-        sm_head[tid][1] = ll;
-    }
-    __syncthreads();
-    for (int i = tid; i < G * D; i += ATT_THREADS) {
-        const int g = i / D, d = i % D;
-        const float mm = sm_head[g][0], ll = sm_head[g][1];
-        float a = 0.0f;
+    const u32 S = gridDim.z;
+    for (u32 i = tid; i < ITEMS; i += ATT_THREADS) {
+        const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
+        float mm = NEG_INF;
 #pragma unroll
-        for (int r = 0; r < NR; r++) a += sm_acc[g * NR * D + r * D + d];
+        for (int r = 0; r < NR; r++) mm = fmaxf(mm, sm_m[r * G + g]);
+        float ll = 0.0f;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const float mr = sm_m[r * G + g];
+            if (mr == NEG_INF) continue;  // saw no key: nothing to add
+            const float f = exp2f(mr - mm);
+            const float4 x = *(const float4*)(sm_acc + g * NR * D + r * D + d);
+            ll += sm_l[r * G + g] * f;
+            a.x += x.x * f;
+            a.y += x.y * f;
+            a.z += x.z * f;
+            a.w += x.w * f;
+        }
         const u32 h = h0 + g;
-        if (!split_mode) {
-            p.out[(u64)row * p.num_heads * D + h * D + d] = ll > 0.0f ? a / ll : 0.0f;
+        if (S == 1) {
+            const float rl = ll > 0.0f ? 1.0f / ll : 0.0f;
+            *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * rl, a.y * rl, a.z * rl, a.w * rl);
+        } else if (p.coop) {
+            ulonglong2* rec = p.part_tagged + 3 * ((((u64)row * ny + yi) * ITEMS + i) * S + split);
+            st_tagged(rec, tagged(a.x), tagged(a.y));
+            st_tagged(rec + 1, tagged(a.z), tagged(a.w));
+            st_tagged(rec + 2, tagged(mm), tagged(ll));
         } else {
-            const u64 idx = ((u64)row * p.num_heads + h) * gridDim.z + split;
-            p.part_acc[idx * D + d] = a;
+            const u64 idx = ((u64)row * p.num_heads + h) * S + split;
+            *(float4*)(p.part_acc + idx * D + d) = a;
             if (d == 0) {
                 p.part_ml[2 * idx] = mm;
                 p.part_ml[2 * idx + 1] = ll;
             }
         }
     }
-    if (!split_mode) return;
+    if (S == 1) return;
     if (p.coop) {
-        merge_cooperative<D, G>(p, row, yi, ny, h0, split, tl);
+        tl_mark(tl, TL_PUBLISHED);
+        merge_tagged<D, G>(p, row, yi, ny, h0, split, tl);
         return;
     }
 
@@ -329,15 +380,15 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
-    u32* counter = p.counters + 2 * ((u64)row * ny + yi) + 1;  // [0] is the cooperative merge's
-    if (tid == 0) sm_last = atomicAdd(counter, 1u) == gridDim.z - 1;
+    u32* counter = p.counters + (u64)row * ny + yi;
+    if (tid == 0) sm_last = atomicAdd(counter, 1u) == S - 1;
     tl_mark(tl, TL_PUBLISHED);
     __syncthreads();
     if (!sm_last) return;
     __threadfence();
     tl_mark(tl, TL_MERGE);
     if (tid == 0) *counter = 0;  // ready for the next launch
-    merge_splits<D, G>(p, row, h0, (float*)smem, sm_m);
+    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)smem + G * MAX_SPLIT_PAGES);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -597,33 +648,29 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         return;
     }
 
-    // Merge the row groups: rescale each to the CTA's max, then sum. The
-    // ring and the table slice are free now.
-    float* sm_acc = (float*)smem;               // [G][RG * D]
-    float* sm_m = (float*)(smem + Smem::A);     // [RG][G]
-    float* sm_l = sm_m + RG * G;                // [RG][G]
-    __syncthreads();
-    tl_mark(tl, TL_ALL_LOOPS);
+    // The row groups' results to shared memory as they are (each relative
+    // to its own max), summed by combine_rows. Only the ring (ring mode) is
+    // in use until every warp is out of the loop; max and sum go to a
+    // static array, clear of the table slice.
+    __shared__ float sm_ml[2 * RG * G];  // [RG][G] maxima, then [RG][G] sums
+    float* sm_acc = (float*)smem;        // [G][RG * D]
+    if constexpr (MODE == LOAD_RING) __syncthreads();
     if (lane == 0) {
 #pragma unroll
         for (int g = 0; g < G; g++) {
-            sm_m[rg * G + g] = m[g];
-            sm_l[rg * G + g] = l[g];
+            sm_ml[rg * G + g] = m[g];
+            sm_ml[RG * G + rg * G + g] = l[g];
         }
     }
-    __syncthreads();
 #pragma unroll
     for (int g = 0; g < G; g++) {
-        float mm = NEG_INF;
-#pragma unroll
-        for (int r = 0; r < RG; r++) mm = fmaxf(mm, sm_m[r * G + g]);
-        const float f = m[g] == NEG_INF ? 0.0f : exp2f(m[g] - mm);
         float4* dst = (float4*)(sm_acc + g * RG * D + rg * D + lane * 8);
-        dst[0] = make_float4(acc[g][0] * f, acc[g][1] * f, acc[g][2] * f, acc[g][3] * f);
-        dst[1] = make_float4(acc[g][4] * f, acc[g][5] * f, acc[g][6] * f, acc[g][7] * f);
+        dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+        dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
     }
     __syncthreads();
-    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_m, tl);
+    tl_mark(tl, TL_ALL_LOOPS);
+    combine_rows<D, G, RG>(p, row, yi, ny, h0, split, smem, sm_ml, tl);
     tl_mark(tl, TL_EXIT);
 }
 
@@ -838,8 +885,9 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
 
-    // The warps' partials to shared memory ([G][warp * D + d]), then the
-    // same end as the SIMT kernel.
+    // The warps' partials to shared memory as they are ([G][warp * D + d],
+    // each relative to its warp's max), then the same end as the SIMT
+    // kernel.
     float* sm_acc = (float*)smem;
     float* sm_m = (float*)(smem + Smem::A);
     float* sm_l = sm_m + MMA_WARPS * G;
@@ -852,15 +900,6 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
 #pragma unroll
         for (int t = 0; t < 2 * KSTEPS; t++)
             *(float2*)(sm_acc + qr * MMA_WARPS * D + warp * D + 8 * t + 2 * qc) = make_float2(acc[t][0], acc[t][1]);
-    }
-    __syncthreads();
-    // Rescale each warp's rows to the CTA max of its head.
-    for (int i = tid; i < G * MMA_WARPS * D; i += ATT_THREADS) {
-        const int g = i / (MMA_WARPS * D), w = (i / D) % MMA_WARPS;
-        float mm = NEG_INF;
-        for (int r = 0; r < MMA_WARPS; r++) mm = fmaxf(mm, sm_m[r * G + g]);
-        const float mw = sm_m[w * G + g];
-        sm_acc[i] *= mw == NEG_INF ? 0.0f : exp2f(mw - mm);
     }
     __syncthreads();
     combine_rows<D, G, MMA_WARPS>(p, row, yi, ny, h0, split, smem, sm_m);
