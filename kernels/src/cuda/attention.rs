@@ -288,19 +288,20 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
 }
 
 impl Gpu {
-    /// Words of the split workspace that are not at rest (a counter not
-    /// zero, a tagged word not zeroed by its reader): 0 after every
-    /// complete launch, else the next launch would merge stale partials.
-    /// Self-check only (copies the workspace to the host).
+    /// Words of the split workspace that are not at rest (a cooperative
+    /// arrival count off a multiple of 1024, a last-CTA counter not zero, a
+    /// tagged word not zeroed by its reader): 0 after every complete
+    /// launch, else the next launch would merge stale partials. Self-check
+    /// only (copies the workspace to the host).
     pub fn attention_workspace_unsettled(&self) -> Result<usize> {
         let ws = self.attention_workspace();
         let mut n = 0;
         if let Some(c) = &ws.counters {
             n += self
                 .download(c, c.len())?
-                .iter()
-                .filter(|&&x| x != 0)
-                .count();
+                .chunks(2)
+                .map(|pair| usize::from(pair[0] % 1024 != 0) + usize::from(pair[1] != 0))
+                .sum::<usize>();
         }
         if let Some(t) = &ws.tagged {
             n += self
@@ -406,7 +407,7 @@ impl Gpu {
             // A tagged record: 6 words per float4 item of a head and split.
             let tagged = if plan.coop { n * d / 4 * 6 } else { 0 };
             self.attention_workspace()
-                .ensure(self, n * d, n * 2, rows * y, tagged)?
+                .ensure(self, n * d, n * 2, rows * y * 2, tagged)?
         } else {
             [0; 4]
         };
@@ -449,11 +450,12 @@ impl Gpu {
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
         // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With
         // splits > 1 the workspace holds rows x num_heads x splits
-        // partials, rows x y counters (zero between launches) and, for a
-        // cooperative merge, as many tagged records of 6 words per float4
-        // of a partial (every word zero between launches: each is zeroed
-        // by its one reader), and no other launch uses it concurrently (one
-        // stream). A cooperative merge waits for the other CTAs of its row
+        // partials, rows x y counter pairs (the cooperative merge's
+        // arrivals at a multiple of 1024, the last-CTA merge's at zero) and,
+        // for a cooperative merge, as many tagged records of 6 words per
+        // float4 of a partial (every word zero between launches: each is
+        // zeroed by its one reader), and no other launch uses it
+        // concurrently (one stream). A cooperative merge waits for the other CTAs of its row
         // and head group: the cooperative launch guarantees they are all
         // resident (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);

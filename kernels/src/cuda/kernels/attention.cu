@@ -48,7 +48,8 @@ struct AttnParams {
     float* out;            // [rows, num_heads * D]
     float* part_acc;       // [rows, num_heads, splits, D]
     float* part_ml;        // [rows, num_heads, splits, 2]
-    u32* counters;         // [rows, kv_heads * chunks]: the last-CTA merge's (zero between launches)
+    u32* counters;         // [rows, kv_heads * chunks, 2]: the cooperative merge's arrivals (a multiple
+                           // of COOP_EPOCH between launches), the last-CTA merge's (zero between launches)
     ulonglong2* part_tagged;  // [rows, kv_heads * chunks, G * D / 4, splits, 3]: the cooperative
                               // merge's tagged partials (every tag zero between launches)
     u32 rows;
@@ -193,8 +194,36 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 }
 
 // Most splits the cooperative merge takes (rounds of 128: 4 per lane).
-#define COOP_MAX_SPLITS 256
+#define COOP_MAX_SPLITS 256  // at most COOP_EPOCH
 #define COOP_PER_LANE 4
+
+// The cooperative merge's arrival count per (row, head group) is never
+// reset: the S CTAs of a launch add COOP_EPOCH in all (split s its share),
+// so it rests at a multiple of COOP_EPOCH between launches, whatever their
+// split counts, and a CTA that reads it before adding its own share knows
+// the value that means "all arrived" (wrapping is harmless: 2^32 is a
+// multiple of COOP_EPOCH). The count is only a hint of when to look: the
+// additions are relaxed (no fence), and the tags below are what makes the
+// data valid.
+#define COOP_EPOCH 1024u
+__device__ __forceinline__ u32& coop_target() {
+    __shared__ u32 target;
+    return target;
+}
+
+__device__ __forceinline__ u32* coop_arrivals(const AttnParams& p, u32 row, u32 yi, u32 ny) {
+    return p.counters + 2 * ((u64)row * ny + yi);
+}
+
+// Thread 0, at the CTA's start: this launch's target (read by the merge
+// after a barrier).
+__device__ __forceinline__ void coop_read_target(const AttnParams& p, u32 row, u32 yi, u32 ny) {
+    if (p.coop && threadIdx.x == 0) {
+        u32 n;
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(coop_arrivals(p, row, yi, ny)) : "memory");
+        coop_target() = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
+    }
+}
 
 // The cooperative merge's partials are tagged: every 8-byte word holds a
 // float in its low half and the tag 1 in its high half, written by one
@@ -225,18 +254,34 @@ __device__ __forceinline__ bool record_ready(const ulonglong2 (&w)[3]) {
 
 // The cooperative merge (a cooperative launch: every CTA of the grid is
 // resident, so a CTA may wait for the others). Each CTA has written its
-// tagged records (combine_rows); it then merges float4 items split,
-// split + S, ..., one per warp: the lanes load the item's records of all S
-// splits at once (4 per lane a round), load again those not yet tagged
-// until all are, and sum them in a fixed order (lane-local, then a
-// butterfly; rounds of 128 splits folded in order), so the bits do not
-// depend on timing.
+// tagged records and counted them (combine_rows); it then merges float4
+// items split, split + S, ..., one per warp: lane 0 waits for the count,
+// then the lanes load the item's records of all S splits at once (4 per
+// lane a round), load again any not yet tagged until all are, and sum them
+// in a fixed order (lane-local, then a butterfly; rounds of 128 splits
+// folded in order), so the bits do not depend on timing. Polling the count
+// (one word) rather than the records keeps the early CTAs' waiting off
+// the memory system that the late ones still stream from.
 template <int D, int G>
 __device__ void merge_tagged(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
     const u32 S = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr u32 ITEMS = G * D / 4;
     constexpr int K = COOP_PER_LANE;
+    if (split + warp * S < ITEMS) {  // uniform over the warp
+        if (lane == 0) {
+            const u32* arrived = coop_arrivals(p, row, yi, ny);
+            const u32 target = coop_target();
+            for (;;) {
+                u32 n;
+                asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
+                if ((int)(n - target) >= 0) break;
+                __nanosleep(32);
+            }
+        }
+        __syncwarp();
+        tl_mark(tl, TL_MERGE);
+    }
     for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
         const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
         ulonglong2* recs = p.part_tagged + 3 * ((((u64)row * ny + yi) * ITEMS + i) * S);
@@ -261,14 +306,13 @@ __device__ void merge_tagged(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h
                 for (int k = 0; k < K; k++)
                     if ((want >> k & 1) && !record_ready(w[k])) late |= 1u << k;
                 if (!__any_sync(0xffffffffu, late)) break;
-                __nanosleep(64);
+                __nanosleep(32);
 #pragma unroll
                 for (int k = 0; k < K; k++)
                     if (late >> k & 1)
 #pragma unroll
                         for (int j = 0; j < 3; j++) w[k][j] = ld_tagged(recs + 3 * (r0 + lane + 32 * k) + j);
             }
-            if (r0 == 0) tl_mark(tl, TL_MERGE);
             float mx = NEG_INF;
 #pragma unroll
             for (int k = 0; k < K; k++)
@@ -370,6 +414,12 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (S == 1) return;
     if (p.coop) {
+        __syncthreads();  // every record of the CTA is on its way: count them
+        if (tid == 0) {
+            const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
+            asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(coop_arrivals(p, row, yi, ny)), "r"(add)
+                         : "memory");
+        }
         tl_mark(tl, TL_PUBLISHED);
         merge_tagged<D, G>(p, row, yi, ny, h0, split, tl);
         return;
@@ -380,7 +430,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
-    u32* counter = p.counters + (u64)row * ny + yi;
+    u32* counter = coop_arrivals(p, row, yi, ny) + 1;  // [0] is the cooperative merge's
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == S - 1;
     tl_mark(tl, TL_PUBLISHED);
     __syncthreads();
@@ -463,6 +513,7 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     // Independent loads first: the row's key count and table start, q.
     const u32 kv_len = p.kv_len[row];
     const u32 toff = p.table_off[row];
+    coop_read_target(p, row, yi, ny);
     float q[G][8], m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -753,6 +804,7 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
 
     const u32 kv_len = p.kv_len[row];
     const u32 toff = p.table_off[row];
+    coop_read_target(p, row, yi, ny);
     // Q as A fragments: a0 = (q[qr][16s + 2qc], +1), a2 = the same + 8;
     // heads qr >= G are zero rows.
     u32 qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
