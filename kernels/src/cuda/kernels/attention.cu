@@ -359,6 +359,74 @@ __device__ void merge_tagged(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h
     }
 }
 
+template <int D, int G>
+__device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
+    const u32 S = gridDim.z;
+    u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
+    __syncthreads();  // every thread's piece of the partial is written
+    if (threadIdx.x == 0) {
+        const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
+        u32 n;
+        // Release (cumulative over the barrier): the partial before the count.
+        asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(n) : "l"(arrived), "r"(add) : "memory");
+        tl_mark(tl, TL_PUBLISHED);
+        const u32 target = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
+        n += add;
+        while ((int)(n - target) < 0) {
+            __nanosleep(32);
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
+        }
+        tl_mark(tl, TL_MERGE);
+    }
+    __syncthreads();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    constexpr u32 ITEMS = G * D / 4;
+    constexpr int PER_LANE = COOP_MAX_SPLITS / 32;
+    for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
+        const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
+        const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
+        float ms[PER_LANE], ls[PER_LANE];
+        float4 as[PER_LANE];
+#pragma unroll
+        for (int k = 0; k < PER_LANE; k++) {
+            const u32 sp = lane + 32 * k;
+            ms[k] = NEG_INF;
+            ls[k] = 0.0f;
+            as[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (sp < S) {
+                ms[k] = ldcg(p.part_ml + 2 * (base + sp));
+                ls[k] = ldcg(p.part_ml + 2 * (base + sp) + 1);
+                as[k] = ldcg4(p.part_acc + (base + sp) * D + d);
+            }
+        }
+        float mx = NEG_INF;
+#pragma unroll
+        for (int k = 0; k < PER_LANE; k++) mx = fmaxf(mx, ms[k]);
+        mx = warp_max(mx);
+        float l = 0.0f;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+        for (int k = 0; k < PER_LANE; k++) {
+            const float w = ms[k] == NEG_INF ? 0.0f : exp2f(ms[k] - mx);
+            l += w * ls[k];
+            a.x += w * as[k].x;
+            a.y += w * as[k].y;
+            a.z += w * as[k].z;
+            a.w += w * as[k].w;
+        }
+        l = warp_sum(l);
+        a.x = warp_sum(a.x);
+        a.y = warp_sum(a.y);
+        a.z = warp_sum(a.z);
+        a.w = warp_sum(a.w);
+        if (lane == 0) {
+            const float r = l > 0.0f ? 1.0f / l : 0.0f;
+            *(float4*)(p.out + (u64)row * p.num_heads * D + (h0 + g) * D + d) =
+                make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
+        }
+    }
+}
+
 // The end of a CTA: the NR row groups' partial results, in shared memory
 // as sm_acc [G][NR * D] (each relative to its own max), sm_m and sm_l
 // [NR][G], are summed, one float4 item (head g, dims d..d+4) per thread at
@@ -398,7 +466,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
         if (S == 1) {
             const float rl = ll > 0.0f ? 1.0f / ll : 0.0f;
             *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * rl, a.y * rl, a.z * rl, a.w * rl);
-        } else if (p.coop) {
+        } else if (false) {
             ulonglong2* rec = p.part_tagged + 3 * ((((u64)row * ny + yi) * ITEMS + i) * S + split);
             st_tagged(rec, tagged(a.x), tagged(a.y));
             st_tagged(rec + 1, tagged(a.z), tagged(a.w));
@@ -414,14 +482,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (S == 1) return;
     if (p.coop) {
-        __syncthreads();  // every record of the CTA is on its way: count them
-        if (tid == 0) {
-            const u32 add = COOP_EPOCH / S + (split < COOP_EPOCH % S ? 1u : 0u);
-            asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(coop_arrivals(p, row, yi, ny)), "r"(add)
-                         : "memory");
-        }
-        tl_mark(tl, TL_PUBLISHED);
-        merge_tagged<D, G>(p, row, yi, ny, h0, split, tl);
+        merge_cooperative<D, G>(p, row, yi, ny, h0, split, tl);
         return;
     }
 
@@ -513,7 +574,6 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     // Independent loads first: the row's key count and table start, q.
     const u32 kv_len = p.kv_len[row];
     const u32 toff = p.table_off[row];
-    coop_read_target(p, row, yi, ny);
     float q[G][8], m[G], l[G], acc[G][8];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -804,7 +864,6 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
 
     const u32 kv_len = p.kv_len[row];
     const u32 toff = p.table_off[row];
-    coop_read_target(p, row, yi, ny);
     // Q as A fragments: a0 = (q[qr][16s + 2qc], +1), a2 = the same + 8;
     // heads qr >= G are zero rows.
     u32 qa_hi[KSTEPS][2], qa_lo[KSTEPS][2];
