@@ -194,7 +194,6 @@ struct AttnParams {
     part_acc: u64,
     part_ml: u64,
     counters: u64,
-    part_tagged: u64,
     rows: u32,
     qkv_stride: u32,
     num_heads: u32,
@@ -214,32 +213,23 @@ struct AttnParams {
 unsafe impl DeviceRepr for AttnParams {}
 
 /// Device buffers the splits need, kept between launches (no allocation per
-/// step): the last-CTA merge's partials and one counter per (row, head
-/// group) that the merging CTA resets to zero; the cooperative merge's
-/// tagged partials, which their readers zero.
+/// step): the partials, and a pair of counters per (row, head group): the
+/// cooperative merge's, which rests at a multiple of 1024, and the last-CTA
+/// merge's, which the merging CTA resets to zero.
 #[derive(Debug, Default)]
 pub struct AttnWorkspace {
     acc: Option<CudaSlice<f32>>,
     ml: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<u32>>,
-    tagged: Option<CudaSlice<u64>>,
     /// The driver refused a cooperative launch: fewer CTAs fit than the
     /// plan counted, so the splits are merged by their last CTA from then on.
     coop_refused: bool,
 }
 
 impl AttnWorkspace {
-    /// Addresses of buffers of at least `acc`, `ml`, `counters` and
-    /// `tagged` elements, grown (the counters and tagged words zeroed) when
-    /// too small.
-    fn ensure(
-        &mut self,
-        gpu: &Gpu,
-        acc: usize,
-        ml: usize,
-        counters: usize,
-        tagged: usize,
-    ) -> Result<[u64; 4]> {
+    /// Addresses of buffers of at least `acc`, `ml` and `counters`
+    /// elements, grown (and the counters zeroed) when too small.
+    fn ensure(&mut self, gpu: &Gpu, acc: usize, ml: usize, counters: usize) -> Result<[u64; 3]> {
         if self.acc.as_ref().is_none_or(|b| b.len() < acc) {
             self.acc = Some(gpu.alloc(acc)?);
         }
@@ -249,18 +239,10 @@ impl AttnWorkspace {
         if self.counters.as_ref().is_none_or(|b| b.len() < counters) {
             self.counters = Some(gpu.alloc_zeroed(counters)?);
         }
-        if tagged > 0 && self.tagged.as_ref().is_none_or(|b| b.len() < tagged) {
-            self.tagged = Some(gpu.alloc_zeroed(tagged)?);
-        }
         fn p<T>(gpu: &Gpu, b: &Option<CudaSlice<T>>) -> u64 {
             b.as_ref().map_or(0, |b| gpu.ptr(b))
         }
-        Ok([
-            p(gpu, &self.acc),
-            p(gpu, &self.ml),
-            p(gpu, &self.counters),
-            p(gpu, &self.tagged),
-        ])
+        Ok([p(gpu, &self.acc), p(gpu, &self.ml), p(gpu, &self.counters)])
     }
 }
 
@@ -288,11 +270,10 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
 }
 
 impl Gpu {
-    /// Words of the split workspace that are not at rest (a cooperative
-    /// arrival count off a multiple of 1024, a last-CTA counter not zero, a
-    /// tagged word not zeroed by its reader): 0 after every complete
-    /// launch, else the next launch would merge stale partials. Self-check
-    /// only (copies the workspace to the host).
+    /// Counters of the split workspace that are not at rest (a cooperative
+    /// merge's off a multiple of 1024, a last-CTA merge's not zero): 0 after
+    /// every complete launch, else the next launch would merge too early.
+    /// Self-check only (copies the counters to the host).
     pub fn attention_workspace_unsettled(&self) -> Result<usize> {
         let ws = self.attention_workspace();
         let mut n = 0;
@@ -302,13 +283,6 @@ impl Gpu {
                 .chunks(2)
                 .map(|pair| usize::from(pair[0] % 1024 != 0) + usize::from(pair[1] != 0))
                 .sum::<usize>();
-        }
-        if let Some(t) = &ws.tagged {
-            n += self
-                .download(t, t.len())?
-                .iter()
-                .filter(|&&x| x != 0)
-                .count();
         }
         Ok(n)
     }
@@ -402,14 +376,12 @@ impl Gpu {
             }
         };
         let (k, vv) = kv.layer_ptrs(self, layer)?;
-        let [part_acc, part_ml, counters, part_tagged] = if plan.splits > 1 {
+        let [part_acc, part_ml, counters] = if plan.splits > 1 {
             let n = rows * shape.num_heads * plan.splits;
-            // A tagged record: 6 words per float4 item of a head and split.
-            let tagged = if plan.coop { n * d / 4 * 6 } else { 0 };
             self.attention_workspace()
-                .ensure(self, n * d, n * 2, rows * y * 2, tagged)?
+                .ensure(self, n * d, n * 2, rows * y * 2)?
         } else {
-            [0; 4]
+            [0; 3]
         };
         let p = AttnParams {
             qkv: self.ptr(qkv),
@@ -422,7 +394,6 @@ impl Gpu {
             part_acc,
             part_ml,
             counters,
-            part_tagged,
             rows: rows as u32,
             qkv_stride: shape.qkv_stride as u32,
             num_heads: shape.num_heads as u32,
@@ -450,14 +421,11 @@ impl Gpu {
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
         // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With
         // splits > 1 the workspace holds rows x num_heads x splits
-        // partials, rows x y counter pairs (the cooperative merge's
-        // arrivals at a multiple of 1024, the last-CTA merge's at zero) and,
-        // for a cooperative merge, as many tagged records of 6 words per
-        // float4 of a partial (every word zero between launches: each is
-        // zeroed by its one reader), and no other launch uses it
-        // concurrently (one stream). A cooperative merge waits for the other CTAs of its row
-        // and head group: the cooperative launch guarantees they are all
-        // resident (or fails).
+        // partials and rows x y counter pairs (the cooperative merge's at a
+        // multiple of 1024, the last-CTA merge's at zero), and no other
+        // launch uses it concurrently (one stream). A cooperative merge
+        // waits for the other CTAs of its row and head group: the
+        // cooperative launch guarantees they are all resident (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);
         match unsafe { self.launch_as(&name, cfg, &p, plan.coop) } {
             Err(e @ Error::CooperativeRefused { .. }) => {

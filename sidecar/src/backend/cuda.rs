@@ -125,7 +125,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Words of the attention split workspace not at rest between launches
+    /// Counters of the attention split workspace not at rest between launches
     /// (`Gpu::attention_workspace_unsettled`); self-check.
     pub fn attention_workspace_unsettled(&self) -> Result<usize> {
         Ok(self.gpu.attention_workspace_unsettled()?)

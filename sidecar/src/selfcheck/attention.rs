@@ -117,7 +117,7 @@ fn cases() -> Vec<Case> {
             ((8, 1, 128), decode(&[8191]), None),
             ((9, 3, 64), decode(&[8191, 700]), None),
             ((4, 1, 256), decode(&[4000]), Some(40)),
-            // More than 128 splits: the cooperative merge in two rounds.
+            // More than 128 splits (up to 8 a lane in the cooperative merge).
             ((9, 3, 64), decode(&[20_000]), None),
             ((8, 1, 128), decode(&[20_000]), Some(256)),
         ] {
@@ -265,9 +265,9 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     let plan =
         cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;
     let got = cx.b.act_to_host(&out)?;
-    // The merges leave their workspace at rest (counters at zero, every
-    // tagged word zeroed by its reader), or the next launch reads stale
-    // partials.
+    // The merges leave their counters at rest (the cooperative one at a
+    // multiple of 1024, the last-CTA one at zero), or the next launch merges
+    // before its partials are in.
     let unsettled = cx.b.attention_workspace_unsettled()?;
     // The CPU on the same bf16 keys and values.
     let per_layer = blocks * layout.block_elems();
@@ -303,7 +303,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
     if unsettled > 0 {
         return Err(crate::error::Error::Backend(format!(
-            "{unsettled} words of the split workspace not at rest after the launch"
+            "{unsettled} counters of the split workspace not at rest after the launch"
         )));
     }
     Ok(

@@ -25,13 +25,12 @@
 // covers decode tokens and prefill chunks on top of an existing context.
 //
 // Splits (few rows, long contexts): every CTA of a (row, head group)
-// writes an unnormalised partial (acc, max, sum). With many splits in a
-// cooperative launch the partials are tagged word by word and every CTA
-// merges a slice of the output as soon as its words carry their tags
-// (merge_tagged: no fence, no counter); otherwise each CTA counts its
-// partial and the LAST one to finish merges them all (an atomic counter
-// per (row, head group), reset by that CTA). Either way no second launch
-// is needed, and the summation order does not depend on timing.
+// writes an unnormalised partial (acc, max, sum) and counts it. With many
+// splits in a cooperative launch every CTA waits for the count and merges
+// a slice of the output (merge_cooperative); otherwise the LAST one to
+// finish merges them all (an atomic counter per (row, head group), reset
+// by that CTA). Either way no second launch is needed, and the summation
+// order does not depend on timing.
 
 #define ATT_THREADS 128
 // Pages of the block table one CTA stages (4 KiB); the planner splits
@@ -48,10 +47,8 @@ struct AttnParams {
     float* out;            // [rows, num_heads * D]
     float* part_acc;       // [rows, num_heads, splits, D]
     float* part_ml;        // [rows, num_heads, splits, 2]
-    u32* counters;         // [rows, kv_heads * chunks, 2]: the cooperative merge's arrivals (a multiple
-                           // of COOP_EPOCH between launches), the last-CTA merge's (zero between launches)
-    ulonglong2* part_tagged;  // [rows, kv_heads * chunks, G * D / 4, splits, 3]: the cooperative
-                              // merge's tagged partials (every tag zero between launches)
+    u32* counters;         // [rows, kv_heads * chunks, 2]: the cooperative merge's (a multiple of
+                           // COOP_EPOCH between launches), the last-CTA merge's (zero between launches)
     u32 rows;
     u32 qkv_stride;
     u32 num_heads;
@@ -193,172 +190,24 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
     }
 }
 
-// Most splits the cooperative merge takes (rounds of 128: 4 per lane).
+// Most splits the cooperative merge takes: 8 per lane.
 #define COOP_MAX_SPLITS 256  // at most COOP_EPOCH
-#define COOP_PER_LANE 4
-
-// The cooperative merge's arrival count per (row, head group) is never
-// reset: the S CTAs of a launch add COOP_EPOCH in all (split s its share),
-// so it rests at a multiple of COOP_EPOCH between launches, whatever their
-// split counts, and a CTA that reads it before adding its own share knows
-// the value that means "all arrived" (wrapping is harmless: 2^32 is a
-// multiple of COOP_EPOCH). The count is only a hint of when to look: the
-// additions are relaxed (no fence), and the tags below are what makes the
-// data valid.
-#define COOP_EPOCH 1024u
-__device__ __forceinline__ u32& coop_target() {
-    __shared__ u32 target;
-    return target;
-}
-
-__device__ __forceinline__ u32* coop_arrivals(const AttnParams& p, u32 row, u32 yi, u32 ny) {
-    return p.counters + 2 * ((u64)row * ny + yi);
-}
-
-// Thread 0, at the CTA's start: this launch's target (read by the merge
-// after a barrier).
-__device__ __forceinline__ void coop_read_target(const AttnParams& p, u32 row, u32 yi, u32 ny) {
-    if (p.coop && threadIdx.x == 0) {
-        u32 n;
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(coop_arrivals(p, row, yi, ny)) : "memory");
-        coop_target() = (n & ~(COOP_EPOCH - 1)) + COOP_EPOCH;
-    }
-}
-
-// The cooperative merge's partials are tagged: every 8-byte word holds a
-// float in its low half and the tag 1 in its high half, written by one
-// store and read by one load (an aligned 64-bit strong access: a reader
-// sees the whole word or none of it), so a reader that sees the tag has
-// the float, with no fence on the writer's side and no counter between
-// them. A record is the partial of one float4 item of one split: (acc.x,
-// acc.y), (acc.z, acc.w), (max, sum), 48 bytes. Each record has exactly
-// one reader (the warp that merges its item), which zeroes it once read:
-// between launches every tag is 0, whatever the split counts were.
-__device__ __forceinline__ u64 tagged(float x) { return (1ull << 32) | __float_as_uint(x); }
-__device__ __forceinline__ float untag(u64 w) { return __uint_as_float((u32)w); }
-
-__device__ __forceinline__ void st_tagged(ulonglong2* p, u64 a, u64 b) {
-    asm volatile("st.relaxed.gpu.global.v2.b64 [%0], {%1, %2};" ::"l"(p), "l"(a), "l"(b) : "memory");
-}
-
-__device__ __forceinline__ ulonglong2 ld_tagged(const ulonglong2* p) {
-    ulonglong2 v;
-    asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p) : "memory");
-    return v;
-}
-
-// Every word of the record carries its tag.
-__device__ __forceinline__ bool record_ready(const ulonglong2 (&w)[3]) {
-    return ((w[0].x & w[0].y & w[1].x & w[1].y & w[2].x & w[2].y) >> 32) != 0;
-}
 
 // The cooperative merge (a cooperative launch: every CTA of the grid is
-// resident, so a CTA may wait for the others). Each CTA has written its
-// tagged records and counted them (combine_rows); it then merges float4
-// items split, split + S, ..., one per warp: lane 0 waits for the count,
-// then the lanes load the item's records of all S splits at once (4 per
-// lane a round), load again any not yet tagged until all are, and sum them
-// in a fixed order (lane-local, then a butterfly; rounds of 128 splits
-// folded in order), so the bits do not depend on timing. Polling the count
-// (one word) rather than the records keeps the early CTAs' waiting off
-// the memory system that the late ones still stream from.
-template <int D, int G>
-__device__ void merge_tagged(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
-    const u32 S = gridDim.z;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    constexpr u32 ITEMS = G * D / 4;
-    constexpr int K = COOP_PER_LANE;
-    if (split + warp * S < ITEMS) {  // uniform over the warp
-        if (lane == 0) {
-            const u32* arrived = coop_arrivals(p, row, yi, ny);
-            const u32 target = coop_target();
-            for (;;) {
-                u32 n;
-                asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived) : "memory");
-                if ((int)(n - target) >= 0) break;
-                __nanosleep(32);
-            }
-        }
-        __syncwarp();
-        tl_mark(tl, TL_MERGE);
-    }
-    for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
-        const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
-        ulonglong2* recs = p.part_tagged + 3 * ((((u64)row * ny + yi) * ITEMS + i) * S);
-        float M = NEG_INF, L = 0.0f;
-        float4 A = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (u32 r0 = 0; r0 < S; r0 += 32 * K) {  // uniform over the warp
-            ulonglong2 w[K][3];
-            u32 want = 0;
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-                const u32 sp = r0 + lane + 32 * k;
-                w[k][0] = w[k][1] = w[k][2] = make_ulonglong2(0, 0);
-                if (sp < S) {
-                    want |= 1u << k;
-#pragma unroll
-                    for (int j = 0; j < 3; j++) w[k][j] = ld_tagged(recs + 3 * sp + j);
-                }
-            }
-            for (;;) {
-                u32 late = 0;
-#pragma unroll
-                for (int k = 0; k < K; k++)
-                    if ((want >> k & 1) && !record_ready(w[k])) late |= 1u << k;
-                if (!__any_sync(0xffffffffu, late)) break;
-                __nanosleep(32);
-#pragma unroll
-                for (int k = 0; k < K; k++)
-                    if (late >> k & 1)
-#pragma unroll
-                        for (int j = 0; j < 3; j++) w[k][j] = ld_tagged(recs + 3 * (r0 + lane + 32 * k) + j);
-            }
-            float mx = NEG_INF;
-#pragma unroll
-            for (int k = 0; k < K; k++)
-                if (want >> k & 1) mx = fmaxf(mx, untag(w[k][2].x));
-            mx = warp_max(mx);
-            float l = 0.0f;
-            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-            for (int k = 0; k < K; k++) {
-                if (!(want >> k & 1)) continue;
-                const float ms = untag(w[k][2].x);
-                const float wt = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
-                l += wt * untag(w[k][2].y);
-                a.x += wt * untag(w[k][0].x);
-                a.y += wt * untag(w[k][0].y);
-                a.z += wt * untag(w[k][1].x);
-                a.w += wt * untag(w[k][1].y);
-                // Read: zero the record for the next launch.
-#pragma unroll
-                for (int j = 0; j < 3; j++) st_tagged(recs + 3 * (r0 + lane + 32 * k) + j, 0, 0);
-            }
-            l = warp_sum(l);
-            a.x = warp_sum(a.x);
-            a.y = warp_sum(a.y);
-            a.z = warp_sum(a.z);
-            a.w = warp_sum(a.w);
-            if (r0 == 0) {
-                M = mx;
-                L = l;
-                A = a;
-            } else {  // more than 128 splits: fold this round in
-                const float nm = fmaxf(M, mx);
-                const float fo = M == NEG_INF ? 0.0f : exp2f(M - nm), fr = mx == NEG_INF ? 0.0f : exp2f(mx - nm);
-                L = L * fo + l * fr;
-                A = make_float4(A.x * fo + a.x * fr, A.y * fo + a.y * fr, A.z * fo + a.z * fr, A.w * fo + a.w * fr);
-                M = nm;
-            }
-        }
-        if (lane == 0) {
-            const float r = L > 0.0f ? 1.0f / L : 0.0f;
-            *(float4*)(p.out + (u64)row * p.num_heads * D + (h0 + g) * D + d) =
-                make_float4(A.x * r, A.y * r, A.z * r, A.w * r);
-        }
-    }
-}
-
+// resident, so a CTA may wait for the others). Every CTA of a (row, head
+// group) publishes its partial, waits until all S have, then merges its
+// share of the output: float4 items split, split + S, ..., one per warp,
+// each a weighted sum over the S partials that the warp's lanes load at
+// once (one round of loads) and sum in a fixed order (lane-local, then a
+// butterfly), so the bits do not depend on timing.
+//
+// The counter is never reset: the S CTAs of a launch add COOP_EPOCH in all
+// (split s adds its share), so it rests at a multiple of COOP_EPOCH between
+// launches, whatever their split counts, and each CTA reads its launch's
+// target off the value its own addition returns (wrapping is harmless:
+// 2^32 is a multiple of COOP_EPOCH). The last CTA to add sees the target at
+// once; the others poll.
+#define COOP_EPOCH 1024u
 template <int D, int G>
 __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
     const u32 S = gridDim.z;
@@ -431,9 +280,8 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
 // as sm_acc [G][NR * D] (each relative to its own max), sm_m and sm_l
 // [NR][G], are summed, one float4 item (head g, dims d..d+4) per thread at
 // a time, each row group rescaled to the CTA's max of the head on the way;
-// with one split the output is written, else the CTA's partial: tagged
-// records for the cooperative merge, else plain ones that the last CTA of
-// the (row, head group) merges.
+// with one split the output is written, else the CTA's partial, which the
+// cooperative merge or the last CTA of the (row, head group) merges.
 template <int D, int G, int NR>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, const float* sm_m, u64* tl = nullptr) {
@@ -466,11 +314,6 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
         if (S == 1) {
             const float rl = ll > 0.0f ? 1.0f / ll : 0.0f;
             *(float4*)(p.out + (u64)row * p.num_heads * D + h * D + d) = make_float4(a.x * rl, a.y * rl, a.z * rl, a.w * rl);
-        } else if (false) {
-            ulonglong2* rec = p.part_tagged + 3 * ((((u64)row * ny + yi) * ITEMS + i) * S + split);
-            st_tagged(rec, tagged(a.x), tagged(a.y));
-            st_tagged(rec + 1, tagged(a.z), tagged(a.w));
-            st_tagged(rec + 2, tagged(mm), tagged(ll));
         } else {
             const u64 idx = ((u64)row * p.num_heads + h) * S + split;
             *(float4*)(p.part_acc + idx * D + d) = a;
@@ -491,7 +334,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     // reads everyone's partial from L2).
     __threadfence();
     __syncthreads();
-    u32* counter = coop_arrivals(p, row, yi, ny) + 1;  // [0] is the cooperative merge's
+    u32* counter = p.counters + 2 * ((u64)row * ny + yi) + 1;  // [0] is the cooperative merge's
     if (tid == 0) sm_last = atomicAdd(counter, 1u) == S - 1;
     tl_mark(tl, TL_PUBLISHED);
     __syncthreads();
@@ -499,7 +342,9 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     __threadfence();
     tl_mark(tl, TL_MERGE);
     if (tid == 0) *counter = 0;  // ready for the next launch
-    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)smem + G * MAX_SPLIT_PAGES);
+    // Weights: G x S <= G x 1024 floats from the start (the ring or merge
+    // area, at least that large); the G sums after them.
+    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)smem + G * 1024);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
