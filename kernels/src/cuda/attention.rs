@@ -100,12 +100,14 @@ pub struct AttnPlan {
     pub coop: bool,
 }
 
-/// Where one wave would give each row at most two long splits (many rows of
-/// long contexts: 32 x 32k), the rows are cut into splits of about this
-/// many pages instead, several waves of them, so that the hardware hands
-/// the slots of CTAs that finish early to the next ones and the CTAs the
-/// memory system serves last hold less (kernels/ATTENTION.md).
-const WAVE_SPLIT_PAGES: usize = 256;
+/// Where one wave would give each row at most two splits of more than
+/// `WAVE_LONG_PAGES` pages in all (many rows of long contexts: 32 x 32k),
+/// the rows are cut into splits of about `WAVE_SPLIT_PAGES` pages instead,
+/// several waves of them, so that the hardware hands the slots of CTAs that
+/// finish early to the next ones and the CTAs the memory system serves last
+/// hold less (kernels/ATTENTION.md: 128 pages measured best at 32 x 32k).
+const WAVE_LONG_PAGES: usize = 512;
+const WAVE_SPLIT_PAGES: usize = 128;
 
 /// Splits of unequal length by default (kernels/ATTENTION.md).
 pub const UNEVEN: bool = true;
@@ -126,9 +128,9 @@ impl AttnPlan {
     /// `slots` (CTAs that co-reside on the whole GPU) empty, each row's
     /// keys are cut into `slots / ctas` splits (a page apart at most), so
     /// that every CTA streams about the same number of pages and all finish
-    /// together; but where that gives at most two splits of more than
-    /// `WAVE_SPLIT_PAGES` pages, splits of about `WAVE_SPLIT_PAGES` in
-    /// several waves. A split never holds more than
+    /// together; but where that gives each row at most two splits and the
+    /// row has more than `WAVE_LONG_PAGES` pages, splits of about
+    /// `WAVE_SPLIT_PAGES` in several waves. A split never holds more than
     /// `ATTENTION_MAX_SPLIT_PAGES` pages (the table slice a CTA stages) nor
     /// fewer than `MIN_PAGES_PER_SPLIT`.
     pub fn new(
@@ -147,7 +149,7 @@ impl AttnPlan {
             let one_wave = (slots / ctas)
                 .min(pages / MIN_PAGES_PER_SPLIT)
                 .clamp(1, MAX_SPLITS);
-            if ctas <= slots && one_wave <= 2 && pages > 2 * WAVE_SPLIT_PAGES {
+            if ctas <= slots && one_wave <= 2 && pages > WAVE_LONG_PAGES {
                 pages.div_ceil(WAVE_SPLIT_PAGES).min(MAX_SPLITS)
             } else {
                 one_wave
@@ -483,11 +485,11 @@ mod tests {
         let s = shape(32, 8);
         let plan = |rows, len| AttnPlan::new(&s, rows, len, SLOTS, AttnForce::default());
         // The benchmark shapes: one wave of CTAs a page apart at most, but
-        // 32 x 32k in several waves of 256-page splits.
+        // 32 x 32k in several waves of 128-page splits.
         for (rows, len, splits) in [
             (1, 32_768, 66),
             (8, 32_768, 8),
-            (32, 32_768, 8),
+            (32, 32_768, 16),
             (1, 131_072, 66),
             (4, 131_072, 16),
             (64, 4096, 1),
