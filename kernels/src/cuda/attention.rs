@@ -100,9 +100,9 @@ pub struct AttnPlan {
     pub coop: bool,
 }
 
-/// Where one wave would give each row at most two splits of more than
-/// `WAVE_LONG_PAGES` pages in all (many rows of long contexts: 32 x 32k),
-/// the rows are cut into splits of about `WAVE_SPLIT_PAGES` pages instead,
+/// Where one wave would give each row at most two splits and a row has more
+/// than `WAVE_LONG_PAGES` pages (many rows of long contexts: 32 x 32k), the
+/// rows are cut into splits of about `WAVE_SPLIT_PAGES` pages instead,
 /// several waves of them, so that the hardware hands the slots of CTAs that
 /// finish early to the next ones and the CTAs the memory system serves last
 /// hold less (kernels/ATTENTION.md: 128 pages measured best at 32 x 32k).
@@ -122,6 +122,9 @@ pub const MAX_SPLITS: usize = 1024;
 /// (kernels/ATTENTION.md); it takes at most `COOP_MAX_SPLITS` (attention.cu).
 const COOP_MIN_SPLITS: usize = 32;
 const COOP_MAX_SPLITS: usize = 256;
+/// What one launch adds to a cooperative merge's counter in all
+/// (`COOP_EPOCH` in attention.cu): it rests at a multiple of this.
+const COOP_EPOCH: u32 = 1024;
 
 impl AttnPlan {
     /// One wave: when `rows x kv_heads x chunks` CTAs leave some of the
@@ -278,15 +281,14 @@ impl Gpu {
     /// Self-check only (copies the counters to the host).
     pub fn attention_workspace_unsettled(&self) -> Result<usize> {
         let ws = self.attention_workspace();
-        let mut n = 0;
-        if let Some(c) = &ws.counters {
-            n += self
-                .download(c, c.len())?
-                .chunks(2)
-                .map(|pair| usize::from(pair[0] % 1024 != 0) + usize::from(pair[1] != 0))
-                .sum::<usize>();
-        }
-        Ok(n)
+        let Some(c) = &ws.counters else {
+            return Ok(0);
+        };
+        Ok(self
+            .download(c, c.len())?
+            .chunks(2)
+            .map(|pair| usize::from(pair[0] % COOP_EPOCH != 0) + usize::from(pair[1] != 0))
+            .sum())
     }
 
     /// CTAs of the pipelined kernel for `(d, g, v)` that co-reside on the
