@@ -142,7 +142,12 @@ fn kernel_name(f: &AttnForce) -> String {
         None => "",
     };
     let even = if f.uneven == Some(false) { "/even" } else { "" };
-    format!("{name}{order}{splits}{coop}{even}")
+    let deferred = match f.deferred {
+        Some(true) => "/defer",
+        Some(false) => "/fused",
+        None => "",
+    };
+    format!("{name}{order}{splits}{coop}{even}{deferred}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -211,6 +216,7 @@ pub fn run(opts: &Options) -> Result<()> {
         head_major,
         coop: None,
         uneven: None,
+        deferred: None,
         timeline: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
@@ -230,6 +236,13 @@ pub fn run(opts: &Options) -> Result<()> {
         for coop in [true, false] {
             kernels.push(AttnForce {
                 coop: Some(coop),
+                ..force(None, None)
+            });
+        }
+        // The merge in a launch of its own, or inside the first.
+        for deferred in [true, false] {
+            kernels.push(AttnForce {
+                deferred: Some(deferred),
                 ..force(None, None)
             });
         }
