@@ -68,9 +68,6 @@ pub struct AttnForce {
     pub coop: Option<bool>,
     /// Splits of unequal length (`AttnPlan::long_splits`) on or off.
     pub uneven: Option<bool>,
-    /// The splits merged by a launch of their own (`AttnPlan::deferred`)
-    /// on (where the merge is not cooperative) or off.
-    pub deferred: Option<bool>,
     /// Device address of `8 x CTAs` u64 that a timeline variant fills
     /// (`TL_*` in attention.cu).
     pub timeline: Option<u64>,
@@ -101,10 +98,6 @@ pub struct AttnPlan {
     /// The splits are merged by every CTA of a cooperative launch (else by
     /// the last CTA of each row and head group to finish).
     pub coop: bool,
-    /// The splits are merged by a second launch (`attention_merge`), not
-    /// inside the first: by default where the CTAs run in several waves,
-    /// whose slots would otherwise idle through every CTA's fence and count.
-    pub deferred: bool,
 }
 
 /// Where one wave would give each row at most two splits and a row has more
@@ -176,15 +169,13 @@ impl AttnPlan {
         };
         // Every CTA must be resident to wait for the others.
         let coop_fits = splits > 1 && splits <= COOP_MAX_SPLITS && ctas * splits <= slots;
-        let coop = coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS);
         AttnPlan {
             heads_per_cta,
             chunks,
             splits,
             pages_per_split,
             long_splits,
-            coop,
-            deferred: splits > 1 && !coop && force.deferred.unwrap_or(ctas * splits > slots),
+            coop: coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS),
             kernel: force
                 .kernel
                 .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
@@ -220,22 +211,8 @@ struct AttnParams {
     scale_log2: f32,
     coop: u32,
     long_splits: u32,
-    deferred: u32,
     timeline: u64,
 }
-
-#[repr(C)]
-struct MergeParams {
-    part_acc: u64,
-    part_ml: u64,
-    out: u64,
-    items: u32,
-    d4: u32,
-    splits: u32,
-}
-
-// SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
-unsafe impl DeviceRepr for MergeParams {}
 
 // SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
 unsafe impl DeviceRepr for AttnParams {}
@@ -398,7 +375,6 @@ impl Gpu {
                     splits,
                     pages_per_split,
                     long_splits: splits,
-                    deferred: false,
                     ..plan
                 });
             }
@@ -434,7 +410,6 @@ impl Gpu {
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             coop: plan.coop as u32,
             long_splits: plan.long_splits as u32,
-            deferred: plan.deferred as u32,
             timeline: force.timeline.unwrap_or(0),
         };
         let cfg = LaunchConfig {
@@ -456,30 +431,6 @@ impl Gpu {
         // waits for the other CTAs of its row and head group: the
         // cooperative launch guarantees they are all resident (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);
-        if plan.deferred {
-            // SAFETY: as above (a deferred plan is never cooperative).
-            unsafe { self.launch(&name, cfg, &p)? };
-            let items = rows * shape.num_heads * d / 4;
-            let m = MergeParams {
-                part_acc,
-                part_ml,
-                out: p.out,
-                items: items as u32,
-                d4: (d / 4) as u32,
-                splits: plan.splits as u32,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (items.div_ceil(256) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the first launch (same stream, so it has finished)
-            // wrote all rows x num_heads x splits partials of d floats and
-            // their max and sum; out holds rows x num_heads x d (d a
-            // multiple of 4: the float4 accesses are aligned).
-            unsafe { self.launch("attention_merge", cfg, &m)? };
-            return Ok(plan);
-        }
         match unsafe { self.launch_as(&name, cfg, &p, plan.coop) } {
             Err(e @ Error::CooperativeRefused { .. }) => {
                 warn!(
@@ -584,37 +535,6 @@ mod tests {
         let forced = AttnPlan::new(&s, 1, 100, SLOTS, force(3));
         assert_eq!((forced.splits, forced.pages_per_split), (3, 3));
         assert_eq!(AttnPlan::new(&s, 1, 5, SLOTS, force(16)).splits, 1);
-    }
-
-    #[test]
-    fn merge_launched_apart_only_for_several_waves() {
-        let s = shape(32, 8);
-        let plan = |rows, len, force| AttnPlan::new(&s, rows, len, SLOTS, force);
-        let auto = AttnForce::default();
-        // 32 x 32k: 16 splits x 256 CTAs, several waves.
-        let p = plan(32, 32_768, auto);
-        assert!(p.deferred && !p.coop, "{p:?}");
-        // One wave: merged inside the launch.
-        assert!(!plan(8, 32_768, auto).deferred);
-        assert!(!plan(1, 32_768, auto).deferred, "cooperative");
-        assert!(!plan(64, 4096, auto).deferred, "no splits");
-        // Forced: more CTAs than slots defers; a cooperative plan never does.
-        let many = AttnForce {
-            splits: Some(100),
-            ..auto
-        };
-        assert!(plan(1, 32_768, many).deferred);
-        let on = AttnForce {
-            deferred: Some(true),
-            ..auto
-        };
-        assert!(plan(8, 32_768, on).deferred);
-        assert!(!plan(1, 32_768, on).deferred, "cooperative wins");
-        let off = AttnForce {
-            deferred: Some(false),
-            ..auto
-        };
-        assert!(!plan(32, 32_768, off).deferred);
     }
 
     #[test]

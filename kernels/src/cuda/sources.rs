@@ -260,7 +260,7 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         ],
         "rope" => &["rope_f32"],
         "kv" => &["kv_append_bf16", "copy_blocks_bf16"],
-        "attention" => &["read_ceiling", "attention_merge"],
+        "attention" => &["read_ceiling"],
         "attention_regs" => &["attention_regs_f32_d128_g4", "attention_regs_merge_f32"],
         "sampling" => &["sample_f32"],
         _ => &[],

@@ -142,12 +142,7 @@ fn kernel_name(f: &AttnForce) -> String {
         None => "",
     };
     let even = if f.uneven == Some(false) { "/even" } else { "" };
-    let deferred = match f.deferred {
-        Some(true) => "/defer",
-        Some(false) => "/fused",
-        None => "",
-    };
-    format!("{name}{order}{splits}{coop}{even}{deferred}")
+    format!("{name}{order}{splits}{coop}{even}")
 }
 
 /// Times one kernel over the rotation sets.
@@ -216,7 +211,6 @@ pub fn run(opts: &Options) -> Result<()> {
         head_major,
         coop: None,
         uneven: None,
-        deferred: None,
         timeline: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
@@ -236,13 +230,6 @@ pub fn run(opts: &Options) -> Result<()> {
         for coop in [true, false] {
             kernels.push(AttnForce {
                 coop: Some(coop),
-                ..force(None, None)
-            });
-        }
-        // The merge in a launch of its own, or inside the first.
-        for deferred in [true, false] {
-            kernels.push(AttnForce {
-                deferred: Some(deferred),
                 ..force(None, None)
             });
         }

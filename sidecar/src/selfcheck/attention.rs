@@ -28,8 +28,6 @@ struct Case {
     coop: Option<bool>,
     /// Splits of unequal length forced on or off.
     uneven: Option<bool>,
-    /// The merge of the splits in a launch of its own forced on or off.
-    deferred: Option<bool>,
 }
 
 fn cases() -> Vec<Case> {
@@ -42,7 +40,6 @@ fn cases() -> Vec<Case> {
         head_major: None,
         coop: None,
         uneven: None,
-        deferred: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
     let kernels = ATTENTION_BENCH_VARIANTS
@@ -56,7 +53,6 @@ fn cases() -> Vec<Case> {
             head_major,
             coop: None,
             uneven: None,
-            deferred: None,
             ..c(
                 (32, 8, 128),
                 &decode(&[1, 17, 1000, 3001]),
@@ -131,20 +127,6 @@ fn cases() -> Vec<Case> {
             });
         }
     }
-    // The merge in a launch of its own (the plan's choice where the CTAs
-    // run in several waves), on the cases of the two merges above.
-    for (heads, seqs, splits) in [
-        ((32, 8, 128), decode(&[3001, 20_000, 1]), Some(20)),
-        ((32, 8, 128), decode(&[3001, 20_000, 1]), Some(300)),
-        ((9, 3, 64), decode(&[8191, 700]), Some(7)),
-        ((4, 1, 256), decode(&[4000]), Some(40)),
-        ((6, 2, 32), decode(&[31, 64]), Some(2)),
-    ] {
-        benched.push(Case {
-            deferred: Some(true),
-            ..c(heads, &seqs, &[splits], 1.0)
-        });
-    }
     // Splits of equal length (the last one shorter), both merges.
     for coop in [true, false] {
         benched.push(Case {
@@ -182,9 +164,6 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
             }
             if c.uneven == Some(false) {
                 kernel += " equal splits";
-            }
-            if c.deferred == Some(true) {
-                kernel += " merge launched apart";
             }
             let name = format!(
                 "{nh}/{kvh}x{d} ctx/new {} splits {}{kernel}",
@@ -281,7 +260,6 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         head_major: c.head_major,
         coop: c.coop,
         uneven: c.uneven,
-        deferred: c.deferred,
         timeline: None,
     };
     let plan =
@@ -335,13 +313,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
             plan.splits,
             plan.pages_per_split,
             plan.long_splits,
-            if plan.coop {
-                ", cooperative merge"
-            } else if plan.deferred {
-                ", merge launched apart"
-            } else {
-                ""
-            }
+            if plan.coop { ", cooperative merge" } else { "" }
         )),
     )
 }

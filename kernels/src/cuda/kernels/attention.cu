@@ -61,7 +61,6 @@ struct AttnParams {
     float scale_log2;
     u32 coop;              // splits merged by all CTAs (cooperative launch only)
     u32 long_splits;       // splits [0, long_splits) have pages_per_split pages, the rest one fewer
-    u32 deferred;          // the splits merged by attention_merge after this launch (not cooperative)
     u64* timeline;         // timeline variants: 8 timestamps per CTA (or null)
 };
 
@@ -324,7 +323,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
             }
         }
     }
-    if (S == 1 || p.deferred) return;  // deferred: the next launch merges
+    if (S == 1) return;
     if (p.coop) {
         merge_cooperative<D, G>(p, row, yi, ny, h0, split, tl);
         return;
@@ -903,45 +902,6 @@ ATTN_K(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, , 4)
 ATTN_KS(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, _nc, 4)
 // The default with a timeline (bench-attention --timeline).
 ATTN_KT(128, 4, 2, 1, LOAD_PREFETCH, prefetch, true, true, true, true, _nc_lean_tl, 4)
-
-struct MergeParams {
-    const float* part_acc;  // [rows, num_heads, splits, D]
-    const float* part_ml;   // [rows, num_heads, splits, 2]
-    float* out;             // [rows, num_heads * D]
-    u32 items;              // rows * num_heads * D / 4
-    u32 d4;                 // D / 4
-    u32 splits;
-};
-
-// The splits' merge as a launch of its own, for plans of several waves:
-// their CTAs then write their partials and exit, with no fence and no
-// count holding a slot that the next CTA could stream in. A thread per
-// float4 of the output, the splits summed in order (as merge_splits).
-extern "C" __global__ void __launch_bounds__(256) attention_merge(const MergeParams p) {
-    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= p.items) return;
-    const u32 S = p.splits, D = p.d4 * 4;
-    const u64 rh = i / p.d4;  // row * num_heads + head
-    const u32 d = (i % p.d4) * 4;
-    const float* ml = p.part_ml + rh * S * 2;
-    const float* acc = p.part_acc + rh * S * D + d;
-    float mx = NEG_INF;
-    for (u32 s = 0; s < S; s++) mx = fmaxf(mx, __ldg(ml + 2 * s));
-    float l = 0.0f;
-    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (u32 s = 0; s < S; s++) {
-        const float ms = __ldg(ml + 2 * s);
-        const float w = ms == NEG_INF ? 0.0f : exp2f(ms - mx);
-        l += w * __ldg(ml + 2 * s + 1);
-        const float4 x = __ldg((const float4*)(acc + (u64)s * D));
-        a.x += w * x.x;
-        a.y += w * x.y;
-        a.z += w * x.z;
-        a.w += w * x.w;
-    }
-    const float r = l > 0.0f ? 1.0f / l : 0.0f;
-    *(float4*)(p.out + rh * D + d) = make_float4(a.x * r, a.y * r, a.z * r, a.w * r);
-}
 
 struct ReadParams {
     const uint4* src;
