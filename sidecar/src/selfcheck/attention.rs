@@ -51,8 +51,6 @@ fn cases() -> Vec<Case> {
         .map(|(kernel, head_major)| Case {
             kernel,
             head_major,
-            coop: None,
-            uneven: None,
             ..c(
                 (32, 8, 128),
                 &decode(&[1, 17, 1000, 3001]),
@@ -269,6 +267,11 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     // multiple of 1024, the last-CTA one at zero), or the next launch merges
     // before its partials are in.
     let unsettled = cx.b.attention_workspace_unsettled()?;
+    if unsettled > 0 {
+        return Err(crate::error::Error::Backend(format!(
+            "{unsettled} counters of the split workspace not at rest after the launch"
+        )));
+    }
     // The CPU on the same bf16 keys and values.
     let per_layer = blocks * layout.block_elems();
     let (mut k, mut v) = (vec![f32::NAN; per_layer], vec![f32::NAN; per_layer]);
@@ -301,11 +304,6 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         .collect();
     let mut want = vec![0.0; t * dims.q_dim()];
     cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
-    if unsettled > 0 {
-        return Err(crate::error::Error::Backend(format!(
-            "{unsettled} counters of the split workspace not at rest after the launch"
-        )));
-    }
     Ok(
         compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
             "{} heads/CTA, {} splits of {} pages ({} long){}",

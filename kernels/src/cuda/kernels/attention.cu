@@ -36,6 +36,9 @@
 // Pages of the block table one CTA stages (4 KiB); the planner splits
 // longer contexts.
 #define MAX_SPLIT_PAGES 1024
+// Most splits of a row the last-CTA merge takes (attention.rs: MAX_SPLITS):
+// its weights fill the merge area, G x ATT_THREADS x 8 floats.
+#define MERGE_MAX_SPLITS 1024
 
 struct AttnParams {
     const float* qkv;      // [rows, qkv_stride] f32; query head h at columns h*D
@@ -145,6 +148,7 @@ struct AttnSmem {
     static constexpr int MERGE = G * ATT_THREADS * 8 * 4;
     static constexpr int A = RING > MERGE ? RING : MERGE;
     static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
+    static_assert(A >= G * MERGE_MAX_SPLITS * 4, "the last-CTA merge's weights fit before the table slice");
 };
 
 // The last CTA of a (row, head group) combines every split's partial:
@@ -342,9 +346,9 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     __threadfence();
     tl_mark(tl, TL_MERGE);
     if (tid == 0) *counter = 0;  // ready for the next launch
-    // Weights: G x S <= G x 1024 floats from the start (the ring or merge
-    // area, at least that large); the G sums after them.
-    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)smem + G * 1024);
+    // Weights: G x S <= G x MERGE_MAX_SPLITS floats from the start (the
+    // ring or merge area, at least that large); the G sums after them.
+    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)smem + G * MERGE_MAX_SPLITS);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -687,6 +691,7 @@ struct MmaSmem {
     static constexpr int MERGE = 8 * MMA_WARPS * D * 4;    // G <= 8
     static constexpr int A = RING > MERGE ? RING : MERGE;
     static constexpr int BYTES = A + MAX_SPLIT_PAGES * 4;
+    static_assert(A >= 8 * MERGE_MAX_SPLITS * 4, "the last-CTA merge's weights fit before the table slice");
 };
 
 template <int D, int G, int P>
