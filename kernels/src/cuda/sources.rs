@@ -73,6 +73,10 @@ pub enum AttnLoad {
     /// A warp per page, `cp.async` into a per-warp ring of `stages` stages,
     /// both products on tensor cores (mma.sync).
     Mma,
+    /// A warp per page, each lane's 16-byte pieces of K and V loaded
+    /// straight into the mma fragments' registers (no shared memory), both
+    /// products on tensor cores.
+    Frag,
 }
 
 /// The shape of the attention kernel's key loop: `keys` keys per row group
@@ -132,6 +136,18 @@ impl AttnVariant {
         }
     }
 
+    pub const fn frag() -> AttnVariant {
+        AttnVariant {
+            load: AttnLoad::Frag,
+            keys: 16,
+            stages: 1,
+            compute: true,
+            stream: true,
+            lean: false,
+            timeline: false,
+        }
+    }
+
     pub const fn streaming(self) -> AttnVariant {
         AttnVariant {
             stream: true,
@@ -157,15 +173,19 @@ impl AttnVariant {
         }
     }
 
-    /// What the daemon runs, whatever the head size and heads per CTA:
-    /// the lean SIMT loop with 2 keys per row group loaded one stage ahead
-    /// into registers, through the non-coherent path without L1
-    /// allocation, the fastest variant measured on the H100
-    /// (kernels/ATTENTION.md).
-    pub fn default_for(_d: usize, _g: usize) -> AttnVariant {
-        AttnVariant::registers(AttnLoad::Prefetch, 2)
-            .streaming()
-            .lean()
+    /// What the daemon runs: at head size 128 with at most 4 heads per
+    /// CTA, the tensor-core loop on fragments loaded straight into
+    /// registers; elsewhere the lean SIMT loop with 2 keys per row group
+    /// loaded one stage ahead into registers, through the non-coherent path
+    /// without L1 allocation (kernels/ATTENTION.md has the measurements).
+    pub fn default_for(d: usize, g: usize) -> AttnVariant {
+        if d == 128 && g <= 4 {
+            AttnVariant::frag()
+        } else {
+            AttnVariant::registers(AttnLoad::Prefetch, 2)
+                .streaming()
+                .lean()
+        }
     }
 
     /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
@@ -194,6 +214,7 @@ impl AttnVariant {
             AttnLoad::Direct => "direct",
             AttnLoad::Prefetch => "prefetch",
             AttnLoad::Mma => return format!("mma{}", self.stages),
+            AttnLoad::Frag => return "frag".to_string(),
         };
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
@@ -205,7 +226,10 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 7] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 8] = [
+    AttnVariant::registers(AttnLoad::Prefetch, 2)
+        .streaming()
+        .lean(),
     AttnVariant::registers(AttnLoad::Prefetch, 2)
         .streaming()
         .lean()

@@ -94,6 +94,26 @@ fn cases() -> Vec<Case> {
             1.0,
         ),
         c((24, 2, 64), &[(300, 1), (50, 18)], &[None], 1.0),
+        // 1, 2 and 3 heads per CTA at head size 128 (the tensor-core
+        // loop's zero rows): partial pages, prefill rows, forced splits.
+        c(
+            (8, 8, 128),
+            &[(1, 1), (17, 1), (1000, 1), (165, 65)],
+            &[None, Some(5)],
+            2.0,
+        ),
+        c(
+            (8, 4, 128),
+            &[(3001, 1), (31, 31), (16, 1)],
+            &[None, Some(3)],
+            2.0,
+        ),
+        c(
+            (6, 2, 128),
+            &[(8191, 1), (100, 40), (2, 1)],
+            &[None, Some(9)],
+            2.0,
+        ),
         c((4, 1, 256), &decode(&[129, 17]), &[None, Some(3)], 1.0),
         c((6, 2, 32), &[(31, 31), (64, 1)], &[None], 1.0),
     ]);
@@ -115,6 +135,7 @@ fn cases() -> Vec<Case> {
             ((8, 1, 128), decode(&[8191]), None),
             ((9, 3, 64), decode(&[8191, 700]), None),
             ((4, 1, 256), decode(&[4000]), Some(40)),
+            ((6, 2, 128), decode(&[20_000, 33]), None),
             // More than 128 splits (up to 8 a lane in the cooperative merge).
             ((9, 3, 64), decode(&[20_000]), None),
             ((8, 1, 128), decode(&[20_000]), Some(256)),

@@ -874,6 +874,275 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
 // Measured beside the default (Llama-3 shape); slower than the SIMT loop.
 ATTN_MMA(128, 4, 3)
 
+// ---------------------------------------------------------------------------
+// Tensor cores on fragments loaded straight from global memory (LOAD_FRAG).
+// A warp takes a whole page (16 keys) at a time, as in the variant above,
+// but with no ring and no ldmatrix: each lane loads its 16-byte pieces of
+// K and V into registers in the order the mma fragments want, and the
+// freedom in a dot product's order does the rest:
+//   * S = Q K^T on m16n8k16 (rows: the G heads' q, hi halves in rows
+//     0-7, lo halves in rows 8-15; each head twice, rows h and h + 4, so
+//     that every lane ends with the scores of head r & 3 for its keys).
+//     The reduction dimension k (the head dims) may be permuted at will if
+//     q is permuted the same way: lane (r, c) loads dims 8c + 32i .. +8 of
+//     key r of the n-tile, and q's fragments are built in that order.
+//   * O^T += V^T P^T (rows: 16 head dims, columns: the hi parts of the G
+//     heads' p in columns 0-3, the lo parts in 4-7, so the two halves of p
+//     cost no extra mma). The C fragment of S is, lane for lane, the B
+//     fragment P^T needs; V^T's A fragment pairs two keys' values of one
+//     dim in a register, which one PRMT per register makes out of two
+//     16-byte loads of two keys (lanes of equal c load one key's dims
+//     8r + 64h .. +8: 128 contiguous bytes per 8 lanes).
+// So a page costs a lane 16 loads of 16 bytes, 24 mma, 32 PRMT and the
+// softmax of 4 scores: about a tenth of the SIMT loop's instructions, and
+// a whole page of K and V (8 KiB a warp) in flight while the warp works.
+// The next page's K is requested after this page's QK, its V after PV.
+#define LOAD_FRAG 3
+
+// d += a x b on m16n8k16 (bf16 in, f32 accumulate), the PTX register order.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x and y as packed bf16 (x in the low half), rounded to nearest even.
+__device__ __forceinline__ u32 pack_bf16x2(float x, float y) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(y), "f"(x));
+    return r;
+}
+
+// What rounding x and y to bf16 leaves over, packed (the lo halves).
+__device__ __forceinline__ u32 pack_bf16x2_rest(float x, float y, u32 hi) {
+    return pack_bf16x2(x - __uint_as_float(hi << 16), y - __uint_as_float(hi & 0xffff0000u));
+}
+
+__device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
+
+template <int D, int G>
+__device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
+    static_assert(D % 128 == 0 && G <= 4, "two 64-dim halves per V^T tile pair; at most 4 heads");
+    constexpr int KL = D / 32;  // 16-byte K loads per lane and n-tile (two k-steps each)
+    constexpr int VH = D / 64;  // 16-byte V loads per lane and key
+    constexpr int MT = D / 16;  // m-tiles of V^T
+    typedef AttnSmem<G, 2, 1, LOAD_PREFETCH> Smem;  // the SIMT loop's: merge area, then the table slice
+    extern __shared__ __align__(16) unsigned char smem[];
+    u32* pages = (u32*)(smem + Smem::A);
+
+    const u32 ny = gridDim.x / p.rows;
+    const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
+    const u32 yi = p.head_major ? blockIdx.x % ny : blockIdx.x / p.rows;
+    const u32 kvh = yi / p.chunks;
+    const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
+    const u32 split = blockIdx.z;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int r = lane >> 2, c = lane & 3;  // fragment row group and column pair
+    const int hh = r & 3;                   // the head whose scores this lane holds
+
+    const u32 kv_len = p.kv_len[row];
+    const u32 toff = p.table_off[row];
+    // q of head hh as A fragments: word w of qh[i] packs dims 8c + 32i + 2w
+    // and + 1 (rows r, hi halves), ql the same lo halves (rows r + 8); heads
+    // past G are zero rows.
+    u32 qh[KL][4], ql[KL][4];
+    {
+        const bool real = hh < G;
+        const float* qp = p.qkv + (u64)row * p.qkv_stride + (h0 + (real ? hh : 0)) * D + 8 * c;
+#pragma unroll
+        for (int i = 0; i < KL; i++) {
+            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+            if (real) {
+                a = *(const float4*)(qp + 32 * i);
+                b = *(const float4*)(qp + 32 * i + 4);
+            }
+            const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                const float u = x[2 * w] * p.scale_log2, v = x[2 * w + 1] * p.scale_log2;
+                qh[i][w] = pack_bf16x2(u, v);
+                ql[i][w] = pack_bf16x2_rest(u, v, qh[i][w]);
+            }
+        }
+    }
+
+    u32 t_begin, t_end;
+    split_keys(p, split, kv_len, t_begin, t_end);
+    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
+    __syncthreads();
+
+    // This warp's pages: warp, warp + MMA_WARPS, ...
+    const u32 my_pages = n_pages > (u32)warp ? (n_pages - warp + MMA_WARPS - 1) / MMA_WARPS : 0;
+    const u64 page_elems = (u64)p.kv_heads * BLOCK_TOKENS * D;
+    const u64 head_off = (u64)kvh * BLOCK_TOKENS * D;
+    auto page_base = [&](u32 j) { return (u64)pages[warp + j * MMA_WARPS] * page_elems + head_off; };
+    // K: lane (r, c) loads key 8nt + r, dims 8c + 32i .. +8. V: key slot a
+    // is key 2c + (a & 1) + 8 (a >> 1), dims 8r + 64h .. +8.
+    uint4 kr[2][KL], vr[4][VH];
+    auto load_k = [&](u64 b) {
+        const bf16* src = p.k + b + r * D + 8 * c;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int i = 0; i < KL; i++) kr[nt][i] = ld16_stream(src + nt * 8 * D + 32 * i);
+    };
+    auto load_v = [&](u64 b) {
+        const bf16* src = p.v + b + 2 * c * D + 8 * r;
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int h = 0; h < VH; h++) vr[a][h] = ld16_stream(src + ((a & 1) + 8 * (a >> 1)) * D + 64 * h);
+    };
+    if (my_pages > 0) {
+        const u64 b = page_base(0);
+        load_k(b);
+        load_v(b);
+    }
+
+    float m = NEG_INF, l = 0.0f;  // head hh (replicated over the quad and over r, r ^ 4)
+    // O^T: m-tile t = 8 hp + e holds dims 128 hp + 8r + e (c0, c1) and
+    // 128 hp + 64 + 8r + e (c2, c3), columns 2c and 2c + 1.
+    float acc[MT][4];
+#pragma unroll
+    for (int t = 0; t < MT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+    for (u32 j = 0; j < my_pages; j++) {
+        // S, as two chains per n-tile (even and odd k-steps).
+        float s[2][2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) s[nt][h][0] = s[nt][h][1] = s[nt][h][2] = s[nt][h][3] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < KL; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int nt = 0; nt < 2; nt++)
+                    mma_bf16_16816(s[nt][h], qh[i][2 * h], ql[i][2 * h], qh[i][2 * h + 1], ql[i][2 * h + 1],
+                                   word(kr[nt][i], 2 * h), word(kr[nt][i], 2 * h + 1));
+        const bool more = j + 1 < my_pages;
+        const u64 next = more ? page_base(j + 1) : 0;
+        if (more) load_k(next);
+
+        // Scores of keys 2c, 2c + 1, 2c + 8, 2c + 9: hi rows plus lo rows.
+        float sc[4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int e = 0; e < 2; e++)
+                sc[2 * nt + e] = (s[nt][0][e] + s[nt][0][2 + e]) + (s[nt][1][e] + s[nt][1][2 + e]);
+        const u32 valid = n_keys - (warp + j * MMA_WARPS) * BLOCK_TOKENS;  // >= 1
+        if (valid < BLOCK_TOKENS) {
+            // The row's last page: keys past its end masked, their V rows
+            // (stale or poisoned) zeroed so that 0 x NaN cannot reach O.
+#pragma unroll
+            for (int a = 0; a < 4; a++) {
+                const u32 key = 2 * c + (a & 1) + 8 * (a >> 1);
+                if (key >= valid) {
+                    sc[a] = NEG_INF;
+#pragma unroll
+                    for (int h = 0; h < VH; h++) vr[a][h] = make_uint4(0, 0, 0, 0);
+                }
+            }
+        }
+        float mx = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // Rescale only when some head's max grows (a factor of exactly 1
+        // otherwise). Columns 2c, 2c + 1 are heads 2c & 3 and (2c + 1) & 3,
+        // whose factors lanes 4 (2c & 3) and 4 ((2c + 1) & 3) hold.
+        if (__any_sync(0xffffffffu, mx > m)) {
+            const float mn = fmaxf(m, mx);
+            const float corr = mn == NEG_INF ? 1.0f : exp2f(m - mn);
+            m = mn;
+            l *= corr;
+            const float c0 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c) & 3));
+            const float c1 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c + 1) & 3));
+#pragma unroll
+            for (int t = 0; t < MT; t++) {
+                acc[t][0] *= c0;
+                acc[t][2] *= c0;
+                acc[t][1] *= c1;
+                acc[t][3] *= c1;
+            }
+        }
+        const float base = m == NEG_INF ? 0.0f : m;  // no key yet: p = 0
+        float pr[4];
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            pr[a] = exp2f(sc[a] - base);
+            l += pr[a];
+        }
+        // P^T as B fragment: column r is head hh's hi half (r < 4) or lo half.
+        u32 b0 = pack_bf16x2(pr[0], pr[1]), b1 = pack_bf16x2(pr[2], pr[3]);
+        if (r >= 4) {
+            b0 = pack_bf16x2_rest(pr[0], pr[1], b0);
+            b1 = pack_bf16x2_rest(pr[2], pr[3], b1);
+        }
+#pragma unroll
+        for (int t = 0; t < MT; t++) {
+            const int hp = t / 8, w = (t % 8) / 2;
+            const u32 sel = (t & 1) ? 0x7632u : 0x5410u;  // the high or the low halves of two words
+            const u32 a0 = __byte_perm(word(vr[0][2 * hp], w), word(vr[1][2 * hp], w), sel);
+            const u32 a1 = __byte_perm(word(vr[0][2 * hp + 1], w), word(vr[1][2 * hp + 1], w), sel);
+            const u32 a2 = __byte_perm(word(vr[2][2 * hp], w), word(vr[3][2 * hp], w), sel);
+            const u32 a3 = __byte_perm(word(vr[2][2 * hp + 1], w), word(vr[3][2 * hp + 1], w), sel);
+            mma_bf16_16816(acc[t], a0, a1, a2, a3, b0, b1);
+        }
+        if (more) load_v(next);
+    }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    // Columns 2c (hi) and 2c ^ 4 (lo) of a head: lanes c and c ^ 2.
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], 2);
+
+    // The warps' results to shared memory as they are ([G][warp * D + d],
+    // each relative to its warp's max; clear of the table slice, which
+    // other warps may still read), then the SIMT kernel's end.
+    __shared__ float sm_ml[2 * MMA_WARPS * G];  // [warp][G] maxima, then sums
+    float* sm_acc = (float*)smem;
+    if (c == 0 && r < G) {
+        sm_ml[warp * G + r] = m;
+        sm_ml[MMA_WARPS * G + warp * G + r] = l;
+    }
+    if (c < 2) {
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            const int g = 2 * c + k;
+            if (g >= G) continue;
+#pragma unroll
+            for (int hp = 0; hp < D / 128; hp++)
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int t = 8 * hp;
+                    float* dst = sm_acc + g * MMA_WARPS * D + warp * D + 128 * hp + 64 * half + 8 * r;
+                    const int x = 2 * half + k;
+                    ((float4*)dst)[0] = make_float4(acc[t][x], acc[t + 1][x], acc[t + 2][x], acc[t + 3][x]);
+                    ((float4*)dst)[1] = make_float4(acc[t + 4][x], acc[t + 5][x], acc[t + 6][x], acc[t + 7][x]);
+                }
+        }
+    }
+    __syncthreads();
+    combine_rows<D, G, MMA_WARPS>(p, row, yi, ny, h0, split, smem, sm_ml);
+}
+
+#define ATTN_FRAG(D, G)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attention_f32_d##D##_g##G##_frag( \
+        const AttnParams p) {                                                                 \
+        attention_frag_cta<D, G>(p);                                                          \
+    }
+ATTN_FRAG(128, 1)
+ATTN_FRAG(128, 2)
+ATTN_FRAG(128, 3)
+ATTN_FRAG(128, 4)
+
 // Names: attention_f32_d{D}_g{G}_{load}{U}x{P}[_read]: G query heads per
 // CTA, U keys per row group per stage, P ring stages (ring mode only);
 // `_read` is the read-only twin (the loads, no arithmetic) that measures
