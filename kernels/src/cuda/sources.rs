@@ -214,7 +214,11 @@ impl AttnVariant {
             AttnLoad::Direct => "direct",
             AttnLoad::Prefetch => "prefetch",
             AttnLoad::Mma => return format!("mma{}", self.stages),
-            AttnLoad::Frag => return "frag".to_string(),
+            AttnLoad::Frag => {
+                let read = if self.compute { "" } else { "_read" };
+                let min = if self.stages == 3 { "3" } else { "" };
+                return format!("frag{min}{read}");
+            }
         };
         let read = if self.compute { "" } else { "_read" };
         let nc = if self.stream { "_nc" } else { "" };
@@ -226,7 +230,12 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 8] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
+    AttnVariant::frag().read_only(),
+    AttnVariant {
+        stages: 3,
+        ..AttnVariant::frag()
+    },
     AttnVariant::registers(AttnLoad::Prefetch, 2)
         .streaming()
         .lean(),
