@@ -930,7 +930,11 @@ __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x
 
 // COMPUTE = false: the read-only twin (the same loads in the same order, no
 // arithmetic; benchmarks only).
-template <int D, int G, bool COMPUTE = true>
+// LATE_V: page j's V is requested with page j + 1's K, after page j's QK
+// (registers: K and V of one page in flight, never a page's V while its K
+// is being used, so 4 CTAs fit on an SM); else page j + 1's V is requested
+// after page j's PV (3 CTAs per SM).
+template <int D, int G, bool COMPUTE = true, bool LATE_V = true>
 __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     static_assert(D == 128 && G <= 4, "a K or V row of two 128-byte lines; at most 4 heads");
     typedef AttnSmem<G, 2, 1, LOAD_PREFETCH> Smem;  // the SIMT loop's: merge area, then the table slice
@@ -1006,7 +1010,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     if (my_pages > 0) {
         const u64 b = page_base(0);
         load_k(b);
-        load_v(b);
+        if (!LATE_V || !COMPUTE) load_v(b);
     }
 
     float m = NEG_INF, l = 0.0f;  // head hh (replicated over the quad and over r, r ^ 4)
@@ -1045,6 +1049,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
                                word(kr[t][h], w + 1));
             }
         }
+        if constexpr (LATE_V) load_v(page_base(j));
         if (more) load_k(page_base(j + 1));
 
         // Head hh's score of key 4t + c: this lane's half (column 2c over d0
@@ -1113,7 +1118,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             const u32 a3 = __byte_perm(word(vr[2][1], w), word(vr[3][1], w), sel);
             mma_bf16_16816(acc[e], a0, a1, a2, a3, b0, b1);
         }
-        if (more) load_v(page_base(j + 1));  // the table slice again: two registers fewer across the page
+        if (!LATE_V && more) load_v(page_base(j + 1));
     }
     if constexpr (!COMPUTE) {
         if (sink == 0x9e3779b9u) p.out[0] = (float)sink;  // never for random data; keeps the loads
@@ -1166,7 +1171,7 @@ ATTN_FRAG(128, 3)
 ATTN_FRAG(128, 4)
 // Experiment: at 3 CTAs per SM (no spills).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attention_f32_d128_g4_frag3(const AttnParams p) {
-    attention_frag_cta<128, 4>(p);
+    attention_frag_cta<128, 4, true, false>(p);
 }
 // Its read-only twin (benchmarks only).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS, FRAG_MIN_CTAS) attention_f32_d128_g4_frag_read(
