@@ -5,8 +5,8 @@
 use super::device::{Gpu, check_len};
 use super::kv::{BLOCK_TOKENS, KvCache};
 use super::sources::{
-    ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, ATTENTION_MAX_SPLIT_PAGES, ATTENTION_THREADS,
-    AttnVariant, attention_kernel,
+    ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, ATTENTION_MAX_SPLIT_PAGES, AttnVariant,
+    attention_kernel,
 };
 use super::step::DeviceStep;
 use crate::error::{Error, Result};
@@ -414,7 +414,7 @@ impl Gpu {
         };
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
-            block_dim: (ATTENTION_THREADS as u32, 1, 1),
+            block_dim: (v.threads() as u32, 1, 1),
             shared_mem_bytes: v.smem_bytes(d, plan.heads_per_cta) as u32,
         };
         // SAFETY: qkv holds rows x qkv_stride f32 (a multiple of 4, so the

@@ -6,7 +6,7 @@ use super::attention::AttnWorkspace;
 use super::gemm::GemmScratch;
 use super::nvrtc;
 use super::probe::{ALL, require};
-use super::sources::{ATTENTION_THREADS, MODULES, attention_kernels, kernel_names};
+use super::sources::{MODULES, attention_kernels, kernel_names};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -348,7 +348,7 @@ fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<
         )
         .map_err(fail)?;
         let n = f
-            .occupancy_max_active_blocks_per_multiprocessor(ATTENTION_THREADS as u32, bytes, None)
+            .occupancy_max_active_blocks_per_multiprocessor(v.threads() as u32, bytes, None)
             .map_err(fail)?;
         out.insert(name, n as usize);
     }

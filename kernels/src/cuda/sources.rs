@@ -55,8 +55,10 @@ pub const MODULES: [Module; 7] = [
 /// Head sizes and query heads per CTA that `attention.cu` instantiates.
 pub const ATTENTION_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
 pub const ATTENTION_MAX_GROUP: usize = 8;
-/// Threads of an attention CTA (`ATT_THREADS`).
+/// Threads of an attention CTA (`ATT_THREADS`; the tensor-core loop on
+/// fragments: `FRAG_THREADS`, [`AttnVariant::threads`]).
 pub const ATTENTION_THREADS: usize = 128;
+const ATTENTION_FRAG_THREADS: usize = 96;
 /// Block-table pages one attention CTA stages (`MAX_SPLIT_PAGES`).
 pub const ATTENTION_MAX_SPLIT_PAGES: usize = 1024;
 
@@ -188,6 +190,14 @@ impl AttnVariant {
         }
     }
 
+    /// Threads of a CTA.
+    pub fn threads(&self) -> usize {
+        match self.load {
+            AttnLoad::Frag => ATTENTION_FRAG_THREADS,
+            _ => ATTENTION_THREADS,
+        }
+    }
+
     /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
     /// `MmaSmem::BYTES` in attention.cu): the ring or the merge of the row
     /// groups (warps), whichever is larger, then the block-table slice.
@@ -216,8 +226,7 @@ impl AttnVariant {
             AttnLoad::Mma => return format!("mma{}", self.stages),
             AttnLoad::Frag => {
                 let read = if self.compute { "" } else { "_read" };
-                let min = if self.stages == 3 { "3" } else { "" };
-                return format!("frag{min}{read}");
+                return format!("frag{read}");
             }
         };
         let read = if self.compute { "" } else { "_read" };
@@ -230,12 +239,8 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 9] = [
     AttnVariant::frag().read_only(),
-    AttnVariant {
-        stages: 3,
-        ..AttnVariant::frag()
-    },
     AttnVariant::registers(AttnLoad::Prefetch, 2)
         .streaming()
         .lean(),

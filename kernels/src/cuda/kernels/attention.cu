@@ -154,11 +154,11 @@ struct AttnSmem {
 // The last CTA of a (row, head group) combines every split's partial:
 // M = max m_s, L = sum l_s 2^(m_s - M), out = sum acc_s 2^(m_s - M) / L.
 // Splits that saw no key carry m = -inf, l = 0, acc = 0.
-template <int D, int G>
+template <int D, int G, int NT>
 __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, float* sm_L) {
     const u32 S = gridDim.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int g = warp; g < G; g += ATT_THREADS / 32) {
+    for (int g = warp; g < G; g += NT / 32) {
         const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
         float mx = NEG_INF;
         for (u32 s = lane; s < S; s += 32) mx = fmaxf(mx, ldcg(p.part_ml + 2 * (base + s)));
@@ -174,7 +174,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
         if (lane == 0) sm_L[g] = l;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < G * D / 4; i += ATT_THREADS) {
+    for (int i = threadIdx.x; i < G * D / 4; i += NT) {
         const int g = i / (D / 4), d = (i % (D / 4)) * 4;
         const u32 h = h0 + g;
         const float* acc = p.part_acc + ((u64)row * p.num_heads + h) * S * D + d;
@@ -212,7 +212,7 @@ __device__ void merge_splits(const AttnParams& p, u32 row, u32 h0, float* sm_w, 
 // 2^32 is a multiple of COOP_EPOCH). The last CTA to add sees the target at
 // once; the others poll.
 #define COOP_EPOCH 1024u
-template <int D, int G>
+template <int D, int G, int NT>
 __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split, u64* tl) {
     const u32 S = gridDim.z;
     u32* arrived = p.counters + 2 * ((u64)row * ny + yi);
@@ -235,7 +235,7 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     constexpr u32 ITEMS = G * D / 4;
     constexpr int PER_LANE = COOP_MAX_SPLITS / 32;
-    for (u32 i = split + warp * S; i < ITEMS; i += (ATT_THREADS / 32) * S) {
+    for (u32 i = split + warp * S; i < ITEMS; i += (NT / 32) * S) {
         const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
         const u64 base = ((u64)row * p.num_heads + h0 + g) * S;
         float ms[PER_LANE], ls[PER_LANE];
@@ -285,8 +285,9 @@ __device__ void merge_cooperative(const AttnParams& p, u32 row, u32 yi, u32 ny, 
 // [NR][G], are summed, one float4 item (head g, dims d..d+4) per thread at
 // a time, each row group rescaled to the CTA's max of the head on the way;
 // with one split the output is written, else the CTA's partial, which the
-// cooperative merge or the last CTA of the (row, head group) merges.
-template <int D, int G, int NR>
+// cooperative merge or the last CTA of the (row, head group) merges. NT:
+// threads of the CTA.
+template <int D, int G, int NR, int NT = ATT_THREADS>
 __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 yi, u32 ny, u32 h0, u32 split,
                                              unsigned char* smem, const float* sm_m, u64* tl = nullptr) {
     __shared__ int sm_last;
@@ -295,7 +296,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     const float* sm_l = sm_m + NR * G;
     const int tid = threadIdx.x;
     const u32 S = gridDim.z;
-    for (u32 i = tid; i < ITEMS; i += ATT_THREADS) {
+    for (u32 i = tid; i < ITEMS; i += NT) {
         const u32 g = i / (D / 4), d = (i % (D / 4)) * 4;
         float mm = NEG_INF;
 #pragma unroll
@@ -329,7 +330,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     }
     if (S == 1) return;
     if (p.coop) {
-        merge_cooperative<D, G>(p, row, yi, ny, h0, split, tl);
+        merge_cooperative<D, G, NT>(p, row, yi, ny, h0, split, tl);
         return;
     }
 
@@ -348,7 +349,7 @@ __device__ __forceinline__ void combine_rows(const AttnParams& p, u32 row, u32 y
     if (tid == 0) *counter = 0;  // ready for the next launch
     // Weights: G x S <= G x MERGE_MAX_SPLITS floats from the start (the
     // ring or merge area, at least that large); the G sums after them.
-    merge_splits<D, G>(p, row, h0, (float*)smem, (float*)smem + G * MERGE_MAX_SPLITS);
+    merge_splits<D, G, NT>(p, row, h0, (float*)smem, (float*)smem + G * MERGE_MAX_SPLITS);
 }
 
 // Stage s of a split: key k = s * KS + u * RG + rg for u < U (row group
@@ -930,11 +931,11 @@ __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x
 
 // COMPUTE = false: the read-only twin (the same loads in the same order, no
 // arithmetic; benchmarks only).
-// LATE_V: page j's V is requested with page j + 1's K, after page j's QK
-// (registers: K and V of one page in flight, never a page's V while its K
-// is being used, so 4 CTAs fit on an SM); else page j + 1's V is requested
-// after page j's PV (3 CTAs per SM).
-template <int D, int G, bool COMPUTE = true, bool LATE_V = true>
+// A CTA is FRAG_WARPS warps: the loop takes up to 168 registers, so that 4
+// CTAs (12 warps) fit on an SM, as many CTAs as the SIMT kernel's.
+#define FRAG_WARPS 3
+#define FRAG_THREADS (FRAG_WARPS * 32)
+template <int D, int G, bool COMPUTE = true>
 __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     static_assert(D == 128 && G <= 4, "a K or V row of two 128-byte lines; at most 4 heads");
     typedef AttnSmem<G, 2, 1, LOAD_PREFETCH> Smem;  // the SIMT loop's: merge area, then the table slice
@@ -982,14 +983,14 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     split_keys(p, split, kv_len, t_begin, t_end);
     const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
+    for (u32 i = tid; i < n_pages; i += FRAG_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
     __syncthreads();
 
-    // This warp's pages: warp, warp + MMA_WARPS, ...
-    const u32 my_pages = n_pages > (u32)warp ? (n_pages - warp + MMA_WARPS - 1) / MMA_WARPS : 0;
+    // This warp's pages: warp, warp + FRAG_WARPS, ...
+    const u32 my_pages = n_pages > (u32)warp ? (n_pages - warp + FRAG_WARPS - 1) / FRAG_WARPS : 0;
     const u64 page_elems = (u64)p.kv_heads * BLOCK_TOKENS * D;
     const u64 head_off = (u64)kvh * BLOCK_TOKENS * D;
-    auto page_base = [&](u32 j) { return (u64)pages[warp + j * MMA_WARPS] * page_elems + head_off; };
+    auto page_base = [&](u32 j) { return (u64)pages[warp + j * FRAG_WARPS] * page_elems + head_off; };
     // kr[t][h]: key 4t + r / 2, 16 bytes at 128h + 16 (4 (r & 1) + c) of its
     // row; vr[t][h]: key 4t + c, 16 bytes at 128h + 16r.
     uint4 kr[4][2], vr[4][2];
@@ -1010,7 +1011,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     if (my_pages > 0) {
         const u64 b = page_base(0);
         load_k(b);
-        if (!LATE_V || !COMPUTE) load_v(b);
+        load_v(b);
     }
 
     float m = NEG_INF, l = 0.0f;  // head hh (replicated over the quad and over r, r ^ 4)
@@ -1049,7 +1050,6 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
                                word(kr[t][h], w + 1));
             }
         }
-        if constexpr (LATE_V) load_v(page_base(j));
         if (more) load_k(page_base(j + 1));
 
         // Head hh's score of key 4t + c: this lane's half (column 2c over d0
@@ -1061,7 +1061,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             const float half = r < 4 ? s[t][0] + s[t][2] : s[t][1] + s[t][3];
             sc[t] = half + __shfl_xor_sync(0xffffffffu, half, 16);
         }
-        const u32 valid = n_keys - (warp + j * MMA_WARPS) * BLOCK_TOKENS;  // >= 1
+        const u32 valid = n_keys - (warp + j * FRAG_WARPS) * BLOCK_TOKENS;  // >= 1
         if (valid < BLOCK_TOKENS) {
             // The row's last page: keys past its end masked, their V rows
             // (stale or poisoned) zeroed so that 0 x NaN cannot reach O.
@@ -1118,7 +1118,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             const u32 a3 = __byte_perm(word(vr[2][1], w), word(vr[3][1], w), sel);
             mma_bf16_16816(acc[e], a0, a1, a2, a3, b0, b1);
         }
-        if (!LATE_V && more) load_v(page_base(j + 1));
+        if (more) load_v(page_base(j + 1));  // the table slice again: two registers fewer across the page
     }
     if constexpr (!COMPUTE) {
         if (sink == 0x9e3779b9u) p.out[0] = (float)sink;  // never for random data; keeps the loads
@@ -1135,11 +1135,11 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     // The warps' results to shared memory as they are ([G][warp * D + d],
     // each relative to its warp's max; clear of the table slice, which
     // other warps may still read), then the SIMT kernel's end.
-    __shared__ float sm_ml[2 * MMA_WARPS * G];  // [warp][G] maxima, then sums
+    __shared__ float sm_ml[2 * FRAG_WARPS * G];  // [warp][G] maxima, then sums
     float* sm_acc = (float*)smem;
     if (c == 0 && r < G) {
         sm_ml[warp * G + r] = m;
-        sm_ml[MMA_WARPS * G + warp * G + r] = l;
+        sm_ml[FRAG_WARPS * G + warp * G + r] = l;
     }
     if (c < 2) {
 #pragma unroll
@@ -1148,7 +1148,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             if (g >= G) continue;
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                float4* dst = (float4*)(sm_acc + g * MMA_WARPS * D + warp * D + 64 * half + 8 * r);
+                float4* dst = (float4*)(sm_acc + g * FRAG_WARPS * D + warp * D + 64 * half + 8 * r);
                 const int x = 2 * half + k;
                 dst[0] = make_float4(acc[0][x], acc[1][x], acc[2][x], acc[3][x]);
                 dst[1] = make_float4(acc[4][x], acc[5][x], acc[6][x], acc[7][x]);
@@ -1156,25 +1156,20 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         }
     }
     __syncthreads();
-    combine_rows<D, G, MMA_WARPS>(p, row, yi, ny, h0, split, smem, sm_ml);
+    combine_rows<D, G, FRAG_WARPS, FRAG_THREADS>(p, row, yi, ny, h0, split, smem, sm_ml);
 }
 
 #define ATTN_FRAG(D, G)                                                                       \
-    extern "C" __global__ void __launch_bounds__(ATT_THREADS, FRAG_MIN_CTAS)                  \
-        attention_f32_d##D##_g##G##_frag(const AttnParams p) {                                \
+    extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d##D##_g##G##_frag( \
+        const AttnParams p) {                                                                 \
         attention_frag_cta<D, G>(p);                                                          \
     }
-#define FRAG_MIN_CTAS 4
 ATTN_FRAG(128, 1)
 ATTN_FRAG(128, 2)
 ATTN_FRAG(128, 3)
 ATTN_FRAG(128, 4)
-// Experiment: at 3 CTAs per SM (no spills).
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, 3) attention_f32_d128_g4_frag3(const AttnParams p) {
-    attention_frag_cta<128, 4, true, false>(p);
-}
 // Its read-only twin (benchmarks only).
-extern "C" __global__ void __launch_bounds__(ATT_THREADS, FRAG_MIN_CTAS) attention_f32_d128_g4_frag_read(
+extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d128_g4_frag_read(
     const AttnParams p) {
     attention_frag_cta<128, 4, false>(p);
 }
