@@ -226,7 +226,8 @@ impl AttnVariant {
             AttnLoad::Mma => return format!("mma{}", self.stages),
             AttnLoad::Frag => {
                 let read = if self.compute { "" } else { "_read" };
-                return format!("frag{read}");
+                let tl = if self.timeline { "_tl" } else { "" };
+                return format!("frag{read}{tl}");
             }
         };
         let read = if self.compute { "" } else { "_read" };
@@ -239,8 +240,9 @@ impl AttnVariant {
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
 /// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
-pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 9] = [
+pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
     AttnVariant::frag().read_only(),
+    AttnVariant::frag().with_timeline(),
     AttnVariant::registers(AttnLoad::Prefetch, 2)
         .streaming()
         .lean(),

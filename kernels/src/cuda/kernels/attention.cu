@@ -4,11 +4,17 @@
 //
 // One CTA = one query row x one group of G query heads that share a KV head
 // x one split of that row's visible keys. K and V rows are read once per
-// CTA for all G heads (GQA). A row of D bf16 is spread over D/8 lanes (a
-// "row group"), 16 bytes each; the 128 threads form 128/(D/8) row groups
-// that take the keys of a stage in an interleaved order.
+// CTA for all G heads (GQA).
 //
-// Loads (the daemon's kernels, LOAD_PREFETCH): each thread loads its
+// Two key loops. At head size 128 with at most 4 heads per CTA the daemon
+// runs the tensor-core loop on register fragments (attention_frag_cta,
+// LOAD_FRAG, further down: a warp per page, both products on mma.sync).
+// Every other shape runs the lean SIMT loop (attention_cta): a row of D
+// bf16 is spread over D/8 lanes (a "row group"), 16 bytes each; the 128
+// threads form 128/(D/8) row groups that take the keys of a stage in an
+// interleaved order.
+//
+// SIMT loads (LOAD_PREFETCH): each thread loads its
 // 16-byte pieces of the next stage's K and V rows into registers
 // (ld.global.nc, no L1 allocation) before computing on this stage's: no
 // shared memory and no barrier in the key loop. The cp.async ring
@@ -665,22 +671,40 @@ __device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u
                  : "r"(addr));
 }
 
+// d += a x b on m16n8k16 (bf16 in, f32 accumulate), the PTX register order.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// x and y as packed bf16 (x in the low half), rounded to nearest even.
+__device__ __forceinline__ u32 pack_bf16x2(float x, float y) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(y), "f"(x));
+    return r;
+}
+
+// What rounding x and y to bf16 (giving hi) left over, packed: the lo halves.
+__device__ __forceinline__ u32 pack_bf16x2_rest(float x, float y, u32 hi) {
+    return pack_bf16x2(x - __uint_as_float(hi << 16), y - __uint_as_float(hi & 0xffff0000u));
+}
+
 // d = a x b + d for the rows 0-7 of the 16 x 8 tile that hold heads: a1 and
 // a3 (rows 8-15) are zero and d2, d3 are discarded.
 __device__ __forceinline__ void mma_rows8(float& d0, float& d1, u32 a0, u32 a2, u32 b0, u32 b1) {
-    float x2, x3;
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%10, %11, %12, %13};"
-        : "=f"(d0), "=f"(d1), "=f"(x2), "=f"(x3)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1), "f"(d0), "f"(d1), "f"(0.0f), "f"(0.0f));
+    float d[4] = {d0, d1, 0.0f, 0.0f};
+    mma_bf16_16816(d, a0, 0u, a2, 0u, b0, b1);
+    d0 = d[0];
+    d1 = d[1];
 }
 
 // Two floats as packed bf16 (lower index in the low half), and what the
 // rounding left over, also packed.
 __device__ __forceinline__ void split2(float x, float y, u32& hi, u32& lo) {
-    const bf16 xh = f2bf(x), yh = f2bf(y);
-    hi = (u32)xh | ((u32)yh << 16);
-    lo = (u32)f2bf(x - bf2f(xh)) | ((u32)f2bf(y - bf2f(yh)) << 16);
+    hi = pack_bf16x2(x, y);
+    lo = pack_bf16x2_rest(x, y, hi);
 }
 
 #define MMA_WARPS (ATT_THREADS / 32)
@@ -907,26 +931,6 @@ ATTN_MMA(128, 4, 3)
 // V after PV.
 #define LOAD_FRAG 3
 
-// d += a x b on m16n8k16 (bf16 in, f32 accumulate), the PTX register order.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// x and y as packed bf16 (x in the low half), rounded to nearest even.
-__device__ __forceinline__ u32 pack_bf16x2(float x, float y) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(y), "f"(x));
-    return r;
-}
-
-// What rounding x and y to bf16 (giving hi) left over, packed: the lo halves.
-__device__ __forceinline__ u32 pack_bf16x2_rest(float x, float y, u32 hi) {
-    return pack_bf16x2(x - __uint_as_float(hi << 16), y - __uint_as_float(hi & 0xffff0000u));
-}
-
 __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
 
 // COMPUTE = false: the read-only twin (the same loads in the same order, no
@@ -935,7 +939,8 @@ __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x
 // CTAs (12 warps) fit on an SM, as many CTAs as the SIMT kernel's.
 #define FRAG_WARPS 3
 #define FRAG_THREADS (FRAG_WARPS * 32)
-template <int D, int G, bool COMPUTE = true>
+// TL: the timeline variant (benchmarks: TL_* above).
+template <int D, int G, bool COMPUTE = true, bool TL = false>
 __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     static_assert(D == 128 && G <= 4, "a K or V row of two 128-byte lines; at most 4 heads");
     typedef AttnSmem<G, 2, 1, LOAD_PREFETCH> Smem;  // the SIMT loop's: merge area, then the table slice
@@ -951,6 +956,8 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int r = lane >> 2, c = lane & 3;
     const int hh = r & 3;  // the head whose scores this lane holds
+    u64* tl = TL && p.timeline != nullptr ? p.timeline + 8 * ((u64)blockIdx.z * gridDim.x + blockIdx.x) : nullptr;
+    tl_mark(tl, TL_ENTRY);
 
     const u32 kv_len = p.kv_len[row];
     const u32 toff = p.table_off[row];
@@ -972,9 +979,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
             for (int w = 0; w < 4; w++) {
-                const float u = x[2 * w] * p.scale_log2, v = x[2 * w + 1] * p.scale_log2;
-                qh[h][w] = pack_bf16x2(u, v);
-                ql[h][w] = pack_bf16x2_rest(u, v, qh[h][w]);
+                split2(x[2 * w] * p.scale_log2, x[2 * w + 1] * p.scale_log2, qh[h][w], ql[h][w]);
             }
         }
     }
@@ -985,6 +990,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
     for (u32 i = tid; i < n_pages; i += FRAG_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
     __syncthreads();
+    tl_mark(tl, TL_LOOP);
 
     // This warp's pages: warp, warp + FRAG_WARPS, ...
     const u32 my_pages = n_pages > (u32)warp ? (n_pages - warp + FRAG_WARPS - 1) / FRAG_WARPS : 0;
@@ -1120,6 +1126,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         }
         if (more) load_v(page_base(j + 1));  // the table slice again: two registers fewer across the page
     }
+    tl_mark(tl, TL_LOOP_END);
     if constexpr (!COMPUTE) {
         if (sink == 0x9e3779b9u) p.out[0] = (float)sink;  // never for random data; keeps the loads
         return;
@@ -1156,7 +1163,9 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         }
     }
     __syncthreads();
-    combine_rows<D, G, FRAG_WARPS, FRAG_THREADS>(p, row, yi, ny, h0, split, smem, sm_ml);
+    tl_mark(tl, TL_ALL_LOOPS);
+    combine_rows<D, G, FRAG_WARPS, FRAG_THREADS>(p, row, yi, ny, h0, split, smem, sm_ml, tl);
+    tl_mark(tl, TL_EXIT);
 }
 
 #define ATTN_FRAG(D, G)                                                                       \
@@ -1168,10 +1177,13 @@ ATTN_FRAG(128, 1)
 ATTN_FRAG(128, 2)
 ATTN_FRAG(128, 3)
 ATTN_FRAG(128, 4)
-// Its read-only twin (benchmarks only).
+// Its read-only twin and its timeline variant (benchmarks only).
 extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d128_g4_frag_read(
     const AttnParams p) {
     attention_frag_cta<128, 4, false>(p);
+}
+extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d128_g4_frag_tl(const AttnParams p) {
+    attention_frag_cta<128, 4, true, true>(p);
 }
 
 // Names: attention_f32_d{D}_g{G}_{load}{U}x{P}[_read]: G query heads per
