@@ -138,6 +138,8 @@ impl AttnVariant {
         }
     }
 
+    /// The tensor-core loop on register fragments (head size 128, at most 4
+    /// heads per CTA, `FRAG_THREADS` threads a CTA).
     pub const fn frag() -> AttnVariant {
         AttnVariant {
             load: AttnLoad::Frag,
@@ -310,4 +312,33 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         names.extend(attention_kernels().into_iter().map(|(name, ..)| name));
     }
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of `#define NAME <integer or (A * B)>` in a kernel source.
+    fn define(src: &str, name: &str) -> usize {
+        let line = src
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("no #define {name}"));
+        let expr = line.split("//").next().unwrap().trim();
+        let expr = expr.trim_start_matches('(').trim_end_matches(')');
+        expr.split('*')
+            .map(|t| {
+                let t = t.trim();
+                t.parse::<usize>().unwrap_or_else(|_| define(src, t))
+            })
+            .product()
+    }
+
+    #[test]
+    fn attention_constants_mirror_the_kernel_source() {
+        let src = include_str!("kernels/attention.cu");
+        assert_eq!(define(src, "ATT_THREADS"), ATTENTION_THREADS);
+        assert_eq!(define(src, "FRAG_THREADS"), AttnVariant::frag().threads());
+        assert_eq!(define(src, "MAX_SPLIT_PAGES"), ATTENTION_MAX_SPLIT_PAGES);
+    }
 }

@@ -84,6 +84,43 @@ __device__ __forceinline__ void split_keys(const AttnParams& p, u32 s, u32 kv_le
     t_end = min(kv_len, t_begin + count * BLOCK_TOKENS);
 }
 
+// Which row, head group and split a CTA computes (launch order: a row's
+// head groups adjacent when p.head_major, else a head group's rows).
+struct CtaJob {
+    u32 ny;     // head groups per row
+    u32 row;
+    u32 yi;     // head group: KV head kvh, query heads h0 .. h0 + G
+    u32 kvh;
+    u32 h0;
+    u32 split;
+};
+
+template <int G>
+__device__ __forceinline__ CtaJob cta_job(const AttnParams& p) {
+    CtaJob j;
+    j.ny = gridDim.x / p.rows;
+    j.row = p.head_major ? blockIdx.x / j.ny : blockIdx.x % p.rows;
+    j.yi = p.head_major ? blockIdx.x % j.ny : blockIdx.x / p.rows;
+    j.kvh = j.yi / p.chunks;
+    j.h0 = j.kvh * p.group + (j.yi % p.chunks) * G;
+    j.split = blockIdx.z;
+    return j;
+}
+
+// The number of keys of split `split` of a row (kv_len keys, block table
+// at toff), whose slice of the block table the CTA's NT threads stage in
+// `pages` (a barrier follows).
+template <int NT>
+__device__ __forceinline__ u32 stage_split(const AttnParams& p, u32 split, u32 kv_len, u32 toff, u32* pages) {
+    u32 t_begin, t_end;
+    split_keys(p, split, kv_len, t_begin, t_end);
+    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
+    for (u32 i = threadIdx.x; i < n_pages; i += NT) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
+    __syncthreads();
+    return n_keys;
+}
+
 // Timeline variants (benchmarks only): thread 0 of each CTA records the
 // global timer (ns) at the points of TL_* into p.timeline[cta * 8 + point],
 // and its SM in slot 7.
@@ -417,12 +454,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
     uint4* ring = (uint4*)smem;                  // [P][U][2][ATT_THREADS]
     u32* pages = (u32*)(smem + Smem::A);         // [MAX_SPLIT_PAGES]
 
-    const u32 ny = gridDim.x / p.rows;           // head groups per row
-    const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
-    const u32 yi = p.head_major ? blockIdx.x % ny : blockIdx.x / p.rows;
-    const u32 kvh = yi / p.chunks;
-    const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
-    const u32 split = blockIdx.z;
+    const CtaJob job = cta_job<G>(p);
+    const u32 ny = job.ny, row = job.row, yi = job.yi, kvh = job.kvh, h0 = job.h0, split = job.split;
     const int tid = threadIdx.x, lane = tid % LPR, rg = tid / LPR;
     u64* tl = TL && p.timeline != nullptr ? p.timeline + 8 * ((u64)blockIdx.z * gridDim.x + blockIdx.x) : nullptr;
     tl_mark(tl, TL_ENTRY);
@@ -445,12 +478,8 @@ __device__ __forceinline__ void attention_cta(const AttnParams& p) {
         for (int j = 0; j < 8; j++) acc[g][j] = 0.0f;
     }
 
-    u32 t_begin, t_end;
-    split_keys(p, split, kv_len, t_begin, t_end);
-    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_keys = stage_split<ATT_THREADS>(p, split, kv_len, toff, pages);
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
-    __syncthreads();
 
     const u32 n_stages = (n_keys + KS - 1) / KS;
     tl_mark(tl, TL_LOOP);
@@ -728,12 +757,8 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
     extern __shared__ __align__(16) unsigned char smem[];
     u32* pages = (u32*)(smem + Smem::A);
 
-    const u32 ny = gridDim.x / p.rows;
-    const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
-    const u32 yi = p.head_major ? blockIdx.x % ny : blockIdx.x / p.rows;
-    const u32 kvh = yi / p.chunks;
-    const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
-    const u32 split = blockIdx.z;
+    const CtaJob job = cta_job<G>(p);
+    const u32 ny = job.ny, row = job.row, yi = job.yi, kvh = job.kvh, h0 = job.h0, split = job.split;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int qr = lane >> 2, qc = lane & 3;  // fragment row (head) and column pair
 
@@ -755,12 +780,8 @@ __device__ __forceinline__ void attention_mma_cta(const AttnParams& p) {
         }
     }
 
-    u32 t_begin, t_end;
-    split_keys(p, split, kv_len, t_begin, t_end);
-    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_keys = stage_split<ATT_THREADS>(p, split, kv_len, toff, pages);
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    for (u32 i = tid; i < n_pages; i += ATT_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
-    __syncthreads();
 
     // This warp's pages: warp, warp + MMA_WARPS, ...
     const u32 my_pages = n_pages > (u32)warp ? (n_pages - warp + MMA_WARPS - 1) / MMA_WARPS : 0;
@@ -947,12 +968,8 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     extern __shared__ __align__(16) unsigned char smem[];
     u32* pages = (u32*)(smem + Smem::A);
 
-    const u32 ny = gridDim.x / p.rows;
-    const u32 row = p.head_major ? blockIdx.x / ny : blockIdx.x % p.rows;
-    const u32 yi = p.head_major ? blockIdx.x % ny : blockIdx.x / p.rows;
-    const u32 kvh = yi / p.chunks;
-    const u32 h0 = kvh * p.group + (yi % p.chunks) * G;
-    const u32 split = blockIdx.z;
+    const CtaJob job = cta_job<G>(p);
+    const u32 ny = job.ny, row = job.row, yi = job.yi, kvh = job.kvh, h0 = job.h0, split = job.split;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int r = lane >> 2, c = lane & 3;
     const int hh = r & 3;  // the head whose scores this lane holds
@@ -984,12 +1001,8 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         }
     }
 
-    u32 t_begin, t_end;
-    split_keys(p, split, kv_len, t_begin, t_end);
-    const u32 n_keys = t_end > t_begin ? t_end - t_begin : 0;
+    const u32 n_keys = stage_split<FRAG_THREADS>(p, split, kv_len, toff, pages);
     const u32 n_pages = (n_keys + BLOCK_TOKENS - 1) / BLOCK_TOKENS;
-    for (u32 i = tid; i < n_pages; i += FRAG_THREADS) pages[i] = p.tables[toff + t_begin / BLOCK_TOKENS + i];
-    __syncthreads();
     tl_mark(tl, TL_LOOP);
 
     // This warp's pages: warp, warp + FRAG_WARPS, ...
