@@ -945,7 +945,7 @@ ATTN_MMA(128, 4, 3)
 //     A fragment pairs two keys' values of one dim in a register, which
 //     one PRMT per register makes out of the 16-byte loads of two keys
 //     (lanes of equal c load key 4t + c's dims 8r + 64h .. +8).
-// So a page costs a lane 16 loads of 16 bytes, 24 mma, 32 PRMT, 4 shuffles
+// So a page costs a lane 16 loads of 16 bytes, 24 mma, 32 PRMT, 6 shuffles
 // and the softmax of 4 scores: about a tenth of the SIMT loop's
 // instructions, with a whole page of K and V (8 KiB a warp) in flight while
 // the warp works. The next page's K is requested after this page's QK, its
@@ -954,13 +954,14 @@ ATTN_MMA(128, 4, 3)
 
 __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
 
-// COMPUTE = false: the read-only twin (the same loads in the same order, no
-// arithmetic; benchmarks only).
 // A CTA is FRAG_WARPS warps: the loop takes up to 168 registers, so that 4
-// CTAs (12 warps) fit on an SM, as many CTAs as the SIMT kernel's.
+// CTAs (12 warps) fit on an SM, as many CTAs as the SIMT kernel's
+// (sources.rs mirrors FRAG_THREADS).
 #define FRAG_WARPS 3
 #define FRAG_THREADS (FRAG_WARPS * 32)
-// TL: the timeline variant (benchmarks: TL_* above).
+
+// COMPUTE = false: the read-only twin (the same loads in the same order, no
+// arithmetic); TL: the timeline variant (TL_* above). Benchmarks only.
 template <int D, int G, bool COMPUTE = true, bool TL = false>
 __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     static_assert(D == 128 && G <= 4, "a K or V row of two 128-byte lines; at most 4 heads");
