@@ -60,6 +60,10 @@ enum Command {
         /// `batch:context` cases, comma-separated (issue 5's by default).
         #[arg(long, value_delimiter = ',')]
         cases: Vec<String>,
+        /// The attention's shape, `HEADS/KV_HEADS/HEAD_DIM` (Llama-3.1-8B's
+        /// by default; --variants and --timeline need that one).
+        #[arg(long, default_value = "32/8/128")]
+        shape: String,
         /// Time the alternative kernels and issue 4's too.
         #[arg(long)]
         variants: bool,
@@ -342,6 +346,7 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::BenchAttention {
             cases,
+            shape,
             variants,
             json,
             seed,
@@ -363,7 +368,19 @@ fn main() -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             };
+            let dims = shape
+                .split('/')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .ok()
+                .filter(|d| d.len() == 3)
+                .context("--shape is HEADS/KV_HEADS/HEAD_DIM, e.g. 32/8/128")?;
             let opts = tacflow_sidecar::bench::attention::Options {
+                shape: tacflow_sidecar::bench::attention::BenchShape {
+                    heads: dims[0],
+                    kv_heads: dims[1],
+                    head_dim: dims[2],
+                },
                 cases,
                 variants,
                 json,

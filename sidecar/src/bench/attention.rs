@@ -1,8 +1,8 @@
 //! `tacflowd bench-attention`: paged decode attention in the Llama-3.1-8B
 //! attention shape (32 query heads over 8 KV heads of 128, bf16 cache,
-//! pages of 16 tokens in random order) at the (batch, context) cases of
-//! issue 5, against the device-to-device copy bandwidth measured in the same
-//! run. Every kernel variant that `attention.cu` instantiates for the shape
+//! pages of 16 tokens in random order; `--shape` takes another) at the
+//! (batch, context) cases of issue 5, against the device-to-device copy
+//! bandwidth measured in the same run. Every kernel variant that `attention.cu` instantiates for the shape
 //! is timed, and issue 4's kernel as the baseline; the daemon's choice is
 //! timed first and again last (the spread of the measurement).
 //!
@@ -18,7 +18,7 @@ use crate::error::Result;
 use serde_json::json;
 use std::path::PathBuf;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
-use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
+use tacflow_kernels::cuda::sources::{ATTENTION_BENCH_VARIANTS, ATTENTION_HEAD_DIMS};
 use tacflow_kernels::cuda::{
     AttnForce, AttnIo, AttnKernel, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache,
     StepArrays,
@@ -36,14 +36,41 @@ pub const CASES: [(usize, usize); 7] = [
     (256, 2048),
 ];
 
-const HEADS: usize = 32;
-const KV_HEADS: usize = 8;
-const HEAD_DIM: usize = 128;
-/// Bytes of K and V per token (all KV heads).
-const TOKEN_BYTES: usize = 2 * KV_HEADS * HEAD_DIM * 2;
+/// Query heads, KV heads and head size of the attention benchmarked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Llama-3.1-8B's attention, issue 5's shape: the kernel variants and the
+/// timeline variant are compiled for it alone.
+pub const LLAMA3: BenchShape = BenchShape {
+    heads: 32,
+    kv_heads: 8,
+    head_dim: 128,
+};
+
+impl BenchShape {
+    fn attn(&self) -> AttnShape {
+        AttnShape {
+            num_heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            qkv_stride: (self.heads + 2 * self.kv_heads) * self.head_dim,
+        }
+    }
+
+    /// Bytes of K and V per token (all KV heads).
+    fn token_bytes(&self) -> usize {
+        2 * self.kv_heads * self.head_dim * 2
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Options {
+    pub shape: BenchShape,
     pub cases: Vec<(usize, usize)>,
     /// Time the alternative kernels too (else only the daemon's).
     pub variants: bool,
@@ -75,27 +102,19 @@ struct Timing {
 /// Everything one case needs on the device: the cache and one step per
 /// rotation set.
 struct CaseData {
+    shape: AttnShape,
     kv: KvCache,
     steps: Vec<DeviceStep>,
     qkv: tacflow_kernels::cuda::CudaSlice<f32>,
     out: tacflow_kernels::cuda::CudaSlice<f32>,
 }
 
-fn shape() -> AttnShape {
-    AttnShape {
-        num_heads: HEADS,
-        kv_heads: KV_HEADS,
-        head_dim: HEAD_DIM,
-        qkv_stride: (HEADS + 2 * KV_HEADS) * HEAD_DIM,
-    }
-}
-
-fn prepare(gpu: &Gpu, batch: usize, ctx: usize, seed: u64) -> Result<CaseData> {
-    let bytes = batch * ctx * TOKEN_BYTES;
+fn prepare(gpu: &Gpu, s: BenchShape, batch: usize, ctx: usize, seed: u64) -> Result<CaseData> {
+    let bytes = batch * ctx * s.token_bytes();
     let sets = (1usize << 30).div_ceil(bytes).clamp(1, 8);
     let pages = ctx.div_ceil(16);
     let blocks = sets * batch * pages;
-    let mut kv = gpu.kv_cache(1, blocks, KV_HEADS, HEAD_DIM)?;
+    let mut kv = gpu.kv_cache(1, blocks, s.kv_heads, s.head_dim)?;
     let n = kv.layer_elems();
     gpu.random_bf16(&mut kv.k, n, seed, 11, 0.0, 1.0)?;
     gpu.random_bf16(&mut kv.v, n, seed, 12, 0.0, 1.0)?;
@@ -113,15 +132,16 @@ fn prepare(gpu: &Gpu, batch: usize, ctx: usize, seed: u64) -> Result<CaseData> {
         };
         steps.push(DeviceStep::upload(gpu, &a)?);
     }
-    let w = shape().qkv_stride;
+    let w = s.attn().qkv_stride;
     let q: Vec<f32> = (0..(batch * w) as u64)
         .map(|i| random_weight(seed, 13, i, 0.0, 1.0))
         .collect();
     Ok(CaseData {
+        shape: s.attn(),
         kv,
         steps,
         qkv: gpu.upload(&q)?,
-        out: gpu.alloc(batch * HEADS * HEAD_DIM)?,
+        out: gpu.alloc(batch * s.heads * s.head_dim)?,
     })
 }
 
@@ -159,7 +179,7 @@ fn time_kernel(
             layer: 0,
             out: &mut d.out,
         };
-        gpu.attention(&d.steps[i % d.steps.len()], io, shape(), force)
+        gpu.attention(&d.steps[i % d.steps.len()], io, d.shape, force)
     };
     let mut plan = None;
     for i in 0..5 {
@@ -195,10 +215,40 @@ fn time_kernel(
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    let s = opts.shape;
+    let shape = s.attn();
+    if s.kv_heads == 0
+        || !s.heads.is_multiple_of(s.kv_heads)
+        || !ATTENTION_HEAD_DIMS.contains(&s.head_dim)
+    {
+        return Err(crate::error::Error::Backend(format!(
+            "shape {}/{}/{}: the query heads must be a multiple of the KV heads and the head \
+             size one of {ATTENTION_HEAD_DIMS:?}",
+            s.heads, s.kv_heads, s.head_dim
+        )));
+    }
+    if s != LLAMA3 && (opts.variants || opts.timeline) {
+        return Err(crate::error::Error::Backend(format!(
+            "--variants and --timeline are for the shape {}/{}/{} alone (their kernels are \
+             compiled for it), not {}/{}/{}",
+            LLAMA3.heads, LLAMA3.kv_heads, LLAMA3.head_dim, s.heads, s.kv_heads, s.head_dim
+        )));
+    }
     let gpu = Gpu::new(0)?;
-    println!("bench-attention on {}", device_line(&gpu));
-    let slots = gpu.attention_slots(HEAD_DIM, 4, AttnVariant::default_for(HEAD_DIM, 4));
-    println!("daemon kernel: {slots} CTAs co-reside (one wave)");
+    println!(
+        "bench-attention on {}: {} query heads over {} KV heads of {}",
+        device_line(&gpu),
+        s.heads,
+        s.kv_heads,
+        s.head_dim
+    );
+    let g = shape.heads_per_cta();
+    let daemon = AttnVariant::default_for(s.head_dim, g);
+    let slots = gpu.attention_slots(s.head_dim, g, daemon);
+    println!(
+        "daemon kernel: {} ({g} heads a CTA), {slots} CTAs co-reside (one wave)",
+        daemon.tag()
+    );
     let (copy, samples) = copy_bandwidth(&gpu, 2 << 30, 20)?;
     println!(
         "copy bandwidth: {:.0} GB/s (read + write, 2 GiB copy, median of {})",
@@ -250,8 +300,8 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut rows = vec![];
     let mut table = vec![];
     for &(batch, ctx) in &opts.cases {
-        let bytes = (batch * ctx * TOKEN_BYTES) as f64;
-        let mut d = prepare(&gpu, batch, ctx, opts.seed)?;
+        let bytes = (batch * ctx * s.token_bytes()) as f64;
+        let mut d = prepare(&gpu, s, batch, ctx, opts.seed)?;
         for &k in &kernels {
             let name = kernel_name(&k);
             if !opts.only.is_empty() && !opts.only.iter().any(|o| name.contains(o.as_str())) {
@@ -297,6 +347,8 @@ pub fn run(opts: &Options) -> Result<()> {
                 "copy_gbps": copy / 1e9,
                 "copy_samples_gbps": samples.iter().map(|x| x / 1e9).collect::<Vec<_>>(),
                 "read_gbps": read / 1e9,
+                "shape": {"heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim},
+                "daemon_kernel": daemon.tag(),
                 "slots": slots,
                 "results": rows,
             }),
@@ -324,14 +376,14 @@ fn timeline_of(
         (4, "merge"),
         (5, "exit"),
     ];
-    let v = AttnVariant::default_for(HEAD_DIM, 4).with_timeline();
+    let v = AttnVariant::default_for(LLAMA3.head_dim, 4).with_timeline();
     let mut force = AttnForce {
         kernel: Some(AttnKernel::Main(v)),
         ..AttnForce::default()
     };
     time_kernel(gpu, d, force, (0.0, 5))?;
-    let plan = gpu.attention_plan(&shape(), batch, ctx, force);
-    let ctas = batch * KV_HEADS * plan.chunks * plan.splits;
+    let plan = gpu.attention_plan(&d.shape, batch, ctx, force);
+    let ctas = batch * d.shape.kv_heads * plan.chunks * plan.splits;
     let buf = gpu.alloc_zeroed::<u64>(8 * ctas)?;
     force.timeline = Some(gpu.ptr(&buf));
     let io = AttnIo {
@@ -340,7 +392,7 @@ fn timeline_of(
         layer: 0,
         out: &mut d.out,
     };
-    gpu.attention(&d.steps[0], io, shape(), force)?;
+    gpu.attention(&d.steps[0], io, d.shape, force)?;
     let t = gpu.download(&buf, 8 * ctas)?;
     let t0 = t.chunks(8).map(|c| c[0]).min().unwrap_or(0);
     if let Some(dir) = csv {
