@@ -183,7 +183,7 @@ impl AttnVariant {
     /// loaded one stage ahead into registers, through the non-coherent path
     /// without L1 allocation (kernels/ATTENTION.md has the measurements).
     pub fn default_for(d: usize, g: usize) -> AttnVariant {
-        if d == 128 && g <= 4 {
+        if d == 128 {
             AttnVariant::frag()
         } else {
             AttnVariant::registers(AttnLoad::Prefetch, 2)

@@ -114,6 +114,16 @@ fn cases() -> Vec<Case> {
             &[None, Some(9)],
             2.0,
         ),
+        // 5, 6 and 7 heads per CTA at head size 128 (the wide tensor-core
+        // loop's zero rows; 8 are the (16, 2, 128) cases).
+        c(
+            (28, 4, 128),
+            &[(3001, 1), (17, 1), (100, 40)],
+            &[None, Some(6)],
+            2.0,
+        ),
+        c((10, 2, 128), &[(1000, 1), (31, 31)], &[None, Some(3)], 2.0),
+        c((12, 2, 128), &[(2049, 1), (1, 1)], &[None], 2.0),
         c((4, 1, 256), &decode(&[129, 17]), &[None, Some(3)], 1.0),
         c((6, 2, 32), &[(31, 31), (64, 1)], &[None], 1.0),
     ]);
@@ -136,6 +146,7 @@ fn cases() -> Vec<Case> {
             ((9, 3, 64), decode(&[8191, 700]), None),
             ((4, 1, 256), decode(&[4000]), Some(40)),
             ((6, 2, 128), decode(&[20_000, 33]), None),
+            ((28, 4, 128), decode(&[20_000, 9]), None),
             // More than 128 splits (up to 8 a lane in the cooperative merge).
             ((9, 3, 64), decode(&[20_000]), None),
             ((8, 1, 128), decode(&[20_000]), Some(256)),

@@ -959,12 +959,23 @@ __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x
 // (sources.rs mirrors FRAG_THREADS).
 #define FRAG_WARPS 3
 #define FRAG_THREADS (FRAG_WARPS * 32)
+// 5-8 heads (WIDE) take 188 registers: 3 CTAs per SM, which the driver
+// reports; a bound of 3 made ptxas spill (it budgets for 4-warp CTAs).
+#define FRAG_WIDE_MIN_CTAS 2
 
 // COMPUTE = false: the read-only twin (the same loads in the same order, no
 // arithmetic); TL: the timeline variant (TL_* above). Benchmarks only.
 template <int D, int G, bool COMPUTE = true, bool TL = false>
 __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
-    static_assert(D == 128 && G <= 4, "a K or V row of two 128-byte lines; at most 4 heads");
+    static_assert(D == 128 && G <= 8, "a K or V row of two 128-byte lines; at most 8 heads");
+    // Up to 4 heads, a head's two halves of q share an mma (rows 0-3 and
+    // 4-7, lo halves in 8-15) and its hi and lo p share one (columns 0-3
+    // and 4-7). WIDE (5-8 heads): rows 0-7 are the heads' hi halves and
+    // 8-15 their lo halves, over d0 in one mma and over d0 + 32 in a
+    // second (each valid in the even or the odd columns), and p's hi and
+    // lo halves go through PV in two mma into the same 8 columns.
+    constexpr bool WIDE = G > 4;
+    constexpr int NQ = WIDE ? 2 : 1;  // q's dim halves held by a lane
     typedef AttnSmem<G, 2, 1, LOAD_PREFETCH> Smem;  // the SIMT loop's: merge area, then the table slice
     extern __shared__ __align__(16) unsigned char smem[];
     u32* pages = (u32*)(smem + Smem::A);
@@ -973,33 +984,36 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     const u32 ny = job.ny, row = job.row, yi = job.yi, kvh = job.kvh, h0 = job.h0, split = job.split;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int r = lane >> 2, c = lane & 3;
-    const int hh = r & 3;  // the head whose scores this lane holds
+    const int hh = WIDE ? r : r & 3;  // the head whose scores this lane holds
     u64* tl = TL && p.timeline != nullptr ? p.timeline + 8 * ((u64)blockIdx.z * gridDim.x + blockIdx.x) : nullptr;
     tl_mark(tl, TL_ENTRY);
 
     const u32 kv_len = p.kv_len[row];
     const u32 toff = p.table_off[row];
-    // q of head hh as A fragments over dims 64h + 32 (r >> 2) + 8c + 0..7:
-    // word w of qh[h] packs dims + 2w and + 2w + 1 (rows r: hi halves), ql
-    // the lo halves (rows r + 8); heads past G are zero rows. K-step s uses
-    // words 2 (s & 1) and + 1 of qh[s >> 1].
-    u32 qh[2][4], ql[2][4];
+    // q of head hh as A fragments over dims 64h + 32f + 8c + 0..7, where f
+    // is r >> 2 (up to 4 heads) or the q set (WIDE): word w of qh[set][h]
+    // packs dims + 2w and + 2w + 1 (rows r: hi halves), ql the lo halves
+    // (rows r + 8); heads past G are zero rows. K-step s uses words
+    // 2 (s & 1) and + 1 of qh[set][s >> 1].
+    u32 qh[NQ][2][4], ql[NQ][2][4];
     {
         const bool real = hh < G;
-        const float* qp = p.qkv + (u64)row * p.qkv_stride + (h0 + (real ? hh : 0)) * D + 32 * (r >> 2) + 8 * c;
+        const float* qp = p.qkv + (u64)row * p.qkv_stride + (h0 + (real ? hh : 0)) * D + 8 * c;
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
-            if (real) {
-                a = *(const float4*)(qp + 64 * h);
-                b = *(const float4*)(qp + 64 * h + 4);
-            }
-            const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        for (int set = 0; set < NQ; set++)
 #pragma unroll
-            for (int w = 0; w < 4; w++) {
-                split2(x[2 * w] * p.scale_log2, x[2 * w + 1] * p.scale_log2, qh[h][w], ql[h][w]);
+            for (int h = 0; h < 2; h++) {
+                const float* src = qp + 64 * h + 32 * (WIDE ? set : r >> 2);
+                float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+                if (real) {
+                    a = *(const float4*)src;
+                    b = *(const float4*)(src + 4);
+                }
+                const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int w = 0; w < 4; w++)
+                    split2(x[2 * w] * p.scale_log2, x[2 * w + 1] * p.scale_log2, qh[set][h][w], ql[set][h][w]);
             }
-        }
     }
 
     const u32 n_keys = stage_split<FRAG_THREADS>(p, split, kv_len, toff, pages);
@@ -1034,7 +1048,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         load_v(b);
     }
 
-    float m = NEG_INF, l = 0.0f;  // head hh (replicated over the quad and over r, r ^ 4)
+    float m = NEG_INF, l = 0.0f;  // head hh (replicated over the quad, and over r, r ^ 4 unless WIDE)
     // O^T: m-tile e holds dims 8r + e (c0, c1) and 64 + 8r + e (c2, c3) of
     // columns 2c and 2c + 1.
     float acc[8][4];
@@ -1058,28 +1072,36 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             if (more) load_v(next);
             continue;
         }
-        // S, one 4-key tile (4 k-steps) at a time: four independent chains.
-        float s[4][4];
+        // S, one 4-key tile (4 k-steps) at a time: independent chains, one
+        // per tile and q set.
+        float s[NQ][4][4];
 #pragma unroll
-        for (int t = 0; t < 4; t++) {
-            s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+        for (int set = 0; set < NQ; set++)
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                const int h = k >> 1, w = 2 * (k & 1);
-                mma_bf16_16816(s[t], qh[h][w], ql[h][w], qh[h][w + 1], ql[h][w + 1], word(kr[t][h], w),
-                               word(kr[t][h], w + 1));
+            for (int t = 0; t < 4; t++) {
+                s[set][t][0] = s[set][t][1] = s[set][t][2] = s[set][t][3] = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const int h = k >> 1, w = 2 * (k & 1);
+                    mma_bf16_16816(s[set][t], qh[set][h][w], ql[set][h][w], qh[set][h][w + 1], ql[set][h][w + 1],
+                                   word(kr[t][h], w), word(kr[t][h], w + 1));
+                }
             }
-        }
         if (more) load_k(page_base(j + 1));
 
-        // Head hh's score of key 4t + c: this lane's half (column 2c over d0
-        // for r < 4, 2c + 1 over d0 + 32 for r >= 4; hi row plus lo row)
-        // plus lane r ^ 4's.
+        // Head hh's score of key 4t + c, hi row plus lo row: up to 4 heads,
+        // this lane's half (column 2c over d0 for r < 4, 2c + 1 over d0 + 32
+        // for r >= 4) plus lane r ^ 4's; WIDE, column 2c of the d0 set plus
+        // column 2c + 1 of the d0 + 32 set, both in this lane.
         float sc[4];
 #pragma unroll
         for (int t = 0; t < 4; t++) {
-            const float half = r < 4 ? s[t][0] + s[t][2] : s[t][1] + s[t][3];
-            sc[t] = half + __shfl_xor_sync(0xffffffffu, half, 16);
+            if constexpr (WIDE) {
+                sc[t] = (s[0][t][0] + s[0][t][2]) + (s[1][t][1] + s[1][t][3]);
+            } else {
+                const float half = r < 4 ? s[0][t][0] + s[0][t][2] : s[0][t][1] + s[0][t][3];
+                sc[t] = half + __shfl_xor_sync(0xffffffffu, half, 16);
+            }
         }
         const u32 valid = n_keys - (warp + j * FRAG_WARPS) * BLOCK_TOKENS;  // >= 1
         if (valid < BLOCK_TOKENS) {
@@ -1097,15 +1119,16 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         // Rescale only when some head's max grows (a factor of exactly 1
-        // otherwise). Columns 2c, 2c + 1 are heads 2c & 3 and (2c + 1) & 3,
-        // whose factors lanes 4 (2c & 3) and 4 ((2c + 1) & 3) hold.
+        // otherwise). Columns 2c, 2c + 1 are heads 2c and 2c + 1 (& 3 unless
+        // WIDE), whose factors lanes 4 x head hold.
         if (__any_sync(0xffffffffu, mx > m)) {
             const float mn = fmaxf(m, mx);
             const float corr = mn == NEG_INF ? 1.0f : exp2f(m - mn);
             m = mn;
             l *= corr;
-            const float c0 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c) & 3));
-            const float c1 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c + 1) & 3));
+            const int hm = WIDE ? 7 : 3;
+            const float c0 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c) & hm));
+            const float c1 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c + 1) & hm));
 #pragma unroll
             for (int e = 0; e < 8; e++) {
                 acc[e][0] *= c0;
@@ -1122,9 +1145,14 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             l += pr[t];
         }
         // P^T as B fragment (k = 2c + e: key 4e + c; k = 2c + 8 + e: key
-        // 4 (2 + e) + c): column r is head hh's hi half (r < 4) or lo half.
+        // 4 (2 + e) + c): column r is head hh's hi half (r < 4) or lo half;
+        // WIDE, head r's hi halves, then its lo halves in a second mma.
         u32 b0 = pack_bf16x2(pr[0], pr[1]), b1 = pack_bf16x2(pr[2], pr[3]);
-        if (r >= 4) {
+        u32 b2 = 0, b3 = 0;
+        if constexpr (WIDE) {
+            b2 = pack_bf16x2_rest(pr[0], pr[1], b0);
+            b3 = pack_bf16x2_rest(pr[2], pr[3], b1);
+        } else if (r >= 4) {
             b0 = pack_bf16x2_rest(pr[0], pr[1], b0);
             b1 = pack_bf16x2_rest(pr[2], pr[3], b1);
         }
@@ -1137,6 +1165,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             const u32 a2 = __byte_perm(word(vr[2][0], w), word(vr[3][0], w), sel);
             const u32 a3 = __byte_perm(word(vr[2][1], w), word(vr[3][1], w), sel);
             mma_bf16_16816(acc[e], a0, a1, a2, a3, b0, b1);
+            if constexpr (WIDE) mma_bf16_16816(acc[e], a0, a1, a2, a3, b2, b3);
         }
         if (more) load_v(page_base(j + 1));  // the table slice again: two registers fewer across the page
     }
@@ -1147,11 +1176,14 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     }
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    // Columns 2c (hi) and 2c ^ 4 (lo) of a head: lanes c and c ^ 2.
+    // Columns 2c (hi) and 2c ^ 4 (lo) of a head: lanes c and c ^ 2 (WIDE:
+    // the halves are summed already).
+    if constexpr (!WIDE) {
 #pragma unroll
-    for (int e = 0; e < 8; e++)
+        for (int e = 0; e < 8; e++)
 #pragma unroll
-        for (int k = 0; k < 4; k++) acc[e][k] += __shfl_xor_sync(0xffffffffu, acc[e][k], 2);
+            for (int k = 0; k < 4; k++) acc[e][k] += __shfl_xor_sync(0xffffffffu, acc[e][k], 2);
+    }
 
     // The warps' results to shared memory as they are ([G][warp * D + d],
     // each relative to its warp's max; clear of the table slice, which
@@ -1162,7 +1194,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         sm_ml[warp * G + r] = m;
         sm_ml[FRAG_WARPS * G + warp * G + r] = l;
     }
-    if (c < 2) {
+    if (WIDE || c < 2) {
 #pragma unroll
         for (int k = 0; k < 2; k++) {
             const int g = 2 * c + k;
@@ -1182,15 +1214,19 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     tl_mark(tl, TL_EXIT);
 }
 
-#define ATTN_FRAG(D, G)                                                                       \
-    extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d##D##_g##G##_frag( \
-        const AttnParams p) {                                                                 \
-        attention_frag_cta<D, G>(p);                                                          \
+#define ATTN_FRAG(D, G, MINB)                                                                    \
+    extern "C" __global__ void __launch_bounds__(FRAG_THREADS, MINB) attention_f32_d##D##_g##G##_frag( \
+        const AttnParams p) {                                                                    \
+        attention_frag_cta<D, G>(p);                                                             \
     }
-ATTN_FRAG(128, 1)
-ATTN_FRAG(128, 2)
-ATTN_FRAG(128, 3)
-ATTN_FRAG(128, 4)
+ATTN_FRAG(128, 1, 4)
+ATTN_FRAG(128, 2, 4)
+ATTN_FRAG(128, 3, 4)
+ATTN_FRAG(128, 4, 4)
+ATTN_FRAG(128, 5, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(128, 6, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(128, 7, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(128, 8, FRAG_WIDE_MIN_CTAS)
 // Its read-only twin and its timeline variant (benchmarks only).
 extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d128_g4_frag_read(
     const AttnParams p) {
