@@ -138,7 +138,7 @@ impl AttnVariant {
         }
     }
 
-    /// The tensor-core loop on register fragments (head size 128, at most 4
+    /// The tensor-core loop on register fragments (head size 128, 1-8
     /// heads per CTA, `FRAG_THREADS` threads a CTA).
     pub const fn frag() -> AttnVariant {
         AttnVariant {
@@ -177,12 +177,13 @@ impl AttnVariant {
         }
     }
 
-    /// What the daemon runs: at head size 128 with at most 4 heads per
-    /// CTA, the tensor-core loop on fragments loaded straight into
-    /// registers; elsewhere the lean SIMT loop with 2 keys per row group
-    /// loaded one stage ahead into registers, through the non-coherent path
-    /// without L1 allocation (kernels/ATTENTION.md has the measurements).
-    pub fn default_for(d: usize, g: usize) -> AttnVariant {
+    /// What the daemon runs for head size `d` and `_g` heads per CTA: at
+    /// head size 128, whatever the heads per CTA (1-8), the tensor-core
+    /// loop on fragments loaded straight into registers; elsewhere the lean
+    /// SIMT loop with 2 keys per row group loaded one stage ahead into
+    /// registers, through the non-coherent path without L1 allocation
+    /// (kernels/ATTENTION.md has the measurements).
+    pub fn default_for(d: usize, _g: usize) -> AttnVariant {
         if d == 128 {
             AttnVariant::frag()
         } else {

@@ -6,8 +6,8 @@
 // x one split of that row's visible keys. K and V rows are read once per
 // CTA for all G heads (GQA).
 //
-// Two key loops. At head size 128 with at most 4 heads per CTA the daemon
-// runs the tensor-core loop on register fragments (attention_frag_cta,
+// Two key loops. At head size 128 (1-8 heads per CTA) the daemon runs
+// the tensor-core loop on register fragments (attention_frag_cta,
 // LOAD_FRAG, further down: a warp per page, both products on mma.sync).
 // Every other shape runs the lean SIMT loop (attention_cta): a row of D
 // bf16 is spread over D/8 lanes (a "row group"), 16 bytes each; the 128
@@ -954,13 +954,14 @@ ATTN_MMA(128, 4, 3)
 
 __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
 
-// A CTA is FRAG_WARPS warps: the loop takes up to 168 registers, so that 4
-// CTAs (12 warps) fit on an SM, as many CTAs as the SIMT kernel's
-// (sources.rs mirrors FRAG_THREADS).
+// A CTA is FRAG_WARPS warps: the loop for up to 4 heads takes up to 168
+// registers, so that 4 CTAs (12 warps) fit on an SM, as many CTAs as the
+// SIMT kernel's (sources.rs mirrors FRAG_THREADS).
 #define FRAG_WARPS 3
 #define FRAG_THREADS (FRAG_WARPS * 32)
-// 5-8 heads (WIDE) take 188 registers: 3 CTAs per SM, which the driver
-// reports; a bound of 3 made ptxas spill (it budgets for 4-warp CTAs).
+// 5-8 heads (WIDE): 188 registers by NVRTC's ptxas, 2 CTAs per SM as the
+// driver compiles it; bounded to 3, ptxas spills and the driver fits 4,
+// measured slower (kernels/ATTENTION.md point 40).
 #define FRAG_WIDE_MIN_CTAS 2
 
 // COMPUTE = false: the read-only twin (the same loads in the same order, no
