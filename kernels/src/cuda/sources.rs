@@ -184,7 +184,7 @@ impl AttnVariant {
     /// registers, through the non-coherent path without L1 allocation
     /// (kernels/ATTENTION.md has the measurements).
     pub fn default_for(d: usize, _g: usize) -> AttnVariant {
-        if d == 128 {
+        if d == 64 || d == 128 {
             AttnVariant::frag()
         } else {
             AttnVariant::registers(AttnLoad::Prefetch, 2)

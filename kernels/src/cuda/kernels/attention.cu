@@ -968,7 +968,9 @@ __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x
 // arithmetic); TL: the timeline variant (TL_* above). Benchmarks only.
 template <int D, int G, bool COMPUTE = true, bool TL = false>
 __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
-    static_assert(D == 128 && G <= 8, "a K or V row of two 128-byte lines; at most 8 heads");
+    static_assert((D == 64 || D == 128) && G <= 8, "a K or V row of one or two 128-byte lines; at most 8 heads");
+    constexpr int LINES = D / 64;  // 128-byte lines of a K or V row
+    constexpr int MT = D / 16;     // m-tiles of V^T (16 head dims each)
     // Up to 4 heads, a head's two halves of q share an mma (rows 0-3 and
     // 4-7, lo halves in 8-15) and its hi and lo p share one (columns 0-3
     // and 4-7). WIDE (5-8 heads): rows 0-7 are the heads' hi halves and
@@ -996,14 +998,14 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     // packs dims + 2w and + 2w + 1 (rows r: hi halves), ql the lo halves
     // (rows r + 8); heads past G are zero rows. K-step s uses words
     // 2 (s & 1) and + 1 of qh[set][s >> 1].
-    u32 qh[NQ][2][4], ql[NQ][2][4];
+    u32 qh[NQ][LINES][4], ql[NQ][LINES][4];
     {
         const bool real = hh < G;
         const float* qp = p.qkv + (u64)row * p.qkv_stride + (h0 + (real ? hh : 0)) * D + 8 * c;
 #pragma unroll
         for (int set = 0; set < NQ; set++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < LINES; h++) {
                 const float* src = qp + 64 * h + 32 * (WIDE ? set : r >> 2);
                 float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
                 if (real) {
@@ -1028,20 +1030,20 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     auto page_base = [&](u32 j) { return (u64)pages[warp + j * FRAG_WARPS] * page_elems + head_off; };
     // kr[t][h]: key 4t + r / 2, 16 bytes at 128h + 16 (4 (r & 1) + c) of its
     // row; vr[t][h]: key 4t + c, 16 bytes at 128h + 16r.
-    uint4 kr[4][2], vr[4][2];
+    uint4 kr[4][LINES], vr[4][LINES];
     auto load_k = [&](u64 b) {
         const bf16* src = p.k + b + (r >> 1) * D + 8 * (4 * (r & 1) + c);
 #pragma unroll
         for (int t = 0; t < 4; t++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) kr[t][h] = ld16_stream(src + 4 * t * D + 64 * h);
+            for (int h = 0; h < LINES; h++) kr[t][h] = ld16_stream(src + 4 * t * D + 64 * h);
     };
     auto load_v = [&](u64 b) {
         const bf16* src = p.v + b + c * D + 8 * r;
 #pragma unroll
         for (int t = 0; t < 4; t++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) vr[t][h] = ld16_stream(src + 4 * t * D + 64 * h);
+            for (int h = 0; h < LINES; h++) vr[t][h] = ld16_stream(src + 4 * t * D + 64 * h);
     };
     if (my_pages > 0) {
         const u64 b = page_base(0);
@@ -1050,11 +1052,11 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     }
 
     float m = NEG_INF, l = 0.0f;  // head hh (replicated over the quad, and over r, r ^ 4 unless WIDE)
-    // O^T: m-tile e holds dims 8r + e (c0, c1) and 64 + 8r + e (c2, c3) of
-    // columns 2c and 2c + 1.
-    float acc[8][4];
+    // O^T: m-tile e holds, of columns 2c and 2c + 1, dims 8r + e (c0, c1)
+    // and 64 + 8r + e (c2, c3) at head size 128, dims 8r + 2e and + 1 at 64.
+    float acc[MT][4];
 #pragma unroll
-    for (int e = 0; e < 8; e++) acc[e][0] = acc[e][1] = acc[e][2] = acc[e][3] = 0.0f;
+    for (int e = 0; e < MT; e++) acc[e][0] = acc[e][1] = acc[e][2] = acc[e][3] = 0.0f;
     u32 sink = 0;  // read-only twin
 
     for (u32 j = 0; j < my_pages; j++) {
@@ -1064,17 +1066,17 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
 #pragma unroll
             for (int t = 0; t < 4; t++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) sink ^= kr[t][h].x ^ kr[t][h].y ^ kr[t][h].z ^ kr[t][h].w;
+                for (int h = 0; h < LINES; h++) sink ^= kr[t][h].x ^ kr[t][h].y ^ kr[t][h].z ^ kr[t][h].w;
             if (more) load_k(next);
 #pragma unroll
             for (int t = 0; t < 4; t++)
 #pragma unroll
-                for (int h = 0; h < 2; h++) sink ^= vr[t][h].x ^ vr[t][h].y ^ vr[t][h].z ^ vr[t][h].w;
+                for (int h = 0; h < LINES; h++) sink ^= vr[t][h].x ^ vr[t][h].y ^ vr[t][h].z ^ vr[t][h].w;
             if (more) load_v(next);
             continue;
         }
-        // S, one 4-key tile (4 k-steps) at a time: independent chains, one
-        // per tile and q set.
+        // S, one 4-key tile (2 k-steps a line) at a time: independent
+        // chains, one per tile and q set.
         float s[NQ][4][4];
 #pragma unroll
         for (int set = 0; set < NQ; set++)
@@ -1082,7 +1084,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             for (int t = 0; t < 4; t++) {
                 s[set][t][0] = s[set][t][1] = s[set][t][2] = s[set][t][3] = 0.0f;
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
+                for (int k = 0; k < 2 * LINES; k++) {
                     const int h = k >> 1, w = 2 * (k & 1);
                     mma_bf16_16816(s[set][t], qh[set][h][w], ql[set][h][w], qh[set][h][w + 1], ql[set][h][w + 1],
                                    word(kr[t][h], w), word(kr[t][h], w + 1));
@@ -1112,7 +1114,8 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             for (int t = 0; t < 4; t++) {
                 if (4 * t + c >= (int)valid) {
                     sc[t] = NEG_INF;
-                    vr[t][0] = vr[t][1] = make_uint4(0, 0, 0, 0);
+#pragma unroll
+                    for (int h = 0; h < LINES; h++) vr[t][h] = make_uint4(0, 0, 0, 0);
                 }
             }
         }
@@ -1131,7 +1134,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             const float c0 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c) & hm));
             const float c1 = __shfl_sync(0xffffffffu, corr, 4 * ((2 * c + 1) & hm));
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
+            for (int e = 0; e < MT; e++) {
                 acc[e][0] *= c0;
                 acc[e][2] *= c0;
                 acc[e][1] *= c1;
@@ -1157,14 +1160,20 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
             b0 = pack_bf16x2_rest(pr[0], pr[1], b0);
             b1 = pack_bf16x2_rest(pr[2], pr[3], b1);
         }
+        // V^T's A fragments: rows r and r + 8 of m-tile e are element e of
+        // the two lines (head size 128) or elements 2e and 2e + 1 of the one
+        // line (64), of keys 4t + c (t = 0, 1 in a0 and a1, 2, 3 in a2, a3).
+        constexpr u32 LO = 0x5410u, HI = 0x7632u;  // the low or the high halves of two words
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int w = e / 2;
-            const u32 sel = (e & 1) ? 0x7632u : 0x5410u;  // the high or the low halves of two words
-            const u32 a0 = __byte_perm(word(vr[0][0], w), word(vr[1][0], w), sel);
-            const u32 a1 = __byte_perm(word(vr[0][1], w), word(vr[1][1], w), sel);
-            const u32 a2 = __byte_perm(word(vr[2][0], w), word(vr[3][0], w), sel);
-            const u32 a3 = __byte_perm(word(vr[2][1], w), word(vr[3][1], w), sel);
+        for (int e = 0; e < MT; e++) {
+            const int w = LINES == 2 ? e / 2 : e;
+            const int h1 = LINES == 2 ? 1 : 0;
+            const u32 s0 = LINES == 2 ? ((e & 1) ? HI : LO) : LO;
+            const u32 s1 = LINES == 2 ? s0 : HI;
+            const u32 a0 = __byte_perm(word(vr[0][0], w), word(vr[1][0], w), s0);
+            const u32 a1 = __byte_perm(word(vr[0][h1], w), word(vr[1][h1], w), s1);
+            const u32 a2 = __byte_perm(word(vr[2][0], w), word(vr[3][0], w), s0);
+            const u32 a3 = __byte_perm(word(vr[2][h1], w), word(vr[3][h1], w), s1);
             mma_bf16_16816(acc[e], a0, a1, a2, a3, b0, b1);
             if constexpr (WIDE) mma_bf16_16816(acc[e], a0, a1, a2, a3, b2, b3);
         }
@@ -1181,7 +1190,7 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
     // the halves are summed already).
     if constexpr (!WIDE) {
 #pragma unroll
-        for (int e = 0; e < 8; e++)
+        for (int e = 0; e < MT; e++)
 #pragma unroll
             for (int k = 0; k < 4; k++) acc[e][k] += __shfl_xor_sync(0xffffffffu, acc[e][k], 2);
     }
@@ -1200,12 +1209,19 @@ __device__ __forceinline__ void attention_frag_cta(const AttnParams& p) {
         for (int k = 0; k < 2; k++) {
             const int g = 2 * c + k;
             if (g >= G) continue;
+            float* row_acc = sm_acc + g * FRAG_WARPS * D + warp * D + 8 * r;
+            if constexpr (LINES == 2) {
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                float4* dst = (float4*)(sm_acc + g * FRAG_WARPS * D + warp * D + 64 * half + 8 * r);
-                const int x = 2 * half + k;
-                dst[0] = make_float4(acc[0][x], acc[1][x], acc[2][x], acc[3][x]);
-                dst[1] = make_float4(acc[4][x], acc[5][x], acc[6][x], acc[7][x]);
+                for (int half = 0; half < 2; half++) {
+                    float4* dst = (float4*)(row_acc + 64 * half);
+                    const int x = 2 * half + k;
+                    dst[0] = make_float4(acc[0][x], acc[1][x], acc[2][x], acc[3][x]);
+                    dst[1] = make_float4(acc[4][x], acc[5][x], acc[6][x], acc[7][x]);
+                }
+            } else {
+                float4* dst = (float4*)row_acc;
+                dst[0] = make_float4(acc[0][k], acc[0][2 + k], acc[1][k], acc[1][2 + k]);
+                dst[1] = make_float4(acc[2][k], acc[2][2 + k], acc[3][k], acc[3][2 + k]);
             }
         }
     }
@@ -1228,6 +1244,14 @@ ATTN_FRAG(128, 5, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(128, 6, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(128, 7, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(128, 8, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(64, 1, 4)
+ATTN_FRAG(64, 2, 4)
+ATTN_FRAG(64, 3, 4)
+ATTN_FRAG(64, 4, 4)
+ATTN_FRAG(64, 5, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(64, 6, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(64, 7, FRAG_WIDE_MIN_CTAS)
+ATTN_FRAG(64, 8, FRAG_WIDE_MIN_CTAS)
 // Its read-only twin and its timeline variant (benchmarks only).
 extern "C" __global__ void __launch_bounds__(FRAG_THREADS, 4) attention_f32_d128_g4_frag_read(
     const AttnParams p) {
