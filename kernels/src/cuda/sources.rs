@@ -138,8 +138,8 @@ impl AttnVariant {
         }
     }
 
-    /// The tensor-core loop on register fragments (head size 128, 1-8
-    /// heads per CTA, `FRAG_THREADS` threads a CTA).
+    /// The tensor-core loop on register fragments (head size 128 with 1-8
+    /// heads per CTA, or 64 with 5-8; `FRAG_THREADS` threads a CTA).
     pub const fn frag() -> AttnVariant {
         AttnVariant {
             load: AttnLoad::Frag,
@@ -177,14 +177,15 @@ impl AttnVariant {
         }
     }
 
-    /// What the daemon runs for head size `d` and `_g` heads per CTA: at
-    /// head size 128, whatever the heads per CTA (1-8), the tensor-core
-    /// loop on fragments loaded straight into registers; elsewhere the lean
+    /// What the daemon runs for head size `d` and `g` heads per CTA: the
+    /// tensor-core loop on fragments loaded straight into registers at head
+    /// size 128 (1-8 heads per CTA) and at 64 with 5-8; elsewhere the lean
     /// SIMT loop with 2 keys per row group loaded one stage ahead into
     /// registers, through the non-coherent path without L1 allocation
-    /// (kernels/ATTENTION.md has the measurements).
-    pub fn default_for(d: usize, _g: usize) -> AttnVariant {
-        if d == 64 || d == 128 {
+    /// (kernels/ATTENTION.md has the measurements: at head size 64 with up
+    /// to 4 heads the two loops measured alike, point 41).
+    pub fn default_for(d: usize, g: usize) -> AttnVariant {
+        if d == 128 || (d == 64 && g > 4) {
             AttnVariant::frag()
         } else {
             AttnVariant::registers(AttnLoad::Prefetch, 2)

@@ -6,8 +6,8 @@
 // x one split of that row's visible keys. K and V rows are read once per
 // CTA for all G heads (GQA).
 //
-// Two key loops. At head size 128 (1-8 heads per CTA) the daemon runs
-// the tensor-core loop on register fragments (attention_frag_cta,
+// Two key loops. At head size 128 (1-8 heads per CTA) and at 64 with 5-8
+// the daemon runs the tensor-core loop on register fragments (attention_frag_cta,
 // LOAD_FRAG, further down: a warp per page, both products on mma.sync).
 // Every other shape runs the lean SIMT loop (attention_cta): a row of D
 // bf16 is spread over D/8 lanes (a "row group"), 16 bytes each; the 128
@@ -1244,10 +1244,6 @@ ATTN_FRAG(128, 5, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(128, 6, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(128, 7, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(128, 8, FRAG_WIDE_MIN_CTAS)
-ATTN_FRAG(64, 1, 4)
-ATTN_FRAG(64, 2, 4)
-ATTN_FRAG(64, 3, 4)
-ATTN_FRAG(64, 4, 4)
 ATTN_FRAG(64, 5, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(64, 6, FRAG_WIDE_MIN_CTAS)
 ATTN_FRAG(64, 7, FRAG_WIDE_MIN_CTAS)
