@@ -949,7 +949,9 @@ ATTN_MMA(128, 4, 3)
 // and the softmax of 4 scores: about a tenth of the SIMT loop's
 // instructions, with a whole page of K and V (8 KiB a warp) in flight while
 // the warp works. The next page's K is requested after this page's QK, its
-// V after PV.
+// V after PV. At head size 64 a row is one line: 2 k-steps a tile, half the
+// loads, and V^T's rows r and r + 8 are the even and odd dims of a lane's
+// 16 bytes. 5-8 heads per CTA: WIDE, below.
 #define LOAD_FRAG 3
 
 __device__ __forceinline__ u32 word(const uint4& v, int w) { return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w; }
