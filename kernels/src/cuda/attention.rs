@@ -33,6 +33,25 @@ impl AttnShape {
             .find(|g| group.is_multiple_of(*g))
             .unwrap_or(1)
     }
+
+    /// Whether the kernels serve this shape: KV heads that divide the query
+    /// heads, a head size `attention.cu` instantiates, and every query head
+    /// inside a `qkv` row whose width keeps the float4 loads of q aligned.
+    pub fn check(&self) -> Result<()> {
+        let ok = ATTENTION_HEAD_DIMS.contains(&self.head_dim)
+            && self.kv_heads > 0
+            && self.num_heads.is_multiple_of(self.kv_heads)
+            && self.num_heads * self.head_dim <= self.qkv_stride
+            && self.qkv_stride.is_multiple_of(4);
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "attention with {} heads over {} KV heads of {} in qkv rows of {} (head sizes {:?})",
+                self.num_heads, self.kv_heads, self.head_dim, self.qkv_stride, ATTENTION_HEAD_DIMS
+            )))
+        }
+    }
 }
 
 /// What one attention launch reads and writes.
@@ -253,24 +272,13 @@ impl AttnWorkspace {
 }
 
 fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
-    let ok = ATTENTION_HEAD_DIMS.contains(&shape.head_dim)
-        && shape.kv_heads > 0
-        && shape.num_heads.is_multiple_of(shape.kv_heads)
-        && kv.head_dim == shape.head_dim
-        && kv.kv_heads == shape.kv_heads
-        && shape.num_heads * shape.head_dim <= shape.qkv_stride
-        && shape.qkv_stride.is_multiple_of(4);
-    if ok {
+    shape.check()?;
+    if kv.head_dim == shape.head_dim && kv.kv_heads == shape.kv_heads {
         Ok(())
     } else {
         Err(Error::Unsupported(format!(
-            "attention with {} heads over {} KV heads of {} (cache: {} of {}; head sizes {:?})",
-            shape.num_heads,
-            shape.kv_heads,
-            shape.head_dim,
-            kv.kv_heads,
-            kv.head_dim,
-            ATTENTION_HEAD_DIMS
+            "attention with {} KV heads of {} over a cache of {} of {}",
+            shape.kv_heads, shape.head_dim, kv.kv_heads, kv.head_dim
         )))
     }
 }
@@ -467,6 +475,33 @@ mod tests {
     }
 
     const SLOTS: usize = 4 * 132;
+
+    #[test]
+    fn shapes_the_kernels_serve() {
+        let ok = |h, kv, d, w| {
+            AttnShape {
+                num_heads: h,
+                kv_heads: kv,
+                head_dim: d,
+                qkv_stride: w,
+            }
+            .check()
+            .is_ok()
+        };
+        assert!(ok(32, 8, 128, 48 * 128));
+        assert!(ok(9, 3, 64, 15 * 64));
+        assert!(
+            !ok(10, 3, 64, 16 * 64),
+            "KV heads must divide the query heads"
+        );
+        assert!(!ok(9, 0, 64, 15 * 64), "no KV heads");
+        assert!(!ok(9, 3, 48, 15 * 48), "a head size no kernel has");
+        assert!(!ok(32, 8, 128, 31 * 128), "query heads past the qkv row");
+        assert!(
+            !ok(2, 1, 16, 34),
+            "a qkv row that misaligns q's float4 loads"
+        );
+    }
 
     #[test]
     fn heads_per_cta_divide_the_group() {

@@ -2,9 +2,10 @@
 //! attention shape (32 query heads over 8 KV heads of 128, bf16 cache,
 //! pages of 16 tokens in random order; `--shape` takes another) at the
 //! (batch, context) cases of issue 5, against the device-to-device copy
-//! bandwidth measured in the same run. Every kernel variant that `attention.cu` instantiates for the shape
-//! is timed, and issue 4's kernel as the baseline; the daemon's choice is
-//! timed first and again last (the spread of the measurement).
+//! bandwidth measured in the same run. With `--variants`, every kernel
+//! variant that `attention.cu` instantiates for the shape is timed, and
+//! issue 4's kernel as the baseline; the daemon's choice is timed first and
+//! again last (the spread of the measurement).
 //!
 //! Timing: CUDA events around each launch, a warm-up, the median of many
 //! launches; the caches rotate over several sets of pages (at least 1 GiB
@@ -18,7 +19,7 @@ use crate::error::Result;
 use serde_json::json;
 use std::path::PathBuf;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
-use tacflow_kernels::cuda::sources::{ATTENTION_BENCH_VARIANTS, ATTENTION_HEAD_DIMS};
+use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{
     AttnForce, AttnIo, AttnKernel, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache,
     StepArrays,
@@ -217,16 +218,7 @@ fn time_kernel(
 pub fn run(opts: &Options) -> Result<()> {
     let s = opts.shape;
     let shape = s.attn();
-    if s.kv_heads == 0
-        || !s.heads.is_multiple_of(s.kv_heads)
-        || !ATTENTION_HEAD_DIMS.contains(&s.head_dim)
-    {
-        return Err(crate::error::Error::Backend(format!(
-            "shape {}/{}/{}: the query heads must be a multiple of the KV heads and the head \
-             size one of {ATTENTION_HEAD_DIMS:?}",
-            s.heads, s.kv_heads, s.head_dim
-        )));
-    }
+    shape.check()?;
     if s != LLAMA3 && (opts.variants || opts.timeline) {
         return Err(crate::error::Error::Backend(format!(
             "--variants and --timeline are for the shape {}/{}/{} alone (their kernels are \
