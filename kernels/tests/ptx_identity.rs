@@ -1,0 +1,170 @@
+//! The PTX of every product kernel is the PTX that was last run on a GPU:
+//! each kernel's entry function, compiled by NVRTC for `compute_90`, is
+//! hashed and compared with `kernels/ptx-identity.tsv`, a table taken from
+//! the code the GPU runs verified. Moving a kernel between files, or
+//! changing code no product kernel uses, leaves the table as it is; a
+//! change to what a product kernel computes fails here until it has been
+//! run on a GPU and the table is taken again:
+//!
+//! ```sh
+//! TACFLOW_PTX_TABLE=write cargo test --release -p tacflow-kernels --test ptx_identity
+//! ```
+//!
+//! The hash covers the entry's text from `.entry` to its closing brace,
+//! with what depends only on where the code sits taken out: `.loc` line
+//! records, and the function's index in its module inside the names of
+//! labels and stack depots. Like every NVRTC test it FAILS without
+//! libnvrtc (`source scripts/ci/nvrtc-env VENV`).
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use tacflow_kernels::cuda::nvrtc::{compile, version};
+use tacflow_kernels::cuda::sources::{MODULES, kernel_names};
+
+fn table_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ptx-identity.tsv")
+}
+
+/// `$L__BB12_3` -> `$L__BB_3`, `__local_depot12` -> `__local_depot`: the
+/// number after the prefix is the function's index in the module.
+fn strip_index(line: &str, prefix: &str, keep_tail: bool) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find(prefix) {
+        out.push_str(&rest[..i + prefix.len()]);
+        rest = &rest[i + prefix.len()..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &rest[digits..];
+        if keep_tail {
+            // `_<block>` follows the index of a label.
+            continue;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Each entry function of a PTX module, normalised, by name.
+fn entries(ptx: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in ptx.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix(".visible .entry ") {
+            let name = rest.split('(').next().unwrap_or("").trim().to_owned();
+            current = Some((name, String::new()));
+        }
+        let Some((_, body)) = current.as_mut() else {
+            continue;
+        };
+        if t.starts_with(".loc") || t.starts_with("$L__tmp") || t.is_empty() {
+            continue;
+        }
+        let l = strip_index(line, "$L__BB", true);
+        let l = strip_index(&l, "__local_depot", false);
+        body.push_str(&l);
+        body.push('\n');
+        if line.starts_with('}') {
+            let (name, body) = current.take().expect("inside an entry");
+            out.insert(name, body);
+        }
+    }
+    out
+}
+
+fn hash(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Every kernel the modules define, hashed, by name.
+fn current_hashes() -> BTreeMap<String, String> {
+    if let Err(e) = version() {
+        panic!(
+            "libnvrtc cannot be loaded, so the kernels' PTX was NOT checked: {e}\n\
+             `source scripts/ci/nvrtc-env .venv` installs and exports it"
+        );
+    }
+    let mut out = BTreeMap::new();
+    for m in MODULES {
+        let ptx = compile(&m, "compute_90").unwrap_or_else(|e| panic!("{e}"));
+        for (name, body) in entries(&ptx) {
+            assert!(
+                out.insert(name.clone(), hash(&body)).is_none(),
+                "kernel {name} is defined by two modules"
+            );
+        }
+    }
+    out
+}
+
+fn read_table() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(table_path())
+        .unwrap_or_else(|e| panic!("{}: {e}", table_path().display()));
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, h) = l.split_once('\t').expect("name<TAB>hash");
+            (name.to_owned(), h.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn product_kernels_compile_to_the_ptx_last_run_on_a_gpu() {
+    let now = current_hashes();
+    if std::env::var("TACFLOW_PTX_TABLE").as_deref() == Ok("write") {
+        let mut text = String::from(
+            "# kernel<TAB>sha256 of its normalised PTX (compute_90, NVRTC 13.0); \
+             kernels/tests/ptx_identity.rs says how it is taken\n",
+        );
+        for (name, h) in &now {
+            text.push_str(&format!("{name}\t{h}\n"));
+        }
+        std::fs::write(table_path(), text).expect("write the table");
+        return;
+    }
+    let table = read_table();
+    let mut failures = vec![];
+    for m in MODULES {
+        for name in kernel_names(m.name) {
+            match (now.get(&name), table.get(&name)) {
+                (Some(h), Some(want)) if h == want => {}
+                (Some(_), Some(_)) => failures.push(format!("{name}: its PTX changed")),
+                (None, _) => failures.push(format!("{name}: not in module {}", m.name)),
+                (Some(_), None) => failures.push(format!("{name}: not in the table")),
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} product kernels differ from the table:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn normalising_keeps_code_and_drops_positions() {
+    let ptx = "\
+.visible .entry k1(\n\
+\t.param .u64 p\n\
+)\n\
+{\n\
+\t.loc 1 10 3\n\
+$L__BB3_2:\n\
+\tld.u64 %rd1, [__local_depot3];\n\
+\tbra.uni $L__BB3_2;\n\
+}\n";
+    let moved = ptx.replace("BB3_", "BB7_").replace("depot3", "depot7").replace("1 10 3", "2 99 1");
+    let e = entries(ptx);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e["k1"], entries(&moved)["k1"], "position only");
+    let changed = ptx.replace("ld.u64", "ld.u32");
+    assert_ne!(e["k1"], entries(&changed)["k1"], "code changed");
+    let other_block = ptx.replace("BB3_2", "BB3_4");
+    assert_ne!(e["k1"], entries(&other_block)["k1"], "block numbers kept");
+}
