@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -179,6 +179,14 @@ pub trait Backend {
     fn free_memory(&self) -> Option<usize>;
     /// Bytes one KV block takes over all layers, K and V.
     fn kv_block_bytes(&self, layout: &KvLayout) -> usize;
+    /// Whether the device can still run work, asked after an op failed:
+    /// `Err(why)` when it cannot (a GPU context hit by a sticky fault: an
+    /// illegal address, a launch failure, a lost device), and then the
+    /// daemon goes down rather than keep a dead context. The CPU never
+    /// fails this way.
+    fn check_device(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
 
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Self::Matrix>;
     fn vector(&self, len: usize, data: HostData<'_>) -> Result<Self::Vector>;

@@ -1,0 +1,436 @@
+//! `tacflowd`'s command line: parse it, set up logging, run the
+//! subcommand. The binaries (`main.rs`, and `bin/tacflowd-faults.rs` in
+//! test builds) only call [`main`].
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use crate::config::{BackendKind, Config, LogFormat};
+use crate::{Shutdown, run};
+
+#[derive(Parser, Debug)]
+#[command(name = "tacflowd", version, about = "tacflow GPU inference daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+// Parsed once at start-up: the size of the serve flags does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve clients (the default).
+    Serve(ServeArgs),
+    /// Write a model as a Hugging Face folder (config.json + f32
+    /// model.safetensors), e.g. the built-in `tiny` for transformers.
+    ExportModel {
+        /// Model to export (`tiny`, `random:<preset>`, a folder).
+        #[arg(long, default_value = "tiny")]
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Folder to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check every GPU kernel and whole models against the CPU reference:
+    /// prints a table last, exits non-zero on any failure or without a GPU.
+    Selfcheck {
+        /// Run one check group in this process (normally each group runs in
+        /// a child process of its own).
+        #[arg(long)]
+        only: Option<String>,
+        /// SmolLM2's GGUF file, for the real-model check.
+        #[arg(long)]
+        smollm2: Option<PathBuf>,
+        /// Token ids of real text (whitespace-separated) for the SmolLM2 check.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Seed of the random inputs (from the clock when absent).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Run only these check groups (comma-separated; all by default).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+    },
+    /// Paged decode attention in the Llama-3.1-8B shape against the copy
+    /// bandwidth (issue 5); `--json` writes the numbers.
+    #[command(hide = true)]
+    BenchAttention {
+        /// `batch:context` cases, comma-separated (issue 5's by default).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
+        /// The attention's shape, `HEADS/KV_HEADS/HEAD_DIM` (Llama-3.1-8B's
+        /// by default; --variants and --timeline need that one).
+        #[arg(long, default_value = "32/8/128")]
+        shape: String,
+        /// Time the alternative kernels and issue 4's too.
+        #[arg(long)]
+        variants: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+        /// Timed launches per kernel and case (0: about 0.15 s of them).
+        #[arg(long, default_value_t = 0)]
+        iters: usize,
+        /// Only the kernels whose name contains one of these (profiling).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Also time the daemon's kernel with each of these split counts
+        /// forced (comma-separated; the plan's choice is always timed).
+        #[arg(long, value_delimiter = ',')]
+        splits: Vec<usize>,
+        /// Print where the time of one launch of each case goes: a timeline
+        /// of every CTA (the default kernel's timeline variant).
+        #[arg(long)]
+        timeline: bool,
+        /// With --timeline: write each timeline (a line per CTA) as CSV here.
+        #[arg(long)]
+        timeline_csv: Option<PathBuf>,
+    },
+    /// Decode-step time of a random model, host wall and GPU-only.
+    #[command(hide = true)]
+    BenchDecode {
+        #[arg(long, default_value = "random:llama-3-8b")]
+        model: String,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64, 128])]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+    },
+    /// Write every tensor of a GGUF file, decoded to f32 under its GGUF name,
+    /// to one safetensors file (checks the reader against other readers).
+    #[command(hide = true)]
+    DumpWeights {
+        /// The `.gguf` file.
+        #[arg(long)]
+        model: PathBuf,
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Flags override the config file, which overrides the defaults.
+#[derive(Args, Debug, Default, Clone)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TACFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Unix socket path to bind.
+    #[arg(long, env = "TACFLOW_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also listen on TCP (host:port). Unauthenticated.
+    #[arg(long, env = "TACFLOW_TCP")]
+    tcp: Option<String>,
+    /// Group allowed to use the socket (mode 0660).
+    #[arg(long, env = "TACFLOW_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// `tiny`, `random:<preset|config.json>`, a Hugging Face model folder,
+    /// or a `.gguf` file.
+    #[arg(long, env = "TACFLOW_MODEL")]
+    model: Option<String>,
+    /// Seed of random weights.
+    #[arg(long, env = "TACFLOW_SEED")]
+    seed: Option<u64>,
+    #[arg(long, env = "TACFLOW_BACKEND", value_enum)]
+    backend: Option<BackendKind>,
+    /// KV cache size in blocks of 16 tokens.
+    #[arg(long, env = "TACFLOW_KV_BLOCKS")]
+    kv_blocks: Option<usize>,
+    /// Fraction of free GPU memory for the KV cache.
+    #[arg(long, env = "TACFLOW_KV_MEMORY_FRACTION")]
+    kv_memory_fraction: Option<f64>,
+    /// Longest sequence accepted.
+    #[arg(long, env = "TACFLOW_MAX_CONTEXT")]
+    max_context: Option<usize>,
+    /// Session lease in milliseconds.
+    #[arg(long, env = "TACFLOW_SESSION_LEASE_MS")]
+    session_lease_ms: Option<u64>,
+    /// Requests waiting for the executor before `busy`.
+    #[arg(long, env = "TACFLOW_MAX_QUEUE")]
+    max_queue: Option<usize>,
+    /// CPU backend threads.
+    #[arg(long, env = "TACFLOW_THREADS")]
+    threads: Option<usize>,
+    /// Round weights to bf16 on the CPU backend.
+    #[arg(long, env = "TACFLOW_CPU_ROUND_BF16")]
+    cpu_round_bf16: bool,
+    /// `journal` under systemd: no timestamps, no colours, syslog
+    /// priorities.
+    #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Allow --tcp to bind an address other than loopback (unauthenticated!).
+    #[arg(long, env = "TACFLOW_TCP_ALLOW_REMOTE")]
+    tcp_allow_remote: bool,
+    /// Prometheus endpoint (`GET /metrics`) on this address or port, off
+    /// when absent; loopback only unless --metrics-allow-remote.
+    #[arg(long, env = "TACFLOW_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Allow --metrics-addr to bind an address other than loopback.
+    #[arg(long, env = "TACFLOW_METRICS_ALLOW_REMOTE")]
+    metrics_allow_remote: bool,
+    /// How long shutdown waits for the step in flight (milliseconds).
+    #[arg(long, env = "TACFLOW_SHUTDOWN_TIMEOUT_MS")]
+    shutdown_timeout_ms: Option<u64>,
+    /// Per-session limit: open sequences.
+    #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
+    max_sequences: Option<u64>,
+    /// Per-session limit: registered regions.
+    #[arg(long, env = "TACFLOW_MAX_REGIONS")]
+    max_regions: Option<u64>,
+    /// Per-session limit: bytes of client memory mapped.
+    #[arg(long, env = "TACFLOW_MAX_MAPPED_BYTES")]
+    max_mapped_bytes: Option<u64>,
+    /// Per-session limit: requests waiting for the executor before `busy`.
+    #[arg(long, env = "TACFLOW_MAX_QUEUED_REQUESTS")]
+    max_queued_requests: Option<u64>,
+    /// Per-session limit: new tokens in one step.
+    #[arg(long, env = "TACFLOW_MAX_STEP_TOKENS")]
+    max_step_tokens: Option<u64>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(p) => Config::from_toml_file(p)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if self.$f.is_some() { c.$f = self.$f; } )* };
+        }
+        set!(
+            model,
+            seed,
+            backend,
+            kv_memory_fraction,
+            session_lease_ms,
+            max_queue,
+            log_format,
+            shutdown_timeout_ms
+        );
+        set_opt!(
+            socket,
+            tcp,
+            socket_group,
+            kv_blocks,
+            max_context,
+            threads,
+            metrics_addr
+        );
+        if self.cpu_round_bf16 {
+            c.cpu_round_bf16 = true;
+        }
+        c.tcp_allow_remote |= self.tcp_allow_remote;
+        c.metrics_allow_remote |= self.metrics_allow_remote;
+        let l = &mut c.limits;
+        macro_rules! limit {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { l.$f = v; } )* };
+        }
+        limit!(
+            max_sequences,
+            max_regions,
+            max_mapped_bytes,
+            max_queued_requests,
+            max_step_tokens
+        );
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TACFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Journal => {
+            let plain = tracing_subscriber::fmt::format()
+                .without_time()
+                .with_ansi(false)
+                .with_level(false);
+            b.with_ansi(false)
+                .event_format(crate::server::systemd::JournalFormat(plain))
+                .init()
+        }
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+/// SIGINT and SIGTERM trigger `shutdown`, on a small tokio runtime of its own.
+fn watch_signals(shutdown: Shutdown) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) else {
+                    tracing::error!("cannot install signal handlers");
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                shutdown.trigger();
+            })
+        })?;
+    Ok(())
+}
+
+/// Parses the command line and runs what it asks for.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::ExportModel { model, seed, out }) => {
+            init_logging(LogFormat::Text);
+            let spec = crate::model::ModelSpec::parse(&model, seed)?;
+            let (config, src) = spec.open()?;
+            crate::model::hf::export(&config, src.as_ref(), &out)?;
+            println!(
+                "wrote {} ({}) to {}",
+                config.name,
+                src.describe(),
+                out.display()
+            );
+            Ok(())
+        }
+        Some(Command::DumpWeights { model, out }) => {
+            let file = crate::model::gguf::GgufFile::open(&model)?;
+            let n = file.dump_f32(&out)?;
+            println!(
+                "wrote {n} tensors of {} to {}",
+                model.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        Some(Command::Selfcheck {
+            only,
+            smollm2,
+            tokens,
+            seed,
+            groups,
+        }) => {
+            init_logging(LogFormat::Text);
+            let opts = crate::selfcheck::Options {
+                only,
+                smollm2,
+                tokens,
+                seed,
+                groups,
+            };
+            if !crate::selfcheck::run(&opts)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Some(Command::BenchAttention {
+            cases,
+            shape,
+            variants,
+            json,
+            seed,
+            iters,
+            only,
+            splits,
+            timeline,
+            timeline_csv,
+        }) => {
+            init_logging(LogFormat::Text);
+            let cases = if cases.is_empty() {
+                crate::bench::attention::CASES.to_vec()
+            } else {
+                cases
+                    .iter()
+                    .map(|c| {
+                        let (b, t) = c.split_once(':').context("a case is BATCH:CONTEXT")?;
+                        Ok((b.parse()?, t.parse()?))
+                    })
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let dims = shape
+                .split('/')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .ok()
+                .filter(|d| d.len() == 3)
+                .context("--shape is HEADS/KV_HEADS/HEAD_DIM, e.g. 32/8/128")?;
+            let opts = crate::bench::attention::Options {
+                shape: crate::bench::attention::BenchShape {
+                    heads: dims[0],
+                    kv_heads: dims[1],
+                    head_dim: dims[2],
+                },
+                cases,
+                variants,
+                json,
+                seed,
+                iters,
+                only,
+                splits,
+                timeline,
+                timeline_csv,
+            };
+            Ok(crate::bench::attention::run(&opts)?)
+        }
+        Some(Command::BenchDecode {
+            model,
+            batches,
+            context,
+            steps,
+            json,
+            seed,
+        }) => {
+            init_logging(LogFormat::Text);
+            let opts = crate::bench::decode::Options {
+                model,
+                batches,
+                context,
+                steps,
+                json,
+                seed,
+            };
+            Ok(crate::bench::decode::run(&opts)?)
+        }
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    init_logging(config.log_format);
+    if let Some(n) = config.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("thread pool")?;
+    }
+    let shutdown = Shutdown::default();
+    watch_signals(shutdown.clone())?;
+    run(config, shutdown, |_| {})?;
+    Ok(())
+}
