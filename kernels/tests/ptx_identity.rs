@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tacflow_kernels::cuda::nvrtc::{compile, version};
-use tacflow_kernels::cuda::sources::{MODULES, kernel_names};
+use tacflow_kernels::cuda::sources::{LAB_MODULES, MODULES, kernel_names};
 
 fn table_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("ptx-identity.tsv")
@@ -45,20 +45,49 @@ fn strip_index(line: &str, prefix: &str, keep_tail: bool) -> String {
     out
 }
 
-/// Each entry function of a PTX module, normalised, by name.
+/// The name a `.shared` declaration declares (the word before `;` or `[`).
+fn shared_name(decl: &str) -> &str {
+    let head = decl.split(['[', ';']).next().unwrap_or("");
+    head.split_whitespace().last().unwrap_or("")
+}
+
+/// Each entry function of a PTX module, normalised, by name. A `.shared`
+/// variable used by one entry is declared inside it ("demoted"), one used
+/// by several at module scope: either way the declarations an entry uses
+/// head its text, sorted, so that which other kernels share its module
+/// does not matter.
 fn entries(ptx: &str) -> BTreeMap<String, String> {
+    let module_shared: Vec<String> = ptx
+        .lines()
+        .take_while(|l| !l.trim_start().starts_with(".visible .entry "))
+        .chain(
+            ptx.lines()
+                .filter(|l| !l.starts_with('\t') && !l.starts_with(' ')),
+        )
+        .map(str::trim)
+        .filter(|l| l.starts_with(".shared ") || l.starts_with(".extern .shared "))
+        .map(str::to_owned)
+        .collect();
     let mut out = BTreeMap::new();
-    let mut current: Option<(String, String)> = None;
+    let mut current: Option<(String, String, Vec<String>)> = None;
     for line in ptx.lines() {
         let t = line.trim();
         if let Some(rest) = t.strip_prefix(".visible .entry ") {
             let name = rest.split('(').next().unwrap_or("").trim().to_owned();
-            current = Some((name, String::new()));
+            current = Some((name, String::new(), vec![]));
         }
-        let Some((_, body)) = current.as_mut() else {
+        let Some((_, body, shared)) = current.as_mut() else {
             continue;
         };
-        if t.starts_with(".loc") || t.starts_with("$L__tmp") || t.is_empty() {
+        if t.starts_with(".loc")
+            || t.starts_with("$L__tmp")
+            || t.is_empty()
+            || t == "// demoted variable"
+        {
+            continue;
+        }
+        if t.starts_with(".shared ") {
+            shared.push(t.to_owned());
             continue;
         }
         let l = strip_index(line, "$L__BB", true);
@@ -66,8 +95,16 @@ fn entries(ptx: &str) -> BTreeMap<String, String> {
         body.push_str(&l);
         body.push('\n');
         if line.starts_with('}') {
-            let (name, body) = current.take().expect("inside an entry");
-            out.insert(name, body);
+            let (name, body, mut shared) = current.take().expect("inside an entry");
+            shared.extend(
+                module_shared
+                    .iter()
+                    .filter(|d| body.contains(shared_name(d)))
+                    .cloned(),
+            );
+            shared.sort();
+            shared.dedup();
+            out.insert(name, format!("{}\n{body}", shared.join("\n")));
         }
     }
     out
@@ -89,8 +126,8 @@ fn current_hashes() -> BTreeMap<String, String> {
         );
     }
     let mut out = BTreeMap::new();
-    for m in MODULES {
-        let ptx = compile(&m, "compute_90").unwrap_or_else(|e| panic!("{e}"));
+    for m in MODULES.iter().chain(&LAB_MODULES) {
+        let ptx = compile(m, "compute_90").unwrap_or_else(|e| panic!("{e}"));
         for (name, body) in entries(&ptx) {
             assert!(
                 out.insert(name.clone(), hash(&body)).is_none(),
@@ -99,6 +136,18 @@ fn current_hashes() -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Writes each kernel's normalised PTX to `dir/<kernel>.ptx`, to see what
+/// changed (`TACFLOW_PTX_DUMP=DIR`).
+fn dump(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("create the dump folder");
+    for m in MODULES.iter().chain(&LAB_MODULES) {
+        let ptx = compile(m, "compute_90").unwrap_or_else(|e| panic!("{e}"));
+        for (name, body) in entries(&ptx) {
+            std::fs::write(dir.join(format!("{name}.ptx")), body).expect("write");
+        }
+    }
 }
 
 fn read_table() -> BTreeMap<String, String> {
@@ -116,6 +165,9 @@ fn read_table() -> BTreeMap<String, String> {
 #[test]
 fn product_kernels_compile_to_the_ptx_last_run_on_a_gpu() {
     let now = current_hashes();
+    if let Some(dir) = std::env::var_os("TACFLOW_PTX_DUMP") {
+        dump(std::path::Path::new(&dir));
+    }
     if std::env::var("TACFLOW_PTX_TABLE").as_deref() == Ok("write") {
         let mut text = String::from(
             "# kernel<TAB>sha256 of its normalised PTX (compute_90, NVRTC 13.0); \
@@ -129,7 +181,8 @@ fn product_kernels_compile_to_the_ptx_last_run_on_a_gpu() {
     }
     let table = read_table();
     let mut failures = vec![];
-    for m in MODULES {
+    // The lab's kernels too: they were moved, not changed.
+    for m in MODULES.iter().chain(&LAB_MODULES) {
         for name in kernel_names(m.name) {
             match (now.get(&name), table.get(&name)) {
                 (Some(h), Some(want)) if h == want => {}
@@ -159,12 +212,27 @@ $L__BB3_2:\n\
 \tld.u64 %rd1, [__local_depot3];\n\
 \tbra.uni $L__BB3_2;\n\
 }\n";
-    let moved = ptx.replace("BB3_", "BB7_").replace("depot3", "depot7").replace("1 10 3", "2 99 1");
+    let moved = ptx
+        .replace("BB3_", "BB7_")
+        .replace("depot3", "depot7")
+        .replace("1 10 3", "2 99 1");
     let e = entries(ptx);
     assert_eq!(e.len(), 1);
     assert_eq!(e["k1"], entries(&moved)["k1"], "position only");
     let changed = ptx.replace("ld.u64", "ld.u32");
     assert_ne!(e["k1"], entries(&changed)["k1"], "code changed");
+    let demoted = ptx.replace(
+        "{\n",
+        "{\n\t.shared .align 4 .u32 sm_x;\n\t// demoted variable\n",
+    );
+    let shared = format!(".shared .align 4 .u32 sm_x;\n{ptx}");
+    let uses = |p: &str| p.replace("[__local_depot3]", "[sm_x]");
+    assert_eq!(
+        entries(&uses(&demoted))["k1"],
+        entries(&uses(&shared))["k1"],
+        "a shared variable declared in the entry or in the module"
+    );
+    assert_ne!(entries(&uses(&shared))["k1"], entries(&uses(ptx))["k1"]);
     let other_block = ptx.replace("BB3_2", "BB3_4");
     assert_ne!(e["k1"], entries(&other_block)["k1"], "block numbers kept");
 }

@@ -1,55 +1,98 @@
 //! The CUDA sources, one `.cu` file per kernel family, embedded in the
-//! binary. Each module is compiled as the shared prelude followed by its
-//! file, so no header or include path is ever needed.
+//! binary. Each module is compiled as the shared prelude, its headers, then
+//! its file, so no include path is ever needed.
+//!
+//! [`MODULES`] are the daemon's: it compiles and loads them at start-up,
+//! and each defines exactly the kernels its launch wrappers call.
+//! [`LAB_MODULES`] hold the benchmark-only kernels (variants, read-only
+//! twins, timelines, the first attention kernel kept as a baseline, the
+//! read ceiling, a stream hold): the NVRTC tests compile them in every
+//! build so that they cannot rot, but only the lab's code (the `lab`
+//! feature: `tacflowd bench-*`, the lab's self-check cases) loads them.
 
 /// Helpers every module starts with: bf16 bit conversions, reductions, the
 /// counter-based generator (the twin of `crate::rng`).
 pub const PRELUDE: &str = include_str!("kernels/prelude.cuh");
 
+/// A file compiled before a module's own, under its own name in errors.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
 /// One compilation unit.
 #[derive(Debug, Clone, Copy)]
 pub struct Module {
     pub name: &'static str,
+    pub headers: &'static [Header],
     pub source: &'static str,
 }
 
 impl Module {
-    /// The text NVRTC compiles: the prelude, then the file (with a `#line`
-    /// so that errors point into the file).
+    /// The text NVRTC compiles: the prelude, the headers, then the file,
+    /// each after a `#line` so that errors point into the right file.
     pub fn full_source(&self) -> String {
-        format!("{PRELUDE}\n#line 1 \"{}.cu\"\n{}", self.name, self.source)
+        let mut text = format!("{PRELUDE}\n");
+        for h in self.headers {
+            text.push_str(&format!("#line 1 \"{}\"\n{}\n", h.name, h.text));
+        }
+        text.push_str(&format!("#line 1 \"{}.cu\"\n{}", self.name, self.source));
+        text
     }
 }
 
-pub const MODULES: [Module; 7] = [
-    Module {
-        name: "random",
-        source: include_str!("kernels/random.cu"),
+/// What every attention module compiles first: the parameters, the split
+/// plan and the merges, then the two key loops the daemon runs.
+const ATTENTION_HEADERS: [Header; 3] = [
+    Header {
+        name: "attention/common.cuh",
+        text: include_str!("kernels/attention/common.cuh"),
     },
-    Module {
-        name: "rowwise",
-        source: include_str!("kernels/rowwise.cu"),
+    Header {
+        name: "attention/simt.cuh",
+        text: include_str!("kernels/attention/simt.cuh"),
     },
-    Module {
-        name: "rope",
-        source: include_str!("kernels/rope.cu"),
+    Header {
+        name: "attention/frag.cuh",
+        text: include_str!("kernels/attention/frag.cuh"),
     },
+];
+
+const fn module(name: &'static str, source: &'static str) -> Module {
     Module {
-        name: "kv",
-        source: include_str!("kernels/kv.cu"),
-    },
+        name,
+        headers: &[],
+        source,
+    }
+}
+
+/// The daemon's modules.
+pub const MODULES: [Module; 6] = [
+    module("random", include_str!("kernels/random.cu")),
+    module("rowwise", include_str!("kernels/rowwise.cu")),
+    module("rope", include_str!("kernels/rope.cu")),
+    module("kv", include_str!("kernels/kv.cu")),
     Module {
         name: "attention",
+        headers: &ATTENTION_HEADERS,
         source: include_str!("kernels/attention.cu"),
     },
+    module("sampling", include_str!("kernels/sampling.cu")),
+];
+
+/// The benchmark-only modules (see the module doc).
+pub const LAB_MODULES: [Module; 3] = [
     Module {
-        name: "attention_regs",
-        source: include_str!("kernels/attention_regs.cu"),
+        name: "attention_variants",
+        headers: &ATTENTION_HEADERS,
+        source: include_str!("kernels/lab/attention_variants.cu"),
     },
-    Module {
-        name: "sampling",
-        source: include_str!("kernels/sampling.cu"),
-    },
+    module(
+        "attention_regs",
+        include_str!("kernels/lab/attention_regs.cu"),
+    ),
+    module("bench", include_str!("kernels/lab/bench.cu")),
 ];
 
 /// Head sizes and query heads per CTA that `attention.cu` instantiates.
@@ -243,7 +286,8 @@ impl AttnVariant {
 }
 
 /// Variants instantiated beside the defaults for the Llama-3 shape (head
-/// size 128, 4 heads per CTA), measured by `tacflowd bench-attention`.
+/// size 128, 4 heads per CTA) in the lab's `attention_variants` module,
+/// measured by `tacflowd bench-attention`.
 pub const ATTENTION_BENCH_VARIANTS: [AttnVariant; 10] = [
     AttnVariant::frag().read_only(),
     AttnVariant::frag().with_timeline(),
@@ -268,9 +312,13 @@ pub fn attention_kernel(d: usize, g: usize, v: AttnVariant) -> String {
     format!("attention_f32_d{d}_g{g}_{}", v.tag())
 }
 
-/// Every attention kernel with its head size, query heads per CTA and
-/// variant (the loader raises each one's shared-memory limit).
-pub fn attention_kernels() -> Vec<(String, usize, usize, AttnVariant)> {
+/// An attention kernel with its head size, query heads per CTA and variant
+/// (the loader raises each one's shared-memory limit).
+pub type AttnKernelSpec = (String, usize, usize, AttnVariant);
+
+/// The daemon's attention kernels: the default loop of every head size and
+/// number of heads per CTA.
+pub fn attention_kernels() -> Vec<AttnKernelSpec> {
     let mut out = vec![];
     for d in ATTENTION_HEAD_DIMS {
         for g in 1..=ATTENTION_MAX_GROUP {
@@ -278,14 +326,20 @@ pub fn attention_kernels() -> Vec<(String, usize, usize, AttnVariant)> {
             out.push((attention_kernel(d, g, v), d, g, v));
         }
     }
-    for v in ATTENTION_BENCH_VARIANTS {
-        out.push((attention_kernel(128, 4, v), 128, 4, v));
-    }
     out
 }
 
+/// The lab's attention variants (module `attention_variants`).
+pub fn lab_attention_kernels() -> Vec<AttnKernelSpec> {
+    ATTENTION_BENCH_VARIANTS
+        .iter()
+        .map(|&v| (attention_kernel(128, 4, v), 128, 4, v))
+        .collect()
+}
+
 /// Every kernel the launch wrappers call, by module: the loader resolves
-/// them all at start-up, so a missing one fails there and in CI.
+/// them all (the daemon's modules at start-up, the lab's when the lab
+/// loads them), so a missing one fails there and in CI.
 pub fn kernel_names(module: &str) -> Vec<String> {
     let fixed: &[&str] = match module {
         "random" => &["random_bf16"],
@@ -300,19 +354,21 @@ pub fn kernel_names(module: &str) -> Vec<String> {
             "sum_halves_f32",
             "gather_rows_f32",
             "cast_bf16",
-            "spin_wait",
         ],
         "rope" => &["rope_f32"],
         "kv" => &["kv_append_bf16", "copy_blocks_bf16"],
-        "attention" => &["read_ceiling"],
         "attention_regs" => &["attention_regs_f32_d128_g4", "attention_regs_merge_f32"],
+        "bench" => &["read_ceiling", "spin_wait"],
         "sampling" => &["sample_f32"],
         _ => &[],
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
-    if module == "attention" {
-        names.extend(attention_kernels().into_iter().map(|(name, ..)| name));
-    }
+    let attention = match module {
+        "attention" => attention_kernels(),
+        "attention_variants" => lab_attention_kernels(),
+        _ => vec![],
+    };
+    names.extend(attention.into_iter().map(|(name, ..)| name));
     names
 }
 
@@ -338,7 +394,8 @@ mod tests {
 
     #[test]
     fn attention_constants_mirror_the_kernel_source() {
-        let src = include_str!("kernels/attention.cu");
+        let src = ATTENTION_HEADERS.map(|h| h.text).concat();
+        let src = src.as_str();
         assert_eq!(define(src, "ATT_THREADS"), ATTENTION_THREADS);
         assert_eq!(define(src, "FRAG_THREADS"), AttnVariant::frag().threads());
         assert_eq!(define(src, "MAX_SPLIT_PAGES"), ATTENTION_MAX_SPLIT_PAGES);

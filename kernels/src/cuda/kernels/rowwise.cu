@@ -145,19 +145,3 @@ extern "C" __global__ void cast_bf16(const CastParams p) {
     const u64 step = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += step) p.out[i] = f2bf(p.x[i]);
 }
-
-struct SpinParams {
-    u64 ns;
-};
-
-// Holds the stream for `ns` nanoseconds of the global timer (one thread):
-// a benchmark enqueues a whole decode step behind it, so the step then runs
-// back to back with no gap left by the host's launches.
-extern "C" __global__ void spin_wait(const SpinParams p) {
-    u64 t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do {
-        __nanosleep(1000);
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    } while (t - t0 < p.ns);
-}
