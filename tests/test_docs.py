@@ -8,8 +8,9 @@ Rules, each reported as ``file:line: rule: text``:
   name alone, or a path tail) as the one tracked file whose path ends so.
 - ``section``: a ``§N`` or ``§N.M`` reference names a numbered heading
   (``## 3. Sessions and regions``, ``### 3.2 Regions``) of the document it
-  refers to: the ``NAME.md`` just before it; else, inside a ``.md`` file, the
-  file itself; else the last ``NAME.md`` named earlier in the file.
+  refers to: the ``NAME.md`` just before it (on its line, or ending the line
+  before); else, inside a ``.md`` file, the file itself; else the last
+  ``NAME.md`` named earlier in the file.
 - ``design``: no reference to a design document outside the repository
   (``DESIGN §5``, ``DESIGN.md``).
 - ``work-item``: no work-item numbers (``issue 4``, ``issues 2 and 3``,
@@ -110,12 +111,16 @@ class Checker:
                 continue  # DESIGN.md: the design rule reports it
             yield m.start(), m.end(), self.resolve(path, m.group(1)), m.group(1)
 
-    def section_doc(self, path: str, line: str, at: int, refs, last_doc: str | None):
+    def section_doc(self, path: str, line: str, at: int, refs, last_doc, wrapped) -> str | None:
         """The document a `§` at `at` refers to; `""` when a bad NAME.md
-        before it was reported already."""
+        before it was reported already. `wrapped` is the document that ended
+        the previous line, if one did (`PROTOCOL.md` / `§4.4` across a line
+        break)."""
         before = [r for r in refs if r[1] <= at]
         if before and BETWEEN.match(line[before[-1][1] : at]):
             return before[-1][2] or ""
+        if not before and wrapped is not None and not line[:at].strip(" `'\"([>"):
+            return wrapped
         if path.endswith(".md"):
             return path
         return before[-1][2] if before else last_doc
@@ -123,20 +128,24 @@ class Checker:
     def check(self, path: str, text: str) -> list[Offence]:
         out: list[Offence] = []
         last_doc: str | None = None
+        wrapped: str | None = None
         for n, line in enumerate(text.splitlines(), 1):
             urls = [m.span() for m in URL.finditer(line)]
             rules: list[str] = []
             refs = list(self.md_refs(path, line, urls))
-            rules += [f"md: {name} is not a file of the repository" for *_, t, name in refs if t is None]
+            rules += [f"md: {name} is not a file of the repository" for *_, t, name in refs if not t]
             for m in SECTION_REF.finditer(line):
-                if in_spans(m.start(), urls) or re.search(r"DESIGN(?:\.md)?\W*$", line[: m.start()]):
-                    continue
-                doc = self.section_doc(path, line, m.start(), refs, last_doc)
+                after_design = re.search(r"DESIGN(?:\.md)?\W*$", line[: m.start()])
+                if in_spans(m.start(), urls) or after_design:
+                    continue  # a DESIGN § is the design rule's
+                doc = self.section_doc(path, line, m.start(), refs, last_doc, wrapped)
                 if doc is None:
                     rules.append(f"section: §{m.group(1)} names no document")
                 elif doc and m.group(1) not in self.sections_of(doc):
                     rules.append(f"section: {doc} has no §{m.group(1)}")
             last_doc = next((r[2] for r in reversed(refs) if r[2]), last_doc)
+            ends = refs and BETWEEN.match(line[refs[-1][1] :])
+            wrapped = (refs[-1][2] or "") if ends else None
             if DESIGN_REF.search(line):
                 rules.append("design: cites a document outside the repository")
             if any(not in_spans(m.start(), urls) for m in WORK_ITEM.finditer(line)):
@@ -215,6 +224,8 @@ def test_section_references_name_existing_sections():
     assert rules("README.md", "PROTOCOL.md §3.3") == ["section"]
     assert rules("README.md", "PROTOCOL.md §9") == ["section"]  # only inside a code block
     assert rules("ipc/PROTOCOL.md", "as §3.2 says") == []
+    assert rules("kernels/TACTIC.md", "see PROTOCOL.md\n§3.2 (wrapped)") == []
+    assert rules("kernels/TACTIC.md", "see PROTOCOL.md\n§4 (wrapped)") == ["section"]
     assert rules("ipc/PROTOCOL.md", "as §5 says") == ["section"]
     assert rules("kernels/TACTIC.md", "decision §4; PROTOCOL.md §3.2") == []
     # A bare § outside Markdown refers to the document named last before it.
