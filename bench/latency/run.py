@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Round-trip latency of an empty step, against two transport baselines.
 
-The acceptance of issue 2 asks what the daemon adds to a request's round trip
+The acceptance asks what the daemon adds to a request's round trip
 beyond the transport itself. Three (plus one) measurements, same machine,
 same run, same message bytes:
 

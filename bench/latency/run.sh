@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Empty-step latency (issue 2): tacflowd on `tiny` (CPU) against a pyzmq
+# Empty-step latency: tacflowd on `tiny` (CPU) against a pyzmq
 # echo and a Unix socket ping-pong, measured in one run; raw log under
 # bench/logs/latency-<time>.log.
 # Usage: bench/latency/run.sh [extra args for run.py]

@@ -2,7 +2,7 @@
 """Dump SmolLM2-135M-Instruct's queries and keys on a long real text, for the
 offline Tactic evaluator (kernels/examples/tactic_eval.rs).
 
-One-shot prefill in transformers (CPU, f32, eager attention: DESIGN §8 warns
+One-shot prefill in transformers (CPU, f32, eager attention: we measured
 that a chunked prefill through a custom attention function silently attends
 to the wrong keys). We wrap transformers' own eager attention function, so the
 mask and the computation are untouched, and record what it receives: the

@@ -1,7 +1,7 @@
 """A small reference scheduler: continuous batching over a :class:`Client`.
 
 The daemon executes steps; deciding what runs in each step is the client's
-job (DESIGN.md §4). This engine is the simplest scheduler that exercises the
+job. This engine is the simplest scheduler that exercises the
 protocol the way a real server does, and a reference for integrating one:
 
 - every step gives one decode token to each running sequence, then fills the

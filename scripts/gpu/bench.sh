@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU run, ON THE GPU MACHINE, in one device call: the self-check
+# Decode-attention GPU run, ON THE GPU MACHINE, in one device call: the self-check
 # (every kernel against the CPU reference, the benchmarked attention
 # variants included), then the decode-attention benchmark against torch SDPA
 # and the copy bandwidth (bench/attention/run.py), then the decode step
@@ -20,7 +20,7 @@ log="$out/bench.log"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(selfcheck attention decode)
 {
-    echo "# issue 5 benchmarks: ${stages[*]}"
+    echo "# decode-attention benchmarks: ${stages[*]}"
     echo "commit: $(cat "$carry/COMMIT" 2>/dev/null || echo unknown)"
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(uname -srm), $(nproc) cores"

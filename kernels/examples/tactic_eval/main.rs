@@ -5,7 +5,7 @@
 //! clustered; each query of the window is a decode query over the keys up to
 //! and including its own position. Every selector runs on every (layer, KV
 //! head, step); a query head succeeds when the true mass of its group's
-//! (unioned) selection reaches `P`. Tokens read are counted as DESIGN §5
+//! (unioned) selection reaches `P`. Tokens read are counted as TACTIC.md
 //! defines them and divided by the context.
 //!
 //! `cargo run --release -p tacflow-kernels --example tactic_eval -- DIR [DIR...]

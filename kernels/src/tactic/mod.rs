@@ -1,4 +1,4 @@
-//! Tactic's selection math (arXiv 2502.12216, DESIGN §5; decisions and the
+//! Tactic's selection math (arXiv 2502.12216; the decisions and the
 //! measurements behind them in `kernels/TACTIC.md`).
 //!
 //! | concept | where |
@@ -81,7 +81,7 @@ impl TacticParams {
     }
 }
 
-/// Diagnostics of one (layer, KV head) selection (DESIGN §5).
+/// Diagnostics of one (layer, KV head) selection: what it read and kept.
 #[derive(Debug, Clone, Default)]
 pub struct HeadDiag {
     pub tokens_read: f64,

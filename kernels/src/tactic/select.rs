@@ -35,7 +35,7 @@ pub struct Scratch {
 /// What one selection cost and what it believes it reached.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SelectStats {
-    /// Token-equivalents read (DESIGN §5): selected 1, scored only 0.5,
+    /// Token-equivalents read (K row + V row = 1): selected 1, scored only 0.5,
     /// centroid 0.5, per-cluster scalars 0.5/d each.
     pub tokens_read: f64,
     /// Tokens selected (the union over the group).

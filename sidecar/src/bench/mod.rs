@@ -1,4 +1,4 @@
-//! GPU benchmarks behind hidden `tacflowd` subcommands (DESIGN §9): each
+//! GPU benchmarks behind hidden `tacflowd` subcommands (bench/RESULTS.md): each
 //! reports against a ceiling measured in the same run, prints a table last
 //! and can write its numbers as JSON for `bench/*/run.py`, which adds the
 //! peer library (torch) measured in the same device call.

@@ -1,6 +1,6 @@
 //! Sparse decode attention in the engine: each sequence's policy state, the
 //! per-layer selection of the step's decode tokens, and the diagnostics that
-//! measure what a selection kept (DESIGN §5).
+//! measure what a selection kept (kernels/TACTIC.md).
 //!
 //! Prefill is always full attention; a policy acts on decode entries (one new
 //! token). The selection math lives in `tacflow_kernels::tactic`; this module

@@ -1,5 +1,5 @@
 //! `tacflowd selfcheck`: every GPU kernel and whole models against the CPU
-//! reference (DESIGN §9), a table printed last, a non-zero exit on any
+//! reference (norm-wise, per dtype), a table printed last, a non-zero exit on any
 //! failure, and a failure (never a pass) on a machine without a GPU.
 //!
 //! | piece | file |

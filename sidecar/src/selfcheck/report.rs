@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Norm-wise relative error limits (DESIGN §9).
+/// Norm-wise relative error limits, `‖out−ref‖/‖ref‖`, per dtype.
 pub const F32_TOL: f64 = 1e-5;
 pub const BF16_TOL: f64 = 1e-2;
 pub const LOGITS_TOL: f64 = 2e-2;
