@@ -28,8 +28,9 @@ stages=("$@")
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu --format=csv
 } 2>&1 | tee "$log"
 
-bin=/tmp/tacflowd
-xz -dc "$carry/tacflowd.xz" > "$bin" && chmod +x "$bin" || { echo "no tacflowd in $carry" | tee -a "$log"; exit 1; }
+# The lab's build: the bench-* subcommands and the lab's kernels.
+bin=/tmp/tacflowd-lab
+xz -dc "$carry/tacflowd-lab.xz" > "$bin" && chmod +x "$bin" || { echo "no tacflowd-lab in $carry" | tee -a "$log"; exit 1; }
 export TACFLOW_KERNEL_CACHE=/tmp/tacflow-kernels NO_COLOR=1 PYTHONUNBUFFERED=1
 whl=$(ls .whl/pyzmq-27.3.0-*.whl 2>/dev/null | head -1)
 if [ -n "$whl" ]; then

@@ -2,11 +2,11 @@
 //! subcommand. The binaries (`main.rs`, and `bin/tacflowd-faults.rs` in
 //! test builds) only call [`main`].
 
+use crate::config::{BackendKind, Config, LogFormat};
+use crate::{Shutdown, run};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use crate::config::{BackendKind, Config, LogFormat};
-use crate::{Shutdown, run};
 
 #[derive(Parser, Debug)]
 #[command(name = "tacflowd", version, about = "tacflow GPU inference daemon")]
@@ -56,17 +56,20 @@ enum Command {
         groups: Vec<String>,
     },
     /// Paged decode attention in the Llama-3.1-8B shape against the copy
-    /// bandwidth (issue 5); `--json` writes the numbers.
+    /// bandwidth (the lab: built with `--features lab`); `--json` writes
+    /// the numbers.
+    #[cfg(feature = "lab")]
     #[command(hide = true)]
     BenchAttention {
-        /// `batch:context` cases, comma-separated (issue 5's by default).
+        /// `batch:context` cases, comma-separated (kernels/ATTENTION.md's by
+        /// default).
         #[arg(long, value_delimiter = ',')]
         cases: Vec<String>,
         /// The attention's shape, `HEADS/KV_HEADS/HEAD_DIM` (Llama-3.1-8B's
         /// by default; --variants and --timeline need that one).
         #[arg(long, default_value = "32/8/128")]
         shape: String,
-        /// Time the alternative kernels and issue 4's too.
+        /// Time the alternative kernels and the first attention kernel too.
         #[arg(long)]
         variants: bool,
         #[arg(long)]
@@ -91,7 +94,9 @@ enum Command {
         #[arg(long)]
         timeline_csv: Option<PathBuf>,
     },
-    /// Decode-step time of a random model, host wall and GPU-only.
+    /// Decode-step time of a random model, host wall and GPU-only (the
+    /// lab).
+    #[cfg(feature = "lab")]
     #[command(hide = true)]
     BenchDecode {
         #[arg(long, default_value = "random:llama-3-8b")]
@@ -347,6 +352,7 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "lab")]
         Some(Command::BenchAttention {
             cases,
             shape,
@@ -396,6 +402,7 @@ pub fn main() -> anyhow::Result<()> {
             };
             Ok(crate::bench::attention::run(&opts)?)
         }
+        #[cfg(feature = "lab")]
         Some(Command::BenchDecode {
             model,
             batches,

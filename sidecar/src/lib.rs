@@ -9,9 +9,10 @@
 //! | the decoder and its weights | [`model`] |
 //! | the ops it runs on (CPU reference, CUDA) | [`backend`] |
 //! | GPU against CPU, every kernel and whole models | [`selfcheck`] |
-//! | GPU benchmarks (hidden subcommands) | [`bench`] |
+//! | GPU benchmarks (the `lab` feature: hidden subcommands) | `bench` |
 
 pub mod backend;
+#[cfg(feature = "lab")]
 pub mod bench;
 pub mod cli;
 pub mod config;

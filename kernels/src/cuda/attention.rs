@@ -65,31 +65,17 @@ pub struct AttnIo<'a> {
     pub out: &'a mut CudaSlice<f32>,
 }
 
-/// Which kernel runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttnKernel {
-    /// attention.cu's kernel with this loop shape.
-    Main(AttnVariant),
-    /// Issue 4's kernel (loads into registers, a second launch merges the
-    /// splits): the measured baseline, head size 128 and 4 heads per CTA
-    /// only.
-    Issue4,
-}
-
-/// Overrides of the plan, for checks and benchmarks.
+/// Overrides of the plan: self-check cases force each split count and
+/// merge on the same inputs (the lab's `AttnOverride` adds the kernel).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AttnForce {
+pub struct AttnOverride {
     pub splits: Option<usize>,
-    pub kernel: Option<AttnKernel>,
     pub head_major: Option<bool>,
     /// The cooperative merge of the splits on (where the grid allows it)
     /// or off.
     pub coop: Option<bool>,
     /// Splits of unequal length (`AttnPlan::long_splits`) on or off.
     pub uneven: Option<bool>,
-    /// Device address of `8 x CTAs` u64 that a timeline variant fills
-    /// (`TL_*` in attention.cu).
-    pub timeline: Option<u64>,
 }
 
 /// Launch order of the CTAs by default: the head groups of one row (and
@@ -111,7 +97,8 @@ pub struct AttnPlan {
     /// others one fewer: any split count covers the pages, so the plan can
     /// fill every slot of the wave.
     pub long_splits: usize,
-    pub kernel: AttnKernel,
+    /// The key loop that runs.
+    pub variant: AttnVariant,
     /// CTA order: a row's head groups adjacent (else a head group's rows).
     pub head_major: bool,
     /// The splits are merged by every CTA of a cooperative launch (else by
@@ -161,7 +148,8 @@ impl AttnPlan {
         rows: usize,
         max_kv_len: usize,
         slots: usize,
-        force: AttnForce,
+        variant: AttnVariant,
+        force: AttnOverride,
     ) -> AttnPlan {
         let heads_per_cta = shape.heads_per_cta();
         let chunks = shape.num_heads / shape.kv_heads.max(1) / heads_per_cta;
@@ -196,12 +184,7 @@ impl AttnPlan {
             pages_per_split,
             long_splits,
             coop: coop_fits && force.coop.unwrap_or(splits >= COOP_MIN_SPLITS),
-            kernel: force
-                .kernel
-                .unwrap_or(AttnKernel::Main(AttnVariant::default_for(
-                    shape.head_dim,
-                    heads_per_cta,
-                ))),
+            variant,
             head_major: force.head_major.unwrap_or(HEAD_MAJOR),
         }
     }
@@ -312,35 +295,59 @@ impl Gpu {
         shape: &AttnShape,
         rows: usize,
         max_kv_len: usize,
-        force: AttnForce,
+        force: AttnOverride,
+    ) -> AttnPlan {
+        let v = AttnVariant::default_for(shape.head_dim, shape.heads_per_cta());
+        self.attention_plan_for(shape, rows, max_kv_len, v, force)
+    }
+
+    /// The plan of loop `v` (the lab times other loops than the default; a
+    /// read-only twin runs its compute kernel's grid).
+    pub(crate) fn attention_plan_for(
+        &self,
+        shape: &AttnShape,
+        rows: usize,
+        max_kv_len: usize,
+        v: AttnVariant,
+        force: AttnOverride,
     ) -> AttnPlan {
         let g = shape.heads_per_cta();
-        let v = match force.kernel {
-            // A read-only twin runs its compute kernel's grid.
-            Some(AttnKernel::Main(v)) => AttnVariant { compute: true, ..v },
-            _ => AttnVariant::default_for(shape.head_dim, g),
-        };
-        let slots = self.attention_slots(shape.head_dim, g, v);
+        let slots = self.attention_slots(shape.head_dim, g, AttnVariant { compute: true, ..v });
         let force = if self.attention_workspace().coop_refused {
-            AttnForce {
+            AttnOverride {
                 coop: Some(false),
                 ..force
             }
         } else {
             force
         };
-        AttnPlan::new(shape, rows, max_kv_len, slots, force)
+        AttnPlan::new(shape, rows, max_kv_len, slots, v, force)
     }
 
     /// Causal attention of every row of the step over its sequence's cached
     /// keys of `io.layer`; `io.out` gets f32 rows of `num_heads * head_dim`.
-    /// `force` overrides the plan (checks, benchmarks).
+    /// `force` overrides the plan (self-check).
     pub fn attention(
         &self,
         step: &DeviceStep,
         io: AttnIo<'_>,
         shape: AttnShape,
-        force: AttnForce,
+        force: AttnOverride,
+    ) -> Result<AttnPlan> {
+        check_shape(&shape, io.kv)?;
+        let plan = self.attention_plan(&shape, step.rows, step.max_kv_len as usize, force);
+        self.attention_launch(step, io, shape, plan, 0)
+    }
+
+    /// Checks the grid of `plan` and launches its kernel; `timeline` is the
+    /// device address a timeline variant fills (0 otherwise).
+    pub(crate) fn attention_launch(
+        &self,
+        step: &DeviceStep,
+        io: AttnIo<'_>,
+        shape: AttnShape,
+        plan: AttnPlan,
+        timeline: u64,
     ) -> Result<AttnPlan> {
         let AttnIo {
             qkv,
@@ -359,7 +366,6 @@ impl Gpu {
                 step.max_block, kv.num_blocks
             )));
         }
-        let plan = self.attention_plan(&shape, rows, step.max_kv_len as usize, force);
         let y = shape.kv_heads * plan.chunks;
         if rows * y > i32::MAX as usize
             || plan.splits > 65_535.min(MAX_SPLITS)
@@ -370,24 +376,7 @@ impl Gpu {
                 plan.splits, plan.pages_per_split
             )));
         }
-        let v = match plan.kernel {
-            AttnKernel::Main(v) => v,
-            AttnKernel::Issue4 => {
-                let (splits, pages_per_split) = self.attention_registers(
-                    step,
-                    (qkv, kv, layer, out),
-                    &shape,
-                    &plan,
-                    force.splits,
-                )?;
-                return Ok(AttnPlan {
-                    splits,
-                    pages_per_split,
-                    long_splits: splits,
-                    ..plan
-                });
-            }
-        };
+        let v = plan.variant;
         let (k, vv) = kv.layer_ptrs(self, layer)?;
         let [part_acc, part_ml, counters] = if plan.splits > 1 {
             let n = rows * shape.num_heads * plan.splits;
@@ -419,7 +408,7 @@ impl Gpu {
             scale_log2: std::f32::consts::LOG2_E / (d as f32).sqrt(),
             coop: plan.coop as u32,
             long_splits: plan.long_splits as u32,
-            timeline: force.timeline.unwrap_or(0),
+            timeline,
         };
         let cfg = LaunchConfig {
             grid_dim: ((rows * y) as u32, 1, plan.splits as u32),
@@ -432,7 +421,7 @@ impl Gpu {
         // (checked at upload) whose ids are below num_blocks (max checked),
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
-        // x num_heads x d; a timeline, if given, holds 8 u64 per CTA. With
+        // x num_heads x d; a timeline, if not 0, holds 8 u64 per CTA. With
         // splits > 1 the workspace holds rows x num_heads x splits
         // partials and rows x y counter pairs (the cooperative merge's at a
         // multiple of 1024, the last-CTA merge's at zero), and no other
@@ -475,6 +464,7 @@ mod tests {
     }
 
     const SLOTS: usize = 4 * 132;
+    const V: AttnVariant = AttnVariant::frag();
 
     #[test]
     fn shapes_the_kernels_serve() {
@@ -513,7 +503,7 @@ mod tests {
             (10, 1, 5, 2),
             (8, 8, 1, 1),
         ] {
-            let p = AttnPlan::new(&shape(h, kv), 1000, 10, SLOTS, AttnForce::default());
+            let p = AttnPlan::new(&shape(h, kv), 1000, 10, SLOTS, V, AttnOverride::default());
             assert_eq!((p.heads_per_cta, p.chunks), (g, chunks), "{h}/{kv}");
         }
     }
@@ -521,7 +511,7 @@ mod tests {
     #[test]
     fn splits_fill_one_wave_and_cover_the_context() {
         let s = shape(32, 8);
-        let plan = |rows, len| AttnPlan::new(&s, rows, len, SLOTS, AttnForce::default());
+        let plan = |rows, len| AttnPlan::new(&s, rows, len, SLOTS, V, AttnOverride::default());
         // The benchmark shapes: one wave of CTAs a page apart at most, but
         // 32 x 32k in two waves of 512-page splits.
         for (rows, len, splits) in [
@@ -547,13 +537,13 @@ mod tests {
             assert!(p.pages_per_split <= ATTENTION_MAX_SPLIT_PAGES);
         }
         // Equal splits when asked: the last one may be shorter, none empty.
-        let even = AttnForce {
+        let even = AttnOverride {
             uneven: Some(false),
-            ..AttnForce::default()
+            ..AttnOverride::default()
         };
-        let e = AttnPlan::new(&s, 1, 32_768, SLOTS, even);
+        let e = AttnPlan::new(&s, 1, 32_768, SLOTS, V, even);
         assert_eq!((e.splits, e.pages_per_split, e.long_splits), (64, 32, 64));
-        let e = AttnPlan::new(&s, 1, 131_072, SLOTS, even);
+        let e = AttnPlan::new(&s, 1, 131_072, SLOTS, V, even);
         assert_eq!((e.splits, e.pages_per_split), (66, 125));
         assert!(
             (e.splits - 1) * e.pages_per_split * 16 < 131_072,
@@ -564,27 +554,27 @@ mod tests {
         // stages at most ATTENTION_MAX_SPLIT_PAGES pages of its table.
         let long = plan(600, 40_000);
         assert_eq!(long.splits, 3, "{long:?}");
-        let force = |n| AttnForce {
+        let force = |n| AttnOverride {
             splits: Some(n),
-            ..AttnForce::default()
+            ..AttnOverride::default()
         };
-        let forced = AttnPlan::new(&s, 1, 100, SLOTS, force(3));
+        let forced = AttnPlan::new(&s, 1, 100, SLOTS, V, force(3));
         assert_eq!((forced.splits, forced.pages_per_split), (3, 3));
-        assert_eq!(AttnPlan::new(&s, 1, 5, SLOTS, force(16)).splits, 1);
+        assert_eq!(AttnPlan::new(&s, 1, 5, SLOTS, V, force(16)).splits, 1);
     }
 
     #[test]
     fn cooperative_merge_only_where_every_cta_is_resident() {
         let s = shape(32, 8);
-        let plan = |rows, len, force| AttnPlan::new(&s, rows, len, SLOTS, force);
-        let auto = AttnForce::default();
+        let plan = |rows, len, force| AttnPlan::new(&s, rows, len, SLOTS, V, force);
+        let auto = AttnOverride::default();
         // Many splits in one wave: cooperative.
         assert!(plan(1, 32_768, auto).coop);
         assert!(plan(1, 131_072, auto).coop);
         // Few splits: the last CTA merges them cheaply.
         assert!(!plan(8, 32_768, auto).coop);
         assert!(!plan(64, 4096, auto).coop, "no splits");
-        let on = AttnForce {
+        let on = AttnOverride {
             coop: Some(true),
             ..auto
         };
@@ -593,7 +583,7 @@ mod tests {
             !plan(
                 1,
                 32_768,
-                AttnForce {
+                AttnOverride {
                     coop: Some(false),
                     ..auto
                 }
@@ -601,7 +591,7 @@ mod tests {
             .coop
         );
         // More CTAs than slots (forced splits): never cooperative.
-        let many = AttnForce {
+        let many = AttnOverride {
             splits: Some(100),
             coop: Some(true),
             ..auto
@@ -609,7 +599,7 @@ mod tests {
         assert!(!plan(1, 32_768, many).coop);
         // More splits than the cooperative merge takes.
         let one_cta = shape(8, 1);
-        let wide = AttnPlan::new(&one_cta, 1, 131_072, 4 * SLOTS, on);
+        let wide = AttnPlan::new(&one_cta, 1, 131_072, 4 * SLOTS, V, on);
         assert!(wide.splits > 256 && !wide.coop, "{wide:?}");
     }
 }

@@ -1,4 +1,4 @@
-//! Launch wrapper of `attention_regs.cu`, issue 4's attention kernel kept as
+//! Launch wrapper of `lab/attention_regs.cu`, the first attention kernel kept as
 //! the measured baseline of the pipelined one (kernels/ATTENTION.md): its
 //! own split plan (4 CTAs per SM, at least 4 pages a split) and a second
 //! launch that merges the splits.
@@ -47,7 +47,7 @@ struct RegsMergeParams {
 unsafe impl DeviceRepr for RegsParams {}
 unsafe impl DeviceRepr for RegsMergeParams {}
 
-/// Issue 4's plan: split only when fewer CTAs than 4 per SM exist, into at
+/// Its plan: split only when fewer CTAs than 4 per SM exist, into at
 /// most `4 * sm / ctas` splits of at least 4 pages.
 fn regs_splits(ctas: usize, pages: usize, sm_count: usize, force: Option<usize>) -> (usize, usize) {
     let target = 4 * sm_count.max(1);
@@ -61,7 +61,7 @@ fn regs_splits(ctas: usize, pages: usize, sm_count: usize, force: Option<usize>)
 }
 
 impl Gpu {
-    /// Issue 4's kernel on the Llama-3 shape (head size 128, 4 query heads
+    /// The first attention kernel on the Llama-3 shape (head size 128, 4 query heads
     /// per KV head), with its own split plan unless `force_splits`. Returns
     /// the splits and pages per split it ran.
     pub(crate) fn attention_registers(
@@ -150,7 +150,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn issue_4_plan() {
+    fn first_kernel_plan() {
         assert_eq!(regs_splits(600, 256, 132, None), (1, 256));
         assert_eq!(regs_splits(512, 256, 132, None), (2, 128));
         let (s, pps) = regs_splits(8, 2048, 132, None);

@@ -1,12 +1,12 @@
-//! The GPU handle: context, stream, cuBLAS, and every kernel compiled and
-//! loaded. Everything runs on one stream, in issue order, so buffers need
+//! The GPU handle: context, stream, cuBLAS, and the daemon's kernels
+//! compiled and loaded (the lab loads its own on top: `lab.rs`). Everything runs on one stream, in issue order, so buffers need
 //! no cross-stream events (cudarc's event tracking is switched off).
 
 use super::attention::AttnWorkspace;
 use super::gemm::GemmScratch;
 use super::nvrtc;
 use super::probe::{ALL, require};
-use super::sources::{MODULES, attention_kernels, kernel_names};
+use super::sources::{AttnKernelSpec, MODULES, Module, attention_kernels, kernel_names};
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -95,20 +95,41 @@ impl Gpu {
             msg: e.to_string(),
         })?;
         keep_pool_memory(&ctx);
-        let funcs = load_kernels(&ctx, &info.arch)?;
-        let occupancy = attention_occupancy(&funcs)?;
-        info!(device = %info.name, arch = %info.arch, sms = sm_count, kernels = funcs.len(), "GPU ready");
-        Ok(Gpu {
+        let mut gpu = Gpu {
             ctx,
             stream,
             blas,
-            funcs,
-            occupancy,
+            funcs: HashMap::new(),
+            occupancy: HashMap::new(),
             attn_ws: Mutex::new(AttnWorkspace::default()),
             gemm_ws: Mutex::new(GemmScratch::default()),
             info,
             sync_launches: false,
-        })
+        };
+        gpu.load_modules(&MODULES, &attention_kernels())?;
+        let i = &gpu.info;
+        info!(device = %i.name, arch = %i.arch, sms = sm_count, kernels = gpu.funcs.len(), "GPU ready");
+        Ok(gpu)
+    }
+
+    /// Compiles `modules` (in parallel, through the PTX cache), loads them,
+    /// resolves the kernels the wrappers call, and readies the attention
+    /// kernels among them (`attention`: their shared memory and occupancy).
+    pub(crate) fn load_modules(
+        &mut self,
+        modules: &[Module],
+        attention: &[AttnKernelSpec],
+    ) -> Result<()> {
+        let funcs = load_kernels(&self.ctx, &self.info.arch, modules)?;
+        self.occupancy
+            .extend(attention_occupancy(&funcs, attention)?);
+        self.funcs.extend(funcs);
+        Ok(())
+    }
+
+    /// Whether kernel `name` is loaded.
+    pub fn has_kernel(&self, name: &str) -> bool {
+        self.funcs.contains_key(name)
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -325,10 +346,14 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
 /// Raises each attention kernel's dynamic shared-memory limit to what its
 /// variant uses, prefers shared memory over L1, and reads how many of its
 /// CTAs fit on one SM.
-fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<String, usize>> {
+fn attention_occupancy(
+    funcs: &HashMap<String, CudaFunction>,
+    kernels: &[AttnKernelSpec],
+) -> Result<HashMap<String, usize>> {
     let mut out = HashMap::new();
-    for (name, d, g, v) in attention_kernels() {
-        let Some(f) = funcs.get(&name) else { continue };
+    for (name, d, g, v) in kernels {
+        let (d, g) = (*d, *g);
+        let Some(f) = funcs.get(name) else { continue };
         let bytes = v.smem_bytes(d, g);
         let fail = |e: cudarc::driver::DriverError| Error::Launch {
             kernel: name.clone(),
@@ -350,17 +375,21 @@ fn attention_occupancy(funcs: &HashMap<String, CudaFunction>) -> Result<HashMap<
         let n = f
             .occupancy_max_active_blocks_per_multiprocessor(v.threads() as u32, bytes, None)
             .map_err(fail)?;
-        out.insert(name, n as usize);
+        out.insert(name.clone(), n as usize);
     }
     Ok(out)
 }
 
-/// Compiles every module (in parallel, through the PTX cache), loads it and
+/// Compiles `modules` (in parallel, through the PTX cache), loads them and
 /// resolves the kernels the wrappers use.
-fn load_kernels(ctx: &Arc<CudaContext>, arch: &str) -> Result<HashMap<String, CudaFunction>> {
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    arch: &str,
+    modules: &[Module],
+) -> Result<HashMap<String, CudaFunction>> {
     let dir = nvrtc::cache_dir();
     let mut funcs = HashMap::new();
-    for (module, ptx) in nvrtc::compile_all(&MODULES, arch, dir.as_deref()) {
+    for (module, ptx) in nvrtc::compile_all(modules, arch, dir.as_deref()) {
         let m = ctx
             .load_module(Ptx::from_src(ptx?))
             .map_err(|e| Error::Launch {

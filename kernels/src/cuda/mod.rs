@@ -13,19 +13,24 @@
 //! | GEMM (cuBLAS, row-major through column-major) | [`gemm`] |
 //! | embedding, RMSNorm, RoPE, SwiGLU, adds, gather, random weights | [`rowwise`] |
 //! | the paged bf16 KV cache, append, copy-on-write copies | [`kv`] |
-//! | paged attention (decode and prefill) | [`attention`]; issue 4's kernel, the benchmark baseline: [`attention_regs`] |
+//! | paged attention (decode and prefill) | [`attention`] |
 //! | sampling and log-probabilities | [`sampling`] |
-//! | event timing, the copy ceiling, a stream hold (benchmarks) | [`timing`] |
+//! | the lab (feature `lab`): its modules, kernels chosen by hand, the first attention kernel as a baseline, event timing, the copy and read ceilings, a stream hold | `lab`, `attention_regs`, `timing` |
 //!
-//! Dtypes: weights and the KV cache are bf16; the residual stream and GEMM
-//! outputs are f32; GEMM inputs (normed activations, attention output,
-//! SwiGLU output) are bf16.
+//! Dtypes: weights and the KV cache are bf16; the residual stream and every
+//! activation are f32. A GEMM takes its f32 input either as two bf16 halves
+//! (`hi`, `lo = x - hi`, stacked as twice the rows: `split_bf16x2`, then
+//! `sum_halves_f32`), so that cuBLAS's bf16 tensor cores see it to ~2^-17,
+//! or, for an activation already in bf16, as it is; it writes f32.
 
 pub mod attention;
+#[cfg(feature = "lab")]
 pub mod attention_regs;
 pub mod device;
 pub mod gemm;
 pub mod kv;
+#[cfg(feature = "lab")]
+pub mod lab;
 pub mod nvrtc;
 pub mod pool;
 pub mod probe;
@@ -33,9 +38,10 @@ pub mod rowwise;
 pub mod sampling;
 pub mod sources;
 pub mod step;
+#[cfg(feature = "lab")]
 pub mod timing;
 
-pub use attention::{AttnForce, AttnIo, AttnKernel, AttnPlan, AttnShape};
+pub use attention::{AttnIo, AttnOverride, AttnPlan, AttnShape};
 /// Device buffers are cudarc's, re-exported so users need no cudarc dependency.
 pub use cudarc::driver::CudaSlice;
 pub use device::{DeviceInfo, Gpu};
@@ -45,4 +51,5 @@ pub use probe::probe;
 pub use rowwise::{RmsOut, Rows};
 pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays};
+#[cfg(feature = "lab")]
 pub use timing::Span;

@@ -393,6 +393,28 @@ mod tests {
     }
 
     #[test]
+    fn the_daemon_loads_no_lab_kernel() {
+        let product: Vec<String> = MODULES.iter().flat_map(|m| kernel_names(m.name)).collect();
+        for m in LAB_MODULES {
+            let names = kernel_names(m.name);
+            assert!(!names.is_empty(), "{}: no kernels listed", m.name);
+            for n in names {
+                assert!(
+                    !product.contains(&n),
+                    "{n} is both the daemon's and the lab's"
+                );
+            }
+        }
+        // The kernels the daemon dispatches are all loaded with it.
+        for d in ATTENTION_HEAD_DIMS {
+            for g in 1..=ATTENTION_MAX_GROUP {
+                let k = attention_kernel(d, g, AttnVariant::default_for(d, g));
+                assert!(product.contains(&k), "{k}");
+            }
+        }
+    }
+
+    #[test]
     fn attention_constants_mirror_the_kernel_source() {
         let src = ATTENTION_HEADERS.map(|h| h.text).concat();
         let src = src.as_str();

@@ -19,7 +19,7 @@ use half::bf16;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::SampleParams;
 use tacflow_kernels::cuda::{
-    AttnForce, AttnIo, AttnPlan, AttnShape, BufferPool, CudaSlice, DeviceStep, Gpu, KvCache,
+    AttnIo, AttnOverride, AttnPlan, AttnShape, BufferPool, CudaSlice, DeviceStep, Gpu, KvCache,
     Pooled, RmsOut, Rows, StepArrays,
 };
 
@@ -131,26 +131,17 @@ impl CudaBackend {
         Ok(self.gpu.attention_workspace_unsettled()?)
     }
 
-    /// [`Backend::attention`] with its plan overridden (self-check,
-    /// benchmarks); returns how the launch was cut.
+    /// [`Backend::attention`] with its plan overridden (self-check);
+    /// returns how the launch was cut.
     pub fn attention_forced(
         &self,
         step: &DeviceStep,
         (qkv, kv, layer): (&Act, &KvCache, usize),
         d: AttnDims,
         out: &mut Act,
-        force: AttnForce,
+        force: AttnOverride,
     ) -> Result<AttnPlan> {
-        check(
-            qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(),
-            || "attention: shapes".into(),
-        )?;
-        let shape = AttnShape {
-            num_heads: d.num_heads,
-            kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-            qkv_stride: qkv.cols,
-        };
+        let shape = self.attention_shape(step, qkv, d, out)?;
         let io = AttnIo {
             qkv: qkv.f32("attention")?,
             kv,
@@ -158,6 +149,47 @@ impl CudaBackend {
             out: self.out_f32(out)?,
         };
         Ok(self.gpu.attention(step, io, shape, force)?)
+    }
+
+    /// [`CudaBackend::attention_forced`] with the kernel chosen by hand
+    /// (the lab's self-check cases; `Gpu::load_lab` first).
+    #[cfg(feature = "lab")]
+    pub fn attention_lab(
+        &self,
+        step: &DeviceStep,
+        (qkv, kv, layer): (&Act, &KvCache, usize),
+        d: AttnDims,
+        out: &mut Act,
+        force: tacflow_kernels::cuda::lab::AttnForce,
+    ) -> Result<AttnPlan> {
+        let shape = self.attention_shape(step, qkv, d, out)?;
+        let io = AttnIo {
+            qkv: qkv.f32("attention")?,
+            kv,
+            layer,
+            out: self.out_f32(out)?,
+        };
+        Ok(self.gpu.attention_forced(step, io, shape, force)?)
+    }
+
+    /// The kernels' view of the attention's shape, the rows checked.
+    fn attention_shape(
+        &self,
+        step: &DeviceStep,
+        qkv: &Act,
+        d: AttnDims,
+        out: &Act,
+    ) -> Result<AttnShape> {
+        check(
+            qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(),
+            || "attention: shapes".into(),
+        )?;
+        Ok(AttnShape {
+            num_heads: d.num_heads,
+            kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            qkv_stride: qkv.cols,
+        })
     }
 
     /// Greedy or seeded sampling of every row of `logits` as
@@ -495,7 +527,7 @@ impl Backend for CudaBackend {
         d: AttnDims,
         out: &mut Act,
     ) -> Result<()> {
-        self.attention_forced(step, (qkv, kv, layer), d, out, AttnForce::default())?;
+        self.attention_forced(step, (qkv, kv, layer), d, out, AttnOverride::default())?;
         Ok(())
     }
 

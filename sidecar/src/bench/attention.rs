@@ -1,11 +1,12 @@
 //! `tacflowd bench-attention`: paged decode attention in the Llama-3.1-8B
 //! attention shape (32 query heads over 8 KV heads of 128, bf16 cache,
 //! pages of 16 tokens in random order; `--shape` takes another) at the
-//! (batch, context) cases of issue 5, against the device-to-device copy
-//! bandwidth measured in the same run. With `--variants`, every kernel
-//! variant that `attention.cu` instantiates for the shape is timed, and
-//! issue 4's kernel as the baseline; the daemon's choice is timed first and
-//! again last (the spread of the measurement).
+//! (batch, context) cases of the decode-attention figures, against the
+//! device-to-device copy bandwidth measured in the same run. With
+//! `--variants`, every kernel variant that the lab instantiates for the
+//! shape is timed, and the first attention kernel as the baseline; the
+//! daemon's choice is timed first and again last (the spread of the
+//! measurement).
 //!
 //! Timing: CUDA events around each launch, a warm-up, the median of many
 //! launches; the caches rotate over several sets of pages (at least 1 GiB
@@ -19,14 +20,15 @@ use crate::error::Result;
 use serde_json::json;
 use std::path::PathBuf;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
+use tacflow_kernels::cuda::lab::{AttnForce, AttnKernel};
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{
-    AttnForce, AttnIo, AttnKernel, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache,
-    StepArrays,
+    AttnIo, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache, StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
-/// The (batch, context) cases of issue 5.
+/// The (batch, context) cases of the decode-attention figures
+/// (kernels/ATTENTION.md).
 pub const CASES: [(usize, usize); 7] = [
     (1, 32_768),
     (8, 32_768),
@@ -45,7 +47,7 @@ pub struct BenchShape {
     pub head_dim: usize,
 }
 
-/// Llama-3.1-8B's attention, issue 5's shape: the kernel variants and the
+/// Llama-3.1-8B's attention, the benchmarks' shape: the kernel variants and the
 /// timeline variant are compiled for it alone.
 pub const LLAMA3: BenchShape = BenchShape {
     heads: 32,
@@ -154,7 +156,7 @@ fn kernel_name(f: &AttnForce) -> String {
     let name = match f.kernel {
         None => "daemon".into(),
         Some(AttnKernel::Main(v)) => v.tag(),
-        Some(AttnKernel::Issue4) => "issue4".into(),
+        Some(AttnKernel::First) => "first".into(),
     };
     let splits = f.splits.map_or(String::new(), |n| format!("/s{n}"));
     let coop = match f.coop {
@@ -180,7 +182,7 @@ fn time_kernel(
             layer: 0,
             out: &mut d.out,
         };
-        gpu.attention(&d.steps[i % d.steps.len()], io, d.shape, force)
+        gpu.attention_forced(&d.steps[i % d.steps.len()], io, d.shape, force)
     };
     let mut plan = None;
     for i in 0..5 {
@@ -226,7 +228,8 @@ pub fn run(opts: &Options) -> Result<()> {
             LLAMA3.heads, LLAMA3.kv_heads, LLAMA3.head_dim, s.heads, s.kv_heads, s.head_dim
         )));
     }
-    let gpu = Gpu::new(0)?;
+    let mut gpu = Gpu::new(0)?;
+    gpu.load_lab()?;
     println!(
         "bench-attention on {}: {} query heads over {} KV heads of {}",
         device_line(&gpu),
@@ -286,7 +289,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let direct = AttnVariant::registers(AttnLoad::Direct, 4);
         kernels.push(force(Some(AttnKernel::Main(direct)), Some(!HEAD_MAJOR)));
-        kernels.push(force(Some(AttnKernel::Issue4), None));
+        kernels.push(force(Some(AttnKernel::First), None));
         kernels.push(force(None, None));
     }
     let mut rows = vec![];
@@ -374,7 +377,7 @@ fn timeline_of(
         ..AttnForce::default()
     };
     time_kernel(gpu, d, force, (0.0, 5))?;
-    let plan = gpu.attention_plan(&d.shape, batch, ctx, force);
+    let plan = gpu.attention_plan_forced(&d.shape, batch, ctx, force);
     let ctas = batch * d.shape.kv_heads * plan.chunks * plan.splits;
     let buf = gpu.alloc_zeroed::<u64>(8 * ctas)?;
     force.timeline = Some(gpu.ptr(&buf));
@@ -384,7 +387,7 @@ fn timeline_of(
         layer: 0,
         out: &mut d.out,
     };
-    gpu.attention(&d.steps[0], io, d.shape, force)?;
+    gpu.attention_forced(&d.steps[0], io, d.shape, force)?;
     let t = gpu.download(&buf, 8 * ctas)?;
     let t0 = t.chunks(8).map(|c| c[0]).min().unwrap_or(0);
     if let Some(dir) = csv {

@@ -56,7 +56,8 @@ fn decode_meta(batch: usize, context: usize, tables: &[Vec<u32>]) -> StepMeta {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
-    let b = CudaBackend::new(0)?;
+    let mut b = CudaBackend::new(0)?;
+    b.gpu_mut().load_lab()?;
     println!("bench-decode on {}", device_line(b.gpu()));
     let spec = ModelSpec::parse(&opts.model, opts.seed)?;
     let (config, src) = spec.open()?;

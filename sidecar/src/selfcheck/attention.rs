@@ -2,8 +2,9 @@
 //! around block (16) boundaries, long single sequences that the plan splits
 //! (the fused merge) or must split (more pages than a CTA stages), prefill
 //! chunks on top of a context, every GQA grouping shape the kernel
-//! instantiates, and every kernel variant `tacflowd bench-attention`
-//! times (the loop shapes and issue 4's baseline). The cache is poisoned,
+//! instantiates, and, in a build with the `lab` feature, every kernel
+//! variant `tacflowd bench-attention` times (the loop shapes and the first
+//! kernel, kept as the baseline). The cache is poisoned,
 //! then filled through `kv_append` with tables in shuffled block order.
 
 use super::report::{ATTN_TOL, Row, compare_row};
@@ -11,9 +12,43 @@ use super::{Ctx, case, round_bf16};
 use crate::backend::{AttnDims, Backend, KvLayout, SeqMeta, StepMeta};
 use crate::error::Result;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
+use tacflow_kernels::cuda::AttnOverride;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
-use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
-use tacflow_kernels::cuda::{AttnForce, AttnKernel};
+#[cfg(feature = "lab")]
+use tacflow_kernels::cuda::lab::{AttnForce, AttnKernel};
+
+/// Which kernel a case runs.
+#[derive(Debug, Clone, Copy)]
+enum CaseKernel {
+    /// The daemon's choice.
+    Daemon,
+    /// A kernel of the lab.
+    #[cfg(feature = "lab")]
+    Lab(AttnKernel),
+}
+
+impl CaseKernel {
+    fn tag(self) -> String {
+        match self {
+            CaseKernel::Daemon => String::new(),
+            #[cfg(feature = "lab")]
+            CaseKernel::Lab(AttnKernel::Main(v)) => format!(" {}", v.tag()),
+            #[cfg(feature = "lab")]
+            CaseKernel::Lab(AttnKernel::First) => " first".into(),
+        }
+    }
+}
+
+/// The lab's kernels that compute (a read-only twin writes nothing).
+#[cfg(feature = "lab")]
+fn lab_kernels() -> impl Iterator<Item = CaseKernel> {
+    tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS
+        .into_iter()
+        .filter(|v| v.compute)
+        .map(AttnKernel::Main)
+        .chain([AttnKernel::First])
+        .map(CaseKernel::Lab)
+}
 
 struct Case {
     heads: (usize, usize, usize),
@@ -21,8 +56,7 @@ struct Case {
     seqs: Vec<(usize, usize)>,
     splits: Vec<Option<usize>>,
     q_std: f32,
-    /// The daemon's choice when `None`.
-    kernel: Option<AttnKernel>,
+    kernel: CaseKernel,
     head_major: Option<bool>,
     /// The cooperative merge of the splits forced on or off.
     coop: Option<bool>,
@@ -36,29 +70,25 @@ fn cases() -> Vec<Case> {
         seqs: seqs.to_vec(),
         splits: splits.to_vec(),
         q_std,
-        kernel: None,
+        kernel: CaseKernel::Daemon,
         head_major: None,
         coop: None,
         uneven: None,
     };
     let decode = |lens: &[usize]| lens.iter().map(|&l| (l, 1)).collect::<Vec<_>>();
-    let kernels = ATTENTION_BENCH_VARIANTS
-        .iter()
-        .filter(|v| v.compute)
-        .map(|&v| (Some(AttnKernel::Main(v)), None))
-        .chain([(Some(AttnKernel::Issue4), None), (None, Some(!HEAD_MAJOR))]);
-    let mut benched: Vec<Case> = kernels
-        .map(|(kernel, head_major)| Case {
-            kernel,
-            head_major,
-            ..c(
-                (32, 8, 128),
-                &decode(&[1, 17, 1000, 3001]),
-                &[None, Some(7)],
-                1.0,
-            )
-        })
-        .collect();
+    let llama = |kernel, head_major| Case {
+        kernel,
+        head_major,
+        ..c(
+            (32, 8, 128),
+            &decode(&[1, 17, 1000, 3001]),
+            &[None, Some(7)],
+            1.0,
+        )
+    };
+    let mut benched = vec![llama(CaseKernel::Daemon, Some(!HEAD_MAJOR))];
+    #[cfg(feature = "lab")]
+    benched.extend(lab_kernels().map(|k| llama(k, None)));
     // 1250 pages: more than one CTA stages, so even "1 split" is two.
     benched.push(c(
         (32, 8, 128),
@@ -179,11 +209,7 @@ pub fn attention(cx: &mut Ctx) -> Vec<Row> {
         for &s in &c.splits {
             let (nh, kvh, d) = c.heads;
             let lens: Vec<String> = c.seqs.iter().map(|(l, q)| format!("{l}/{q}")).collect();
-            let mut kernel = match c.kernel {
-                None => String::new(),
-                Some(AttnKernel::Main(v)) => format!(" {}", v.tag()),
-                Some(AttnKernel::Issue4) => " issue4".into(),
-            };
+            let mut kernel = c.kernel.tag();
             if c.head_major == Some(!HEAD_MAJOR) {
                 kernel += " (other CTA order)";
             }
@@ -284,16 +310,28 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
     let qa = cx.b.act_from_host(t, w, &q, false)?;
     let mut out = cx.b.act_poisoned(t, dims.q_dim(), false)?;
     let ds = cx.b.begin_step(&step)?;
-    let force = AttnForce {
+    let over = AttnOverride {
         splits,
-        kernel: c.kernel,
         head_major: c.head_major,
         coop: c.coop,
         uneven: c.uneven,
-        timeline: None,
     };
-    let plan =
-        cx.b.attention_forced(&ds, (&qa, &kv, 0), dims, &mut out, force)?;
+    let io = (&qa, &kv, 0);
+    let plan = match c.kernel {
+        CaseKernel::Daemon => cx.b.attention_forced(&ds, io, dims, &mut out, over)?,
+        #[cfg(feature = "lab")]
+        CaseKernel::Lab(k) => {
+            let force = AttnForce {
+                splits,
+                kernel: Some(k),
+                head_major: c.head_major,
+                coop: c.coop,
+                uneven: c.uneven,
+                timeline: None,
+            };
+            cx.b.attention_lab(&ds, io, dims, &mut out, force)?
+        }
+    };
     let got = cx.b.act_to_host(&out)?;
     // The merges leave their counters at rest (the cooperative one at a
     // multiple of 1024, the last-CTA one at zero), or the next launch merges

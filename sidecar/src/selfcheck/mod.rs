@@ -163,13 +163,30 @@ fn run_group(group: &str, opts: &Options) -> Result<bool> {
         Err(e) => vec![Row::fail(group, "open the GPU", e.to_string())],
         Ok(mut b) => {
             b.gpu_mut().set_sync_launches(true);
-            dispatch(group, b, seed, opts)
+            match load_lab(&mut b, group) {
+                Ok(()) => dispatch(group, b, seed, opts),
+                Err(e) => vec![Row::fail(group, "load the lab's kernels", e.to_string())],
+            }
         }
     };
     for r in &rows {
         r.emit();
     }
     Ok(rows.iter().all(|r| r.status != Status::Fail))
+}
+
+/// A build with the `lab` feature checks the lab's attention kernels too.
+#[cfg(feature = "lab")]
+fn load_lab(b: &mut CudaBackend, group: &str) -> Result<()> {
+    if group == "attention" {
+        b.gpu_mut().load_lab()?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "lab"))]
+fn load_lab(_: &mut CudaBackend, _: &str) -> Result<()> {
+    Ok(())
 }
 
 fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> {

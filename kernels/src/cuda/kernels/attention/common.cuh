@@ -163,7 +163,7 @@ __device__ __forceinline__ float4 ldcg4(const float* p) {
 // max and sum). Mirrored by `attention_smem_bytes` in sources.rs.
 // How the key loop loads K and V (sources.rs: `AttnLoad`).
 #define LOAD_RING 0      // cp.async into a per-thread P-stage shared-memory ring
-#define LOAD_DIRECT 1    // LDG.128 straight into registers, then compute (issue 4's way)
+#define LOAD_DIRECT 1    // LDG.128 straight into registers, then compute (the first kernel's way)
 #define LOAD_PREFETCH 2  // LDG.128 into registers, one stage ahead of the compute
 
 template <int G, int U, int P, int MODE>

@@ -1,4 +1,4 @@
-// The attention kernel of issue 4, kept as the measured baseline of
+// The first attention kernel, kept as the measured baseline of
 // `tacflowd bench-attention` (kernels/ATTENTION.md): K and V loaded straight
 // into registers (U keys per row group, no pipelining across iterations),
 // the block table staged 64 pages at a time, and the splits merged by a
