@@ -1,4 +1,5 @@
-//! Launch wrapper of `attention.cu`: paged attention for decode tokens and
+//! Launch wrapper of the attention kernels (`kernels/attention.cu` over
+//! `kernels/attention/*.cuh`): paged attention for decode tokens and
 //! prefill chunks, with the split-over-context plan and the fused merge of
 //! the splits (kernels/ATTENTION.md).
 
@@ -126,11 +127,11 @@ const MIN_PAGES_PER_SPLIT: usize = 4;
 /// shared memory).
 pub const MAX_SPLITS: usize = 1024;
 /// The cooperative merge pays where the last CTA would read many partials
-/// (kernels/ATTENTION.md); it takes at most `COOP_MAX_SPLITS` (attention.cu).
+/// (kernels/ATTENTION.md); it takes at most `COOP_MAX_SPLITS` (attention/common.cuh).
 const COOP_MIN_SPLITS: usize = 32;
 const COOP_MAX_SPLITS: usize = 256;
 /// What one launch adds to a cooperative merge's counter in all
-/// (`COOP_EPOCH` in attention.cu): it rests at a multiple of this.
+/// (`COOP_EPOCH` in attention/common.cuh): it rests at a multiple of this.
 const COOP_EPOCH: u32 = 1024;
 
 impl AttnPlan {
@@ -217,7 +218,7 @@ struct AttnParams {
     timeline: u64,
 }
 
-// SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
+// SAFETY: `#[repr(C)]` mirror of the struct in attention/common.cuh.
 unsafe impl DeviceRepr for AttnParams {}
 
 /// Device buffers the splits need, kept between launches (no allocation per

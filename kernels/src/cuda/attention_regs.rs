@@ -43,7 +43,7 @@ struct RegsMergeParams {
     splits: u32,
 }
 
-// SAFETY: `#[repr(C)]` mirrors of the structs in attention_regs.cu.
+// SAFETY: `#[repr(C)]` mirrors of the structs in lab/attention_regs.cu.
 unsafe impl DeviceRepr for RegsParams {}
 unsafe impl DeviceRepr for RegsMergeParams {}
 

@@ -106,7 +106,7 @@ const ATTENTION_FRAG_THREADS: usize = 96;
 pub const ATTENTION_MAX_SPLIT_PAGES: usize = 1024;
 
 /// How the attention kernel's key loop loads K and V (`LOAD_*` in
-/// attention.cu).
+/// attention/common.cuh and attention/frag.cuh).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnLoad {
     /// `cp.async` into a per-thread ring of `stages` stages in shared memory.
@@ -245,8 +245,8 @@ impl AttnVariant {
         }
     }
 
-    /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` and
-    /// `MmaSmem::BYTES` in attention.cu): the ring or the merge of the row
+    /// Dynamic shared memory of a CTA (`AttnSmem::BYTES` in
+    /// attention/common.cuh, `MmaSmem::BYTES` in lab/attention_variants.cu): the ring or the merge of the row
     /// groups (warps), whichever is larger, then the block-table slice.
     pub fn smem_bytes(&self, d: usize, g: usize) -> usize {
         let (ring, merge) = match self.load {

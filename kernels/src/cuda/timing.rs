@@ -18,7 +18,7 @@ struct SpinParams {
     ns: u64,
 }
 
-// SAFETY: `#[repr(C)]` mirror of the struct in rowwise.cu.
+// SAFETY: `#[repr(C)]` mirror of the struct in lab/bench.cu.
 unsafe impl DeviceRepr for SpinParams {}
 
 impl Span {
@@ -87,7 +87,7 @@ struct ReadParams {
     out: u64,
 }
 
-// SAFETY: `#[repr(C)]` mirror of the struct in attention.cu.
+// SAFETY: `#[repr(C)]` mirror of the struct in lab/bench.cu.
 unsafe impl DeviceRepr for ReadParams {}
 
 impl Gpu {

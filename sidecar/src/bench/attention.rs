@@ -354,7 +354,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
 /// Where the time of one launch goes: the default kernel's timeline
 /// variant, after a warm-up, records the global timer (ns) at six points of
-/// every CTA (`TL_*` in attention.cu); printed as quantiles over the CTAs,
+/// every CTA (`TL_*` in attention/common.cuh); printed as quantiles over the CTAs,
 /// in microseconds after the first CTA started.
 fn timeline_of(
     gpu: &Gpu,
