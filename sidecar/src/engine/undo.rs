@@ -17,6 +17,9 @@ use tacflow_kernels::tactic::{ClusterIndex, PageBounds, TacticSeq};
 #[derive(Debug, Default)]
 pub struct Undo {
     changes: Vec<Change>,
+    /// A change happened that was not foreseen (so not noted): reverting
+    /// then forgets the state, which the next decode step rebuilds.
+    lossy: bool,
 }
 
 #[derive(Debug)]
@@ -50,7 +53,7 @@ struct BoundsMark {
 
 impl Undo {
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty()
+        self.changes.is_empty() && !self.lossy
     }
 
     /// Notes a Tactic layer before its selection at context `ctx_len`: the
@@ -72,18 +75,17 @@ impl Undo {
     }
 
     /// Checks, after the selection, that no head changed that
-    /// [`Undo::before_clusters`] did not foresee (it could not be undone).
-    pub fn after_clusters(&self, t: &TacticSeq, layer: usize) {
+    /// [`Undo::before_clusters`] did not foresee (should the kernel's
+    /// re-clustering rule drift from the copy above); if one did, a revert
+    /// can only forget the state.
+    pub fn after_clusters(&mut self, t: &TacticSeq, layer: usize) {
         let Some(Change::Clusters { lens, extended, .. }) = self.changes.last() else {
             unreachable!("before_clusters notes the layer first");
         };
-        for (h, &len) in lens.iter().enumerate() {
-            let foreseen = extended.iter().any(|&(e, _)| e == h);
-            assert!(
-                foreseen || t.index[layer][h].len == len,
-                "layer {layer} head {h} was re-clustered unforeseen: a failed step could not undo it"
-            );
-        }
+        let unforeseen = lens.iter().enumerate().any(|(h, &len)| {
+            t.index[layer][h].len != len && !extended.iter().any(|&(e, _)| e == h)
+        });
+        self.lossy |= unforeseen;
     }
 
     /// Notes a `fixed_budget` layer's bounds before they grow to `covered`.
@@ -114,6 +116,10 @@ impl Undo {
 impl PolicyState {
     /// Reverts the changes of a step that failed.
     pub fn revert(&mut self, undo: Undo) {
+        if undo.lossy {
+            self.reset();
+            return;
+        }
         for change in undo.changes.into_iter().rev() {
             match (change, &mut *self) {
                 (

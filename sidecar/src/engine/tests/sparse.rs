@@ -261,3 +261,32 @@ fn reverting_bounds_restores_a_partial_page() {
     state.revert(undo);
     assert_eq!(state_of(&state), before);
 }
+
+#[test]
+fn an_unforeseen_change_is_reverted_by_forgetting_the_state() {
+    let layer = Layer::new(7);
+    let policy = AttentionPolicy::Tactic {
+        p: 0.9,
+        cluster_size: Some(4),
+        recluster_limit: None,
+    };
+    let mut state = PolicyState::new(&policy, 1);
+    let empty = state_of(&state);
+    select(&layer, &mut state, 30);
+    let PolicyState::Tactic(t) = &mut state else {
+        unreachable!()
+    };
+    let mut undo = crate::engine::undo::Undo::default();
+    undo.before_clusters(t, 0, 40);
+    // Nothing is due for re-clustering at 40; extend one head anyway.
+    let keys = PagedKeys {
+        kv: layer.kv(),
+        block_table: &TABLE,
+        head: 1,
+    };
+    t.index[0][1].extend(&keys, 39, &t.params.kmeans);
+    undo.after_clusters(t, 0);
+    assert!(!undo.is_empty());
+    state.revert(undo);
+    assert_eq!(state_of(&state), empty, "forgotten, to be rebuilt");
+}

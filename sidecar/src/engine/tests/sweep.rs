@@ -188,15 +188,24 @@ fn a_step_failed_at_any_op_changes_nothing_and_reruns_identically() {
     }
 }
 
-/// A lost device fails the step and every step after it, and still
-/// changes nothing.
+/// A device lost at any op of the mixed step fails it and the step after
+/// it, and neither changes anything.
 #[test]
-fn a_lost_device_fails_every_step_and_changes_nothing() {
-    let (mut e, w) = scenario();
-    let before = snapshot(&e);
-    e.backend().arm("device_lost@op:30".parse().unwrap());
-    assert!(e.step(&w).is_err());
-    assert!(e.backend().check_device().is_err());
-    assert!(e.step(&w).is_err());
-    assert_eq!(snapshot(&e), before);
+fn a_device_lost_at_any_op_fails_every_step_and_changes_nothing() {
+    let (mut reference, w) = scenario();
+    let ops0 = reference.backend().ops();
+    reference.step(&w).unwrap();
+    let total = reference.backend().ops() - ops0;
+    for n in 1..=total {
+        let (mut e, w) = scenario();
+        let before = snapshot(&e);
+        e.backend().arm(FaultPlan {
+            fault: Fault::DeviceLost,
+            at: Trigger::Op(n),
+        });
+        assert!(e.step(&w).is_err(), "op {n}");
+        assert!(e.backend().check_device().is_err());
+        assert!(e.step(&w).is_err(), "op {n}: still lost");
+        assert_eq!(snapshot(&e), before, "device lost at op {n} of {total}");
+    }
 }
