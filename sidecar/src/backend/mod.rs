@@ -12,6 +12,8 @@
 
 pub mod cpu;
 pub mod cuda;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod faults;
 
 use crate::error::Result;
 use half::{bf16, f16};

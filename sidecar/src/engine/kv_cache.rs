@@ -3,7 +3,7 @@
 //! the backend; this module only hands out block ids.
 
 /// Reference-counted block allocator.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockAllocator {
     refcount: Vec<u32>,
     /// Free block ids; popped from the end, so recently freed blocks are

@@ -6,12 +6,16 @@
 //! | block allocation, copy-on-write plans | [`kv_cache`] |
 //! | a step: validate, plan, run, sample, commit | [`step`] |
 //! | sparse attention policies and their diagnostics | [`sparse`] |
+//! | undoing a failed step's policy-state changes | [`undo`] |
 //! | counters shared with the I/O thread | [`gauges`] |
 
 pub mod gauges;
 pub mod kv_cache;
 pub mod sparse;
 pub mod step;
+#[cfg(test)]
+mod tests;
+pub mod undo;
 
 use crate::backend::{Backend, KvLayout};
 use crate::error::Result;

@@ -7,6 +7,7 @@
 //! owns the state across steps and runs it on the host views the backend
 //! exposes (the CPU backend).
 
+use super::undo::Undo;
 use crate::backend::{HostLayerView, StepMeta};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -125,6 +126,8 @@ struct Slot<'a> {
     state: &'a mut PolicyState,
     diagnostics: bool,
     sums: Sums,
+    /// What this step changed in `state`, to revert if the step fails.
+    undo: Undo,
 }
 
 /// The selections of a step's sparse decode entries, layer by layer.
@@ -158,6 +161,7 @@ impl<'a> Selector<'a> {
                     read: vec![vec![0.0; kv_heads]; layers],
                     selected: vec![vec![0.0; kv_heads]; layers],
                 },
+                undo: Undo::default(),
             })
             .collect();
         Selector {
@@ -199,20 +203,30 @@ impl<'a> Selector<'a> {
         Ok(&self.current)
     }
 
-    /// The step's diagnostics of every sparse decode entry that asked for
-    /// them, by index into the step's sequences.
-    pub fn finish(self) -> Vec<(usize, StepDiag)> {
-        self.slots
-            .into_iter()
-            .filter(|slot| slot.diagnostics)
-            .map(|slot| {
-                (
-                    slot.seq,
-                    StepDiag::from_sums(&slot.sums, slot.state.target()),
-                )
-            })
-            .collect()
+    /// Ends the pass: the diagnostics of every sparse decode entry that
+    /// asked for them and what the pass changed in each state.
+    pub fn finish(self) -> Outcome {
+        let mut out = Outcome::default();
+        for slot in self.slots {
+            if slot.diagnostics {
+                let d = StepDiag::from_sums(&slot.sums, slot.state.target());
+                out.diags.push((slot.seq, d));
+            }
+            if !slot.undo.is_empty() {
+                out.undo.push((slot.seq, slot.undo));
+            }
+        }
+        out
     }
+}
+
+/// What a step's selections leave for its end, by index into the step's
+/// sequences: diagnostics to count if it commits, changes to revert if it
+/// fails.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub diags: Vec<(usize, StepDiag)>,
+    pub undo: Vec<(usize, Undo)>,
 }
 
 /// One sequence's selection at one layer, with its diagnostics.
@@ -243,13 +257,16 @@ fn select_one(
                 block_table: table,
                 ctx_len,
             };
+            slot.undo.before_clusters(t, layer, ctx_len);
             t.select_layer(layer, &step, &mut out, &mut diags);
+            slot.undo.after_clusters(t, layer);
         }
         PolicyState::FixedBudget { tokens, bounds, .. } => {
             let page = kv.block_size;
             // Bounds cover the full pages; the partial last page is new
             // tokens, always attended.
             let covered = (ctx_len / page) * page;
+            slot.undo.before_bounds(&bounds[layer], layer, covered);
             for h in 0..kv_heads {
                 let b = &mut bounds[layer];
                 if b.len() <= h {

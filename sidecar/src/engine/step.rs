@@ -1,13 +1,14 @@
 //! One step: validate every entry, plan the KV blocks, run the model, sample,
 //! write logits, then commit. Until the commit nothing a client can observe
 //! has changed, so a step that fails anywhere leaves every sequence as it
-//! was (its fresh blocks go back to the allocator).
+//! was: its fresh blocks go back to the allocator, the policy states the
+//! selector grew are reverted (`undo`), and its diagnostics are not counted.
 
 use super::kv_cache::{AppendPlan, append_cost, plan_append};
-use super::sparse::{self, PolicyState, Selector, StepDiag};
+use super::sparse::{self, Outcome, PolicyState, Selector, StepDiag};
 use super::{BLOCK_SIZE, Engine, SeqKey, SessionId};
 use crate::backend::{Backend, SeqMeta, StepMeta};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use tacflow_ipc::{
@@ -132,16 +133,14 @@ impl<B: Backend> Engine<B> {
                     .expect("cost was checked")
             })
             .collect();
-        match self.run(work, &keys, &plans) {
+        let mut outcome = Outcome::default();
+        match self.run(work, &keys, &plans, &mut outcome) {
             Ok(results) => {
-                self.commit(work, &keys, plans);
+                self.commit(work, &keys, plans, outcome);
                 Ok(results)
             }
             Err(e) => {
-                for p in &plans {
-                    self.alloc.release_all(&p.fresh);
-                }
-                self.publish();
+                self.roll_back(&keys, &plans, outcome);
                 Err(e)
             }
         }
@@ -189,12 +188,14 @@ impl<B: Backend> Engine<B> {
         m
     }
 
-    /// Everything up to (not including) the commit.
+    /// Everything up to (not including) the commit. `outcome` receives
+    /// what the selections did, whether or not the step gets to its end.
     fn run(
         &mut self,
         work: &StepWork,
         keys: &[SeqKey],
         plans: &[AppendPlan],
+        outcome: &mut Outcome,
     ) -> Result<Vec<StepResult>, ErrorReply> {
         let meta = self.build_meta(work, keys, plans);
         let cow: Vec<(u32, u32)> = plans.iter().filter_map(|p| p.cow).collect();
@@ -203,40 +204,15 @@ impl<B: Backend> Engine<B> {
                 .copy_blocks(&mut self.kv, &cow)
                 .map_err(|e| e.to_reply())?;
         }
-        let (logits, diags) = self.forward_sparse(work, keys, &meta);
+        let logits = self.forward_sparse(work, keys, &meta, outcome);
         let logits = logits.map_err(|e| e.to_reply())?;
-        // Sampling parameters per logit row: the last row of each sampling
-        // entry draws the token that will sit at position `len + n`.
-        let mut params = vec![None; meta.logit_rows.len()];
-        let mut row_of_entry = Vec::with_capacity(keys.len());
-        let mut r = 0;
-        for (k, (e, target)) in keys.iter().zip(work.entries.iter().zip(&work.logits)) {
-            let n = e.tokens.len();
-            let rows = if target.is_some() {
-                n
-            } else {
-                usize::from(e.sample)
-            };
-            let last = (rows > 0).then(|| r + rows - 1);
-            if e.sample {
-                let s = &self.seqs[k];
-                params[last.expect("sampling entries have a row")] = Some(SampleParams {
-                    temperature: s.sampling.temperature,
-                    top_p: s.sampling.top_p,
-                    top_k: s.sampling.top_k,
-                    seed: s.sampling.seed,
-                    position: (s.len + n) as u64,
-                    logprobs: s.sampling.logprobs,
-                });
-            }
-            row_of_entry.push((r, rows));
-            r += rows;
-        }
+        let (params, row_of_entry) = self.sample_params(work, keys, meta.logit_rows.len());
         let want_logits = work.logits.iter().any(Option::is_some);
         let out = self
             .backend
             .sample(&logits, &params, want_logits)
             .map_err(|e| e.to_reply())?;
+        let diags = self.attention_diags(work, keys, &outcome.diags);
         let vocab = self.model.config.vocab_size;
         let mut results = Vec::with_capacity(keys.len());
         for (i, ((k, e), target)) in keys.iter().zip(&work.entries).zip(&work.logits).enumerate() {
@@ -264,69 +240,126 @@ impl<B: Backend> Engine<B> {
         Ok(results)
     }
 
+    /// Sampling parameters per logit row (the last row of each sampling
+    /// entry draws the token that will sit at position `len + n`), and per
+    /// entry its first logit row and row count.
+    fn sample_params(
+        &self,
+        work: &StepWork,
+        keys: &[SeqKey],
+        num_rows: usize,
+    ) -> (Vec<Option<SampleParams>>, Vec<(usize, usize)>) {
+        let mut params = vec![None; num_rows];
+        let mut row_of_entry = Vec::with_capacity(keys.len());
+        let mut r = 0;
+        for (k, (e, target)) in keys.iter().zip(work.entries.iter().zip(&work.logits)) {
+            let n = e.tokens.len();
+            let rows = if target.is_some() {
+                n
+            } else {
+                usize::from(e.sample)
+            };
+            if e.sample {
+                let s = &self.seqs[k];
+                params[r + rows - 1] = Some(SampleParams {
+                    temperature: s.sampling.temperature,
+                    top_p: s.sampling.top_p,
+                    top_k: s.sampling.top_k,
+                    seed: s.sampling.seed,
+                    position: (s.len + n) as u64,
+                    logprobs: s.sampling.logprobs,
+                });
+            }
+            row_of_entry.push((r, rows));
+            r += rows;
+        }
+        (params, row_of_entry)
+    }
+
+    /// Per entry, the attention diagnostics its sequence asked for: full
+    /// attention's for a decode entry without a sparse policy, the
+    /// selector's for one with.
+    fn attention_diags(
+        &self,
+        work: &StepWork,
+        keys: &[SeqKey],
+        sparse: &[(usize, StepDiag)],
+    ) -> Vec<Option<AttentionDiagnostics>> {
+        let mut diags: Vec<_> = keys
+            .iter()
+            .zip(&work.entries)
+            .map(|(k, e)| {
+                let s = &self.seqs[k];
+                let full = e.tokens.len() == 1 && s.state.is_full() && s.diagnostics;
+                full.then(StepDiag::full)
+            })
+            .collect();
+        for (i, d) in sparse {
+            diags[*i] = Some(AttentionDiagnostics {
+                policy: self.seqs[&keys[*i]].policy.name().to_owned(),
+                ..d.summary.clone()
+            });
+        }
+        diags
+    }
+
     /// The forward pass, with the sparse policies of the step's decode
-    /// entries selecting layer by layer. Returns the logits and, per entry,
-    /// the attention diagnostics of sequences that asked for them.
+    /// entries selecting layer by layer. The selector grows those entries'
+    /// states in place and notes in `outcome` how to undo that.
     fn forward_sparse(
         &mut self,
         work: &StepWork,
         keys: &[SeqKey],
         meta: &StepMeta,
-    ) -> (
-        crate::error::Result<B::Act>,
-        Vec<Option<AttentionDiagnostics>>,
-    ) {
+        outcome: &mut Outcome,
+    ) -> crate::error::Result<B::Act> {
         let c = &self.model.config;
         let dims = (c.num_heads, c.num_kv_heads, c.head_dim);
         let layers = c.num_layers;
-        // Take the decode entries' policy states out of their sequences for
-        // the pass (the selector borrows them mutably), and put them back.
-        let mut taken: Vec<(usize, PolicyState, bool)> = Vec::new();
-        let mut diags = vec![None; keys.len()];
-        for (i, (k, e)) in keys.iter().zip(&work.entries).enumerate() {
-            let s = self.seqs.get_mut(k).expect("validated");
-            if e.tokens.len() != 1 {
-                continue;
-            }
-            if s.state.is_full() {
-                diags[i] = s.diagnostics.then(StepDiag::full);
-            } else {
-                taken.push((
-                    i,
-                    std::mem::replace(&mut s.state, PolicyState::Full),
-                    s.diagnostics,
-                ));
-            }
-        }
-        let entries = taken.iter_mut().map(|(i, st, d)| (*i, st, *d)).collect();
+        let sparse: HashMap<SeqKey, usize> = keys
+            .iter()
+            .zip(&work.entries)
+            .enumerate()
+            .filter(|(_, (k, e))| e.tokens.len() == 1 && !self.seqs[*k].state.is_full())
+            .map(|(i, (k, _))| (*k, i))
+            .collect();
+        // Every sequence of a step is distinct, so one pass over the map
+        // lends each sparse entry its state; entry order keeps the
+        // diagnostics' sums deterministic.
+        let mut entries: Vec<(usize, &mut PolicyState, bool)> = self
+            .seqs
+            .iter_mut()
+            .filter_map(|(k, s)| sparse.get(k).map(|&i| (i, &mut s.state, s.diagnostics)))
+            .collect();
+        entries.sort_by_key(|e| e.0);
         let mut selector = Selector::new(entries, keys.len(), layers, dims);
         let logits =
             self.model
                 .forward_with(&self.backend, &mut self.kv, meta, Some(&mut selector));
-        let step_diags = selector.finish();
-        for (i, state, _) in taken {
-            self.seqs.get_mut(&keys[i]).expect("validated").state = state;
-        }
-        if logits.is_ok() && !step_diags.is_empty() {
-            for (i, d) in step_diags {
-                let name = self.seqs[&keys[i]].policy.name();
-                self.policy_totals
-                    .entry(name.to_owned())
-                    .or_default()
-                    .add(&d);
-                diags[i] = Some(AttentionDiagnostics {
-                    policy: name.to_owned(),
-                    ..d.summary
-                });
-            }
-            if let Ok(mut g) = self.gauges.attention.lock() {
-                *g = sparse::publish(&self.policy_totals);
-            }
-        }
-        (logits, diags)
+        *outcome = selector.finish();
+        logits
     }
 
-    fn commit(&mut self, work: &StepWork, keys: &[SeqKey], plans: Vec<AppendPlan>) {
+    /// Puts back what a failed step changed: policy states, then blocks
+    /// (latest plan first, so that the free list is exactly as it was).
+    fn roll_back(&mut self, keys: &[SeqKey], plans: &[AppendPlan], outcome: Outcome) {
+        for (i, undo) in outcome.undo {
+            let s = self.seqs.get_mut(&keys[i]).expect("validated");
+            s.state.revert(undo);
+        }
+        for p in plans.iter().rev() {
+            self.alloc.release_all(&p.fresh);
+        }
+        self.publish();
+    }
+
+    fn commit(
+        &mut self,
+        work: &StepWork,
+        keys: &[SeqKey],
+        plans: Vec<AppendPlan>,
+        outcome: Outcome,
+    ) {
         let (mut prefill, mut decode) = (0u64, 0u64);
         for ((k, e), p) in keys.iter().zip(&work.entries).zip(plans) {
             if let Some((shared, _)) = p.cow {
@@ -344,6 +377,24 @@ impl<B: Backend> Engine<B> {
         self.gauges.steps.fetch_add(1, Relaxed);
         self.gauges.prefill_tokens.fetch_add(prefill, Relaxed);
         self.gauges.decode_tokens.fetch_add(decode, Relaxed);
+        self.count_diags(keys, &outcome.diags);
         self.publish();
+    }
+
+    /// Adds a committed step's sparse diagnostics to the daemon's totals.
+    fn count_diags(&mut self, keys: &[SeqKey], diags: &[(usize, StepDiag)]) {
+        if diags.is_empty() {
+            return;
+        }
+        for (i, d) in diags {
+            let name = self.seqs[&keys[*i]].policy.name();
+            self.policy_totals
+                .entry(name.to_owned())
+                .or_default()
+                .add(d);
+        }
+        if let Ok(mut g) = self.gauges.attention.lock() {
+            *g = sparse::publish(&self.policy_totals);
+        }
     }
 }

@@ -1,0 +1,451 @@
+//! A backend that fails on command, for tests of what a failed step leaves
+//! behind (every sequence as it was) and of how the daemon reacts to a
+//! failing or lost device. Built only for tests and with the
+//! `fault-injection` feature: a release daemon has none of it.
+//!
+//! [`Faulty`] wraps any [`Backend`], counts its ops, and fails the op a
+//! [`FaultPlan`] names. `describe`, `weight_dtype`, `free_memory`,
+//! `kv_block_bytes`, `check_device` and `supports_sparse` are queries, not
+//! ops: they are neither counted nor failed.
+
+use super::{
+    AttnDims, Backend, HostData, HostLayerView, KvLayout, SampleOutput, Selections, StepMeta,
+};
+use crate::error::{Error, Result};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use tacflow_kernels::cpu::SampleParams;
+
+/// What happens at the chosen op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The op returns `Err` (a recoverable failure).
+    Error,
+    /// The op panics.
+    Panic,
+    /// The op fails, every later op fails too, and `check_device` says the
+    /// device is gone (as a sticky CUDA fault would).
+    DeviceLost,
+}
+
+/// Which op fails, counted from arming, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The n-th backend op.
+    Op(u64),
+    /// The first op (`begin_step`) of the n-th step.
+    Step(u64),
+}
+
+/// A fault and where it strikes: `panic@step:2`, `device_lost@op:40`,
+/// `error@op:7`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPlan {
+    pub fault: Fault,
+    pub at: Trigger,
+}
+
+impl std::str::FromStr for FaultPlan {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<FaultPlan, String> {
+        let usage =
+            "expected <error|panic|device_lost>@<op|step>:<n>, n from 1, as in panic@step:2";
+        let bad = |why: &str| format!("fault plan {s:?}: {why}; {usage}");
+        let (fault, at) = s.split_once('@').ok_or_else(|| bad("no '@'"))?;
+        let fault = match fault.trim() {
+            "error" => Fault::Error,
+            "panic" => Fault::Panic,
+            "device_lost" => Fault::DeviceLost,
+            other => return Err(bad(&format!("unknown fault {other:?}"))),
+        };
+        let (kind, n) = at.split_once(':').ok_or_else(|| bad("no ':'"))?;
+        let n: u64 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| bad(&format!("{n:?} is not a count from 1")))?;
+        let at = match kind.trim() {
+            "op" => Trigger::Op(n),
+            "step" => Trigger::Step(n),
+            other => return Err(bad(&format!("unknown trigger {other:?}"))),
+        };
+        Ok(FaultPlan { fault, at })
+    }
+}
+
+/// A backend that delegates every op to `inner` and fails the one its plan
+/// names. Backend methods take `&self`, so the counters are atomics (and the
+/// wrapper stays `Send + Sync` like the backend it wraps).
+#[derive(Debug)]
+pub struct Faulty<B> {
+    inner: B,
+    plan: Mutex<Option<FaultPlan>>,
+    ops: AtomicU64,
+    steps: AtomicU64,
+    fired: AtomicBool,
+    lost: AtomicBool,
+}
+
+impl<B: Backend> Faulty<B> {
+    pub fn new(inner: B) -> Faulty<B> {
+        Faulty {
+            inner,
+            plan: Mutex::new(None),
+            ops: AtomicU64::new(0),
+            steps: AtomicU64::new(0),
+            fired: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+        }
+    }
+
+    /// Arms `plan`; op and step counts start again from here.
+    pub fn arm(&self, plan: FaultPlan) {
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan);
+        self.ops.store(0, SeqCst);
+        self.steps.store(0, SeqCst);
+        self.fired.store(false, SeqCst);
+    }
+
+    /// No further fault fires (a lost device stays lost).
+    pub fn disarm(&self) {
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether the armed fault has struck.
+    pub fn fired(&self) -> bool {
+        self.fired.load(SeqCst)
+    }
+
+    /// Ops counted since arming (or since `new`).
+    pub fn ops(&self) -> u64 {
+        self.ops.load(SeqCst)
+    }
+
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    /// Counts one op (`begin` when it is a step's first) and says whether
+    /// it fails: `Err` to return, or a panic.
+    fn tick(&self, name: &str, begin: bool) -> Result<()> {
+        let op = self.ops.fetch_add(1, SeqCst) + 1;
+        let step = if begin {
+            self.steps.fetch_add(1, SeqCst) + 1
+        } else {
+            0
+        };
+        if self.lost.load(SeqCst) {
+            return Err(lost(name));
+        }
+        let plan = *self.plan.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(plan) = plan else { return Ok(()) };
+        let hit = match plan.at {
+            Trigger::Op(n) => op == n,
+            Trigger::Step(n) => begin && step == n,
+        };
+        if !hit {
+            return Ok(());
+        }
+        self.fired.store(true, SeqCst);
+        match plan.fault {
+            Fault::Error => Err(Error::Backend(format!(
+                "injected error in {name} (op {op})"
+            ))),
+            Fault::Panic => panic!("injected panic in {name} (op {op})"),
+            Fault::DeviceLost => {
+                self.lost.store(true, SeqCst);
+                Err(lost(name))
+            }
+        }
+    }
+}
+
+fn lost(name: &str) -> Error {
+    Error::Backend(format!("injected device loss: {name} failed"))
+}
+
+impl<B: Backend> Backend for Faulty<B> {
+    type Act = B::Act;
+    type Matrix = B::Matrix;
+    type Vector = B::Vector;
+    type Kv = B::Kv;
+    type Step = B::Step;
+
+    fn describe(&self) -> (String, String) {
+        let (kind, device) = self.inner.describe();
+        (kind, format!("{device} (fault injection)"))
+    }
+
+    fn weight_dtype(&self) -> &'static str {
+        self.inner.weight_dtype()
+    }
+
+    fn free_memory(&self) -> Option<usize> {
+        self.inner.free_memory()
+    }
+
+    fn kv_block_bytes(&self, layout: &KvLayout) -> usize {
+        self.inner.kv_block_bytes(layout)
+    }
+
+    fn check_device(&self) -> std::result::Result<(), String> {
+        if self.lost.load(SeqCst) {
+            return Err("the device was lost (injected fault)".into());
+        }
+        self.inner.check_device()
+    }
+
+    fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<B::Matrix> {
+        self.tick("matrix", false)?;
+        self.inner.matrix(rows, cols, data)
+    }
+
+    fn vector(&self, len: usize, data: HostData<'_>) -> Result<B::Vector> {
+        self.tick("vector", false)?;
+        self.inner.vector(len, data)
+    }
+
+    fn constants(&self, data: &[f32]) -> Result<B::Vector> {
+        self.tick("constants", false)?;
+        self.inner.constants(data)
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> Result<B::Kv> {
+        self.tick("kv_cache", false)?;
+        self.inner.kv_cache(layout)
+    }
+
+    fn act(&self, rows: usize, cols: usize) -> Result<B::Act> {
+        self.tick("act", false)?;
+        self.inner.act(rows, cols)
+    }
+
+    fn begin_step(&self, meta: &StepMeta) -> Result<B::Step> {
+        self.tick("begin_step", true)?;
+        self.inner.begin_step(meta)
+    }
+
+    fn embed(&self, step: &B::Step, table: &B::Matrix, out: &mut B::Act) -> Result<()> {
+        self.tick("embed", false)?;
+        self.inner.embed(step, table, out)
+    }
+
+    fn rmsnorm(&self, x: &B::Act, w: &B::Vector, eps: f32, out: &mut B::Act) -> Result<()> {
+        self.tick("rmsnorm", false)?;
+        self.inner.rmsnorm(x, w, eps, out)
+    }
+
+    fn linear(&self, x: &B::Act, w: &B::Matrix, out: &mut B::Act) -> Result<()> {
+        self.tick("linear", false)?;
+        self.inner.linear(x, w, out)
+    }
+
+    fn add_bias(&self, x: &mut B::Act, b: &B::Vector) -> Result<()> {
+        self.tick("add_bias", false)?;
+        self.inner.add_bias(x, b)
+    }
+
+    fn rope(
+        &self,
+        step: &B::Step,
+        qkv: &mut B::Act,
+        inv_freq: &B::Vector,
+        dims: AttnDims,
+    ) -> Result<()> {
+        self.tick("rope", false)?;
+        self.inner.rope(step, qkv, inv_freq, dims)
+    }
+
+    fn kv_append(
+        &self,
+        step: &B::Step,
+        qkv: &B::Act,
+        kv: &mut B::Kv,
+        layer: usize,
+        dims: AttnDims,
+    ) -> Result<()> {
+        self.tick("kv_append", false)?;
+        self.inner.kv_append(step, qkv, kv, layer, dims)
+    }
+
+    fn attention(
+        &self,
+        step: &B::Step,
+        qkv: &B::Act,
+        kv: &B::Kv,
+        layer: usize,
+        dims: AttnDims,
+        out: &mut B::Act,
+    ) -> Result<()> {
+        self.tick("attention", false)?;
+        self.inner.attention(step, qkv, kv, layer, dims, out)
+    }
+
+    fn supports_sparse(&self) -> bool {
+        self.inner.supports_sparse()
+    }
+
+    /// An op like the others: a failed one returns `None`, which the
+    /// engine's selector turns into an error.
+    fn host_view<'a>(
+        &self,
+        qkv: &'a B::Act,
+        kv: &'a B::Kv,
+        layer: usize,
+    ) -> Option<HostLayerView<'a>> {
+        self.tick("host_view", false).ok()?;
+        self.inner.host_view(qkv, kv, layer)
+    }
+
+    fn sparse_attention(
+        &self,
+        step: &B::Step,
+        qkv: &B::Act,
+        kv: &B::Kv,
+        layer: usize,
+        dims: AttnDims,
+        selections: &Selections,
+        out: &mut B::Act,
+    ) -> Result<()> {
+        self.tick("sparse_attention", false)?;
+        self.inner
+            .sparse_attention(step, qkv, kv, layer, dims, selections, out)
+    }
+
+    fn add(&self, x: &mut B::Act, y: &B::Act) -> Result<()> {
+        self.tick("add", false)?;
+        self.inner.add(x, y)
+    }
+
+    fn silu_mul(&self, gate_up: &B::Act, out: &mut B::Act) -> Result<()> {
+        self.tick("silu_mul", false)?;
+        self.inner.silu_mul(gate_up, out)
+    }
+
+    fn gather_rows(&self, step: &B::Step, x: &B::Act, out: &mut B::Act) -> Result<()> {
+        self.tick("gather_rows", false)?;
+        self.inner.gather_rows(step, x, out)
+    }
+
+    fn sample(
+        &self,
+        logits: &B::Act,
+        params: &[Option<SampleParams>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        self.tick("sample", false)?;
+        self.inner.sample(logits, params, want_logits)
+    }
+
+    fn copy_blocks(&self, kv: &mut B::Kv, pairs: &[(u32, u32)]) -> Result<()> {
+        self.tick("copy_blocks", false)?;
+        self.inner.copy_blocks(kv, pairs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn plan(s: &str) -> FaultPlan {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_every_fault_and_trigger() {
+        let p = |fault, at| FaultPlan { fault, at };
+        assert_eq!(plan("panic@step:2"), p(Fault::Panic, Trigger::Step(2)));
+        assert_eq!(
+            plan("device_lost@op:40"),
+            p(Fault::DeviceLost, Trigger::Op(40))
+        );
+        assert_eq!(plan("error@op:7"), p(Fault::Error, Trigger::Op(7)));
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        for (spec, says) in [
+            ("panic", "no '@'"),
+            ("boom@op:1", "unknown fault"),
+            ("error@op", "no ':'"),
+            ("error@layer:3", "unknown trigger"),
+            ("error@op:0", "not a count from 1"),
+            ("error@op:-1", "not a count from 1"),
+            ("error@op:x", "not a count from 1"),
+        ] {
+            let e = spec.parse::<FaultPlan>().unwrap_err();
+            assert!(e.contains(says) && e.contains(spec), "{spec}: {e}");
+        }
+    }
+
+    /// Runs `n` `act` ops and returns which failed (1-based).
+    fn failing_acts(f: &Faulty<CpuBackend>, n: u64) -> Vec<u64> {
+        (1..=n).filter(|_| f.act(1, 1).is_err()).collect::<Vec<_>>()
+    }
+
+    #[test]
+    fn error_at_op_fails_that_op_only() {
+        let f = Faulty::new(CpuBackend::default());
+        f.act(1, 1).unwrap();
+        assert_eq!(f.ops(), 1, "counted before arming too");
+        f.arm(plan("error@op:3"));
+        assert_eq!(f.ops(), 0, "arming restarts the count");
+        assert!(!f.fired());
+        let failed: Vec<u64> = (1..=6).filter(|_| f.act(1, 1).is_err()).collect();
+        assert_eq!(failed, vec![3]);
+        assert!(f.fired());
+        assert_eq!(f.ops(), 6);
+        assert!(f.check_device().is_ok(), "an error leaves the device alive");
+        // Queries are not ops.
+        f.describe();
+        f.free_memory();
+        f.supports_sparse();
+        assert_eq!(f.ops(), 6);
+    }
+
+    #[test]
+    fn step_trigger_counts_begin_step() {
+        let f = Faulty::new(CpuBackend::default());
+        f.arm(plan("error@step:2"));
+        let meta = StepMeta::default();
+        assert!(f.begin_step(&meta).is_ok());
+        assert_eq!(failing_acts(&f, 5), Vec::<u64>::new());
+        assert!(f.begin_step(&meta).is_err(), "the second step's first op");
+        assert!(f.fired());
+        assert!(f.begin_step(&meta).is_ok());
+        assert_eq!(f.ops(), 8);
+    }
+
+    #[test]
+    fn device_lost_is_sticky_until_the_end() {
+        let f = Faulty::new(CpuBackend::default());
+        f.arm(plan("device_lost@op:2"));
+        assert_eq!(failing_acts(&f, 4), vec![2, 3, 4]);
+        assert!(f.check_device().is_err());
+        f.disarm();
+        assert!(f.act(1, 1).is_err(), "disarming does not revive a device");
+    }
+
+    #[test]
+    fn disarmed_plan_never_fires() {
+        let f = Faulty::new(CpuBackend::default());
+        f.arm(plan("error@op:2"));
+        f.disarm();
+        assert_eq!(failing_acts(&f, 4), Vec::<u64>::new());
+        assert!(!f.fired());
+    }
+
+    #[test]
+    fn panic_fault_panics_at_its_op() {
+        let f = Faulty::new(CpuBackend::default());
+        f.arm(plan("panic@op:2"));
+        f.act(1, 1).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.act(1, 1)));
+        assert!(r.is_err());
+        assert!(f.fired());
+        assert!(f.act(1, 1).is_ok(), "the plan fires once");
+    }
+}
