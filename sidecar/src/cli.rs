@@ -2,11 +2,11 @@
 //! subcommand. The binaries (`main.rs`, and `bin/tacflowd-faults.rs` in
 //! test builds) only call [`main`].
 
+use crate::config::{BackendKind, Config, LogFormat};
+use crate::{Shutdown, run};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use crate::config::{BackendKind, Config, LogFormat};
-use crate::{Shutdown, run};
 
 #[derive(Parser, Debug)]
 #[command(name = "tacflowd", version, about = "tacflow GPU inference daemon")]
@@ -182,6 +182,19 @@ struct ServeArgs {
     /// How long shutdown waits for the step in flight (milliseconds).
     #[arg(long, env = "TACFLOW_SHUTDOWN_TIMEOUT_MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// After a fatal fault, how long the daemon keeps answering requests
+    /// with the fault before it exits non-zero (milliseconds).
+    #[arg(long, env = "TACFLOW_FATAL_LINGER_MS")]
+    fatal_linger_ms: Option<u64>,
+    /// `health` reports the executor wedged after this long on one command
+    /// (milliseconds).
+    #[arg(long, env = "TACFLOW_WEDGED_AFTER_MS")]
+    wedged_after_ms: Option<u64>,
+    /// Memory the weights and KV cache may take, e.g. `8GiB`; a model that
+    /// does not fit is refused before loading (default: what the host or its
+    /// cgroup has available; on a GPU, its free memory).
+    #[arg(long, env = "TACFLOW_MEMORY_LIMIT")]
+    memory_limit: Option<String>,
     /// Per-session limit: open sequences.
     #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
     max_sequences: Option<u64>,
@@ -219,7 +232,9 @@ impl ServeArgs {
             session_lease_ms,
             max_queue,
             log_format,
-            shutdown_timeout_ms
+            shutdown_timeout_ms,
+            fatal_linger_ms,
+            wedged_after_ms
         );
         set_opt!(
             socket,
@@ -228,7 +243,8 @@ impl ServeArgs {
             kv_blocks,
             max_context,
             threads,
-            metrics_addr
+            metrics_addr,
+            memory_limit
         );
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
