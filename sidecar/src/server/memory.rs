@@ -90,8 +90,13 @@ pub fn check_fits<B: Backend>(backend: &B, config: &Config, need: Need) -> Resul
     )))
 }
 
+/// Bytes for a reader: GiB from 1 GiB up, MiB below.
 fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    if bytes >= 1 << 30 {
+        format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.2} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
 }
 
 /// Host memory this process may still take: `MemAvailable`, lowered by the
@@ -191,10 +196,10 @@ mod tests {
         };
         let msg = check_fits(&cpu, &config, over).unwrap_err().to_string();
         assert!(
-            msg.contains("weights 0.50 GiB (536870912 bytes as f32)"),
+            msg.contains("weights 512.00 MiB (536870912 bytes as f32)"),
             "{msg}"
         );
-        assert!(msg.contains("KV cache 0.50 GiB"), "{msg}");
+        assert!(msg.contains("KV cache 512.00 MiB"), "{msg}");
         assert!(
             msg.contains("memory_limit is 1.00 GiB (1073741824 bytes)"),
             "{msg}"
