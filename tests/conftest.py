@@ -21,14 +21,25 @@ from tacflow import Client
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(os.environ.get("TACFLOWD", ROOT / "target" / "release" / "tacflowd"))
+#: The test-only daemon with a fault-injecting backend (``cargo build --release
+#: --features fault-injection --bin tacflowd-faults``).
+FAULTS_BIN = pathlib.Path(
+    os.environ.get("TACFLOWD_FAULTS", ROOT / "target" / "release" / "tacflowd-faults")
+)
 
 
 class Daemon:
     """One running ``tacflowd``."""
 
-    def __init__(self, workdir: pathlib.Path, args: list[str], env: dict[str, str] | None = None):
-        if not BIN.exists():
-            pytest.fail(f"{BIN} is missing: build it with `cargo build --release`")
+    def __init__(
+        self,
+        workdir: pathlib.Path,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        binary: pathlib.Path = BIN,
+    ):
+        if not binary.exists():
+            pytest.fail(f"{binary} is missing: build it with `cargo build --release` (see scripts/test)")
         self.socket = workdir / "tacflowd.sock"
         self.log_path = workdir / "tacflowd.log"
         self._log = open(self.log_path, "wb")
@@ -36,7 +47,7 @@ class Daemon:
         full_env.setdefault("TACFLOW_LOG", "info")
         full_env.update(env or {})
         # The CPU backend must not depend on what this machine has: tests pin it.
-        cmd = [str(BIN), "serve", "--socket", str(self.socket), "--backend", "cpu", *args]
+        cmd = [str(binary), "serve", "--socket", str(self.socket), "--backend", "cpu", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self._wait_ready()
 

@@ -23,7 +23,7 @@ __all__ = [
     "UnknownSequence", "SequenceExists", "UnknownRegion", "OutOfBounds",
     "ShapeMismatch", "DtypeMismatch", "OutOfKvBlocks", "ContextTooLong",
     "LimitExceeded", "PermissionDenied", "Busy", "ShuttingDown", "Unsupported",
-    "Internal", "DaemonRestarted", "RequestTimeout", "DaemonUnavailable",
+    "Internal", "DaemonFailing", "DaemonRestarted", "RequestTimeout", "DaemonUnavailable",
     "ProtocolError", "ERROR_CLASSES", "error_from_reply",
 ]
 
@@ -148,7 +148,30 @@ class Unsupported(TacflowError):
 
 
 class Internal(TacflowError):
+    """A failure inside the daemon. Per request by default: the daemon keeps
+    serving and other requests are fine. When the daemon is going down the
+    class raised is its subclass :class:`DaemonFailing`."""
+
     code_name = "internal"
+
+
+class DaemonFailing(Internal):
+    """The daemon hit a fatal fault and is going down (protocol 1.2: an
+    ``internal`` error with ``detail.fatal``).
+
+    ``detail["reason"]`` names the fault: ``executor_panic``,
+    ``device_failed`` or ``thread_panic``. Every request waiting in the daemon
+    gets this once; the daemon then exits non-zero, its supervisor restarts
+    it, and the restarted daemon has a new instance id (its replies to this
+    client's session are :class:`DaemonRestarted`): open a new client and
+    replay the sequences. It is an :class:`Internal`, so code that only
+    handles that still works.
+    """
+
+    @property
+    def reason(self) -> str | None:
+        r = self.detail.get("reason")
+        return r if isinstance(r, str) else None
 
 
 class DaemonRestarted(UnknownSession):
@@ -236,5 +259,7 @@ def error_from_reply(
                 f"this session is gone; open a new client ({message})"
             )
             return DaemonRestarted(code, text, detail, request_id)
+    if code == Internal.code_name and detail.get("fatal") not in (None, 0, False):
+        return DaemonFailing(code, str(message), detail, request_id)
     cls = ERROR_CLASSES.get(code, TacflowError)
     return cls(code, str(message), detail, request_id)

@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: The protocol version this client speaks: (major, minor).
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+PROTOCOL_VERSION: tuple[int, int] = (1, 2)
 
 #: A successful reply carries its request's kind with this bit set.
 REPLY_BIT = 0x80

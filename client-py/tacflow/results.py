@@ -264,10 +264,30 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class Health:
-    status: str  # "ok" or "stopping"
+    """The daemon's own view of itself (``health``).
+
+    ``status`` is ``"ok"``, ``"stopping"`` (shutdown began), ``"wedged"``
+    (the executor has been on one command longer than the daemon's bound) or
+    ``"failing"`` (a fatal fault: the daemon answers every request with
+    :class:`~tacflow.errors.DaemonFailing` and exits shortly). It is never
+    ``"ok"`` unless ``executor`` is ``"alive"`` and ``device`` is ``"ok"``.
+    ``executor`` (``"alive"``, ``"wedged"``, ``"dead"``), ``device``
+    (``"ok"``, ``"failed"``) and ``reason`` (why the status is not ok) come
+    from protocol 1.2; a 1.0 or 1.1 daemon sends none of them, and they are
+    ``None`` then.
+    """
+
+    status: str
     instance_id: str
     backend: BackendInfo
     executor_idle_ms: int
+    executor: str | None = None
+    device: str | None = None
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> "Health":

@@ -32,7 +32,7 @@ from tacflow.protocol import (
     step_body,
     truncate_sequence_body,
 )
-from tacflow.results import HelloInfo, StepOutput
+from tacflow.results import Health, HelloInfo, StepOutput
 
 from .vectors import VECTOR_DIR, Vector, encode_exact, load_vectors, plain
 
@@ -156,7 +156,7 @@ def test_hello_reply() -> None:
     info = HelloInfo.from_wire(body)
     assert info.session == SESSION
     assert info.instance_id == "00112233445566778899aabbccddeeff"
-    assert info.protocol == (1, 1)
+    assert info.protocol == (1, 2)
     assert info.region_kinds == ("shm", "memfd")
     assert info.fd_socket == "/run/tacflow/tacflowd.fd.sock"
     assert info.model.name == "tiny" and info.model.vocab_size == 512
@@ -208,3 +208,34 @@ def test_unreadable_error_reply_has_no_request_id() -> None:
     with pytest.raises(errors.BadRequest) as info:
         decode_reply(reply_frames("error_reply_unreadable"))
     assert info.value.request_id is None and info.value.detail == {}
+
+
+def test_fatal_internal_raises_daemon_failing() -> None:
+    with pytest.raises(errors.DaemonFailing) as info:
+        decode_reply(reply_frames("error_reply_fatal"))
+    err = info.value
+    assert isinstance(err, errors.Internal), "code that handles Internal still catches it"
+    assert err.code == "internal" and err.request_id == 11
+    assert err.reason == "executor_panic" and err.detail["fatal"] == 1
+    assert "going down" in err.message
+
+
+def test_plain_internal_is_not_fatal() -> None:
+    err = errors.error_from_reply({"request_id": 1, "code": "internal", "message": "x"})
+    assert type(err) is errors.Internal
+
+
+def test_health_reply_of_a_failing_daemon() -> None:
+    kind, body = decode_reply(reply_frames("health_reply"))
+    assert kind == Kind.HEALTH
+    h = Health.from_wire(body)
+    assert (h.status, h.executor, h.device) == ("failing", "dead", "failed")
+    assert h.reason is not None and "illegal memory access" in h.reason
+    assert not h.ok and h.executor_idle_ms == 17
+
+
+def test_health_reply_of_a_1_1_daemon() -> None:
+    kind, body = decode_reply(reply_frames("health_reply_1_1"))
+    h = Health.from_wire(body)
+    assert h.ok and h.backend.kind == "cpu"
+    assert (h.executor, h.device, h.reason) == (None, None, None)

@@ -198,7 +198,27 @@ impl ErrorReply {
     pub fn internal(message: impl Into<String>) -> Self {
         ErrorReply::new(ErrorCode::Internal, message)
     }
+
+    /// An `internal` error that says the daemon is going down (1.2):
+    /// `detail.fatal = 1` and `detail.reason` names the fault
+    /// (`executor_panic`, `device_failed`, `thread_panic`). A client should
+    /// reconnect; a supervisor restarts the daemon with a new instance id.
+    pub fn fatal(reason: &str, message: impl Into<String>) -> Self {
+        ErrorReply::internal(message)
+            .with(FATAL_KEY, 1u64)
+            .with("reason", reason)
+    }
+
+    /// Whether this is a fatal `internal` error ([`ErrorReply::fatal`]).
+    pub fn is_fatal(&self) -> bool {
+        self.code == ErrorCode::Internal
+            && matches!(self.detail.get(FATAL_KEY), Some(DetailValue::Int(n)) if *n != 0)
+    }
 }
+
+/// The `detail` key that marks a fatal `internal` error (a detail value is a
+/// number or a string, so the flag is `1`).
+pub const FATAL_KEY: &str = "fatal";
 
 /// Errors of this crate's own operations (mapping regions, framing).
 #[derive(Debug, thiserror::Error)]

@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 
 /// The protocol version this build speaks: major, minor.
 /// 1.1 serves the companion socket and `memfd` regions and adds
-/// `region_kinds` and `fd_socket` to `hello`.
-pub const PROTOCOL_VERSION: (u32, u32) = (1, 1);
+/// `region_kinds` and `fd_socket` to `hello`. 1.2 adds `executor`,
+/// `device` and `reason` to `health` and marks a fatal `internal` error
+/// (`detail.fatal`): optional fields only, so 1.0 and 1.1 clients are served.
+pub const PROTOCOL_VERSION: (u32, u32) = (1, 2);
 
 /// A session token: 128 random bits chosen by the daemon at `hello`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -460,10 +462,24 @@ pub struct PolicyStats {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthReply {
     pub request_id: u64,
-    /// `"ok"`, or `"stopping"` once shutdown began.
+    /// `"ok"`; `"stopping"` once shutdown began; `"wedged"` while the
+    /// executor has been on one command longer than the daemon's bound;
+    /// `"failing"` after a fatal fault, until the daemon exits. Never `"ok"`
+    /// unless `executor` is `"alive"` and `device` is `"ok"`.
     pub status: String,
     pub instance_id: String,
     pub backend: BackendInfo,
     /// Milliseconds since the executor last finished a command.
     pub executor_idle_ms: u64,
+    /// (1.2) `"alive"`, `"wedged"` (on one command too long) or `"dead"`
+    /// (it panicked or gave up on a failed device). Absent from a 1.1 daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
+    /// (1.2) `"ok"`, or `"failed"` once the backend reported the device
+    /// unusable. Absent from a 1.1 daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// (1.2) Why the status is not `"ok"`, in words; absent when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }

@@ -104,7 +104,7 @@ fn vectors_match_the_rust_types() {
         "hello",
         &HelloRequest {
             request_id: 1,
-            protocol: (1, 1),
+            protocol: (1, 2),
             client: "tacflow-py/0.1.0".into(),
         },
     );
@@ -117,7 +117,7 @@ fn vectors_match_the_rust_types() {
             request_id: 1,
             session: t,
             instance_id: "00112233445566778899aabbccddeeff".into(),
-            protocol: (1, 1),
+            protocol: (1, 2),
             daemon: "tacflowd 0.1.0".into(),
             model: ModelInfo {
                 name: "tiny".into(),
@@ -435,6 +435,63 @@ fn vectors_match_the_rust_types() {
         "error",
         &ErrorReply::bad_request("a request is [kind, header]; got 1 frame(s)"),
     );
+    let fatal = ErrorReply::fatal(
+        "executor_panic",
+        "the daemon is going down: the executor panicked: index out of bounds",
+    )
+    .for_request(11);
+    assert!(fatal.is_fatal());
+    check("error_reply_fatal", "reply", ERROR_KIND, "error", &fatal);
+    health_vectors();
+}
+
+/// `health` as a 1.2 daemon sends it when failing, and as a 1.1 daemon sent
+/// it (without the 1.2 fields, which then decode as absent).
+fn health_vectors() {
+    let backend = BackendInfo {
+        kind: "cpu".into(),
+        device: "2 threads".into(),
+    };
+    check(
+        "health_reply",
+        "reply",
+        Kind::Health.reply_byte(),
+        "health",
+        &HealthReply {
+            request_id: 2,
+            status: "failing".into(),
+            instance_id: "00112233445566778899aabbccddeeff".into(),
+            backend: backend.clone(),
+            executor_idle_ms: 17,
+            executor: Some("dead".into()),
+            device: Some("failed".into()),
+            reason: Some("device failed: an illegal memory access was encountered".into()),
+        },
+    );
+    check(
+        "health_reply_1_1",
+        "reply",
+        Kind::Health.reply_byte(),
+        "health",
+        &HealthReply {
+            request_id: 2,
+            status: "ok".into(),
+            instance_id: "00112233445566778899aabbccddeeff".into(),
+            backend,
+            executor_idle_ms: 5,
+            executor: None,
+            device: None,
+            reason: None,
+        },
+    );
+}
+
+#[test]
+fn only_a_marked_internal_error_is_fatal() {
+    assert!(!ErrorReply::internal("a bug, this request only").is_fatal());
+    let marked = ErrorReply::new(ErrorCode::BadRequest, "x").with("fatal", 1u64);
+    assert!(!marked.is_fatal(), "only `internal` can be fatal");
+    assert!(ErrorReply::fatal("thread_panic", "going down").is_fatal());
 }
 
 #[test]

@@ -187,6 +187,19 @@ struct ServeArgs {
     /// How long shutdown waits for the step in flight (milliseconds).
     #[arg(long, env = "TACFLOW_SHUTDOWN_TIMEOUT_MS")]
     shutdown_timeout_ms: Option<u64>,
+    /// After a fatal fault, how long the daemon keeps answering requests
+    /// with the fault before it exits non-zero (milliseconds).
+    #[arg(long, env = "TACFLOW_FATAL_LINGER_MS")]
+    fatal_linger_ms: Option<u64>,
+    /// `health` reports the executor wedged after this long on one command
+    /// (milliseconds).
+    #[arg(long, env = "TACFLOW_WEDGED_AFTER_MS")]
+    wedged_after_ms: Option<u64>,
+    /// Memory the weights and KV cache may take, e.g. `8GiB`; a model that
+    /// does not fit is refused before loading (default: what the host or its
+    /// cgroup has available; on a GPU, its free memory).
+    #[arg(long, env = "TACFLOW_MEMORY_LIMIT")]
+    memory_limit: Option<String>,
     /// Per-session limit: open sequences.
     #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
     max_sequences: Option<u64>,
@@ -224,7 +237,9 @@ impl ServeArgs {
             session_lease_ms,
             max_queue,
             log_format,
-            shutdown_timeout_ms
+            shutdown_timeout_ms,
+            fatal_linger_ms,
+            wedged_after_ms
         );
         set_opt!(
             socket,
@@ -233,7 +248,8 @@ impl ServeArgs {
             kv_blocks,
             max_context,
             threads,
-            metrics_addr
+            metrics_addr,
+            memory_limit
         );
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;

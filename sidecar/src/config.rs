@@ -103,6 +103,20 @@ pub struct Config {
     /// it (the daemon then exits non-zero; systemd's `TimeoutStopSec` should
     /// be longer).
     pub shutdown_timeout_ms: u64,
+    /// After a fatal fault (a panic, a failed device) the daemon answers
+    /// every request `internal` for this long, so that ZeroMQ delivers
+    /// those replies, then exits non-zero: it exits within this plus 100 ms
+    /// (the I/O thread's longest poll) of the fault.
+    pub fatal_linger_ms: u64,
+    /// `health` reports the executor `wedged` once it has been on one
+    /// command longer than this (well above a long CPU prefill).
+    pub wedged_after_ms: u64,
+    /// Memory the weights and the KV cache may take, e.g. `"8GiB"`
+    /// (`B`, `KB`/`KiB`, `MB`/`MiB`, `GB`/`GiB`, `TB`/`TiB`): on the CPU
+    /// backend instead of what the host (and its cgroup) has available; on
+    /// the GPU at most this of the device's free memory. A model that does
+    /// not fit is refused before it is loaded.
+    pub memory_limit: Option<String>,
 }
 
 impl Default for Config {
@@ -129,6 +143,9 @@ impl Default for Config {
             metrics_addr: None,
             metrics_allow_remote: false,
             shutdown_timeout_ms: 30_000,
+            fatal_linger_ms: 500,
+            wedged_after_ms: 120_000,
+            memory_limit: None,
         }
     }
 }
@@ -160,7 +177,25 @@ impl Config {
         if let Some(a) = &self.metrics_addr {
             listen_addr("metrics_addr", a, self.metrics_allow_remote)?;
         }
+        if self.wedged_after_ms == 0 {
+            return Err(Error::Config("wedged_after_ms must be at least 1".into()));
+        }
+        self.memory_limit_bytes()?;
         Ok(())
+    }
+
+    /// `memory_limit` in bytes, checked.
+    pub fn memory_limit_bytes(&self) -> Result<Option<u64>> {
+        self.memory_limit
+            .as_deref()
+            .map(|t| {
+                parse_bytes(t).ok_or_else(|| {
+                    Error::Config(format!(
+                        "memory_limit = {t:?}: expected a size such as 8GiB, 512MiB or 4000000000"
+                    ))
+                })
+            })
+            .transpose()
     }
 
     /// The TCP address to bind, checked (`tcp`).
@@ -186,6 +221,31 @@ impl Config {
         }
         default_socket_path()
     }
+}
+
+/// A size with an optional unit: `8GiB`, `1.5 GB`, `512MiB`, `4096`
+/// (bytes). `K`/`M`/`G`/`T` alone are binary, like `KiB`…; `KB`… decimal.
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        _ => return None,
+    };
+    let bytes = num * scale;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
 /// Parses a listening address: `ip:port`, `[ipv6]:port`, or a bare port
@@ -259,6 +319,29 @@ mod tests {
             SessionLimits::default().max_sequences
         );
         assert!(toml::from_str::<Config>("kv_blokcs = 1").is_err());
+    }
+
+    #[test]
+    fn sizes_read_with_their_units() {
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes(" 512 MiB "), Some(512 << 20));
+        assert_eq!(parse_bytes("2G"), Some(2 << 30));
+        assert_eq!(parse_bytes("1.5GB"), Some(1_500_000_000));
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("1kb"), Some(1000));
+        assert_eq!(parse_bytes("8 gigs"), None);
+        assert_eq!(parse_bytes("GiB"), None);
+        assert_eq!(parse_bytes("-1GiB"), None);
+        let c = Config {
+            memory_limit: Some("lots".into()),
+            ..Config::default()
+        };
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("memory_limit")
+        );
     }
 
     #[test]

@@ -20,6 +20,14 @@ pub enum Error {
     Config(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// The model or the KV cache does not fit the memory there is; the
+    /// message gives the figures.
+    #[error("not enough memory: {0}")]
+    Memory(String),
+    /// A fault that ended the daemon (a panic, a failed device); see
+    /// `server::fatal`.
+    #[error("fatal: {0}")]
+    Fatal(String),
     #[error(transparent)]
     Kernel(#[from] tacflow_kernels::Error),
     #[error(transparent)]

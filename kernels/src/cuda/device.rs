@@ -165,6 +165,21 @@ impl Gpu {
             .map_err(drv("cuStreamSynchronize"))
     }
 
+    /// Whether the context can still run work: waits for everything issued
+    /// on the stream, then for the whole context, and returns the driver's
+    /// error. After a sticky fault (an illegal address, a launch failure, a
+    /// misaligned address, an illegal instruction, a hardware stack error,
+    /// an uncorrectable ECC error, a lost device) every call on the context
+    /// fails, this one included; an error that left the context usable (an
+    /// allocation that did not fit, a launch refused for its configuration)
+    /// leaves it `Ok`.
+    pub fn check_context(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(drv("cuStreamSynchronize"))?;
+        self.ctx.synchronize().map_err(drv("cuCtxSynchronize"))
+    }
+
     /// Bytes of device memory free now.
     pub fn free_memory(&self) -> Result<usize> {
         Ok(self.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?.0)

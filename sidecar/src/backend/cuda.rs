@@ -380,6 +380,12 @@ impl Backend for CudaBackend {
         2 * l.num_layers * l.block_elems() * 2
     }
 
+    /// A sticky CUDA fault poisons the context for good: the daemon must
+    /// exit and be restarted rather than answer every later request with it.
+    fn check_device(&self) -> std::result::Result<(), String> {
+        self.gpu.check_context().map_err(|e| e.to_string())
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Matrix> {
         let n = rows * cols;
         let data = match data {

@@ -3,11 +3,13 @@
 //! the client socket: replies go back to the I/O thread, already encoded,
 //! through an [`Outbox`].
 
+use super::fatal::{Cause, FatalFlag, Fault, panic_message};
 use super::systemd::Heartbeat;
 use crate::backend::Backend;
 use crate::engine::gauges::Gauges;
 use crate::engine::step::StepWork;
 use crate::engine::{Engine, SeqKey, SessionId};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -64,7 +66,7 @@ pub enum Command {
 }
 
 /// State shared by the executor and the I/O thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Shared {
     /// Set when shutdown begins: queued work is answered `shutting_down`.
     pub stopping: AtomicBool,
@@ -73,6 +75,47 @@ pub struct Shared {
     /// The I/O thread is (about to be) asleep in its poll and must be woken
     /// for a reply.
     pub io_sleeping: AtomicBool,
+    /// The fault that ends the daemon, once one happened (`fatal.rs`).
+    pub fatal: FatalFlag,
+    /// Microseconds after `epoch` (plus one, so that 0 means idle) at which
+    /// the executor began the command it runs: `health` reports it
+    /// `wedged` when that is too long ago.
+    busy_since_us: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            stopping: AtomicBool::new(false),
+            queue_depth: AtomicU64::new(0),
+            io_sleeping: AtomicBool::new(false),
+            fatal: FatalFlag::default(),
+            busy_since_us: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Shared {
+    fn set_busy(&self, busy: bool) {
+        let v = if busy {
+            self.epoch.elapsed().as_micros() as u64 + 1
+        } else {
+            0
+        };
+        self.busy_since_us.store(v, Ordering::Relaxed);
+    }
+
+    /// How long the executor has been on its current command; `None` while
+    /// it waits for one.
+    pub fn busy_for(&self) -> Option<Duration> {
+        let since = self.busy_since_us.load(Ordering::Relaxed);
+        (since != 0).then(|| {
+            let now = self.epoch.elapsed().as_micros() as u64 + 1;
+            Duration::from_micros(now.saturating_sub(since))
+        })
+    }
 }
 
 /// What the executor hands back to the I/O thread.
@@ -85,6 +128,11 @@ pub enum Outgoing {
     },
     /// The executor stopped: every reply is in.
     Done,
+    /// The executor met a fatal fault (recorded in [`Shared::fatal`]): the
+    /// command it was running and everything queued are answered, and it
+    /// runs nothing more. Commands sent later are still answered with the
+    /// fault until the I/O thread lets go of the queue.
+    Failed,
 }
 
 /// The executor's way back to the I/O thread: a queue, plus a wake-up
@@ -163,40 +211,72 @@ fn next_command(rx: &Receiver<Command>, spin: Duration, beat: &mut Heartbeat) ->
     }
 }
 
-/// Runs commands until [`Command::Stop`].
+/// How the executor runs: its limits and its waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Tuning {
+    pub max_sequences: u64,
+    /// Busy-wait for the next command before sleeping (`next_command`).
+    pub spin: Duration,
+}
+
+/// Runs commands until [`Command::Stop`], or until a fatal fault: a panic
+/// (inside a command or in the loop) or a device that
+/// [`Backend::check_device`] reports unusable after a command failed. The
+/// loop runs under `catch_unwind` with the command in flight kept outside
+/// it, so that its client is answered even when it panicked.
 pub fn run<B: Backend>(
     mut engine: Engine<B>,
     rx: Receiver<Command>,
     out: Outbox,
-    max_sequences: u64,
-    spin: Duration,
+    tuning: Tuning,
     mut beat: Heartbeat,
 ) {
+    let mut current: Option<ReplyTo> = None;
+    let served = catch_unwind(AssertUnwindSafe(|| {
+        serve(&mut engine, &rx, &out, tuning, &mut beat, &mut current)
+    }));
+    let fault = match served {
+        Ok(Ok(())) => {
+            out.push(Outgoing::Done);
+            return;
+        }
+        Ok(Err(fault)) => fault,
+        Err(payload) => Fault::new(
+            Cause::ExecutorPanic,
+            format!("the executor panicked: {}", panic_message(&*payload)),
+        ),
+    };
+    fail(fault, current, &rx, &out);
+}
+
+/// The loop of [`run`]; `Err` is a fatal fault, with `current` the
+/// command it hit (if any).
+fn serve<B: Backend>(
+    engine: &mut Engine<B>,
+    rx: &Receiver<Command>,
+    out: &Outbox,
+    tuning: Tuning,
+    beat: &mut Heartbeat,
+    current: &mut Option<ReplyTo>,
+) -> Result<(), Fault> {
     let gauges = engine.gauges();
     gauges.mark_done();
-    while let Some(cmd) = next_command(&rx, spin, &mut beat) {
+    while let Some(cmd) = next_command(rx, tuning.spin, beat) {
         beat.tick();
-        let to = match &cmd {
-            Command::Stop => break,
-            Command::DropSession(id) => {
-                let n = engine.drop_session(*id);
-                debug!(session = id, sequences = n, "session dropped");
-                gauges.mark_done();
-                continue;
+        let Some(to) = reply_to(&cmd) else {
+            match cmd {
+                Command::DropSession(id) => {
+                    let n = engine.drop_session(id);
+                    debug!(session = id, sequences = n, "session dropped");
+                    gauges.mark_done();
+                    continue;
+                }
+                _ => break, // Stop
             }
-            Command::Open { to, .. }
-            | Command::Fork { to, .. }
-            | Command::Truncate { to, .. }
-            | Command::Close { to, .. }
-            | Command::Step { to, .. } => to.clone(),
         };
         out.shared.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        if out.shared.stopping.load(Ordering::Relaxed) {
-            reply_err(
-                &out,
-                &to,
-                ErrorReply::new(ErrorCode::ShuttingDown, "the daemon is shutting down"),
-            );
+        if let Some(e) = refusal(engine, &cmd, &to, out, tuning) {
+            reply_err(out, &to, e);
             continue;
         }
         let span = info_span!(
@@ -206,27 +286,103 @@ pub fn run<B: Backend>(
             session = to.session
         );
         let _guard = span.enter();
-        if matches!(cmd, Command::Open { .. } | Command::Fork { .. })
-            && engine.session_sequences(to.session) as u64 >= max_sequences
-        {
-            reply_err(
-                &out,
-                &to,
-                ErrorReply::new(
-                    ErrorCode::LimitExceeded,
-                    "too many sequences in this session",
-                )
-                .with("max_sequences", max_sequences),
-            );
-            continue;
+        *current = Some(to.clone());
+        out.shared.set_busy(true);
+        let result = execute(engine, cmd, &to, out);
+        out.shared.set_busy(false);
+        match result {
+            Ok(frames) => send(out, &to, frames),
+            Err(e) => {
+                if let Err(why) = engine.backend().check_device() {
+                    let why = format!(
+                        "the device failed: {why} (the {} failed: {e})",
+                        to.kind.name()
+                    );
+                    return Err(Fault::new(Cause::DeviceFailed, why));
+                }
+                reply_err(out, &to, e);
+            }
         }
-        execute(&mut engine, cmd, &to, &out);
+        *current = None;
         gauges.mark_done();
     }
-    out.push(Outgoing::Done);
+    Ok(())
 }
 
-fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: &Outbox) {
+fn reply_to(cmd: &Command) -> Option<ReplyTo> {
+    match cmd {
+        Command::Open { to, .. }
+        | Command::Fork { to, .. }
+        | Command::Truncate { to, .. }
+        | Command::Close { to, .. }
+        | Command::Step { to, .. } => Some(to.clone()),
+        Command::DropSession(_) | Command::Stop => None,
+    }
+}
+
+/// Why a client command is answered without running it: the daemon is
+/// going down or stopping, or the session is at its sequence limit.
+fn refusal<B: Backend>(
+    engine: &Engine<B>,
+    cmd: &Command,
+    to: &ReplyTo,
+    out: &Outbox,
+    tuning: Tuning,
+) -> Option<ErrorReply> {
+    if let Some(f) = out.shared.fatal.get() {
+        return Some(f.reply());
+    }
+    if out.shared.stopping.load(Ordering::Relaxed) {
+        return Some(ErrorReply::new(
+            ErrorCode::ShuttingDown,
+            "the daemon is shutting down",
+        ));
+    }
+    let max = tuning.max_sequences;
+    if matches!(cmd, Command::Open { .. } | Command::Fork { .. })
+        && engine.session_sequences(to.session) as u64 >= max
+    {
+        let e = ErrorReply::new(
+            ErrorCode::LimitExceeded,
+            "too many sequences in this session",
+        );
+        return Some(e.with("max_sequences", max));
+    }
+    None
+}
+
+/// After a fatal fault: answers the command in flight and everything queued
+/// with the fault, tells the I/O thread, then answers whatever still
+/// arrives until the I/O thread drops its end of the queue.
+fn fail(fault: Fault, current: Option<ReplyTo>, rx: &Receiver<Command>, out: &Outbox) {
+    let fault = out.shared.fatal.raise(fault).clone();
+    error!(reason = fault.cause.as_str(), "{}", fault.why);
+    out.shared.set_busy(false);
+    let reply = fault.reply();
+    if let Some(to) = current {
+        reply_err(out, &to, reply.clone());
+    }
+    let answer = |cmd: Command| {
+        if let Some(to) = reply_to(&cmd) {
+            out.shared.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            reply_err(out, &to, reply.clone());
+        }
+    };
+    while let Ok(cmd) = rx.try_recv() {
+        answer(cmd);
+    }
+    out.push(Outgoing::Failed);
+    while let Ok(cmd) = rx.recv() {
+        answer(cmd);
+    }
+}
+
+fn execute<B: Backend>(
+    engine: &mut Engine<B>,
+    cmd: Command,
+    to: &ReplyTo,
+    out: &Outbox,
+) -> Result<[Vec<u8>; 2], ErrorReply> {
     let key = |seq| SeqKey {
         session: to.session,
         seq,
@@ -236,7 +392,7 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: 
         seq_id,
         num_tokens: n as u64,
     };
-    let result = match cmd {
+    match cmd {
         Command::Open {
             seq,
             policy,
@@ -267,31 +423,34 @@ fn execute<B: Backend>(engine: &mut Engine<B>, cmd: Command, to: &ReplyTo, out: 
                 },
             )
         }),
-        Command::Step { work, .. } => {
-            let started = Instant::now();
-            let queued_us = started.duration_since(to.received).as_micros() as u64;
-            let result = engine.step(&work);
-            if result.is_ok() {
-                out.gauges.step_run.observe(started.elapsed());
-            }
-            result.map(|results| {
-                encode_reply(
-                    to.kind,
-                    &StepReply {
-                        request_id: to.request_id,
-                        results,
-                        timing: StepTiming {
-                            queued_us,
-                            run_us: started.elapsed().as_micros() as u64,
-                        },
-                    },
-                )
-            })
-        }
+        Command::Step { work, .. } => step(engine, &work, to, out),
         Command::DropSession(_) | Command::Stop => unreachable!("handled by the loop"),
-    };
-    match result {
-        Ok(frames) => send(out, to, frames),
-        Err(e) => reply_err(out, to, e),
     }
 }
+
+fn step<B: Backend>(
+    engine: &mut Engine<B>,
+    work: &StepWork,
+    to: &ReplyTo,
+    out: &Outbox,
+) -> Result<[Vec<u8>; 2], ErrorReply> {
+    let started = Instant::now();
+    let queued_us = started.duration_since(to.received).as_micros() as u64;
+    let results = engine.step(work)?;
+    out.gauges.step_run.observe(started.elapsed());
+    Ok(encode_reply(
+        to.kind,
+        &StepReply {
+            request_id: to.request_id,
+            results,
+            timing: StepTiming {
+                queued_us,
+                run_us: started.elapsed().as_micros() as u64,
+            },
+        },
+    ))
+}
+
+#[cfg(test)]
+#[path = "executor_tests.rs"]
+mod tests;

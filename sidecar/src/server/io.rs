@@ -3,7 +3,9 @@
 //! queues the rest for the executor, whose encoded replies it forwards.
 
 use super::executor::{Command, Outgoing, ReplyTo, Shared};
+use super::fatal::{Cause, Fault};
 use super::fdpass::FdBroker;
+use super::queue::{QueueLimits, hand_off};
 use super::session::{Session, Sessions};
 use super::systemd::Notifier;
 use super::{ServerInfo, Shutdown};
@@ -50,6 +52,19 @@ pub struct Io {
     pub first: zmq::Message,
     /// Said once that peer credentials are missing.
     pub warned_no_credentials: bool,
+    /// Set once a fatal fault was seen: the daemon answers it to everyone
+    /// and exits at these times.
+    pub failing: Option<Failing>,
+}
+
+/// The exit of a failing daemon: at `exit_at` (the linger after the fault,
+/// for ZeroMQ to deliver the fault's replies) once the executor has let go,
+/// and at `give_up_at` regardless (a helper thread's fault lets the step in
+/// flight finish, for at most `shutdown_timeout_ms`).
+#[derive(Debug, Clone, Copy)]
+pub struct Failing {
+    pub exit_at: Instant,
+    pub give_up_at: Instant,
 }
 
 pub(super) type Reply = Result<[Vec<u8>; 2], ErrorReply>;
@@ -68,13 +83,16 @@ pub fn peer_uid(peer_address: &str) -> Option<u32> {
 }
 
 impl Io {
-    /// Serves until shutdown completes (or its bound runs out: `Err`).
+    /// Serves until shutdown completes (or its bound runs out: `Err`), or
+    /// until a fatal fault has been answered (`Err`: the daemon must exit).
     pub fn run(&mut self, shutdown: &Shutdown) -> crate::error::Result<()> {
         let mut next_expiry_check = Instant::now();
-        while !self.executor_done {
+        loop {
             self.forward_replies();
-            if self.executor_done {
-                break;
+            self.check_fatal();
+            if let Some(end) = self.finished(Instant::now()) {
+                self.close_sessions();
+                return end;
             }
             if !self.spin_for_replies() {
                 self.sleep()?;
@@ -85,10 +103,10 @@ impl Io {
                 self.expire(now);
                 next_expiry_check = now + Duration::from_millis(50);
             }
-            if shutdown.is_triggered() && !self.stopping {
+            if shutdown.is_triggered() && !self.stopping && self.failing.is_none() {
                 self.begin_stop();
             }
-            if self.stop_deadline.is_some_and(|d| now > d) {
+            if self.failing.is_none() && self.stop_deadline.is_some_and(|d| now > d) {
                 error!(
                     timeout_ms = self.config.shutdown_timeout_ms,
                     "the step in flight did not finish within the shutdown timeout: giving up on it"
@@ -98,24 +116,71 @@ impl Io {
                 ));
             }
         }
-        // Whatever arrived after the executor stopped is answered too.
-        self.read_requests();
+    }
+
+    /// `Some` once the loop should end: with the fault when failing, after
+    /// its linger; `Ok` when the executor stopped after a shutdown.
+    fn finished(&mut self, now: Instant) -> Option<crate::error::Result<()>> {
+        let Some(f) = self.failing else {
+            if !self.executor_done {
+                return None;
+            }
+            // Whatever arrived after the executor stopped is answered too.
+            self.read_requests();
+            return Some(Ok(()));
+        };
+        if now < f.exit_at || (!self.executor_done && now < f.give_up_at) {
+            return None;
+        }
+        let fault = self.shared.fatal.get().expect("failing has a fault");
+        Some(Err(crate::error::Error::Fatal(fault.why.clone())))
+    }
+
+    fn close_sessions(&mut self) {
         for s in self.sessions.drain() {
             self.fds.session_closed(&s.token);
             debug!(
                 session = s.id,
                 regions = s.regions.len(),
-                "session closed at shutdown"
+                "session closed at exit"
             );
         }
-        Ok(())
+    }
+
+    /// Enters the failing state once a fault was recorded (by the executor,
+    /// or by the panic hook for a helper thread): systemd hears why, the
+    /// executor is told to stop (it answers what it has queued with the
+    /// fault), and the exit is scheduled.
+    fn check_fatal(&mut self) {
+        if self.failing.is_some() {
+            return;
+        }
+        let Some(fault) = self.shared.fatal.get() else {
+            return;
+        };
+        let linger = Duration::from_millis(self.config.fatal_linger_ms);
+        error!(
+            reason = fault.cause.as_str(),
+            linger_ms = self.config.fatal_linger_ms,
+            "fatal: {}; answering every request `internal` and exiting",
+            fault.why
+        );
+        self.notifier.failing(&fault.why);
+        if !self.executor_done {
+            let _ = self.cmd_tx.send(Command::Stop);
+        }
+        let now = Instant::now();
+        self.failing = Some(Failing {
+            exit_at: now + linger,
+            give_up_at: now + linger + Duration::from_millis(self.config.shutdown_timeout_ms),
+        });
     }
 
     /// Right after work went to the executor, waits for its reply by
     /// spinning on the queue (a wake-up from sleep would cost more than a
     /// short step). Returns whether something is ready to handle.
     fn spin_for_replies(&mut self) -> bool {
-        if self.shared.queue_depth.load(Relaxed) == 0 {
+        if self.executor_done || self.shared.queue_depth.load(Relaxed) == 0 {
             return false;
         }
         let until = self.last_exchange + self.spin;
@@ -211,15 +276,32 @@ impl Io {
     }
 
     fn forward_replies(&mut self) {
-        while let Ok(msg) = self.inbox.try_recv() {
-            self.handle_outgoing(msg);
+        loop {
+            match self.inbox.try_recv() {
+                Ok(msg) => self.handle_outgoing(msg),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => return self.executor_vanished(),
+            }
         }
+    }
+
+    /// The executor's thread ended without saying `Done` or `Failed` (a
+    /// panic where nothing could catch it): nothing will answer its queue.
+    fn executor_vanished(&mut self) {
+        if self.executor_done {
+            return;
+        }
+        self.executor_done = true;
+        self.shared.fatal.raise(Fault::new(
+            Cause::ExecutorPanic,
+            "the executor thread ended unexpectedly",
+        ));
     }
 
     fn handle_outgoing(&mut self, msg: Outgoing) {
         self.last_exchange = Instant::now();
         let (identity, session, frames) = match msg {
-            Outgoing::Done => {
+            Outgoing::Done | Outgoing::Failed => {
                 self.executor_done = true;
                 return;
             }
@@ -320,6 +402,11 @@ impl Io {
     ) -> Result<Option<[Vec<u8>; 2]>, ErrorReply> {
         let kind = req.kind();
         let rid = req.request_id();
+        if let Some(f) = self.shared.fatal.get()
+            && kind != Kind::Health
+        {
+            return Err(f.reply());
+        }
         if self.stopping && !matches!(kind, Kind::Health | Kind::Ping) {
             return Err(ErrorReply::new(
                 ErrorCode::ShuttingDown,
@@ -403,30 +490,20 @@ impl Io {
     }
 
     fn enqueue(&mut self, token: &SessionToken, cmd: Command) -> Result<(), ErrorReply> {
-        let depth = self.shared.queue_depth.load(Relaxed);
-        if depth >= self.config.max_queue as u64 {
-            return Err(ErrorReply::new(
-                ErrorCode::Busy,
-                "the executor's queue is full; retry later",
-            )
-            .with("queue_depth", depth));
-        }
-        let max = self.config.limits.max_queued_requests;
+        let limits = QueueLimits {
+            max_queue: self.config.max_queue as u64,
+            max_queued_requests: self.config.limits.max_queued_requests,
+        };
         let s = self.sessions.touch(token, Instant::now())?;
-        if s.queued >= max {
-            return Err(ErrorReply::new(
-                ErrorCode::Busy,
-                "this session has too many requests waiting; retry later",
-            )
-            .with("queued", s.queued)
-            .with("max_queued_requests", max));
-        }
-        s.queued += 1;
-        self.shared.queue_depth.fetch_add(1, Relaxed);
+        hand_off(
+            &self.cmd_tx,
+            cmd,
+            &mut s.queued,
+            &self.shared.queue_depth,
+            limits,
+        )?;
         self.last_exchange = Instant::now();
-        self.cmd_tx
-            .send(cmd)
-            .map_err(|_| ErrorReply::new(ErrorCode::ShuttingDown, "the executor has stopped"))
+        Ok(())
     }
 }
 

@@ -213,6 +213,38 @@ fn set_use_fd(router: &mut zmq::Socket, fd: RawFd) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a socket path that another live daemon serves. Asked before
+/// the model is loaded, so that a second daemon on the same path is turned
+/// away at once rather than after its load; `prepare` asks again when it
+/// binds. Sockets passed by systemd are the daemon's own: not asked.
+pub fn check_not_served(config: &Config) -> Result<()> {
+    if std::env::var_os("LISTEN_FDS").is_some() {
+        return Ok(());
+    }
+    let path = config.socket_path();
+    refuse_live(&companion_path(&path))?;
+    refuse_live(&path)
+}
+
+fn refuse_live(path: &Path) -> Result<()> {
+    if path.symlink_metadata().is_err() {
+        return Ok(());
+    }
+    // A live socket of another type answers EPROTOTYPE; a stale file
+    // ECONNREFUSED.
+    let live = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => true,
+        Err(e) => e.raw_os_error() == Some(nix::libc::EPROTOTYPE),
+    };
+    if live {
+        return Err(Error::Config(format!(
+            "{}: another daemon is listening there",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Creates the socket's folder (private when the daemon makes it) and clears
 /// a stale socket file; refuses to steal the path of a live daemon.
 fn prepare_socket_path(path: &Path) -> Result<()> {
@@ -224,18 +256,7 @@ fn prepare_socket_path(path: &Path) -> Result<()> {
             .map_err(|e| Error::io(dir, e))?;
     }
     if path.symlink_metadata().is_ok() {
-        // A live socket of another type answers EPROTOTYPE; a stale file
-        // ECONNREFUSED.
-        let live = match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => true,
-            Err(e) => e.raw_os_error() == Some(nix::libc::EPROTOTYPE),
-        };
-        if live {
-            return Err(Error::Config(format!(
-                "{}: another daemon is listening there",
-                path.display()
-            )));
-        }
+        refuse_live(path)?;
         warn!(path = %path.display(), "removing a stale socket file");
         std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
     }

@@ -11,13 +11,24 @@
 //!
 //! The executor thread is started first, loads the model and runs one
 //! warm-up step; the socket is bound only then, so a client that can connect
-//! can use the daemon, and only then is systemd told READY.
+//! can use the daemon, and only then is systemd told READY. What can be
+//! refused without the model is refused before it loads (a socket another
+//! daemon serves, a model or KV cache too large for the memory there is).
+//!
+//! A fatal fault (a panic, a failed device; `fatal.rs`) is answered to
+//! every waiting client and ends `run` with an error after a short linger.
 
 pub mod executor;
+pub mod fatal;
 pub mod fdpass;
+mod health;
+#[cfg(feature = "fault-injection")]
+mod inject;
 pub mod io;
 pub mod listen;
+pub mod memory;
 pub mod metrics;
+mod queue;
 mod requests;
 pub mod session;
 pub mod systemd;
@@ -32,7 +43,8 @@ use crate::engine::{BLOCK_SIZE, Engine, KvCapacity, SeqKey, SessionId};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::model::config::ModelConfig;
-use executor::{Command, Outbox, Outgoing, Shared};
+use executor::{Command, Outbox, Outgoing, Shared, Tuning};
+use fatal::PanicHook;
 use fdpass::{Companion, FdBroker};
 use listen::Listeners;
 use std::path::Path;
@@ -79,6 +91,10 @@ pub struct ServerInfo {
 }
 
 const WAKE_ADDR: &str = "inproc://tacflow-wake";
+
+/// The executor thread's name: its panics are its own to catch (the panic
+/// hook leaves them alone).
+pub const EXECUTOR_THREAD: &str = "executor";
 
 fn model_info(c: &ModelConfig, dtype: &str, max_context: usize) -> ModelInfo {
     ModelInfo {
@@ -164,17 +180,25 @@ fn warm_up<B: Backend>(engine: &mut Engine<B>) -> Result<()> {
 
 /// Loads the engine on the executor thread, warms it up, and serves its
 /// queue.
+/// `armed` runs once the warm-up step is done (fault injection arms its
+/// fault there, so that the warm-up itself never fails).
 fn start_executor<B: Backend + 'static>(
     backend: B,
     config: &Config,
     links: ExecutorLinks,
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
+    armed: impl FnOnce(&B),
 ) -> Result<()> {
     let spec = ModelSpec::parse(&config.model, config.seed)?;
     let (model_config, src) = spec.open()?;
-    info!(model = %model_config.name, source = %src.describe(), params = model_config.num_params(), "loading model");
     let capacity = kv_capacity(&backend, config, &model_config);
+    memory::check_fits(
+        &backend,
+        config,
+        memory::need(&backend, &model_config, &capacity),
+    )?;
+    info!(model = %model_config.name, source = %src.describe(), params = model_config.num_params(), "loading model");
     let t0 = Instant::now();
     let mut last = Instant::now();
     let mut engine = Engine::new(
@@ -192,6 +216,7 @@ fn start_executor<B: Backend + 'static>(
     )?;
     links.notifier.status("warming up");
     warm_up(&mut engine)?;
+    armed(engine.backend());
     let (kind, device) = engine.backend().describe();
     info!(
         backend = %kind,
@@ -222,15 +247,33 @@ fn start_executor<B: Backend + 'static>(
         shared: links.shared,
         gauges,
     };
-    executor::run(
-        engine,
-        rx,
-        out,
-        config.limits.max_sequences,
-        Duration::from_micros(config.spin_us),
-        beat,
-    );
+    let tuning = Tuning {
+        max_sequences: config.limits.max_sequences,
+        spin: Duration::from_micros(config.spin_us),
+    };
+    executor::run(engine, rx, out, tuning, beat);
     Ok(())
+}
+
+/// The CPU backend; under fault injection (test builds only, with
+/// `TACFLOW_INJECT_FAULT` set) wrapped in `backend::faults::Faulty`.
+fn start_cpu(
+    config: &Config,
+    links: ExecutorLinks,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ServerInfo>>,
+) -> Result<()> {
+    let cpu = CpuBackend {
+        round_to_bf16: config.cpu_round_bf16,
+    };
+    #[cfg(feature = "fault-injection")]
+    if let Some((spec, plan)) = inject::plan_from_env()? {
+        let faulty = crate::backend::faults::Faulty::new(cpu);
+        return start_executor(faulty, config, links, rx, ready, |b| {
+            inject::arm(b, &spec, plan)
+        });
+    }
+    start_executor(cpu, config, links, rx, ready, |_| {})
 }
 
 /// Picks the backend the configuration asks for.
@@ -264,19 +307,13 @@ fn spawn_executor(
 ) -> Result<std::thread::JoinHandle<()>> {
     let config = config.clone();
     std::thread::Builder::new()
-        .name("executor".into())
+        .name(EXECUTOR_THREAD.into())
         .spawn(move || {
             let fail = ready.clone();
             let r = match kind {
-                BackendKind::Cuda => {
-                    CudaBackend::new(0).and_then(|b| start_executor(b, &config, links, rx, ready))
-                }
-                _ => {
-                    let cpu = CpuBackend {
-                        round_to_bf16: config.cpu_round_bf16,
-                    };
-                    start_executor(cpu, &config, links, rx, ready)
-                }
+                BackendKind::Cuda => CudaBackend::new(0)
+                    .and_then(|b| start_executor(b, &config, links, rx, ready, |_| {})),
+                _ => start_cpu(&config, links, rx, ready),
             };
             if let Err(e) = r {
                 let _ = fail.send(Err(e));
@@ -372,8 +409,12 @@ impl Helpers {
 
 /// Runs the daemon until `shutdown` is triggered and every request is
 /// answered. `on_ready` is called once the socket accepts clients.
+///
+/// Returns an error when start-up is refused, when shutdown timed out, and
+/// after a fatal fault (`Error::Fatal`), so that the process exits non-zero.
 pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> Result<()> {
     config.validate()?;
+    listen::check_not_served(&config)?;
     let notifier = Notifier::from_env();
     notifier.status(&format!("loading model {}", config.model));
     let ctx = zmq::Context::new();
@@ -385,6 +426,7 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
     let (out_tx, out_rx) = mpsc::channel::<Outgoing>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<ServerInfo>>();
     let shared = Arc::new(Shared::default());
+    let _hook = PanicHook::install(shared.clone(), std::thread::current().id());
     let links = ExecutorLinks {
         tx: out_tx,
         wake: wake_tx,
@@ -432,14 +474,27 @@ pub fn run(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(&Path)) -> 
         identity: zmq::Message::new(),
         first: zmq::Message::new(),
         warned_no_credentials: false,
+        failing: None,
     };
     let served = io.run(&shutdown);
+    if served.is_err() {
+        // Give the last replies (the fault's) a moment to leave.
+        let _ = io.router.set_linger(100);
+    }
+    let notifier = io.notifier.clone();
     drop(io);
     helpers.stop();
     listeners.remove_files();
-    if served.is_ok() {
-        let _ = exec.join();
-        info!("stopped");
+    match &served {
+        Ok(()) => {
+            let _ = exec.join();
+            info!("stopped");
+        }
+        Err(e) => {
+            // The executor may be stuck on a dead device: not joined.
+            notifier.exiting(&e.to_string());
+            tracing::error!(cause = %e, "exiting");
+        }
     }
     served
 }

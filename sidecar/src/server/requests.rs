@@ -6,7 +6,7 @@ use super::io::{Io, Reply};
 use crate::engine::step::{LogitsTarget, StepWork};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tacflow_ipc::codec::encode_reply;
 use tacflow_ipc::*;
 use tracing::{debug, info, warn};
@@ -263,12 +263,21 @@ impl Io {
     }
 
     pub(super) fn health(&self, rid: u64) -> HealthReply {
+        let v = super::health::judge(
+            self.shared.fatal.get(),
+            self.shared.busy_for(),
+            Duration::from_millis(self.config.wedged_after_ms),
+            self.stopping,
+        );
         HealthReply {
             request_id: rid,
-            status: if self.stopping { "stopping" } else { "ok" }.into(),
+            status: v.status.into(),
             instance_id: self.info.instance_id.clone(),
             backend: self.info.backend.clone(),
             executor_idle_ms: self.info.gauges.idle_ms(),
+            executor: Some(v.executor.into()),
+            device: Some(v.device.into()),
+            reason: v.reason,
         }
     }
 }

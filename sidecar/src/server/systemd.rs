@@ -67,6 +67,22 @@ impl Notifier {
         ]);
     }
 
+    /// A fatal fault: the daemon answers what waits and exits soon.
+    pub fn failing(&self, why: &str) {
+        self.send(&[
+            NotifyState::Stopping,
+            NotifyState::Status(&format!("failing: {why}")),
+        ]);
+    }
+
+    /// The daemon exits on an error: the last STATUS says which.
+    pub fn exiting(&self, why: &str) {
+        self.send(&[
+            NotifyState::Stopping,
+            NotifyState::Status(&format!("exiting: {why}")),
+        ]);
+    }
+
     fn watchdog(&self, status: &str) {
         self.send(&[NotifyState::Watchdog, NotifyState::Status(status)]);
     }
