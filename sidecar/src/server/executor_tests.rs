@@ -207,7 +207,6 @@ fn a_fault_raised_elsewhere_is_answered_to_queued_commands() {
 }
 
 /// With the fault-injecting backend (`backend::faults`).
-#[cfg(feature = "fault-injection")]
 mod faults {
     use super::*;
     use crate::backend::faults::Faulty;
