@@ -26,23 +26,9 @@ pub enum AttnKernel {
 /// variant writes (`8 x CTAs` u64, `TL_*` in attention/common.cuh).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AttnForce {
-    pub splits: Option<usize>,
+    pub plan: AttnOverride,
     pub kernel: Option<AttnKernel>,
-    pub head_major: Option<bool>,
-    pub coop: Option<bool>,
-    pub uneven: Option<bool>,
     pub timeline: Option<u64>,
-}
-
-impl AttnForce {
-    fn overrides(&self) -> AttnOverride {
-        AttnOverride {
-            splits: self.splits,
-            head_major: self.head_major,
-            coop: self.coop,
-            uneven: self.uneven,
-        }
-    }
 }
 
 impl Gpu {
@@ -66,7 +52,7 @@ impl Gpu {
             Some(AttnKernel::Main(v)) => v,
             _ => AttnVariant::default_for(shape.head_dim, shape.heads_per_cta()),
         };
-        self.attention_plan_for(shape, rows, max_kv_len, v, force.overrides())
+        self.attention_plan_for(shape, rows, max_kv_len, v, force.plan)
     }
 
     /// [`Gpu::attention`] with the kernel chosen by `force` (the daemon's
@@ -84,7 +70,7 @@ impl Gpu {
             None => AttnVariant::default_for(shape.head_dim, shape.heads_per_cta()),
             Some(AttnKernel::Main(v)) => v,
             Some(AttnKernel::First) => {
-                let plan = self.attention_plan(&shape, rows, max_kv, force.overrides());
+                let plan = self.attention_plan(&shape, rows, max_kv, force.plan);
                 let AttnIo {
                     qkv,
                     kv,
@@ -96,7 +82,7 @@ impl Gpu {
                     (qkv, kv, layer, out),
                     &shape,
                     &plan,
-                    force.splits,
+                    force.plan.splits,
                 )?;
                 return Ok(AttnPlan {
                     splits,
@@ -106,7 +92,7 @@ impl Gpu {
                 });
             }
         };
-        let plan = self.attention_plan_for(&shape, rows, max_kv, v, force.overrides());
+        let plan = self.attention_plan_for(&shape, rows, max_kv, v, force.plan);
         self.attention_launch(step, io, shape, plan, force.timeline.unwrap_or(0))
     }
 }

@@ -136,18 +136,12 @@ impl CudaBackend {
     pub fn attention_forced(
         &self,
         step: &DeviceStep,
-        (qkv, kv, layer): (&Act, &KvCache, usize),
+        src: (&Act, &KvCache, usize),
         d: AttnDims,
         out: &mut Act,
         force: AttnOverride,
     ) -> Result<AttnPlan> {
-        let shape = self.attention_shape(step, qkv, d, out)?;
-        let io = AttnIo {
-            qkv: qkv.f32("attention")?,
-            kv,
-            layer,
-            out: self.out_f32(out)?,
-        };
+        let (io, shape) = self.attention_io(step, src, d, out)?;
         Ok(self.gpu.attention(step, io, shape, force)?)
     }
 
@@ -157,39 +151,41 @@ impl CudaBackend {
     pub fn attention_lab(
         &self,
         step: &DeviceStep,
-        (qkv, kv, layer): (&Act, &KvCache, usize),
+        src: (&Act, &KvCache, usize),
         d: AttnDims,
         out: &mut Act,
         force: tacflow_kernels::cuda::lab::AttnForce,
     ) -> Result<AttnPlan> {
-        let shape = self.attention_shape(step, qkv, d, out)?;
+        let (io, shape) = self.attention_io(step, src, d, out)?;
+        Ok(self.gpu.attention_forced(step, io, shape, force)?)
+    }
+
+    /// What an attention launch reads and writes, and the kernels' view of
+    /// its shape, the rows checked.
+    fn attention_io<'a>(
+        &self,
+        step: &DeviceStep,
+        (qkv, kv, layer): (&'a Act, &'a KvCache, usize),
+        d: AttnDims,
+        out: &'a mut Act,
+    ) -> Result<(AttnIo<'a>, AttnShape)> {
+        check(
+            qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(),
+            || "attention: shapes".into(),
+        )?;
+        let shape = AttnShape {
+            num_heads: d.num_heads,
+            kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            qkv_stride: qkv.cols,
+        };
         let io = AttnIo {
             qkv: qkv.f32("attention")?,
             kv,
             layer,
             out: self.out_f32(out)?,
         };
-        Ok(self.gpu.attention_forced(step, io, shape, force)?)
-    }
-
-    /// The kernels' view of the attention's shape, the rows checked.
-    fn attention_shape(
-        &self,
-        step: &DeviceStep,
-        qkv: &Act,
-        d: AttnDims,
-        out: &Act,
-    ) -> Result<AttnShape> {
-        check(
-            qkv.rows == step.rows && out.rows == step.rows && out.cols == d.q_dim(),
-            || "attention: shapes".into(),
-        )?;
-        Ok(AttnShape {
-            num_heads: d.num_heads,
-            kv_heads: d.num_kv_heads,
-            head_dim: d.head_dim,
-            qkv_stride: qkv.cols,
-        })
+        Ok((io, shape))
     }
 
     /// Greedy or seeded sampling of every row of `logits` as

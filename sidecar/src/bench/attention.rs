@@ -23,7 +23,7 @@ use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 use tacflow_kernels::cuda::lab::{AttnForce, AttnKernel};
 use tacflow_kernels::cuda::sources::ATTENTION_BENCH_VARIANTS;
 use tacflow_kernels::cuda::{
-    AttnIo, AttnLoad, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache, StepArrays,
+    AttnIo, AttnLoad, AttnOverride, AttnShape, AttnVariant, DeviceStep, Gpu, KvCache, StepArrays,
 };
 use tacflow_kernels::rng::random_weight;
 
@@ -149,7 +149,7 @@ fn prepare(gpu: &Gpu, s: BenchShape, batch: usize, ctx: usize, seed: u64) -> Res
 }
 
 fn kernel_name(f: &AttnForce) -> String {
-    let order = match f.head_major {
+    let order = match f.plan.head_major {
         Some(false) => "/rows",
         _ => "",
     };
@@ -158,13 +158,17 @@ fn kernel_name(f: &AttnForce) -> String {
         Some(AttnKernel::Main(v)) => v.tag(),
         Some(AttnKernel::First) => "first".into(),
     };
-    let splits = f.splits.map_or(String::new(), |n| format!("/s{n}"));
-    let coop = match f.coop {
+    let splits = f.plan.splits.map_or(String::new(), |n| format!("/s{n}"));
+    let coop = match f.plan.coop {
         Some(true) => "/coop",
         Some(false) => "/last",
         None => "",
     };
-    let even = if f.uneven == Some(false) { "/even" } else { "" };
+    let even = if f.plan.uneven == Some(false) {
+        "/even"
+    } else {
+        ""
+    };
     format!("{name}{order}{splits}{coop}{even}")
 }
 
@@ -250,16 +254,17 @@ pub fn run(opts: &Options) -> Result<()> {
         copy / 1e9,
         samples.len()
     );
+    let plan = AttnOverride::default();
     let force = |kernel, head_major| AttnForce {
-        splits: None,
+        plan: AttnOverride { head_major, ..plan },
         kernel,
-        head_major,
-        coop: None,
-        uneven: None,
         timeline: None,
     };
     let forced_splits = opts.splits.iter().map(|&n| AttnForce {
-        splits: Some(n),
+        plan: AttnOverride {
+            splits: Some(n),
+            ..plan
+        },
         ..force(None, None)
     });
     let (read, _) = read_bandwidth(&gpu, 2 << 30, 20)?;
@@ -274,13 +279,19 @@ pub fn run(opts: &Options) -> Result<()> {
         // The other merge of the splits (the plan's choice is the first row).
         for coop in [true, false] {
             kernels.push(AttnForce {
-                coop: Some(coop),
+                plan: AttnOverride {
+                    coop: Some(coop),
+                    ..plan
+                },
                 ..force(None, None)
             });
         }
         // Splits of equal length (the plan's choice is unequal).
         kernels.push(AttnForce {
-            uneven: Some(false),
+            plan: AttnOverride {
+                uneven: Some(false),
+                ..plan
+            },
             ..force(None, None)
         });
         kernels.push(force(None, Some(!HEAD_MAJOR)));

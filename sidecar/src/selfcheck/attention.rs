@@ -322,11 +322,8 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         #[cfg(feature = "lab")]
         CaseKernel::Lab(k) => {
             let force = AttnForce {
-                splits,
+                plan: over,
                 kernel: Some(k),
-                head_major: c.head_major,
-                coop: c.coop,
-                uneven: c.uneven,
                 timeline: None,
             };
             cx.b.attention_lab(&ds, io, dims, &mut out, force)?
