@@ -7,6 +7,7 @@
 //! | I/O thread, executor thread, sessions, shutdown | [`server`] |
 //! | sequences, KV blocks, steps | [`engine`] |
 //! | the decoder and its weights | [`model`] |
+//! | the forward pass as ops x row ranges x lanes | [`schedule`] |
 //! | the ops it runs on (CPU reference, CUDA) | [`backend`] |
 //! | GPU against CPU, every kernel and whole models | [`selfcheck`] |
 //! | GPU benchmarks (the `lab` feature: hidden subcommands) | `bench` |
@@ -19,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod schedule;
 pub mod selfcheck;
 pub mod server;
 
