@@ -5,7 +5,8 @@
 //! GPU holds and the two can be compared at bf16 tolerance.
 
 use super::{
-    AttnDims, Backend, HostData, HostLayerView, KvLayout, SampleOutput, Selections, StepMeta,
+    AttnDims, Backend, HostData, HostLayerView, KvLayout, RowRange, SampleOutput, Selections,
+    SeqMeta, StepMeta,
 };
 use crate::error::{Error, Result};
 use half::bf16;
@@ -47,6 +48,26 @@ impl CpuKv {
     }
 }
 
+impl Mat {
+    /// The values of `rows`, row-major.
+    fn rows(&self, r: &RowRange) -> &[f32] {
+        &self.data[r.start * self.cols..r.end * self.cols]
+    }
+
+    fn rows_mut(&mut self, r: &RowRange) -> &mut [f32] {
+        &mut self.data[r.start * self.cols..r.end * self.cols]
+    }
+}
+
+/// The part of sequence `s` whose rows lie in `rows`, as the attention of
+/// those rows alone sees it: its first row in the range, how many, and the
+/// keys its last one sees.
+fn seq_part(s: &SeqMeta, rows: &RowRange) -> Option<(usize, usize, usize)> {
+    let start = s.q_start.max(rows.start);
+    let end = (s.q_start + s.q_len).min(rows.end);
+    (start < end).then(|| (start, end - start, s.ctx_len - (s.q_start + s.q_len - end)))
+}
+
 impl CpuBackend {
     fn to_f32(&self, n: usize, data: HostData<'_>) -> Result<Vec<f32>> {
         if let Some(len) = data.host_len()
@@ -71,6 +92,8 @@ impl Backend for CpuBackend {
     type Vector = Vec<f32>;
     type Kv = CpuKv;
     type Step = StepMeta;
+    /// The CPU runs each op as it is issued: nothing to order.
+    type Event = ();
 
     fn describe(&self) -> (String, String) {
         (
@@ -132,39 +155,71 @@ impl Backend for CpuBackend {
         Ok(meta.clone())
     }
 
-    fn embed(&self, step: &StepMeta, table: &Mat, out: &mut Mat) -> Result<()> {
-        cpu::embed(&table.data, table.cols, &step.tokens, &mut out.data);
+    fn lanes(&self) -> usize {
+        usize::MAX
+    }
+
+    fn use_lane(&self, _lane: usize) -> Result<()> {
         Ok(())
     }
 
-    fn rmsnorm(&self, x: &Mat, w: &Vec<f32>, eps: f32, out: &mut Mat) -> Result<()> {
-        cpu::rmsnorm(&x.data, w, eps, &mut out.data);
+    fn new_event(&self) -> Result<()> {
         Ok(())
     }
 
-    fn linear(&self, x: &Mat, w: &Mat, out: &mut Mat) -> Result<()> {
+    fn signal(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn embed(&self, step: &StepMeta, table: &Mat, out: &mut Mat, rows: RowRange) -> Result<()> {
+        let tokens = &step.tokens[rows.clone()];
+        cpu::embed(&table.data, table.cols, tokens, out.rows_mut(&rows));
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Mat,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut Mat,
+        rows: RowRange,
+    ) -> Result<()> {
+        cpu::rmsnorm(x.rows(&rows), w, eps, out.rows_mut(&rows));
+        Ok(())
+    }
+
+    fn linear(&self, x: &Mat, w: &Mat, out: &mut Mat, rows: RowRange) -> Result<()> {
         debug_assert_eq!(x.cols, w.cols);
-        cpu::matmul_nt(&x.data, &w.data, &mut out.data, x.rows, w.rows, w.cols);
+        let m = rows.len();
+        let (xr, or) = (x.rows(&rows), out.rows_mut(&rows));
+        cpu::matmul_nt(xr, &w.data, or, m, w.rows, w.cols);
         Ok(())
     }
 
-    fn add_bias(&self, x: &mut Mat, b: &Vec<f32>) -> Result<()> {
-        cpu::add_bias(&mut x.data, b);
+    fn add_bias(&self, x: &mut Mat, b: &Vec<f32>, rows: RowRange) -> Result<()> {
+        cpu::add_bias(x.rows_mut(&rows), b);
         Ok(())
     }
 
-    fn rope(&self, step: &StepMeta, qkv: &mut Mat, inv_freq: &Vec<f32>, d: AttnDims) -> Result<()> {
+    fn rope(
+        &self,
+        step: &StepMeta,
+        qkv: &mut Mat,
+        inv_freq: &Vec<f32>,
+        d: AttnDims,
+        rows: RowRange,
+    ) -> Result<()> {
         // q and k heads are adjacent in the fused row: rotate them together.
         let heads = d.num_heads + d.num_kv_heads;
-        cpu::rope(
-            &mut qkv.data,
-            qkv.cols,
-            0,
-            heads,
-            d.head_dim,
-            &step.positions,
-            inv_freq,
-        );
+        let cols = qkv.cols;
+        let positions = &step.positions[rows.clone()];
+        let data = qkv.rows_mut(&rows);
+        cpu::rope(data, cols, 0, heads, d.head_dim, positions, inv_freq);
         Ok(())
     }
 
@@ -175,16 +230,17 @@ impl Backend for CpuBackend {
         kv: &mut CpuKv,
         layer: usize,
         d: AttnDims,
+        rows: RowRange,
     ) -> Result<()> {
         let l = kv.layout;
         cpu::kv_append(
             &mut kv.k[layer],
             &mut kv.v[layer],
             (l.num_kv_heads, l.block_size, l.head_dim),
-            &qkv.data,
+            qkv.rows(&rows),
             qkv.cols,
             d.q_dim(),
-            &step.slots,
+            &step.slots[rows],
         );
         Ok(())
     }
@@ -197,8 +253,9 @@ impl Backend for CpuBackend {
         layer: usize,
         d: AttnDims,
         out: &mut Mat,
+        rows: RowRange,
     ) -> Result<()> {
-        self.sparse_attention(step, qkv, kv, layer, d, &[], out)
+        self.sparse_attention(step, qkv, kv, layer, d, &[], out, rows)
     }
 
     fn supports_sparse(&self) -> bool {
@@ -227,17 +284,21 @@ impl Backend for CpuBackend {
         d: AttnDims,
         selections: &Selections,
         out: &mut Mat,
+        rows: RowRange,
     ) -> Result<()> {
         let seqs: Vec<AttnSeq<'_>> = step
             .seqs
             .iter()
             .enumerate()
-            .map(|(i, s)| AttnSeq {
-                q_start: s.q_start,
-                q_len: s.q_len,
-                ctx_len: s.ctx_len,
-                block_table: &s.block_table,
-                selection: selections.get(i).and_then(|x| x.as_deref()),
+            .filter_map(|(i, s)| {
+                let (q_start, q_len, ctx_len) = seq_part(s, &rows)?;
+                Some(AttnSeq {
+                    q_start,
+                    q_len,
+                    ctx_len,
+                    block_table: &s.block_table,
+                    selection: selections.get(i).and_then(|x| x.as_deref()),
+                })
             })
             .collect();
         cpu::paged_attention(
@@ -251,19 +312,20 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add(&self, x: &mut Mat, y: &Mat) -> Result<()> {
-        cpu::add_inplace(&mut x.data, &y.data);
+    fn add(&self, x: &mut Mat, y: &Mat, rows: RowRange) -> Result<()> {
+        cpu::add_inplace(x.rows_mut(&rows), y.rows(&rows));
         Ok(())
     }
 
-    fn silu_mul(&self, gate_up: &Mat, out: &mut Mat) -> Result<()> {
-        cpu::silu_mul(&gate_up.data, out.cols, &mut out.data);
+    fn silu_mul(&self, gate_up: &Mat, out: &mut Mat, rows: RowRange) -> Result<()> {
+        let cols = out.cols;
+        cpu::silu_mul(gate_up.rows(&rows), cols, out.rows_mut(&rows));
         Ok(())
     }
 
-    fn gather_rows(&self, step: &StepMeta, x: &Mat, out: &mut Mat) -> Result<()> {
-        for (i, &r) in step.logit_rows.iter().enumerate() {
-            let r = r as usize;
+    fn gather_rows(&self, step: &StepMeta, x: &Mat, out: &mut Mat, rows: RowRange) -> Result<()> {
+        for i in rows {
+            let r = step.logit_rows[i] as usize;
             out.data[i * x.cols..(i + 1) * x.cols]
                 .copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }

@@ -13,7 +13,7 @@
 //! held in f32 with bf16-rounded values, like the CPU backend's
 //! `round_to_bf16`; [`Backend::constants`] (RoPE frequencies) stay exact.
 
-use super::{AttnDims, Backend, HostData, KvLayout, SampleOutput, StepMeta};
+use super::{AttnDims, Backend, HostData, KvLayout, RowRange, SampleOutput, StepMeta};
 use crate::error::{Error, Result};
 use half::bf16;
 use rayon::prelude::*;
@@ -277,6 +277,14 @@ pub struct Vector {
     data: CudaSlice<f32>,
 }
 
+/// The CUDA backend runs each op over all rows of its activations, on one
+/// lane, for now: a schedule with nano-batches or lanes is refused here.
+fn whole(op: &str, rows: &RowRange, n: usize) -> Result<()> {
+    check(rows.start == 0 && rows.end == n, || {
+        format!("{op}: rows {rows:?} of {n}: the CUDA backend runs whole activations only")
+    })
+}
+
 fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
@@ -351,6 +359,8 @@ impl Backend for CudaBackend {
     type Vector = Vector;
     type Kv = KvCache;
     type Step = DeviceStep;
+    /// One lane: issue order is the order.
+    type Event = ();
 
     fn describe(&self) -> (String, String) {
         let i = self.gpu.info();
@@ -441,7 +451,32 @@ impl Backend for CudaBackend {
         Ok(DeviceStep::upload(&self.gpu, &step_arrays(meta)?)?)
     }
 
-    fn embed(&self, step: &DeviceStep, table: &Matrix, out: &mut Act) -> Result<()> {
+    fn use_lane(&self, lane: usize) -> Result<()> {
+        check(lane == 0, || {
+            format!("lane {lane}: the CUDA backend runs one lane")
+        })
+    }
+
+    fn new_event(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn signal(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn wait(&self, _event: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn embed(
+        &self,
+        step: &DeviceStep,
+        table: &Matrix,
+        out: &mut Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        whole("embed", &rows, out.rows)?;
         check(out.rows == step.rows && out.cols == table.cols, || {
             "embed: output shape".into()
         })?;
@@ -450,7 +485,8 @@ impl Backend for CudaBackend {
         Ok(self.gpu.embed(step, &table.data, table.rows, o, cols)?)
     }
 
-    fn rmsnorm(&self, x: &Act, w: &Vector, eps: f32, out: &mut Act) -> Result<()> {
+    fn rmsnorm(&self, x: &Act, w: &Vector, eps: f32, out: &mut Act, rows: RowRange) -> Result<()> {
+        whole("rmsnorm", &rows, x.rows)?;
         check(out.shape() == x.shape() && w.len == x.cols, || {
             "rmsnorm: shapes".into()
         })?;
@@ -460,7 +496,8 @@ impl Backend for CudaBackend {
             .rmsnorm(x.f32("rmsnorm")?, &w.data, eps, x.shape(), RmsOut::F32(o))?)
     }
 
-    fn linear(&self, x: &Act, w: &Matrix, out: &mut Act) -> Result<()> {
+    fn linear(&self, x: &Act, w: &Matrix, out: &mut Act, rows: RowRange) -> Result<()> {
+        whole("linear", &rows, x.rows)?;
         check(
             x.cols == w.cols && out.rows == x.rows && out.cols == w.rows,
             || {
@@ -487,13 +524,22 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn add_bias(&self, x: &mut Act, b: &Vector) -> Result<()> {
+    fn add_bias(&self, x: &mut Act, b: &Vector, rows: RowRange) -> Result<()> {
+        whole("add_bias", &rows, x.rows)?;
         check(b.len == x.cols, || "add_bias: width".into())?;
         let shape = x.shape();
         Ok(self.gpu.add_bias(x.f32_mut("add_bias")?, &b.data, shape)?)
     }
 
-    fn rope(&self, step: &DeviceStep, qkv: &mut Act, inv_freq: &Vector, d: AttnDims) -> Result<()> {
+    fn rope(
+        &self,
+        step: &DeviceStep,
+        qkv: &mut Act,
+        inv_freq: &Vector,
+        d: AttnDims,
+        rows: RowRange,
+    ) -> Result<()> {
+        whole("rope", &rows, qkv.rows)?;
         let shape = qkv.shape();
         let heads = d.num_heads + d.num_kv_heads;
         Ok(self.gpu.rope(
@@ -513,7 +559,9 @@ impl Backend for CudaBackend {
         kv: &mut KvCache,
         layer: usize,
         d: AttnDims,
+        rows: RowRange,
     ) -> Result<()> {
+        whole("kv_append", &rows, qkv.rows)?;
         check(qkv.rows == step.rows, || "kv_append: rows".into())?;
         Ok(self
             .gpu
@@ -528,18 +576,22 @@ impl Backend for CudaBackend {
         layer: usize,
         d: AttnDims,
         out: &mut Act,
+        rows: RowRange,
     ) -> Result<()> {
+        whole("attention", &rows, qkv.rows)?;
         self.attention_forced(step, (qkv, kv, layer), d, out, AttnOverride::default())?;
         Ok(())
     }
 
-    fn add(&self, x: &mut Act, y: &Act) -> Result<()> {
+    fn add(&self, x: &mut Act, y: &Act, rows: RowRange) -> Result<()> {
+        whole("add", &rows, x.rows)?;
         check(x.shape() == y.shape(), || "add: shapes".into())?;
         let n = x.rows * x.cols;
         Ok(self.gpu.add(x.f32_mut("add")?, y.f32("add")?, n)?)
     }
 
-    fn silu_mul(&self, gate_up: &Act, out: &mut Act) -> Result<()> {
+    fn silu_mul(&self, gate_up: &Act, out: &mut Act, rows: RowRange) -> Result<()> {
+        whole("silu_mul", &rows, out.rows)?;
         check(
             gate_up.rows == out.rows && gate_up.cols == 2 * out.cols,
             || "silu_mul: shapes".into(),
@@ -551,7 +603,8 @@ impl Backend for CudaBackend {
             .silu_mul(gate_up.f32("silu_mul")?, o, rows, inter)?)
     }
 
-    fn gather_rows(&self, step: &DeviceStep, x: &Act, out: &mut Act) -> Result<()> {
+    fn gather_rows(&self, step: &DeviceStep, x: &Act, out: &mut Act, rows: RowRange) -> Result<()> {
+        whole("gather_rows", &rows, out.rows)?;
         check(out.rows == step.logit_rows && out.cols == x.cols, || {
             "gather_rows: shapes".into()
         })?;

@@ -9,7 +9,8 @@
 //! ops: they are neither counted nor failed.
 
 use super::{
-    AttnDims, Backend, HostData, HostLayerView, KvLayout, SampleOutput, Selections, StepMeta,
+    AttnDims, Backend, HostData, HostLayerView, KvLayout, RowRange, SampleOutput, Selections,
+    StepMeta,
 };
 use crate::error::{Error, Result};
 use std::sync::Mutex;
@@ -172,6 +173,7 @@ impl<B: Backend> Backend for Faulty<B> {
     type Vector = B::Vector;
     type Kv = B::Kv;
     type Step = B::Step;
+    type Event = B::Event;
 
     fn describe(&self) -> (String, String) {
         let (kind, device) = self.inner.describe();
@@ -227,24 +229,65 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.begin_step(meta)
     }
 
-    fn embed(&self, step: &B::Step, table: &B::Matrix, out: &mut B::Act) -> Result<()> {
+    fn lanes(&self) -> usize {
+        self.inner.lanes()
+    }
+
+    fn use_lane(&self, lane: usize) -> Result<()> {
+        self.tick("use_lane", false)?;
+        self.inner.use_lane(lane)
+    }
+
+    fn new_event(&self) -> Result<B::Event> {
+        self.tick("new_event", false)?;
+        self.inner.new_event()
+    }
+
+    fn signal(&self, event: &B::Event) -> Result<()> {
+        self.tick("signal", false)?;
+        self.inner.signal(event)
+    }
+
+    fn wait(&self, event: &B::Event) -> Result<()> {
+        self.tick("wait", false)?;
+        self.inner.wait(event)
+    }
+
+    fn begin_node(&self, node: usize) {
+        self.inner.begin_node(node)
+    }
+
+    fn embed(
+        &self,
+        step: &B::Step,
+        table: &B::Matrix,
+        out: &mut B::Act,
+        rows: RowRange,
+    ) -> Result<()> {
         self.tick("embed", false)?;
-        self.inner.embed(step, table, out)
+        self.inner.embed(step, table, out, rows)
     }
 
-    fn rmsnorm(&self, x: &B::Act, w: &B::Vector, eps: f32, out: &mut B::Act) -> Result<()> {
+    fn rmsnorm(
+        &self,
+        x: &B::Act,
+        w: &B::Vector,
+        eps: f32,
+        out: &mut B::Act,
+        rows: RowRange,
+    ) -> Result<()> {
         self.tick("rmsnorm", false)?;
-        self.inner.rmsnorm(x, w, eps, out)
+        self.inner.rmsnorm(x, w, eps, out, rows)
     }
 
-    fn linear(&self, x: &B::Act, w: &B::Matrix, out: &mut B::Act) -> Result<()> {
+    fn linear(&self, x: &B::Act, w: &B::Matrix, out: &mut B::Act, rows: RowRange) -> Result<()> {
         self.tick("linear", false)?;
-        self.inner.linear(x, w, out)
+        self.inner.linear(x, w, out, rows)
     }
 
-    fn add_bias(&self, x: &mut B::Act, b: &B::Vector) -> Result<()> {
+    fn add_bias(&self, x: &mut B::Act, b: &B::Vector, rows: RowRange) -> Result<()> {
         self.tick("add_bias", false)?;
-        self.inner.add_bias(x, b)
+        self.inner.add_bias(x, b, rows)
     }
 
     fn rope(
@@ -253,9 +296,10 @@ impl<B: Backend> Backend for Faulty<B> {
         qkv: &mut B::Act,
         inv_freq: &B::Vector,
         dims: AttnDims,
+        rows: RowRange,
     ) -> Result<()> {
         self.tick("rope", false)?;
-        self.inner.rope(step, qkv, inv_freq, dims)
+        self.inner.rope(step, qkv, inv_freq, dims, rows)
     }
 
     fn kv_append(
@@ -265,9 +309,10 @@ impl<B: Backend> Backend for Faulty<B> {
         kv: &mut B::Kv,
         layer: usize,
         dims: AttnDims,
+        rows: RowRange,
     ) -> Result<()> {
         self.tick("kv_append", false)?;
-        self.inner.kv_append(step, qkv, kv, layer, dims)
+        self.inner.kv_append(step, qkv, kv, layer, dims, rows)
     }
 
     fn attention(
@@ -278,9 +323,10 @@ impl<B: Backend> Backend for Faulty<B> {
         layer: usize,
         dims: AttnDims,
         out: &mut B::Act,
+        rows: RowRange,
     ) -> Result<()> {
         self.tick("attention", false)?;
-        self.inner.attention(step, qkv, kv, layer, dims, out)
+        self.inner.attention(step, qkv, kv, layer, dims, out, rows)
     }
 
     fn supports_sparse(&self) -> bool {
@@ -308,25 +354,32 @@ impl<B: Backend> Backend for Faulty<B> {
         dims: AttnDims,
         selections: &Selections,
         out: &mut B::Act,
+        rows: RowRange,
     ) -> Result<()> {
         self.tick("sparse_attention", false)?;
         self.inner
-            .sparse_attention(step, qkv, kv, layer, dims, selections, out)
+            .sparse_attention(step, qkv, kv, layer, dims, selections, out, rows)
     }
 
-    fn add(&self, x: &mut B::Act, y: &B::Act) -> Result<()> {
+    fn add(&self, x: &mut B::Act, y: &B::Act, rows: RowRange) -> Result<()> {
         self.tick("add", false)?;
-        self.inner.add(x, y)
+        self.inner.add(x, y, rows)
     }
 
-    fn silu_mul(&self, gate_up: &B::Act, out: &mut B::Act) -> Result<()> {
+    fn silu_mul(&self, gate_up: &B::Act, out: &mut B::Act, rows: RowRange) -> Result<()> {
         self.tick("silu_mul", false)?;
-        self.inner.silu_mul(gate_up, out)
+        self.inner.silu_mul(gate_up, out, rows)
     }
 
-    fn gather_rows(&self, step: &B::Step, x: &B::Act, out: &mut B::Act) -> Result<()> {
+    fn gather_rows(
+        &self,
+        step: &B::Step,
+        x: &B::Act,
+        out: &mut B::Act,
+        rows: RowRange,
+    ) -> Result<()> {
         self.tick("gather_rows", false)?;
-        self.inner.gather_rows(step, x, out)
+        self.inner.gather_rows(step, x, out, rows)
     }
 
     fn sample(

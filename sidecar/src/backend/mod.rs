@@ -134,6 +134,9 @@ pub struct StepMeta {
     pub logit_rows: Vec<u32>,
 }
 
+/// Rows of an activation an op runs on (a nano-batch).
+pub type RowRange = std::ops::Range<usize>;
+
 /// One layer's queries and cache as host memory, for the sparse attention
 /// policies, which select on the CPU (`engine::sparse`).
 #[derive(Debug, Clone, Copy)]
@@ -171,6 +174,8 @@ pub trait Backend {
     type Kv;
     /// A step's metadata as the backend keeps it (on the device for a GPU).
     type Step;
+    /// An ordering point between lanes (a CUDA event on the GPU).
+    type Event;
 
     /// `"cpu"` or `"cuda"`, and the device in words.
     fn describe(&self) -> (String, String);
@@ -201,14 +206,57 @@ pub trait Backend {
 
     fn begin_step(&self, meta: &StepMeta) -> Result<Self::Step>;
 
+    /// How many lanes the backend runs at once; a schedule with more is
+    /// refused. The CPU runs every op as it is issued, so any number of
+    /// lanes is one stream of work to it.
+    fn lanes(&self) -> usize {
+        1
+    }
+    /// Issues the ops that follow on `lane` (on a GPU: its stream, cuBLAS
+    /// handle and workspaces).
+    fn use_lane(&self, lane: usize) -> Result<()>;
+    fn new_event(&self) -> Result<Self::Event>;
+    /// Marks, on the current lane, the point after the ops issued on it so
+    /// far.
+    fn signal(&self, event: &Self::Event) -> Result<()>;
+    /// The current lane waits for `event`'s point before the ops issued on
+    /// it next (the event must have been signalled already).
+    fn wait(&self, event: &Self::Event) -> Result<()>;
+    /// Names the schedule node whose waits, ops and signals follow (a
+    /// recording backend logs it; others ignore it).
+    fn begin_node(&self, _node: usize) {}
+
+    // Every op below runs on `rows`, a range of the rows of its activations
+    // (the step's token rows; for `gather_rows`, and the final norm and LM
+    // head after it, the logit rows), so that one op can be cut into
+    // nano-batches on several lanes.
+
     /// `out[t] = table[tokens[t]]`.
-    fn embed(&self, step: &Self::Step, table: &Self::Matrix, out: &mut Self::Act) -> Result<()>;
-    fn rmsnorm(&self, x: &Self::Act, w: &Self::Vector, eps: f32, out: &mut Self::Act)
-    -> Result<()>;
+    fn embed(
+        &self,
+        step: &Self::Step,
+        table: &Self::Matrix,
+        out: &mut Self::Act,
+        rows: RowRange,
+    ) -> Result<()>;
+    fn rmsnorm(
+        &self,
+        x: &Self::Act,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Act,
+        rows: RowRange,
+    ) -> Result<()>;
     /// `out = x · wᵀ`.
-    fn linear(&self, x: &Self::Act, w: &Self::Matrix, out: &mut Self::Act) -> Result<()>;
+    fn linear(
+        &self,
+        x: &Self::Act,
+        w: &Self::Matrix,
+        out: &mut Self::Act,
+        rows: RowRange,
+    ) -> Result<()>;
     /// `x[t] += b` for every row.
-    fn add_bias(&self, x: &mut Self::Act, b: &Self::Vector) -> Result<()>;
+    fn add_bias(&self, x: &mut Self::Act, b: &Self::Vector, rows: RowRange) -> Result<()>;
     /// Rotates the q and k heads of fused `[q | k | v]` rows by each token's
     /// position; `inv_freq` holds `head_dim / 2` inverse frequencies.
     fn rope(
@@ -217,6 +265,7 @@ pub trait Backend {
         qkv: &mut Self::Act,
         inv_freq: &Self::Vector,
         dims: AttnDims,
+        rows: RowRange,
     ) -> Result<()>;
     /// Writes the step's k and v rows into their KV slots of `layer`.
     fn kv_append(
@@ -226,8 +275,13 @@ pub trait Backend {
         kv: &mut Self::Kv,
         layer: usize,
         dims: AttnDims,
+        rows: RowRange,
     ) -> Result<()>;
-    /// Causal attention of the step's queries over their sequences' cache.
+    /// Causal attention of the step's queries over their sequences' cache:
+    /// row `r` sees its sequence's keys up to its own position, including
+    /// the keys this step appends for earlier rows of that sequence (which
+    /// must have been appended by then).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         step: &Self::Step,
@@ -236,6 +290,7 @@ pub trait Backend {
         layer: usize,
         dims: AttnDims,
         out: &mut Self::Act,
+        rows: RowRange,
     ) -> Result<()>;
     /// Whether [`Backend::host_view`] and [`Backend::sparse_attention`] work,
     /// i.e. whether sequences may use sparse attention policies.
@@ -265,17 +320,24 @@ pub trait Backend {
         _dims: AttnDims,
         _selections: &Selections,
         _out: &mut Self::Act,
+        _rows: RowRange,
     ) -> Result<()> {
         Err(crate::error::Error::Backend(
             "this backend runs full attention only".into(),
         ))
     }
     /// `x += y`.
-    fn add(&self, x: &mut Self::Act, y: &Self::Act) -> Result<()>;
+    fn add(&self, x: &mut Self::Act, y: &Self::Act, rows: RowRange) -> Result<()>;
     /// SwiGLU over rows `[gate | up]`.
-    fn silu_mul(&self, gate_up: &Self::Act, out: &mut Self::Act) -> Result<()>;
-    /// `out[i] = x[step.logit_rows[i]]`.
-    fn gather_rows(&self, step: &Self::Step, x: &Self::Act, out: &mut Self::Act) -> Result<()>;
+    fn silu_mul(&self, gate_up: &Self::Act, out: &mut Self::Act, rows: RowRange) -> Result<()>;
+    /// `out[i] = x[step.logit_rows[i]]` for the logit rows `i` in `rows`.
+    fn gather_rows(
+        &self,
+        step: &Self::Step,
+        x: &Self::Act,
+        out: &mut Self::Act,
+        rows: RowRange,
+    ) -> Result<()>;
     /// Samples the rows of `logits` whose `params` are `Some`, and returns
     /// the logits to the host when `want_logits`.
     fn sample(

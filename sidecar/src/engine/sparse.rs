@@ -8,7 +8,7 @@
 //! exposes (the CPU backend).
 
 use super::undo::Undo;
-use crate::backend::{HostLayerView, StepMeta};
+use crate::backend::{HostLayerView, RowRange, StepMeta};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -175,12 +175,16 @@ impl<'a> Selector<'a> {
         !self.slots.is_empty()
     }
 
-    /// Computes this layer's selections; returns them per step sequence.
+    /// Computes this layer's selections of the decode entries whose row
+    /// lies in `rows` (an attention node of the schedule); returns them per
+    /// step sequence (entries outside `rows` keep an earlier selection,
+    /// which the attention of `rows` does not read).
     pub fn select(
         &mut self,
         layer: usize,
         view: Option<HostLayerView<'_>>,
         meta: &StepMeta,
+        rows: &RowRange,
     ) -> Result<&[Option<Vec<Vec<u32>>>]> {
         let view = view.ok_or_else(|| {
             Error::Backend("sparse attention policies need the CPU backend".into())
@@ -189,6 +193,7 @@ impl<'a> Selector<'a> {
         let picks: Vec<(usize, Vec<Vec<u32>>)> = self
             .slots
             .par_iter_mut()
+            .filter(|slot| rows.contains(&meta.seqs[slot.seq].q_start))
             .map(|slot| {
                 let s = &meta.seqs[slot.seq];
                 let row = s.q_start;

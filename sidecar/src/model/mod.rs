@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | shapes, `config.json`, presets | [`config`] |
 //! | tensor sources (random, safetensors, GGUF) | [`weights`], [`hf`], [`gguf`] |
-//! | the forward pass | this file |
+//! | the forward pass: each op of a schedule node over its rows | this file |
 
 pub mod config;
 pub mod gguf;
@@ -14,6 +14,8 @@ pub mod weights;
 use crate::backend::{AttnDims, Backend, StepMeta};
 use crate::engine::sparse::Selector;
 use crate::error::{Error, Result};
+use crate::schedule::program::Program;
+use crate::schedule::{Node, Op, Schedule, build, order, run};
 use config::ModelConfig;
 use std::path::Path;
 use tacflow_kernels::cpu::{RopeScaling, rope_inv_freq};
@@ -111,7 +113,7 @@ impl ModelSpec {
     }
 }
 
-/// Activation buffers of one forward pass.
+/// Activation buffers of one forward pass (`schedule::Buf` names them).
 struct Workspace<B: Backend> {
     x: B::Act,
     h: B::Act,
@@ -120,6 +122,17 @@ struct Workspace<B: Backend> {
     proj: B::Act,
     gate_up: B::Act,
     act: B::Act,
+    sel: B::Act,
+    normed: B::Act,
+    logits: B::Act,
+}
+
+/// What one node of a pass needs besides the weights.
+struct Pass<'p, 's, B: Backend> {
+    step: B::Step,
+    meta: &'p StepMeta,
+    w: Workspace<B>,
+    selector: Option<&'p mut Selector<'s>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -204,6 +217,14 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The ops of this model's forward pass, in order.
+    pub fn program(&self) -> Program {
+        Program {
+            layers: self.config.num_layers,
+            qkv_bias: self.config.qkv_bias,
+        }
+    }
+
     /// Runs every layer over the step's tokens and returns the logits of
     /// `meta.logit_rows`, `[rows, vocab]`.
     pub fn forward(&self, b: &B, kv: &mut B::Kv, meta: &StepMeta) -> Result<B::Act> {
@@ -211,62 +232,96 @@ impl<B: Backend> Model<B> {
     }
 
     /// [`Model::forward`] with sparse decode attention: `selector` chooses,
-    /// layer by layer, the slots its sequences' decode tokens attend.
+    /// layer by layer, the slots its sequences' decode tokens attend. The
+    /// sequential schedule: one lane, one node per op.
     pub fn forward_with(
         &self,
         b: &B,
         kv: &mut B::Kv,
         meta: &StepMeta,
-        mut selector: Option<&mut Selector<'_>>,
+        selector: Option<&mut Selector<'_>>,
+    ) -> Result<B::Act> {
+        let s = build::sequential(&self.program(), meta.tokens.len(), meta.logit_rows.len());
+        let order = order::sequential(&s);
+        self.forward_scheduled(b, kv, meta, selector, &s, &order)
+    }
+
+    /// The forward pass as `schedule` cuts it, its nodes issued in `order`
+    /// (checked by the caller: `schedule::deps::validate`).
+    pub fn forward_scheduled(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        meta: &StepMeta,
+        selector: Option<&mut Selector<'_>>,
+        schedule: &Schedule,
+        order: &[usize],
     ) -> Result<B::Act> {
         let c = &self.config;
-        let t = meta.tokens.len();
-        let dims = self.dims();
-        let step = b.begin_step(meta)?;
-        let mut w = Workspace::<B> {
-            x: b.act(t, c.hidden_size)?,
-            h: b.act(t, c.hidden_size)?,
-            qkv: b.act(t, c.qkv_dim())?,
-            attn: b.act(t, c.q_dim())?,
-            proj: b.act(t, c.hidden_size)?,
-            gate_up: b.act(t, 2 * c.intermediate_size)?,
-            act: b.act(t, c.intermediate_size)?,
+        let (t, r) = (meta.tokens.len(), meta.logit_rows.len());
+        let mut pass = Pass::<B> {
+            step: b.begin_step(meta)?,
+            meta,
+            w: Workspace {
+                x: b.act(t, c.hidden_size)?,
+                h: b.act(t, c.hidden_size)?,
+                qkv: b.act(t, c.qkv_dim())?,
+                attn: b.act(t, c.q_dim())?,
+                proj: b.act(t, c.hidden_size)?,
+                gate_up: b.act(t, 2 * c.intermediate_size)?,
+                act: b.act(t, c.intermediate_size)?,
+                sel: b.act(r, c.hidden_size)?,
+                normed: b.act(r, c.hidden_size)?,
+                logits: b.act(r, c.vocab_size)?,
+            },
+            selector: selector.filter(|s| s.is_active()),
         };
-        b.embed(&step, &self.embed, &mut w.x)?;
-        for (l, layer) in self.layers.iter().enumerate() {
-            b.rmsnorm(&w.x, &layer.attn_norm, c.rms_norm_eps, &mut w.h)?;
-            b.linear(&w.h, &layer.qkv, &mut w.qkv)?;
-            if let Some(bias) = &layer.qkv_bias {
-                b.add_bias(&mut w.qkv, bias)?;
-            }
-            b.rope(&step, &mut w.qkv, &self.inv_freq, dims)?;
-            b.kv_append(&step, &w.qkv, kv, l, dims)?;
-            match selector.as_deref_mut().filter(|s| s.is_active()) {
+        run::execute(b, schedule, order, |i| {
+            self.run_node(b, kv, &mut pass, &schedule.nodes[i])
+        })?;
+        Ok(pass.w.logits)
+    }
+
+    /// One node: its op over its rows.
+    fn run_node(&self, b: &B, kv: &mut B::Kv, p: &mut Pass<'_, '_, B>, node: &Node) -> Result<()> {
+        let (c, dims, rows) = (&self.config, self.dims(), node.rows.clone());
+        let (w, step) = (&mut p.w, &p.step);
+        let layer = |l: usize| &self.layers[l];
+        match node.op {
+            Op::Embed => b.embed(step, &self.embed, &mut w.x, rows),
+            Op::AttnNorm(l) => b.rmsnorm(&w.x, &layer(l).attn_norm, c.rms_norm_eps, &mut w.h, rows),
+            Op::Qkv(l) => b.linear(&w.h, &layer(l).qkv, &mut w.qkv, rows),
+            Op::QkvBias(l) => match &layer(l).qkv_bias {
+                Some(bias) => b.add_bias(&mut w.qkv, bias, rows),
+                None => Err(Error::Backend(format!("layer {l} has no QKV bias"))),
+            },
+            Op::Rope(_) => b.rope(step, &mut w.qkv, &self.inv_freq, dims, rows),
+            Op::KvAppend(l) => b.kv_append(step, &w.qkv, kv, l, dims, rows),
+            Op::Attention(l) => match p.selector.as_deref_mut() {
                 Some(sel) => {
-                    let chosen = sel.select(l, b.host_view(&w.qkv, kv, l), meta)?;
-                    b.sparse_attention(&step, &w.qkv, kv, l, dims, chosen, &mut w.attn)?;
+                    let chosen = sel.select(l, b.host_view(&w.qkv, kv, l), p.meta, &rows)?;
+                    b.sparse_attention(step, &w.qkv, kv, l, dims, chosen, &mut w.attn, rows)
                 }
-                None => b.attention(&step, &w.qkv, kv, l, dims, &mut w.attn)?,
+                None => b.attention(step, &w.qkv, kv, l, dims, &mut w.attn, rows),
+            },
+            Op::OProj(l) => b.linear(&w.attn, &layer(l).o, &mut w.proj, rows),
+            Op::AddAttn(_) | Op::AddMlp(_) => b.add(&mut w.x, &w.proj, rows),
+            Op::MlpNorm(l) => b.rmsnorm(&w.x, &layer(l).mlp_norm, c.rms_norm_eps, &mut w.h, rows),
+            Op::GateUp(l) => b.linear(&w.h, &layer(l).gate_up, &mut w.gate_up, rows),
+            Op::SiluMul(_) => b.silu_mul(&w.gate_up, &mut w.act, rows),
+            Op::Down(l) => b.linear(&w.act, &layer(l).down, &mut w.proj, rows),
+            Op::Gather => b.gather_rows(step, &w.x, &mut w.sel, rows),
+            Op::FinalNorm => b.rmsnorm(
+                &w.sel,
+                &self.final_norm,
+                c.rms_norm_eps,
+                &mut w.normed,
+                rows,
+            ),
+            Op::LmHead => {
+                let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+                b.linear(&w.normed, head, &mut w.logits, rows)
             }
-            b.linear(&w.attn, &layer.o, &mut w.proj)?;
-            b.add(&mut w.x, &w.proj)?;
-            b.rmsnorm(&w.x, &layer.mlp_norm, c.rms_norm_eps, &mut w.h)?;
-            b.linear(&w.h, &layer.gate_up, &mut w.gate_up)?;
-            b.silu_mul(&w.gate_up, &mut w.act)?;
-            b.linear(&w.act, &layer.down, &mut w.proj)?;
-            b.add(&mut w.x, &w.proj)?;
         }
-        let rows = meta.logit_rows.len();
-        let mut sel = b.act(rows, c.hidden_size)?;
-        b.gather_rows(&step, &w.x, &mut sel)?;
-        let mut normed = b.act(rows, c.hidden_size)?;
-        b.rmsnorm(&sel, &self.final_norm, c.rms_norm_eps, &mut normed)?;
-        let mut logits = b.act(rows, c.vocab_size)?;
-        b.linear(
-            &normed,
-            self.lm_head.as_ref().unwrap_or(&self.embed),
-            &mut logits,
-        )?;
-        Ok(logits)
     }
 }

@@ -63,9 +63,8 @@ impl Op {
     pub fn layer(self) -> Option<usize> {
         use Op::*;
         match self {
-            AttnNorm(l) | Qkv(l) | QkvBias(l) | Rope(l) | KvAppend(l) | Attention(l)
-            | OProj(l) | AddAttn(l) | MlpNorm(l) | GateUp(l) | SiluMul(l) | Down(l)
-            | AddMlp(l) => Some(l),
+            AttnNorm(l) | Qkv(l) | QkvBias(l) | Rope(l) | KvAppend(l) | Attention(l) | OProj(l)
+            | AddAttn(l) | MlpNorm(l) | GateUp(l) | SiluMul(l) | Down(l) | AddMlp(l) => Some(l),
             Embed | Gather | FinalNorm | LmHead => None,
         }
     }
@@ -148,10 +147,12 @@ impl Access {
     /// Whether the two touch a common row of the same buffer.
     pub fn overlaps(&self, other: &Access) -> bool {
         self.buf == other.buf
-            && self
-                .rows
-                .iter()
-                .any(|a| other.rows.iter().any(|b| a.start < b.end && b.start < a.end))
+            && self.rows.iter().any(|a| {
+                other
+                    .rows
+                    .iter()
+                    .any(|b| a.start < b.end && b.start < a.end)
+            })
     }
 }
 

@@ -302,6 +302,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         &mut kv,
         0,
         dims,
+        0..fill.tokens.len(),
     )?;
     // The step's queries.
     let step = meta(&c.seqs, &tabs, |l, q| l - q);

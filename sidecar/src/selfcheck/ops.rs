@@ -79,7 +79,7 @@ pub fn gemm(cx: &mut Ctx) -> Vec<Row> {
             let xa = cx.b.act_from_host(m, k, &x, bf16_in)?;
             let wm = cx.b.matrix(n, k, HostData::F32(&w))?;
             let mut out = cx.b.act_poisoned(m, n, false)?;
-            cx.b.linear(&xa, &wm, &mut out)?;
+            cx.b.linear(&xa, &wm, &mut out, 0..m)?;
             let got = cx.b.act_to_host(&out)?;
             let mut want = vec![0.0; m * n];
             cpu::matmul_nt(&x, &round_bf16(&w), &mut want, m, n, k);
@@ -157,7 +157,7 @@ fn embed(cx: &mut Ctx, t: usize, vocab: usize, dim: usize) -> Result<Row> {
     let m = cx.b.matrix(vocab, dim, HostData::F32(&table))?;
     let step = cx.b.begin_step(&one_seq_meta(&tokens))?;
     let mut out = cx.b.act_poisoned(t, dim, false)?;
-    cx.b.embed(&step, &m, &mut out)?;
+    cx.b.embed(&step, &m, &mut out, 0..t)?;
     let mut want = vec![0.0; t * dim];
     cpu::embed(&round_bf16(&table), dim, &tokens, &mut want);
     Ok(compare_row(
@@ -179,7 +179,7 @@ fn rmsnorm(cx: &mut Ctx, t: usize, dim: usize, bf16_out: bool) -> Result<Row> {
         let wv = cx.b.vector(dim, HostData::F32(&w))?;
         let xa = cx.b.act_from_host(t, dim, &x, false)?;
         let mut out = cx.b.act_poisoned(t, dim, false)?;
-        cx.b.rmsnorm(&xa, &wv, 1e-5, &mut out)?;
+        cx.b.rmsnorm(&xa, &wv, 1e-5, &mut out, 0..xa.rows)?;
         return Ok(compare_row(
             "rmsnorm",
             "",
@@ -231,7 +231,7 @@ fn rope(cx: &mut Ctx, t: usize, heads: usize, d: usize, scaled: bool) -> Result<
         num_kv_heads: 1,
         head_dim: d,
     };
-    cx.b.rope(&step, &mut qkv, &inv_v, dims)?;
+    cx.b.rope(&step, &mut qkv, &inv_v, dims, 0..t)?;
     let mut want = x.clone();
     cpu::rope(&mut want, cols, 0, heads, d, &positions, &inv);
     Ok(compare_row(
@@ -247,7 +247,7 @@ fn silu(cx: &mut Ctx, t: usize, inter: usize) -> Result<Row> {
     let gu = cx.rand(t * 2 * inter, 0.0, 3.0);
     let a = cx.b.act_from_host(t, 2 * inter, &gu, false)?;
     let mut out = cx.b.act_poisoned(t, inter, false)?;
-    cx.b.silu_mul(&a, &mut out)?;
+    cx.b.silu_mul(&a, &mut out, 0..t)?;
     let mut want = vec![0.0; t * inter];
     cpu::silu_mul(&gu, inter, &mut want);
     Ok(compare_row(
@@ -265,11 +265,11 @@ fn add(cx: &mut Ctx, t: usize, cols: usize, bias: bool) -> Result<Row> {
     let mut want = x.clone();
     if bias {
         let b = cx.rand(cols, 0.0, 0.1);
-        cx.b.add_bias(&mut xa, &cx.b.vector(cols, HostData::F32(&b))?)?;
+        cx.b.add_bias(&mut xa, &cx.b.vector(cols, HostData::F32(&b))?, 0..t)?;
         cpu::add_bias(&mut want, &round_bf16(&b));
     } else {
         let y = cx.rand(t * cols, 0.0, 1.0);
-        cx.b.add(&mut xa, &cx.b.act_from_host(t, cols, &y, false)?)?;
+        cx.b.add(&mut xa, &cx.b.act_from_host(t, cols, &y, false)?, 0..t)?;
         cpu::add_inplace(&mut want, &y);
     }
     let check = if bias { "add_bias" } else { "add" };
@@ -284,7 +284,8 @@ fn gather(cx: &mut Ctx) -> Result<Row> {
     let step = cx.b.begin_step(&meta)?;
     let xa = cx.b.act_from_host(t, cols, &x, false)?;
     let mut out = cx.b.act_poisoned(5, cols, false)?;
-    cx.b.gather_rows(&step, &xa, &mut out)?;
+    let n = out.rows;
+    cx.b.gather_rows(&step, &xa, &mut out, 0..n)?;
     let want: Vec<f32> = meta
         .logit_rows
         .iter()
@@ -366,7 +367,7 @@ fn kv_case(cx: &mut Ctx, kvh: usize, d: usize, t: usize) -> Result<Row> {
     let step = cx.b.begin_step(&meta)?;
     let x = cx.rand(t * dims.qkv_dim(), 0.0, 1.0);
     let qkv = cx.b.act_from_host(t, dims.qkv_dim(), &x, false)?;
-    cx.b.kv_append(&step, &qkv, &mut kv, 1, dims)?;
+    cx.b.kv_append(&step, &qkv, &mut kv, 1, dims, 0..t)?;
     let pairs = [(20u32, 2u32), (20 - (t as u32 - 1) / 16, 23)];
     cx.b.copy_blocks(&mut kv, &pairs)?;
     let (gk, gv) = cx.b.kv_to_host(&kv)?;

@@ -89,7 +89,9 @@ fn meta(ctx_len: usize) -> StepMeta {
 /// One layer's selection of one decode token at `ctx_len`.
 fn select(layer: &Layer, state: &mut PolicyState, ctx_len: usize) -> (Vec<Vec<u32>>, Outcome) {
     let mut sel = Selector::new(vec![(0, state, true)], 1, 1, (HEADS, KV_HEADS, D));
-    let chosen = sel.select(0, Some(layer.view()), &meta(ctx_len)).unwrap()[0]
+    let chosen = sel
+        .select(0, Some(layer.view()), &meta(ctx_len), &(0..1))
+        .unwrap()[0]
         .clone()
         .expect("a sparse entry has a selection");
     (chosen, sel.finish())
