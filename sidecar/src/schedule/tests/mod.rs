@@ -3,6 +3,7 @@
 
 mod build;
 mod deps;
+mod search;
 
 use super::program::Program;
 use crate::backend::{SeqMeta, StepMeta};
