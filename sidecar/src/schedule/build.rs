@@ -211,7 +211,7 @@ pub fn nano_batched(
     let nodes: Vec<Node> = tagged.into_iter().map(|(n, _)| n).collect();
     let required = deps::required(&schedule_of(nodes.clone(), 0), meta);
     let order = priority_order(nodes.len(), &required, |v| (keys[v], v));
-    Ok(laid_out(nodes, spec.lanes.lanes(), &order, meta))
+    Ok(laid_out(nodes, spec.lanes.lanes(), &order, &required))
 }
 
 /// A schedule with no lanes filled yet.
@@ -259,14 +259,20 @@ fn priority_order<K: Ord>(
 }
 
 /// `nodes` laid on their lanes in the order `order` (a topological order of
-/// the dataflow), with the events lane order leaves needed.
-pub fn laid_out(nodes: Vec<Node>, lanes: usize, order: &[usize], meta: &StepMeta) -> Schedule {
+/// `required`, their [`deps::required`] pairs), with the events lane order
+/// leaves needed.
+pub fn laid_out(
+    nodes: Vec<Node>,
+    lanes: usize,
+    order: &[usize],
+    required: &[(usize, usize)],
+) -> Schedule {
     let lanes = lanes.max(1 + nodes.iter().map(|n| n.lane).max().unwrap_or(0));
     let mut schedule = schedule_of(nodes, lanes);
     for &v in order {
         schedule.lanes[schedule.nodes[v].lane].push(v);
     }
-    schedule.events = needed_events(&schedule, order, meta);
+    schedule.events = needed_events(&schedule, order, required);
     schedule
 }
 
@@ -275,14 +281,18 @@ pub fn laid_out(nodes: Vec<Node>, lanes: usize, order: &[usize], meta: &StepMeta
 /// first, an event is added only for a predecessor that nothing yet makes
 /// happen before. Latest first makes the set minimal: an earlier
 /// predecessor can only be implied by a later one, never the reverse.
-pub fn needed_events(schedule: &Schedule, order: &[usize], meta: &StepMeta) -> Vec<EventEdge> {
+pub fn needed_events(
+    schedule: &Schedule,
+    order: &[usize],
+    required: &[(usize, usize)],
+) -> Vec<EventEdge> {
     let n = schedule.nodes.len();
     let mut rank = vec![0; n];
     for (i, &v) in order.iter().enumerate() {
         rank[v] = i;
     }
     let mut preds = vec![vec![]; n];
-    for (a, b) in deps::required(schedule, meta) {
+    for &(a, b) in required {
         preds[b].push(a);
     }
     let mut lane_prev = vec![None; n];
@@ -369,7 +379,7 @@ pub fn random(program: &Program, meta: &StepMeta, seed: u64) -> Schedule {
     let required = deps::required(&schedule_of(nodes.clone(), 0), meta);
     let keys: Vec<u64> = (0..nodes.len()).map(|_| rng.next_u64()).collect();
     let order = priority_order(nodes.len(), &required, |v| keys[v]);
-    laid_out(nodes, lanes, &order, meta)
+    laid_out(nodes, lanes, &order, &required)
 }
 
 /// A random step: 1-6 sequences, decodes and prefills of up to 9 rows, the

@@ -12,7 +12,7 @@
 use super::program::{self, Access, Program};
 use super::{Buf, Node, Op, Schedule};
 use crate::backend::StepMeta;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
 /// Why a schedule cannot run as it stands.
@@ -158,8 +158,7 @@ pub fn conflicts(nodes: &[Node], meta: &StepMeta) -> Vec<Conflict> {
             by_buf.entry(buf).or_default().push(touch);
         }
     }
-    let mut seen: HashSet<(usize, usize, Buf)> = HashSet::new();
-    let mut out = vec![];
+    let mut out: Vec<Conflict> = vec![];
     for (buf, mut touches) in by_buf {
         touches.sort_by_key(|t| t.pos);
         for (j, y) in touches.iter().enumerate() {
@@ -168,7 +167,7 @@ pub fn conflicts(nodes: &[Node], meta: &StepMeta) -> Vec<Conflict> {
                     continue;
                 }
                 let rows = intersect(&x.rows, &y.rows);
-                if !rows.is_empty() && seen.insert((x.node, y.node, buf)) {
+                if !rows.is_empty() {
                     let (before, after) = (x.node, y.node);
                     out.push(Conflict {
                         before,
@@ -180,6 +179,9 @@ pub fn conflicts(nodes: &[Node], meta: &StepMeta) -> Vec<Conflict> {
             }
         }
     }
+    // A node that reads and writes one buffer meets a pair twice there.
+    out.sort_by_key(|c| (c.before, c.after, c.buf));
+    out.dedup_by_key(|c| (c.before, c.after, c.buf));
     out
 }
 

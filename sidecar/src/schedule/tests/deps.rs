@@ -207,3 +207,32 @@ fn kv_appends_of_a_cut_sequence_precede_its_attention() {
     let kv_l0 = find(Op::KvAppend(0), 3);
     assert!(!req.contains(&(kv_l0, att0)));
 }
+
+#[test]
+fn a_thirty_layer_step_in_four_nano_batches_validates() {
+    let p = Program {
+        layers: 30,
+        qkv_bias: true,
+    };
+    let mut q_lens = vec![1; 48];
+    q_lens.extend([40, 17, 1, 1, 64]);
+    let meta = step(&q_lens);
+    let rows = meta.tokens.len();
+    let spec = build::NanoSpec {
+        dense_cuts: vec![rows / 4, rows / 2, 3 * rows / 4],
+        attn_cuts: vec![24, 48],
+        lanes: build::LaneMap::nanoflow(),
+        skew: 3,
+    };
+    let t = std::time::Instant::now();
+    let s = build::nano_batched(&p, &meta, &spec).unwrap();
+    let built = t.elapsed();
+    validate(&s, &p, &meta).unwrap();
+    eprintln!(
+        "{} nodes, {} events: built in {built:?}, validated in {:?}",
+        s.nodes.len(),
+        s.events.len(),
+        t.elapsed() - built
+    );
+    assert!(s.nodes.len() > 1500);
+}
