@@ -34,6 +34,9 @@ pub enum Error {
     Protocol(#[from] ErrorReply),
     #[error(transparent)]
     Ipc(#[from] tacflow_ipc::Error),
+    /// A schedule that cannot run as it stands (refused before it runs).
+    #[error("schedule: {0}")]
+    Schedule(#[from] crate::schedule::deps::ScheduleError),
     #[error("zmq: {0}")]
     Zmq(#[from] zmq::Error),
 }

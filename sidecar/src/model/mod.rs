@@ -242,7 +242,7 @@ impl<B: Backend> Model<B> {
         selector: Option<&mut Selector<'_>>,
     ) -> Result<B::Act> {
         let s = build::sequential(&self.program(), meta.tokens.len(), meta.logit_rows.len());
-        let order = order::sequential(&s);
+        let order = order::sequential(&s)?;
         self.forward_scheduled(b, kv, meta, selector, &s, &order)
     }
 

@@ -28,6 +28,9 @@ pub mod run;
 pub mod search;
 pub mod trace;
 
+#[cfg(test)]
+mod tests;
+
 use std::ops::Range;
 
 pub use program::{Buf, Op};
