@@ -8,6 +8,7 @@
 //! `kv_block_bytes`, `check_device` and `supports_sparse` are queries, not
 //! ops: they are neither counted nor failed.
 
+use super::recording::{Recorder, Tagged};
 use super::{
     AttnDims, Backend, HostData, HostLayerView, KvLayout, RowRange, SampleOutput, Selections,
     StepMeta,
@@ -76,12 +77,15 @@ impl std::str::FromStr for FaultPlan {
     }
 }
 
-/// A backend that delegates every op to `inner` and fails the one its plan
-/// names. Backend methods take `&self`, so the counters are atomics (and the
-/// wrapper stays `Send + Sync` like the backend it wraps).
+/// The test backend: delegates every op to `inner`, fails the one its plan
+/// names, and records what it was asked of a schedule's run (its
+/// [`Recorder`], off until started). Backend methods take `&self`, so the
+/// counters are atomics (and the wrapper stays `Send + Sync` like the
+/// backend it wraps).
 #[derive(Debug)]
 pub struct Faulty<B> {
     inner: B,
+    pub recorder: Recorder,
     plan: Mutex<Option<FaultPlan>>,
     ops: AtomicU64,
     steps: AtomicU64,
@@ -93,6 +97,7 @@ impl<B: Backend> Faulty<B> {
     pub fn new(inner: B) -> Faulty<B> {
         Faulty {
             inner,
+            recorder: Recorder::default(),
             plan: Mutex::new(None),
             ops: AtomicU64::new(0),
             steps: AtomicU64::new(0),
@@ -173,7 +178,7 @@ impl<B: Backend> Backend for Faulty<B> {
     type Vector = B::Vector;
     type Kv = B::Kv;
     type Step = B::Step;
-    type Event = B::Event;
+    type Event = Tagged<B::Event>;
 
     fn describe(&self) -> (String, String) {
         let (kind, device) = self.inner.describe();
@@ -226,6 +231,7 @@ impl<B: Backend> Backend for Faulty<B> {
 
     fn begin_step(&self, meta: &StepMeta) -> Result<B::Step> {
         self.tick("begin_step", true)?;
+        self.recorder.begin_step(meta);
         self.inner.begin_step(meta)
     }
 
@@ -235,26 +241,34 @@ impl<B: Backend> Backend for Faulty<B> {
 
     fn use_lane(&self, lane: usize) -> Result<()> {
         self.tick("use_lane", false)?;
+        self.recorder.use_lane(lane);
         self.inner.use_lane(lane)
     }
 
-    fn new_event(&self) -> Result<B::Event> {
+    fn new_event(&self) -> Result<Tagged<B::Event>> {
         self.tick("new_event", false)?;
-        self.inner.new_event()
+        let inner = self.inner.new_event()?;
+        Ok(Tagged {
+            id: self.recorder.new_event(),
+            inner,
+        })
     }
 
-    fn signal(&self, event: &B::Event) -> Result<()> {
+    fn signal(&self, event: &Tagged<B::Event>) -> Result<()> {
         self.tick("signal", false)?;
-        self.inner.signal(event)
+        self.recorder.signal(event.id);
+        self.inner.signal(&event.inner)
     }
 
-    fn wait(&self, event: &B::Event) -> Result<()> {
+    fn wait(&self, event: &Tagged<B::Event>) -> Result<()> {
         self.tick("wait", false)?;
-        self.inner.wait(event)
+        self.recorder.wait(event.id);
+        self.inner.wait(&event.inner)
     }
 
-    fn begin_node(&self, node: usize) {
-        self.inner.begin_node(node)
+    fn begin_node(&self, index: usize, node: &crate::schedule::Node) {
+        self.recorder.begin_node(index, node);
+        self.inner.begin_node(index, node)
     }
 
     fn embed(
@@ -265,6 +279,7 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("embed", false)?;
+        self.recorder.op("embed", &rows);
         self.inner.embed(step, table, out, rows)
     }
 
@@ -277,16 +292,19 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("rmsnorm", false)?;
+        self.recorder.op("rmsnorm", &rows);
         self.inner.rmsnorm(x, w, eps, out, rows)
     }
 
     fn linear(&self, x: &B::Act, w: &B::Matrix, out: &mut B::Act, rows: RowRange) -> Result<()> {
         self.tick("linear", false)?;
+        self.recorder.op("linear", &rows);
         self.inner.linear(x, w, out, rows)
     }
 
     fn add_bias(&self, x: &mut B::Act, b: &B::Vector, rows: RowRange) -> Result<()> {
         self.tick("add_bias", false)?;
+        self.recorder.op("add_bias", &rows);
         self.inner.add_bias(x, b, rows)
     }
 
@@ -299,6 +317,7 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("rope", false)?;
+        self.recorder.op("rope", &rows);
         self.inner.rope(step, qkv, inv_freq, dims, rows)
     }
 
@@ -312,6 +331,7 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("kv_append", false)?;
+        self.recorder.op("kv_append", &rows);
         self.inner.kv_append(step, qkv, kv, layer, dims, rows)
     }
 
@@ -326,6 +346,7 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("attention", false)?;
+        self.recorder.op("attention", &rows);
         self.inner.attention(step, qkv, kv, layer, dims, out, rows)
     }
 
@@ -357,17 +378,20 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("sparse_attention", false)?;
+        self.recorder.op("sparse_attention", &rows);
         self.inner
             .sparse_attention(step, qkv, kv, layer, dims, selections, out, rows)
     }
 
     fn add(&self, x: &mut B::Act, y: &B::Act, rows: RowRange) -> Result<()> {
         self.tick("add", false)?;
+        self.recorder.op("add", &rows);
         self.inner.add(x, y, rows)
     }
 
     fn silu_mul(&self, gate_up: &B::Act, out: &mut B::Act, rows: RowRange) -> Result<()> {
         self.tick("silu_mul", false)?;
+        self.recorder.op("silu_mul", &rows);
         self.inner.silu_mul(gate_up, out, rows)
     }
 
@@ -379,6 +403,7 @@ impl<B: Backend> Backend for Faulty<B> {
         rows: RowRange,
     ) -> Result<()> {
         self.tick("gather_rows", false)?;
+        self.recorder.op("gather_rows", &rows);
         self.inner.gather_rows(step, x, out, rows)
     }
 

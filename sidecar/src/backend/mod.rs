@@ -14,6 +14,8 @@ pub mod cpu;
 pub mod cuda;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod faults;
+#[cfg(any(test, feature = "fault-injection"))]
+pub mod recording;
 
 use crate::error::Result;
 use half::{bf16, f16};
@@ -222,9 +224,9 @@ pub trait Backend {
     /// The current lane waits for `event`'s point before the ops issued on
     /// it next (the event must have been signalled already).
     fn wait(&self, event: &Self::Event) -> Result<()>;
-    /// Names the schedule node whose waits, ops and signals follow (a
+    /// Names the schedule node whose ops follow, after its waits (a
     /// recording backend logs it; others ignore it).
-    fn begin_node(&self, _node: usize) {}
+    fn begin_node(&self, _index: usize, _node: &crate::schedule::Node) {}
 
     // Every op below runs on `rows`, a range of the rows of its activations
     // (the step's token rows; for `gather_rows`, and the final norm and LM

@@ -22,6 +22,7 @@ use crate::error::Result;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
 use crate::model::weights::WeightSource;
+use crate::schedule::Plan;
 use gauges::Gauges;
 use kv_cache::{BlockAllocator, blocks_for};
 use sparse::{PolicyState, PolicyTotals};
@@ -73,6 +74,8 @@ pub struct Engine<B: Backend> {
     gauges: Arc<Gauges>,
     /// Attention diagnostics aggregated per policy, for `stats`.
     policy_totals: BTreeMap<String, PolicyTotals>,
+    /// How each step's forward pass is cut into a schedule.
+    plan: Plan,
 }
 
 fn seq_error(code: ErrorCode, key: SeqKey, what: &str) -> ErrorReply {
@@ -127,7 +130,18 @@ impl<B: Backend> Engine<B> {
             seqs: HashMap::new(),
             gauges,
             policy_totals: BTreeMap::new(),
+            plan: Plan::default(),
         })
+    }
+
+    /// The ops of the model's forward pass.
+    pub fn model_program(&self) -> crate::schedule::program::Program {
+        self.model.program()
+    }
+
+    /// Cuts every later step's forward pass as `plan` says.
+    pub fn set_plan(&mut self, plan: Plan) {
+        self.plan = plan;
     }
 
     pub fn config(&self) -> &ModelConfig {

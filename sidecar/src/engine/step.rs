@@ -333,9 +333,13 @@ impl<B: Backend> Engine<B> {
             .collect();
         entries.sort_by_key(|e| e.0);
         let mut selector = Selector::new(entries, keys.len(), layers, dims);
-        let logits =
-            self.model
-                .forward_with(&self.backend, &mut self.kv, meta, Some(&mut selector));
+        let logits = self.model.forward_with(
+            &self.backend,
+            &mut self.kv,
+            meta,
+            Some(&mut selector),
+            &self.plan,
+        );
         *outcome = selector.finish();
         logits
     }

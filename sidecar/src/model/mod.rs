@@ -15,7 +15,7 @@ use crate::backend::{AttnDims, Backend, StepMeta};
 use crate::engine::sparse::Selector;
 use crate::error::{Error, Result};
 use crate::schedule::program::Program;
-use crate::schedule::{Node, Op, Schedule, build, order, run};
+use crate::schedule::{Node, Op, Plan, Schedule, run};
 use config::ModelConfig;
 use std::path::Path;
 use tacflow_kernels::cpu::{RopeScaling, rope_inv_freq};
@@ -228,21 +228,21 @@ impl<B: Backend> Model<B> {
     /// Runs every layer over the step's tokens and returns the logits of
     /// `meta.logit_rows`, `[rows, vocab]`.
     pub fn forward(&self, b: &B, kv: &mut B::Kv, meta: &StepMeta) -> Result<B::Act> {
-        self.forward_with(b, kv, meta, None)
+        self.forward_with(b, kv, meta, None, &Plan::Sequential)
     }
 
     /// [`Model::forward`] with sparse decode attention: `selector` chooses,
-    /// layer by layer, the slots its sequences' decode tokens attend. The
-    /// sequential schedule: one lane, one node per op.
+    /// layer by layer, the slots its sequences' decode tokens attend; `plan`
+    /// cuts the pass into a schedule.
     pub fn forward_with(
         &self,
         b: &B,
         kv: &mut B::Kv,
         meta: &StepMeta,
         selector: Option<&mut Selector<'_>>,
+        plan: &Plan,
     ) -> Result<B::Act> {
-        let s = build::sequential(&self.program(), meta.tokens.len(), meta.logit_rows.len());
-        let order = order::sequential(&s)?;
+        let (s, order) = plan.lay_out(&self.program(), meta)?;
         self.forward_scheduled(b, kv, meta, selector, &s, &order)
     }
 
@@ -277,7 +277,9 @@ impl<B: Backend> Model<B> {
             selector: selector.filter(|s| s.is_active()),
         };
         run::execute(b, schedule, order, |i| {
-            self.run_node(b, kv, &mut pass, &schedule.nodes[i])
+            let node = &schedule.nodes[i];
+            b.begin_node(i, node);
+            self.run_node(b, kv, &mut pass, node)
         })?;
         Ok(pass.w.logits)
     }

@@ -31,9 +31,56 @@ pub mod trace;
 #[cfg(test)]
 mod tests;
 
+use crate::backend::StepMeta;
+use deps::ScheduleError;
+use program::Program;
 use std::ops::Range;
 
 pub use program::{Buf, Op};
+
+/// How the engine cuts each step's forward pass.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Plan {
+    /// One lane, one node per op, issued in program order: today's pass,
+    /// and the baseline of every overlap figure.
+    #[default]
+    Sequential,
+    /// A seeded random valid schedule per step (random nano-batches, one
+    /// to four lanes), issued in a seeded random order: the adversarial
+    /// interleaving the tests run the CPU backend under.
+    Random { seed: u64 },
+    /// This schedule and issue order, run as they are, unvalidated: what
+    /// the trace checker must catch when a schedule is wrong (tests).
+    #[cfg(test)]
+    Given(std::sync::Arc<(Schedule, Vec<usize>)>),
+}
+
+impl Plan {
+    /// The step's schedule and the order its nodes are issued in. A
+    /// schedule other than the sequential one is validated first, so one
+    /// that would break a dependency never runs.
+    pub fn lay_out(
+        &self,
+        program: &Program,
+        meta: &StepMeta,
+    ) -> Result<(Schedule, Vec<usize>), ScheduleError> {
+        match *self {
+            Plan::Sequential => {
+                let s = build::sequential(program, meta.tokens.len(), meta.logit_rows.len());
+                let order = order::sequential(&s)?;
+                Ok((s, order))
+            }
+            Plan::Random { seed } => {
+                let s = build::random(program, meta, seed);
+                deps::validate(&s, program, meta)?;
+                let order = order::random(&s, seed)?;
+                Ok((s, order))
+            }
+            #[cfg(test)]
+            Plan::Given(ref given) => Ok((given.0.clone(), given.1.clone())),
+        }
+    }
+}
 
 /// One node: an op over a range of the step's rows, on a lane.
 ///

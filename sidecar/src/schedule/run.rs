@@ -11,7 +11,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 
 /// Issues `schedule`'s nodes in `order` on `b`, calling `run(i)` for node
-/// `i` between its waits and its signals. `order` must be a topological
+/// `i` after its waits and before its signals. `order` must be a topological
 /// order of the schedule's lane order and events (a wait on an event not
 /// yet signalled would be a wait for nothing on a GPU): it is checked.
 pub fn execute<B: Backend>(
@@ -47,7 +47,6 @@ pub fn execute<B: Backend>(
             b.use_lane(node.lane)?;
             lane = Some(node.lane);
         }
-        b.begin_node(i);
         for &e in &incoming[i] {
             if !signalled[e] {
                 return Err(Error::Backend(format!(

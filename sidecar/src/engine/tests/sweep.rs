@@ -6,6 +6,7 @@
 use super::*;
 use crate::backend::Backend;
 use crate::backend::faults::{Fault, FaultPlan, Trigger};
+use crate::schedule::Plan;
 use tacflow_ipc::ErrorCode;
 
 const BLOCKS: usize = 48;
@@ -18,7 +19,13 @@ const BLOCKS: usize = 48;
 /// (copy-on-write for both) whose bounds grow by a page;
 /// 7: `oracle_top_p` after a truncation; 8: a full-attention decode with
 /// diagnostics.
-fn scenario() -> (TestEngine, StepWork) {
+pub(super) fn scenario() -> (TestEngine, StepWork) {
+    scenario_under(Plan::Sequential)
+}
+
+/// [`scenario`] with the mixed step's forward pass cut as `plan` says (the
+/// steps that set it up run sequentially).
+pub(super) fn scenario_under(plan: Plan) -> (TestEngine, StepWork) {
     let mut e = engine(BLOCKS);
     let tactic = |recluster_limit| AttentionPolicy::Tactic {
         p: 0.9,
@@ -56,6 +63,7 @@ fn scenario() -> (TestEngine, StepWork) {
         entry(8, tokens(80, 1), true),
     ]);
     w.logits[0] = Some(logits_target(20));
+    e.set_plan(plan);
     (e, w)
 }
 
@@ -163,13 +171,24 @@ fn the_mixed_step_exercises_every_path() {
 /// The sweep itself: every op of the mixed step fails once.
 #[test]
 fn a_step_failed_at_any_op_changes_nothing_and_reruns_identically() {
-    let (mut reference, w) = scenario();
+    sweep(Plan::Sequential);
+}
+
+/// The sweep with the mixed step cut into nano-batches on several lanes
+/// (a random valid schedule, issued in a random order).
+#[test]
+fn a_multi_lane_step_failed_at_any_op_changes_nothing() {
+    sweep(super::schedules::multi_lane_plan());
+}
+
+fn sweep(plan: Plan) {
+    let (mut reference, w) = scenario_under(plan.clone());
     let ops0 = reference.backend().ops();
     let want = run_ok(&mut reference, &w);
     let total = reference.backend().ops() - ops0;
     assert!(total > 40, "the step ran {total} ops");
     for n in 1..=total {
-        let (mut e, w) = scenario();
+        let (mut e, w) = scenario_under(plan.clone());
         let before = snapshot(&e);
         e.backend().arm(FaultPlan {
             fault: Fault::Error,
