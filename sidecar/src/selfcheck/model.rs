@@ -215,6 +215,7 @@ fn run<G: Backend>(
     let mut c = engine(
         CpuBackend {
             round_to_bf16: true,
+            round_activations: false,
         },
         config,
         src,
@@ -352,6 +353,7 @@ mod tests {
             "t",
             CpuBackend {
                 round_to_bf16: true,
+                round_activations: false,
             },
             &config,
             &src,
@@ -378,6 +380,7 @@ mod tests {
             "t",
             CpuBackend {
                 round_to_bf16: false,
+                round_activations: false,
             },
             &config,
             &src,
