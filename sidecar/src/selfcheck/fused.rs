@@ -351,3 +351,45 @@ pub fn model_bf16(b: CudaBackend, seed: u64) -> Vec<Row> {
     rows.extend(vs_split);
     rows
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selfcheck::report::Status;
+
+    /// The twin of bf16 mode on the CPU stays within the self-check's bound
+    /// of the split mode's reference (f32 GEMM inputs), and differs from it.
+    #[test]
+    fn rounding_gemm_inputs_moves_the_tiny_models_logits_a_little() {
+        let config = ModelConfig::tiny();
+        let src = RandomSource {
+            config: config.clone(),
+            seed: 9,
+        };
+        let sc = random_scenario(9, config.vocab_size, &[21, 5], &[8, 5], 4);
+        let twin = CpuBackend {
+            round_to_bf16: true,
+            round_activations: true,
+        };
+        let exact = CpuBackend {
+            round_to_bf16: true,
+            round_activations: false,
+        };
+        let rows = super::super::model::compare_with(
+            "t",
+            (twin, exact),
+            &config,
+            &src,
+            &sc,
+            64,
+            BF16_ACTS_TOL,
+        );
+        for r in &rows[..2] {
+            assert!(r.value > 0.0 && r.status == Status::Pass, "{r:?}");
+        }
+        eprintln!(
+            "bf16 GEMM inputs vs f32: {:.2e} / {:.2e}",
+            rows[0].value, rows[1].value
+        );
+    }
+}
