@@ -1,14 +1,29 @@
-//! The PTX of every product kernel is the PTX that was last run on a GPU:
-//! each kernel's entry function, compiled by NVRTC for `compute_90`, is
-//! hashed and compared with `kernels/ptx-identity.tsv`, a table taken from
-//! the code the GPU runs verified. Moving a kernel between files, or
-//! changing code no product kernel uses, leaves the table as it is; a
-//! change to what a product kernel computes fails here until it has been
-//! run on a GPU and the table is taken again:
+//! The PTX of every product kernel is pinned: each kernel's entry function,
+//! compiled by NVRTC for `compute_90`, is hashed and compared with
+//! `kernels/ptx-identity.tsv`. Moving a kernel between files, or changing
+//! code no product kernel uses, leaves the table as it is; a change to what
+//! a product kernel computes fails here.
+//!
+//! Each row is `kernel<TAB>hash<TAB>status`, the status saying what the
+//! hash is:
+//!
+//! - `verified`: the PTX last run on a GPU (the self-check passed on it).
+//!   The hash must match; it changes only by `verify` after a GPU run.
+//! - `unverified`: a new kernel not yet run on a GPU. Its hash is recorded
+//!   so that any change is seen; the test passes while it matches.
+//!
+//! Taking the table:
 //!
 //! ```sh
+//! # adds new kernels as unverified and retakes unverified rows; never
+//! # touches a verified row (a changed verified kernel still fails)
 //! TACFLOW_PTX_TABLE=write cargo test --release -p tacflow-kernels --test ptx_identity
+//! # after a GPU run whose self-check log is committed: every row of the
+//! # current code becomes verified
+//! TACFLOW_PTX_TABLE=verify cargo test --release -p tacflow-kernels --test ptx_identity
 //! ```
+//!
+//! A two-column row (the old format) reads as `verified`.
 //!
 //! The hash covers the entry's text from `.entry` to its closing brace,
 //! with what depends only on where the code sits taken out: `.loc` line
@@ -150,16 +165,96 @@ fn dump(dir: &std::path::Path) {
     }
 }
 
-fn read_table() -> BTreeMap<String, String> {
-    let text = std::fs::read_to_string(table_path())
-        .unwrap_or_else(|e| panic!("{}: {e}", table_path().display()));
+/// Whether a row's hash was run on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Verified,
+    Unverified,
+}
+
+impl Status {
+    fn word(self) -> &'static str {
+        match self {
+            Status::Verified => "verified",
+            Status::Unverified => "unverified",
+        }
+    }
+}
+
+type Table = BTreeMap<String, (String, Status)>;
+
+const HEADER: &str = "# kernel<TAB>sha256 of its normalised PTX (compute_90, NVRTC 13.0)<TAB>\
+verified (last run on a GPU) or unverified (new, not yet run on one); \
+kernels/tests/ptx_identity.rs says how it is taken\n";
+
+fn parse_table(text: &str) -> Table {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
-            let (name, h) = l.split_once('\t').expect("name<TAB>hash");
-            (name.to_owned(), h.to_owned())
+            let mut f = l.split('\t');
+            let name = f.next().expect("a kernel name").to_owned();
+            let h = f.next().expect("name<TAB>hash").to_owned();
+            let status = match f.next() {
+                None | Some("verified") => Status::Verified,
+                Some("unverified") => Status::Unverified,
+                Some(other) => panic!("{name}: status {other:?}, not verified/unverified"),
+            };
+            (name, (h, status))
         })
         .collect()
+}
+
+fn format_table(t: &Table) -> String {
+    let mut text = String::from(HEADER);
+    for (name, (h, s)) in t {
+        text.push_str(&format!("{name}\t{h}\t{}\n", s.word()));
+    }
+    text
+}
+
+fn read_table() -> Table {
+    let text = std::fs::read_to_string(table_path())
+        .unwrap_or_else(|e| panic!("{}: {e}", table_path().display()));
+    parse_table(&text)
+}
+
+/// `write`: new kernels enter as unverified, unverified rows take the
+/// current hash, verified rows are kept as they are (a changed one keeps
+/// failing). Rows of kernels that no longer exist are dropped.
+fn write_rows(table: &Table, now: &BTreeMap<String, String>) -> Table {
+    now.iter()
+        .map(|(name, h)| {
+            let row = match table.get(name) {
+                Some((old, Status::Verified)) => (old.clone(), Status::Verified),
+                _ => (h.clone(), Status::Unverified),
+            };
+            (name.clone(), row)
+        })
+        .collect()
+}
+
+/// `verify`: every kernel of the current code, as it is now, verified.
+fn verify_rows(now: &BTreeMap<String, String>) -> Table {
+    now.iter()
+        .map(|(name, h)| (name.clone(), (h.clone(), Status::Verified)))
+        .collect()
+}
+
+/// What is wrong with kernel `name` against the table, if anything.
+fn check_row(name: &str, now: Option<&String>, row: Option<&(String, Status)>) -> Option<String> {
+    match (now, row) {
+        (Some(h), Some((want, _))) if h == want => None,
+        (Some(_), Some((_, Status::Verified))) => Some(format!(
+            "{name}: its PTX changed from the code last run on a GPU"
+        )),
+        (Some(_), Some((_, Status::Unverified))) => Some(format!(
+            "{name}: its PTX changed (unverified: retake with TACFLOW_PTX_TABLE=write)"
+        )),
+        (None, _) => Some(format!("{name}: not compiled")),
+        (Some(_), None) => Some(format!(
+            "{name}: not in the table (add it with TACFLOW_PTX_TABLE=write)"
+        )),
+    }
 }
 
 #[test]
@@ -168,28 +263,26 @@ fn product_kernels_compile_to_the_ptx_last_run_on_a_gpu() {
     if let Some(dir) = std::env::var_os("TACFLOW_PTX_DUMP") {
         dump(std::path::Path::new(&dir));
     }
-    if std::env::var("TACFLOW_PTX_TABLE").as_deref() == Ok("write") {
-        let mut text = String::from(
-            "# kernel<TAB>sha256 of its normalised PTX (compute_90, NVRTC 13.0); \
-             kernels/tests/ptx_identity.rs says how it is taken\n",
-        );
-        for (name, h) in &now {
-            text.push_str(&format!("{name}\t{h}\n"));
-        }
-        std::fs::write(table_path(), text).expect("write the table");
-        return;
-    }
+    let mode = std::env::var("TACFLOW_PTX_TABLE").unwrap_or_default();
     let table = read_table();
+    let new_table = match mode.as_str() {
+        "write" => Some(write_rows(&table, &now)),
+        "verify" => Some(verify_rows(&now)),
+        "" => None,
+        other => panic!("TACFLOW_PTX_TABLE={other}: expected write or verify"),
+    };
+    let table = match new_table {
+        Some(t) => {
+            std::fs::write(table_path(), format_table(&t)).expect("write the table");
+            t
+        }
+        None => table,
+    };
     let mut failures = vec![];
     // The lab's kernels too: they were moved, not changed.
     for m in MODULES.iter().chain(&LAB_MODULES) {
         for name in kernel_names(m.name) {
-            match (now.get(&name), table.get(&name)) {
-                (Some(h), Some(want)) if h == want => {}
-                (Some(_), Some(_)) => failures.push(format!("{name}: its PTX changed")),
-                (None, _) => failures.push(format!("{name}: not in module {}", m.name)),
-                (Some(_), None) => failures.push(format!("{name}: not in the table")),
-            }
+            failures.extend(check_row(&name, now.get(&name), table.get(&name)));
         }
     }
     assert!(
@@ -198,6 +291,41 @@ fn product_kernels_compile_to_the_ptx_last_run_on_a_gpu() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn the_table_keeps_verified_rows_and_tracks_unverified_ones() {
+    let t = parse_table(&format!(
+        "{HEADER}a\th1\nb\th2\tverified\nc\th3\tunverified\ngone\th9\tunverified\n"
+    ));
+    assert_eq!(
+        t["a"],
+        ("h1".into(), Status::Verified),
+        "old two-column row"
+    );
+    assert_eq!(parse_table(&format_table(&t)), t, "round trip");
+    let now: BTreeMap<String, String> = [("a", "h1x"), ("b", "h2"), ("c", "h3x"), ("d", "h4")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let w = write_rows(&t, &now);
+    assert_eq!(w["a"], ("h1".into(), Status::Verified), "verified row kept");
+    assert_eq!(
+        w["c"],
+        ("h3x".into(), Status::Unverified),
+        "unverified retaken"
+    );
+    assert_eq!(w["d"], ("h4".into(), Status::Unverified), "new row");
+    assert!(!w.contains_key("gone"));
+    assert!(
+        check_row("a", now.get("a"), w.get("a")).is_some(),
+        "still fails"
+    );
+    assert!(check_row("c", now.get("c"), w.get("c")).is_none());
+    assert!(check_row("e", Some(&"h".into()), None).is_some());
+    let v = verify_rows(&now);
+    assert!(v.values().all(|(_, s)| *s == Status::Verified));
+    assert_eq!(v["a"].0, "h1x");
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! subcommand. The binaries (`main.rs`, and `bin/tacflowd-faults.rs` in
 //! test builds) only call [`main`].
 
-use crate::config::{BackendKind, Config, LogFormat};
+use crate::config::{BackendKind, Config, Fusion, GpuActivations, LogFormat};
 use crate::{Shutdown, run};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -170,6 +170,18 @@ struct ServeArgs {
     /// Round weights to bf16 on the CPU backend.
     #[arg(long, env = "TACFLOW_CPU_ROUND_BF16")]
     cpu_round_bf16: bool,
+    /// GEMM inputs on the GPU: `split` (f32 as two bf16 halves, the
+    /// default) or `bf16` (activations written in bf16; on the CPU backend,
+    /// GEMM inputs rounded to bf16).
+    #[arg(long, env = "TACFLOW_GPU_ACTIVATIONS", value_enum)]
+    gpu_activations: Option<GpuActivations>,
+    /// Fused ops to run (comma-separated; none by default; not used by the
+    /// forward pass yet).
+    #[arg(long, env = "TACFLOW_FUSE", value_enum, value_delimiter = ',')]
+    fuse: Vec<Fusion>,
+    /// Replay decode steps as CUDA graphs (not used by the executor yet).
+    #[arg(long, env = "TACFLOW_CUDA_GRAPHS")]
+    cuda_graphs: bool,
     /// `journal` under systemd: no timestamps, no colours, syslog
     /// priorities.
     #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
@@ -239,7 +251,8 @@ impl ServeArgs {
             log_format,
             shutdown_timeout_ms,
             fatal_linger_ms,
-            wedged_after_ms
+            wedged_after_ms,
+            gpu_activations
         );
         set_opt!(
             socket,
@@ -254,6 +267,10 @@ impl ServeArgs {
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
         }
+        if !self.fuse.is_empty() {
+            c.fusions = self.fuse.clone();
+        }
+        c.cuda_graphs |= self.cuda_graphs;
         c.tcp_allow_remote |= self.tcp_allow_remote;
         c.metrics_allow_remote |= self.metrics_allow_remote;
         let l = &mut c.limits;

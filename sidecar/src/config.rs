@@ -26,6 +26,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// The dtype of the activations the CUDA backend's GEMMs read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuActivations {
+    /// Every activation in f32; a GEMM reads its input as two bf16 halves
+    /// (seen to ~2^-17), at twice the GEMM FLOPs and two extra launches.
+    #[default]
+    Split,
+    /// RMSNorm, the attention output and SwiGLU are written in bf16 and
+    /// GEMMs read them as they are, as serving engines run (the residual
+    /// stream stays f32). On the CPU backend: GEMM inputs rounded to bf16,
+    /// the GPU mode's twin.
+    Bf16,
+}
+
+/// A fused op the schedule may use in place of its two unfused ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fusion {
+    /// The residual add and the next RMSNorm (`Backend::add_rmsnorm`).
+    AddRmsnorm,
+    /// RoPE and the KV append (`Backend::rope_kv_append`).
+    RopeKvAppend,
+    /// SwiGLU written in the down projection's input dtype
+    /// (`Backend::silu_mul_gemm_input`).
+    SiluGemmInput,
+}
+
 /// Per-session limits; a request beyond one is answered `limit_exceeded`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -93,6 +121,18 @@ pub struct Config {
     pub threads: Option<usize>,
     /// Round weights to bf16 on the CPU backend (to compare with the GPU).
     pub cpu_round_bf16: bool,
+    /// The GEMM inputs' dtype on the GPU (`"split"` or `"bf16"`); on the
+    /// CPU backend `"bf16"` rounds GEMM inputs to bf16 (its twin).
+    pub gpu_activations: GpuActivations,
+    /// Fused ops to run (none by default). Accepted and validated now; the
+    /// forward pass's schedule does not use them yet, so they change
+    /// nothing until it does.
+    pub fusions: Vec<Fusion>,
+    /// Capture and replay decode steps as CUDA graphs per batch-size
+    /// bucket (off by default). The capture code exists
+    /// (`tacflow_kernels::cuda::graph`) but the executor does not use it
+    /// yet, so this changes nothing until it does.
+    pub cuda_graphs: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:
     /// `host:port` or a bare port for loopback. An address that is not
@@ -139,6 +179,9 @@ impl Default for Config {
             spin_us: 200,
             threads: None,
             cpu_round_bf16: false,
+            gpu_activations: GpuActivations::Split,
+            fusions: Vec::new(),
+            cuda_graphs: false,
             log_format: LogFormat::Text,
             metrics_addr: None,
             metrics_allow_remote: false,
@@ -319,6 +362,22 @@ mod tests {
             SessionLimits::default().max_sequences
         );
         assert!(toml::from_str::<Config>("kv_blokcs = 1").is_err());
+    }
+
+    #[test]
+    fn activation_dtype_fusions_and_graphs_default_off() {
+        let d = Config::default();
+        assert_eq!(d.gpu_activations, GpuActivations::Split);
+        assert!(d.fusions.is_empty() && !d.cuda_graphs);
+        let c: Config = toml::from_str(
+            "gpu_activations = \"bf16\"\nfusions = [\"add-rmsnorm\", \"rope-kv-append\", \"silu-gemm-input\"]\ncuda_graphs = true",
+        )
+        .unwrap();
+        assert_eq!(c.gpu_activations, GpuActivations::Bf16);
+        assert_eq!(c.fusions.len(), 3);
+        assert!(c.cuda_graphs);
+        assert!(toml::from_str::<Config>("gpu_activations = \"fp8\"").is_err());
+        assert!(toml::from_str::<Config>("fusions = [\"rope\"]").is_err());
     }
 
     #[test]

@@ -158,6 +158,12 @@ impl Gpu {
         self.sync_launches = on;
     }
 
+    /// Whether every launch synchronises (a stream under graph capture
+    /// cannot).
+    pub fn sync_launches(&self) -> bool {
+        self.sync_launches
+    }
+
     /// Waits for all issued work; reports any fault it raised.
     pub fn synchronize(&self) -> Result<()> {
         self.stream

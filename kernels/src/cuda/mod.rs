@@ -14,6 +14,8 @@
 //! | embedding, RMSNorm, RoPE, SwiGLU, adds, gather, random weights | [`rowwise`] |
 //! | the paged bf16 KV cache, append, copy-on-write copies | [`kv`] |
 //! | paged attention (decode and prefill) | [`attention`] |
+//! | fused ops: residual add + RMSNorm, RoPE + KV append, SwiGLU into bf16 | [`fused`] |
+//! | CUDA graphs: capture and replay of a step per batch-size bucket | [`graph`] |
 //! | sampling and log-probabilities | [`sampling`] |
 //! | the lab (feature `lab`): its modules, kernels chosen by hand, the first attention kernel as a baseline, event timing, the copy and read ceilings, a stream hold | `lab`, `attention_regs`, `timing` |
 //!
@@ -27,7 +29,9 @@ pub mod attention;
 #[cfg(feature = "lab")]
 pub mod attention_regs;
 pub mod device;
+pub mod fused;
 pub mod gemm;
+pub mod graph;
 pub mod kv;
 #[cfg(feature = "lab")]
 pub mod lab;
@@ -45,6 +49,7 @@ pub use attention::{AttnIo, AttnOverride, AttnPlan, AttnShape};
 /// Device buffers are cudarc's, re-exported so users need no cudarc dependency.
 pub use cudarc::driver::CudaSlice;
 pub use device::{DeviceInfo, Gpu};
+pub use fused::Heads;
 pub use kv::KvCache;
 pub use pool::{BufferPool, Pooled};
 pub use probe::probe;

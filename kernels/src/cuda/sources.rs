@@ -68,7 +68,7 @@ const fn module(name: &'static str, source: &'static str) -> Module {
 }
 
 /// The daemon's modules.
-pub const MODULES: [Module; 6] = [
+pub const MODULES: [Module; 7] = [
     module("random", include_str!("kernels/random.cu")),
     module("rowwise", include_str!("kernels/rowwise.cu")),
     module("rope", include_str!("kernels/rope.cu")),
@@ -79,6 +79,7 @@ pub const MODULES: [Module; 6] = [
         source: include_str!("kernels/attention.cu"),
     },
     module("sampling", include_str!("kernels/sampling.cu")),
+    module("fused", include_str!("kernels/fused.cu")),
 ];
 
 /// The benchmark-only modules (see the module doc).
@@ -360,6 +361,12 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         "attention_regs" => &["attention_regs_f32_d128_g4", "attention_regs_merge_f32"],
         "bench" => &["read_ceiling", "spin_wait"],
         "sampling" => &["sample_f32"],
+        "fused" => &[
+            "add_rmsnorm_f32",
+            "add_rmsnorm_bf16",
+            "rope_kv_append_bf16",
+            "silu_mul_bf16",
+        ],
         _ => &[],
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();

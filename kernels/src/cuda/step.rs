@@ -37,8 +37,10 @@ const LOGIT_ROWS: usize = 6;
 /// check against buffer sizes (the kernels themselves do not bounds-check).
 #[derive(Debug)]
 pub struct DeviceStep {
-    buf: CudaSlice<u32>,
-    offsets: [usize; 7],
+    pub(crate) buf: CudaSlice<u32>,
+    /// Where each array starts in `buf` (fixed capacities for a graph's
+    /// persistent step: `graph::GraphStep`).
+    pub(crate) offsets: [usize; 7],
     pub rows: usize,
     pub logit_rows: usize,
     /// Largest of each array (0 when empty).

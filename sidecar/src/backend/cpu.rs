@@ -2,7 +2,10 @@
 //!
 //! With `round_to_bf16` the weights are rounded to bf16 precision at load
 //! (then held in f32), so that the CPU computes with exactly the weights the
-//! GPU holds and the two can be compared at bf16 tolerance.
+//! GPU holds and the two can be compared at bf16 tolerance. With
+//! `round_activations` every GEMM input is rounded to bf16 first, the twin
+//! of the CUDA backend's bf16 activation mode (`gpu_activations = "bf16"`),
+//! whose RMSNorm, attention output and SwiGLU are written in bf16.
 
 use super::{
     AttnDims, Backend, HostData, HostLayerView, KvLayout, RowRange, SampleOutput, Selections,
@@ -16,6 +19,9 @@ use tacflow_kernels::cpu::{self, AttnSeq, KvLayer, SampleParams};
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend {
     pub round_to_bf16: bool,
+    /// Rounds the input rows of every `linear` to bf16 (computing with
+    /// them in f32), as the GPU's GEMMs see them in bf16 activation mode.
+    pub round_activations: bool,
 }
 
 /// A row-major f32 matrix.
@@ -197,6 +203,11 @@ impl Backend for CpuBackend {
         debug_assert_eq!(x.cols, w.cols);
         let m = rows.len();
         let (xr, or) = (x.rows(&rows), out.rows_mut(&rows));
+        if self.round_activations {
+            let xb: Vec<f32> = xr.par_iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            cpu::matmul_nt(&xb, &w.data, or, m, w.rows, w.cols);
+            return Ok(());
+        }
         cpu::matmul_nt(xr, &w.data, or, m, w.rows, w.cols);
         Ok(())
     }
@@ -323,6 +334,51 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn add_rmsnorm(
+        &self,
+        x: &mut Mat,
+        y: &Mat,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut Mat,
+        rows: RowRange,
+    ) -> Result<()> {
+        let o = out.rows_mut(&rows);
+        cpu::fused::add_rmsnorm(x.rows_mut(&rows), y.rows(&rows), w, eps, o);
+        Ok(())
+    }
+
+    fn rope_kv_append(
+        &self,
+        step: &StepMeta,
+        qkv: &mut Mat,
+        inv_freq: &Vec<f32>,
+        kv: &mut CpuKv,
+        layer: usize,
+        d: AttnDims,
+        rows: RowRange,
+    ) -> Result<()> {
+        let l = kv.layout;
+        let cols = qkv.cols;
+        let cache = cpu::fused::KvLayerMut {
+            k: &mut kv.k[layer],
+            v: &mut kv.v[layer],
+            kv_heads: l.num_kv_heads,
+            block_size: l.block_size,
+            head_dim: l.head_dim,
+        };
+        cpu::fused::rope_kv_append(
+            qkv.rows_mut(&rows),
+            cols,
+            d.num_heads,
+            &step.positions[rows.clone()],
+            &step.slots[rows],
+            inv_freq,
+            cache,
+        );
+        Ok(())
+    }
+
     fn gather_rows(&self, step: &StepMeta, x: &Mat, out: &mut Mat, rows: RowRange) -> Result<()> {
         for i in rows {
             let r = step.logit_rows[i] as usize;
@@ -363,3 +419,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "cpu_tests.rs"]
+mod tests;

@@ -12,15 +12,23 @@
 //! so the model code stays dtype-free. Vectors (norm weights, biases) are
 //! held in f32 with bf16-rounded values, like the CPU backend's
 //! `round_to_bf16`; [`Backend::constants`] (RoPE frequencies) stay exact.
+//!
+//! In bf16 activation mode ([`GpuActivations::Bf16`], off by default) the
+//! GEMMs' inputs are bf16 instead, as serving engines run them: RMSNorm
+//! writes bf16, the attention output is cast to bf16, SwiGLU writes bf16
+//! (`silu_mul_bf16`), and `linear` reads them with no split (one GEMM,
+//! bf16 x bf16 -> f32). The residual stream, q/k/v and logits stay f32.
+//! The CPU backend's `round_activations` is its twin.
 
 use super::{AttnDims, Backend, HostData, KvLayout, RowRange, SampleOutput, StepMeta};
+use crate::config::GpuActivations;
 use crate::error::{Error, Result};
 use half::bf16;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::SampleParams;
 use tacflow_kernels::cuda::{
-    AttnIo, AttnOverride, AttnPlan, AttnShape, BufferPool, CudaSlice, DeviceStep, Gpu, KvCache,
-    Pooled, RmsOut, Rows, StepArrays,
+    AttnIo, AttnOverride, AttnPlan, AttnShape, BufferPool, CudaSlice, DeviceStep, Gpu, Heads,
+    KvCache, Pooled, RmsOut, Rows, StepArrays,
 };
 
 /// Whether a usable GPU is present: its name, or why not.
@@ -36,6 +44,8 @@ pub struct CudaBackend {
     gpu: Gpu,
     /// f32 activation buffers, reused from step to step.
     pool: BufferPool,
+    /// The dtype of GEMM inputs (the module doc).
+    activations: GpuActivations,
 }
 
 impl CudaBackend {
@@ -44,7 +54,18 @@ impl CudaBackend {
         Ok(CudaBackend {
             gpu: Gpu::new(ordinal)?,
             pool: BufferPool::default(),
+            activations: GpuActivations::Split,
         })
+    }
+
+    /// The backend with its GEMM inputs in `mode` (the module doc).
+    pub fn with_activations(mut self, mode: GpuActivations) -> CudaBackend {
+        self.activations = mode;
+        self
+    }
+
+    fn bf16_acts(&self) -> bool {
+        self.activations == GpuActivations::Bf16
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -207,6 +228,28 @@ impl CudaBackend {
     /// Activation buffers waiting for reuse (benchmarks).
     pub fn pooled_buffers(&self) -> usize {
         self.pool.cached()
+    }
+
+    /// `a`'s bf16 buffer, allocated (stream-ordered) unless it has one.
+    fn out_bf16<'a>(&self, a: &'a mut Act) -> Result<&'a mut CudaSlice<bf16>> {
+        let n = a.rows * a.cols;
+        if !matches!(&a.buf, ActBuf::Bf16(s) if s.len() >= n) {
+            a.buf = ActBuf::Bf16(self.gpu.alloc(n)?);
+        }
+        match &mut a.buf {
+            ActBuf::Bf16(s) => Ok(s),
+            _ => unreachable!("just allocated as bf16"),
+        }
+    }
+
+    /// Where RMSNorm writes: bf16 in bf16 activation mode (its output is a
+    /// GEMM's input), else f32.
+    fn rms_out<'a>(&self, a: &'a mut Act) -> Result<RmsOut<'a>> {
+        Ok(if self.bf16_acts() {
+            RmsOut::Bf16(self.out_bf16(a)?)
+        } else {
+            RmsOut::F32(self.out_f32(a)?)
+        })
     }
 
     fn out_f32<'a>(&self, a: &'a mut Act) -> Result<&'a mut CudaSlice<f32>> {
@@ -490,10 +533,10 @@ impl Backend for CudaBackend {
         check(out.shape() == x.shape() && w.len == x.cols, || {
             "rmsnorm: shapes".into()
         })?;
-        let o = self.out_f32(out)?;
+        let o = self.rms_out(out)?;
         Ok(self
             .gpu
-            .rmsnorm(x.f32("rmsnorm")?, &w.data, eps, x.shape(), RmsOut::F32(o))?)
+            .rmsnorm(x.f32("rmsnorm")?, &w.data, eps, x.shape(), o)?)
     }
 
     fn linear(&self, x: &Act, w: &Matrix, out: &mut Act, rows: RowRange) -> Result<()> {
@@ -579,8 +622,18 @@ impl Backend for CudaBackend {
         rows: RowRange,
     ) -> Result<()> {
         whole("attention", &rows, qkv.rows)?;
-        self.attention_forced(step, (qkv, kv, layer), d, out, AttnOverride::default())?;
-        Ok(())
+        if !self.bf16_acts() {
+            self.attention_forced(step, (qkv, kv, layer), d, out, AttnOverride::default())?;
+            return Ok(());
+        }
+        // The output is the o projection's input: f32 from the kernel,
+        // cast to bf16 (the f32 buffer goes back to the pool, in stream
+        // order, after the cast).
+        let mut f = self.act(out.rows, out.cols)?;
+        self.attention_forced(step, (qkv, kv, layer), d, &mut f, AttnOverride::default())?;
+        let n = out.rows * out.cols;
+        let o = self.out_bf16(out)?;
+        Ok(self.gpu.cast_bf16(f.f32("attention")?, o, n)?)
     }
 
     fn add(&self, x: &mut Act, y: &Act, rows: RowRange) -> Result<()> {
@@ -596,11 +649,72 @@ impl Backend for CudaBackend {
             gate_up.rows == out.rows && gate_up.cols == 2 * out.cols,
             || "silu_mul: shapes".into(),
         )?;
+        if self.bf16_acts() {
+            return self.silu_mul_gemm_input(gate_up, out, rows);
+        }
         let (rows, inter) = (out.rows, out.cols);
         let o = self.out_f32(out)?;
         Ok(self
             .gpu
             .silu_mul(gate_up.f32("silu_mul")?, o, rows, inter)?)
+    }
+
+    fn add_rmsnorm(
+        &self,
+        x: &mut Act,
+        y: &Act,
+        w: &Vector,
+        eps: f32,
+        out: &mut Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        check(
+            x.shape() == y.shape() && out.shape() == x.shape() && w.len == x.cols,
+            || "add_rmsnorm: shapes".into(),
+        )?;
+        let shape = x.shape();
+        let o = self.rms_out(out)?;
+        let xy = (x.f32_mut("add_rmsnorm")?, y.f32("add_rmsnorm")?);
+        Ok(self.gpu.add_rmsnorm(xy, &w.data, eps, shape, rows, o)?)
+    }
+
+    fn rope_kv_append(
+        &self,
+        step: &DeviceStep,
+        qkv: &mut Act,
+        inv_freq: &Vector,
+        kv: &mut KvCache,
+        layer: usize,
+        d: AttnDims,
+        rows: RowRange,
+    ) -> Result<()> {
+        let shape = qkv.shape();
+        let heads = Heads {
+            q: d.num_heads,
+            kv: d.num_kv_heads,
+            dim: d.head_dim,
+        };
+        let q = qkv.f32_mut("rope_kv_append")?;
+        Ok(self
+            .gpu
+            .rope_kv_append(step, q, shape, &inv_freq.data, kv, layer, heads, rows)?)
+    }
+
+    /// bf16 in bf16 activation mode (the `silu_mul_bf16` kernel), f32 (as
+    /// `silu_mul`) otherwise.
+    fn silu_mul_gemm_input(&self, gate_up: &Act, out: &mut Act, rows: RowRange) -> Result<()> {
+        check(
+            gate_up.rows == out.rows && gate_up.cols == 2 * out.cols,
+            || "silu_mul: shapes".into(),
+        )?;
+        if !self.bf16_acts() {
+            return self.silu_mul(gate_up, out, rows);
+        }
+        let dims = (out.rows, out.cols);
+        let o = self.out_bf16(out)?;
+        Ok(self
+            .gpu
+            .silu_mul_bf16(gate_up.f32("silu_mul")?, o, dims, rows)?)
     }
 
     fn gather_rows(&self, step: &DeviceStep, x: &Act, out: &mut Act, rows: RowRange) -> Result<()> {

@@ -332,6 +332,69 @@ pub trait Backend {
     fn add(&self, x: &mut Self::Act, y: &Self::Act, rows: RowRange) -> Result<()>;
     /// SwiGLU over rows `[gate | up]`.
     fn silu_mul(&self, gate_up: &Self::Act, out: &mut Self::Act, rows: RowRange) -> Result<()>;
+
+    // Fused ops: each does what two of the ops above do, in one pass where
+    // the backend has a kernel for it. The default composes the two ops, so
+    // every backend has each one and its result is defined by the
+    // composition; an override must equal it (bit for bit in f32: the
+    // fused kernels repeat the unfused arithmetic in the same order). The
+    // forward pass does not use them yet.
+
+    /// The residual add and the next RMSNorm: on `rows` only, `x += y`,
+    /// then `out = x / sqrt(mean(x²) + eps) * w` of the updated `x`, i.e.
+    /// [`Backend::add`] then [`Backend::rmsnorm`]. `x`, `y` and `out` are
+    /// `[n, dim]` and `w` holds `dim`; `x` (the f32 residual stream) is
+    /// read and written, `y` read, `out` written in the dtype `rmsnorm`
+    /// writes on this backend (bf16 on the CUDA backend in bf16 activation
+    /// mode, else f32). Rows outside `rows` are not touched.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm(
+        &self,
+        x: &mut Self::Act,
+        y: &Self::Act,
+        w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        self.add(x, y, rows.clone())?;
+        self.rmsnorm(x, w, eps, out, rows)
+    }
+
+    /// RoPE and the KV append: on `rows` only, rotates the q and k heads
+    /// of the fused `[q | k | v]` rows of `qkv` by each row's position
+    /// (in place, as [`Backend::rope`]), then writes each row's rotated k
+    /// and its v to its slot of `layer` (as [`Backend::kv_append`]; in
+    /// bf16 on the CUDA backend). Reads the step's positions and slots of
+    /// those rows; writes nothing else.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_append(
+        &self,
+        step: &Self::Step,
+        qkv: &mut Self::Act,
+        inv_freq: &Self::Vector,
+        kv: &mut Self::Kv,
+        layer: usize,
+        dims: AttnDims,
+        rows: RowRange,
+    ) -> Result<()> {
+        self.rope(step, qkv, inv_freq, dims, rows.clone())?;
+        self.kv_append(step, qkv, kv, layer, dims, rows)
+    }
+
+    /// SwiGLU whose output is the down projection's input: as
+    /// [`Backend::silu_mul`] on `rows`, written in the dtype this
+    /// backend's [`Backend::linear`] reads without converting it (bf16
+    /// values, rounded once, on the CUDA backend in bf16 activation mode:
+    /// the cast fused into the activation; f32 otherwise).
+    fn silu_mul_gemm_input(
+        &self,
+        gate_up: &Self::Act,
+        out: &mut Self::Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        self.silu_mul(gate_up, out, rows)
+    }
     /// `out[i] = x[step.logit_rows[i]]` for the logit rows `i` in `rows`.
     fn gather_rows(
         &self,

@@ -9,12 +9,14 @@
 //! | paged attention | [`attention`] |
 //! | sampling | [`sampling`] |
 //! | whole models through the engine | [`model`], [`models`] |
+//! | fused ops, CUDA graph replay, bf16 activations | [`fused`] |
 //!
 //! Each check group runs in a child process of its own (`--only NAME`), so
 //! that a device fault, which poisons a CUDA context for good, fails that
 //! group alone and the table still shows every other result.
 
 pub mod attention;
+pub mod fused;
 pub mod model;
 pub mod models;
 pub mod ops;
@@ -49,14 +51,16 @@ pub struct Options {
 }
 
 /// Check groups, in order, with a time limit each.
-pub const GROUPS: [(&str, u64); 9] = [
+pub const GROUPS: [(&str, u64); 11] = [
     ("random", 120),
     ("gemm", 120),
     ("rowwise", 120),
     ("kv", 60),
     ("attention", 300),
     ("sampling", 300),
+    ("fused", 180),
     ("model-tiny", 300),
+    ("model-bf16", 300),
     ("model-8b", 600),
     ("smollm2", 900),
 ];
@@ -193,6 +197,7 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
     match group {
         "model-tiny" => models::tiny(b, seed),
         "model-8b" => models::llama3_8b(b, seed),
+        "model-bf16" => fused::model_bf16(b, seed),
         "smollm2" => models::smollm2(b, opts),
         _ => {
             let mut cx = Ctx::new(b, seed);
@@ -202,6 +207,7 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
                 "rowwise" => ops::rowwise(&mut cx),
                 "kv" => ops::kv(&mut cx),
                 "attention" => attention::attention(&mut cx),
+                "fused" => fused::fused(&mut cx),
                 _ => sampling::sampling(&mut cx),
             }
         }

@@ -163,9 +163,9 @@ impl Tally {
 }
 
 /// One step on both engines, logits compared.
-fn both<G: Backend>(
+fn both<G: Backend, R: Backend>(
     g: &mut Engine<G>,
-    c: &mut Engine<CpuBackend>,
+    c: &mut Engine<R>,
     entries: Vec<(u64, Vec<u32>, bool)>,
     decode: bool,
     t: &mut Tally,
@@ -197,14 +197,32 @@ pub fn compare<G: Backend>(
     sc: &Scenario,
     blocks: usize,
 ) -> Vec<Row> {
-    match run(gpu, config, src, sc, blocks) {
-        Ok(t) => rows(check, sc, &t),
+    let cpu = CpuBackend {
+        round_to_bf16: true,
+        round_activations: false,
+    };
+    compare_with(check, (gpu, cpu), config, src, sc, blocks, LOGITS_TOL)
+}
+
+/// [`compare`] against any reference backend, logits held to `tol`.
+pub fn compare_with<G: Backend, R: Backend>(
+    check: &str,
+    (gpu, reference): (G, R),
+    config: &ModelConfig,
+    src: &dyn WeightSource,
+    sc: &Scenario,
+    blocks: usize,
+    tol: f64,
+) -> Vec<Row> {
+    match run(gpu, reference, config, src, sc, blocks) {
+        Ok(t) => rows(check, sc, &t, tol),
         Err(e) => vec![Row::fail(check, "run", e.to_string())],
     }
 }
 
-fn run<G: Backend>(
+fn run<G: Backend, R: Backend>(
     gpu: G,
+    reference: R,
     config: &ModelConfig,
     src: &dyn WeightSource,
     sc: &Scenario,
@@ -212,14 +230,7 @@ fn run<G: Backend>(
 ) -> Result<Tally> {
     let t0 = std::time::Instant::now();
     let mut g = engine(gpu, config, src, blocks)?;
-    let mut c = engine(
-        CpuBackend {
-            round_to_bf16: true,
-        },
-        config,
-        src,
-        blocks,
-    )?;
+    let mut c = engine(reference, config, src, blocks)?;
     eprintln!(
         "  both engines loaded in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -275,21 +286,21 @@ fn run<G: Backend>(
     Ok(t)
 }
 
-fn rows(check: &str, sc: &Scenario, t: &Tally) -> Vec<Row> {
+fn rows(check: &str, sc: &Scenario, t: &Tally, tol: f64) -> Vec<Row> {
     let mut out = vec![
         Row::at_most(
             check,
             format!("prefill logits, {} chunked steps", t.prefill_steps),
             "rel_err",
             t.prefill_rel,
-            LOGITS_TOL,
+            tol,
         ),
         Row::at_most(
             check,
             format!("decode logits, {} teacher-forced steps", t.decode_steps),
             "rel_err",
             t.decode_rel,
-            LOGITS_TOL,
+            tol,
         ),
         Row::at_least(
             check,
@@ -352,6 +363,7 @@ mod tests {
             "t",
             CpuBackend {
                 round_to_bf16: true,
+                round_activations: false,
             },
             &config,
             &src,
@@ -378,6 +390,7 @@ mod tests {
             "t",
             CpuBackend {
                 round_to_bf16: false,
+                round_activations: false,
             },
             &config,
             &src,

@@ -18,7 +18,7 @@ fn tokens(seed: u64, stream: u64, n: usize, vocab: usize) -> Vec<u32> {
 
 /// Prompts of `lens`, chunks of `chunks`, `steps` decode tokens for every
 /// sequence and the fork of the first.
-fn random_scenario(
+pub(super) fn random_scenario(
     seed: u64,
     vocab: usize,
     lens: &[usize],

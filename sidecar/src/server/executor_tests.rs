@@ -28,6 +28,7 @@ fn engine<B: Backend>(backend: B) -> Engine<B> {
 fn cpu() -> CpuBackend {
     CpuBackend {
         round_to_bf16: false,
+        round_activations: false,
     }
 }
 

@@ -165,6 +165,7 @@ mod tests {
     fn the_cpu_holds_weights_as_f32() {
         let cpu = CpuBackend {
             round_to_bf16: true,
+            round_activations: false,
         };
         let m = llama_8b();
         let n = need(&cpu, &m, &KvCapacity::Blocks(10));
@@ -177,6 +178,7 @@ mod tests {
     fn too_large_is_refused_with_the_figures() {
         let cpu = CpuBackend {
             round_to_bf16: false,
+            round_activations: false,
         };
         let config = Config {
             memory_limit: Some("1GiB".into()),

@@ -265,6 +265,7 @@ fn start_cpu(
 ) -> Result<()> {
     let cpu = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
+        round_activations: config.gpu_activations == crate::config::GpuActivations::Bf16,
     };
     #[cfg(feature = "fault-injection")]
     if let Some((spec, plan)) = inject::plan_from_env()? {
@@ -312,6 +313,7 @@ fn spawn_executor(
             let fail = ready.clone();
             let r = match kind {
                 BackendKind::Cuda => CudaBackend::new(0)
+                    .map(|b| b.with_activations(config.gpu_activations))
                     .and_then(|b| start_executor(b, &config, links, rx, ready, |_| {})),
                 _ => start_cpu(&config, links, rx, ready),
             };
