@@ -54,6 +54,17 @@ pub enum Fusion {
     SiluGemmInput,
 }
 
+impl Fusion {
+    /// The fusions a list names, as the schedule's program takes them.
+    pub fn program_fusions(list: &[Fusion]) -> crate::schedule::program::Fusions {
+        crate::schedule::program::Fusions {
+            add_norm: list.contains(&Fusion::AddRmsnorm),
+            rope_append: list.contains(&Fusion::RopeKvAppend),
+            silu_gemm_input: list.contains(&Fusion::SiluGemmInput),
+        }
+    }
+}
+
 /// Per-session limits; a request beyond one is answered `limit_exceeded`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -124,9 +135,9 @@ pub struct Config {
     /// The GEMM inputs' dtype on the GPU (`"split"` or `"bf16"`); on the
     /// CPU backend `"bf16"` rounds GEMM inputs to bf16 (its twin).
     pub gpu_activations: GpuActivations,
-    /// Fused ops to run (none by default). Accepted and validated now; the
-    /// forward pass's schedule does not use them yet, so they change
-    /// nothing until it does.
+    /// Fused ops to run (none by default): the forward pass's program runs
+    /// each named pair of ops as one (`schedule::program::Fusions`); the
+    /// results are those of the pair (the CPU's are equal bit for bit).
     pub fusions: Vec<Fusion>,
     /// Capture and replay decode steps as CUDA graphs per batch-size
     /// bucket (off by default). The capture code exists

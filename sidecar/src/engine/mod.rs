@@ -139,6 +139,11 @@ impl<B: Backend> Engine<B> {
         self.model.program()
     }
 
+    /// Runs these pairs of ops fused from the next step on.
+    pub fn set_fusions(&mut self, fusions: crate::schedule::program::Fusions) {
+        self.model.fusions = fusions;
+    }
+
     /// Cuts every later step's forward pass as `plan` says.
     pub fn set_plan(&mut self, plan: Plan) {
         self.plan = plan;

@@ -14,7 +14,7 @@ pub mod weights;
 use crate::backend::{AttnDims, Backend, StepMeta};
 use crate::engine::sparse::Selector;
 use crate::error::{Error, Result};
-use crate::schedule::program::Program;
+use crate::schedule::program::{Fusions, Program};
 use crate::schedule::{Node, Op, Plan, Schedule, run};
 use config::ModelConfig;
 use std::path::Path;
@@ -40,6 +40,8 @@ pub struct Model<B: Backend> {
     final_norm: B::Vector,
     lm_head: Option<B::Matrix>,
     inv_freq: B::Vector,
+    /// Which pairs of ops run fused (none unless configured).
+    pub fusions: Fusions,
 }
 
 /// How to find a model: `tiny`, `random:<preset or config.json>`, a Hugging
@@ -206,6 +208,7 @@ impl<B: Backend> Model<B> {
             lm_head,
             inv_freq: b.constants(&inv)?,
             layers,
+            fusions: Fusions::default(),
         })
     }
 
@@ -222,6 +225,7 @@ impl<B: Backend> Model<B> {
         Program {
             layers: self.config.num_layers,
             qkv_bias: self.config.qkv_bias,
+            fusions: self.fusions,
         }
     }
 
@@ -310,7 +314,21 @@ impl<B: Backend> Model<B> {
             Op::AddAttn(_) | Op::AddMlp(_) => b.add(&mut w.x, &w.proj, rows),
             Op::MlpNorm(l) => b.rmsnorm(&w.x, &layer(l).mlp_norm, c.rms_norm_eps, &mut w.h, rows),
             Op::GateUp(l) => b.linear(&w.h, &layer(l).gate_up, &mut w.gate_up, rows),
+            Op::SiluMul(_) if self.fusions.silu_gemm_input => {
+                b.silu_mul_gemm_input(&w.gate_up, &mut w.act, rows)
+            }
             Op::SiluMul(_) => b.silu_mul(&w.gate_up, &mut w.act, rows),
+            Op::AddAttnNorm(l) => {
+                let norm = &layer(l).mlp_norm;
+                b.add_rmsnorm(&mut w.x, &w.proj, norm, c.rms_norm_eps, &mut w.h, rows)
+            }
+            Op::AddMlpNorm(l) => {
+                let norm = &layer(l + 1).attn_norm;
+                b.add_rmsnorm(&mut w.x, &w.proj, norm, c.rms_norm_eps, &mut w.h, rows)
+            }
+            Op::RopeAppend(l) => {
+                b.rope_kv_append(step, &mut w.qkv, &self.inv_freq, kv, l, dims, rows)
+            }
             Op::Down(l) => b.linear(&w.act, &layer(l).down, &mut w.proj, rows),
             Op::Gather => b.gather_rows(step, &w.x, &mut w.sel, rows),
             Op::FinalNorm => b.rmsnorm(

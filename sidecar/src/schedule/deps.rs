@@ -94,7 +94,9 @@ pub struct Conflict {
 }
 
 /// Where `op` stands in [`Program::ops`], comparable across programs with
-/// and without a QKV bias (the test below keeps the two in step).
+/// and without a QKV bias or fusions (the tests keep them in step): a fused
+/// op stands where its first op does, and a layer's attention norm fused
+/// into the previous layer's last add stands there.
 pub fn position(op: Op) -> (usize, usize, usize) {
     use Op::*;
     let in_layer = |i| (1, op.layer().unwrap_or(0), i);
@@ -112,7 +114,9 @@ pub fn position(op: Op) -> (usize, usize, usize) {
         GateUp(_) => in_layer(9),
         SiluMul(_) => in_layer(10),
         Down(_) => in_layer(11),
-        AddMlp(_) => in_layer(12),
+        AddMlp(_) | AddMlpNorm(_) => in_layer(12),
+        AddAttnNorm(_) => in_layer(7),
+        RopeAppend(_) => in_layer(3),
         Gather => (2, 0, 0),
         FinalNorm => (2, 0, 1),
         LmHead => (2, 0, 2),
@@ -146,9 +150,9 @@ pub fn conflicts(nodes: &[Node], meta: &StepMeta) -> Vec<Conflict> {
     let mut by_buf: BTreeMap<Buf, Vec<Touch>> = BTreeMap::new();
     for (i, n) in nodes.iter().enumerate() {
         let pos = position(n.op);
-        let (reads, write) = program::accesses(n, meta);
+        let (reads, writes) = program::accesses(n, meta);
         let all = reads.into_iter().map(|a| (a, false));
-        for (Access { buf, rows }, w) in all.chain([(write, true)]) {
+        for (Access { buf, rows }, w) in all.chain(writes.into_iter().map(|a| (a, true))) {
             let touch = Touch {
                 node: i,
                 pos,

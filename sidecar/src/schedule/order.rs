@@ -93,6 +93,7 @@ mod tests {
         let program = Program {
             layers: 3,
             qkv_bias: true,
+            fusions: Default::default(),
         };
         let s = build::sequential(&program, 7, 2);
         let order = sequential(&s).unwrap();
@@ -104,6 +105,7 @@ mod tests {
         let program = Program {
             layers: 2,
             qkv_bias: false,
+            fusions: Default::default(),
         };
         let mut distinct = std::collections::HashSet::new();
         for seed in 0..40 {
@@ -124,6 +126,7 @@ mod tests {
         let program = Program {
             layers: 1,
             qkv_bias: false,
+            fusions: Default::default(),
         };
         let mut s = build::sequential(&program, 4, 1);
         let last = s.nodes.len() - 1;

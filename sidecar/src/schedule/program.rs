@@ -47,6 +47,12 @@ pub enum Op {
     SiluMul(usize),
     Down(usize),
     AddMlp(usize),
+    /// `AddAttn` and `MlpNorm` in one op (`Backend::add_rmsnorm`).
+    AddAttnNorm(usize),
+    /// `AddMlp` of layer `l` and the `AttnNorm` of layer `l + 1` in one op.
+    AddMlpNorm(usize),
+    /// `Rope` and `KvAppend` in one op (`Backend::rope_kv_append`).
+    RopeAppend(usize),
     /// The logit rows of the residual stream into `Sel`.
     Gather,
     FinalNorm,
@@ -64,7 +70,8 @@ impl Op {
         use Op::*;
         match self {
             AttnNorm(l) | Qkv(l) | QkvBias(l) | Rope(l) | KvAppend(l) | Attention(l) | OProj(l)
-            | AddAttn(l) | MlpNorm(l) | GateUp(l) | SiluMul(l) | Down(l) | AddMlp(l) => Some(l),
+            | AddAttn(l) | MlpNorm(l) | GateUp(l) | SiluMul(l) | Down(l) | AddMlp(l)
+            | AddAttnNorm(l) | AddMlpNorm(l) | RopeAppend(l) => Some(l),
             Embed | Gather | FinalNorm | LmHead => None,
         }
     }
@@ -77,27 +84,42 @@ impl Op {
         )
     }
 
-    /// The buffers the op reads and the one it writes.
-    pub fn buffers(self) -> (&'static [Buf], Buf) {
+    /// The buffers the op reads and those it writes.
+    pub fn buffers(self) -> (&'static [Buf], &'static [Buf]) {
         use Buf::*;
+        // The KV buffer is per layer: `accesses` fills in the layer.
+        const KV: Buf = Kv(usize::MAX);
         match self {
-            Op::Embed => (&[], X),
-            Op::AttnNorm(_) | Op::MlpNorm(_) => (&[X], H),
-            Op::Qkv(_) => (&[H], Qkv),
-            Op::QkvBias(_) | Op::Rope(_) => (&[Qkv], Qkv),
-            // The KV buffer is per layer: `accesses` fills in the layer.
-            Op::KvAppend(_) => (&[Qkv], Kv(usize::MAX)),
-            Op::Attention(_) => (&[Qkv, Kv(usize::MAX)], Attn),
-            Op::OProj(_) => (&[Attn], Proj),
-            Op::AddAttn(_) | Op::AddMlp(_) => (&[X, Proj], X),
-            Op::GateUp(_) => (&[H], GateUp),
-            Op::SiluMul(_) => (&[GateUp], Act),
-            Op::Down(_) => (&[Act], Proj),
-            Op::Gather => (&[X], Sel),
-            Op::FinalNorm => (&[Sel], Normed),
-            Op::LmHead => (&[Normed], Logits),
+            Op::Embed => (&[], &[X]),
+            Op::AttnNorm(_) | Op::MlpNorm(_) => (&[X], &[H]),
+            Op::Qkv(_) => (&[H], &[Qkv]),
+            Op::QkvBias(_) | Op::Rope(_) => (&[Qkv], &[Qkv]),
+            Op::KvAppend(_) => (&[Qkv], &[KV]),
+            Op::RopeAppend(_) => (&[Qkv], &[Qkv, KV]),
+            Op::Attention(_) => (&[Qkv, KV], &[Attn]),
+            Op::OProj(_) => (&[Attn], &[Proj]),
+            Op::AddAttn(_) | Op::AddMlp(_) => (&[X, Proj], &[X]),
+            Op::AddAttnNorm(_) | Op::AddMlpNorm(_) => (&[X, Proj], &[X, H]),
+            Op::GateUp(_) => (&[H], &[GateUp]),
+            Op::SiluMul(_) => (&[GateUp], &[Act]),
+            Op::Down(_) => (&[Act], &[Proj]),
+            Op::Gather => (&[X], &[Sel]),
+            Op::FinalNorm => (&[Sel], &[Normed]),
+            Op::LmHead => (&[Normed], &[Logits]),
         }
     }
+}
+
+/// Which pairs of ops run fused (each fused op computes exactly what its
+/// two ops compute in order; the backend's kernels make it one launch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fusions {
+    /// A residual add and the RMSNorm after it.
+    pub add_norm: bool,
+    /// RoPE and the KV append.
+    pub rope_append: bool,
+    /// SwiGLU written in the dtype its GEMM reads.
+    pub silu_gemm_input: bool,
 }
 
 /// The ops of a model's forward pass, in the order the sequential pass runs
@@ -107,28 +129,39 @@ pub struct Program {
     pub layers: usize,
     /// The QKV projection has a bias (Qwen2).
     pub qkv_bias: bool,
+    pub fusions: Fusions,
 }
 
 impl Program {
     pub fn ops(&self) -> Vec<Op> {
-        let mut ops = vec![Op::Embed];
+        let f = self.fusions;
+        let mut ops = vec![Op::Embed, Op::AttnNorm(0)];
         for l in 0..self.layers {
-            ops.extend([Op::AttnNorm(l), Op::Qkv(l)]);
+            ops.push(Op::Qkv(l));
             if self.qkv_bias {
                 ops.push(Op::QkvBias(l));
             }
-            ops.extend([
-                Op::Rope(l),
-                Op::KvAppend(l),
-                Op::Attention(l),
-                Op::OProj(l),
-                Op::AddAttn(l),
-                Op::MlpNorm(l),
-                Op::GateUp(l),
-                Op::SiluMul(l),
-                Op::Down(l),
-                Op::AddMlp(l),
-            ]);
+            if f.rope_append {
+                ops.push(Op::RopeAppend(l));
+            } else {
+                ops.extend([Op::Rope(l), Op::KvAppend(l)]);
+            }
+            ops.extend([Op::Attention(l), Op::OProj(l)]);
+            if f.add_norm {
+                ops.push(Op::AddAttnNorm(l));
+            } else {
+                ops.extend([Op::AddAttn(l), Op::MlpNorm(l)]);
+            }
+            ops.extend([Op::GateUp(l), Op::SiluMul(l), Op::Down(l)]);
+            let last = l + 1 == self.layers;
+            if f.add_norm && !last {
+                ops.push(Op::AddMlpNorm(l));
+            } else {
+                ops.push(Op::AddMlp(l));
+                if !last {
+                    ops.push(Op::AttnNorm(l + 1));
+                }
+            }
         }
         ops.extend([Op::Gather, Op::FinalNorm, Op::LmHead]);
         ops
@@ -184,8 +217,8 @@ fn ranges_of(rows: impl IntoIterator<Item = usize>) -> Vec<Range<usize>> {
 /// over rows `R` reads the KV rows of every sequence that has a row in `R`
 /// (a prefill chunk's rows see the keys its earlier rows append); the
 /// gather reads the residual rows its logit rows name.
-pub fn accesses(node: &Node, meta: &StepMeta) -> (Vec<Access>, Access) {
-    let (reads, write) = node.op.buffers();
+pub fn accesses(node: &Node, meta: &StepMeta) -> (Vec<Access>, Vec<Access>) {
+    let (reads, writes) = node.op.buffers();
     let layer = node.op.layer().unwrap_or(0);
     let fix = |b: Buf| match b {
         Buf::Kv(_) => Buf::Kv(layer),
@@ -214,11 +247,12 @@ pub fn accesses(node: &Node, meta: &StepMeta) -> (Vec<Access>, Access) {
             Access { buf: fix(b), rows }
         })
         .collect();
-    (
-        reads,
-        Access {
-            buf: fix(write),
-            rows: own,
-        },
-    )
+    let writes = writes
+        .iter()
+        .map(|&b| Access {
+            buf: fix(b),
+            rows: own.clone(),
+        })
+        .collect();
+    (reads, writes)
 }

@@ -174,6 +174,7 @@ mod tests {
         Program {
             layers: 2,
             qkv_bias: false,
+            fusions: Default::default(),
         }
     }
 

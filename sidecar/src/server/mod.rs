@@ -215,6 +215,7 @@ fn start_executor<B: Backend + 'static>(
         },
     )?;
     links.notifier.status("warming up");
+    engine.set_fusions(crate::config::Fusion::program_fusions(&config.fusions));
     warm_up(&mut engine)?;
     armed(engine.backend());
     let (kind, device) = engine.backend().describe();

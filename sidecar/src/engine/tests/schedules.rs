@@ -6,7 +6,7 @@
 
 use super::sweep::scenario_under;
 use super::*;
-use crate::schedule::{Plan, trace};
+use crate::schedule::{Op, Plan, trace};
 
 /// A random plan whose mixed step runs on more than one lane.
 pub(super) fn multi_lane_plan() -> Plan {
@@ -121,4 +121,44 @@ fn a_run_missing_a_needed_event_is_caught() {
         _ => false,
     });
     assert!(named, "{gone:?} not among {v:?}");
+}
+
+/// Every fusion on: the mixed step gives the unfused pass's logits, in the
+/// sequential schedule and in random ones.
+#[test]
+fn fused_programs_give_the_unfused_logits() {
+    use crate::schedule::program::Fusions;
+    let all = Fusions {
+        add_norm: true,
+        rope_append: true,
+        silu_gemm_input: true,
+    };
+    let (mut e, mut w) = scenario_under(Plan::Sequential);
+    let (_, want) = all_logits(&mut e, &mut w);
+    for plan in [
+        Plan::Sequential,
+        Plan::Random { seed: 3 },
+        Plan::Random { seed: 11 },
+    ] {
+        let (mut e, mut w) = scenario_under(plan.clone());
+        e.set_fusions(all);
+        let program = e.model_program();
+        assert!(
+            program
+                .ops()
+                .iter()
+                .any(|op| matches!(op, Op::AddMlpNorm(_)))
+        );
+        e.backend().recorder.start();
+        let (_, got) = all_logits(&mut e, &mut w);
+        let rec = e.backend().recorder.take();
+        let meta = rec.meta.unwrap();
+        let (schedule, _) = plan.lay_out(&program, &meta).unwrap();
+        trace::check(&rec.trace, &schedule, &meta).unwrap();
+        let d = rel_diff(&got, &want);
+        assert!(
+            d <= 1e-6,
+            "{plan:?}: fused logits {d:.2e} from the unfused pass"
+        );
+    }
 }

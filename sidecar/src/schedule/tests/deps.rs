@@ -8,14 +8,41 @@ use crate::schedule::{EventEdge, Op, Schedule};
 
 #[test]
 fn positions_follow_program_order() {
-    for qkv_bias in [false, true] {
+    for (qkv_bias, fused) in [(false, false), (true, false), (false, true), (true, true)] {
+        let fusions = crate::schedule::program::Fusions {
+            add_norm: fused,
+            rope_append: fused,
+            silu_gemm_input: fused,
+        };
         let ops = Program {
             layers: 3,
             qkv_bias,
+            fusions,
         }
         .ops();
         let keys: Vec<_> = ops.iter().map(|&o| position(o)).collect();
-        assert!(keys.windows(2).all(|w| w[0] < w[1]), "bias {qkv_bias}");
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "bias {qkv_bias}, fused {fused}"
+        );
+    }
+}
+
+#[test]
+fn random_schedules_of_fused_programs_validate() {
+    let fusions = crate::schedule::program::Fusions {
+        add_norm: true,
+        rope_append: true,
+        silu_gemm_input: true,
+    };
+    for seed in 0..100 {
+        let meta = random_meta(seed);
+        let p = Program {
+            fusions,
+            ..program(seed % 2 == 0)
+        };
+        let s = build::random(&p, &meta, seed);
+        validate(&s, &p, &meta).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }
 
@@ -213,6 +240,7 @@ fn a_thirty_layer_step_in_four_nano_batches_validates() {
     let p = Program {
         layers: 30,
         qkv_bias: true,
+        fusions: Default::default(),
     };
     let mut q_lens = vec![1; 48];
     q_lens.extend([40, 17, 1, 1, 64]);

@@ -13,6 +13,7 @@ pub(crate) fn program(qkv_bias: bool) -> Program {
     Program {
         layers: 2,
         qkv_bias,
+        fusions: Default::default(),
     }
 }
 

@@ -106,6 +106,7 @@ fn the_sequential_makespan_is_the_sum_of_its_nodes() {
     let p = Program {
         layers: 2,
         qkv_bias: true,
+        fusions: Default::default(),
     };
     let meta = step(&[1, 4, 1]);
     let m = attention_bound();
@@ -165,6 +166,7 @@ fn the_search_finds_the_brute_force_optimum() {
     let p = Program {
         layers: 1,
         qkv_bias: false,
+        fusions: Default::default(),
     };
     let meta = step(&[1, 1, 3, 1]);
     for m in [attention_bound(), gemm_bound()] {
@@ -192,6 +194,7 @@ fn the_choice_follows_the_costs() {
     let p = Program {
         layers: 2,
         qkv_bias: false,
+        fusions: Default::default(),
     };
     let meta = step(&[1, 1, 1, 1, 8, 1, 1, 1, 1, 16]);
     let space = SearchSpace::for_step(&meta);
