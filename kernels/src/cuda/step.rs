@@ -1,9 +1,12 @@
 //! A step's metadata on the device: every per-token and per-sequence array
-//! the kernels read, packed into one u32 buffer so a step costs one upload.
+//! the kernels read, packed into one u32 buffer so a step costs one upload;
+//! and [`StepRows`], a range of its token rows (an op over a nano-batch
+//! reads the per-row arrays from the range's first row on).
 
 use super::device::Gpu;
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
+use std::ops::Range;
 
 /// The host side of a step, as the kernels want it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -47,6 +50,9 @@ pub struct DeviceStep {
     pub max_block: u32,
     pub max_kv_len: u32,
     pub max_logit_row: u32,
+    /// `kv_len` on the host: an attention over a range of rows plans for
+    /// the longest context among them.
+    kv_len: Vec<u32>,
 }
 
 fn max_of(v: &[u32]) -> u32 {
@@ -102,7 +108,19 @@ impl DeviceStep {
             max_block: max_of(&a.tables),
             max_kv_len: max_of(&a.kv_len),
             max_logit_row: max_of(&a.logit_rows),
+            kv_len: a.kv_len.clone(),
         })
+    }
+
+    /// Token rows `rows` of the step (checked against its rows).
+    pub fn rows(&self, rows: Range<usize>) -> Result<StepRows<'_>> {
+        if rows.start > rows.end || rows.end > self.rows {
+            return Err(Error::Shape(format!(
+                "rows {rows:?} of a step of {}",
+                self.rows
+            )));
+        }
+        Ok(StepRows { step: self, rows })
     }
 
     fn at(&self, gpu: &Gpu, i: usize) -> u64 {
@@ -129,5 +147,71 @@ impl DeviceStep {
     }
     pub(crate) fn logit_rows_ptr(&self, gpu: &Gpu) -> u64 {
         self.at(gpu, LOGIT_ROWS)
+    }
+}
+
+/// Token rows `start..end` of a step: the per-row arrays (tokens,
+/// positions, slots, kv_len, table_off) seen from row `start` on, so that a
+/// kernel launched for `len()` rows reads the range's entries; the block
+/// tables, indexed by `table_off`, are the step's. The whole step is
+/// `StepRows::from(&step)`, whose addresses are the step's own.
+#[derive(Debug, Clone)]
+pub struct StepRows<'a> {
+    pub step: &'a DeviceStep,
+    rows: Range<usize>,
+}
+
+impl<'a> From<&'a DeviceStep> for StepRows<'a> {
+    fn from(step: &'a DeviceStep) -> StepRows<'a> {
+        StepRows {
+            step,
+            rows: 0..step.rows,
+        }
+    }
+}
+
+impl StepRows<'_> {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn range(&self) -> Range<usize> {
+        self.rows.clone()
+    }
+
+    /// Bytes from an array's start to the range's first entry.
+    fn skip(&self) -> u64 {
+        4 * self.rows.start as u64
+    }
+
+    /// The longest context among the rows (the step's for all of them).
+    pub fn max_kv_len(&self) -> u32 {
+        if self.rows == (0..self.step.rows) {
+            return self.step.max_kv_len;
+        }
+        max_of(&self.step.kv_len[self.rows.clone()])
+    }
+
+    pub(crate) fn tokens(&self, gpu: &Gpu) -> u64 {
+        self.step.tokens(gpu) + self.skip()
+    }
+    pub(crate) fn positions(&self, gpu: &Gpu) -> u64 {
+        self.step.positions(gpu) + self.skip()
+    }
+    pub(crate) fn slots(&self, gpu: &Gpu) -> u64 {
+        self.step.slots(gpu) + self.skip()
+    }
+    pub(crate) fn kv_len(&self, gpu: &Gpu) -> u64 {
+        self.step.kv_len(gpu) + self.skip()
+    }
+    pub(crate) fn table_off(&self, gpu: &Gpu) -> u64 {
+        self.step.table_off(gpu) + self.skip()
+    }
+    pub(crate) fn tables(&self, gpu: &Gpu) -> u64 {
+        self.step.tables(gpu)
     }
 }

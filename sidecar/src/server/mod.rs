@@ -311,7 +311,7 @@ fn spawn_executor(
         .spawn(move || {
             let fail = ready.clone();
             let r = match kind {
-                BackendKind::Cuda => CudaBackend::new(0)
+                BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
                     .and_then(|b| start_executor(b, &config, links, rx, ready, |_| {})),
                 _ => start_cpu(&config, links, rx, ready),
             };
