@@ -9,15 +9,18 @@
 //! | paged attention | [`attention`] |
 //! | sampling | [`sampling`] |
 //! | whole models through the engine | [`model`], [`models`] |
+//! | two lanes against one; every op over a row range | [`lanes`], [`ranges`] |
 //!
 //! Each check group runs in a child process of its own (`--only NAME`), so
 //! that a device fault, which poisons a CUDA context for good, fails that
 //! group alone and the table still shows every other result.
 
 pub mod attention;
+pub mod lanes;
 pub mod model;
 pub mod models;
 pub mod ops;
+pub mod ranges;
 pub mod report;
 pub mod sampling;
 
@@ -49,7 +52,7 @@ pub struct Options {
 }
 
 /// Check groups, in order, with a time limit each.
-pub const GROUPS: [(&str, u64); 9] = [
+pub const GROUPS: [(&str, u64); 10] = [
     ("random", 120),
     ("gemm", 120),
     ("rowwise", 120),
@@ -57,6 +60,7 @@ pub const GROUPS: [(&str, u64); 9] = [
     ("attention", 300),
     ("sampling", 300),
     ("model-tiny", 300),
+    ("lanes", 300),
     ("model-8b", 600),
     ("smollm2", 900),
 ];
@@ -159,7 +163,9 @@ fn run_group(group: &str, opts: &Options) -> Result<bool> {
     if !GROUPS.iter().any(|(g, _)| *g == group) {
         return Err(Error::Config(format!("no self-check group {group}")));
     }
-    let rows = match CudaBackend::new(0) {
+    // The group `lanes` runs nano-batches on two lanes.
+    let lanes = if group == "lanes" { 2 } else { 1 };
+    let rows = match CudaBackend::with_lanes(0, lanes) {
         Err(e) => vec![Row::fail(group, "open the GPU", e.to_string())],
         Ok(mut b) => {
             b.gpu_mut().set_sync_launches(true);
@@ -202,6 +208,7 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
                 "rowwise" => ops::rowwise(&mut cx),
                 "kv" => ops::kv(&mut cx),
                 "attention" => attention::attention(&mut cx),
+                "lanes" => lanes::lanes(&mut cx),
                 _ => sampling::sampling(&mut cx),
             }
         }
