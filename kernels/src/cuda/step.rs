@@ -114,12 +114,7 @@ impl DeviceStep {
 
     /// Token rows `rows` of the step (checked against its rows).
     pub fn rows(&self, rows: Range<usize>) -> Result<StepRows<'_>> {
-        if rows.start > rows.end || rows.end > self.rows {
-            return Err(Error::Shape(format!(
-                "rows {rows:?} of a step of {}",
-                self.rows
-            )));
-        }
+        check_rows(&rows, self.rows)?;
         Ok(StepRows { step: self, rows })
     }
 
@@ -185,15 +180,12 @@ impl StepRows<'_> {
 
     /// Bytes from an array's start to the range's first entry.
     fn skip(&self) -> u64 {
-        4 * self.rows.start as u64
+        entry_offset(self.rows.start)
     }
 
     /// The longest context among the rows (the step's for all of them).
     pub fn max_kv_len(&self) -> u32 {
-        if self.rows == (0..self.step.rows) {
-            return self.step.max_kv_len;
-        }
-        max_of(&self.step.kv_len[self.rows.clone()])
+        range_max(&self.step.kv_len, &self.rows, self.step.max_kv_len)
     }
 
     pub(crate) fn tokens(&self, gpu: &Gpu) -> u64 {
@@ -213,5 +205,53 @@ impl StepRows<'_> {
     }
     pub(crate) fn tables(&self, gpu: &Gpu) -> u64 {
         self.step.tables(gpu)
+    }
+}
+
+/// `rows` is a range of a step's `n` rows.
+fn check_rows(rows: &Range<usize>, n: usize) -> Result<()> {
+    if rows.start > rows.end || rows.end > n {
+        return Err(Error::Shape(format!("rows {rows:?} of a step of {n}")));
+    }
+    Ok(())
+}
+
+/// Bytes from the start of a u32 array to entry `row`.
+fn entry_offset(row: usize) -> u64 {
+    4 * row as u64
+}
+
+/// The largest of `v[rows]`: `whole` (the maximum of all of `v`, kept at
+/// upload) when `rows` is all of `v`, so the whole step plans as before.
+fn range_max(v: &[u32], rows: &Range<usize>, whole: u32) -> u32 {
+    if *rows == (0..v.len()) {
+        return whole;
+    }
+    max_of(&v[rows.clone()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_range_reads_its_own_entries() {
+        assert_eq!(entry_offset(0), 0, "the whole step: the step's addresses");
+        assert_eq!(entry_offset(3), 12);
+        let kv_len = [300, 301, 302, 40, 41, 7];
+        assert_eq!(range_max(&kv_len, &(0..6), 302), 302);
+        assert_eq!(range_max(&kv_len, &(3..5), 302), 41, "the range's longest");
+        assert_eq!(range_max(&kv_len, &(2..4), 302), 302);
+        assert_eq!(range_max(&kv_len, &(4..4), 302), 0, "no rows");
+    }
+
+    #[test]
+    fn a_row_range_stays_inside_the_step() {
+        assert!(check_rows(&(0..6), 6).is_ok());
+        assert!(check_rows(&(2..2), 6).is_ok());
+        assert!(check_rows(&(5..7), 6).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 4..2;
+        assert!(check_rows(&reversed, 6).is_err());
     }
 }
