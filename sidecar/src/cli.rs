@@ -155,6 +155,10 @@ struct ServeArgs {
     /// Fraction of free GPU memory for the KV cache.
     #[arg(long, env = "TACFLOW_KV_MEMORY_FRACTION")]
     kv_memory_fraction: Option<f64>,
+    /// CUDA lanes (streams with their own cuBLAS handle and workspaces)
+    /// that nano-batches of a step run on side by side; 1 = one stream.
+    #[arg(long, env = "TACFLOW_GPU_LANES")]
+    gpu_lanes: Option<usize>,
     /// Longest sequence accepted.
     #[arg(long, env = "TACFLOW_MAX_CONTEXT")]
     max_context: Option<usize>,
@@ -246,6 +250,7 @@ impl ServeArgs {
             seed,
             backend,
             kv_memory_fraction,
+            gpu_lanes,
             session_lease_ms,
             max_queue,
             log_format,

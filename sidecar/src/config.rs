@@ -90,6 +90,10 @@ impl Default for SessionLimits {
     }
 }
 
+/// Most CUDA lanes: NanoFlow overlaps three kinds of op; a few more leave
+/// room to experiment, and each lane holds its own workspaces.
+pub const MAX_GPU_LANES: usize = 8;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -115,6 +119,11 @@ pub struct Config {
     /// Fraction of the GPU memory free after loading the weights that the KV
     /// cache takes.
     pub kv_memory_fraction: f64,
+    /// Lanes of the CUDA backend: CUDA streams, each with its own cuBLAS
+    /// handle and workspaces, that a schedule's nano-batches run on side by
+    /// side (a GEMM of one beside the attention of another). 1 runs every
+    /// op on one stream; a schedule with more lanes than this is refused.
+    pub gpu_lanes: usize,
     /// KV cache size on the CPU backend when `kv_blocks` is not given.
     pub cpu_kv_memory_mb: usize,
     /// Longest sequence accepted (the model's own limit when absent).
@@ -182,6 +191,7 @@ impl Default for Config {
             backend: BackendKind::Auto,
             kv_blocks: None,
             kv_memory_fraction: 0.9,
+            gpu_lanes: 1,
             cpu_kv_memory_mb: 2048,
             max_context: None,
             session_lease_ms: 30_000,
@@ -215,6 +225,12 @@ impl Config {
             return Err(Error::Config(format!(
                 "kv_memory_fraction {} is not in (0, 1]",
                 self.kv_memory_fraction
+            )));
+        }
+        if !(1..=MAX_GPU_LANES).contains(&self.gpu_lanes) {
+            return Err(Error::Config(format!(
+                "gpu_lanes {} is not in 1..={MAX_GPU_LANES}",
+                self.gpu_lanes
             )));
         }
         if self.session_lease_ms < 100 {
@@ -358,6 +374,21 @@ pub fn default_socket_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_lanes_default_to_one_and_stay_in_range() {
+        assert_eq!(Config::default().gpu_lanes, 1);
+        let c: Config = toml::from_str("gpu_lanes = 2\n").unwrap();
+        assert_eq!(c.gpu_lanes, 2);
+        c.validate().unwrap();
+        for bad in [0, MAX_GPU_LANES + 1] {
+            let c = Config {
+                gpu_lanes: bad,
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "gpu_lanes = {bad}");
+        }
+    }
 
     #[test]
     fn toml_overrides_defaults_and_rejects_typos() {

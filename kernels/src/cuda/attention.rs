@@ -9,9 +9,10 @@ use super::sources::{
     ATTENTION_HEAD_DIMS, ATTENTION_MAX_GROUP, ATTENTION_MAX_SPLIT_PAGES, AttnVariant,
     attention_kernel,
 };
-use super::step::DeviceStep;
+use super::step::StepRows;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
+use std::sync::atomic::Ordering;
 use tracing::warn;
 
 /// The attention part of a model.
@@ -55,15 +56,16 @@ impl AttnShape {
     }
 }
 
-/// What one attention launch reads and writes.
+/// What one attention launch reads and writes: the launch's rows of `qkv`
+/// and `out` (all of a step's, or a range's: `view::row_view`).
 #[derive(Debug)]
 pub struct AttnIo<'a> {
     /// `[rows, qkv_stride]` f32, RoPE applied.
-    pub qkv: &'a CudaSlice<f32>,
+    pub qkv: CudaView<'a, f32>,
     pub kv: &'a KvCache,
     pub layer: usize,
     /// `[rows, num_heads * head_dim]` f32.
-    pub out: &'a mut CudaSlice<f32>,
+    pub out: CudaViewMut<'a, f32>,
 }
 
 /// Overrides of the plan: self-check cases force each split count and
@@ -224,15 +226,14 @@ unsafe impl DeviceRepr for AttnParams {}
 /// Device buffers the splits need, kept between launches (no allocation per
 /// step): the partials, and a pair of counters per (row, head group): the
 /// cooperative merge's, which rests at a multiple of 1024, and the last-CTA
-/// merge's, which the merging CTA resets to zero.
+/// merge's, which the merging CTA resets to zero. Each lane has its own
+/// (`lane.rs`), allocated and used on its stream only, so launches on two
+/// lanes never share partials or counters.
 #[derive(Debug, Default)]
 pub struct AttnWorkspace {
     acc: Option<CudaSlice<f32>>,
     ml: Option<CudaSlice<f32>>,
     counters: Option<CudaSlice<u32>>,
-    /// The driver refused a cooperative launch: fewer CTAs fit than the
-    /// plan counted, so the splits are merged by their last CTA from then on.
-    coop_refused: bool,
 }
 
 impl AttnWorkspace {
@@ -268,10 +269,10 @@ fn check_shape(shape: &AttnShape, kv: &KvCache) -> Result<()> {
 }
 
 impl Gpu {
-    /// Counters of the split workspace that are not at rest (a cooperative
-    /// merge's off a multiple of 1024, a last-CTA merge's not zero): 0 after
-    /// every complete launch, else the next launch would merge too early.
-    /// Self-check only (copies the counters to the host).
+    /// Counters of the current lane's split workspace that are not at rest
+    /// (a cooperative merge's off a multiple of 1024, a last-CTA merge's not
+    /// zero): 0 after every complete launch, else the next launch would
+    /// merge too early. Self-check only (copies the counters to the host).
     pub fn attention_workspace_unsettled(&self) -> Result<usize> {
         let ws = self.attention_workspace();
         let Some(c) = &ws.counters else {
@@ -314,7 +315,7 @@ impl Gpu {
     ) -> AttnPlan {
         let g = shape.heads_per_cta();
         let slots = self.attention_slots(shape.head_dim, g, AttnVariant { compute: true, ..v });
-        let force = if self.attention_workspace().coop_refused {
+        let force = if self.coop_refused.load(Ordering::Relaxed) {
             AttnOverride {
                 coop: Some(false),
                 ..force
@@ -325,26 +326,29 @@ impl Gpu {
         AttnPlan::new(shape, rows, max_kv_len, slots, v, force)
     }
 
-    /// Causal attention of every row of the step over its sequence's cached
+    /// Causal attention of every row of the step (or of a range of its
+    /// rows, `io` then holding that range's rows) over its sequence's cached
     /// keys of `io.layer`; `io.out` gets f32 rows of `num_heads * head_dim`.
-    /// `force` overrides the plan (self-check).
-    pub fn attention(
+    /// The plan is for the range's rows and longest context. `force`
+    /// overrides the plan (self-check).
+    pub fn attention<'s>(
         &self,
-        step: &DeviceStep,
+        step: impl Into<StepRows<'s>>,
         io: AttnIo<'_>,
         shape: AttnShape,
         force: AttnOverride,
     ) -> Result<AttnPlan> {
+        let step = step.into();
         check_shape(&shape, io.kv)?;
-        let plan = self.attention_plan(&shape, step.rows, step.max_kv_len as usize, force);
+        let plan = self.attention_plan(&shape, step.len(), step.max_kv_len() as usize, force);
         self.attention_launch(step, io, shape, plan, 0)
     }
 
     /// Checks the grid of `plan` and launches its kernel; `timeline` is the
     /// device address a timeline variant fills (0 otherwise).
-    pub(crate) fn attention_launch(
+    pub(crate) fn attention_launch<'s>(
         &self,
-        step: &DeviceStep,
+        step: impl Into<StepRows<'s>>,
         io: AttnIo<'_>,
         shape: AttnShape,
         plan: AttnPlan,
@@ -354,17 +358,18 @@ impl Gpu {
             qkv,
             kv,
             layer,
-            out,
+            mut out,
         } = io;
         check_shape(&shape, kv)?;
-        let rows = step.rows;
+        let step = step.into();
+        let rows = step.len();
         let d = shape.head_dim;
         check_len("attention qkv", qkv.len(), rows * shape.qkv_stride)?;
         check_len("attention out", out.len(), rows * shape.num_heads * d)?;
-        if step.max_block as usize >= kv.num_blocks {
+        if step.step.max_block as usize >= kv.num_blocks {
             return Err(Error::Shape(format!(
                 "block {} outside {} blocks",
-                step.max_block, kv.num_blocks
+                step.step.max_block, kv.num_blocks
             )));
         }
         let y = shape.kv_heads * plan.chunks;
@@ -387,13 +392,13 @@ impl Gpu {
             [0; 3]
         };
         let p = AttnParams {
-            qkv: self.ptr(qkv),
+            qkv: self.ptr(&qkv),
             k,
             v: vv,
             kv_len: step.kv_len(self),
             table_off: step.table_off(self),
             tables: step.tables(self),
-            out: self.ptr(out),
+            out: self.ptr_mut(&mut out),
             part_acc,
             part_ml,
             counters,
@@ -419,14 +424,17 @@ impl Gpu {
         // SAFETY: qkv holds rows x qkv_stride f32 (a multiple of 4, so the
         // float4 loads of q are aligned) with every query head inside a
         // row; each row's kv_len keys are covered by its block table
-        // (checked at upload) whose ids are below num_blocks (max checked),
+        // (checked at upload) whose ids are below num_blocks (max checked);
+        // a range's kv_len and table_off are entries `start..end` of the
+        // step's and its table offsets index the step's tables,
         // so every K/V read is inside the layer; a split stages at most
         // ATTENTION_MAX_SPLIT_PAGES table entries (checked); out holds rows
         // x num_heads x d; a timeline, if not 0, holds 8 u64 per CTA. With
         // splits > 1 the workspace holds rows x num_heads x splits
         // partials and rows x y counter pairs (the cooperative merge's at a
         // multiple of 1024, the last-CTA merge's at zero), and no other
-        // launch uses it concurrently (one stream). A cooperative merge
+        // launch uses it concurrently: it is the current lane's, used in
+        // that lane's stream order only. A cooperative merge
         // waits for the other CTAs of its row and head group: the
         // cooperative launch guarantees they are all resident (or fails).
         let name = attention_kernel(d, plan.heads_per_cta, v);
@@ -437,7 +445,7 @@ impl Gpu {
                     ctas = rows * y * plan.splits,
                     "attention splits are merged by their last CTA from now on"
                 );
-                self.attention_workspace().coop_refused = true;
+                self.coop_refused.store(true, Ordering::Relaxed);
                 let p = AttnParams { coop: 0, ..p };
                 // SAFETY: as above; the last-CTA merge needs no residency.
                 unsafe { self.launch(&name, cfg, &p)? };

@@ -8,7 +8,7 @@ use super::device::Gpu;
 use super::kv::{BLOCK_TOKENS, KvCache};
 use super::step::DeviceStep;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr, LaunchConfig};
 
 #[repr(C)]
 struct RegsParams {
@@ -67,7 +67,12 @@ impl Gpu {
     pub(crate) fn attention_registers(
         &self,
         step: &DeviceStep,
-        (qkv, kv, layer, out): (&CudaSlice<f32>, &KvCache, usize, &mut CudaSlice<f32>),
+        (qkv, kv, layer, out): (
+            &CudaView<'_, f32>,
+            &KvCache,
+            usize,
+            &mut CudaViewMut<'_, f32>,
+        ),
         shape: &super::attention::AttnShape,
         plan: &AttnPlan,
         force_splits: Option<usize>,
@@ -100,7 +105,7 @@ impl Gpu {
             kv_len: step.kv_len(self),
             table_off: step.table_off(self),
             tables: step.tables(self),
-            out: self.ptr(out),
+            out: self.ptr_mut(out),
             part_acc: parts.as_ref().map_or(0, |(a, _)| self.ptr(a)),
             part_ml: parts.as_ref().map_or(0, |(_, m)| self.ptr(m)),
             rows: rows as u32,
@@ -126,7 +131,7 @@ impl Gpu {
             let m = RegsMergeParams {
                 part_acc: self.ptr(acc),
                 part_ml: self.ptr(ml),
-                out: self.ptr(out),
+                out: self.ptr_mut(out),
                 rows: rows as u32,
                 num_heads: shape.num_heads as u32,
                 head_dim: d as u32,

@@ -1,21 +1,26 @@
-//! The GPU handle: context, stream, cuBLAS, and the daemon's kernels
-//! compiled and loaded (the lab loads its own on top: `lab.rs`). Everything runs on one stream, in issue order, so buffers need
-//! no cross-stream events (cudarc's event tracking is switched off).
+//! The GPU handle: context, lanes (streams with their cuBLAS handles and
+//! workspaces: `lane.rs`), and the daemon's kernels compiled and loaded (the
+//! lab loads its own on top: `lab.rs`). Every call goes to the current
+//! lane's stream. cudarc's event tracking is switched off: within a lane
+//! issue order orders buffers, and between lanes the events of
+//! [`Gpu::signal`] and [`Gpu::wait`] do, placed by the schedule (`lane.rs`
+//! says what orders what).
 
 use super::attention::AttnWorkspace;
 use super::gemm::GemmScratch;
+use super::lane::Lanes;
 use super::nvrtc;
 use super::probe::{ALL, require};
 use super::sources::{AttnKernelSpec, MODULES, Module, attention_kernels, kernel_names};
 use crate::error::{Error, Result};
-use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, sys,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, MutexGuard};
 use tracing::{info, warn};
 
 /// What the kernels need to know about the device.
@@ -30,15 +35,17 @@ pub struct DeviceInfo {
 
 pub struct Gpu {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    pub(crate) blas: CudaBlas,
+    /// The streams, each with its cuBLAS handle and workspaces; the current
+    /// one takes every call.
+    pub(crate) lanes: Lanes,
     funcs: HashMap<String, CudaFunction>,
     /// CTAs per SM of the attention kernels (their split plans fill one
     /// wave of them).
     occupancy: HashMap<String, usize>,
-    /// Partials and counters of split attention, kept between launches.
-    attn_ws: Mutex<AttnWorkspace>,
-    gemm_ws: Mutex<GemmScratch>,
+    /// The driver refused a cooperative attention launch: fewer CTAs fit
+    /// than the plan counted, so splits are merged by their last CTA from
+    /// then on (a property of the device, whichever lane saw it).
+    pub(crate) coop_refused: AtomicBool,
     info: DeviceInfo,
     /// Synchronise after every launch so that a fault names its kernel
     /// (the self-check turns this on; it costs a round trip per launch).
@@ -69,13 +76,21 @@ pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 }
 
 impl Gpu {
-    /// Opens device `ordinal`, compiles (or reads from the PTX cache) every
-    /// module for its architecture and resolves every kernel.
+    /// Opens device `ordinal` with one lane, compiles (or reads from the
+    /// PTX cache) every module for its architecture and resolves every
+    /// kernel.
     pub fn new(ordinal: usize) -> Result<Gpu> {
+        Gpu::with_lanes(ordinal, 1)
+    }
+
+    /// [`Gpu::new`] with `lanes` streams (`gpu_lanes`), lane 0 current.
+    pub fn with_lanes(ordinal: usize, lanes: usize) -> Result<Gpu> {
         require(&ALL)?;
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| Error::CudaUnavailable(format!("cannot open device {ordinal}: {e}")))?;
-        // SAFETY: called before any allocation; the backend uses one stream.
+        // SAFETY: called before any allocation. Buffers are ordered by the
+        // lanes' issue order and the events the schedule places (`lane.rs`),
+        // not by cudarc's per-buffer events.
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx
             .compute_capability()
@@ -89,26 +104,21 @@ impl Gpu {
             sm_count,
             total_memory: ctx.total_mem().map_err(drv("cuDeviceTotalMem"))?,
         };
-        let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Cublas {
-            op: "cublasCreate",
-            msg: e.to_string(),
-        })?;
+        let lanes = Lanes::new(&ctx, lanes)?;
         keep_pool_memory(&ctx);
         let mut gpu = Gpu {
             ctx,
-            stream,
-            blas,
+            lanes,
             funcs: HashMap::new(),
             occupancy: HashMap::new(),
-            attn_ws: Mutex::new(AttnWorkspace::default()),
-            gemm_ws: Mutex::new(GemmScratch::default()),
+            coop_refused: AtomicBool::new(false),
             info,
             sync_launches: false,
         };
         gpu.load_modules(&MODULES, &attention_kernels())?;
         let i = &gpu.info;
-        info!(device = %i.name, arch = %i.arch, sms = sm_count, kernels = gpu.funcs.len(), "GPU ready");
+        let lanes = gpu.lanes();
+        info!(device = %i.name, arch = %i.arch, sms = sm_count, kernels = gpu.funcs.len(), lanes, "GPU ready");
         Ok(gpu)
     }
 
@@ -136,8 +146,14 @@ impl Gpu {
         &self.info
     }
 
+    /// The current lane's stream.
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.lanes.now().stream
+    }
+
+    /// The current lane's cuBLAS handle (bound to its stream).
+    pub(crate) fn blas(&self) -> &cudarc::cublas::CudaBlas {
+        &self.lanes.now().blas
     }
 
     /// CTAs of kernel `name` that co-reside on one SM (1 when unknown).
@@ -145,13 +161,17 @@ impl Gpu {
         self.occupancy.get(name).copied().unwrap_or(1).max(1)
     }
 
+    /// The current lane's split-attention workspace.
     pub(crate) fn attention_workspace(&self) -> MutexGuard<'_, AttnWorkspace> {
         // A poisoned lock only means a panic elsewhere; the buffers are fine.
-        self.attn_ws.lock().unwrap_or_else(|e| e.into_inner())
+        let ws = &self.lanes.now().attn_ws;
+        ws.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The current lane's GEMM scratch.
     pub(crate) fn gemm_scratch(&self) -> MutexGuard<'_, GemmScratch> {
-        self.gemm_ws.lock().unwrap_or_else(|e| e.into_inner())
+        let ws = &self.lanes.now().gemm_ws;
+        ws.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn set_sync_launches(&mut self, on: bool) {
@@ -164,15 +184,8 @@ impl Gpu {
         self.sync_launches
     }
 
-    /// Waits for all issued work; reports any fault it raised.
-    pub fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(drv("cuStreamSynchronize"))
-    }
-
     /// Whether the context can still run work: waits for everything issued
-    /// on the stream, then for the whole context, and returns the driver's
+    /// on every lane, then for the whole context, and returns the driver's
     /// error. After a sticky fault (an illegal address, a launch failure, a
     /// misaligned address, an illegal instruction, a hardware stack error,
     /// an uncorrectable ECC error, a lost device) every call on the context
@@ -180,9 +193,7 @@ impl Gpu {
     /// allocation that did not fit, a launch refused for its configuration)
     /// leaves it `Ok`.
     pub fn check_context(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(drv("cuStreamSynchronize"))?;
+        self.synchronize()?;
         self.ctx.synchronize().map_err(drv("cuCtxSynchronize"))
     }
 
@@ -227,7 +238,8 @@ impl Gpu {
             kernel: name.into(),
             msg: e.to_string(),
         };
-        let mut b = self.stream.launch_builder(f);
+        let stream = self.stream();
+        let mut b = stream.launch_builder(f);
         b.arg(params);
         // SAFETY: forwarded from the caller.
         if cooperative {
@@ -251,29 +263,39 @@ impl Gpu {
             unsafe { b.launch(cfg) }.map_err(fail)?;
         }
         if self.sync_launches {
-            self.stream.synchronize().map_err(fail)?;
+            stream.synchronize().map_err(fail)?;
         }
         Ok(())
     }
 
-    /// The raw address of a buffer, for parameter structs.
-    pub fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
-        s.device_ptr(&self.stream).0
+    /// The raw address of a buffer or a view of one, for parameter structs.
+    pub fn ptr<T>(&self, s: &impl DevicePtr<T>) -> u64 {
+        s.device_ptr(self.stream()).0
     }
 
-    /// An uninitialised buffer of `n` elements (at least one is allocated).
+    /// The raw address of a buffer or a view of one that a launch writes.
+    pub fn ptr_mut<T>(&self, s: &mut impl DevicePtrMut<T>) -> u64 {
+        s.device_ptr_mut(self.stream()).0
+    }
+
+    /// An uninitialised buffer of `n` elements (at least one is allocated),
+    /// stream-ordered on the current lane: usable there at once, on another
+    /// lane only after an event from this one (or outside a schedule, on
+    /// lane 0, before the schedule forks). It is freed on the same lane when
+    /// dropped.
     pub fn alloc<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>> {
         // SAFETY: the memory is uninitialised; every user writes before it
         // reads (outputs) or poisons it first.
-        unsafe { self.stream.alloc::<T>(n.max(1)) }.map_err(drv("cuMemAlloc"))
+        unsafe { self.stream().alloc::<T>(n.max(1)) }.map_err(drv("cuMemAlloc"))
     }
 
     /// Fills a buffer with 0xFF bytes: NaN as f32 and as bf16.
     pub fn poison<T: DeviceRepr>(&self, s: &mut CudaSlice<T>) -> Result<()> {
         let bytes = s.num_bytes();
-        let (p, _sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(s, &self.stream);
+        let stream = self.stream();
+        let (p, _sync) = s.device_ptr_mut(stream);
         // SAFETY: `p` addresses `bytes` bytes of `s`.
-        unsafe { cudarc::driver::result::memset_d8_async(p, 0xff, bytes, self.stream.cu_stream()) }
+        unsafe { cudarc::driver::result::memset_d8_async(p, 0xff, bytes, stream.cu_stream()) }
             .map_err(drv("cuMemsetD8Async"))
     }
 
@@ -282,7 +304,7 @@ impl Gpu {
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>> {
-        self.stream
+        self.stream()
             .alloc_zeros::<T>(n.max(1))
             .map_err(drv("cuMemAllocAsync"))
     }
@@ -296,7 +318,7 @@ impl Gpu {
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         let mut s = self.alloc(host.len())?;
         if !host.is_empty() {
-            self.stream
+            self.stream()
                 .memcpy_htod(host, &mut s)
                 .map_err(drv("cuMemcpyHtoD"))?;
         }
@@ -307,14 +329,16 @@ impl Gpu {
     pub fn upload_into<T: DeviceRepr>(&self, host: &[T], s: &mut CudaSlice<T>) -> Result<()> {
         check_len("upload", s.len(), host.len())?;
         if !host.is_empty() {
-            self.stream
+            self.stream()
                 .memcpy_htod(host, &mut s.slice_mut(..host.len()))
                 .map_err(drv("cuMemcpyHtoD"))?;
         }
         Ok(())
     }
 
-    /// The first `n` elements of `s`, after all issued work.
+    /// The first `n` elements of `s`, after all issued work on every lane
+    /// (any lane may have written them): the other lanes are waited for
+    /// before the copy, which runs on the current lane, after its work.
     pub fn download<T: DeviceRepr + Default + Clone>(
         &self,
         s: &CudaSlice<T>,
@@ -322,8 +346,9 @@ impl Gpu {
     ) -> Result<Vec<T>> {
         check_len("download", s.len(), n)?;
         let mut host = vec![T::default(); n];
+        self.sync_other_lanes()?;
         if n > 0 {
-            self.stream
+            self.stream()
                 .memcpy_dtoh(&s.slice(..n), &mut host[..])
                 .map_err(drv("cuMemcpyDtoH"))?;
         }

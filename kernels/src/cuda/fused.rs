@@ -84,8 +84,9 @@ fn in_range(what: &str, rows: &Range<usize>, have: usize) -> Result<()> {
 
 impl Gpu {
     /// For the rows of `rows`: `x += y`, then `out = rmsnorm(x) * w` in
-    /// bf16 or f32; `x`, `y` and `out` are `shape`, `w` holds `shape.cols`.
-    /// Rows outside the range are not touched.
+    /// bf16 or f32; `x` and `y` are `shape`, `out` is a view of the rows of
+    /// `rows` (from its first row, as every row-range output), `w` holds
+    /// `shape.cols`. Rows outside the range are not touched.
     pub fn add_rmsnorm(
         &self,
         (x, y): (&mut CudaSlice<f32>, &CudaSlice<f32>),
@@ -99,11 +100,11 @@ impl Gpu {
         check_len("add_rmsnorm y", y.len(), shape.n())?;
         check_len("add_rmsnorm w", w.len(), shape.cols)?;
         in_range("add_rmsnorm", &rows, shape.rows)?;
-        let (kernel, out_ptr, out_len, esize) = match out {
-            RmsOut::Bf16(o) => ("add_rmsnorm_bf16", self.ptr(o), o.len(), 2),
-            RmsOut::F32(o) => ("add_rmsnorm_f32", self.ptr(o), o.len(), 4),
+        let (kernel, out_ptr, out_len) = match &out {
+            RmsOut::Bf16(o) => ("add_rmsnorm_bf16", self.ptr(o), o.len()),
+            RmsOut::F32(o) => ("add_rmsnorm_f32", self.ptr(o), o.len()),
         };
-        check_len("add_rmsnorm out", out_len, shape.n())?;
+        check_len("add_rmsnorm out", out_len, rows.len() * shape.cols)?;
         if rows.is_empty() {
             return Ok(());
         }
@@ -112,13 +113,14 @@ impl Gpu {
             x: self.ptr(x) + 4 * first,
             y: self.ptr(y) + 4 * first,
             w: self.ptr(w),
-            out: out_ptr + esize * first,
+            out: out_ptr,
             dim: u32_of("dim", shape.cols)?,
             eps,
         };
-        // SAFETY: x, y and out hold shape.rows x dim elements and the range
+        // SAFETY: x and y hold shape.rows x dim elements and the range
         // lies within shape.rows (checked), so block r touches row
-        // rows.start + r only; w holds dim (checked). f32 and bf16 pointers
+        // rows.start + r of x and y and row r of out, which holds the
+        // range's rows (checked); w holds dim (checked). f32 and bf16 pointers
         // stay aligned to their element size.
         unsafe { self.launch(kernel, per_row(&rows)?, &p) }
     }

@@ -3,7 +3,7 @@
 use super::device::{Gpu, check_len};
 use crate::error::{Error, Result};
 use cudarc::cublas::{result as blas, sys};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use half::bf16;
 
 fn dim(what: &str, v: usize) -> Result<i32> {
@@ -22,11 +22,15 @@ impl Gpu {
     /// matrix `xᵀ` (`OP_N`, `ldb = k`), and its column-major `[n, m]`
     /// result (`ldc = n`) is exactly our row-major `[m, n]` output. No copy
     /// or transpose kernel is involved.
+    ///
+    /// `x` and `out` may be views of rows of larger buffers (an op over a
+    /// nano-batch: `m` is then its row count); the handle is the current
+    /// lane's, bound to its stream.
     pub fn gemm_nt(
         &self,
-        x: &CudaSlice<bf16>,
+        x: &impl DevicePtr<bf16>,
         w: &CudaSlice<bf16>,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
         if m == 0 || n == 0 {
@@ -37,14 +41,15 @@ impl Gpu {
         check_len("gemm out", out.len(), m * n)?;
         let (mi, ni, ki) = (dim("m", m)?, dim("n", n)?, dim("k", k)?);
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let (px, pw, po) = (self.ptr(x), self.ptr(w), self.ptr(out));
+        let (px, pw, po) = (self.ptr(x), self.ptr(w), self.ptr_mut(out));
         // SAFETY: the lengths were checked above against the extents the
         // leading dimensions imply (w: n rows of k, x: m rows of k, out: m
         // rows of n); alpha and beta are host scalars (pointer mode host);
-        // the handle runs on this GPU's stream.
+        // the handle is the current lane's and runs on its stream, in that
+        // stream's order with the launches that wrote x and read out.
         unsafe {
             blas::gemm_ex(
-                *self.blas.handle(),
+                *self.blas().handle(),
                 sys::cublasOperation_t::CUBLAS_OP_T,
                 sys::cublasOperation_t::CUBLAS_OP_N,
                 ni,
@@ -80,16 +85,18 @@ impl Gpu {
     /// prefill.
     pub fn gemm_nt_f32(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DevicePtr<f32>,
         w: &CudaSlice<bf16>,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
         (m, n, k): (usize, usize, usize),
     ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        // The halves and the two-half product live in scratch buffers kept
-        // between calls (grown, never shrunk): no allocation per GEMM.
+        // The halves and the two-half product live in the current lane's
+        // scratch buffers, kept between calls (grown, never shrunk, on the
+        // lane's stream): no allocation per GEMM, and a GEMM on another lane
+        // never shares them.
         let mut s = self.gemm_scratch();
         if s.halves.as_ref().is_none_or(|b| b.len() < 2 * m * k) {
             s.halves = Some(self.alloc::<bf16>(2 * m * k)?);

@@ -320,6 +320,8 @@ impl GraphStep {
             max_block: limits.slots / 16 - 1,
             max_kv_len: limits.kv_len,
             max_logit_row: cap.rows as u32 - 1,
+            // A captured attention plans for the bucket's context ceiling.
+            kv_len: vec![limits.kv_len; cap.rows],
         };
         Ok(GraphStep { step, cap, limits })
     }

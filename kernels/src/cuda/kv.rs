@@ -1,9 +1,9 @@
 //! The paged KV cache in bf16 and the launch wrappers of `kv.cu`.
 
 use super::device::{Gpu, check_len};
-use super::step::DeviceStep;
+use super::step::StepRows;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
 use half::bf16;
 
 /// Every layer's K and V: per layer `[num_blocks, kv_heads, 16, head_dim]`,
@@ -100,27 +100,30 @@ impl Gpu {
     }
 
     /// Writes the step's k and v (f32 columns `k_col..` of `qkv`, rows of
-    /// `row_stride`) into their slots of `layer`, as bf16.
-    pub fn kv_append(
+    /// `row_stride`) into their slots of `layer`, as bf16; for a range of
+    /// the step's rows, `qkv` holds that range's rows.
+    pub fn kv_append<'s>(
         &self,
-        step: &DeviceStep,
-        qkv: &CudaSlice<f32>,
+        step: impl Into<StepRows<'s>>,
+        qkv: &impl DevicePtr<f32>,
         row_stride: usize,
         k_col: usize,
         kv: &mut KvCache,
         layer: usize,
     ) -> Result<()> {
+        let step = step.into();
+        let rows = step.len();
         let kvd = kv.kv_heads * kv.head_dim;
-        check_len("kv_append qkv", qkv.len(), step.rows * row_stride)?;
+        check_len("kv_append qkv", qkv.len(), rows * row_stride)?;
         if k_col + 2 * kvd > row_stride {
             return Err(Error::Shape(format!(
                 "k and v at column {k_col} overflow rows of {row_stride}"
             )));
         }
-        if step.max_slot as usize >= kv.num_blocks * BLOCK_TOKENS {
+        if step.step.max_slot as usize >= kv.num_blocks * BLOCK_TOKENS {
             return Err(Error::Shape(format!(
                 "slot {} outside {} blocks",
-                step.max_slot, kv.num_blocks
+                step.step.max_slot, kv.num_blocks
             )));
         }
         let (k, v) = kv.layer_ptrs(self, layer)?;
@@ -129,19 +132,20 @@ impl Gpu {
             k,
             v,
             slots: step.slots(self),
-            rows: step.rows as u32,
+            rows: rows as u32,
             row_stride: row_stride as u32,
             k_col: k_col as u32,
             kv_heads: kv.kv_heads as u32,
             head_dim: kv.head_dim as u32,
         };
         let cfg = LaunchConfig {
-            grid_dim: (step.rows as u32, 1, 1),
+            grid_dim: (rows as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: qkv holds rows x row_stride with k and v inside each row;
-        // every slot lies in the layer's blocks (max checked).
+        // every slot of the step lies in the layer's blocks (max checked),
+        // and the range's slots are entries `start..end` of the step's.
         unsafe { self.launch("kv_append_bf16", cfg, &p) }
     }
 

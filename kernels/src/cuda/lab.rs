@@ -77,9 +77,10 @@ impl Gpu {
                     layer,
                     out,
                 } = io;
+                let mut out = out;
                 let (splits, pages_per_split) = self.attention_registers(
                     step,
-                    (qkv, kv, layer, out),
+                    (&qkv, kv, layer, &mut out),
                     &shape,
                     &plan,
                     force.plan.splits,

@@ -8,8 +8,10 @@
 //! | finding libcuda / libnvrtc / libcublas without panicking | [`probe`] |
 //! | the embedded sources and kernel names | [`sources`], `kernels/*.cu` |
 //! | NVRTC and the PTX cache | [`nvrtc`] |
-//! | context, stream, kernels, buffers | [`device`]; reused activation buffers: [`pool`] |
-//! | a step's metadata on the device | [`step`] |
+//! | context, kernels, buffers | [`device`]; reused activation buffers: [`pool`] |
+//! | lanes (streams, each with its cuBLAS handle and workspaces), events | [`lane`] |
+//! | rows of a buffer, in place (row ranges of an op) | [`view`] |
+//! | a step's metadata on the device, and a row range of it | [`step`] |
 //! | GEMM (cuBLAS, row-major through column-major) | [`gemm`] |
 //! | embedding, RMSNorm, RoPE, SwiGLU, adds, gather, random weights | [`rowwise`] |
 //! | the paged bf16 KV cache, append, copy-on-write copies | [`kv`] |
@@ -35,6 +37,7 @@ pub mod graph;
 pub mod kv;
 #[cfg(feature = "lab")]
 pub mod lab;
+pub mod lane;
 pub mod nvrtc;
 pub mod pool;
 pub mod probe;
@@ -44,17 +47,20 @@ pub mod sources;
 pub mod step;
 #[cfg(feature = "lab")]
 pub mod timing;
+pub mod view;
 
 pub use attention::{AttnIo, AttnOverride, AttnPlan, AttnShape};
 /// Device buffers are cudarc's, re-exported so users need no cudarc dependency.
-pub use cudarc::driver::CudaSlice;
+pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 pub use device::{DeviceInfo, Gpu};
 pub use fused::Heads;
 pub use kv::KvCache;
+pub use lane::LaneEvent;
 pub use pool::{BufferPool, Pooled};
 pub use probe::probe;
 pub use rowwise::{RmsOut, Rows};
 pub use sources::{AttnLoad, AttnVariant};
-pub use step::{DeviceStep, StepArrays};
+pub use step::{DeviceStep, StepArrays, StepRows};
 #[cfg(feature = "lab")]
 pub use timing::Span;
+pub use view::{row_view, row_view_mut};

@@ -1,8 +1,17 @@
 //! Reused device buffers: a step of the same shape as the last one takes
 //! the buffers the last one gave back instead of allocating (PyTorch's
-//! caching allocator in miniature). Everything runs on one stream, so a
-//! buffer given back while the GPU still uses it is only handed out to work
-//! that the stream orders after that use.
+//! caching allocator in miniature).
+//!
+//! A buffer may be given back while the GPU still uses it; it is safe to
+//! hand out again because the pool is used on the home lane (lane 0) only,
+//! outside multi-lane schedules (`lane.rs`): with one lane, the stream
+//! orders the next user after every earlier use; with several, each
+//! schedule joins every lane back into lane 0 before its buffers are given
+//! back, and forks the other lanes from lane 0 after its buffers are taken,
+//! so the next user (on any lane) is ordered after every use by an event
+//! chain. A fresh buffer is allocated, and a surplus one freed, on lane 0's
+//! stream for the same reason. A backend with several lanes therefore takes
+//! every buffer of a step before the schedule forks (`CudaBackend::act`).
 
 use super::device::Gpu;
 use crate::error::Result;
@@ -89,6 +98,7 @@ impl Drop for Pooled {
             f.bytes += b.num_bytes();
             f.bufs.push(b);
         }
-        // Otherwise `b` is freed here, in stream order.
+        // Otherwise `b` is freed here, in the order of the stream it was
+        // allocated on (lane 0's, see the module doc).
     }
 }

@@ -1,10 +1,15 @@
 //! Launch wrappers of `rowwise.cu`, `rope.cu` and `random.cu`.
+//!
+//! Row-wise wrappers take buffers or views of them ([`super::view`]) and a
+//! step or a range of its rows ([`StepRows`]): an op over a nano-batch runs
+//! the same kernel on a smaller matrix that starts at its first row.
 
 use super::device::{Gpu, check_len};
-use super::step::DeviceStep;
+use super::step::{DeviceStep, StepRows};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig};
 use half::bf16;
+use std::ops::Range;
 
 #[repr(C)]
 struct RandomParams {
@@ -166,39 +171,44 @@ impl Gpu {
         unsafe { self.launch("random_bf16", self.grid_for(n), &p) }
     }
 
-    /// `out[t] = table[tokens[t]]` as f32; `table` is `[vocab, dim]`.
-    pub fn embed(
+    /// `out[t] = table[tokens[t]]` as f32 for the step's rows (or a range
+    /// of them, `out` then holding that range's rows); `table` is
+    /// `[vocab, dim]`.
+    pub fn embed<'s>(
         &self,
-        step: &DeviceStep,
+        step: impl Into<StepRows<'s>>,
         table: &CudaSlice<bf16>,
         vocab: usize,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
         dim: usize,
     ) -> Result<()> {
+        let step = step.into();
+        let rows = step.len();
         check_len("embed table", table.len(), vocab * dim)?;
-        check_len("embed out", out.len(), step.rows * dim)?;
-        if step.max_token as usize >= vocab {
+        check_len("embed out", out.len(), rows * dim)?;
+        if step.step.max_token as usize >= vocab {
             return Err(Error::Shape(format!(
                 "token {} outside a vocabulary of {vocab}",
-                step.max_token
+                step.step.max_token
             )));
         }
         let p = EmbedParams {
             table: self.ptr(table),
             tokens: step.tokens(self),
-            out: self.ptr(out),
-            rows: u32_of("rows", step.rows)?,
+            out: self.ptr_mut(out),
+            rows: u32_of("rows", rows)?,
             dim: u32_of("dim", dim)?,
         };
-        // SAFETY: every token indexes a row of `table` (max checked), `out`
-        // holds rows x dim f32.
-        unsafe { self.launch("embed_bf16", per_row(step.rows, 256)?, &p) }
+        // SAFETY: every token of the step indexes a row of `table` (max
+        // checked), the range's tokens are entries `start..end` of the
+        // step's, and `out` holds rows x dim f32.
+        unsafe { self.launch("embed_bf16", per_row(rows, 256)?, &p) }
     }
 
     /// RMSNorm of f32 rows into bf16 (`out_bf16`) or f32.
     pub fn rmsnorm(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DevicePtr<f32>,
         w: &CudaSlice<f32>,
         eps: f32,
         shape: Rows,
@@ -207,8 +217,8 @@ impl Gpu {
         check_len("rmsnorm x", x.len(), shape.n())?;
         check_len("rmsnorm w", w.len(), shape.cols)?;
         let (kernel, out_ptr, out_len) = match out {
-            RmsOut::Bf16(o) => ("rmsnorm_bf16", self.ptr(o), o.len()),
-            RmsOut::F32(o) => ("rmsnorm_f32", self.ptr(o), o.len()),
+            RmsOut::Bf16(o) => ("rmsnorm_bf16", self.ptr(&o), o.len()),
+            RmsOut::F32(o) => ("rmsnorm_f32", self.ptr(&o), o.len()),
         };
         check_len("rmsnorm out", out_len, shape.n())?;
         let p = RmsnormParams {
@@ -224,11 +234,16 @@ impl Gpu {
     }
 
     /// `x += y` over `n` elements.
-    pub fn add(&self, x: &mut CudaSlice<f32>, y: &CudaSlice<f32>, n: usize) -> Result<()> {
+    pub fn add(
+        &self,
+        x: &mut impl DevicePtrMut<f32>,
+        y: &impl DevicePtr<f32>,
+        n: usize,
+    ) -> Result<()> {
         check_len("add x", x.len(), n)?;
         check_len("add y", y.len(), n)?;
         let p = AddParams {
-            x: self.ptr(x),
+            x: self.ptr_mut(x),
             y: self.ptr(y),
             n: n as u64,
         };
@@ -237,11 +252,16 @@ impl Gpu {
     }
 
     /// `x[t] += b` for every row of `shape`.
-    pub fn add_bias(&self, x: &mut CudaSlice<f32>, b: &CudaSlice<f32>, shape: Rows) -> Result<()> {
+    pub fn add_bias(
+        &self,
+        x: &mut impl DevicePtrMut<f32>,
+        b: &CudaSlice<f32>,
+        shape: Rows,
+    ) -> Result<()> {
         check_len("bias x", x.len(), shape.n())?;
         check_len("bias b", b.len(), shape.cols)?;
         let p = BiasParams {
-            x: self.ptr(x),
+            x: self.ptr_mut(x),
             b: self.ptr(b),
             n: shape.n() as u64,
             cols: u32_of("cols", shape.cols)?,
@@ -253,8 +273,8 @@ impl Gpu {
     /// SwiGLU: rows of `[gate | up]` (`2 * inter` wide) into rows of `inter`.
     pub fn silu_mul(
         &self,
-        gate_up: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        gate_up: &impl DevicePtr<f32>,
+        out: &mut impl DevicePtrMut<f32>,
         rows: usize,
         inter: usize,
     ) -> Result<()> {
@@ -263,7 +283,7 @@ impl Gpu {
         let n = rows * inter;
         let p = SiluParams {
             gate_up: self.ptr(gate_up),
-            out: self.ptr(out),
+            out: self.ptr_mut(out),
             n: n as u64,
             inter: u32_of("inter", inter)?,
         };
@@ -280,7 +300,27 @@ impl Gpu {
         out: &mut CudaSlice<f32>,
         cols: usize,
     ) -> Result<()> {
-        let n = step.logit_rows;
+        self.gather_rows_in(step, 0..step.logit_rows, x, x_rows, out, cols)
+    }
+
+    /// `out[i - logit.start] = x[step.logit_rows[i]]` for the logit rows `i`
+    /// in `logit`: `out` holds that range's rows, `x` all of the step's.
+    pub fn gather_rows_in(
+        &self,
+        step: &DeviceStep,
+        logit: Range<usize>,
+        x: &CudaSlice<f32>,
+        x_rows: usize,
+        out: &mut impl DevicePtrMut<f32>,
+        cols: usize,
+    ) -> Result<()> {
+        if logit.start > logit.end || logit.end > step.logit_rows {
+            return Err(Error::Shape(format!(
+                "logit rows {logit:?} of {}",
+                step.logit_rows
+            )));
+        }
+        let n = logit.len();
         if n == 0 {
             return Ok(());
         }
@@ -294,13 +334,14 @@ impl Gpu {
         }
         let p = GatherParams {
             x: self.ptr(x),
-            rows: step.logit_rows_ptr(self),
-            out: self.ptr(out),
+            rows: step.logit_rows_ptr(self) + 4 * logit.start as u64,
+            out: self.ptr_mut(out),
             n: u32_of("rows", n)?,
             cols: u32_of("cols", cols)?,
         };
-        // SAFETY: every gathered row is below x_rows (max checked); out
-        // holds n x cols.
+        // SAFETY: every gathered row is below x_rows (max checked); the
+        // range's entries are `start..end` of the step's logit rows
+        // (checked); out holds n x cols.
         unsafe { self.launch("gather_rows_f32", per_row(n, 256)?, &p) }
     }
 
@@ -308,7 +349,7 @@ impl Gpu {
     /// `hi = bf16(x)`, `lo = bf16(x - hi)`.
     pub fn split_bf16x2(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DevicePtr<f32>,
         out: &mut CudaSlice<bf16>,
         n: usize,
     ) -> Result<()> {
@@ -327,14 +368,14 @@ impl Gpu {
     pub fn sum_halves(
         &self,
         tmp: &CudaSlice<f32>,
-        out: &mut CudaSlice<f32>,
+        out: &mut impl DevicePtrMut<f32>,
         n: usize,
     ) -> Result<()> {
         check_len("halves tmp", tmp.len(), 2 * n)?;
         check_len("halves out", out.len(), n)?;
         let p = HalvesParams {
             tmp: self.ptr(tmp),
-            out: self.ptr(out),
+            out: self.ptr_mut(out),
             n: n as u64,
         };
         // SAFETY: tmp holds 2n f32, out n (checked).
@@ -342,12 +383,17 @@ impl Gpu {
     }
 
     /// f32 to bf16, `n` elements.
-    pub fn cast_bf16(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<bf16>, n: usize) -> Result<()> {
+    pub fn cast_bf16(
+        &self,
+        x: &impl DevicePtr<f32>,
+        out: &mut impl DevicePtrMut<bf16>,
+        n: usize,
+    ) -> Result<()> {
         check_len("cast x", x.len(), n)?;
         check_len("cast out", out.len(), n)?;
         let p = CastParams {
             x: self.ptr(x),
-            out: self.ptr(out),
+            out: self.ptr_mut(out),
             n: n as u64,
         };
         // SAFETY: both hold n elements (checked).
@@ -355,26 +401,31 @@ impl Gpu {
     }
 
     /// Rotates the first `heads` heads of every row of `qkv` (`shape.cols`
-    /// wide) by the step's positions.
-    pub fn rope(
+    /// wide) by the positions of the step's rows (or of a range of them,
+    /// `qkv` then holding that range's rows).
+    pub fn rope<'s>(
         &self,
-        step: &DeviceStep,
-        qkv: &mut CudaSlice<f32>,
+        step: impl Into<StepRows<'s>>,
+        qkv: &mut impl DevicePtrMut<f32>,
         shape: Rows,
         inv_freq: &CudaSlice<f32>,
         heads: usize,
         head_dim: usize,
     ) -> Result<()> {
+        let step = step.into();
         check_len("rope qkv", qkv.len(), shape.n())?;
         check_len("rope inv_freq", inv_freq.len(), head_dim / 2)?;
-        if shape.rows != step.rows || heads * head_dim > shape.cols || !head_dim.is_multiple_of(2) {
+        if shape.rows != step.len() || heads * head_dim > shape.cols || !head_dim.is_multiple_of(2)
+        {
             return Err(Error::Shape(format!(
                 "rope: {heads} heads of {head_dim} in rows of {} ({} rows, step of {})",
-                shape.cols, shape.rows, step.rows
+                shape.cols,
+                shape.rows,
+                step.len()
             )));
         }
         let p = RopeParams {
-            qkv: self.ptr(qkv),
+            qkv: self.ptr_mut(qkv),
             positions: step.positions(self),
             inv_freq: self.ptr(inv_freq),
             rows: u32_of("rows", shape.rows)?,
@@ -388,9 +439,21 @@ impl Gpu {
     }
 }
 
-/// Where RMSNorm writes.
+/// Where RMSNorm writes: a buffer (`.into()`) or rows of one.
 #[derive(Debug)]
 pub enum RmsOut<'a> {
-    Bf16(&'a mut CudaSlice<bf16>),
-    F32(&'a mut CudaSlice<f32>),
+    Bf16(CudaViewMut<'a, bf16>),
+    F32(CudaViewMut<'a, f32>),
+}
+
+impl<'a> From<&'a mut CudaSlice<f32>> for RmsOut<'a> {
+    fn from(s: &'a mut CudaSlice<f32>) -> RmsOut<'a> {
+        RmsOut::F32(s.as_view_mut())
+    }
+}
+
+impl<'a> From<&'a mut CudaSlice<bf16>> for RmsOut<'a> {
+    fn from(s: &'a mut CudaSlice<bf16>) -> RmsOut<'a> {
+        RmsOut::Bf16(s.as_view_mut())
+    }
 }

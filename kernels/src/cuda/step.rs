@@ -1,9 +1,12 @@
 //! A step's metadata on the device: every per-token and per-sequence array
-//! the kernels read, packed into one u32 buffer so a step costs one upload.
+//! the kernels read, packed into one u32 buffer so a step costs one upload;
+//! and [`StepRows`], a range of its token rows (an op over a nano-batch
+//! reads the per-row arrays from the range's first row on).
 
 use super::device::Gpu;
 use crate::error::{Error, Result};
 use cudarc::driver::CudaSlice;
+use std::ops::Range;
 
 /// The host side of a step, as the kernels want it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -49,6 +52,9 @@ pub struct DeviceStep {
     pub max_block: u32,
     pub max_kv_len: u32,
     pub max_logit_row: u32,
+    /// `kv_len` on the host: an attention over a range of rows plans for
+    /// the longest context among them.
+    pub(crate) kv_len: Vec<u32>,
 }
 
 fn max_of(v: &[u32]) -> u32 {
@@ -104,7 +110,14 @@ impl DeviceStep {
             max_block: max_of(&a.tables),
             max_kv_len: max_of(&a.kv_len),
             max_logit_row: max_of(&a.logit_rows),
+            kv_len: a.kv_len.clone(),
         })
+    }
+
+    /// Token rows `rows` of the step (checked against its rows).
+    pub fn rows(&self, rows: Range<usize>) -> Result<StepRows<'_>> {
+        check_rows(&rows, self.rows)?;
+        Ok(StepRows { step: self, rows })
     }
 
     fn at(&self, gpu: &Gpu, i: usize) -> u64 {
@@ -131,5 +144,116 @@ impl DeviceStep {
     }
     pub(crate) fn logit_rows_ptr(&self, gpu: &Gpu) -> u64 {
         self.at(gpu, LOGIT_ROWS)
+    }
+}
+
+/// Token rows `start..end` of a step: the per-row arrays (tokens,
+/// positions, slots, kv_len, table_off) seen from row `start` on, so that a
+/// kernel launched for `len()` rows reads the range's entries; the block
+/// tables, indexed by `table_off`, are the step's. The whole step is
+/// `StepRows::from(&step)`, whose addresses are the step's own.
+#[derive(Debug, Clone)]
+pub struct StepRows<'a> {
+    pub step: &'a DeviceStep,
+    rows: Range<usize>,
+}
+
+impl<'a> From<&'a DeviceStep> for StepRows<'a> {
+    fn from(step: &'a DeviceStep) -> StepRows<'a> {
+        StepRows {
+            step,
+            rows: 0..step.rows,
+        }
+    }
+}
+
+impl StepRows<'_> {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn range(&self) -> Range<usize> {
+        self.rows.clone()
+    }
+
+    /// Bytes from an array's start to the range's first entry.
+    fn skip(&self) -> u64 {
+        entry_offset(self.rows.start)
+    }
+
+    /// The longest context among the rows (the step's for all of them).
+    pub fn max_kv_len(&self) -> u32 {
+        range_max(&self.step.kv_len, &self.rows, self.step.max_kv_len)
+    }
+
+    pub(crate) fn tokens(&self, gpu: &Gpu) -> u64 {
+        self.step.tokens(gpu) + self.skip()
+    }
+    pub(crate) fn positions(&self, gpu: &Gpu) -> u64 {
+        self.step.positions(gpu) + self.skip()
+    }
+    pub(crate) fn slots(&self, gpu: &Gpu) -> u64 {
+        self.step.slots(gpu) + self.skip()
+    }
+    pub(crate) fn kv_len(&self, gpu: &Gpu) -> u64 {
+        self.step.kv_len(gpu) + self.skip()
+    }
+    pub(crate) fn table_off(&self, gpu: &Gpu) -> u64 {
+        self.step.table_off(gpu) + self.skip()
+    }
+    pub(crate) fn tables(&self, gpu: &Gpu) -> u64 {
+        self.step.tables(gpu)
+    }
+}
+
+/// `rows` is a range of a step's `n` rows.
+fn check_rows(rows: &Range<usize>, n: usize) -> Result<()> {
+    if rows.start > rows.end || rows.end > n {
+        return Err(Error::Shape(format!("rows {rows:?} of a step of {n}")));
+    }
+    Ok(())
+}
+
+/// Bytes from the start of a u32 array to entry `row`.
+fn entry_offset(row: usize) -> u64 {
+    4 * row as u64
+}
+
+/// The largest of `v[rows]`: `whole` (the maximum of all of `v`, kept at
+/// upload) when `rows` is all of `v`, so the whole step plans as before.
+fn range_max(v: &[u32], rows: &Range<usize>, whole: u32) -> u32 {
+    if *rows == (0..v.len()) {
+        return whole;
+    }
+    max_of(&v[rows.clone()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_range_reads_its_own_entries() {
+        assert_eq!(entry_offset(0), 0, "the whole step: the step's addresses");
+        assert_eq!(entry_offset(3), 12);
+        let kv_len = [300, 301, 302, 40, 41, 7];
+        assert_eq!(range_max(&kv_len, &(0..6), 302), 302);
+        assert_eq!(range_max(&kv_len, &(3..5), 302), 41, "the range's longest");
+        assert_eq!(range_max(&kv_len, &(2..4), 302), 302);
+        assert_eq!(range_max(&kv_len, &(4..4), 302), 0, "no rows");
+    }
+
+    #[test]
+    fn a_row_range_stays_inside_the_step() {
+        assert!(check_rows(&(0..6), 6).is_ok());
+        assert!(check_rows(&(2..2), 6).is_ok());
+        assert!(check_rows(&(5..7), 6).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 4..2;
+        assert!(check_rows(&reversed, 6).is_err());
     }
 }

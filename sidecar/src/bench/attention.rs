@@ -181,10 +181,10 @@ fn time_kernel(
 ) -> Result<Timing> {
     let launch = |i: usize, d: &mut CaseData| {
         let io = AttnIo {
-            qkv: &d.qkv,
+            qkv: d.qkv.as_view(),
             kv: &d.kv,
             layer: 0,
-            out: &mut d.out,
+            out: d.out.as_view_mut(),
         };
         gpu.attention_forced(&d.steps[i % d.steps.len()], io, d.shape, force)
     };
@@ -393,10 +393,10 @@ fn timeline_of(
     let buf = gpu.alloc_zeroed::<u64>(8 * ctas)?;
     force.timeline = Some(gpu.ptr(&buf));
     let io = AttnIo {
-        qkv: &d.qkv,
+        qkv: d.qkv.as_view(),
         kv: &d.kv,
         layer: 0,
-        out: &mut d.out,
+        out: d.out.as_view_mut(),
     };
     gpu.attention_forced(&d.steps[0], io, d.shape, force)?;
     let t = gpu.download(&buf, 8 * ctas)?;

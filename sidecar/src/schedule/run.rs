@@ -5,6 +5,15 @@
 //! ordered only by those events; the CPU runs every node as it is issued,
 //! so the issue order is the execution order (the tests issue in seeded
 //! random orders to play an adversarial GPU).
+//!
+//! A schedule of several lanes forks from lane 0 and joins back into it:
+//! every other lane first waits for an event signalled on lane 0 before
+//! the schedule's first node, and lane 0 ends waiting for an event from
+//! every other lane after its last, even when a node failed. Lane 0 is
+//! where a step's buffers are allocated and given back (a GPU backend's
+//! pool, the step's upload), so everything before and after the schedule
+//! is ordered against every lane's nodes. A one-lane schedule issues no
+//! extra call.
 
 use super::Schedule;
 use crate::backend::Backend;
@@ -18,7 +27,7 @@ pub fn execute<B: Backend>(
     b: &B,
     schedule: &Schedule,
     order: &[usize],
-    mut run: impl FnMut(usize) -> Result<()>,
+    run: impl FnMut(usize) -> Result<()>,
 ) -> Result<()> {
     let n = schedule.nodes.len();
     if schedule.lanes.len() > b.lanes() {
@@ -39,6 +48,56 @@ pub fn execute<B: Backend>(
         .iter()
         .map(|_| b.new_event())
         .collect::<Result<Vec<_>>>()?;
+    let others: Vec<usize> = (1..schedule.lanes.len()).collect();
+    fork(b, &others)?;
+    let issued = issue(b, schedule, order, (&incoming, &outgoing), &events, run);
+    let joined = join(b, &others);
+    issued.and(joined)
+}
+
+/// Every lane in `others` waits for lane 0's point now.
+fn fork<B: Backend>(b: &B, others: &[usize]) -> Result<()> {
+    if others.is_empty() {
+        return Ok(());
+    }
+    b.use_lane(0)?;
+    let e = b.new_event()?;
+    b.signal(&e)?;
+    for &l in others {
+        b.use_lane(l)?;
+        b.wait(&e)?;
+    }
+    Ok(())
+}
+
+/// Lane 0 waits for every lane in `others`, and is current after.
+fn join<B: Backend>(b: &B, others: &[usize]) -> Result<()> {
+    if others.is_empty() {
+        return Ok(());
+    }
+    let mut ends = Vec::with_capacity(others.len());
+    for &l in others {
+        b.use_lane(l)?;
+        let e = b.new_event()?;
+        b.signal(&e)?;
+        ends.push(e);
+    }
+    b.use_lane(0)?;
+    ends.iter().try_for_each(|e| b.wait(e))
+}
+
+/// Per node, the events it waits for and those it signals.
+type Edges<'a> = (&'a [Vec<usize>], &'a [Vec<usize>]);
+
+/// The nodes in `order`, each between its waits and its signals.
+fn issue<B: Backend>(
+    b: &B,
+    schedule: &Schedule,
+    order: &[usize],
+    (incoming, outgoing): Edges<'_>,
+    events: &[B::Event],
+    mut run: impl FnMut(usize) -> Result<()>,
+) -> Result<()> {
     let mut signalled = vec![false; events.len()];
     let mut lane = None;
     for &i in order {

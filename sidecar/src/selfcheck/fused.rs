@@ -102,7 +102,11 @@ fn add_rmsnorm(
             1e-5,
             shape,
             r0..r1,
-            RmsOut::Bf16(&mut os),
+            RmsOut::Bf16(tacflow_kernels::cuda::row_view_mut(
+                &mut os,
+                &(r0..r1),
+                dim,
+            )?),
         )?;
         let out: Vec<f32> = gpu
             .download(&os, t * dim)?
@@ -227,7 +231,7 @@ fn graph_work(
     let cols = G_HEADS * G_D;
     let shape = Rows { rows: G_ROWS, cols };
     gpu.rope(step, &mut b.qkv, shape, inv, G_HEADS, G_D)?;
-    gpu.rmsnorm(&b.qkv, w, 1e-5, shape, RmsOut::Bf16(&mut b.h))?;
+    gpu.rmsnorm(&b.qkv, w, 1e-5, shape, RmsOut::from(&mut b.h))?;
     gpu.gemm_nt(&b.h, wm, &mut b.out, (G_ROWS, G_N, cols))
 }
 
@@ -327,14 +331,17 @@ pub fn model_bf16(b: CudaBackend, seed: u64) -> Vec<Row> {
         round_to_bf16: true,
         round_activations: true,
     };
-    let bf = b.with_activations(GpuActivations::Bf16);
-    let mut rows =
-        super::model::compare_with("bf16-acts", (bf, twin), &config, &src, &sc, 512, LOGITS_TOL);
+    let mut rows = match b.with_activations(GpuActivations::Bf16) {
+        Ok(bf) => {
+            super::model::compare_with("bf16-acts", (bf, twin), &config, &src, &sc, 512, LOGITS_TOL)
+        }
+        Err(e) => vec![Row::fail("bf16-acts", "bf16 activations", e.to_string())],
+    };
     for r in &mut rows {
         r.case = format!("vs CPU twin: {}", r.case);
     }
     let pair = CudaBackend::new(0).and_then(|split| {
-        let bf = CudaBackend::new(0)?.with_activations(GpuActivations::Bf16);
+        let bf = CudaBackend::new(0)?.with_activations(GpuActivations::Bf16)?;
         Ok((bf, split))
     });
     let mut vs_split = match pair {

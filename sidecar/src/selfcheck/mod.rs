@@ -10,6 +10,7 @@
 //! | sampling | [`sampling`] |
 //! | whole models through the engine | [`model`], [`models`] |
 //! | fused ops, CUDA graph replay, bf16 activations | [`fused`] |
+//! | two lanes against one; every op over a row range | [`lanes`], [`ranges`] |
 //!
 //! Each check group runs in a child process of its own (`--only NAME`), so
 //! that a device fault, which poisons a CUDA context for good, fails that
@@ -17,9 +18,11 @@
 
 pub mod attention;
 pub mod fused;
+pub mod lanes;
 pub mod model;
 pub mod models;
 pub mod ops;
+pub mod ranges;
 pub mod report;
 pub mod sampling;
 
@@ -51,7 +54,7 @@ pub struct Options {
 }
 
 /// Check groups, in order, with a time limit each.
-pub const GROUPS: [(&str, u64); 11] = [
+pub const GROUPS: [(&str, u64); 12] = [
     ("random", 120),
     ("gemm", 120),
     ("rowwise", 120),
@@ -61,6 +64,7 @@ pub const GROUPS: [(&str, u64); 11] = [
     ("fused", 180),
     ("model-tiny", 300),
     ("model-bf16", 300),
+    ("lanes", 300),
     ("model-8b", 600),
     ("smollm2", 900),
 ];
@@ -163,7 +167,9 @@ fn run_group(group: &str, opts: &Options) -> Result<bool> {
     if !GROUPS.iter().any(|(g, _)| *g == group) {
         return Err(Error::Config(format!("no self-check group {group}")));
     }
-    let rows = match CudaBackend::new(0) {
+    // The group `lanes` runs nano-batches on two lanes.
+    let lanes = if group == "lanes" { 2 } else { 1 };
+    let rows = match CudaBackend::with_lanes(0, lanes) {
         Err(e) => vec![Row::fail(group, "open the GPU", e.to_string())],
         Ok(mut b) => {
             b.gpu_mut().set_sync_launches(true);
@@ -208,6 +214,7 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
                 "kv" => ops::kv(&mut cx),
                 "attention" => attention::attention(&mut cx),
                 "fused" => fused::fused(&mut cx),
+                "lanes" => lanes::lanes(&mut cx),
                 _ => sampling::sampling(&mut cx),
             }
         }

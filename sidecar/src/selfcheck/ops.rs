@@ -198,7 +198,7 @@ fn rmsnorm(cx: &mut Ctx, t: usize, dim: usize, bf16_out: bool) -> Result<Row> {
         &ws,
         1e-5,
         Rows { rows: t, cols: dim },
-        RmsOut::Bf16(&mut os),
+        RmsOut::from(&mut os),
     )?;
     let got: Vec<f32> = gpu
         .download(&os, t * dim)?

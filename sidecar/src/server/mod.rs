@@ -313,8 +313,8 @@ fn spawn_executor(
         .spawn(move || {
             let fail = ready.clone();
             let r = match kind {
-                BackendKind::Cuda => CudaBackend::new(0)
-                    .map(|b| b.with_activations(config.gpu_activations))
+                BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
+                    .and_then(|b| b.with_activations(config.gpu_activations))
                     .and_then(|b| start_executor(b, &config, links, rx, ready, |_| {})),
                 _ => start_cpu(&config, links, rx, ready),
             };
