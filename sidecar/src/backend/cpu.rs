@@ -116,6 +116,11 @@ impl Backend for CpuBackend {
         }
     }
 
+    /// f32, rounded to bf16 values or not.
+    fn weight_bytes(&self) -> usize {
+        4
+    }
+
     fn free_memory(&self) -> Option<usize> {
         None
     }

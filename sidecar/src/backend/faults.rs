@@ -189,6 +189,10 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.weight_dtype()
     }
 
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+
     fn free_memory(&self) -> Option<usize> {
         self.inner.free_memory()
     }

@@ -183,6 +183,9 @@ pub trait Backend {
     fn describe(&self) -> (String, String);
     /// Data type the weights are held in.
     fn weight_dtype(&self) -> &'static str;
+    /// Bytes a weight takes as the backend holds it (what a model's size
+    /// is checked against before it loads).
+    fn weight_bytes(&self) -> usize;
     /// Bytes of device memory free for the KV cache; `None` when unbounded
     /// (the CPU), so the operator must size it.
     fn free_memory(&self) -> Option<usize>;

@@ -25,12 +25,7 @@ pub struct Need {
 
 /// The bytes the weights and an explicitly sized KV cache take on `backend`.
 pub fn need<B: Backend>(backend: &B, model: &ModelConfig, capacity: &KvCapacity) -> Need {
-    // The CPU holds every weight as f32, bf16-rounded or not.
-    let per_param = if backend.weight_dtype().ends_with("f32") {
-        4
-    } else {
-        2
-    };
+    let per_param = backend.weight_bytes() as u64;
     let layout = KvLayout {
         num_layers: model.num_layers,
         num_blocks: 0,

@@ -31,6 +31,10 @@ impl Backend for CudaBackend {
         "bf16"
     }
 
+    fn weight_bytes(&self) -> usize {
+        2
+    }
+
     fn free_memory(&self) -> Option<usize> {
         self.gpu
             .free_memory()
