@@ -29,7 +29,7 @@ pub mod search;
 pub mod trace;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use crate::backend::StepMeta;
 use deps::ScheduleError;

@@ -171,11 +171,7 @@ mod tests {
     use crate::schedule::program::Program;
 
     fn program() -> Program {
-        Program {
-            layers: 2,
-            qkv_bias: false,
-            fusions: Default::default(),
-        }
+        crate::schedule::tests::program(false)
     }
 
     #[test]

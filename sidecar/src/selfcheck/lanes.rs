@@ -227,11 +227,7 @@ mod tests {
     use crate::schedule::Op;
 
     fn program() -> Program {
-        Program {
-            layers: 2,
-            qkv_bias: false,
-            fusions: Default::default(),
-        }
+        crate::schedule::tests::program(false)
     }
 
     #[test]
