@@ -45,9 +45,7 @@ fn open(request_id: u64, seq: u64) -> Command {
     Command::Open {
         to: to(request_id, Kind::OpenSequence),
         seq,
-        policy: AttentionPolicy::Full,
-        sampling: SamplingParams::default(),
-        diagnostics: false,
+        opts: crate::engine::SeqOptions::default(),
     }
 }
 
@@ -65,6 +63,7 @@ fn step(request_id: u64, seq: u64) -> Command {
         positions: None,
         sample: true,
         logits: None,
+        blocks: None,
     };
     Command::Step {
         to: to(request_id, Kind::Step),
@@ -73,6 +72,7 @@ fn step(request_id: u64, seq: u64) -> Command {
             entries: vec![entry],
             logits: vec![None],
         },
+        idempotent: false,
     }
 }
 
