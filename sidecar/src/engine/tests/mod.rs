@@ -1,6 +1,7 @@
 //! Engine tests over the built-in `tiny` model on a fault-injecting CPU
 //! backend: fixtures, and a snapshot of everything a step may change.
 
+mod named;
 mod schedules;
 mod sparse;
 mod step;
