@@ -104,7 +104,7 @@ fn vectors_match_the_rust_types() {
         "hello",
         &HelloRequest {
             request_id: 1,
-            protocol: (1, 2),
+            protocol: (1, 3),
             client: "tacflow-py/0.1.0".into(),
         },
     );
@@ -117,7 +117,7 @@ fn vectors_match_the_rust_types() {
             request_id: 1,
             session: t,
             instance_id: "00112233445566778899aabbccddeeff".into(),
-            protocol: (1, 2),
+            protocol: (1, 3),
             daemon: "tacflowd 0.1.0".into(),
             model: ModelInfo {
                 name: "tiny".into(),

@@ -89,6 +89,12 @@ impl<B: Backend> Engine<B> {
         if s.prompt_logprobs.is_some_and(|k| k > 64) {
             return bad("prompt_logprobs at most 64".into());
         }
+        if s.prompt_logprobs.is_some() {
+            return Err(ErrorReply::new(
+                ErrorCode::Unsupported,
+                "prompt_logprobs is specified in protocol 1.3 but not computed by this daemon yet",
+            ));
+        }
         if s.uses_processing() && !self.backend.supports_processing() {
             return Err(ErrorReply::new(
                 ErrorCode::Unsupported,
