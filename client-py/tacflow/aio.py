@@ -374,9 +374,13 @@ def as_tensor(region: HostRegion, ref: TensorRef) -> Any:
 def write_tensor(region: HostRegion, ref: TensorRef, value: Any) -> None:
     """Copies ``value`` (a torch tensor, on any device, or an array) into the
     tensor ``ref`` names in ``region``."""
-    dst = as_tensor(region, ref)
-    if hasattr(value, "detach") and hasattr(dst, "copy_"):
-        dst.copy_(value.detach().to(device="cpu", dtype=dst.dtype).reshape(dst.shape))
-        return
-    src = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
-    np.copyto(dst, src.reshape(dst.shape).astype(dst.dtype, copy=False))
+    if hasattr(value, "detach"):
+        dst = as_tensor(region, ref)
+        if hasattr(dst, "copy_"):
+            dst.copy_(value.detach().to(device="cpu", dtype=dst.dtype).reshape(dst.shape))
+            return
+        value = value.detach().cpu().numpy()
+    if ref.dtype == "bf16":
+        raise ValueError("write bf16 from a torch tensor (numpy has no bfloat16)")
+    arr = region.view(ref)
+    np.copyto(arr, np.asarray(value).reshape(arr.shape).astype(arr.dtype, copy=False))
