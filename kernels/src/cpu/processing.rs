@@ -80,3 +80,66 @@ pub fn sample_processed(logits: &[f32], p: &SampleParams, proc: &Processing) -> 
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bias_then_repetition_then_frequency_and_presence() {
+        let mut l = vec![2.0f32, -1.0, 0.5, 3.0, 1.0];
+        let p = Processing {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            logit_bias: vec![(4, -2.0)],
+            prompt: vec![0, 1],
+            output: vec![1, 2, 2],
+            ..Processing::default()
+        };
+        p.apply(&mut l);
+        // 0: prompt, positive: 2 / 2. 1: negative: -1 * 2, then one output
+        // occurrence: - 0.5 - 0.25. 2: 0.5 / 2, then two: - 1.0 - 0.25.
+        // 3: untouched. 4: biased to -1, not seen.
+        let want = [1.0, -2.75, -1.0, 3.0, -1.0];
+        for (g, w) in l.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{l:?}");
+        }
+    }
+
+    #[test]
+    fn min_p_cuts_by_the_best_tokens_probability_and_greedy_sees_the_penalties() {
+        // Probabilities ∝ e^0, e^-1, e^-3: min_p 0.2 keeps the first two.
+        let logits = [0.0f32, -1.0, -3.0];
+        let proc = Processing {
+            min_p: 0.2,
+            repetition_penalty: 1.0,
+            ..Processing::default()
+        };
+        let mut seen = [0u32; 3];
+        for pos in 0..3000 {
+            let p = SampleParams {
+                temperature: 1.0,
+                position: pos,
+                seed: 5,
+                ..SampleParams::greedy()
+            };
+            seen[sample_processed(&logits, &p, &proc).token as usize] += 1;
+        }
+        assert_eq!(seen[2], 0, "{seen:?}");
+        let frac = seen[1] as f64 / 3000.0;
+        let want = (-1f64).exp() / (1.0 + (-1f64).exp());
+        assert!((frac - want).abs() < 0.03, "{frac} vs {want}");
+        let bias = Processing {
+            logit_bias: vec![(2, 5.0)],
+            repetition_penalty: 1.0,
+            ..Processing::default()
+        };
+        let s = sample_processed(&logits, &SampleParams::greedy(), &bias);
+        assert_eq!(s.token, 2);
+        assert!(
+            (s.logprob - (-3.0 - logsumexp(&logits))).abs() < 1e-6,
+            "raw logprob"
+        );
+    }
+}

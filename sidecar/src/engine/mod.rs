@@ -235,7 +235,7 @@ impl<B: Backend> Engine<B> {
         self.validate_prefix(&o)?;
         let seed_given = o.sampling.seed.is_some();
         let mut sampling = o.sampling;
-        sampling.seed = Some(sampling.seed.unwrap_or_else(|| self.seeds.next()));
+        sampling.seed = Some(sampling.seed.unwrap_or_else(|| self.seeds.fresh()));
         self.seqs.insert(
             key,
             Sequence {
@@ -297,7 +297,7 @@ impl<B: Backend> Engine<B> {
             None => (p.sampling.clone(), p.seed_given),
         };
         if !seed_given {
-            sampling.seed = Some(self.seeds.next());
+            sampling.seed = Some(self.seeds.fresh());
         }
         let c = Sequence {
             policy,

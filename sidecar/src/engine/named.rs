@@ -14,6 +14,9 @@ use crate::backend::Backend;
 use std::collections::HashMap;
 use tacflow_ipc::{BlockMode, ErrorCode, ErrorReply, SequenceStateReply, StepEntry};
 
+/// A named entry's plan (no fresh block, no copy) and the ids it named.
+pub type NamedPlan = (AppendPlan, Vec<u32>);
+
 fn entry_error(code: ErrorCode, i: usize, msg: String) -> ErrorReply {
     ErrorReply::new(code, format!("entry {i}: {msg}")).with("entry", i)
 }
@@ -82,7 +85,7 @@ impl<B: Backend> Engine<B> {
         session: SessionId,
         entries: &[StepEntry],
         keys: &[SeqKey],
-    ) -> Result<Vec<Option<(AppendPlan, Vec<u32>)>>, ErrorReply> {
+    ) -> Result<Vec<Option<NamedPlan>>, ErrorReply> {
         let empty = vec![];
         let reserved = self.reservations.get(&session).unwrap_or(&empty);
         let mut out = Vec::with_capacity(entries.len());
@@ -122,7 +125,7 @@ fn map_table(
     ids: &[u32],
     need: usize,
     reserved: &[u32],
-) -> Result<(AppendPlan, Vec<u32>), ErrorReply> {
+) -> Result<NamedPlan, ErrorReply> {
     if ids.len() < need {
         return Err(entry_error(
             ErrorCode::BadRequest,
@@ -161,7 +164,7 @@ fn map_table(
 fn check_writes(
     entries: &[StepEntry],
     keys: &[SeqKey],
-    named: &[Option<(AppendPlan, Vec<u32>)>],
+    named: &[Option<NamedPlan>],
     len_of: impl Fn(&SeqKey) -> usize,
 ) -> Result<(), ErrorReply> {
     let bs = BLOCK_SIZE;

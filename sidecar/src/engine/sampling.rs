@@ -31,7 +31,7 @@ impl SeedSource {
         SeedSource { base, next: 0 }
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn fresh(&mut self) -> u64 {
         self.next += 1;
         bits(self.base, SEED_STREAM, self.next)
     }
