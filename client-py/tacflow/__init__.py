@@ -11,6 +11,7 @@ Map of the package:
 | ``region`` | host shared-memory regions and numpy views of them |
 | ``client`` | ``Client``: one session over one ZeroMQ DEALER socket |
 | ``engine`` | ``Engine``: a small continuous-batching scheduler over a client |
+| ``aio`` | ``AsyncClient``: the client for asyncio, many requests in flight |
 
 The wire contract is ``ipc/PROTOCOL.md`` in the repository.
 """
@@ -42,6 +43,7 @@ from .results import (  # noqa: E402,F401
     Limits,
     ModelInfo,
     PolicyStats,
+    SequenceState,
     Stats,
     StepOutput,
     StepResult,

@@ -33,6 +33,7 @@ from .errors import (
     ProtocolError,
     RequestTimeout,
     TacflowError,
+    Unsupported,
 )
 from .protocol import (
     ERROR_KIND,
@@ -45,6 +46,7 @@ from .protocol import (
     MemfdRegion,
     RegionDesc,
     SamplingParams,
+    SequenceState,
     ShmRegion,
     Stats,
     StepEntry,
@@ -55,6 +57,8 @@ from .protocol import (
     hello_body,
     open_sequence_body,
     register_region_body,
+    reserve_blocks_body,
+    sequence_state_body,
     session_body,
     truncate_sequence_body,
     unregister_region_body,
@@ -286,11 +290,54 @@ class Client:
         attention: AttentionPolicy = Full(),
         sampling: SamplingParams | None = None,
         diagnostics: bool = False,
+        *,
+        blocks: str = "daemon",
+        prefix: Sequence[int] = (),
+        prompt_len: int | None = None,
     ) -> int:
-        """Opens an empty sequence; returns its cached length (0)."""
+        """Opens a sequence; returns its cached length (0, or ``len(prefix)``).
+
+        ``blocks="named"`` (1.3): every step entry names the sequence's whole
+        block table from the session's reservation (:meth:`reserve_blocks`);
+        ``prefix`` are tokens already cached in the blocks the first step
+        names (a prefix-cache hit). ``prompt_len`` tells the penalties where
+        the prompt ends (default: at the first sampling entry).
+        """
+        self._check_1_3(sampling, blocks != "daemon" or bool(prefix) or prompt_len is not None)
         rid = self._take_id()
-        body = open_sequence_body(rid, self._session, seq_id, attention, sampling, diagnostics)
+        body = open_sequence_body(
+            rid, self._session, seq_id, attention, sampling, diagnostics, blocks, prefix, prompt_len
+        )
         return int(self._exchange(Kind.OPEN_SEQUENCE, rid, self._packer.pack(body))["num_tokens"])
+
+    def reserve_blocks(self, count: int) -> int:
+        """(1.3) Grows this session's KV block reservation by ``count``
+        blocks; returns its size (ids ``0..size`` are this session's). Freed
+        when the session ends. :class:`OutOfKvBlocks` when too few are free."""
+        self._check_1_3(None, True)
+        rid = self._take_id()
+        body = reserve_blocks_body(rid, self._session, count)
+        return int(self._exchange(Kind.RESERVE_BLOCKS, rid, self._packer.pack(body))["blocks"])
+
+    def sequence_state(self, seq_id: int) -> SequenceState:
+        """(1.3) What the daemon holds for a sequence: its length, block
+        mode, policy, sampling (with the seed in effect) and blocks."""
+        self._check_1_3(None, True)
+        rid = self._take_id()
+        body = sequence_state_body(rid, self._session, seq_id)
+        reply = self._exchange(Kind.SEQUENCE_STATE, rid, self._packer.pack(body))
+        return SequenceState.from_wire(reply)
+
+    def _check_1_3(self, sampling: SamplingParams | None, needs: bool) -> None:
+        """Refuses, before sending, what a pre-1.3 daemon would ignore."""
+        if self._info is None or tuple(self._info.protocol) >= (1, 3):
+            return
+        if needs or (sampling is not None and sampling.uses_1_3()):
+            raise Unsupported(
+                "unsupported",
+                f"this daemon speaks protocol {self._info.protocol[0]}.{self._info.protocol[1]}; "
+                "named blocks, sequence_state and vLLM's sampling options need 1.3",
+            )
 
     def fork_sequence(
         self,
@@ -303,6 +350,7 @@ class Client:
         """Forks ``parent`` into a new ``child`` sharing its KV blocks
         copy-on-write; returns the child's cached length. The child keeps the
         parent's sampling, attention policy and diagnostics unless given."""
+        self._check_1_3(sampling, False)
         rid = self._take_id()
         body = fork_sequence_body(rid, self._session, parent, child, sampling, attention, diagnostics)
         return int(self._exchange(Kind.FORK_SEQUENCE, rid, self._packer.pack(body))["num_tokens"])

@@ -23,7 +23,8 @@ __all__ = [
     "UnknownSequence", "SequenceExists", "UnknownRegion", "OutOfBounds",
     "ShapeMismatch", "DtypeMismatch", "OutOfKvBlocks", "ContextTooLong",
     "LimitExceeded", "PermissionDenied", "Busy", "ShuttingDown", "Unsupported",
-    "Internal", "DaemonFailing", "DaemonRestarted", "RequestTimeout", "DaemonUnavailable",
+    "Internal", "UnknownBlock", "DaemonFailing", "DaemonRestarted", "RequestTimeout",
+    "DaemonUnavailable",
     "ProtocolError", "ERROR_CLASSES", "error_from_reply",
 ]
 
@@ -147,6 +148,13 @@ class Unsupported(TacflowError):
     code_name = "unsupported"
 
 
+class UnknownBlock(TacflowError):
+    """(1.3) A step named a KV block id outside the session's reservation
+    (``detail.block``, ``detail.reserved``); the step changed nothing."""
+
+    code_name = "unknown_block"
+
+
 class Internal(TacflowError):
     """A failure inside the daemon. Per request by default: the daemon keeps
     serving and other requests are fine. When the daemon is going down the
@@ -227,6 +235,7 @@ ERROR_CLASSES: dict[str, type[TacflowError]] = {
         ShuttingDown,
         Unsupported,
         Internal,
+        UnknownBlock,
     )
 }
 

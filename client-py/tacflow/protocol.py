@@ -29,6 +29,7 @@ from .results import (  # re-exported: protocol.py is the one import for wire ty
     Limits,
     ModelInfo,
     PolicyStats,
+    SequenceState,
     Stats,
     StepOutput,
     StepResult,
@@ -43,6 +44,7 @@ __all__ = [
     "hello_body", "session_body", "register_region_body", "unregister_region_body",
     "open_sequence_body", "fork_sequence_body", "truncate_sequence_body",
     "close_sequence_body", "step_body", "attention_step_body",
+    "reserve_blocks_body", "sequence_state_body", "SequenceState",
     "pack", "unpack", "decode_reply",
     "AttentionDiagnostics", "BackendInfo", "Health", "HelloInfo", "KvInfo",
     "Limits", "ModelInfo", "PolicyStats", "Stats", "StepOutput", "StepResult",
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 #: The protocol version this client speaks: (major, minor).
-PROTOCOL_VERSION: tuple[int, int] = (1, 2)
+PROTOCOL_VERSION: tuple[int, int] = (1, 3)
 
 #: A successful reply carries its request's kind with this bit set.
 REPLY_BIT = 0x80
@@ -75,6 +77,8 @@ class Kind(enum.IntEnum):
     FORK_SEQUENCE = 0x21
     TRUNCATE_SEQUENCE = 0x22
     CLOSE_SEQUENCE = 0x23
+    RESERVE_BLOCKS = 0x24
+    SEQUENCE_STATE = 0x25
     STEP = 0x30
     ATTENTION_STEP = 0x31
 
@@ -161,23 +165,63 @@ AttentionPolicy = Union[Full, Tactic, FixedBudget, OracleTopP]
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How the daemon draws the next token (§4.4); temperature 0 is greedy."""
+    """How the daemon draws the next token (§4.4); temperature 0 is greedy.
+
+    ``seed=None`` lets the daemon pick a fresh seed per sequence (1.3; a 1.2
+    daemon takes 0). The options after ``logprobs`` are vLLM's (1.3, CPU
+    backend): left out of the request at their defaults, refused by a
+    daemon that cannot honour them.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
+    seed: int | None = None
     logprobs: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    #: ``(token, bias)`` pairs, or a ``{token: bias}`` mapping.
+    logit_bias: Sequence[tuple[int, float]] | Mapping[int, float] = ()
+    prompt_logprobs: int | None = None
+
+    def uses_1_3(self) -> bool:
+        """Whether any option needs a 1.3 daemon (which an older one would
+        ignore; a missing seed is fine there: it takes 0)."""
+        return bool(
+            self.min_p
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+            or self.prompt_logprobs is not None
+        )
 
     def to_wire(self) -> dict[str, Any]:
-        # Every field has a serde default but no skip in Rust: all are sent.
-        return {
+        # The 1.2 fields have serde defaults but no skip in Rust: sent. The
+        # 1.3 ones are skipped at their default, as Rust does.
+        body: dict[str, Any] = {
             "temperature": float(self.temperature),
             "top_p": float(self.top_p),
             "top_k": int(self.top_k),
-            "seed": int(self.seed),
-            "logprobs": int(self.logprobs),
         }
+        if self.seed is not None:
+            body["seed"] = int(self.seed)
+        body["logprobs"] = int(self.logprobs)
+        for name in ("min_p", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value != 0.0:
+                body[name] = float(value)
+        if self.repetition_penalty != 1.0:
+            body["repetition_penalty"] = float(self.repetition_penalty)
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        pairs = [[int(t), float(b)] for t, b in bias]
+        if pairs:
+            body["logit_bias"] = pairs
+        if self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = int(self.prompt_logprobs)
+        return body
 
 
 # ---------------------------------------------------------------- tensors, entries
@@ -219,6 +263,8 @@ class StepEntry:
     positions: Sequence[int] | None = None
     sample: bool = True
     logits: TensorRef | None = None
+    #: (1.3) A named-block sequence's whole block table (reservation ids).
+    blocks: Sequence[int] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {"seq_id": self.seq_id, "tokens": _ints(self.tokens)}
@@ -227,6 +273,8 @@ class StepEntry:
         body["sample"] = bool(self.sample)
         if self.logits is not None:
             body["logits"] = self.logits.to_wire()
+        if self.blocks is not None:
+            body["blocks"] = _ints(self.blocks)
         return body
 
 
@@ -315,17 +363,41 @@ def open_sequence_body(
     attention: AttentionPolicy | None = None,
     sampling: SamplingParams | None = None,
     diagnostics: bool = False,
+    blocks: str = "daemon",
+    prefix: Sequence[int] = (),
+    prompt_len: int | None = None,
 ) -> dict[str, Any]:
     # attention, sampling and diagnostics have serde defaults but no skip:
-    # the Rust side always sends them, so do we.
-    return {
+    # the Rust side always sends them, so do we. The 1.3 fields are skipped
+    # at their defaults. No sampling given means the 1.2 default (seed 0), so
+    # that a bare open has the bytes it always had.
+    body: dict[str, Any] = {
         "request_id": request_id,
         "session": session,
         "seq_id": seq_id,
         "attention": (attention or Full()).to_wire(),
-        "sampling": (sampling or SamplingParams()).to_wire(),
+        "sampling": (sampling or SamplingParams(seed=0)).to_wire(),
         "diagnostics": bool(diagnostics),
     }
+    if blocks not in ("daemon", "named"):
+        raise ValueError(f"blocks must be 'daemon' or 'named', not {blocks!r}")
+    if blocks != "daemon":
+        body["blocks"] = blocks
+    if prefix:
+        body["prefix"] = _ints(prefix)
+    if prompt_len is not None:
+        body["prompt_len"] = int(prompt_len)
+    return body
+
+
+def reserve_blocks_body(request_id: int, session: bytes, count: int) -> dict[str, Any]:
+    """(1.3) Grows the session's KV block reservation by ``count``."""
+    return {"request_id": request_id, "session": session, "count": int(count)}
+
+
+def sequence_state_body(request_id: int, session: bytes, seq_id: int) -> dict[str, Any]:
+    """(1.3) Asks what the daemon holds for a sequence."""
+    return {"request_id": request_id, "session": session, "seq_id": seq_id}
 
 
 def fork_sequence_body(

@@ -170,6 +170,9 @@ class StepResult:
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
     attention: AttentionDiagnostics | None = None
+    #: (1.3) Per new prompt token: ``(logprob, ((token, logprob), ...))``,
+    #: ``None`` for the sequence's first token.
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]] | None, ...] = ()
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> "StepResult":
@@ -185,9 +188,53 @@ class StepResult:
                 body.get("logprob"),
                 tuple((t, lp) for t, lp in top) if top else (),
                 AttentionDiagnostics.from_wire(att) if att is not None else None,
+                _prompt_logprobs(body.get("prompt_logprobs")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError("protocol_error", f"bad step result {body!r}: {exc}") from None
+
+
+def _prompt_logprobs(
+    wire: Any,
+) -> tuple[tuple[float, tuple[tuple[int, float], ...]] | None, ...]:
+    if not wire:
+        return ()
+    return tuple(
+        None if x is None else (float(x[0]), tuple((int(t), float(lp)) for t, lp in x[1]))
+        for x in wire
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceState:
+    """(1.3) What the daemon holds for one sequence (``sequence_state``)."""
+
+    seq_id: int
+    num_tokens: int
+    mode: str
+    attention: Mapping[str, Any]
+    sampling: Mapping[str, Any]
+    diagnostics: bool
+    num_blocks: int
+    prompt_len: int | None = None
+    block_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> "SequenceState":
+        try:
+            return cls(
+                int(body["seq_id"]),
+                int(body["num_tokens"]),
+                str(body["mode"]),
+                dict(body["attention"]),
+                dict(body["sampling"]),
+                bool(body["diagnostics"]),
+                int(body["num_blocks"]),
+                body.get("prompt_len"),
+                tuple(body.get("block_ids") or ()),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError("protocol_error", f"bad sequence state {body!r}: {exc}") from None
 
 
 @dataclass(slots=True)  # not frozen: frozen init costs ~0.4 µs, on the step path

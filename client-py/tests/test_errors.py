@@ -46,12 +46,13 @@ EXPECTED = {
     "shutting_down": errors.ShuttingDown,
     "unsupported": errors.Unsupported,
     "internal": errors.Internal,
+    "unknown_block": errors.UnknownBlock,
 }
 
 
 def test_every_protocol_code_has_its_class() -> None:
     codes = protocol_codes()
-    assert len(codes) == 17, codes
+    assert len(codes) == 18, codes
     assert set(codes) == set(ERROR_CLASSES) == set(EXPECTED)
 
 

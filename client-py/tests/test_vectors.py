@@ -26,13 +26,15 @@ from tacflow.protocol import (
     fork_sequence_body,
     hello_body,
     open_sequence_body,
+    reserve_blocks_body,
+    sequence_state_body,
     pack,
     register_region_body,
     session_body,
     step_body,
     truncate_sequence_body,
 )
-from tacflow.results import Health, HelloInfo, StepOutput
+from tacflow.results import Health, HelloInfo, SequenceState, StepOutput
 
 from .vectors import VECTOR_DIR, Vector, encode_exact, load_vectors, plain
 
@@ -122,6 +124,27 @@ BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
         ],
     ),
     "step_empty_request": lambda: step_body(10, SESSION, []),
+    "open_sequence_named_request": lambda: open_sequence_body(
+        12,
+        SESSION,
+        50,
+        Full(),
+        SamplingParams(
+            temperature=0.75,
+            min_p=0.125,
+            presence_penalty=0.5,
+            frequency_penalty=-0.25,
+            repetition_penalty=1.25,
+            logit_bias={3: -100.0, 70000: 2.5},
+            prompt_logprobs=2,
+        ),
+        blocks="named",
+        prefix=[1, 2, 3],
+        prompt_len=5,
+    ),
+    "reserve_blocks_request": lambda: reserve_blocks_body(20, SESSION, 64),
+    "sequence_state_request": lambda: sequence_state_body(21, SESSION, 50),
+    "step_named_request": lambda: step_body(22, SESSION, [StepEntry(50, [4, 5], blocks=[7, 3, 9])]),
 }
 
 
@@ -156,7 +179,7 @@ def test_hello_reply() -> None:
     info = HelloInfo.from_wire(body)
     assert info.session == SESSION
     assert info.instance_id == "00112233445566778899aabbccddeeff"
-    assert info.protocol == (1, 2)
+    assert info.protocol == (1, 3)
     assert info.region_kinds == ("shm", "memfd")
     assert info.fd_socket == "/run/tacflow/tacflowd.fd.sock"
     assert info.model.name == "tiny" and info.model.vocab_size == 512
@@ -239,3 +262,21 @@ def test_health_reply_of_a_1_1_daemon() -> None:
     h = Health.from_wire(body)
     assert h.ok and h.backend.kind == "cpu"
     assert (h.executor, h.device, h.reason) == (None, None, None)
+
+
+def test_1_3_replies() -> None:
+    from tacflow.errors import UnknownBlock
+
+    kind, body = decode_reply(reply_frames("sequence_state_reply"))
+    assert kind == Kind.SEQUENCE_STATE
+    state = SequenceState.from_wire(body)
+    assert (state.num_tokens, state.mode, state.block_ids) == (19, "named", (7, 3))
+    assert state.sampling["seed"] == 0x1234_5678_9ABC_DEF0
+    kind, body = decode_reply(reply_frames("step_prompt_logprobs_reply"))
+    out = StepOutput.from_wire(body)
+    assert out.results[0].prompt_logprobs == (None, (-1.5, ((9, -0.5), (5, -1.5))))
+    kind, body = decode_reply(reply_frames("reserve_blocks_reply"))
+    assert kind == Kind.RESERVE_BLOCKS and body["blocks"] == 64
+    with pytest.raises(UnknownBlock) as err:
+        decode_reply(reply_frames("error_reply_unknown_block"))
+    assert err.value.detail["block"] == 64

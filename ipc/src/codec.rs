@@ -24,6 +24,10 @@ pub enum Kind {
     ForkSequence = 0x21,
     TruncateSequence = 0x22,
     CloseSequence = 0x23,
+    /// (1.3)
+    ReserveBlocks = 0x24,
+    /// (1.3)
+    SequenceState = 0x25,
     Step = 0x30,
     AttentionStep = 0x31,
 }
@@ -39,7 +43,7 @@ pub const MAX_HEADER_BYTES: usize = 16 << 20;
 pub const MAX_DEPTH: usize = 32;
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Hello,
         Kind::Ping,
         Kind::Close,
@@ -51,6 +55,8 @@ impl Kind {
         Kind::ForkSequence,
         Kind::TruncateSequence,
         Kind::CloseSequence,
+        Kind::ReserveBlocks,
+        Kind::SequenceState,
         Kind::Step,
         Kind::AttentionStep,
     ];
@@ -72,6 +78,8 @@ impl Kind {
             Kind::ForkSequence => "fork_sequence",
             Kind::TruncateSequence => "truncate_sequence",
             Kind::CloseSequence => "close_sequence",
+            Kind::ReserveBlocks => "reserve_blocks",
+            Kind::SequenceState => "sequence_state",
             Kind::Step => "step",
             Kind::AttentionStep => "attention_step",
         }
@@ -96,6 +104,8 @@ pub enum Request {
     ForkSequence(ForkSequenceRequest),
     TruncateSequence(TruncateSequenceRequest),
     CloseSequence(CloseSequenceRequest),
+    ReserveBlocks(ReserveBlocksRequest),
+    SequenceState(SequenceStateRequest),
     Step(StepRequest),
     AttentionStep(Box<AttentionStepRequest>),
 }
@@ -114,6 +124,8 @@ impl Request {
             Request::ForkSequence(_) => Kind::ForkSequence,
             Request::TruncateSequence(_) => Kind::TruncateSequence,
             Request::CloseSequence(_) => Kind::CloseSequence,
+            Request::ReserveBlocks(_) => Kind::ReserveBlocks,
+            Request::SequenceState(_) => Kind::SequenceState,
             Request::Step(_) => Kind::Step,
             Request::AttentionStep(_) => Kind::AttentionStep,
         }
@@ -131,6 +143,8 @@ impl Request {
             Request::ForkSequence(r) => r.request_id,
             Request::TruncateSequence(r) => r.request_id,
             Request::CloseSequence(r) => r.request_id,
+            Request::ReserveBlocks(r) => r.request_id,
+            Request::SequenceState(r) => r.request_id,
             Request::Step(r) => r.request_id,
             Request::AttentionStep(r) => r.request_id,
         }
@@ -149,6 +163,8 @@ impl Request {
             Request::ForkSequence(r) => Some(r.session),
             Request::TruncateSequence(r) => Some(r.session),
             Request::CloseSequence(r) => Some(r.session),
+            Request::ReserveBlocks(r) => Some(r.session),
+            Request::SequenceState(r) => Some(r.session),
             Request::Step(r) => Some(r.session),
             Request::AttentionStep(r) => Some(r.session),
         }
@@ -167,6 +183,8 @@ impl Request {
             Request::ForkSequence(r) => to_msgpack(r),
             Request::TruncateSequence(r) => to_msgpack(r),
             Request::CloseSequence(r) => to_msgpack(r),
+            Request::ReserveBlocks(r) => to_msgpack(r),
+            Request::SequenceState(r) => to_msgpack(r),
             Request::Step(r) => to_msgpack(r),
             Request::AttentionStep(r) => to_msgpack(r),
         }
@@ -264,6 +282,8 @@ pub fn decode_request(frames: &[&[u8]]) -> Result<Request, ErrorReply> {
         Kind::ForkSequence => Request::ForkSequence(body(kind, header)?),
         Kind::TruncateSequence => Request::TruncateSequence(body(kind, header)?),
         Kind::CloseSequence => Request::CloseSequence(body(kind, header)?),
+        Kind::ReserveBlocks => Request::ReserveBlocks(body(kind, header)?),
+        Kind::SequenceState => Request::SequenceState(body(kind, header)?),
         Kind::Step => Request::Step(body(kind, header)?),
         Kind::AttentionStep => Request::AttentionStep(body(kind, header)?),
     };
@@ -346,6 +366,7 @@ mod tests {
                 positions: Some(vec![0, 1, 2]),
                 sample: false,
                 logits: None,
+                blocks: Some(vec![4, 0]),
             }],
         });
         let [k, h] = req.encode();

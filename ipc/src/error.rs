@@ -29,13 +29,15 @@ pub enum ErrorCode {
     ShuttingDown,
     Unsupported,
     Internal,
+    /// (1.3) A step names a KV block id outside the session's reservation.
+    UnknownBlock,
     /// A code this build does not know (sent by a newer peer).
     Unknown,
 }
 
 impl ErrorCode {
     /// Every code this build knows, in wire order (test vectors iterate it).
-    pub const ALL: [ErrorCode; 17] = [
+    pub const ALL: [ErrorCode; 18] = [
         ErrorCode::BadRequest,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownSession,
@@ -53,6 +55,7 @@ impl ErrorCode {
         ErrorCode::ShuttingDown,
         ErrorCode::Unsupported,
         ErrorCode::Internal,
+        ErrorCode::UnknownBlock,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnknownBlock => "unknown_block",
             ErrorCode::Unknown => "unknown",
         }
     }

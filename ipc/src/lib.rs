@@ -4,6 +4,8 @@
 //! | --- | --- | --- |
 //! | frames | [`codec`] | `[kind byte][msgpack header]`, request decoding that never panics |
 //! | bodies | [`messages`] | every request and reply of `PROTOCOL.md` |
+//! | sampling | [`sampling`] | a sequence's sampling parameters (vLLM's options from 1.3) |
+//! | named blocks | [`blocks`] | reservations, block modes, the sequence-state query (1.3) |
 //! | errors | [`error`] | the wire error codes and the error reply |
 //! | tensors | [`tensor`] | references into regions, checked before use |
 //! | regions | [`region`] | client shared memory mapped by the daemon |
@@ -14,12 +16,14 @@
 //! `PROTOCOL.md` beside this crate is the specification; the test vectors in
 //! `ipc/vectors/` are checked by both the Rust and the Python tests.
 
+pub mod blocks;
 pub mod codec;
 pub mod companion;
 pub mod error;
 pub mod fuzz;
 pub mod messages;
 pub mod region;
+pub mod sampling;
 pub mod sigbus;
 pub mod tensor;
 

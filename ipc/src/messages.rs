@@ -4,6 +4,8 @@
 //! when empty and default when missing; unknown fields are ignored, which is
 //! how v1.x adds fields without breaking older peers.
 
+pub use crate::blocks::*;
+pub use crate::sampling::*;
 use crate::tensor::TensorRef;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -13,7 +15,11 @@ use std::collections::BTreeMap;
 /// `region_kinds` and `fd_socket` to `hello`. 1.2 adds `executor`,
 /// `device` and `reason` to `health` and marks a fatal `internal` error
 /// (`detail.fatal`): optional fields only, so 1.0 and 1.1 clients are served.
-pub const PROTOCOL_VERSION: (u32, u32) = (1, 2);
+/// 1.3 adds client-named KV blocks (`reserve_blocks`, named-block
+/// sequences), `sequence_state`, step idempotency and vLLM's sampling
+/// options (`blocks.rs`, `sampling.rs`); its new fields are left out when
+/// they hold their default, so a 1.2 request's bytes are unchanged.
+pub const PROTOCOL_VERSION: (u32, u32) = (1, 3);
 
 /// A session token: 128 random bits chosen by the daemon at `hello`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -231,42 +237,6 @@ impl AttentionPolicy {
     }
 }
 
-/// How the next token is drawn. Temperature 0 is greedy (ties go to the
-/// lowest token id). With a temperature, the draw uses a counter-based random
-/// stream keyed by `seed` and the token's position, so the same request gives
-/// the same token on every backend.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SamplingParams {
-    #[serde(default)]
-    pub temperature: f32,
-    #[serde(default = "one")]
-    pub top_p: f32,
-    /// 0 means no top-k cut.
-    #[serde(default)]
-    pub top_k: u32,
-    #[serde(default)]
-    pub seed: u64,
-    /// How many top log-probabilities to return with each sampled token.
-    #[serde(default)]
-    pub logprobs: u32,
-}
-
-fn one() -> f32 {
-    1.0
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-            logprobs: 0,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpenSequenceRequest {
     pub request_id: u64,
@@ -280,6 +250,20 @@ pub struct OpenSequenceRequest {
     /// every step reply.
     #[serde(default)]
     pub diagnostics: bool,
+    /// (1.3) Who names the sequence's KV blocks: the daemon (default) or
+    /// the client, per step, from its reservation.
+    #[serde(default, skip_serializing_if = "BlockMode::is_daemon")]
+    pub blocks: BlockMode,
+    /// (1.3, named blocks only) Tokens already cached in the blocks the
+    /// first step will name (a prefix-cache hit): the sequence starts with
+    /// them, uncomputed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefix: Vec<u32>,
+    /// (1.3) How many of the sequence's first tokens are its prompt (for the
+    /// penalties and prompt log-probabilities); when absent, every token
+    /// appended up to and including the first entry that samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_len: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -342,6 +326,11 @@ pub struct StepEntry {
     /// dtype `f32`, `f16` or `bf16`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logits: Option<TensorRef>,
+    /// (1.3, named-block sequences only) The sequence's whole block table,
+    /// ids of the session's reservation: the first `ceil((len + n) /
+    /// block_size)` ids hold its tokens; later ones are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<u32>>,
 }
 
 fn yes() -> bool {
@@ -370,6 +359,12 @@ pub struct StepResult {
     pub top_logprobs: Vec<(u32, f32)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<AttentionDiagnostics>,
+    /// (1.3) One per new token of the entry that lies in the prompt, for a
+    /// sequence sampled with `prompt_logprobs`: that token's log-probability
+    /// given the tokens before it, and the most likely tokens there; `nil`
+    /// for the sequence's first token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_logprobs: Vec<Option<PromptLogprob>>,
 }
 
 /// What a sparse policy read and how much attention mass it kept, averaged

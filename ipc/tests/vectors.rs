@@ -104,7 +104,7 @@ fn vectors_match_the_rust_types() {
         "hello",
         &HelloRequest {
             request_id: 1,
-            protocol: (1, 2),
+            protocol: (1, 3),
             client: "tacflow-py/0.1.0".into(),
         },
     );
@@ -117,7 +117,7 @@ fn vectors_match_the_rust_types() {
             request_id: 1,
             session: t,
             instance_id: "00112233445566778899aabbccddeeff".into(),
-            protocol: (1, 2),
+            protocol: (1, 3),
             daemon: "tacflowd 0.1.0".into(),
             model: ModelInfo {
                 name: "tiny".into(),
@@ -253,10 +253,14 @@ fn vectors_match_the_rust_types() {
                 temperature: 0.5,
                 top_p: 0.75,
                 top_k: 40,
-                seed: 7,
+                seed: Some(7),
                 logprobs: 3,
+                ..SamplingParams::default()
             },
             diagnostics: true,
+            blocks: BlockMode::Daemon,
+            prefix: vec![],
+            prompt_len: None,
         },
     );
     check(
@@ -269,10 +273,44 @@ fn vectors_match_the_rust_types() {
             session: t,
             seq_id: u64::MAX,
             attention: AttentionPolicy::Full,
-            sampling: SamplingParams::default(),
+            sampling: SamplingParams {
+                seed: Some(0),
+                ..SamplingParams::default()
+            },
             diagnostics: false,
+            blocks: BlockMode::Daemon,
+            prefix: vec![],
+            prompt_len: None,
         },
     );
+    check(
+        "open_sequence_named_request",
+        d,
+        f,
+        "open_sequence",
+        &OpenSequenceRequest {
+            request_id: 12,
+            session: t,
+            seq_id: 50,
+            attention: AttentionPolicy::Full,
+            sampling: SamplingParams {
+                temperature: 0.75,
+                seed: None,
+                min_p: 0.125,
+                presence_penalty: 0.5,
+                frequency_penalty: -0.25,
+                repetition_penalty: 1.25,
+                logit_bias: vec![(3, -100.0), (70_000, 2.5)],
+                prompt_logprobs: Some(2),
+                ..SamplingParams::default()
+            },
+            diagnostics: false,
+            blocks: BlockMode::Named,
+            prefix: vec![1, 2, 3],
+            prompt_len: Some(5),
+        },
+    );
+    named_block_vectors(t);
     let (d, f) = req(Kind::ForkSequence);
     check(
         "fork_sequence_request",
@@ -300,7 +338,7 @@ fn vectors_match_the_rust_types() {
             parent: 42,
             child: 44,
             sampling: Some(SamplingParams {
-                seed: 9,
+                seed: Some(9),
                 ..SamplingParams::default()
             }),
             attention: Some(AttentionPolicy::OracleTopP { p: 0.9375 }),
@@ -353,6 +391,7 @@ fn vectors_match_the_rust_types() {
                         shape: vec![3, 512],
                         strides: None,
                     }),
+                    blocks: None,
                 },
                 StepEntry {
                     seq_id: 43,
@@ -360,6 +399,7 @@ fn vectors_match_the_rust_types() {
                     positions: Some(vec![17]),
                     sample: true,
                     logits: None,
+                    blocks: None,
                 },
             ],
         },
@@ -390,6 +430,7 @@ fn vectors_match_the_rust_types() {
                     logprob: None,
                     top_logprobs: vec![],
                     attention: None,
+                    prompt_logprobs: vec![],
                 },
                 StepResult {
                     seq_id: 43,
@@ -406,6 +447,7 @@ fn vectors_match_the_rust_types() {
                         min_true_mass: 0.75,
                         success_rate: 0.96875,
                     }),
+                    prompt_logprobs: vec![],
                 },
             ],
             timing: StepTiming {
@@ -503,4 +545,122 @@ fn every_error_code_round_trips_as_a_string() {
     }
     let unknown: ErrorCode = from_msgpack(&to_msgpack(&"from_the_future")).unwrap();
     assert_eq!(unknown, ErrorCode::Unknown);
+}
+
+/// The messages 1.3 added: reservations, named-block steps, the
+/// sequence-state query, prompt log-probabilities and `unknown_block`.
+fn named_block_vectors(t: SessionToken) {
+    let (d, f) = req(Kind::ReserveBlocks);
+    check(
+        "reserve_blocks_request",
+        d,
+        f,
+        "reserve_blocks",
+        &ReserveBlocksRequest {
+            request_id: 20,
+            session: t,
+            count: 64,
+        },
+    );
+    check(
+        "reserve_blocks_reply",
+        "reply",
+        Kind::ReserveBlocks.reply_byte(),
+        "reserve_blocks",
+        &ReserveBlocksReply {
+            request_id: 20,
+            blocks: 64,
+            block_size: 16,
+        },
+    );
+    let (d, f) = req(Kind::SequenceState);
+    check(
+        "sequence_state_request",
+        d,
+        f,
+        "sequence_state",
+        &SequenceStateRequest {
+            request_id: 21,
+            session: t,
+            seq_id: 50,
+        },
+    );
+    check(
+        "sequence_state_reply",
+        "reply",
+        Kind::SequenceState.reply_byte(),
+        "sequence_state",
+        &SequenceStateReply {
+            request_id: 21,
+            seq_id: 50,
+            num_tokens: 19,
+            prompt_len: Some(5),
+            mode: BlockMode::Named,
+            attention: AttentionPolicy::Full,
+            sampling: SamplingParams {
+                temperature: 0.75,
+                seed: Some(0x1234_5678_9abc_def0),
+                repetition_penalty: 1.25,
+                ..SamplingParams::default()
+            },
+            diagnostics: false,
+            num_blocks: 2,
+            block_ids: vec![7, 3],
+        },
+    );
+    let (d, f) = req(Kind::Step);
+    check(
+        "step_named_request",
+        d,
+        f,
+        "step",
+        &StepRequest {
+            request_id: 22,
+            session: t,
+            entries: vec![StepEntry {
+                seq_id: 50,
+                tokens: vec![4, 5],
+                positions: None,
+                sample: true,
+                logits: None,
+                blocks: Some(vec![7, 3, 9]),
+            }],
+        },
+    );
+    check(
+        "step_prompt_logprobs_reply",
+        "reply",
+        Kind::Step.reply_byte(),
+        "step",
+        &StepReply {
+            request_id: 22,
+            results: vec![StepResult {
+                seq_id: 50,
+                num_tokens: 5,
+                token: Some(6),
+                logprob: Some(-0.25),
+                top_logprobs: vec![],
+                attention: None,
+                prompt_logprobs: vec![None, Some((-1.5, vec![(9, -0.5), (5, -1.5)]))],
+            }],
+            timing: StepTiming {
+                queued_us: 1,
+                run_us: 2,
+            },
+        },
+    );
+    check(
+        "error_reply_unknown_block",
+        "reply",
+        ERROR_KIND,
+        "error",
+        &ErrorReply::new(
+            ErrorCode::UnknownBlock,
+            "entry 0: block 64 is outside the session's reservation of 64",
+        )
+        .with("entry", 0u64)
+        .with("block", 64u64)
+        .with("reserved", 64u64)
+        .for_request(22),
+    );
 }

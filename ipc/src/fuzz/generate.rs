@@ -232,8 +232,21 @@ fn random_sampling(rng: &mut Rng) -> SamplingParams {
         temperature: f32::from_bits(rng.next_u64() as u32),
         top_p: f32::from_bits(rng.next_u64() as u32),
         top_k: rng.interesting() as u32,
-        seed: rng.interesting(),
+        seed: rng.chance(80).then(|| rng.interesting()),
         logprobs: rng.interesting() as u32,
+        min_p: f32::from_bits(rng.next_u64() as u32),
+        presence_penalty: f32::from_bits(rng.next_u64() as u32),
+        frequency_penalty: f32::from_bits(rng.next_u64() as u32),
+        repetition_penalty: f32::from_bits(rng.next_u64() as u32),
+        logit_bias: (0..rng.below(3))
+            .map(|_| {
+                (
+                    rng.interesting() as u32,
+                    f32::from_bits(rng.next_u64() as u32),
+                )
+            })
+            .collect(),
+        prompt_logprobs: rng.chance(30).then(|| rng.interesting() as u32),
     }
 }
 
@@ -271,6 +284,11 @@ fn random_entries(rng: &mut Rng) -> Vec<StepEntry> {
                 positions,
                 sample: rng.chance(50),
                 logits: rng.chance(70).then(|| random_tensor(rng)),
+                blocks: rng.chance(30).then(|| {
+                    (0..rng.below(4))
+                        .map(|_| rng.interesting() as u32)
+                        .collect()
+                }),
             }
         })
         .collect()
@@ -282,7 +300,17 @@ pub fn random_request(rng: &mut Rng) -> Request {
     let mut t = [0u8; 16];
     t.iter_mut().for_each(|b| *b = rng.next_u64() as u8);
     let session = SessionToken(t);
-    match rng.below(8) {
+    match rng.below(10) {
+        8 => Request::ReserveBlocks(ReserveBlocksRequest {
+            request_id,
+            session,
+            count: rng.interesting(),
+        }),
+        9 => Request::SequenceState(SequenceStateRequest {
+            request_id,
+            session,
+            seq_id: rng.interesting(),
+        }),
         0 => Request::Hello(HelloRequest {
             request_id,
             protocol: (1, rng.interesting() as u32),
@@ -300,6 +328,15 @@ pub fn random_request(rng: &mut Rng) -> Request {
             attention: random_policy(rng),
             sampling: random_sampling(rng),
             diagnostics: rng.chance(50),
+            blocks: if rng.chance(50) {
+                BlockMode::Named
+            } else {
+                BlockMode::Daemon
+            },
+            prefix: (0..rng.below(3))
+                .map(|_| rng.interesting() as u32)
+                .collect(),
+            prompt_len: rng.chance(30).then(|| rng.interesting()),
         }),
         3 => Request::ForkSequence(ForkSequenceRequest {
             request_id,

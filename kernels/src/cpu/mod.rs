@@ -7,9 +7,11 @@ pub mod attention;
 pub mod elementwise;
 pub mod fused;
 pub mod gemm;
+pub mod processing;
 pub mod sampling;
 
 pub use attention::{AttnSeq, KvLayer, kv_append, paged_attention};
 pub use elementwise::*;
 pub use gemm::matmul_nt;
+pub use processing::{Processing, sample_processed};
 pub use sampling::{SampleParams, Sampled, sample};

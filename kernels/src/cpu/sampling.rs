@@ -167,6 +167,14 @@ pub fn sampling_mass(v: f32, inv_t: f32, m: f32) -> u64 {
 }
 
 fn draw(logits: &[f32], p: &SampleParams) -> u32 {
+    draw_cut(logits, p, 0.0)
+}
+
+/// [`draw`] with vLLM's `min_p` cut: a token is kept only if its mass is at
+/// least `min_p` times the best token's (`min_p` 0 keeps every token). Like
+/// `top_k`, the cut keeps a prefix of the ranking; `top_p` then applies to
+/// what both kept.
+pub(crate) fn draw_cut(logits: &[f32], p: &SampleParams, min_p: f32) -> u32 {
     let inv_t = 1.0 / p.temperature;
     let k = if p.top_k == 0 {
         logits.len()
@@ -176,10 +184,16 @@ fn draw(logits: &[f32], p: &SampleParams) -> u32 {
     // Rank by logit (same order as by probability), ties by id.
     let ranked = top_k(logits, k);
     let m = ranked[0].1 * inv_t;
-    let mass: Vec<u64> = ranked
+    let mut mass: Vec<u64> = ranked
         .iter()
         .map(|&(_, v)| sampling_mass(v, inv_t, m))
         .collect();
+    if min_p > 0.0 {
+        // The best token's mass is 2^32 exactly.
+        let floor = min_p as f64 * 4_294_967_296.0;
+        let keep = mass.iter().take_while(|&&q| q as f64 >= floor).count();
+        mass.truncate(keep.max(1));
+    }
     let z: u64 = mass.iter().sum();
     // Shortest prefix reaching top_p of the (top-k renormalised) mass.
     let target = (p.top_p.clamp(0.0, 1.0) as f64 * z as f64).ceil() as u64;

@@ -14,7 +14,7 @@ use super::{
 use crate::error::{Error, Result};
 use half::bf16;
 use rayon::prelude::*;
-use tacflow_kernels::cpu::{self, AttnSeq, KvLayer, SampleParams};
+use tacflow_kernels::cpu::{self, AttnSeq, KvLayer, Processing, SampleParams};
 
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend {
@@ -411,6 +411,37 @@ impl Backend for CpuBackend {
             sampled,
             logits: want_logits.then(|| logits.data.clone()),
         })
+    }
+
+    fn sample_processed(
+        &self,
+        logits: &Mat,
+        params: &[Option<SampleParams>],
+        procs: &[Option<Processing>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        let cols = logits.cols;
+        let sampled = params
+            .par_iter()
+            .zip(procs)
+            .enumerate()
+            .map(|(i, (p, proc))| {
+                let row = &logits.data[i * cols..(i + 1) * cols];
+                match (p, proc) {
+                    (Some(p), Some(proc)) => Some(cpu::sample_processed(row, p, proc)),
+                    (Some(p), None) => Some(cpu::sample(row, p)),
+                    (None, _) => None,
+                }
+            })
+            .collect();
+        Ok(SampleOutput {
+            sampled,
+            logits: want_logits.then(|| logits.data.clone()),
+        })
+    }
+
+    fn supports_processing(&self) -> bool {
+        true
     }
 
     fn copy_blocks(&self, kv: &mut CpuKv, pairs: &[(u32, u32)]) -> Result<()> {

@@ -16,7 +16,7 @@ use super::{
 use crate::error::{Error, Result};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use tacflow_kernels::cpu::SampleParams;
+use tacflow_kernels::cpu::{Processing, SampleParams};
 
 /// What happens at the chosen op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +419,22 @@ impl<B: Backend> Backend for Faulty<B> {
     ) -> Result<SampleOutput> {
         self.tick("sample", false)?;
         self.inner.sample(logits, params, want_logits)
+    }
+
+    fn sample_processed(
+        &self,
+        logits: &B::Act,
+        params: &[Option<SampleParams>],
+        procs: &[Option<Processing>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        self.tick("sample", false)?;
+        self.inner
+            .sample_processed(logits, params, procs, want_logits)
+    }
+
+    fn supports_processing(&self) -> bool {
+        self.inner.supports_processing()
     }
 
     fn copy_blocks(&self, kv: &mut B::Kv, pairs: &[(u32, u32)]) -> Result<()> {

@@ -19,7 +19,8 @@ pub mod recording;
 
 use crate::error::Result;
 use half::{bf16, f16};
-use tacflow_kernels::cpu::{SampleParams, Sampled};
+use tacflow_ipc::{ErrorCode, ErrorReply};
+use tacflow_kernels::cpu::{Processing, SampleParams, Sampled};
 
 /// Weights as they come from a loader, before the backend converts them.
 #[derive(Debug, Clone, Copy)]
@@ -414,6 +415,30 @@ pub trait Backend {
         params: &[Option<SampleParams>],
         want_logits: bool,
     ) -> Result<SampleOutput>;
+    /// [`Backend::sample`] with vLLM's logits processing (penalties, logit
+    /// bias, `min_p`) for the rows whose `procs` entry is `Some`. A backend
+    /// that does not implement it keeps this default, which refuses such
+    /// rows; the engine refuses the options at `open_sequence` already when
+    /// [`Backend::supports_processing`] is false.
+    fn sample_processed(
+        &self,
+        logits: &Self::Act,
+        params: &[Option<SampleParams>],
+        procs: &[Option<Processing>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        if procs.iter().any(Option::is_some) {
+            return Err(crate::error::Error::Protocol(ErrorReply::new(
+                ErrorCode::Unsupported,
+                "this backend does not implement penalties, logit bias or min_p",
+            )));
+        }
+        self.sample(logits, params, want_logits)
+    }
+    /// Whether [`Backend::sample_processed`] implements the processing.
+    fn supports_processing(&self) -> bool {
+        false
+    }
     /// Copies whole blocks (every layer, K and V): `(src, dst)` pairs, for
     /// copy-on-write of forked sequences.
     fn copy_blocks(&self, kv: &mut Self::Kv, pairs: &[(u32, u32)]) -> Result<()>;

@@ -7,10 +7,14 @@
 //! | a step: validate, plan, run, sample, commit | [`step`] |
 //! | sparse attention policies and their diagnostics | [`sparse`] |
 //! | undoing a failed step's policy-state changes | [`undo`] |
+//! | client-named blocks: reservations, named tables, sequence state | [`named`] |
+//! | sampling options: validation, fresh seeds, vLLM's processing | [`sampling`] |
 //! | counters shared with the I/O thread | [`gauges`] |
 
 pub mod gauges;
 pub mod kv_cache;
+pub mod named;
+pub mod sampling;
 pub mod sparse;
 pub mod step;
 #[cfg(test)]
@@ -28,7 +32,7 @@ use kv_cache::{BlockAllocator, blocks_for};
 use sparse::{PolicyState, PolicyTotals};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply, SamplingParams};
+use tacflow_ipc::{AttentionPolicy, BlockMode, ErrorCode, ErrorReply, SamplingParams};
 
 /// Session ids are the daemon's own small integers (tokens stay in the I/O
 /// thread).
@@ -48,9 +52,34 @@ pub struct Sequence {
     pub state: PolicyState,
     pub sampling: SamplingParams,
     pub diagnostics: bool,
-    /// KV blocks covering `len` tokens exactly (`blocks_for(len)` of them).
+    /// KV blocks covering `len` tokens exactly (`blocks_for(len)` of them):
+    /// physical ids, owned (refcounted) in daemon mode, borrowed from the
+    /// session's reservation in named mode.
     pub table: Vec<u32>,
     pub len: usize,
+    pub mode: BlockMode,
+    /// Named mode: the reservation ids of `table`, as the last step named them.
+    pub names: Vec<u32>,
+    /// Every token the sequence holds (the penalties count them).
+    pub tokens: Vec<u32>,
+    /// How many of `tokens` are the prompt; fixed by the first sampling
+    /// entry when the client did not give it.
+    pub prompt_len: Option<usize>,
+    /// The client gave `sampling.seed` (a fork inherits it then; otherwise
+    /// a fork draws its own).
+    pub seed_given: bool,
+}
+
+/// How a sequence is opened (`open_sequence`).
+#[derive(Debug, Clone, Default)]
+pub struct SeqOptions {
+    pub policy: AttentionPolicy,
+    pub sampling: SamplingParams,
+    pub diagnostics: bool,
+    pub mode: BlockMode,
+    /// Named mode: tokens already cached in the blocks the first step names.
+    pub prefix: Vec<u32>,
+    pub prompt_len: Option<u64>,
 }
 
 /// Size of the KV cache.
@@ -76,6 +105,10 @@ pub struct Engine<B: Backend> {
     policy_totals: BTreeMap<String, PolicyTotals>,
     /// How each step's forward pass is cut into a schedule.
     plan: Plan,
+    /// Per session, the physical blocks behind its reservation ids.
+    reservations: HashMap<SessionId, Vec<u32>>,
+    /// Where fresh seeds come from for sequences opened without one.
+    seeds: sampling::SeedSource,
 }
 
 fn seq_error(code: ErrorCode, key: SeqKey, what: &str) -> ErrorReply {
@@ -131,6 +164,8 @@ impl<B: Backend> Engine<B> {
             gauges,
             policy_totals: BTreeMap::new(),
             plan: Plan::default(),
+            reservations: HashMap::new(),
+            seeds: sampling::SeedSource::from_os(),
         })
     }
 
@@ -186,20 +221,40 @@ impl<B: Backend> Engine<B> {
         sampling: SamplingParams,
         diagnostics: bool,
     ) -> Result<(), ErrorReply> {
-        validate_policy(&policy, self.backend.supports_sparse())?;
-        validate_sampling(&sampling)?;
+        let opts = SeqOptions {
+            policy,
+            sampling,
+            diagnostics,
+            ..SeqOptions::default()
+        };
+        self.open_with(key, opts)
+    }
+
+    /// Opens a sequence in either block mode.
+    pub fn open_with(&mut self, key: SeqKey, o: SeqOptions) -> Result<(), ErrorReply> {
+        validate_policy(&o.policy, self.backend.supports_sparse())?;
+        self.validate_sampling(&o.sampling)?;
         if self.seqs.contains_key(&key) {
             return Err(seq_error(ErrorCode::SequenceExists, key, "is already open"));
         }
+        self.validate_prefix(&o)?;
+        let seed_given = o.sampling.seed.is_some();
+        let mut sampling = o.sampling;
+        sampling.seed = Some(sampling.seed.unwrap_or_else(|| self.seeds.fresh()));
         self.seqs.insert(
             key,
             Sequence {
-                state: PolicyState::new(&policy, self.model.config.num_layers),
-                policy,
+                state: PolicyState::new(&o.policy, self.model.config.num_layers),
+                policy: o.policy,
                 sampling,
-                diagnostics,
+                diagnostics: o.diagnostics,
                 table: vec![],
-                len: 0,
+                len: o.prefix.len(),
+                mode: o.mode,
+                names: vec![],
+                prompt_len: o.prompt_len.map(|p| p as usize),
+                tokens: o.prefix,
+                seed_given,
             },
         );
         self.publish();
@@ -215,7 +270,7 @@ impl<B: Backend> Engine<B> {
         diagnostics: Option<bool>,
     ) -> Result<usize, ErrorReply> {
         if let Some(s) = &sampling {
-            validate_sampling(s)?;
+            self.validate_sampling(s)?;
         }
         if let Some(p) = &policy {
             validate_policy(p, self.backend.supports_sparse())?;
@@ -240,16 +295,32 @@ impl<B: Backend> Engine<B> {
             }
             _ => (p.policy.clone(), p.state.fork()),
         };
+        // The child keeps a seed the client gave; a seed the daemon picked
+        // is picked afresh, so that unseeded forks draw differently.
+        let (mut sampling, seed_given) = match sampling {
+            Some(s) => (s.clone(), s.seed.is_some()),
+            None => (p.sampling.clone(), p.seed_given),
+        };
+        if !seed_given {
+            sampling.seed = Some(self.seeds.fresh());
+        }
         let c = Sequence {
             policy,
             state,
-            sampling: sampling.unwrap_or_else(|| p.sampling.clone()),
+            sampling,
             diagnostics: diagnostics.unwrap_or(p.diagnostics),
             table: p.table.clone(),
             len: p.len,
+            mode: p.mode,
+            names: p.names.clone(),
+            tokens: p.tokens.clone(),
+            prompt_len: p.prompt_len,
+            seed_given,
         };
-        for &b in &c.table {
-            self.alloc.retain(b);
+        if c.mode == BlockMode::Daemon {
+            for &b in &c.table {
+                self.alloc.retain(b);
+            }
         }
         let len = c.len;
         self.seqs.insert(child, c);
@@ -270,13 +341,19 @@ impl<B: Backend> Engine<B> {
             .with("num_tokens", s.len));
         }
         s.len -= drop as usize;
+        s.tokens.truncate(s.len);
         if drop > 0 {
             s.state.reset();
         }
-        let keep = blocks_for(s.len, BLOCK_SIZE);
+        // A named sequence opened with a prefix holds no table until its
+        // first step.
+        let keep = blocks_for(s.len, BLOCK_SIZE).min(s.table.len());
         let gone = s.table.split_off(keep);
+        s.names.truncate(keep.min(s.names.len()));
         let len = s.len;
-        self.alloc.release_all(&gone);
+        if s.mode == BlockMode::Daemon {
+            self.alloc.release_all(&gone);
+        }
         self.publish();
         Ok(len)
     }
@@ -286,7 +363,9 @@ impl<B: Backend> Engine<B> {
             .seqs
             .remove(&key)
             .ok_or_else(|| seq_error(ErrorCode::UnknownSequence, key, "is not open"))?;
-        self.alloc.release_all(&s.table);
+        if s.mode == BlockMode::Daemon {
+            self.alloc.release_all(&s.table);
+        }
         self.publish();
         Ok(())
     }
@@ -301,7 +380,12 @@ impl<B: Backend> Engine<B> {
             .collect();
         for k in &keys {
             let s = self.seqs.remove(k).expect("listed");
-            self.alloc.release_all(&s.table);
+            if s.mode == BlockMode::Daemon {
+                self.alloc.release_all(&s.table);
+            }
+        }
+        if let Some(blocks) = self.reservations.remove(&session) {
+            self.alloc.release_all(&blocks);
         }
         self.publish();
         keys.len()
@@ -360,21 +444,6 @@ fn validate_policy(p: &AttentionPolicy, sparse: bool) -> Result<(), ErrorReply> 
                 "attention policy {} runs on the CPU backend only; this daemon serves full attention",
                 p.name()
             ),
-        ));
-    }
-    Ok(())
-}
-
-fn validate_sampling(s: &SamplingParams) -> Result<(), ErrorReply> {
-    let ok = s.temperature.is_finite()
-        && s.temperature >= 0.0
-        && s.top_p.is_finite()
-        && s.top_p > 0.0
-        && s.top_p <= 1.0
-        && s.logprobs <= 64;
-    if !ok {
-        return Err(ErrorReply::bad_request(
-            "sampling: temperature must be finite and >= 0, top_p in (0, 1], logprobs at most 64",
         ));
     }
     Ok(())

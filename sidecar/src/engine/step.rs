@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tacflow_ipc::{
     AttentionDiagnostics, ErrorCode, ErrorReply, HostRegion, StepEntry, StepResult, TensorView,
 };
-use tacflow_kernels::cpu::SampleParams;
+use tacflow_kernels::cpu::{Processing, SampleParams};
 
 /// Where an entry's logits go, already checked against its region by the
 /// I/O thread (shape `[n, vocab]`, a float dtype, in bounds).
@@ -106,11 +106,14 @@ impl<B: Backend> Engine<B> {
             return Ok(vec![]);
         }
         let keys = self.validate(work)?;
+        let mut named = self.plan_named(work.session, &work.entries, &keys)?;
         // Cost first, so that a step that does not fit allocates nothing.
         let needed: usize = keys
             .iter()
             .zip(&work.entries)
-            .map(|(k, e)| {
+            .zip(&named)
+            .filter(|(_, n)| n.is_none())
+            .map(|((k, e), _)| {
                 let s = &self.seqs[k];
                 append_cost(&self.alloc, &s.table, s.len, e.tokens.len(), BLOCK_SIZE)
             })
@@ -124,10 +127,17 @@ impl<B: Backend> Engine<B> {
             .with("needed", needed)
             .with("free", free));
         }
+        let mut names = Vec::with_capacity(keys.len());
         let plans: Vec<AppendPlan> = keys
             .iter()
             .zip(&work.entries)
-            .map(|(k, e)| {
+            .zip(named.iter_mut())
+            .map(|((k, e), n)| {
+                if let Some((plan, ids)) = n.take() {
+                    names.push(Some(ids));
+                    return plan;
+                }
+                names.push(None);
                 let s = &self.seqs[k];
                 plan_append(&mut self.alloc, &s.table, s.len, e.tokens.len(), BLOCK_SIZE)
                     .expect("cost was checked")
@@ -136,7 +146,7 @@ impl<B: Backend> Engine<B> {
         let mut outcome = Outcome::default();
         match self.run(work, &keys, &plans, &mut outcome) {
             Ok(results) => {
-                self.commit(work, &keys, plans, outcome);
+                self.commit(work, &keys, plans, names, outcome);
                 Ok(results)
             }
             Err(e) => {
@@ -206,11 +216,11 @@ impl<B: Backend> Engine<B> {
         }
         let logits = self.forward_sparse(work, keys, &meta, outcome);
         let logits = logits.map_err(|e| e.to_reply())?;
-        let (params, row_of_entry) = self.sample_params(work, keys, meta.logit_rows.len());
+        let (params, procs, row_of_entry) = self.sample_params(work, keys, meta.logit_rows.len());
         let want_logits = work.logits.iter().any(Option::is_some);
         let out = self
             .backend
-            .sample(&logits, &params, want_logits)
+            .sample_processed(&logits, &params, &procs, want_logits)
             .map_err(|e| e.to_reply())?;
         let diags = self.attention_diags(work, keys, &outcome.diags);
         let vocab = self.model.config.vocab_size;
@@ -235,21 +245,28 @@ impl<B: Backend> Engine<B> {
                 logprob: sampled.as_ref().map(|s| s.logprob),
                 top_logprobs: sampled.map(|s| s.top).unwrap_or_default(),
                 attention: diags[i].clone(),
+                prompt_logprobs: vec![],
             });
         }
         Ok(results)
     }
 
-    /// Sampling parameters per logit row (the last row of each sampling
-    /// entry draws the token that will sit at position `len + n`), and per
-    /// entry its first logit row and row count.
+    /// Sampling parameters and vLLM's processing per logit row (the last
+    /// row of each sampling entry draws the token that will sit at position
+    /// `len + n`), and per entry its first logit row and row count.
+    #[allow(clippy::type_complexity)]
     fn sample_params(
         &self,
         work: &StepWork,
         keys: &[SeqKey],
         num_rows: usize,
-    ) -> (Vec<Option<SampleParams>>, Vec<(usize, usize)>) {
+    ) -> (
+        Vec<Option<SampleParams>>,
+        Vec<Option<Processing>>,
+        Vec<(usize, usize)>,
+    ) {
         let mut params = vec![None; num_rows];
+        let mut procs = vec![None; num_rows];
         let mut row_of_entry = Vec::with_capacity(keys.len());
         let mut r = 0;
         for (k, (e, target)) in keys.iter().zip(work.entries.iter().zip(&work.logits)) {
@@ -265,15 +282,16 @@ impl<B: Backend> Engine<B> {
                     temperature: s.sampling.temperature,
                     top_p: s.sampling.top_p,
                     top_k: s.sampling.top_k,
-                    seed: s.sampling.seed,
+                    seed: s.sampling.seed.expect("filled in at open"),
                     position: (s.len + n) as u64,
                     logprobs: s.sampling.logprobs,
                 });
+                procs[r + rows - 1] = super::sampling::processing(s, &e.tokens);
             }
             row_of_entry.push((r, rows));
             r += rows;
         }
-        (params, row_of_entry)
+        (params, procs, row_of_entry)
     }
 
     /// Per entry, the attention diagnostics its sequence asked for: full
@@ -362,16 +380,24 @@ impl<B: Backend> Engine<B> {
         work: &StepWork,
         keys: &[SeqKey],
         plans: Vec<AppendPlan>,
+        names: Vec<Option<Vec<u32>>>,
         outcome: Outcome,
     ) {
         let (mut prefill, mut decode) = (0u64, 0u64);
-        for ((k, e), p) in keys.iter().zip(&work.entries).zip(plans) {
+        for (((k, e), p), ids) in keys.iter().zip(&work.entries).zip(plans).zip(names) {
             if let Some((shared, _)) = p.cow {
                 self.alloc.release(shared);
             }
             let s = self.seqs.get_mut(k).expect("validated");
             s.table = p.table;
+            if let Some(ids) = ids {
+                s.names = ids;
+            }
             s.len += e.tokens.len();
+            s.tokens.extend_from_slice(&e.tokens);
+            if e.sample && s.prompt_len.is_none() {
+                s.prompt_len = Some(s.len);
+            }
             if e.tokens.len() == 1 {
                 decode += 1;
             } else {

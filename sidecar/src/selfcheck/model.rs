@@ -92,6 +92,7 @@ fn step<B: Backend>(
                 positions: None,
                 sample: *sample,
                 logits: None,
+                blocks: None,
             })
             .collect(),
         logits,

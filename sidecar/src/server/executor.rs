@@ -4,11 +4,12 @@
 //! through an [`Outbox`].
 
 use super::fatal::{Cause, FatalFlag, Fault, panic_message};
+use super::replay::{Replays, Seen, fingerprint};
 use super::systemd::Heartbeat;
 use crate::backend::Backend;
 use crate::engine::gauges::Gauges;
 use crate::engine::step::StepWork;
-use crate::engine::{Engine, SeqKey, SessionId};
+use crate::engine::{Engine, SeqKey, SeqOptions, SessionId};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
@@ -34,9 +35,7 @@ pub enum Command {
     Open {
         to: ReplyTo,
         seq: u64,
-        policy: AttentionPolicy,
-        sampling: SamplingParams,
-        diagnostics: bool,
+        opts: SeqOptions,
     },
     Fork {
         to: ReplyTo,
@@ -58,6 +57,19 @@ pub enum Command {
     Step {
         to: ReplyTo,
         work: StepWork,
+        /// Answer a retry of this `request_id` from the first execution
+        /// (`replay.rs`; sessions of protocol 1.3 and later).
+        idempotent: bool,
+    },
+    /// (1.3) Grow the session's block reservation.
+    Reserve {
+        to: ReplyTo,
+        count: u64,
+    },
+    /// (1.3) Report a sequence's state.
+    State {
+        to: ReplyTo,
+        seq: u64,
     },
     /// The session ended: free its sequences. Not a client request, no reply.
     DropSession(SessionId),
@@ -261,11 +273,13 @@ fn serve<B: Backend>(
 ) -> Result<(), Fault> {
     let gauges = engine.gauges();
     gauges.mark_done();
+    let mut replays = Replays::default();
     while let Some(cmd) = next_command(rx, tuning.spin, beat) {
         beat.tick();
         let Some(to) = reply_to(&cmd) else {
             match cmd {
                 Command::DropSession(id) => {
+                    replays.forget(id);
                     let n = engine.drop_session(id);
                     debug!(session = id, sequences = n, "session dropped");
                     gauges.mark_done();
@@ -279,6 +293,29 @@ fn serve<B: Backend>(
             reply_err(out, &to, e);
             continue;
         }
+        let replay = match &cmd {
+            Command::Step {
+                work,
+                idempotent: true,
+                ..
+            } => Some(fingerprint(work)),
+            _ => None,
+        };
+        if let Some(fp) = replay {
+            match replays.check(to.session, to.request_id, fp) {
+                Seen::New => {}
+                Seen::Again(frames) => {
+                    debug!(request_id = to.request_id, "a retried step, answered again");
+                    send(out, &to, frames);
+                    gauges.mark_done();
+                    continue;
+                }
+                Seen::Conflict(e) => {
+                    reply_err(out, &to, e);
+                    continue;
+                }
+            }
+        }
         let span = info_span!(
             "request",
             kind = to.kind.name(),
@@ -291,7 +328,12 @@ fn serve<B: Backend>(
         let result = execute(engine, cmd, &to, out);
         out.shared.set_busy(false);
         match result {
-            Ok(frames) => send(out, &to, frames),
+            Ok(frames) => {
+                if let Some(fp) = replay {
+                    replays.keep(to.session, to.request_id, fp, frames.clone());
+                }
+                send(out, &to, frames)
+            }
             Err(e) => {
                 if let Err(why) = engine.backend().check_device() {
                     let why = format!(
@@ -299,6 +341,10 @@ fn serve<B: Backend>(
                         to.kind.name()
                     );
                     return Err(Fault::new(Cause::DeviceFailed, why));
+                }
+                if let Some(fp) = replay {
+                    let frames = encode_error(&e.clone().for_request(to.request_id));
+                    replays.keep(to.session, to.request_id, fp, frames);
                 }
                 reply_err(out, &to, e);
             }
@@ -315,6 +361,8 @@ fn reply_to(cmd: &Command) -> Option<ReplyTo> {
         | Command::Fork { to, .. }
         | Command::Truncate { to, .. }
         | Command::Close { to, .. }
+        | Command::Reserve { to, .. }
+        | Command::State { to, .. }
         | Command::Step { to, .. } => Some(to.clone()),
         Command::DropSession(_) | Command::Stop => None,
     }
@@ -393,15 +441,25 @@ fn execute<B: Backend>(
         num_tokens: n as u64,
     };
     match cmd {
-        Command::Open {
-            seq,
-            policy,
-            sampling,
-            diagnostics,
-            ..
-        } => engine
-            .open_sequence(key(seq), policy, sampling, diagnostics)
-            .map(|()| encode_reply(to.kind, &seq_reply(seq, 0))),
+        Command::Open { seq, opts, .. } => {
+            let n = opts.prefix.len();
+            engine
+                .open_with(key(seq), opts)
+                .map(|()| encode_reply(to.kind, &seq_reply(seq, n)))
+        }
+        Command::Reserve { count, .. } => engine.reserve_blocks(to.session, count).map(|blocks| {
+            encode_reply(
+                to.kind,
+                &ReserveBlocksReply {
+                    request_id: to.request_id,
+                    blocks,
+                    block_size: crate::engine::BLOCK_SIZE as u32,
+                },
+            )
+        }),
+        Command::State { seq, .. } => engine
+            .sequence_state(key(seq), to.request_id)
+            .map(|r| encode_reply(to.kind, &r)),
         Command::Fork {
             parent,
             child,

@@ -46,9 +46,7 @@ fn open(request_id: u64, seq: u64) -> Command {
     Command::Open {
         to: to(request_id, Kind::OpenSequence),
         seq,
-        policy: AttentionPolicy::Full,
-        sampling: SamplingParams::default(),
-        diagnostics: false,
+        opts: crate::engine::SeqOptions::default(),
     }
 }
 
@@ -66,6 +64,7 @@ fn step(request_id: u64, seq: u64) -> Command {
         positions: None,
         sample: true,
         logits: None,
+        blocks: None,
     };
     Command::Step {
         to: to(request_id, Kind::Step),
@@ -74,6 +73,7 @@ fn step(request_id: u64, seq: u64) -> Command {
             entries: vec![entry],
             logits: vec![None],
         },
+        idempotent: false,
     }
 }
 

@@ -462,10 +462,17 @@ impl Io {
             Request::OpenSequence(r) => Command::Open {
                 to,
                 seq: r.seq_id,
-                policy: r.attention,
-                sampling: r.sampling,
-                diagnostics: r.diagnostics,
+                opts: crate::engine::SeqOptions {
+                    policy: r.attention,
+                    sampling: r.sampling,
+                    diagnostics: r.diagnostics,
+                    mode: r.blocks,
+                    prefix: r.prefix,
+                    prompt_len: r.prompt_len,
+                },
             },
+            Request::ReserveBlocks(r) => Command::Reserve { to, count: r.count },
+            Request::SequenceState(r) => Command::State { to, seq: r.seq_id },
             Request::ForkSequence(r) => Command::Fork {
                 to,
                 parent: r.parent,
@@ -482,7 +489,12 @@ impl Io {
             Request::CloseSequence(r) => Command::Close { to, seq: r.seq_id },
             Request::Step(r) => {
                 let work = self.prepare_step(&token, r)?;
-                Command::Step { to, work }
+                let idempotent = self.sessions.touch(&token, now)?.minor >= 3;
+                Command::Step {
+                    to,
+                    work,
+                    idempotent,
+                }
             }
         };
         self.enqueue(&token, cmd)?;

@@ -29,6 +29,7 @@ pub mod listen;
 pub mod memory;
 pub mod metrics;
 mod queue;
+pub mod replay;
 mod requests;
 pub mod session;
 pub mod systemd;
@@ -166,6 +167,7 @@ fn warm_up<B: Backend>(engine: &mut Engine<B>) -> Result<()> {
             positions: None,
             sample: true,
             logits: None,
+            blocks: None,
         }],
         logits: vec![None],
     };

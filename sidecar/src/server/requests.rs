@@ -23,6 +23,9 @@ impl Io {
     pub(super) fn hello(&mut self, h: &HelloRequest, now: Instant) -> Reply {
         let peer_uid = self.current_peer_uid();
         let (session, id) = self.sessions.open(h.client.clone(), peer_uid, now);
+        if let Ok(s) = self.sessions.touch(&session, now) {
+            s.minor = h.protocol.1;
+        }
         self.fds.session_opened(session, id);
         self.publish_sessions();
         info!(session = id, client = %h.client, peer_uid = ?peer_uid, "session opened");

@@ -21,6 +21,9 @@ pub struct Session {
     /// credentials); `None` over TCP. Regions by name need it to be the
     /// daemon's own uid.
     pub peer_uid: Option<u32>,
+    /// The protocol minor the client's `hello` spoke (1.3 and later get
+    /// step idempotency).
+    pub minor: u32,
 }
 
 #[derive(Debug)]
@@ -85,6 +88,7 @@ impl Sessions {
                 queued: 0,
                 client,
                 peer_uid,
+                minor: 0,
             },
         );
         self.by_id.insert(id, token);

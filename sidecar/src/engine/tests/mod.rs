@@ -1,6 +1,7 @@
 //! Engine tests over the built-in `tiny` model on a fault-injecting CPU
 //! backend: fixtures, and a snapshot of everything a step may change.
 
+mod named;
 mod schedules;
 mod sparse;
 mod step;
@@ -61,8 +62,9 @@ pub fn open(e: &mut TestEngine, seq: u64, policy: AttentionPolicy, diagnostics: 
         temperature: 0.8,
         top_p: 0.95,
         top_k: 0,
-        seed: 1000 + seq,
+        seed: Some(1000 + seq),
         logprobs: 3,
+        ..SamplingParams::default()
     };
     e.open_sequence(key(seq), policy, sampling, diagnostics)
         .unwrap();
@@ -75,6 +77,7 @@ pub fn entry(seq: u64, tokens: Vec<u32>, sample: bool) -> StepEntry {
         positions: None,
         sample,
         logits: None,
+        blocks: None,
     }
 }
 
