@@ -183,7 +183,8 @@ struct ServeArgs {
     /// forward pass yet).
     #[arg(long, env = "TACFLOW_FUSE", value_enum, value_delimiter = ',')]
     fuse: Vec<Fusion>,
-    /// Replay decode steps as CUDA graphs (not used by the executor yet).
+    /// Replay pure decode steps (one token per sequence, at most 64) as
+    /// CUDA graphs per batch-size bucket; one KV block goes to padding.
     #[arg(long, env = "TACFLOW_CUDA_GRAPHS")]
     cuda_graphs: bool,
     /// `journal` under systemd: no timestamps, no colours, syslog

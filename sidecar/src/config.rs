@@ -149,9 +149,13 @@ pub struct Config {
     /// results are those of the pair (the CPU's are equal bit for bit).
     pub fusions: Vec<Fusion>,
     /// Capture and replay decode steps as CUDA graphs per batch-size
-    /// bucket (off by default). The capture code exists
-    /// (`tacflow_kernels::cuda::graph`) but the executor does not use it
-    /// yet, so this changes nothing until it does.
+    /// bucket (off by default; CUDA backend only). A step qualifies when
+    /// every sequence in it decodes one token with full attention, in the
+    /// sequential schedule, and it has at most 64 rows: it runs padded to
+    /// its bucket (1, 2, 4, 8, 16, ..., 64), eagerly for its key's first
+    /// two steps, then captured once and replayed. Prefill and mixed steps
+    /// run eagerly. One KV block is reserved for the padding rows. Refused
+    /// at start with `gpu_lanes` > 1 or `gpu_activations = "bf16"`.
     pub cuda_graphs: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:

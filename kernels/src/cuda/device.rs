@@ -19,7 +19,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, MutexGuard};
 use tracing::{info, warn};
 
@@ -46,6 +46,10 @@ pub struct Gpu {
     /// than the plan counted, so splits are merged by their last CTA from
     /// then on (a property of the device, whichever lane saw it).
     pub(crate) coop_refused: AtomicBool,
+    /// Reallocations of a lane's attention split workspace or GEMM scratch
+    /// so far: a graph captured before one points into freed memory
+    /// ([`Gpu::workspace_generation`]).
+    regrowths: AtomicU64,
     info: DeviceInfo,
     /// Synchronise after every launch so that a fault names its kernel
     /// (the self-check turns this on; it costs a round trip per launch).
@@ -112,6 +116,7 @@ impl Gpu {
             funcs: HashMap::new(),
             occupancy: HashMap::new(),
             coop_refused: AtomicBool::new(false),
+            regrowths: AtomicU64::new(0),
             info,
             sync_launches: false,
         };
@@ -172,6 +177,18 @@ impl Gpu {
     pub(crate) fn gemm_scratch(&self) -> MutexGuard<'_, GemmScratch> {
         let ws = &self.lanes.now().gemm_ws;
         ws.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes whenever a lane's attention split workspace or GEMM scratch
+    /// is reallocated (grown): a captured graph holds their addresses, so
+    /// one captured at another generation must not be replayed.
+    pub fn workspace_generation(&self) -> u64 {
+        self.regrowths.load(Ordering::Relaxed)
+    }
+
+    /// A workspace was reallocated (see [`Gpu::workspace_generation`]).
+    pub(crate) fn note_regrowth(&self) {
+        self.regrowths.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_sync_launches(&mut self, on: bool) {

@@ -32,12 +32,15 @@
 //! Host logic here ([`Buckets`], [`GraphCache`], [`pad_step`],
 //! [`pack_fixed`]) is unit-tested without a GPU; the driver wrapper
 //! ([`Gpu::capture`], [`StepGraph`]) is checked against eager execution by
-//! the self-check. The executor does not use graphs yet.
+//! the self-check. The daemon's CUDA backend runs its decode steps through
+//! these pieces when the option `cuda_graphs` is on (the sidecar's
+//! `backend::cuda::graphs`); regrowth of a workspace shows in
+//! [`Gpu::workspace_generation`].
 
 use super::device::{Gpu, drv};
 use super::step::{DeviceStep, StepArrays};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaGraph, sys};
+use cudarc::driver::{CudaGraph, CudaSlice, sys};
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -169,6 +172,11 @@ impl<K: Eq + Hash + Copy, G> GraphCache<K, G> {
             Some(Entry::Ready(g)) => Some(g),
             _ => None,
         }
+    }
+
+    /// Whether the capture of `key` failed (its steps run eagerly for good).
+    pub fn is_refused(&self, key: &K) -> bool {
+        matches!(self.entries.get(key), Some(Entry::Refused))
     }
 
     /// Drops every graph (a workspace they point into was reallocated);
@@ -332,6 +340,32 @@ impl GraphStep {
         self.limits.check(a)?;
         let packed = pack_fixed(&pad_step(a, &self.cap, self.limits.pad_slot)?, &self.cap)?;
         gpu.upload_into(&packed, &mut self.step.buf)
+    }
+}
+
+impl Gpu {
+    /// `dst[..n] = src[..n]` on the stream (a replayed step's logit rows,
+    /// out of the bucket's persistent buffer).
+    pub fn copy_prefix(
+        &self,
+        src: &CudaSlice<f32>,
+        dst: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if src.len() < n || dst.len() < n {
+            return Err(Error::Shape(format!(
+                "copy of {n} values from {} into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        let mut d = dst.slice_mut(..n);
+        self.stream()
+            .memcpy_dtod(&src.slice(..n), &mut d)
+            .map_err(drv("cuMemcpyDtoDAsync"))
     }
 }
 

@@ -91,6 +91,10 @@ pub struct Faulty<B> {
     steps: AtomicU64,
     fired: AtomicBool,
     lost: AtomicBool,
+    /// Asks the engine for a padding block, as a backend with graphs does
+    /// (tests of the reservation); the block it got.
+    want_pad: bool,
+    pad_block: Option<u32>,
 }
 
 impl<B: Backend> Faulty<B> {
@@ -103,7 +107,20 @@ impl<B: Backend> Faulty<B> {
             steps: AtomicU64::new(0),
             fired: AtomicBool::new(false),
             lost: AtomicBool::new(false),
+            want_pad: false,
+            pad_block: None,
         }
+    }
+
+    /// Wants a padding KV block from the engine (`Backend::wants_pad_block`).
+    pub fn wanting_pad_block(mut self) -> Faulty<B> {
+        self.want_pad = true;
+        self
+    }
+
+    /// The padding block the engine reserved.
+    pub fn pad_block(&self) -> Option<u32> {
+        self.pad_block
     }
 
     /// Arms `plan`; op and step counts start again from here.
@@ -437,6 +454,14 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.supports_processing()
     }
 
+    fn wants_pad_block(&self) -> bool {
+        self.want_pad
+    }
+
+    fn set_pad_block(&mut self, block: u32) {
+        self.pad_block = Some(block);
+    }
+
     fn copy_blocks(&self, kv: &mut B::Kv, pairs: &[(u32, u32)]) -> Result<()> {
         self.tick("copy_blocks", false)?;
         self.inner.copy_blocks(kv, pairs)
@@ -534,6 +559,38 @@ mod tests {
         f.disarm();
         assert_eq!(failing_acts(&f, 4), Vec::<u64>::new());
         assert!(!f.fired());
+    }
+
+    fn engine_of(
+        b: Faulty<CpuBackend>,
+        blocks: usize,
+    ) -> Result<crate::engine::Engine<Faulty<CpuBackend>>> {
+        let spec = crate::model::ModelSpec::parse("tiny", 7)?;
+        let (config, src) = spec.open()?;
+        let cap = crate::engine::KvCapacity::Blocks(blocks);
+        crate::engine::Engine::new(b, &config, src.as_ref(), cap, None, |_, _| {})
+    }
+
+    #[test]
+    fn a_backend_with_graphs_gets_a_block_no_sequence_will_own() {
+        let e = engine_of(Faulty::new(CpuBackend::default()), 4).unwrap();
+        assert_eq!(
+            e.backend().pad_block(),
+            None,
+            "nothing reserved without graphs"
+        );
+        assert_eq!(e.kv_free_blocks(), 4);
+        let e = engine_of(Faulty::new(CpuBackend::default()).wanting_pad_block(), 4).unwrap();
+        let pad = e.backend().pad_block().expect("reserved at construction");
+        assert!(pad < 4);
+        assert_eq!((e.kv_total_blocks(), e.kv_free_blocks()), (4, 3));
+        assert_eq!(
+            e.gauges().kv_free_blocks.load(SeqCst),
+            3,
+            "the gauge agrees"
+        );
+        let one = engine_of(Faulty::new(CpuBackend::default()).wanting_pad_block(), 1);
+        assert!(one.is_err(), "no block left for sequences");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod faults;
 pub mod recording;
 
 use crate::error::Result;
+use crate::model::Workspace;
 use half::{bf16, f16};
 use tacflow_ipc::{ErrorCode, ErrorReply};
 use tacflow_kernels::cpu::{Processing, SampleParams, Sampled};
@@ -161,6 +162,28 @@ pub struct SampleOutput {
     pub sampled: Vec<Option<Sampled>>,
     /// `[rows, vocab]` row-major, when asked for.
     pub logits: Option<Vec<f32>>,
+}
+
+/// The model's side of a forward pass run through a captured graph
+/// ([`Backend::forward_graph`]): the backend keeps the workspace and the
+/// step, the model says what they hold and issues the ops.
+pub trait GraphPass<B: Backend> {
+    /// Vocabulary size (a captured step's tokens are checked against it).
+    fn vocab(&self) -> usize;
+    /// The activations of a pass of `rows` token rows, every one of them a
+    /// logit row (a bucket's persistent workspace).
+    fn workspace(&self, b: &B, rows: usize) -> Result<Workspace<B>>;
+    /// Issues every op of the pass, in the sequential schedule, over the
+    /// `rows` rows of `step` and `ws`; it allocates nothing once `ws` has
+    /// been written by one pass.
+    fn issue(
+        &mut self,
+        b: &B,
+        step: &B::Step,
+        rows: usize,
+        kv: &mut B::Kv,
+        ws: &mut Workspace<B>,
+    ) -> Result<()>;
 }
 
 /// The ops of a Llama-family decoder. Every op is asynchronous on a GPU
@@ -442,4 +465,38 @@ pub trait Backend {
     /// Copies whole blocks (every layer, K and V): `(src, dst)` pairs, for
     /// copy-on-write of forked sequences.
     fn copy_blocks(&self, kv: &mut Self::Kv, pairs: &[(u32, u32)]) -> Result<()>;
+
+    // The graph path: a pure decode step replayed from a graph captured
+    // for its batch-size bucket (the CUDA backend with `cuda_graphs` on).
+    // By default there are no graphs and every step runs its ops eagerly.
+
+    /// Whether the step `meta` runs through [`Backend::forward_graph`].
+    /// Asked only for a step the model could run that way (no sparse
+    /// selection on the host, the sequential schedule).
+    fn graph_step(&self, _meta: &StepMeta) -> bool {
+        false
+    }
+    /// The forward pass of `meta` through its bucket's graph (warming up,
+    /// capturing or replaying it): the logits of `meta.logit_rows`, as
+    /// the eager pass returns them.
+    fn forward_graph(
+        &self,
+        _meta: &StepMeta,
+        _kv: &mut Self::Kv,
+        _pass: &mut dyn GraphPass<Self>,
+    ) -> Result<Self::Act>
+    where
+        Self: Sized,
+    {
+        Err(crate::error::Error::Backend(
+            "this backend runs no graphs".into(),
+        ))
+    }
+    /// Whether the backend needs a KV block that no sequence will ever
+    /// own: the padding rows of its captured steps write there.
+    fn wants_pad_block(&self) -> bool {
+        false
+    }
+    /// The block the engine reserved for it, before the first step.
+    fn set_pad_block(&mut self, _block: u32) {}
 }

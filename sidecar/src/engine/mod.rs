@@ -118,7 +118,7 @@ fn seq_error(code: ErrorCode, key: SeqKey, what: &str) -> ErrorReply {
 impl<B: Backend> Engine<B> {
     /// Loads the model and sizes the KV cache.
     pub fn new(
-        backend: B,
+        mut backend: B,
         config: &ModelConfig,
         src: &dyn WeightSource,
         capacity: KvCapacity,
@@ -150,8 +150,20 @@ impl<B: Backend> Engine<B> {
             ));
         }
         let kv = backend.kv_cache(&layout)?;
+        let mut alloc = BlockAllocator::new(layout.num_blocks);
+        // The padding rows of captured graph steps write to a block that no
+        // sequence ever owns: taken now, never released.
+        if backend.wants_pad_block() {
+            let pad = alloc.alloc(1).filter(|_| alloc.free_count() > 0);
+            let pad = pad.ok_or_else(|| {
+                crate::error::Error::Config(
+                    "cuda_graphs needs a KV block for padding rows and one for sequences".into(),
+                )
+            })?;
+            backend.set_pad_block(pad[0]);
+        }
         let gauges = Arc::new(Gauges::default());
-        gauges.set_kv(layout.num_blocks, layout.num_blocks);
+        gauges.set_kv(layout.num_blocks, alloc.free_count());
         Ok(Engine {
             backend,
             max_context: max_context
@@ -159,7 +171,7 @@ impl<B: Backend> Engine<B> {
                 .min(config.max_position_embeddings),
             model,
             kv,
-            alloc: BlockAllocator::new(layout.num_blocks),
+            alloc,
             seqs: HashMap::new(),
             gauges,
             policy_totals: BTreeMap::new(),

@@ -11,11 +11,11 @@ pub mod gguf;
 pub mod hf;
 pub mod weights;
 
-use crate::backend::{AttnDims, Backend, StepMeta};
+use crate::backend::{AttnDims, Backend, GraphPass, StepMeta};
 use crate::engine::sparse::Selector;
 use crate::error::{Error, Result};
 use crate::schedule::program::{Fusions, Program};
-use crate::schedule::{Node, Op, Plan, Schedule, run};
+use crate::schedule::{Node, Op, Plan, Schedule, build, order, run};
 use config::ModelConfig;
 use std::path::Path;
 use tacflow_kernels::cpu::{RopeScaling, rope_inv_freq};
@@ -115,8 +115,10 @@ impl ModelSpec {
     }
 }
 
-/// Activation buffers of one forward pass (`schedule::Buf` names them).
-struct Workspace<B: Backend> {
+/// Activation buffers of one forward pass (`schedule::Buf` names them):
+/// fresh per pass, or kept by the caller from pass to pass (a graph's
+/// bucket: [`Model::forward_scheduled_in`]).
+pub struct Workspace<B: Backend> {
     x: B::Act,
     h: B::Act,
     qkv: B::Act,
@@ -129,12 +131,66 @@ struct Workspace<B: Backend> {
     logits: B::Act,
 }
 
+impl<B: Backend> Workspace<B> {
+    /// The activations of a pass of `t` token rows and `r` logit rows.
+    pub fn new(b: &B, c: &ModelConfig, t: usize, r: usize) -> Result<Workspace<B>> {
+        Ok(Workspace {
+            x: b.act(t, c.hidden_size)?,
+            h: b.act(t, c.hidden_size)?,
+            qkv: b.act(t, c.qkv_dim())?,
+            attn: b.act(t, c.q_dim())?,
+            proj: b.act(t, c.hidden_size)?,
+            gate_up: b.act(t, 2 * c.intermediate_size)?,
+            act: b.act(t, c.intermediate_size)?,
+            sel: b.act(r, c.hidden_size)?,
+            normed: b.act(r, c.hidden_size)?,
+            logits: b.act(r, c.vocab_size)?,
+        })
+    }
+
+    /// The logits the last pass wrote, `[r, vocab]`.
+    pub fn logits(&self) -> &B::Act {
+        &self.logits
+    }
+}
+
 /// What one node of a pass needs besides the weights.
 struct Pass<'p, 's, B: Backend> {
-    step: B::Step,
+    step: &'p B::Step,
     meta: &'p StepMeta,
-    w: Workspace<B>,
+    w: &'p mut Workspace<B>,
     selector: Option<&'p mut Selector<'s>>,
+}
+
+/// A pure decode step of `meta` as the graph path runs it: padded to its
+/// bucket's rows, in the sequential schedule, with full attention.
+struct DecodeGraph<'m, B: Backend> {
+    model: &'m Model<B>,
+    meta: &'m StepMeta,
+}
+
+impl<B: Backend> GraphPass<B> for DecodeGraph<'_, B> {
+    fn vocab(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn workspace(&self, b: &B, rows: usize) -> Result<Workspace<B>> {
+        Workspace::new(b, &self.model.config, rows, rows)
+    }
+
+    fn issue(
+        &mut self,
+        b: &B,
+        step: &B::Step,
+        rows: usize,
+        kv: &mut B::Kv,
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
+        let s = build::sequential(&self.model.program(), rows, rows);
+        let order = order::sequential(&s)?;
+        let m = self.model;
+        m.forward_scheduled_in(b, kv, step, self.meta, None, &s, &order, ws)
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -237,7 +293,9 @@ impl<B: Backend> Model<B> {
 
     /// [`Model::forward`] with sparse decode attention: `selector` chooses,
     /// layer by layer, the slots its sequences' decode tokens attend; `plan`
-    /// cuts the pass into a schedule.
+    /// cuts the pass into a schedule. A step without selection on the
+    /// host, in the sequential schedule, that the backend replays as a
+    /// graph ([`Backend::graph_step`]) runs through it instead.
     pub fn forward_with(
         &self,
         b: &B,
@@ -246,6 +304,10 @@ impl<B: Backend> Model<B> {
         selector: Option<&mut Selector<'_>>,
         plan: &Plan,
     ) -> Result<B::Act> {
+        let dense = selector.as_ref().is_none_or(|s| !s.is_active());
+        if dense && *plan == Plan::Sequential && b.graph_step(meta) {
+            return b.forward_graph(meta, kv, &mut DecodeGraph { model: self, meta });
+        }
         let (s, order) = plan.lay_out(&self.program(), meta)?;
         self.forward_scheduled(b, kv, meta, selector, &s, &order)
     }
@@ -261,37 +323,45 @@ impl<B: Backend> Model<B> {
         schedule: &Schedule,
         order: &[usize],
     ) -> Result<B::Act> {
-        let c = &self.config;
         let (t, r) = (meta.tokens.len(), meta.logit_rows.len());
+        // The step first, then the activations; dropped in that order too.
+        let mut sw = (b.begin_step(meta)?, Workspace::new(b, &self.config, t, r)?);
+        self.forward_scheduled_in(b, kv, &sw.0, meta, selector, schedule, order, &mut sw.1)?;
+        Ok(sw.1.logits)
+    }
+
+    /// [`Model::forward_scheduled`] over a step already begun and a
+    /// workspace the caller keeps (sized for the step's rows); the logits
+    /// are left in `ws`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_scheduled_in(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        step: &B::Step,
+        meta: &StepMeta,
+        selector: Option<&mut Selector<'_>>,
+        schedule: &Schedule,
+        order: &[usize],
+        ws: &mut Workspace<B>,
+    ) -> Result<()> {
         let mut pass = Pass::<B> {
-            step: b.begin_step(meta)?,
+            step,
             meta,
-            w: Workspace {
-                x: b.act(t, c.hidden_size)?,
-                h: b.act(t, c.hidden_size)?,
-                qkv: b.act(t, c.qkv_dim())?,
-                attn: b.act(t, c.q_dim())?,
-                proj: b.act(t, c.hidden_size)?,
-                gate_up: b.act(t, 2 * c.intermediate_size)?,
-                act: b.act(t, c.intermediate_size)?,
-                sel: b.act(r, c.hidden_size)?,
-                normed: b.act(r, c.hidden_size)?,
-                logits: b.act(r, c.vocab_size)?,
-            },
+            w: ws,
             selector: selector.filter(|s| s.is_active()),
         };
         run::execute(b, schedule, order, |i| {
             let node = &schedule.nodes[i];
             b.begin_node(i, node);
             self.run_node(b, kv, &mut pass, node)
-        })?;
-        Ok(pass.w.logits)
+        })
     }
 
     /// One node: its op over its rows.
     fn run_node(&self, b: &B, kv: &mut B::Kv, p: &mut Pass<'_, '_, B>, node: &Node) -> Result<()> {
         let (c, dims, rows) = (&self.config, self.dims(), node.rows.clone());
-        let (w, step) = (&mut p.w, &p.step);
+        let (w, step) = (&mut *p.w, p.step);
         let layer = |l: usize| &self.layers[l];
         match node.op {
             Op::Embed => b.embed(step, &self.embed, &mut w.x, rows),
@@ -345,3 +415,6 @@ impl<B: Backend> Model<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod graph_tests;

@@ -10,6 +10,7 @@
 //! | sampling | [`sampling`] |
 //! | whole models through the engine | [`model`], [`models`] |
 //! | fused ops, CUDA graph replay, bf16 activations | [`fused`] |
+//! | the tiny model's decode steps through the graph path | [`graphs`] |
 //! | two lanes against one; every op over a row range | [`lanes`], [`ranges`] |
 //!
 //! Each check group runs in a child process of its own (`--only NAME`), so
@@ -18,6 +19,7 @@
 
 pub mod attention;
 pub mod fused;
+pub mod graphs;
 pub mod lanes;
 pub mod model;
 pub mod models;
@@ -54,7 +56,7 @@ pub struct Options {
 }
 
 /// Check groups, in order, with a time limit each.
-pub const GROUPS: [(&str, u64); 12] = [
+pub const GROUPS: [(&str, u64); 13] = [
     ("random", 120),
     ("gemm", 120),
     ("rowwise", 120),
@@ -62,6 +64,7 @@ pub const GROUPS: [(&str, u64); 12] = [
     ("attention", 300),
     ("sampling", 300),
     ("fused", 180),
+    ("graphs", 180),
     ("model-tiny", 300),
     ("model-bf16", 300),
     ("lanes", 300),
@@ -204,6 +207,7 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
         "model-tiny" => models::tiny(b, seed),
         "model-8b" => models::llama3_8b(b, seed),
         "model-bf16" => fused::model_bf16(b, seed),
+        "graphs" => graphs::graphs(b, seed),
         "smollm2" => models::smollm2(b, opts),
         _ => {
             let mut cx = Ctx::new(b, seed);

@@ -55,7 +55,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use systemd::{Heartbeat, Notifier};
 use tacflow_ipc::{AttentionPolicy, BackendInfo, ModelInfo, SamplingParams, StepEntry};
-use tracing::info;
+use tracing::{info, warn};
 
 /// One turn of a wait loop: yields the core, so that waiting for the other
 /// thread costs about a system call on an idle machine and steals nothing
@@ -266,6 +266,9 @@ fn start_cpu(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<()> {
+    if config.cuda_graphs {
+        warn!("cuda_graphs is for the CUDA backend: the CPU backend runs every step eagerly");
+    }
     let cpu = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
         round_activations: config.gpu_activations == crate::config::GpuActivations::Bf16,
@@ -317,6 +320,7 @@ fn spawn_executor(
             let r = match kind {
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
                     .and_then(|b| b.with_activations(config.gpu_activations))
+                    .and_then(|b| b.with_graphs(config.cuda_graphs))
                     .and_then(|b| start_executor(b, &config, links, rx, ready, |_| {})),
                 _ => start_cpu(&config, links, rx, ready),
             };

@@ -135,3 +135,19 @@ fn a_refill_stays_within_the_captured_limits() {
     };
     assert!(bad_pad.check(&three_rows()).is_err());
 }
+
+#[test]
+fn a_failed_capture_is_refused_until_cleared() {
+    let mut c: GraphCache<u8, ()> = GraphCache::new(0);
+    assert_eq!(c.decide(Some(3)), Action::Capture);
+    assert!(!c.is_refused(&3));
+    c.store(3, None);
+    assert!(c.is_refused(&3) && !c.is_refused(&4));
+    assert_eq!(c.decide(Some(3)), Action::Eager);
+    c.clear();
+    assert!(
+        !c.is_refused(&3),
+        "a regrown workspace gives the capture another try"
+    );
+    assert_eq!(c.decide(Some(3)), Action::Capture);
+}

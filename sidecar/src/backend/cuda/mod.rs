@@ -36,12 +36,15 @@
 //! | activations, matrices, vectors, row views | [`act`] |
 //! | the ops (`Backend`) | [`ops`] |
 //! | a step's per-row key counts and tables | [`step`] |
+//! | decode steps as CUDA graphs (`cuda_graphs`) | [`graphs`] |
 
 mod act;
+pub mod graphs;
 mod ops;
 mod step;
 
 pub use act::{Act, Matrix, Vector};
+pub use graphs::{GraphCounts, Graphs};
 
 use super::{AttnDims, HostData, RowRange};
 use crate::config::GpuActivations;
@@ -70,6 +73,10 @@ pub struct CudaBackend {
     pool: BufferPool,
     /// The dtype of GEMM inputs (the module doc).
     activations: GpuActivations,
+    /// The graph path's buckets, steps and graphs; `None` when off. A
+    /// `RefCell` because the ops take `&self`; only the executor thread
+    /// touches it.
+    graphs: std::cell::RefCell<Option<Graphs>>,
 }
 
 impl CudaBackend {
@@ -85,6 +92,7 @@ impl CudaBackend {
             gpu: Gpu::with_lanes(ordinal, lanes)?,
             pool: BufferPool::default(),
             activations: GpuActivations::Split,
+            graphs: Default::default(),
         })
     }
 

@@ -4,7 +4,9 @@
 use super::act::{Act, ActBuf, Matrix, RowsOf, Vector};
 use super::step::step_arrays;
 use super::{CudaBackend, RESERVE_BYTES, check, host_f32, to_bf16};
-use crate::backend::{AttnDims, Backend, HostData, KvLayout, RowRange, SampleOutput, StepMeta};
+use crate::backend::{
+    AttnDims, Backend, GraphPass, HostData, KvLayout, RowRange, SampleOutput, StepMeta,
+};
 use crate::error::Result;
 use tacflow_kernels::cpu::SampleParams;
 use tacflow_kernels::cuda::{AttnOverride, DeviceStep, Heads, KvCache, LaneEvent};
@@ -390,5 +392,29 @@ impl Backend for CudaBackend {
 
     fn copy_blocks(&self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<()> {
         Ok(self.gpu.copy_blocks(kv, pairs)?)
+    }
+
+    /// With `cuda_graphs` on, a pure decode step (`graphs::graph_key`).
+    fn graph_step(&self, meta: &StepMeta) -> bool {
+        self.graph_step_ok(meta)
+    }
+
+    fn forward_graph(
+        &self,
+        meta: &StepMeta,
+        kv: &mut KvCache,
+        pass: &mut dyn GraphPass<Self>,
+    ) -> Result<Act> {
+        self.run_graph(meta, kv, pass)
+    }
+
+    fn wants_pad_block(&self) -> bool {
+        self.graphs.borrow().is_some()
+    }
+
+    fn set_pad_block(&mut self, block: u32) {
+        if let Some(g) = self.graphs.get_mut() {
+            g.set_pad_block(block);
+        }
     }
 }
