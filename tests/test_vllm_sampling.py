@@ -207,9 +207,50 @@ def test_options_out_of_range_or_not_served_are_refused(daemon):
         SamplingParams(presence_penalty=3.0),
         SamplingParams(repetition_penalty=0.0),
         SamplingParams(logit_bias={VOCAB: 1.0}),
+        SamplingParams(prompt_logprobs=65),
     ):
         with pytest.raises(E.BadRequest):
             c.open_sequence(1, sampling=bad)
-    with pytest.raises(E.Unsupported, match="prompt_logprobs"):
-        c.open_sequence(1, sampling=SamplingParams(prompt_logprobs=2))
     assert c.stats().sequences == 0
+
+
+def log_softmax(x):
+    z = x.astype(np.float64)
+    m = z.max()
+    return z - (m + np.log(np.exp(z - m).sum()))
+
+
+def test_prompt_logprobs_in_chunks_match_the_full_logits(daemon):
+    """vLLM's prompt logprobs: token j scored by the raw log-softmax of row
+    j - 1 (not the processed logits), the first token None, a chunk's first
+    token scored by the previous chunk's last row."""
+    c = daemon.client()
+    region = c.create_region(4 * VOCAB * 64)
+    rng = np.random.default_rng(21)
+    prompt = [int(t) for t in rng.integers(0, VOCAB, 37)]
+    c.open_sequence(1)
+    ref = region.ref(0, "f32", (len(prompt), VOCAB))
+    c.step([StepEntry(1, prompt, sample=False, logits=ref)])
+    full = np.array(region.view(ref), copy=True)
+    k = 5
+    # Processing options change the draw, never the scores.
+    p = SamplingParams(prompt_logprobs=k, repetition_penalty=2.0, logit_bias={prompt[3]: 20.0})
+    c.open_sequence(2, sampling=p)
+    got, at = [], 0
+    for n, sample in ((1, False), (15, False), (4, False), (17, True)):
+        r = c.step([StepEntry(2, prompt[at:at + n], sample=sample)]).results[0]
+        assert len(r.prompt_logprobs) == n
+        got.extend(r.prompt_logprobs)
+        at += n
+    assert got[0] is None
+    for j in range(1, len(prompt)):
+        lp = log_softmax(full[j - 1])
+        order = np.argsort(-full[j - 1], kind="stable")[:k]
+        value, top = got[j]
+        assert isinstance(value, float) and all(isinstance(t, int) for t, _ in top)
+        assert abs(value - lp[prompt[j]]) < 1e-5, j
+        assert [t for t, _ in top] == [int(i) for i in order], j
+        assert np.allclose([v for _, v in top], lp[order], atol=1e-5, rtol=0), j
+    # The sampled token and later ones are output: not scored.
+    nxt = c.step([StepEntry(2, [r.token])]).results[0]
+    assert nxt.prompt_logprobs == ()

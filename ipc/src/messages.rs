@@ -362,7 +362,8 @@ pub struct StepResult {
     /// (1.3) One per new token of the entry that lies in the prompt, for a
     /// sequence sampled with `prompt_logprobs`: that token's log-probability
     /// given the tokens before it, and the most likely tokens there; `nil`
-    /// for the sequence's first token.
+    /// where the row before it was never computed (the sequence's first
+    /// token, the first after a named prefix or a truncation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prompt_logprobs: Vec<Option<PromptLogprob>>,
 }

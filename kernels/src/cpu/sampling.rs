@@ -100,6 +100,18 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, x[i as usize])).collect()
 }
 
+/// A token's log-probability under a row of logits (log-softmax, no
+/// temperature or cut) and the row's `k` best tokens with theirs, best first:
+/// one prompt position of vLLM's prompt logprobs.
+pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let lse = logsumexp(logits);
+    let top = top_k(logits, k)
+        .into_iter()
+        .map(|(i, v)| (i, v - lse))
+        .collect();
+    (logits[token as usize] - lse, top)
+}
+
 /// Samples one token from a row of logits.
 pub fn sample(logits: &[f32], p: &SampleParams) -> Sampled {
     let lse = logsumexp(logits);
@@ -222,6 +234,20 @@ pub(crate) fn draw_cut(logits: &[f32], p: &SampleParams, min_p: f32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_logprob_is_the_log_softmax_at_the_token_and_its_best() {
+        let row = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        let (lp, top) = token_logprob(&row, 2, 3);
+        assert!((lp as f64 - (-2.0 - lse)).abs() < 1e-6, "{lp}");
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 0], "best first, ties by id");
+        for (i, v) in top {
+            assert!((v as f64 - (row[i as usize] as f64 - lse)).abs() < 1e-6);
+        }
+        assert!(token_logprob(&row, 0, 0).1.is_empty());
+    }
 
     #[test]
     fn sampling_exp_is_within_two_ulp_of_exp() {

@@ -68,6 +68,12 @@ pub struct Sequence {
     /// The client gave `sampling.seed` (a fork inherits it then; otherwise
     /// a fork draws its own).
     pub seed_given: bool,
+    /// `prompt_logprobs`: the raw logits of the last row the previous step
+    /// computed, while the prompt goes on. The next chunk's first token is
+    /// scored against it (kept as logits rather than log-probabilities: the
+    /// same size, and one log-softmax, done where every other row's is).
+    /// Set only by a step's commit, so a failed step leaves it as it was.
+    pub prompt_row: Option<Vec<f32>>,
 }
 
 /// How a sequence is opened (`open_sequence`).
@@ -267,6 +273,7 @@ impl<B: Backend> Engine<B> {
                 prompt_len: o.prompt_len.map(|p| p as usize),
                 tokens: o.prefix,
                 seed_given,
+                prompt_row: None,
             },
         );
         self.publish();
@@ -328,6 +335,7 @@ impl<B: Backend> Engine<B> {
             tokens: p.tokens.clone(),
             prompt_len: p.prompt_len,
             seed_given,
+            prompt_row: p.prompt_row.clone(),
         };
         if c.mode == BlockMode::Daemon {
             for &b in &c.table {
@@ -356,6 +364,8 @@ impl<B: Backend> Engine<B> {
         s.tokens.truncate(s.len);
         if drop > 0 {
             s.state.reset();
+            // The row it held scored a token that is gone.
+            s.prompt_row = None;
         }
         // A named sequence opened with a prefix holds no table until its
         // first step.

@@ -1,12 +1,13 @@
 //! A sequence's sampling options as the engine holds them: validation
 //! against the backend, fresh seeds for sequences opened without one, and
 //! vLLM's logits processing for each sampled row (the reference is
-//! `tacflow_kernels::cpu::processing`).
+//! `tacflow_kernels::cpu::processing`), and vLLM's prompt logprobs.
 
 use super::{Engine, SeqOptions, Sequence};
 use crate::backend::Backend;
-use tacflow_ipc::{BlockMode, ErrorCode, ErrorReply, SamplingParams};
-use tacflow_kernels::cpu::Processing;
+use rayon::prelude::*;
+use tacflow_ipc::{BlockMode, ErrorCode, ErrorReply, PromptLogprob, SamplingParams};
+use tacflow_kernels::cpu::{Processing, token_logprob};
 use tacflow_kernels::rng::bits;
 
 /// The counter-based stream fresh seeds are drawn from.
@@ -89,10 +90,11 @@ impl<B: Backend> Engine<B> {
         if s.prompt_logprobs.is_some_and(|k| k > 64) {
             return bad("prompt_logprobs at most 64".into());
         }
-        if s.prompt_logprobs.is_some() {
+        if s.prompt_logprobs.is_some() && !self.backend.supports_processing() {
             return Err(ErrorReply::new(
                 ErrorCode::Unsupported,
-                "prompt_logprobs is specified in protocol 1.3 but not computed by this daemon yet",
+                "prompt_logprobs is served by the CPU backend only; this backend does not \
+                 compute it yet",
             ));
         }
         if s.uses_processing() && !self.backend.supports_processing() {
@@ -156,4 +158,52 @@ pub fn processing(s: &Sequence, new: &[u32]) -> Option<Processing> {
         prompt: prompt.to_vec(),
         output: output.to_vec(),
     })
+}
+
+/// How many of the `n` tokens an entry appends to `s` are prompt tokens whose
+/// log-probabilities the sequence asked for (`prompt_logprobs`): the entry's
+/// first ones, up to `prompt_len`, or all of them until the prompt is fixed.
+pub fn prompt_scored(s: &Sequence, n: usize) -> usize {
+    if s.sampling.prompt_logprobs.is_none() {
+        return 0;
+    }
+    match s.prompt_len {
+        None => n,
+        Some(p) => p.saturating_sub(s.len).min(n),
+    }
+}
+
+/// Whether the prompt goes on after an entry of `n` tokens (`sample` as it
+/// says) is appended to `s`: the entry's last row then scores the next
+/// chunk's first token and is kept.
+pub fn prompt_continues(s: &Sequence, n: usize, sample: bool) -> bool {
+    match s.prompt_len {
+        None => !sample,
+        Some(p) => s.len + n < p,
+    }
+}
+
+/// vLLM's prompt logprobs of an entry's first `m` tokens: each scored
+/// against the raw logits of the row before it, `rows` (the entry's own,
+/// `[n, vocab]`) or, for its first token, the row kept from the previous
+/// step. `None` where that row was never computed: the sequence's first
+/// token, and the first after a named-block prefix or a truncation.
+pub fn prompt_logprobs(
+    s: &Sequence,
+    tokens: &[u32],
+    m: usize,
+    rows: &[f32],
+    vocab: usize,
+) -> Vec<Option<PromptLogprob>> {
+    let k = s.sampling.prompt_logprobs.unwrap_or(0) as usize;
+    (0..m)
+        .into_par_iter()
+        .map(|j| {
+            let prev = match j {
+                0 => s.prompt_row.as_deref(),
+                _ => Some(&rows[(j - 1) * vocab..j * vocab]),
+            };
+            prev.map(|row| token_logprob(row, tokens[j], k))
+        })
+        .collect()
 }

@@ -6,13 +6,14 @@
 
 use super::kv_cache::{AppendPlan, append_cost, plan_append};
 use super::sparse::{self, Outcome, PolicyState, Selector, StepDiag};
-use super::{BLOCK_SIZE, Engine, SeqKey, SessionId};
+use super::{BLOCK_SIZE, Engine, SeqKey, SessionId, sampling};
 use crate::backend::{Backend, SeqMeta, StepMeta};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use tacflow_ipc::{
-    AttentionDiagnostics, ErrorCode, ErrorReply, HostRegion, StepEntry, StepResult, TensorView,
+    AttentionDiagnostics, ErrorCode, ErrorReply, HostRegion, PromptLogprob, StepEntry, StepResult,
+    TensorView,
 };
 use tacflow_kernels::cpu::{Processing, SampleParams};
 
@@ -32,6 +33,10 @@ pub struct StepWork {
     /// One per entry.
     pub logits: Vec<Option<LogitsTarget>>,
 }
+
+/// The raw logits of an entry's last row, kept by its sequence for the next
+/// prompt chunk (`prompt_logprobs`), or nothing.
+type KeptRow = Option<Vec<f32>>;
 
 fn entry_error(code: ErrorCode, i: usize, msg: String) -> ErrorReply {
     ErrorReply::new(code, format!("entry {i}: {msg}")).with("entry", i)
@@ -145,14 +150,26 @@ impl<B: Backend> Engine<B> {
             .collect();
         let mut outcome = Outcome::default();
         match self.run(work, &keys, &plans, &mut outcome) {
-            Ok(results) => {
-                self.commit(work, &keys, plans, names, outcome);
+            Ok((results, kept)) => {
+                self.commit(work, &keys, plans, names, outcome, kept);
                 Ok(results)
             }
             Err(e) => {
                 self.roll_back(&keys, &plans, outcome);
                 Err(e)
             }
+        }
+    }
+
+    /// How many logit rows an entry needs, its last ones: every row when
+    /// its logits are written or its prompt tokens scored (a token's row is
+    /// the one before it), else the last when it samples.
+    fn entry_rows(&self, k: &SeqKey, e: &StepEntry, logits: bool) -> usize {
+        let n = e.tokens.len();
+        if logits || sampling::prompt_scored(&self.seqs[k], n) > 0 {
+            n
+        } else {
+            usize::from(e.sample)
         }
     }
 
@@ -182,12 +199,9 @@ impl<B: Backend> Engine<B> {
                 .extend((len..len + n).map(|s| {
                     p.table[s / BLOCK_SIZE] * BLOCK_SIZE as u32 + (s % BLOCK_SIZE) as u32
                 }));
-            if target.is_some() {
-                m.logit_rows
-                    .extend((q_start..q_start + n).map(|r| r as u32));
-            } else if e.sample {
-                m.logit_rows.push((q_start + n - 1) as u32);
-            }
+            let rows = self.entry_rows(k, e, target.is_some());
+            m.logit_rows
+                .extend((q_start + n - rows..q_start + n).map(|r| r as u32));
             m.seqs.push(SeqMeta {
                 q_start,
                 q_len: n,
@@ -198,15 +212,17 @@ impl<B: Backend> Engine<B> {
         m
     }
 
-    /// Everything up to (not including) the commit. `outcome` receives
-    /// what the selections did, whether or not the step gets to its end.
+    /// Everything up to (not including) the commit: the results, and per
+    /// entry the logit row its sequence keeps for the next prompt chunk.
+    /// `outcome` receives what the selections did, whether or not the step
+    /// gets to its end.
     fn run(
         &mut self,
         work: &StepWork,
         keys: &[SeqKey],
         plans: &[AppendPlan],
         outcome: &mut Outcome,
-    ) -> Result<Vec<StepResult>, ErrorReply> {
+    ) -> Result<(Vec<StepResult>, Vec<KeptRow>), ErrorReply> {
         let meta = self.build_meta(work, keys, plans);
         let cow: Vec<(u32, u32)> = plans.iter().filter_map(|p| p.cow).collect();
         if !cow.is_empty() {
@@ -217,7 +233,12 @@ impl<B: Backend> Engine<B> {
         let logits = self.forward_sparse(work, keys, &meta, outcome);
         let logits = logits.map_err(|e| e.to_reply())?;
         let (params, procs, row_of_entry) = self.sample_params(work, keys, meta.logit_rows.len());
-        let want_logits = work.logits.iter().any(Option::is_some);
+        let scored: Vec<usize> = keys
+            .iter()
+            .zip(&work.entries)
+            .map(|(k, e)| sampling::prompt_scored(&self.seqs[k], e.tokens.len()))
+            .collect();
+        let want_logits = work.logits.iter().any(Option::is_some) || scored.iter().any(|&m| m > 0);
         let out = self
             .backend
             .sample_processed(&logits, &params, &procs, want_logits)
@@ -225,6 +246,7 @@ impl<B: Backend> Engine<B> {
         let diags = self.attention_diags(work, keys, &outcome.diags);
         let vocab = self.model.config.vocab_size;
         let mut results = Vec::with_capacity(keys.len());
+        let mut kept = Vec::with_capacity(keys.len());
         for (i, ((k, e), target)) in keys.iter().zip(&work.entries).zip(&work.logits).enumerate() {
             let (r0, rows) = row_of_entry[i];
             if let Some(t) = target {
@@ -233,6 +255,8 @@ impl<B: Backend> Engine<B> {
                     .write_matrix_f32(&t.view, &all[r0 * vocab..(r0 + rows) * vocab])
                     .map_err(|err| err.with("entry", i))?;
             }
+            let (plp, keep) = self.score_prompt(e, &self.seqs[k], scored[i], &out, row_of_entry[i]);
+            kept.push(keep);
             let sampled = if e.sample {
                 out.sampled[r0 + rows - 1].clone()
             } else {
@@ -245,10 +269,33 @@ impl<B: Backend> Engine<B> {
                 logprob: sampled.as_ref().map(|s| s.logprob),
                 top_logprobs: sampled.map(|s| s.top).unwrap_or_default(),
                 attention: diags[i].clone(),
-                prompt_logprobs: vec![],
+                prompt_logprobs: plp,
             });
         }
-        Ok(results)
+        Ok((results, kept))
+    }
+
+    /// An entry's prompt logprobs (`m` of its tokens scored) and the row its
+    /// sequence keeps for the next chunk, from the step's host logits.
+    fn score_prompt(
+        &self,
+        e: &StepEntry,
+        s: &super::Sequence,
+        m: usize,
+        out: &crate::backend::SampleOutput,
+        (r0, rows): (usize, usize),
+    ) -> (Vec<Option<PromptLogprob>>, KeptRow) {
+        if m == 0 {
+            return (vec![], None);
+        }
+        let vocab = self.model.config.vocab_size;
+        let all = out.logits.as_ref().expect("logits were asked for");
+        let mine = &all[r0 * vocab..(r0 + rows) * vocab];
+        let plp = sampling::prompt_logprobs(s, &e.tokens, m, mine, vocab);
+        let n = e.tokens.len();
+        let keep = (m == n && sampling::prompt_continues(s, n, e.sample))
+            .then(|| mine[(n - 1) * vocab..].to_vec());
+        (plp, keep)
     }
 
     /// Sampling parameters and vLLM's processing per logit row (the last
@@ -271,11 +318,7 @@ impl<B: Backend> Engine<B> {
         let mut r = 0;
         for (k, (e, target)) in keys.iter().zip(work.entries.iter().zip(&work.logits)) {
             let n = e.tokens.len();
-            let rows = if target.is_some() {
-                n
-            } else {
-                usize::from(e.sample)
-            };
+            let rows = self.entry_rows(k, e, target.is_some());
             if e.sample {
                 let s = &self.seqs[k];
                 params[r + rows - 1] = Some(SampleParams {
@@ -382,9 +425,11 @@ impl<B: Backend> Engine<B> {
         plans: Vec<AppendPlan>,
         names: Vec<Option<Vec<u32>>>,
         outcome: Outcome,
+        kept: Vec<KeptRow>,
     ) {
         let (mut prefill, mut decode) = (0u64, 0u64);
-        for (((k, e), p), ids) in keys.iter().zip(&work.entries).zip(plans).zip(names) {
+        let each = keys.iter().zip(&work.entries).zip(plans).zip(names);
+        for ((((k, e), p), ids), row) in each.zip(kept) {
             if let Some((shared, _)) = p.cow {
                 self.alloc.release(shared);
             }
@@ -393,6 +438,7 @@ impl<B: Backend> Engine<B> {
             if let Some(ids) = ids {
                 s.names = ids;
             }
+            s.prompt_row = row;
             s.len += e.tokens.len();
             s.tokens.extend_from_slice(&e.tokens);
             if e.sample && s.prompt_len.is_none() {

@@ -2,6 +2,7 @@
 //! backend: fixtures, and a snapshot of everything a step may change.
 
 mod named;
+mod prompt_logprobs;
 mod schedules;
 mod sparse;
 mod step;
@@ -144,6 +145,10 @@ pub struct SeqSnap {
     pub refcounts: Vec<u32>,
     pub policy: AttentionPolicy,
     pub state: String,
+    pub tokens: Vec<u32>,
+    pub prompt_len: Option<usize>,
+    /// The row kept for the next prompt chunk (`prompt_logprobs`).
+    pub prompt_row: Option<Vec<f32>>,
 }
 
 /// Everything a step may change.
@@ -177,6 +182,9 @@ pub fn snapshot(e: &TestEngine) -> Snapshot {
                 refcounts: s.table.iter().map(|&b| e.alloc.refcount(b)).collect(),
                 policy: s.policy.clone(),
                 state: state_of(&s.state),
+                tokens: s.tokens.clone(),
+                prompt_len: s.prompt_len,
+                prompt_row: s.prompt_row.clone(),
             };
             (k.seq, snap)
         })

@@ -18,7 +18,8 @@ const BLOCKS: usize = 48;
 /// 5 and its fork 6: `fixed_budget` decodes over a shared partial block
 /// (copy-on-write for both) whose bounds grow by a page;
 /// 7: `oracle_top_p` after a truncation; 8: a full-attention decode with
-/// diagnostics.
+/// diagnostics; 9: a prompt chunk scored with `prompt_logprobs` (the row
+/// kept from its first chunk used, the kept row dropped as the prompt ends).
 pub(super) fn scenario() -> (TestEngine, StepWork) {
     scenario_under(Plan::Sequential)
 }
@@ -52,6 +53,14 @@ pub(super) fn scenario_under(plan: Plan) -> (TestEngine, StepWork) {
     e.truncate_sequence(key(7), 11).unwrap();
     open(&mut e, 8, AttentionPolicy::Full, true);
     feed(&mut e, 8, tokens(8, 9));
+    let scored = SamplingParams {
+        seed: Some(9),
+        prompt_logprobs: Some(3),
+        ..SamplingParams::default()
+    };
+    e.open_sequence(key(9), AttentionPolicy::Full, scored, false)
+        .unwrap();
+    e.step(&work(vec![entry(9, tokens(9, 10), false)])).unwrap();
     let mut w = work(vec![
         entry(1, tokens(10, 20), false),
         entry(2, tokens(20, 7), true),
@@ -61,6 +70,7 @@ pub(super) fn scenario_under(plan: Plan) -> (TestEngine, StepWork) {
         entry(6, tokens(60, 1), true),
         entry(7, tokens(70, 1), true),
         entry(8, tokens(80, 1), true),
+        entry(9, tokens(90, 6), true),
     ]);
     w.logits[0] = Some(logits_target(20));
     e.set_plan(plan);
@@ -161,8 +171,12 @@ fn the_mixed_step_exercises_every_path() {
     }
     for (r, seq) in ran.results.iter().zip(1..) {
         assert_eq!(r.token.is_some(), seq != 1);
-        assert_eq!(r.attention.is_some(), seq >= 3, "seq {seq}");
+        assert_eq!(r.attention.is_some(), (3..=8).contains(&seq), "seq {seq}");
+        assert_eq!(r.prompt_logprobs.is_empty(), seq != 9, "seq {seq}");
     }
+    assert!(s(9).prompt_row.is_some(), "a row kept from the first chunk");
+    assert!(ran.results[8].prompt_logprobs.iter().all(Option::is_some));
+    assert!(after(9).prompt_row.is_none(), "the prompt ended");
     assert_eq!(ran.results[7].attention.as_ref().unwrap().policy, "full");
     assert!(ran.logits.iter().all(|x| x.is_finite()));
     assert!(ran.logits.iter().any(|&x| x != 0.0));
