@@ -12,7 +12,7 @@ use super::report::{LOGITS_TOL, Row, SPLIT_TOL, diff};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::graphs::WARMUP;
 use crate::backend::cuda::{CudaBackend, Graphs};
-use crate::backend::{Backend, KvLayout, SeqMeta, StepMeta};
+use crate::backend::{Backend, KvLayout, StepMeta};
 use crate::error::Result;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
@@ -48,29 +48,16 @@ fn table(i: usize) -> Vec<u32> {
     (i as u32 * PER_SEQ..(i as u32 + 1) * PER_SEQ).collect()
 }
 
-/// Rows `(token, position)` of sequences, their contexts after the step.
+/// Rows `(token, position)` of sequences, their contexts after the step
+/// (sequence `i` on the blocks of `table(i)`).
 fn step_meta(toks: &[Vec<u32>], from: &[usize], logits: Vec<u32>) -> StepMeta {
-    let mut m = StepMeta {
-        logit_rows: logits,
-        ..StepMeta::default()
-    };
-    for (i, (t, &f)) in toks.iter().zip(from).enumerate() {
-        let tb = table(i);
-        let q_start = m.tokens.len();
-        for (j, &tok) in t.iter().enumerate() {
-            let p = f + j;
-            m.tokens.push(tok);
-            m.positions.push(p as u32);
-            m.slots.push(tb[p / 16] * 16 + (p % 16) as u32);
-        }
-        m.seqs.push(SeqMeta {
-            q_start,
-            q_len: t.len(),
-            ctx_len: f + t.len(),
-            block_table: tb,
-        });
-    }
-    m
+    let seqs: Vec<_> = toks
+        .iter()
+        .zip(from)
+        .enumerate()
+        .map(|(i, (t, &f))| (t.clone(), f, table(i)))
+        .collect();
+    super::lanes::step_meta(&seqs, logits)
 }
 
 fn logits<B: Backend>(b: &B, a: &B::Act, rows: usize) -> Result<Vec<f32>> {
