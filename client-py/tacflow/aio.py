@@ -31,8 +31,9 @@ import zmq.asyncio
 from . import __version__
 from .address import resolve_address
 from .companion import close_quietly, companion_path, send_memfd
-from .errors import DaemonUnavailable, ProtocolError, RequestTimeout, TacflowError, Unsupported
+from .errors import DaemonUnavailable, ProtocolError, RequestTimeout, TacflowError
 from .protocol import (
+    require_1_3,
     PROTOCOL_VERSION,
     REPLY_BIT,
     AttentionPolicy,
@@ -294,12 +295,7 @@ class AsyncClient:
         return rid
 
     def _check_1_3(self, sampling: SamplingParams | None, needs: bool) -> None:
-        if self._info is None or tuple(self._info.protocol) >= (1, 3):
-            return
-        if needs or (sampling is not None and sampling.uses_1_3()):
-            raise Unsupported(
-                "unsupported", "named blocks, sequence_state and vLLM's sampling need protocol 1.3"
-            )
+        require_1_3(self._info, sampling, needs)
 
     async def _session_request(self, kind: Kind) -> dict[str, Any]:
         return await self._call(kind, session_body(0, self._session))

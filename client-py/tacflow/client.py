@@ -33,9 +33,9 @@ from .errors import (
     ProtocolError,
     RequestTimeout,
     TacflowError,
-    Unsupported,
 )
 from .protocol import (
+    require_1_3,
     ERROR_KIND,
     REPLY_BIT,
     AttentionPolicy,
@@ -330,14 +330,7 @@ class Client:
 
     def _check_1_3(self, sampling: SamplingParams | None, needs: bool) -> None:
         """Refuses, before sending, what a pre-1.3 daemon would ignore."""
-        if self._info is None or tuple(self._info.protocol) >= (1, 3):
-            return
-        if needs or (sampling is not None and sampling.uses_1_3()):
-            raise Unsupported(
-                "unsupported",
-                f"this daemon speaks protocol {self._info.protocol[0]}.{self._info.protocol[1]}; "
-                "named blocks, sequence_state and vLLM's sampling options need 1.3",
-            )
+        require_1_3(self._info, sampling, needs)
 
     def fork_sequence(
         self,

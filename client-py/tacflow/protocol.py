@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import msgpack
 
-from .errors import ProtocolError, error_from_reply
+from .errors import ProtocolError, Unsupported, error_from_reply
 from .results import (  # re-exported: protocol.py is the one import for wire types
     AttentionDiagnostics,
     BackendInfo,
@@ -504,3 +504,17 @@ def decode_reply(
     if not byte & REPLY_BIT:
         raise ProtocolError("protocol_error", f"kind 0x{byte:02x} is not a reply")
     return byte & ~REPLY_BIT, body
+
+
+def require_1_3(info: HelloInfo | None, sampling: SamplingParams | None, needs: bool) -> None:
+    """Refuses, before sending, what a daemon older than 1.3 would ignore:
+    named blocks and ``sequence_state`` (``needs``), or vLLM's sampling
+    options. Nothing is refused before ``hello`` (``info`` is None)."""
+    if info is None or tuple(info.protocol) >= (1, 3):
+        return
+    if needs or (sampling is not None and sampling.uses_1_3()):
+        raise Unsupported(
+            "unsupported",
+            f"this daemon speaks protocol {info.protocol[0]}.{info.protocol[1]}; "
+            "named blocks, sequence_state and vLLM's sampling options need 1.3",
+        )
