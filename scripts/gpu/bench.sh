@@ -10,7 +10,8 @@
 #
 #   here:   scripts/gpu/prepare.sh
 #   device: bash scripts/gpu/bench.sh [selfcheck] [attention] [decode]
-#           (carry .device-carry and .whl: pyzmq for the client)
+#           (carry .device-carry and .whl: pyzmq for the client, FlashInfer
+#           and apache-tvm-ffi for the attention anchor)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 carry=.device-carry
@@ -32,17 +33,22 @@ stages=("$@")
 bin=/tmp/tacflowd-lab
 xz -dc "$carry/tacflowd-lab.xz" > "$bin" && chmod +x "$bin" || { echo "no tacflowd-lab in $carry" | tee -a "$log"; exit 1; }
 export TACFLOW_KERNEL_CACHE=/tmp/tacflow-kernels NO_COLOR=1 PYTHONUNBUFFERED=1
-whl=$(ls .whl/pyzmq-27.3.0-*.whl 2>/dev/null | head -1)
-if [ -n "$whl" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$whl" 2>&1 | tail -1
+# Carried Python packages (README of the device tool): wheels in .whl/, and
+# FlashInfer 0.7.2 as a trimmed tree (its wheel, 65 MB, is over what one
+# call carries: scripts/gpu/flashinfer-trim.sh makes the tarball).
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
     export PYTHONPATH=/tmp/site
+fi
+if [ -f .whl/flashinfer-0.7.2-trim.tar.xz ] && [ ! -d /tmp/site/flashinfer ]; then
+    mkdir -p /tmp/site && tar xJf .whl/flashinfer-0.7.2-trim.tar.xz -C /tmp/site
 fi
 
 rc=0
 for s in "${stages[@]}"; do
     echo -e "\n== $s ($(date -u +%H:%M:%S))" | tee -a "$log"
     case $s in
-        selfcheck) timeout 240 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
+        selfcheck) timeout 270 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
         selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
         variants) timeout 150 "$bin" bench-attention --variants --json "$out/attention-ours.json" 2>&1 | tee -a "$log" ;;
         profile)
@@ -56,7 +62,7 @@ for s in "${stages[@]}"; do
             done
             grep -E "^  attention|Duration|DRAM Throughput|Memory Throughput|Mem Busy|Max Bandwidth|Stall|Warp Cycles Per Issued|Issued Warp|L2 Hit|Registers|Achieved Occupancy" "$out/ncu.txt" | head -80 | tee -a "$log"
             ;;
-        attention) timeout 200 python3 bench/attention/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        attention) timeout 300 python3 bench/attention/run.py --no-variants --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         decode) timeout 330 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;
     esac
