@@ -9,7 +9,7 @@ bf16; K and V contiguous ``[batch, 8, context, 128]``, ``enable_gqa``) and,
 when it imports, FlashInfer's paged decode (``BatchDecodeWithPagedKVCacheWrapper``,
 pages of 16 tokens in random order, NHD). The read-only ceiling is the best
 of two read kernels over 2 GiB: torch's sum and a CuPy kernel of 16-byte
-loads (when CuPy imports). One table: time, GB/s of the K and V reads, the
+loads (when CuPy imports); the bf16 GEMM rate (8192^3) is measured too. One table: time, GB/s of the K and V reads, the
 fraction of the read-only ceiling, and the acceptance figures (ours at
 least 95% of SDPA's fraction at every case, and at least 90% of the
 read-only ceiling at every case of 4 or more sequences).
@@ -32,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+from ceilings import copy_bandwidth, gemm_rate, read_ceiling, time_calls  # noqa: E402
+
 CASES = [(1, 32768), (8, 32768), (32, 32768), (1, 131072), (4, 131072), (64, 4096), (256, 2048)]
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 OF_SDPA = 0.95  # ours at least this share of SDPA's fraction of the read ceiling
@@ -42,73 +45,6 @@ PAGE = 16  # FlashInfer's page size here (ours is 16 too)
 
 def kv_bytes(batch: int, ctx: int) -> int:
     return batch * ctx * KV_HEADS * HEAD_DIM * 2 * 2
-
-
-def time_calls(torch, fn, n: int, warmup: int = 5) -> list[float]:
-    """Microseconds of each of `n` calls, timed by events (fn(i) rotates)."""
-    for i in range(warmup):
-        fn(i)
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for i, (a, b) in enumerate(ev):
-        a.record()
-        fn(i)
-        b.record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) * 1e3 for a, b in ev]
-
-
-def copy_bandwidth(torch, nbytes: int = 2 << 30, reps: int = 20) -> float:
-    """Device-to-device copy, bytes read + written per second (median)."""
-    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    us = time_calls(torch, lambda i: dst.copy_(src), reps, warmup=3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (statistics.median(us) * 1e-6)
-
-
-READ_SRC = r"""
-extern "C" __global__ void read_u4(const uint4* __restrict__ p, unsigned long long n, unsigned int* out) {
-    unsigned int acc = 0;
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
-         i += (unsigned long long)gridDim.x * blockDim.x) {
-        uint4 v = __ldg(p + i);
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x9e3779b9u) out[0] = acc;  // keeps the loads; almost never taken
-}
-"""
-
-
-def read_ceiling(torch, nbytes: int = 2 << 30, reps: int = 20) -> dict:
-    """Bytes read per second by two read-only kernels over `nbytes` (the
-    median of `reps` calls each): torch's sum, and a CuPy kernel of
-    16-byte loads; the best is the read-only ceiling."""
-    x = torch.randn(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    out = {}
-    us = time_calls(torch, lambda i: x.sum(dtype=torch.float32), reps, warmup=3)
-    out["torch_sum"] = nbytes / (statistics.median(us) * 1e-6)
-    try:
-        import cupy
-
-        k = cupy.RawKernel(READ_SRC, "read_u4")
-        n16 = nbytes // 16
-        sink = torch.zeros(1, dtype=torch.int32, device="cuda")
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-
-        def call(i: int) -> None:
-            with stream:
-                k((sms * 8,), (512,), (x.data_ptr(), cupy.uint64(n16), sink.data_ptr()))
-
-        us = time_calls(torch, call, reps, warmup=3)
-        out["cupy_u4"] = nbytes / (statistics.median(us) * 1e-6)
-    except Exception as e:  # no CuPy, or it cannot compile here
-        out["cupy_u4_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    del x
-    torch.cuda.empty_cache()
-    out["best"] = max(v for k, v in out.items() if isinstance(v, float))
-    return out
 
 
 def flashinfer_case(torch, fi, batch: int, ctx: int) -> dict:
@@ -220,6 +156,8 @@ def main() -> int:
     print("read-only kernels over 2 GiB: " + ", ".join(
         f"{k} {v / 1e9:.0f} GB/s" if isinstance(v, float) else f"{k}: {v}" for k, v in read.items()), flush=True)
     ceiling = read["best"]
+    gemm = gemm_rate(torch)
+    print(f"bf16 GEMM 8192^3: {gemm / 1e12:.0f} TFLOP/s", flush=True)
     try:
         import flashinfer as fi
 
@@ -293,6 +231,7 @@ def main() -> int:
         "ours_copy_gbps": ours["copy_gbps"] if ours else None,
         "torch_copy_gbps": torch_copy / 1e9,
         "read_ceiling_gbps": {k: v / 1e9 for k, v in read.items() if isinstance(v, float)},
+        "gemm_tflops": gemm / 1e12,
         "ours": ours,
         "cases": rows,
     }
@@ -300,7 +239,8 @@ def main() -> int:
     (args.out / "attention.md").write_text("\n".join(lines) + "\n")
     print()
     print(f"copy bandwidth (read + write): ours {summary['ours_copy_gbps'] or float('nan'):.0f} GB/s, "
-          f"torch {torch_copy / 1e9:.0f} GB/s; read-only ceiling {ceiling / 1e9:.0f} GB/s")
+          f"torch {torch_copy / 1e9:.0f} GB/s; read-only ceiling {ceiling / 1e9:.0f} GB/s; "
+          f"bf16 GEMM {gemm / 1e12:.0f} TFLOP/s")
     print("\n".join(lines))
     return 0 if rc == 0 and all(r["verdict"] == "PASS" for r in rows) else 1
 

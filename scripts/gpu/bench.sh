@@ -9,7 +9,10 @@
 # under bench/logs/), the numbers to $OUT/*.json and $OUT/*.md.
 #
 #   here:   scripts/gpu/prepare.sh
-#   device: bash scripts/gpu/bench.sh [selfcheck] [attention] [decode]
+#   device: bash scripts/gpu/bench.sh [selfcheck] [failfast] [attention] [decode]
+#           [smollm2] [bf16-logits]   (the last two need the GGUF's second
+#           half: carry .device-carry-b in a call right after one that
+#           carried .device-carry, while the machine is warm)
 #           (carry .device-carry and .whl: pyzmq for the client, FlashInfer
 #           and apache-tvm-ffi for the attention anchor)
 set -uo pipefail
@@ -62,8 +65,27 @@ for s in "${stages[@]}"; do
             done
             grep -E "^  attention|Duration|DRAM Throughput|Memory Throughput|Mem Busy|Max Bandwidth|Stall|Warp Cycles Per Issued|Issued Warp|L2 Hit|Registers|Achieved Occupancy" "$out/ncu.txt" | head -80 | tee -a "$log"
             ;;
+        failfast)
+            # A real illegal memory access (tacflowd-faults, TACFLOW_INJECT_FAULT=illegal_address).
+            xz -dc "$carry/tacflowd-faults.xz" > /tmp/tacflowd-faults && chmod +x /tmp/tacflowd-faults
+            timeout 120 python3 scripts/gpu/failfast.py --bin /tmp/tacflowd-faults --out "$out" 2>&1 | tee -a "$log"
+            ;;
+        smollm2|bf16-logits)
+            # SmolLM2's GGUF, carried in two halves (scripts/gpu/prepare.sh).
+            if [ ! -f /tmp/smollm2.gguf ]; then
+                cat "$carry/smollm2.gguf.part-a" .device-carry-b/smollm2.gguf.part-b > /tmp/smollm2.gguf
+                (cd /tmp && sha256sum -c --quiet "$OLDPWD/$carry/smollm2.gguf.sha256") || { echo "smollm2: GGUF does not match its sha256" | tee -a "$log"; rm -f /tmp/smollm2.gguf; }
+            fi
+            if [ "$s" = smollm2 ]; then
+                timeout 420 "$bin" selfcheck --groups smollm2 --smollm2 /tmp/smollm2.gguf --tokens "$carry/text.tokens" 2>&1 | tee -a "$log"
+            else
+                timeout 420 python3 scripts/gpu/bf16_logits.py --bin "$bin" --gguf /tmp/smollm2.gguf --tokens "$carry/text.tokens" \
+                    --out "$out" --device cuda --backend cuda --daemon-arg=--cuda-graphs \
+                    --daemon-arg=--fuse=add-rmsnorm,rope-kv-append,silu-gemm-input 2>&1 | tee -a "$log"
+            fi
+            ;;
         attention) timeout 300 python3 bench/attention/run.py --no-variants --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
-        decode) timeout 330 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        decode) timeout 560 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;
     esac
     r=${PIPESTATUS[0]}
@@ -75,7 +97,7 @@ done
     echo -e "\n== summary"
     grep -E "^selfcheck: [0-9]+ passed" "$log" | tail -1
     grep -E "^FAIL " "$log" | head -20
-    for f in attention.md decode.md; do [ -f "$out/$f" ] && { echo; cat "$out/$f"; }; done
+    for f in attention.md decode.md bf16_logits.md; do [ -f "$out/$f" ] && { echo; cat "$out/$f"; }; done
     grep -E "^batch 64 in-daemon" "$log" | tail -1
 } 2>&1 | tee -a "$log"
 exit "$rc"

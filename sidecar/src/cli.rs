@@ -179,8 +179,8 @@ struct ServeArgs {
     /// GEMM inputs rounded to bf16).
     #[arg(long, env = "TACFLOW_GPU_ACTIVATIONS", value_enum)]
     gpu_activations: Option<GpuActivations>,
-    /// Fused ops to run (comma-separated; none by default; not used by the
-    /// forward pass yet).
+    /// Fused ops to run (comma-separated; none by default): the forward
+    /// pass runs each named pair of ops as one kernel.
     #[arg(long, env = "TACFLOW_FUSE", value_enum, value_delimiter = ',')]
     fuse: Vec<Fusion>,
     /// Replay pure decode steps (one token per sequence, at most 64) as

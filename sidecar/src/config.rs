@@ -155,7 +155,7 @@ pub struct Config {
     /// its bucket (1, 2, 4, 8, 16, ..., 64), eagerly for its key's first
     /// two steps, then captured once and replayed. Prefill and mixed steps
     /// run eagerly. One KV block is reserved for the padding rows. Refused
-    /// at start with `gpu_lanes` > 1 or `gpu_activations = "bf16"`.
+    /// at start with `gpu_lanes` > 1.
     pub cuda_graphs: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:

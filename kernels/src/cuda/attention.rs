@@ -242,15 +242,15 @@ impl AttnWorkspace {
     fn ensure(&mut self, gpu: &Gpu, acc: usize, ml: usize, counters: usize) -> Result<[u64; 3]> {
         if self.acc.as_ref().is_none_or(|b| b.len() < acc) {
             self.acc = Some(gpu.alloc(acc)?);
-            gpu.note_regrowth();
+            gpu.note_workspace_regrowth();
         }
         if self.ml.as_ref().is_none_or(|b| b.len() < ml) {
             self.ml = Some(gpu.alloc(ml)?);
-            gpu.note_regrowth();
+            gpu.note_workspace_regrowth();
         }
         if self.counters.as_ref().is_none_or(|b| b.len() < counters) {
             self.counters = Some(gpu.alloc_zeroed(counters)?);
-            gpu.note_regrowth();
+            gpu.note_workspace_regrowth();
         }
         fn p<T>(gpu: &Gpu, b: &Option<CudaSlice<T>>) -> u64 {
             b.as_ref().map_or(0, |b| gpu.ptr(b))

@@ -179,15 +179,17 @@ impl Gpu {
         ws.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Changes whenever a lane's attention split workspace or GEMM scratch
-    /// is reallocated (grown): a captured graph holds their addresses, so
+    /// Changes whenever a lane's attention split workspace or GEMM scratch,
+    /// or a workspace a caller noted, is reallocated (grown): a captured graph holds their addresses, so
     /// one captured at another generation must not be replayed.
     pub fn workspace_generation(&self) -> u64 {
         self.regrowths.load(Ordering::Relaxed)
     }
 
-    /// A workspace was reallocated (see [`Gpu::workspace_generation`]).
-    pub(crate) fn note_regrowth(&self) {
+    /// A workspace was reallocated (see [`Gpu::workspace_generation`]);
+    /// public for workspaces that the caller keeps (the CUDA backend's
+    /// attention scratch).
+    pub fn note_workspace_regrowth(&self) {
         self.regrowths.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -100,11 +100,11 @@ impl Gpu {
         let mut s = self.gemm_scratch();
         if s.halves.as_ref().is_none_or(|b| b.len() < 2 * m * k) {
             s.halves = Some(self.alloc::<bf16>(2 * m * k)?);
-            self.note_regrowth();
+            self.note_workspace_regrowth();
         }
         if s.tmp.as_ref().is_none_or(|b| b.len() < 2 * m * n) {
             s.tmp = Some(self.alloc::<f32>(2 * m * n)?);
-            self.note_regrowth();
+            self.note_workspace_regrowth();
         }
         let GemmScratch { halves, tmp } = &mut *s;
         let (halves, tmp) = (halves.as_mut().expect("set"), tmp.as_mut().expect("set"));

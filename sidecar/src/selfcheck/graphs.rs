@@ -6,13 +6,18 @@
 //! bit: the same kernels over the same shapes and plan), against the
 //! plain eager pass (its attention plans for the step's context and its
 //! GEMMs run the unpadded rows, so f32 sums go in another order:
-//! `SPLIT_TOL`), and against the CPU.
+//! `SPLIT_TOL`), and against the CPU. Then the same with bf16
+//! activations (their f32 attention output kept in the backend's scratch
+//! from step to step), against the CPU's bf16 twin; against the plain
+//! eager pass within `BF16_TOL`, since a reordered f32 sum can round to
+//! the neighbouring bf16 value.
 
-use super::report::{LOGITS_TOL, Row, SPLIT_TOL, diff};
+use super::report::{BF16_TOL, LOGITS_TOL, Row, SPLIT_TOL, diff};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::graphs::WARMUP;
 use crate::backend::cuda::{CudaBackend, Graphs};
 use crate::backend::{Backend, KvLayout, StepMeta};
+use crate::config::GpuActivations;
 use crate::error::Result;
 use crate::model::Model;
 use crate::model::config::ModelConfig;
@@ -30,10 +35,21 @@ pub fn graphs(mut b: CudaBackend, seed: u64) -> Vec<Row> {
     b.gpu_mut().set_sync_launches(false);
     let mut rows = vec![];
     for n in [2usize, 5] {
-        match batch(&b, seed, n) {
+        match batch(&b, seed, n, false) {
             Ok(r) => rows.extend(r),
             Err(e) => rows.push(Row::fail("graphs", format!("b={n}"), e.to_string())),
         }
+    }
+    match b.with_activations(GpuActivations::Bf16) {
+        Ok(b) => {
+            for n in [2usize, 5] {
+                match batch(&b, seed, n, true) {
+                    Ok(r) => rows.extend(r),
+                    Err(e) => rows.push(Row::fail("graphs", format!("bf16 b={n}"), e.to_string())),
+                }
+            }
+        }
+        Err(e) => rows.push(Row::fail("graphs", "bf16 activations", e.to_string())),
     }
     rows
 }
@@ -75,7 +91,8 @@ fn worse(worst: f64, got: &[f32], want: &[f32]) -> f64 {
     worst.max(d.rel)
 }
 
-fn batch(b: &CudaBackend, seed: u64, n: usize) -> Result<Vec<Row>> {
+/// `bf16`: `b` runs bf16 activations, checked against the CPU's twin.
+fn batch(b: &CudaBackend, seed: u64, n: usize, bf16: bool) -> Result<Vec<Row>> {
     let config = ModelConfig::tiny();
     let src = RandomSource {
         config: config.clone(),
@@ -83,7 +100,7 @@ fn batch(b: &CudaBackend, seed: u64, n: usize) -> Result<Vec<Row>> {
     };
     let cpu = CpuBackend {
         round_to_bf16: true,
-        round_activations: false,
+        round_activations: bf16,
     };
     let layout = KvLayout {
         num_layers: config.num_layers,
@@ -149,9 +166,14 @@ fn batch(b: &CudaBackend, seed: u64, n: usize) -> Result<Vec<Row>> {
         "{STEPS} steps, {buckets}: {} warm-up/eager, {} captured, {} replayed, {} cleared",
         counts.eager, counts.captures, counts.replays, counts.clears
     );
+    let label = if bf16 {
+        format!("bf16 b={n}")
+    } else {
+        format!("b={n}")
+    };
     let mut cpu_row = Row::at_most(
         "graphs",
-        format!("b={n} replay vs CPU"),
+        format!("{label} replay vs CPU"),
         "rel_err",
         vs_cpu,
         LOGITS_TOL,
@@ -167,7 +189,7 @@ fn batch(b: &CudaBackend, seed: u64, n: usize) -> Result<Vec<Row>> {
     Ok(vec![
         Row::at_most(
             "graphs",
-            format!("b={n} replay vs bucket eager"),
+            format!("{label} replay vs bucket eager"),
             "rel_err",
             vs_bucket,
             0.0,
@@ -175,10 +197,10 @@ fn batch(b: &CudaBackend, seed: u64, n: usize) -> Result<Vec<Row>> {
         .with_note("bit for bit"),
         Row::at_most(
             "graphs",
-            format!("b={n} replay vs eager"),
+            format!("{label} replay vs eager"),
             "rel_err",
             vs_eager,
-            SPLIT_TOL,
+            if bf16 { BF16_TOL } else { SPLIT_TOL },
         )
         .with_note("other split plan and GEMM rows: f32 sums reordered"),
         cpu_row,

@@ -3,8 +3,8 @@
 //!
 //! A step qualifies ([`graph_key`]) when every sequence in it decodes one
 //! token, with full attention (the model asks only then: no sparse
-//! selection on the host) in the sequential schedule, on one lane, with
-//! split (f32) GEMM inputs, without synchronous launches, its rows fit the
+//! selection on the host) in the sequential schedule, on one lane,
+//! without synchronous launches, its rows fit the
 //! largest bucket ([`MAX_GRAPH_ROWS`]) and its block tables the bucket's
 //! capacity. Logits written to regions are fine: the real logit rows are
 //! copied out of the bucket's rows after the step. Every other step (a
@@ -21,8 +21,8 @@
 //! step is run so). Padding rows write their K and V to the slot of the
 //! block the engine reserved ([`Backend::set_pad_block`]).
 //!
-//! Workspace regrowth: the attention split workspace and the GEMM scratch
-//! grow, never shrink; a graph holds their addresses, so when
+//! Workspace regrowth: the attention split workspace, the GEMM scratch and
+//! (bf16 activations) the attention's f32 scratch grow, never shrink; a graph holds their addresses, so when
 //! `Gpu::workspace_generation` has moved since the last graph step every
 //! graph is dropped ([`GraphCache::clear`]) before anything is replayed,
 //! and the keys warm up and are captured again (the sizes only grow, so
@@ -169,13 +169,6 @@ impl CudaBackend {
                 self.gpu.lanes()
             )));
         }
-        if self.bf16_acts() {
-            return Err(Error::Config(
-                "cuda_graphs with gpu_activations = \"bf16\": its attention output goes \
-                 through a pooled buffer per step, which a graph cannot hold"
-                    .into(),
-            ));
-        }
         *self.graphs.borrow_mut() = Some(Graphs::new(WARMUP));
         Ok(self)
     }
@@ -196,10 +189,7 @@ impl CudaBackend {
         let Some(g) = g.as_ref() else {
             return false;
         };
-        self.gpu.lanes() == 1
-            && !self.gpu.sync_launches()
-            && !self.bf16_acts()
-            && g.key(meta).is_some()
+        self.gpu.lanes() == 1 && !self.gpu.sync_launches() && g.key(meta).is_some()
     }
 
     /// The step through its bucket (the module doc).

@@ -55,7 +55,7 @@ use rayon::prelude::*;
 use tacflow_kernels::cpu::SampleParams;
 use tacflow_kernels::cuda::{
     AttnIo, AttnOverride, AttnPlan, AttnShape, BufferPool, CudaSlice, CudaViewMut, DeviceStep, Gpu,
-    KvCache, RmsOut, row_view_mut,
+    KvCache, Pooled, RmsOut, row_view_mut,
 };
 
 /// Whether a usable GPU is present: its name, or why not.
@@ -77,6 +77,11 @@ pub struct CudaBackend {
     /// `RefCell` because the ops take `&self`; only the executor thread
     /// touches it.
     graphs: std::cell::RefCell<Option<Graphs>>,
+    /// bf16 activations: the attention kernel's f32 output before its cast
+    /// to bf16. Kept from step to step, so that a captured graph's address
+    /// of it stays valid; it grows, never shrinks, and a regrowth counts as
+    /// a workspace regrowth (every graph is dropped and captured again).
+    attn_f32: std::cell::RefCell<Option<Pooled>>,
 }
 
 impl CudaBackend {
@@ -93,6 +98,7 @@ impl CudaBackend {
             pool: BufferPool::default(),
             activations: GpuActivations::Split,
             graphs: Default::default(),
+            attn_f32: Default::default(),
         })
     }
 
@@ -321,6 +327,34 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// The attention scratch (`attn_f32`) as an f32 activation of
+    /// `rows x cols`, regrown when too small; hand it back with
+    /// [`CudaBackend::keep_attention_scratch`].
+    pub(super) fn attention_scratch(&self, rows: usize, cols: usize) -> Result<Act> {
+        let n = rows * cols;
+        let buf = match self.attn_f32.borrow_mut().take() {
+            Some(b) if b.len() >= n => b,
+            old => {
+                // The old buffer goes back to the pool (one lane: in stream
+                // order); a graph that held it must not replay.
+                drop(old);
+                self.gpu.note_workspace_regrowth();
+                self.pool.take(&self.gpu, n)?
+            }
+        };
+        Ok(Act {
+            rows,
+            cols,
+            buf: ActBuf::F32(buf),
+        })
+    }
+
+    pub(super) fn keep_attention_scratch(&self, a: Act) {
+        if let ActBuf::F32(b) = a.buf {
+            *self.attn_f32.borrow_mut() = Some(b);
+        }
+    }
+
     /// Rows `rows` of `a` to write as bf16, its buffer allocated first if
     /// it has none of that dtype (one lane only: bf16 mode's rule).
     fn out_rows_bf16<'a>(&self, a: &'a mut Act, rows: &RowRange) -> Result<CudaViewMut<'a, bf16>> {

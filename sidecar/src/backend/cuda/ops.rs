@@ -249,15 +249,19 @@ impl Backend for CudaBackend {
             self.attention_rows(step, (qkv, kv, layer), d, out, force, rows)?;
             return Ok(());
         }
-        // The output is the o projection's input: f32 from the kernel,
-        // cast to bf16 (the f32 buffer goes back to the pool, in stream
-        // order, after the cast).
-        let mut f = self.act(out.rows, out.cols)?;
-        self.attention_rows(step, (qkv, kv, layer), d, &mut f, force, rows.clone())?;
-        let n = rows.len() * out.cols;
-        let src = f.rows_f32("attention", &rows)?;
-        let mut o = self.out_rows_bf16(out, &rows)?;
-        Ok(self.gpu.cast_bf16(&src, &mut o, n)?)
+        // The output is the o projection's input: f32 from the kernel into
+        // the backend's attention scratch, then cast to bf16.
+        let mut f = self.attention_scratch(out.rows, out.cols)?;
+        let r = self
+            .attention_rows(step, (qkv, kv, layer), d, &mut f, force, rows.clone())
+            .and_then(|_plan| {
+                let n = rows.len() * out.cols;
+                let src = f.rows_f32("attention", &rows)?;
+                let mut o = self.out_rows_bf16(out, &rows)?;
+                Ok(self.gpu.cast_bf16(&src, &mut o, n)?)
+            });
+        self.keep_attention_scratch(f);
+        r
     }
 
     fn add(&self, x: &mut Act, y: &Act, rows: RowRange) -> Result<()> {
