@@ -3,8 +3,9 @@
 
 One run, one card:
 
-1. the ceilings, measured here with torch: the read-only bandwidth (the best
-   of two read kernels over 2 GiB), the copy bandwidth and the bf16 GEMM
+1. the ceilings: the read-only bandwidth (the best of three read kernels
+   over 2 GiB: torch's sum, a CuPy kernel, tacflowd's own through the lab's
+   bench-attention), and with torch the copy bandwidth and the bf16 GEMM
    rate (8192^3 on random data);
 2. for each configuration (activation dtype, CUDA graphs, fusions), a
    daemon (``tacflowd serve --model random:llama-3-8b``) driven through the
@@ -71,13 +72,21 @@ def step_cost(batch: int, ctx: int) -> tuple[float, float]:
     return weight_bytes + kv_read + kv_write, flops
 
 
-def ceilings() -> dict:
+def ceilings(tacflowd: str | None) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
     from ceilings import copy_bandwidth, gemm_rate, read_ceiling
 
     read = read_ceiling(torch)
+    if tacflowd:
+        # tacflowd's own read kernel, as bench-attention measures it (the lab build).
+        with tempfile.TemporaryDirectory() as d:
+            j = Path(d) / "a.json"
+            cmd = [tacflowd, "bench-attention", "--cases", "1:4096", "--iters", "20", "--json", str(j)]
+            if subprocess.call(cmd, stdout=subprocess.DEVNULL) == 0 and j.exists():
+                read["tacflowd_read"] = json.loads(j.read_text())["read_gbps"] * 1e9
+                read["best"] = max(read["best"], read["tacflowd_read"])
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -170,7 +179,7 @@ def main() -> int:
     ap.add_argument("--inprocess", action="store_true", help="also run the lab's bench-decode")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ceil = ceilings()
+    ceil = ceilings(args.tacflowd)
     print(f"ceilings on {ceil['device']}: read {ceil['read_Bps'] / 1e9:.0f} GB/s, copy {ceil['copy_Bps'] / 1e9:.0f} GB/s, "
           f"bf16 GEMM {ceil['gemm_flops'] / 1e12:.0f} TFLOP/s", flush=True)
     inproc = {"results": []}

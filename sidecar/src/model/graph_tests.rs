@@ -111,3 +111,39 @@ fn a_padded_decode_step_on_a_kept_workspace_gives_the_eager_logits() {
         assert!(d.rel <= 1e-6 && d.unwritten == 0, "step {step}: {d:?}");
     }
 }
+
+/// A step that samples nothing (a prefill chunk before the prompt's end)
+/// runs no op over no rows: the final norm would read a gather output
+/// that nothing wrote, which a backend allocating its outputs lazily (the
+/// CUDA backend) refuses. Counted through the fault backend's op counter:
+/// with no logit rows, exactly the gather, the final norm and the LM head
+/// drop out.
+#[test]
+fn a_step_that_samples_nothing_skips_its_empty_nodes() {
+    use crate::backend::faults::Faulty;
+    let b = Faulty::new(CpuBackend::default());
+    let config = ModelConfig::tiny();
+    let src = RandomSource {
+        config: config.clone(),
+        seed: 3,
+    };
+    let model = Model::load(&b, &config, &src, |_, _| {}).unwrap();
+    let layout = KvLayout {
+        num_layers: config.num_layers,
+        num_blocks: 4,
+        block_size: 16,
+        num_kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+    };
+    let toks: Vec<u32> = (0..20u32).map(|i| (i * 13 + 1) % 500).collect();
+    let ops_of = |m: &StepMeta| {
+        let mut kv = b.kv_cache(&layout).unwrap();
+        let before = b.ops();
+        model.forward(&b, &mut kv, m).unwrap();
+        b.ops() - before
+    };
+    let silent = crate::selfcheck::one_seq_meta(&toks);
+    let mut sampling = silent.clone();
+    sampling.logit_rows = vec![toks.len() as u32 - 1];
+    assert_eq!(ops_of(&sampling) - ops_of(&silent), 3);
+}

@@ -354,6 +354,12 @@ impl<B: Backend> Model<B> {
         run::execute(b, schedule, order, |i| {
             let node = &schedule.nodes[i];
             b.begin_node(i, node);
+            // A node over no rows has nothing to do (the final norm and the
+            // LM head of a step that samples nothing); its input was never
+            // written, and a backend that allocates lazily refuses to read it.
+            if node.rows.is_empty() {
+                return Ok(());
+            }
             self.run_node(b, kv, &mut pass, node)
         })
     }
