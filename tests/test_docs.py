@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SELF = "tests/test_docs.py"
 SKIPPED_DIRS = ("bench/logs/",)
 # Names of files the benchmarks write into their output folder
-# (bench/attention/run.py, bench/decode/run.py, scripts/gpu/bench.sh): names,
-# not references to documents of the repository.
-GENERATED = {"attention.md", "decode.md"}
+# (bench/attention/run.py, bench/decode/run.py, scripts/gpu/bench.sh,
+# scripts/gpu/bf16_logits.py): names, not references to documents of the
+# repository.
+GENERATED = {"attention.md", "decode.md", "bf16_logits.md"}
 
 URL = re.compile(r"[a-z]+://\S+")
 MD_REF = re.compile(r"(?<![\w/.$*-])((?:\.\.?/)*(?:[\w.-]+/)*[\w-][\w.-]*\.md)(?![\w])")
