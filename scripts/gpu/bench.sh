@@ -52,7 +52,13 @@ for s in "${stages[@]}"; do
     echo -e "\n== $s ($(date -u +%H:%M:%S))" | tee -a "$log"
     case $s in
         selfcheck) timeout 270 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
+        selfcheck-graphs) timeout 120 "$bin" selfcheck --groups graphs 2>&1 | tee -a "$log" ;;
         selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
+        attention-tune)
+            # Every variant and forced split counts on the cases where the
+            # daemon's kernel trails SDPA most.
+            timeout 200 "$bin" bench-attention --variants --splits 2,4,8,16,32 \
+                --cases 8:32768,32:32768,4:131072,256:2048 --json "$out/attention-tune.json" 2>&1 | tee -a "$log" ;;
         variants) timeout 150 "$bin" bench-attention --variants --json "$out/attention-ours.json" 2>&1 | tee -a "$log" ;;
         profile)
             # ncu on 256 x 2k, one launch of each of three kernels: DRAM
@@ -85,7 +91,7 @@ for s in "${stages[@]}"; do
             fi
             ;;
         attention) timeout 300 python3 bench/attention/run.py --no-variants --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
-        decode) timeout 560 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        decode) timeout 400 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;
     esac
     r=${PIPESTATUS[0]}
