@@ -93,6 +93,10 @@ enum Command {
         /// With --timeline: write each timeline (a line per CTA) as CSV here.
         #[arg(long)]
         timeline_csv: Option<PathBuf>,
+        /// Each sequence's pages in allocation order (consecutive blocks)
+        /// instead of a random order.
+        #[arg(long)]
+        pages_in_order: bool,
     },
     /// Decode-step time of a random model, host wall and GPU-only (the
     /// lab).
@@ -403,6 +407,7 @@ pub fn main() -> anyhow::Result<()> {
             splits,
             timeline,
             timeline_csv,
+            pages_in_order,
         }) => {
             init_logging(LogFormat::Text);
             let cases = if cases.is_empty() {
@@ -438,6 +443,7 @@ pub fn main() -> anyhow::Result<()> {
                 splits,
                 timeline,
                 timeline_csv,
+                pages_in_order,
             };
             Ok(crate::bench::attention::run(&opts)?)
         }

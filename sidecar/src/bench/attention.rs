@@ -89,6 +89,9 @@ pub struct Options {
     pub timeline: bool,
     /// Also write each timeline, a line per CTA, as CSV into this folder.
     pub timeline_csv: Option<PathBuf>,
+    /// Each sequence's pages in allocation order (consecutive blocks, as a
+    /// fresh cache hands them out) instead of a random order.
+    pub pages_in_order: bool,
 }
 
 /// One timed kernel on one case.
@@ -112,7 +115,13 @@ struct CaseData {
     out: tacflow_kernels::cuda::CudaSlice<f32>,
 }
 
-fn prepare(gpu: &Gpu, s: BenchShape, batch: usize, ctx: usize, seed: u64) -> Result<CaseData> {
+fn prepare(
+    gpu: &Gpu,
+    s: BenchShape,
+    (batch, ctx): (usize, usize),
+    seed: u64,
+    in_order: bool,
+) -> Result<CaseData> {
     let bytes = batch * ctx * s.token_bytes();
     let sets = (1usize << 30).div_ceil(bytes).clamp(1, 8);
     let pages = ctx.div_ceil(16);
@@ -121,7 +130,11 @@ fn prepare(gpu: &Gpu, s: BenchShape, batch: usize, ctx: usize, seed: u64) -> Res
     let n = kv.layer_elems();
     gpu.random_bf16(&mut kv.k, n, seed, 11, 0.0, 1.0)?;
     gpu.random_bf16(&mut kv.v, n, seed, 12, 0.0, 1.0)?;
-    let order = shuffled(blocks, seed);
+    let order = if in_order {
+        (0..blocks as u32).collect()
+    } else {
+        shuffled(blocks, seed)
+    };
     let mut steps = vec![];
     for set in order.chunks(batch * pages) {
         let a = StepArrays {
@@ -307,7 +320,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut table = vec![];
     for &(batch, ctx) in &opts.cases {
         let bytes = (batch * ctx * s.token_bytes()) as f64;
-        let mut d = prepare(&gpu, s, batch, ctx, opts.seed)?;
+        let mut d = prepare(&gpu, s, (batch, ctx), opts.seed, opts.pages_in_order)?;
         for &k in &kernels {
             let name = kernel_name(&k);
             if !opts.only.is_empty() && !opts.only.iter().any(|o| name.contains(o.as_str())) {
@@ -356,6 +369,7 @@ pub fn run(opts: &Options) -> Result<()> {
                 "shape": {"heads": s.heads, "kv_heads": s.kv_heads, "head_dim": s.head_dim},
                 "daemon_kernel": daemon.tag(),
                 "slots": slots,
+                "pages_in_order": opts.pages_in_order,
                 "results": rows,
             }),
         )?;
