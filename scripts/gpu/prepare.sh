@@ -16,7 +16,6 @@
 #   scripts/gpu/prepare.sh [SMOLLM2.gguf TEXT.tokens]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.device-carry-b' .git/info/exclude 2>/dev/null || echo '/.device-carry-b' >> .git/info/exclude
 rm -rf .device-carry .device-carry-b
 mkdir -p .device-carry .device-carry-b
 # The lab and fault-injection builds first, then the product, so that
