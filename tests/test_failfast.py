@@ -138,6 +138,25 @@ def test_a_bad_fault_plan_refuses_to_start(tmp_path):
     assert r.returncode != 0 and "TACFLOW_INJECT_FAULT" in r.stderr
 
 
+def test_a_real_device_fault_is_refused_on_the_cpu(tmp_path):
+    # illegal_address launches a kernel that faults a CUDA context: on the
+    # CPU backend there is none, so the plan is refused before the model
+    # loads rather than turned into an ordinary step error.
+    sock = tmp_path / "s.sock"
+    plan = "illegal_address@step:3"
+    r = subprocess.run(
+        [str(FAULTS_BIN), "serve", "--backend", "cpu", "--socket", str(sock),
+         "--model", "tiny", "--kv-blocks", "64"],
+        env={"TACFLOW_INJECT_FAULT": plan, "TACFLOW_LOG": "info"},
+        capture_output=True, text=True, timeout=60,
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert f"TACFLOW_INJECT_FAULT={plan}" in out and "--backend cuda" in out, out
+    assert "loading model" not in out, "refused after loading"
+    assert not sock.exists()
+
+
 # ---------------------------------------------------------------- refusals
 
 

@@ -1,16 +1,23 @@
 //! Every CUDA kernel, the daemon's and the lab's, compiles through NVRTC
 //! for Hopper (sm_90) with no GPU or driver: CI runs this with the pinned
 //! NVRTC wheel (`source scripts/ci/nvrtc-env VENV`). Without libnvrtc it
-//! FAILS, never passes silently.
+//! FAILS, never passes silently. The fault-injection kernel exists only
+//! with its feature, and is compiled here when that is on:
+//! `cargo test --release -p tacflow-kernels --features fault-injection --test nvrtc_compile`.
 
 use tacflow_kernels::cuda::nvrtc::{compile, entry_names, resource_report, version};
 use tacflow_kernels::cuda::sources::{LAB_MODULES, MODULES, Module, kernel_names};
 
 fn all_modules() -> impl Iterator<Item = (Module, bool)> {
+    #[cfg(feature = "fault-injection")]
+    let fault = tacflow_kernels::cuda::sources::FAULT_MODULES;
+    #[cfg(not(feature = "fault-injection"))]
+    let fault: [Module; 0] = [];
     MODULES
         .into_iter()
         .map(|m| (m, false))
         .chain(LAB_MODULES.into_iter().map(|m| (m, true)))
+        .chain(fault.into_iter().map(|m| (m, true)))
 }
 
 fn require_nvrtc() {

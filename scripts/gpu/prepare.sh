@@ -4,7 +4,9 @@
 # machine (no Rust there):
 #   .device-carry/    tacflowd (stripped, xz), tacflowd-lab (the same with
 #                     the `lab` feature: the bench-* subcommands and the
-#                     lab's kernels), COMMIT, and optionally the
+#                     lab's kernels), tacflowd-faults (the test daemon with
+#                     fault injection, for scripts/gpu/failfast.sh), COMMIT,
+#                     and optionally the
 #                     first part of SmolLM2's GGUF, its sha256 and the text's
 #                     token ids
 #   .device-carry-b/  the GGUF's second part (the whole file is larger than
@@ -14,16 +16,17 @@
 #   scripts/gpu/prepare.sh [SMOLLM2.gguf TEXT.tokens]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.device-carry-b' .git/info/exclude 2>/dev/null || echo '/.device-carry-b' >> .git/info/exclude
 rm -rf .device-carry .device-carry-b
 mkdir -p .device-carry .device-carry-b
-# The lab build first, then the product, so that target/release/tacflowd is
-# the product again afterwards.
+# The lab and fault-injection builds first, then the product, so that
+# target/release/tacflowd is the product again afterwards.
 cargo build --release -p tacflow-sidecar --features lab --bin tacflowd
 strip -o .device-carry/tacflowd-lab target/release/tacflowd
+cargo build --release -p tacflow-sidecar --features fault-injection --bin tacflowd-faults
+strip -o .device-carry/tacflowd-faults target/release/tacflowd-faults
 cargo build --release -p tacflow-sidecar --bin tacflowd
 strip -o .device-carry/tacflowd target/release/tacflowd
-xz -T0 -6 .device-carry/tacflowd .device-carry/tacflowd-lab
+xz -T0 -6 .device-carry/tacflowd .device-carry/tacflowd-lab .device-carry/tacflowd-faults
 dirty=$(git diff --quiet HEAD -- kernels sidecar scripts/gpu && echo "" || echo " (+ uncommitted changes)")
 echo "$(git rev-parse HEAD)$dirty" > .device-carry/COMMIT
 if [ $# -ge 2 ]; then

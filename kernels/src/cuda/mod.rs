@@ -19,6 +19,7 @@
 //! | fused ops: residual add + RMSNorm, RoPE + KV append, SwiGLU into bf16 | [`fused`] |
 //! | CUDA graphs: capture and replay of a step per batch-size bucket | [`graph`] |
 //! | sampling and log-probabilities | [`sampling`] |
+//! | a kernel that faults the context on purpose (feature `fault-injection`, the fail-fast tests) | `fault` |
 //! | the lab (feature `lab`): its modules, kernels chosen by hand, the first attention kernel as a baseline, event timing, the copy and read ceilings, a stream hold | `lab`, `attention_regs`, `timing` |
 //!
 //! Dtypes: weights and the KV cache are bf16; the residual stream and every
@@ -31,6 +32,8 @@ pub mod attention;
 #[cfg(feature = "lab")]
 pub mod attention_regs;
 pub mod device;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod fused;
 pub mod gemm;
 pub mod graph;

@@ -9,6 +9,9 @@
 //! read ceiling, a stream hold): the NVRTC tests compile them in every
 //! build so that they cannot rot, but only the lab's code (the `lab`
 //! feature: `tacflowd bench-*`, the lab's self-check cases) loads them.
+//! [`FAULT_MODULES`] exist only with the `fault-injection` feature (the
+//! test daemon `tacflowd-faults`): a kernel that faults the context on
+//! purpose, which no other build embeds.
 
 /// Helpers every module starts with: bf16 bit conversions, reductions, the
 /// counter-based generator (the twin of `crate::rng`).
@@ -95,6 +98,11 @@ pub const LAB_MODULES: [Module; 3] = [
     ),
     module("bench", include_str!("kernels/lab/bench.cu")),
 ];
+
+/// The kernel that faults on purpose (`fault.rs`; feature
+/// `fault-injection` only, so that a release daemon does not embed it).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_MODULES: [Module; 1] = [module("fault", include_str!("kernels/fault.cu"))];
 
 /// Head sizes and query heads per CTA that `attention.cu` instantiates.
 pub const ATTENTION_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
@@ -360,6 +368,8 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         "kv" => &["kv_append_bf16", "copy_blocks_bf16"],
         "attention_regs" => &["attention_regs_f32_d128_g4", "attention_regs_merge_f32"],
         "bench" => &["read_ceiling", "spin_wait"],
+        #[cfg(feature = "fault-injection")]
+        "fault" => &["write_unmapped_u32"],
         "sampling" => &["sample_f32"],
         "fused" => &[
             "add_rmsnorm_f32",
@@ -418,6 +428,25 @@ mod tests {
                 let k = attention_kernel(d, g, AttnVariant::default_for(d, g));
                 assert!(product.contains(&k), "{k}");
             }
+        }
+    }
+
+    /// The fault kernel is neither the daemon's nor the lab's, and the
+    /// product's PTX table (ptx_identity.rs) does not list it.
+    #[cfg(feature = "fault-injection")]
+    #[test]
+    fn the_fault_kernel_is_in_no_other_module() {
+        let fault = kernel_names(FAULT_MODULES[0].name);
+        assert_eq!(fault, ["write_unmapped_u32"]);
+        let others: Vec<String> = MODULES
+            .iter()
+            .chain(&LAB_MODULES)
+            .flat_map(|m| kernel_names(m.name))
+            .collect();
+        let table = include_str!("../../ptx-identity.tsv");
+        for n in &fault {
+            assert!(!others.contains(n), "{n} is in another module");
+            assert!(!table.contains(n.as_str()), "{n} is in the PTX table");
         }
     }
 

@@ -3,6 +3,10 @@
 //! failing or lost device. Built only for tests and with the
 //! `fault-injection` feature: a release daemon has none of it.
 //!
+//! Every fault but one is simulated here, in the wrapper. `illegal_address`
+//! is real: the wrapped backend launches a kernel that faults its device
+//! (CUDA only), and the daemon must find that out by itself.
+//!
 //! [`Faulty`] wraps any [`Backend`], counts its ops, and fails the op a
 //! [`FaultPlan`] names. `describe`, `weight_dtype`, `free_memory`,
 //! `kv_block_bytes`, `check_device` and `supports_sparse` are queries, not
@@ -28,6 +32,21 @@ pub enum Fault {
     /// The op fails, every later op fails too, and `check_device` says the
     /// device is gone (as a sticky CUDA fault would).
     DeviceLost,
+    /// Before the op, the wrapped backend launches a real kernel that
+    /// stores to an unmapped device address
+    /// ([`Backend::provoke_illegal_address`]); then the op runs as usual.
+    /// Nothing is simulated: the context takes a sticky illegal-address
+    /// fault, the next synchronisation reports it, and the wrapped
+    /// backend's own `check_device` finds it.
+    IllegalAddress,
+}
+
+impl Fault {
+    /// Whether the fault happens on a real device (so the CPU backend
+    /// cannot run it).
+    pub fn needs_device(self) -> bool {
+        matches!(self, Fault::IllegalAddress)
+    }
 }
 
 /// Which op fails, counted from arming, 1-based.
@@ -40,7 +59,7 @@ pub enum Trigger {
 }
 
 /// A fault and where it strikes: `panic@step:2`, `device_lost@op:40`,
-/// `error@op:7`.
+/// `error@op:7`, `illegal_address@step:3`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultPlan {
     pub fault: Fault,
@@ -51,14 +70,15 @@ impl std::str::FromStr for FaultPlan {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<FaultPlan, String> {
-        let usage =
-            "expected <error|panic|device_lost>@<op|step>:<n>, n from 1, as in panic@step:2";
+        let usage = "expected <error|panic|device_lost|illegal_address>@<op|step>:<n>, \
+                     n from 1, as in panic@step:2";
         let bad = |why: &str| format!("fault plan {s:?}: {why}; {usage}");
         let (fault, at) = s.split_once('@').ok_or_else(|| bad("no '@'"))?;
         let fault = match fault.trim() {
             "error" => Fault::Error,
             "panic" => Fault::Panic,
             "device_lost" => Fault::DeviceLost,
+            "illegal_address" => Fault::IllegalAddress,
             other => return Err(bad(&format!("unknown fault {other:?}"))),
         };
         let (kind, n) = at.split_once(':').ok_or_else(|| bad("no ':'"))?;
@@ -151,7 +171,8 @@ impl<B: Backend> Faulty<B> {
     }
 
     /// Counts one op (`begin` when it is a step's first) and says whether
-    /// it fails: `Err` to return, or a panic.
+    /// it fails: `Err` to return, or a panic. A real fault is launched
+    /// here, and the op goes on.
     fn tick(&self, name: &str, begin: bool) -> Result<()> {
         let op = self.ops.fetch_add(1, SeqCst) + 1;
         let step = if begin {
@@ -180,6 +201,15 @@ impl<B: Backend> Faulty<B> {
             Fault::DeviceLost => {
                 self.lost.store(true, SeqCst);
                 Err(lost(name))
+            }
+            Fault::IllegalAddress => {
+                self.inner.provoke_illegal_address()?;
+                tracing::warn!(
+                    op,
+                    name,
+                    "injected fault: a store to an unmapped device address was launched"
+                );
+                Ok(())
             }
         }
     }
@@ -223,6 +253,10 @@ impl<B: Backend> Backend for Faulty<B> {
             return Err("the device was lost (injected fault)".into());
         }
         self.inner.check_device()
+    }
+
+    fn provoke_illegal_address(&self) -> Result<()> {
+        self.inner.provoke_illegal_address()
     }
 
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<B::Matrix> {

@@ -16,6 +16,57 @@ fn parses_every_fault_and_trigger() {
         p(Fault::DeviceLost, Trigger::Op(40))
     );
     assert_eq!(plan("error@op:7"), p(Fault::Error, Trigger::Op(7)));
+    assert_eq!(
+        plan("illegal_address@step:3"),
+        p(Fault::IllegalAddress, Trigger::Step(3))
+    );
+    assert_eq!(
+        plan(" illegal_address @ op : 9"),
+        p(Fault::IllegalAddress, Trigger::Op(9)),
+        "spaces around the parts"
+    );
+}
+
+#[test]
+fn only_the_real_fault_needs_a_device() {
+    for (spec, needs) in [
+        ("error@op:1", false),
+        ("panic@op:1", false),
+        ("device_lost@op:1", false),
+        ("illegal_address@op:1", true),
+    ] {
+        assert_eq!(plan(spec).fault.needs_device(), needs, "{spec}");
+    }
+}
+
+#[test]
+fn usage_names_every_fault() {
+    let e = "boom@op:1".parse::<FaultPlan>().unwrap_err();
+    for fault in ["error", "panic", "device_lost", "illegal_address"] {
+        assert!(e.contains(fault), "{e}");
+    }
+}
+
+/// On a backend with no device the launch is refused, and that refusal is
+/// the op's error: the op is not run, nothing is marked lost, and the
+/// plan does not fire again.
+#[test]
+fn illegal_address_without_a_device_fails_its_op() {
+    let f = Faulty::new(CpuBackend::default());
+    f.arm(plan("illegal_address@op:2"));
+    let errs: Vec<String> = (1..=4)
+        .filter_map(|_| f.act(1, 1).err().map(|e| e.to_string()))
+        .collect();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].contains("no device to fault"), "{}", errs[0]);
+    assert!(f.fired());
+    assert!(f.check_device().is_ok(), "nothing simulated a lost device");
+    let nested = Faulty::new(Faulty::new(CpuBackend::default()));
+    let e = nested.provoke_illegal_address().unwrap_err().to_string();
+    assert!(
+        e.contains("no device to fault"),
+        "forwarded to the inner backend: {e}"
+    );
 }
 
 #[test]

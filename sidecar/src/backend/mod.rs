@@ -223,6 +223,17 @@ pub trait Backend {
     fn check_device(&self) -> std::result::Result<(), String> {
         Ok(())
     }
+    /// Launches a kernel that stores to an address no allocation holds: a
+    /// genuine illegal-address fault, sticky for the context, which the
+    /// next synchronisation reports (fault injection's `illegal_address`,
+    /// `faults.rs`). `Ok` means the launch was accepted, not that the
+    /// fault has struck yet. A backend with no device refuses.
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn provoke_illegal_address(&self) -> Result<()> {
+        Err(crate::error::Error::Backend(
+            "this backend has no device to fault".into(),
+        ))
+    }
 
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Self::Matrix>;
     fn vector(&self, len: usize, data: HostData<'_>) -> Result<Self::Vector>;

@@ -275,12 +275,34 @@ fn start_cpu(
     };
     #[cfg(feature = "fault-injection")]
     if let Some((spec, plan)) = inject::plan_from_env()? {
+        inject::check_cpu(&spec, plan)?;
         let faulty = crate::backend::faults::Faulty::new(cpu);
         return start_executor(faulty, config, links, rx, ready, |b| {
             inject::arm(b, &spec, plan)
         });
     }
     start_executor(cpu, config, links, rx, ready, |_| {})
+}
+
+/// The CUDA backend; under fault injection (test builds only, with
+/// `TACFLOW_INJECT_FAULT` set) wrapped in `backend::faults::Faulty`, with
+/// the kernel that faults on purpose loaded when the plan needs it.
+fn start_cuda(
+    cuda: CudaBackend,
+    config: &Config,
+    links: ExecutorLinks,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ServerInfo>>,
+) -> Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if let Some((spec, plan)) = inject::plan_from_env()? {
+        let cuda = inject::prepare_cuda(cuda, config, plan)?;
+        let faulty = crate::backend::faults::Faulty::new(cuda);
+        return start_executor(faulty, config, links, rx, ready, |b| {
+            inject::arm(b, &spec, plan)
+        });
+    }
+    start_executor(cuda, config, links, rx, ready, |_| {})
 }
 
 /// Picks the backend the configuration asks for.
@@ -321,7 +343,7 @@ fn spawn_executor(
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
                     .and_then(|b| b.with_activations(config.gpu_activations))
                     .and_then(|b| b.with_graphs(config.cuda_graphs))
-                    .and_then(|b| start_executor(b, &config, links, rx, ready, |_| {})),
+                    .and_then(|b| start_cuda(b, &config, links, rx, ready)),
                 _ => start_cpu(&config, links, rx, ready),
             };
             if let Err(e) = r {

@@ -118,6 +118,14 @@ impl CudaBackend {
         Ok(self)
     }
 
+    /// The backend with the kernel that faults on purpose loaded, for
+    /// fault injection's `illegal_address` (test builds only).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_fault_kernel(mut self) -> Result<CudaBackend> {
+        self.gpu.load_fault()?;
+        Ok(self)
+    }
+
     pub(super) fn bf16_acts(&self) -> bool {
         self.activations == GpuActivations::Bf16
     }

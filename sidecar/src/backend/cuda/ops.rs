@@ -54,6 +54,13 @@ impl Backend for CudaBackend {
         self.gpu.check_context().map_err(|e| e.to_string())
     }
 
+    /// Needs the fault kernel loaded ([`CudaBackend::with_fault_kernel`]).
+    #[cfg(feature = "fault-injection")]
+    fn provoke_illegal_address(&self) -> Result<()> {
+        self.gpu.write_unmapped()?;
+        Ok(())
+    }
+
     fn matrix(&self, rows: usize, cols: usize, data: HostData<'_>) -> Result<Matrix> {
         let n = rows * cols;
         let data = match data {
