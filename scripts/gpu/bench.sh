@@ -10,9 +10,10 @@
 #
 #   here:   scripts/gpu/prepare.sh
 #   device: bash scripts/gpu/bench.sh [selfcheck] [failfast] [attention] [decode]
-#           [smollm2] [bf16-logits]   (the last two need the GGUF's second
-#           half: carry .device-carry-b in a call right after one that
-#           carried .device-carry, while the machine is warm)
+#           [smollm2] [bf16-logits]   (the last two need the GGUF's two
+#           halves: carry .device-carry-a and .device-carry-b in calls
+#           right after one that carried .device-carry, while the machine
+#           is warm: no call carries more than 64 MiB)
 #           (carry .device-carry and .whl: pyzmq for the client, FlashInfer
 #           and apache-tvm-ffi for the attention anchor)
 set -uo pipefail
@@ -79,7 +80,7 @@ for s in "${stages[@]}"; do
         smollm2|bf16-logits)
             # SmolLM2's GGUF, carried in two halves (scripts/gpu/prepare.sh).
             if [ ! -f /tmp/smollm2.gguf ]; then
-                cat "$carry/smollm2.gguf.part-a" .device-carry-b/smollm2.gguf.part-b > /tmp/smollm2.gguf
+                cat .device-carry-a/smollm2.gguf.part-a .device-carry-b/smollm2.gguf.part-b > /tmp/smollm2.gguf
                 (cd /tmp && sha256sum -c --quiet "$OLDPWD/$carry/smollm2.gguf.sha256") || { echo "smollm2: GGUF does not match its sha256" | tee -a "$log"; rm -f /tmp/smollm2.gguf; }
             fi
             if [ "$s" = smollm2 ]; then

@@ -11,7 +11,8 @@
 # halves of its GGUF file are there, with the token ids of the text:
 #   scripts/gpu/prepare.sh SmolLM2-135M-Instruct.Q4_1.gguf gpl3.tokens   # here
 #   call 1, carry .device-carry:    bash scripts/gpu/check.sh            # everything else
-#   call 2 at once (machine still warm), carry .device-carry-b:
+#   call 2 at once, carry .device-carry-a:  true                         # the first half
+#   call 3 at once (machine still warm), carry .device-carry-b:
 #                                   bash scripts/gpu/check.sh --groups smollm2
 # (the tokens: the SmolLM2 tokenizer on /usr/share/common-licenses/GPL-3,
 # e.g. transformers' AutoTokenizer with gguf_file=...).
@@ -38,7 +39,7 @@ else
 fi
 
 args=("$@")
-a="$carry/smollm2.gguf.part-a"
+a=.device-carry-a/smollm2.gguf.part-a
 b=.device-carry-b/smollm2.gguf.part-b
 if [ -f "$a" ] && [ -f "$b" ] && [ -f "$carry/text.tokens" ]; then
     cat "$a" "$b" > /tmp/smollm2.gguf

@@ -6,18 +6,18 @@
 #                     the `lab` feature: the bench-* subcommands and the
 #                     lab's kernels), tacflowd-faults (the test daemon with
 #                     fault injection, for scripts/gpu/failfast.sh), COMMIT,
-#                     and optionally the
-#                     first part of SmolLM2's GGUF, its sha256 and the text's
-#                     token ids
-#   .device-carry-b/  the GGUF's second part (the whole file is larger than
-#                     one transfer carries: send it in a second call while
-#                     the machine is still warm)
+#                     and optionally SmolLM2's GGUF's sha256 and the
+#                     text's token ids
+#   .device-carry-a/  the GGUF's first half, .device-carry-b/ its second:
+#                     the whole file is larger than one call carries, so
+#                     each half goes in a call of its own, back to back
+#                     while the machine is still warm
 #
 #   scripts/gpu/prepare.sh [SMOLLM2.gguf TEXT.tokens]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-rm -rf .device-carry .device-carry-b
-mkdir -p .device-carry .device-carry-b
+rm -rf .device-carry .device-carry-a .device-carry-b
+mkdir -p .device-carry .device-carry-a .device-carry-b
 # The lab and fault-injection builds first, then the product, so that
 # target/release/tacflowd is the product again afterwards.
 cargo build --release -p tacflow-sidecar --features lab --bin tacflowd
@@ -33,9 +33,9 @@ if [ $# -ge 2 ]; then
     gguf=$1
     size=$(stat -c %s "$gguf")
     half=$(( (size / 2 + 4095) / 4096 * 4096 ))
-    head -c "$half" "$gguf" > .device-carry/smollm2.gguf.part-a
+    head -c "$half" "$gguf" > .device-carry-a/smollm2.gguf.part-a
     tail -c +"$((half + 1))" "$gguf" > .device-carry-b/smollm2.gguf.part-b
     (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") | awk '{print $1"  smollm2.gguf"}' > .device-carry/smollm2.gguf.sha256
     cp "$2" .device-carry/text.tokens
 fi
-du -sh .device-carry .device-carry-b
+du -sh .device-carry .device-carry-a .device-carry-b
