@@ -9,12 +9,14 @@
 //! | a sequence's clusterings over all layers, re-clustering, the engine's entry point | [`TacticSeq`] |
 //! | `fixed_budget` (Quest page bounds) and `oracle_top_p` | [`baselines`] |
 //! | key rows from the paged cache or a dense array | [`keys`] |
+//! | the device layout of a (sequence, layer)'s clusterings (GPU) | [`layout`] |
 
 pub mod baselines;
 pub mod fit;
 pub mod index;
 pub mod keys;
 pub mod kmeans;
+pub mod layout;
 pub mod select;
 
 pub use baselines::{PageBounds, exact_scores, fixed_budget, oracle_top_p, true_mass};

@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod faults;
 #[cfg(any(test, feature = "fault-injection"))]
 pub mod recording;
+pub mod tactic;
 
 use crate::error::Result;
 use crate::model::Workspace;

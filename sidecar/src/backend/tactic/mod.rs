@@ -1,0 +1,17 @@
+//! Tactic selected on the backend's own device: each sequence's state as
+//! device allocations, owned by the backend and grown by the same rules as
+//! the CPU reference (`tacflow_kernels::tactic::TacticSeq`).
+//!
+//! | piece | file |
+//! | --- | --- |
+//! | the device memory the manager needs, and a host fake of it | [`mem`] |
+//! | the states: sizing, growth, forks, truncation, close, a failed step undone | [`state`] |
+//!
+//! The arrays inside a state are laid out by
+//! `tacflow_kernels::tactic::layout`, which the kernels read.
+
+pub mod mem;
+pub mod state;
+
+pub use mem::{DeviceMemory, HostMemory};
+pub use state::{ClusterRun, LayerPlan, StateId, TacticStates};
