@@ -6,6 +6,7 @@
 //! | seeded, deterministic k-means | [`kmeans`] |
 //! | clusters of one (layer, KV head): centroids, members, spreads | [`index::ClusterIndex`] |
 //! | one decode step's selection for a KV head's group of query heads | [`select::select_group`] |
+//! | the same greedy with clusters read a chunk at a time (the GPU's formulation) | [`union::select_group_chunked`] |
 //! | a sequence's clusterings over all layers, re-clustering, the engine's entry point | [`TacticSeq`] |
 //! | `fixed_budget` (Quest page bounds) and `oracle_top_p` | [`baselines`] |
 //! | key rows from the paged cache or a dense array | [`keys`] |
@@ -18,6 +19,7 @@ pub mod keys;
 pub mod kmeans;
 pub mod layout;
 pub mod select;
+pub mod union;
 
 pub use baselines::{PageBounds, exact_scores, fixed_budget, oracle_top_p, true_mass};
 pub use fit::{FitParams, FitScratch, select_group_fit};

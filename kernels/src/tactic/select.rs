@@ -11,25 +11,25 @@ use super::{Spread, TacticParams};
 /// Reusable buffers: no allocation per call once they have grown.
 #[derive(Debug, Default)]
 pub struct Scratch {
-    qs: Vec<f32>,
+    pub(super) qs: Vec<f32>,
     /// `[G, C]` centroid scores, then log of the estimated cluster mass
     /// relative to the head's reference.
-    lest: Vec<f32>,
-    rank: Vec<f32>,
-    order: Vec<u32>,
+    pub(super) lest: Vec<f32>,
+    pub(super) rank: Vec<f32>,
+    pub(super) order: Vec<u32>,
     /// Per head: how much of its order is sorted.
-    sorted: Vec<usize>,
-    taken: Vec<bool>,
+    pub(super) sorted: Vec<usize>,
+    pub(super) taken: Vec<bool>,
     /// Per head: exact mass read, estimated mass not read, reference score.
-    z: Vec<f64>,
-    r: Vec<f64>,
-    refs: Vec<f32>,
-    qvar: Vec<f32>,
+    pub(super) z: Vec<f64>,
+    pub(super) r: Vec<f64>,
+    pub(super) refs: Vec<f32>,
+    pub(super) qvar: Vec<f32>,
     /// Token-level refinement: scored slots and their masses `[slot][G]`.
-    scored: Vec<u32>,
-    mass: Vec<f32>,
-    pick: Vec<u32>,
-    keep: Vec<bool>,
+    pub(super) scored: Vec<u32>,
+    pub(super) mass: Vec<f32>,
+    pub(super) pick: Vec<u32>,
+    pub(super) keep: Vec<bool>,
 }
 
 /// What one selection cost and what it believes it reached.
@@ -63,36 +63,7 @@ pub fn select_group<K: KeyRows>(
     let g_n = q.len() / d;
     let c_n = idx.clusters();
     prepare(idx, q, prm, s);
-    out.clear();
-    // The tail: always selected, exact. Its scores also fix the reference.
-    for slot in idx.len..ctx_len {
-        let k = keys.key(slot);
-        for g in 0..g_n {
-            let sc = dot(&s.qs[g * d..(g + 1) * d], k);
-            s.refs[g] = s.refs[g].max(sc);
-        }
-    }
-    s.z.clear();
-    s.z.resize(g_n, 0.0);
-    for slot in idx.len..ctx_len {
-        let k = keys.key(slot);
-        for g in 0..g_n {
-            s.z[g] += ((dot(&s.qs[g * d..(g + 1) * d], k) - s.refs[g]) as f64).exp();
-        }
-        out.push(slot as u32);
-    }
-    // Estimated mass of every cluster, relative to the reference.
-    s.r.clear();
-    for g in 0..g_n {
-        let rf = s.refs[g];
-        let row = &mut s.lest[g * c_n..(g + 1) * c_n];
-        let mut r = 0.0f64;
-        for v in row.iter_mut() {
-            *v -= rf;
-            r += (*v as f64).exp();
-        }
-        s.r.push(r * prm.margin as f64);
-    }
+    seed_group(idx, keys, ctx_len, prm, s, out);
     s.taken.clear();
     s.taken.resize(c_n, false);
     s.scored.clear();
@@ -141,19 +112,78 @@ pub fn select_group<K: KeyRows>(
         0
     };
     out.sort_unstable();
+    stats(out.len(), scored_only, c_n, d, prm)
+}
+
+/// The start of every head's walk: the tail (always selected, its exact
+/// mass in `z`, its scores raising each head's reference) goes to `out`,
+/// and each head's `lest` becomes its estimates relative to the reference,
+/// whose sum (times the margin) starts `r`.
+pub(super) fn seed_group<K: KeyRows>(
+    idx: &ClusterIndex,
+    keys: &K,
+    ctx_len: usize,
+    prm: &TacticParams,
+    s: &mut Scratch,
+    out: &mut Vec<u32>,
+) {
+    let d = idx.d;
+    let g_n = s.qs.len() / d;
+    let c_n = idx.clusters();
+    out.clear();
+    // The tail: always selected, exact. Its scores also fix the reference.
+    for slot in idx.len..ctx_len {
+        let k = keys.key(slot);
+        for g in 0..g_n {
+            let sc = dot(&s.qs[g * d..(g + 1) * d], k);
+            s.refs[g] = s.refs[g].max(sc);
+        }
+    }
+    s.z.clear();
+    s.z.resize(g_n, 0.0);
+    for slot in idx.len..ctx_len {
+        let k = keys.key(slot);
+        for g in 0..g_n {
+            s.z[g] += ((dot(&s.qs[g * d..(g + 1) * d], k) - s.refs[g]) as f64).exp();
+        }
+        out.push(slot as u32);
+    }
+    // Estimated mass of every cluster, relative to the reference.
+    s.r.clear();
+    for g in 0..g_n {
+        let rf = s.refs[g];
+        let row = &mut s.lest[g * c_n..(g + 1) * c_n];
+        let mut r = 0.0f64;
+        for v in row.iter_mut() {
+            *v -= rf;
+            r += (*v as f64).exp();
+        }
+        s.r.push(r * prm.margin as f64);
+    }
+}
+
+/// Tokens read by a selection of `selected` tokens (plus `scored_only`
+/// keys read to score) over `c_n` clusters of dimension `d`.
+pub(super) fn stats(
+    selected: usize,
+    scored_only: usize,
+    c_n: usize,
+    d: usize,
+    prm: &TacticParams,
+) -> SelectStats {
     let scalars = 1 + usize::from(prm.spread != Spread::None);
     let shape_rows = if prm.spread == Spread::Pooled { d } else { 0 };
     SelectStats {
-        tokens_read: out.len() as f64
+        tokens_read: selected as f64
             + 0.5 * scored_only as f64
             + 0.5 * c_n as f64 * (1.0 + scalars as f64 / d as f64)
             + 0.5 * shape_rows as f64,
-        selected: out.len(),
+        selected,
     }
 }
 
 /// Scaled queries, centroid scores, spreads, log-estimates and rankings.
-fn prepare(idx: &ClusterIndex, q: &[f32], prm: &TacticParams, s: &mut Scratch) {
+pub(super) fn prepare(idx: &ClusterIndex, q: &[f32], prm: &TacticParams, s: &mut Scratch) {
     let d = idx.d;
     let g_n = q.len() / d;
     let c_n = idx.clusters();
@@ -209,7 +239,7 @@ const SORT_BATCH: usize = 48;
 
 /// Makes head `g`'s order exact (best first, ties by cluster index) up to
 /// position `need` and at least one batch further.
-fn sort_more(s: &mut Scratch, g: usize, c_n: usize, need: usize) {
+pub(super) fn sort_more(s: &mut Scratch, g: usize, c_n: usize, need: usize) {
     let done = s.sorted[g];
     if done > need || done == c_n {
         return;

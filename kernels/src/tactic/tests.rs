@@ -5,7 +5,7 @@ use crate::cpu::{AttnSeq, KvLayer, kv_append, paged_attention};
 use crate::rng;
 
 /// A standard normal from two uniforms (Box–Muller), seeded.
-fn normal(seed: u64, stream: u64, i: u64) -> f32 {
+pub(super) fn normal(seed: u64, stream: u64, i: u64) -> f32 {
     let u1 = rng::uniform01(seed, stream, 2 * i).max(1e-7);
     let u2 = rng::uniform01(seed, stream, 2 * i + 1);
     (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
@@ -27,18 +27,18 @@ fn student_t3(seed: u64, stream: u64, i: u64) -> f32 {
 /// centre's projection on `u_g` is a Student-t(3) draw times 1.5, the rest
 /// of the centre is N(0, 1). So a head's scores `q·k/√d` are, per blob,
 /// Student-t(3)×`T_SCALE` plus small noise: heavy tails across blobs.
-struct Heavy {
-    d: usize,
-    n: usize,
-    keys: Vec<f32>,
-    queries: Vec<f32>,
+pub(super) struct Heavy {
+    pub(super) d: usize,
+    pub(super) n: usize,
+    pub(super) keys: Vec<f32>,
+    pub(super) queries: Vec<f32>,
 }
 
 /// At 1.0 the exact set reaching 0.9 holds ~1% of 4096 such scores at the
 /// median, ~13% on average: sparse but uneven, as on the real model.
 const T_SCALE: f32 = 1.0;
 
-fn heavy(n: usize, blobs: usize, group: usize, seed: u64) -> Heavy {
+pub(super) fn heavy(n: usize, blobs: usize, group: usize, seed: u64) -> Heavy {
     let d = 64;
     // Orthonormal-ish query directions: distinct coordinate axes, rotated by
     // nothing (keeps the construction readable).
