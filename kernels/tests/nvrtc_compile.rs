@@ -93,7 +93,9 @@ fn no_kernel_spills_registers_on_sm90() {
             {
                 spills.push(format!("{kernel}: {}", line.trim()));
             }
-            if (m.name.starts_with("attention") || m.name == "fused") && line.contains("Used") {
+            if (m.name.starts_with("attention") || m.name == "fused" || m.name == "tactic")
+                && line.contains("Used")
+            {
                 println!("{kernel}: {}", line.trim());
             }
         }

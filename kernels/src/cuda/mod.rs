@@ -19,6 +19,7 @@
 //! | fused ops: residual add + RMSNorm, RoPE + KV append, SwiGLU into bf16 | [`fused`] |
 //! | CUDA graphs: capture and replay of a step per batch-size bucket | [`graph`] |
 //! | sampling and log-probabilities | [`sampling`] |
+//! | Tactic's clustering, selection and sparse attention | [`tactic`] |
 //! | a kernel that faults the context on purpose (feature `fault-injection`, the fail-fast tests) | `fault` |
 //! | the lab (feature `lab`): its modules, kernels chosen by hand, the first attention kernel as a baseline, event timing, the copy and read ceilings, a stream hold | `lab`, `attention_regs`, `timing` |
 //!
@@ -48,6 +49,7 @@ pub mod rowwise;
 pub mod sampling;
 pub mod sources;
 pub mod step;
+pub mod tactic;
 #[cfg(feature = "lab")]
 pub mod timing;
 pub mod view;
@@ -64,6 +66,7 @@ pub use probe::probe;
 pub use rowwise::{RmsOut, Rows};
 pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays, StepRows};
+pub use tactic::{ClusterJob, SelectJob, SelectionHost, TacticShape, TacticWorkspace};
 #[cfg(feature = "lab")]
 pub use timing::Span;
 pub use view::{row_view, row_view_mut};

@@ -62,6 +62,31 @@ const ATTENTION_HEADERS: [Header; 3] = [
     },
 ];
 
+/// What the Tactic module compiles first: the shared definitions, the
+/// clustering, the selection, the union, the sparse attention.
+const TACTIC_HEADERS: [Header; 5] = [
+    Header {
+        name: "tactic/common.cuh",
+        text: include_str!("kernels/tactic/common.cuh"),
+    },
+    Header {
+        name: "tactic/kmeans.cuh",
+        text: include_str!("kernels/tactic/kmeans.cuh"),
+    },
+    Header {
+        name: "tactic/select.cuh",
+        text: include_str!("kernels/tactic/select.cuh"),
+    },
+    Header {
+        name: "tactic/union.cuh",
+        text: include_str!("kernels/tactic/union.cuh"),
+    },
+    Header {
+        name: "tactic/sparse.cuh",
+        text: include_str!("kernels/tactic/sparse.cuh"),
+    },
+];
+
 const fn module(name: &'static str, source: &'static str) -> Module {
     Module {
         name,
@@ -71,7 +96,7 @@ const fn module(name: &'static str, source: &'static str) -> Module {
 }
 
 /// The daemon's modules.
-pub const MODULES: [Module; 7] = [
+pub const MODULES: [Module; 8] = [
     module("random", include_str!("kernels/random.cu")),
     module("rowwise", include_str!("kernels/rowwise.cu")),
     module("rope", include_str!("kernels/rope.cu")),
@@ -83,6 +108,11 @@ pub const MODULES: [Module; 7] = [
     },
     module("sampling", include_str!("kernels/sampling.cu")),
     module("fused", include_str!("kernels/fused.cu")),
+    Module {
+        name: "tactic",
+        headers: &TACTIC_HEADERS,
+        source: include_str!("kernels/tactic.cu"),
+    },
 ];
 
 /// The benchmark-only modules (see the module doc).
@@ -103,6 +133,32 @@ pub const LAB_MODULES: [Module; 3] = [
 /// `fault-injection` only, so that a release daemon does not embed it).
 #[cfg(feature = "fault-injection")]
 pub const FAULT_MODULES: [Module; 1] = [module("fault", include_str!("kernels/fault.cu"))];
+
+/// The Tactic module's kernels (`tactic.rs` launches each).
+pub const TACTIC_KERNELS: [&str; 17] = [
+    "tactic_km_init_bf16",
+    "tactic_km_assign_bf16",
+    "tactic_km_csr_u32",
+    "tactic_km_update_bf16",
+    "tactic_km_compact_u32",
+    "tactic_km_stats_bf16",
+    "tactic_km_shape_bf16",
+    "tactic_km_shape_norm_f64",
+    "tactic_sel_prep_bf16",
+    "tactic_sel_score_f32",
+    "tactic_sel_rank_u64",
+    "tactic_sel_union_bf16",
+    "tactic_attention_d32_bf16",
+    "tactic_attention_d64_bf16",
+    "tactic_attention_d128_bf16",
+    "tactic_attention_d256_bf16",
+    "tactic_attention_merge_f32",
+];
+
+/// Head sizes the Tactic sparse attention is instantiated for.
+pub const TACTIC_HEAD_DIMS: [usize; 4] = [32, 64, 128, 256];
+/// Most query heads per KV head the Tactic kernels serve (`TAC_MAX_GROUP`).
+pub const TACTIC_MAX_GROUP: usize = 8;
 
 /// Head sizes and query heads per CTA that `attention.cu` instantiates.
 pub const ATTENTION_HEAD_DIMS: [usize; 5] = [16, 32, 64, 128, 256];
@@ -377,6 +433,7 @@ pub fn kernel_names(module: &str) -> Vec<String> {
             "rope_kv_append_bf16",
             "silu_mul_bf16",
         ],
+        "tactic" => &TACTIC_KERNELS,
         _ => &[],
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();

@@ -18,6 +18,8 @@ const ALIGN: u64 = 16;
 /// The arrays of one (sequence, layer), for `kv_heads` heads of
 /// `head_dim`, every head with room for `cap` clusters over `len`
 /// clustered slots. Offsets are in bytes from the allocation's start.
+/// `#[repr(C)]`: the kernels read it as `TacLayout` (tactic/common.cuh).
+#[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StateLayout {
     pub kv_heads: u32,
