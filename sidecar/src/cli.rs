@@ -191,6 +191,10 @@ struct ServeArgs {
     /// CUDA graphs per batch-size bucket; one KV block goes to padding.
     #[arg(long, env = "TACFLOW_CUDA_GRAPHS")]
     cuda_graphs: bool,
+    /// Serve the tactic policy on the CUDA backend (kernels not yet
+    /// verified on a GPU; without it the CUDA backend refuses it).
+    #[arg(long, env = "TACFLOW_EXPERIMENTAL_GPU_TACTIC")]
+    experimental_gpu_tactic: bool,
     /// `journal` under systemd: no timestamps, no colours, syslog
     /// priorities.
     #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
@@ -281,6 +285,7 @@ impl ServeArgs {
             c.fusions = self.fuse.clone();
         }
         c.cuda_graphs |= self.cuda_graphs;
+        c.experimental_gpu_tactic |= self.experimental_gpu_tactic;
         c.tcp_allow_remote |= self.tcp_allow_remote;
         c.metrics_allow_remote |= self.metrics_allow_remote;
         let l = &mut c.limits;

@@ -157,6 +157,12 @@ pub struct Config {
     /// run eagerly. One KV block is reserved for the padding rows. Refused
     /// at start with `gpu_lanes` > 1.
     pub cuda_graphs: bool,
+    /// Serve the `tactic` policy on the CUDA backend: clustering, selection
+    /// and a sparse attention in its kernels (kernels/TACTIC.md, "On the
+    /// GPU"). Experimental, off by default, until a GPU run has verified
+    /// those kernels; without it the CUDA backend refuses sparse policies.
+    /// One lane, f32 (`split`) activations; no attention diagnostics.
+    pub experimental_gpu_tactic: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:
     /// `host:port` or a bare port for loopback. An address that is not
@@ -207,6 +213,7 @@ impl Default for Config {
             gpu_activations: GpuActivations::Split,
             fusions: Vec::new(),
             cuda_graphs: false,
+            experimental_gpu_tactic: false,
             log_format: LogFormat::Text,
             metrics_addr: None,
             metrics_allow_remote: false,
@@ -424,6 +431,13 @@ mod tests {
         assert!(c.cuda_graphs);
         assert!(toml::from_str::<Config>("gpu_activations = \"fp8\"").is_err());
         assert!(toml::from_str::<Config>("fusions = [\"rope\"]").is_err());
+    }
+
+    #[test]
+    fn gpu_tactic_is_off_unless_asked_for() {
+        assert!(!Config::default().experimental_gpu_tactic);
+        let c: Config = toml::from_str("experimental_gpu_tactic = true").unwrap();
+        assert!(c.experimental_gpu_tactic);
     }
 
     #[test]

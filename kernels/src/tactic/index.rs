@@ -27,12 +27,24 @@ pub struct ClusterIndex {
     /// of cluster `c` with a shape shared by all clusters.
     pub shape: Vec<f32>,
     /// Trace of the unnormalised pooled scatter behind `shape`.
-    shape_trace: f64,
+    pub(super) shape_trace: f64,
 }
 
 impl ClusterIndex {
     pub fn clusters(&self) -> usize {
         self.offsets.len().saturating_sub(1)
+    }
+
+    /// Trace of the unnormalised pooled scatter behind `shape` (what a
+    /// re-clustering re-weights the shape by).
+    pub fn shape_trace(&self) -> f64 {
+        self.shape_trace
+    }
+
+    /// Sets the trace of an index rebuilt from its parts (the device
+    /// layout, `layout::read_heads`).
+    pub fn set_shape_trace(&mut self, t: f64) {
+        self.shape_trace = t;
     }
 
     #[inline]

@@ -11,6 +11,8 @@
 //! allocation too (`count`); the host knows upper bounds only, which is all
 //! it needs to size buffers and launches.
 
+use super::index::ClusterIndex;
+
 /// Byte alignment of every array (16: the kernels read centroids and the
 /// shape as `float4`, the trace as `double`).
 const ALIGN: u64 = 16;
@@ -180,6 +182,87 @@ impl StateLayout {
     }
 }
 
+/// Writes one clustering per head (`heads[h]`, every one over this
+/// layout's `len` slots) into `bytes`, an allocation of this layout: what
+/// the device's kernels would have left there.
+pub fn write_heads(l: &StateLayout, heads: &[ClusterIndex], bytes: &mut [u8]) {
+    let (d, cap) = (l.head_dim as usize, l.cap as usize);
+    assert!(
+        heads.len() == l.kv_heads as usize && bytes.len() >= l.bytes as usize,
+        "one clustering per head, into an allocation of the layout"
+    );
+    for (h, ix) in heads.iter().enumerate() {
+        let c = ix.clusters();
+        assert!(
+            c <= cap && ix.len == l.len as usize && ix.d == d,
+            "head {h} fits"
+        );
+        put(bytes, l.count + 4 * h as u64, &[c as u32]);
+        put(bytes, l.trace + 8 * h as u64, &[ix.shape_trace()]);
+        put(bytes, l.centroids + (4 * h * cap * d) as u64, &ix.centroids);
+        put(bytes, l.log_size + (4 * h * cap) as u64, &ix.log_size);
+        put(bytes, l.spread + (4 * h * cap) as u64, &ix.spread);
+        put(bytes, l.offsets + (4 * h * (cap + 1)) as u64, &ix.offsets);
+        put(
+            bytes,
+            l.members + 4 * (h as u64) * l.len as u64,
+            &ix.members,
+        );
+        let zeros = vec![0.0f32; d * d];
+        let shape = if ix.shape.is_empty() {
+            &zeros
+        } else {
+            &ix.shape
+        };
+        put(bytes, l.shape + (4 * h * d * d) as u64, shape);
+    }
+}
+
+/// The clusterings `bytes` (an allocation of this layout) holds, one per
+/// head, each over its first `len` slots (the layout's `len` once written;
+/// less for the clusters an allocation held before a run was appended).
+pub fn read_heads(l: &StateLayout, bytes: &[u8], len: usize) -> Vec<ClusterIndex> {
+    let (d, cap) = (l.head_dim as usize, l.cap as usize);
+    (0..l.kv_heads as usize)
+        .map(|h| {
+            let c = get::<u32>(bytes, l.count + 4 * h as u64, 1)[0] as usize;
+            let offsets = get::<u32>(bytes, l.offsets + (4 * h * (cap + 1)) as u64, c + 1);
+            let n = if c == 0 { 0 } else { offsets[c] as usize };
+            let mut ix = ClusterIndex {
+                d,
+                len,
+                centroids: get(bytes, l.centroids + (4 * h * cap * d) as u64, c * d),
+                offsets: if c == 0 { vec![0] } else { offsets },
+                members: get(bytes, l.members + 4 * (h as u64) * l.len as u64, n),
+                log_size: get(bytes, l.log_size + (4 * h * cap) as u64, c),
+                spread: get(bytes, l.spread + (4 * h * cap) as u64, c),
+                // An index that has never clustered anything has no shape.
+                shape: if c == 0 {
+                    vec![]
+                } else {
+                    get(bytes, l.shape + (4 * h * d * d) as u64, d * d)
+                },
+                ..Default::default()
+            };
+            ix.set_shape_trace(get::<f64>(bytes, l.trace + 8 * h as u64, 1)[0]);
+            ix
+        })
+        .collect()
+}
+
+fn put<T: bytemuck::Pod>(bytes: &mut [u8], at: u64, v: &[T]) {
+    let src: &[u8] = bytemuck::cast_slice(v);
+    bytes[at as usize..at as usize + src.len()].copy_from_slice(src);
+}
+
+fn get<T: bytemuck::Pod>(bytes: &[u8], at: u64, n: usize) -> Vec<T> {
+    let at = at as usize;
+    let size = std::mem::size_of::<T>();
+    (0..n)
+        .map(|i| bytemuck::pod_read_unaligned(&bytes[at + i * size..at + (i + 1) * size]))
+        .collect()
+}
+
 /// Clusters k-means starts from for `n` slots at `cluster_size` per cluster
 /// (what [`super::kmeans::kmeans`] computes: `ceil(n / size)`, at most `n`).
 pub fn clusters_for(n: usize, cluster_size: usize) -> usize {
@@ -233,6 +316,60 @@ mod tests {
         for &(_, to, n) in &copies {
             assert!(to + n <= new.bytes);
         }
+    }
+
+    #[test]
+    fn clusterings_round_trip_through_the_layout() {
+        use crate::tactic::{DenseKeys, KMeansParams, kmeans::Init};
+        let d = 16;
+        let keys: Vec<f32> = (0..300 * d)
+            .map(|i| crate::rng::random_weight(2, 3, i as u64, 0.0, 1.0))
+            .collect();
+        let dk = DenseKeys { k: &keys, d };
+        let km = KMeansParams {
+            cluster_size: 16,
+            iterations: 5,
+            init: Init::Stratified,
+            seed: 1,
+        };
+        let mut a = ClusterIndex::build(&dk, 200, &km);
+        a.extend(&dk, 290, &km);
+        let b = ClusterIndex::build(&dk, 290, &km);
+        let l = StateLayout::new(2, d, 25, 290);
+        let mut bytes = vec![0xa5u8; l.bytes as usize];
+        write_heads(&l, &[a.clone(), b.clone()], &mut bytes);
+        let back = read_heads(&l, &bytes, 290);
+        for (x, y) in [a, b].iter().zip(&back) {
+            assert_eq!(
+                (
+                    &x.centroids,
+                    &x.offsets,
+                    &x.members,
+                    &x.log_size,
+                    &x.spread,
+                    &x.shape
+                ),
+                (
+                    &y.centroids,
+                    &y.offsets,
+                    &y.members,
+                    &y.log_size,
+                    &y.spread,
+                    &y.shape
+                )
+            );
+            assert_eq!(x.shape_trace(), y.shape_trace());
+        }
+        // Nothing clustered: no clusters, no shape, as a fresh index.
+        let empty = ClusterIndex::build(&dk, 0, &km);
+        let l0 = StateLayout::new(1, d, 0, 0);
+        let mut z = vec![0u8; l0.bytes as usize];
+        write_heads(&l0, std::slice::from_ref(&empty), &mut z);
+        let e = &read_heads(&l0, &z, 0)[0];
+        assert_eq!(
+            (e.clusters(), e.shape.len(), e.offsets.clone()),
+            (0, 0, vec![0])
+        );
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //! of the CUDA backend's bf16 activation mode (`gpu_activations = "bf16"`),
 //! whose RMSNorm, attention output and SwiGLU are written in bf16.
 
+use super::TacticEntry;
+use super::tactic::StateId;
+use super::tactic::host::HostTactic;
 use super::{
     AttnDims, Backend, HostData, HostLayerView, KvLayout, RowRange, SampleOutput, Selections,
     SeqMeta, StepMeta,
@@ -14,7 +17,9 @@ use super::{
 use crate::error::{Error, Result};
 use half::bf16;
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer, Processing, SampleParams};
+use tacflow_kernels::tactic::TacticParams;
 
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend {
@@ -22,6 +27,10 @@ pub struct CpuBackend {
     /// Rounds the input rows of every `linear` to bf16 (computing with
     /// them in f32), as the GPU's GEMMs see them in bf16 activation mode.
     pub round_activations: bool,
+    /// Tactic through the device path, its kernels' work done on the host
+    /// (`backend::tactic::host`); `None`: Tactic selects on host views
+    /// like the other sparse policies. Shared by clones.
+    pub device_tactic: Option<Arc<Mutex<HostTactic>>>,
 }
 
 /// A row-major f32 matrix.
@@ -89,6 +98,51 @@ impl CpuBackend {
                 .for_each(|x| *x = bf16::from_f32(*x).to_f32());
         }
         Ok(v)
+    }
+}
+
+impl CpuBackend {
+    /// The backend with Tactic run through the device path on the host
+    /// (the `device_tactic` field).
+    pub fn with_device_tactic(mut self) -> CpuBackend {
+        self.device_tactic = Some(Arc::new(Mutex::new(HostTactic::new())));
+        self
+    }
+
+    fn host_tactic(&self) -> Result<std::sync::MutexGuard<'_, HostTactic>> {
+        let t = self
+            .device_tactic
+            .as_ref()
+            .ok_or_else(|| Error::Backend("Tactic runs on host views here".into()))?;
+        // A poisoned lock only means a panic elsewhere; the states are
+        // whole (every change is staged until the step ends).
+        Ok(t.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The entries' selections (the device path's, on the host), per
+    /// sequence of the step.
+    fn tactic_select(
+        &self,
+        step: &StepMeta,
+        qkv: &Mat,
+        kv: &CpuKv,
+        layer: usize,
+        d: AttnDims,
+        entries: &[TacticEntry],
+    ) -> Result<Vec<Option<Vec<Vec<u32>>>>> {
+        let at = super::tactic::host::HostLayer {
+            layer,
+            kv: kv.layer(layer),
+            meta: step,
+            qkv: &qkv.data,
+            row_len: qkv.cols,
+            group: d.num_heads / d.num_kv_heads,
+        };
+        let mut sel = vec![None; step.seqs.len()];
+        for (seq, s) in self.host_tactic()?.select(&at, entries)? {
+            sel[seq] = Some(s);
+        }
+        Ok(sel)
     }
 }
 
@@ -326,6 +380,61 @@ impl Backend for CpuBackend {
             &mut out.data,
         );
         Ok(())
+    }
+
+    fn device_tactic(&self) -> bool {
+        self.device_tactic.is_some()
+    }
+
+    fn tactic_open(
+        &self,
+        id: StateId,
+        params: &TacticParams,
+        dims: AttnDims,
+        layers: usize,
+    ) -> Result<()> {
+        self.host_tactic()?.dev.open(id, params, dims, layers)
+    }
+
+    fn tactic_fork(&self, parent: StateId, child: StateId) -> Result<()> {
+        self.host_tactic()?.dev.fork(parent, child)
+    }
+
+    fn tactic_reset(&self, id: StateId) {
+        if let Ok(mut t) = self.host_tactic() {
+            t.dev.reset(id);
+        }
+    }
+
+    fn tactic_close(&self, id: StateId) {
+        if let Ok(mut t) = self.host_tactic() {
+            t.dev.close(id);
+        }
+    }
+
+    fn tactic_attention(
+        &self,
+        step: &StepMeta,
+        qkv: &Mat,
+        kv: &CpuKv,
+        layer: usize,
+        d: AttnDims,
+        entries: &[TacticEntry],
+        out: &mut Mat,
+        rows: RowRange,
+    ) -> Result<()> {
+        let sel = self.tactic_select(step, qkv, kv, layer, d, entries)?;
+        self.sparse_attention(step, qkv, kv, layer, d, &sel, out, rows)
+    }
+
+    fn tactic_end_step(&self, commit: bool) {
+        if let Ok(mut t) = self.host_tactic() {
+            t.dev.end_step(commit);
+        }
+    }
+
+    fn tactic_bytes(&self) -> usize {
+        self.host_tactic().map_or(0, |t| t.dev.live_bytes())
     }
 
     fn add(&self, x: &mut Mat, y: &Mat, rows: RowRange) -> Result<()> {

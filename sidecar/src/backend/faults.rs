@@ -13,9 +13,10 @@
 //! ops: they are neither counted nor failed.
 
 use super::recording::{Recorder, Tagged};
+use super::tactic::StateId;
 use super::{
     AttnDims, Backend, HostData, HostLayerView, KvLayout, RowRange, SampleOutput, Selections,
-    StepMeta,
+    StepMeta, TacticEntry,
 };
 use crate::error::{Error, Result};
 use std::sync::Mutex;
@@ -436,6 +437,60 @@ impl<B: Backend> Backend for Faulty<B> {
         self.recorder.op("sparse_attention", &rows);
         self.inner
             .sparse_attention(step, qkv, kv, layer, dims, selections, out, rows)
+    }
+
+    // The Tactic state calls are bookkeeping, not ops (neither counted nor
+    // failed); `tactic_attention` is an op like `sparse_attention`.
+
+    fn device_tactic(&self) -> bool {
+        self.inner.device_tactic()
+    }
+
+    fn tactic_open(
+        &self,
+        id: StateId,
+        params: &tacflow_kernels::tactic::TacticParams,
+        dims: AttnDims,
+        layers: usize,
+    ) -> Result<()> {
+        self.inner.tactic_open(id, params, dims, layers)
+    }
+
+    fn tactic_fork(&self, parent: StateId, child: StateId) -> Result<()> {
+        self.inner.tactic_fork(parent, child)
+    }
+
+    fn tactic_reset(&self, id: StateId) {
+        self.inner.tactic_reset(id)
+    }
+
+    fn tactic_close(&self, id: StateId) {
+        self.inner.tactic_close(id)
+    }
+
+    fn tactic_attention(
+        &self,
+        step: &B::Step,
+        qkv: &B::Act,
+        kv: &B::Kv,
+        layer: usize,
+        dims: AttnDims,
+        entries: &[TacticEntry],
+        out: &mut B::Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        self.tick("tactic_attention", false)?;
+        self.recorder.op("tactic_attention", &rows);
+        self.inner
+            .tactic_attention(step, qkv, kv, layer, dims, entries, out, rows)
+    }
+
+    fn tactic_end_step(&self, commit: bool) {
+        self.inner.tactic_end_step(commit)
+    }
+
+    fn tactic_bytes(&self) -> usize {
+        self.inner.tactic_bytes()
     }
 
     fn add(&self, x: &mut B::Act, y: &B::Act, rows: RowRange) -> Result<()> {

@@ -156,6 +156,20 @@ pub struct HostLayerView<'a> {
 /// full attention.
 pub type Selections = [Option<Vec<Vec<u32>>>];
 
+/// A decode entry whose Tactic state the backend keeps
+/// ([`Backend::device_tactic`]): the backend selects and attends for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TacticEntry {
+    /// Index into the step's sequences.
+    pub seq: usize,
+    /// The backend's name for the sequence's state.
+    pub state: tactic::StateId,
+    /// The entry's row (its one decode token) in the step.
+    pub row: usize,
+    /// Tokens cached, this step's included.
+    pub ctx_len: usize,
+}
+
 /// What sampling returns for the logit rows.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SampleOutput {
@@ -367,6 +381,69 @@ pub trait Backend {
             "this backend runs full attention only".into(),
         ))
     }
+
+    // Tactic on the backend's own device: each Tactic sequence's state
+    // (clusterings) is the backend's, named by the engine, grown and read
+    // by the backend's kernels inside `tactic_attention`, with no host
+    // view and no synchronisation. A step's changes to the states stand
+    // once the engine ends the step with `commit`; a failed step's are
+    // undone. Off by default: those backends select on host views
+    // (`host_view`, `sparse_attention`) or serve full attention only.
+
+    /// Whether Tactic sequences keep their state on this backend.
+    fn device_tactic(&self) -> bool {
+        false
+    }
+    /// A new Tactic state `id` (no clustering yet) for a model of `dims`
+    /// with `layers` layers.
+    fn tactic_open(
+        &self,
+        _id: tactic::StateId,
+        _params: &tacflow_kernels::tactic::TacticParams,
+        _dims: AttnDims,
+        _layers: usize,
+    ) -> Result<()> {
+        Err(crate::error::Error::Backend(
+            "this backend keeps no Tactic state".into(),
+        ))
+    }
+    /// State `child` shares `parent`'s clusterings (a fork).
+    fn tactic_fork(&self, _parent: tactic::StateId, _child: tactic::StateId) -> Result<()> {
+        Err(crate::error::Error::Backend(
+            "this backend keeps no Tactic state".into(),
+        ))
+    }
+    /// Forgets state `id`'s clusterings (a truncation).
+    fn tactic_reset(&self, _id: tactic::StateId) {}
+    /// Drops state `id` (the sequence closed).
+    fn tactic_close(&self, _id: tactic::StateId) {}
+    /// [`Backend::attention`] where the `entries` (decode rows inside
+    /// `rows`) attend only the slots their Tactic state selects; the other
+    /// rows of `rows` attend in full.
+    #[allow(clippy::too_many_arguments)]
+    fn tactic_attention(
+        &self,
+        _step: &Self::Step,
+        _qkv: &Self::Act,
+        _kv: &Self::Kv,
+        _layer: usize,
+        _dims: AttnDims,
+        _entries: &[TacticEntry],
+        _out: &mut Self::Act,
+        _rows: RowRange,
+    ) -> Result<()> {
+        Err(crate::error::Error::Backend(
+            "this backend keeps no Tactic state".into(),
+        ))
+    }
+    /// Ends a step: its changes to the Tactic states stand (`commit`) or
+    /// are undone.
+    fn tactic_end_step(&self, _commit: bool) {}
+    /// Bytes the Tactic states hold on the device.
+    fn tactic_bytes(&self) -> usize {
+        0
+    }
+
     /// `x += y`.
     fn add(&self, x: &mut Self::Act, y: &Self::Act, rows: RowRange) -> Result<()>;
     /// SwiGLU over rows `[gate | up]`.

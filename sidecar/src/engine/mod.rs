@@ -7,10 +7,12 @@
 //! | a step: validate, plan, run, sample, commit | [`step`] |
 //! | sparse attention policies and their diagnostics | [`sparse`] |
 //! | undoing a failed step's policy-state changes | [`undo`] |
+//! | Tactic states the backend keeps: open, fork, truncate, close | [`device`] |
 //! | client-named blocks: reservations, named tables, sequence state | [`named`] |
 //! | sampling options: validation, fresh seeds, vLLM's processing | [`sampling`] |
 //! | counters shared with the I/O thread | [`gauges`] |
 
+mod device;
 pub mod gauges;
 pub mod kv_cache;
 pub mod named;
@@ -115,6 +117,8 @@ pub struct Engine<B: Backend> {
     reservations: HashMap<SessionId, Vec<u32>>,
     /// Where fresh seeds come from for sequences opened without one.
     seeds: sampling::SeedSource,
+    /// The next name of a Tactic state the backend keeps.
+    next_state: u64,
 }
 
 fn seq_error(code: ErrorCode, key: SeqKey, what: &str) -> ErrorReply {
@@ -184,6 +188,7 @@ impl<B: Backend> Engine<B> {
             plan: Plan::default(),
             reservations: HashMap::new(),
             seeds: sampling::SeedSource::from_os(),
+            next_state: 0,
         })
     }
 
@@ -250,19 +255,20 @@ impl<B: Backend> Engine<B> {
 
     /// Opens a sequence in either block mode.
     pub fn open_with(&mut self, key: SeqKey, o: SeqOptions) -> Result<(), ErrorReply> {
-        validate_policy(&o.policy, self.backend.supports_sparse())?;
+        validate_policy(&o.policy, self.serves())?;
         self.validate_sampling(&o.sampling)?;
         if self.seqs.contains_key(&key) {
             return Err(seq_error(ErrorCode::SequenceExists, key, "is already open"));
         }
         self.validate_prefix(&o)?;
+        let state = self.new_state(&o.policy, o.diagnostics)?;
         let seed_given = o.sampling.seed.is_some();
         let mut sampling = o.sampling;
         sampling.seed = Some(sampling.seed.unwrap_or_else(|| self.seeds.fresh()));
         self.seqs.insert(
             key,
             Sequence {
-                state: PolicyState::new(&o.policy, self.model.config.num_layers),
+                state,
                 policy: o.policy,
                 sampling,
                 diagnostics: o.diagnostics,
@@ -292,7 +298,7 @@ impl<B: Backend> Engine<B> {
             self.validate_sampling(s)?;
         }
         if let Some(p) = &policy {
-            validate_policy(p, self.backend.supports_sparse())?;
+            validate_policy(p, self.serves())?;
         }
         let p = self
             .seqs
@@ -306,14 +312,26 @@ impl<B: Backend> Engine<B> {
             ));
         }
         // A child with its own policy starts its own state; one that keeps
-        // the parent's takes a copy (it covers the shared prefix).
-        let (policy, state) = match policy {
-            Some(np) if np != p.policy => {
-                let st = PolicyState::new(&np, self.model.config.num_layers);
+        // the parent's takes a copy (it covers the shared prefix), which the
+        // backend makes when it keeps the state.
+        let diags = diagnostics.unwrap_or(p.diagnostics);
+        let own = policy.filter(|np| *np != p.policy);
+        let inherited = match (&own, &p.state) {
+            (Some(_), _) => None,
+            (None, PolicyState::Device(d)) => Some(Err(*d)),
+            (None, st) => Some(Ok(st.fork())),
+        };
+        let parent_policy = p.policy.clone();
+        let (policy, state) = match (own, inherited) {
+            (Some(np), _) => {
+                let st = self.new_state(&np, diags)?;
                 (np, st)
             }
-            _ => (p.policy.clone(), p.state.fork()),
+            (None, Some(Err(d))) => (parent_policy, self.fork_device(d, diags)?),
+            (None, Some(Ok(st))) => (parent_policy, st),
+            (None, None) => unreachable!("inherited whenever the policy is kept"),
         };
+        let p = &self.seqs[&parent];
         // The child keeps a seed the client gave; a seed the daemon picked
         // is picked afresh, so that unseeded forks draw differently.
         let (mut sampling, seed_given) = match sampling {
@@ -364,6 +382,9 @@ impl<B: Backend> Engine<B> {
         s.tokens.truncate(s.len);
         if drop > 0 {
             s.state.reset();
+            if let Some(id) = s.state.device_id() {
+                self.backend.tactic_reset(id);
+            }
             // The row it held scored a token that is gone.
             s.prompt_row = None;
         }
@@ -385,6 +406,7 @@ impl<B: Backend> Engine<B> {
             .seqs
             .remove(&key)
             .ok_or_else(|| seq_error(ErrorCode::UnknownSequence, key, "is not open"))?;
+        self.drop_state(&s.state);
         if s.mode == BlockMode::Daemon {
             self.alloc.release_all(&s.table);
         }
@@ -402,6 +424,7 @@ impl<B: Backend> Engine<B> {
             .collect();
         for k in &keys {
             let s = self.seqs.remove(k).expect("listed");
+            self.drop_state(&s.state);
             if s.mode == BlockMode::Daemon {
                 self.alloc.release_all(&s.table);
             }
@@ -418,14 +441,58 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-/// The policies a backend serves (what `hello` lists).
-pub fn policies(sparse: bool) -> Vec<String> {
-    let all = ["full", "tactic", "fixed_budget", "oracle_top_p"];
-    let n = if sparse { all.len() } else { 1 };
-    all[..n].iter().map(|s| (*s).to_owned()).collect()
+/// Which sparse policies a backend serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serves {
+    /// Selection on host views: every policy (`Backend::supports_sparse`).
+    pub host: bool,
+    /// Tactic on the backend's own device (`Backend::device_tactic`); then
+    /// no other sparse policy, so that a step selects in one place.
+    pub device_tactic: bool,
 }
 
-fn validate_policy(p: &AttentionPolicy, sparse: bool) -> Result<(), ErrorReply> {
+impl Serves {
+    pub fn of<B: Backend>(b: &B) -> Serves {
+        Serves {
+            host: b.supports_sparse(),
+            device_tactic: b.device_tactic(),
+        }
+    }
+
+    fn allows(&self, p: &AttentionPolicy) -> bool {
+        match p {
+            AttentionPolicy::Full => true,
+            AttentionPolicy::Tactic { .. } => self.host || self.device_tactic,
+            _ => self.host && !self.device_tactic,
+        }
+    }
+}
+
+/// The policies a backend serves (what `hello` lists).
+pub fn policies(serves: Serves) -> Vec<String> {
+    let all = [
+        AttentionPolicy::Full,
+        AttentionPolicy::Tactic {
+            p: 0.9,
+            cluster_size: None,
+            recluster_limit: None,
+        },
+        AttentionPolicy::FixedBudget { tokens: 1, p: None },
+        AttentionPolicy::OracleTopP { p: 0.9 },
+    ];
+    all.iter()
+        .filter(|p| serves.allows(p))
+        .map(|p| p.name().to_owned())
+        .collect()
+}
+
+impl<B: Backend> Engine<B> {
+    fn serves(&self) -> Serves {
+        Serves::of(&self.backend)
+    }
+}
+
+fn validate_policy(p: &AttentionPolicy, serves: Serves) -> Result<(), ErrorReply> {
     let bad = |m: &str| Err(ErrorReply::bad_request(format!("{}: {m}", p.name())));
     let unit = |x: f32| x > 0.0 && x <= 1.0;
     match *p {
@@ -459,11 +526,16 @@ fn validate_policy(p: &AttentionPolicy, sparse: bool) -> Result<(), ErrorReply> 
             }
         }
     }
-    if !sparse {
+    if !serves.allows(p) {
+        let why = if serves.device_tactic {
+            "this daemon serves full attention and tactic (on its device) only"
+        } else {
+            "this daemon serves full attention only"
+        };
         return Err(ErrorReply::new(
             ErrorCode::Unsupported,
             format!(
-                "attention policy {} runs on the CPU backend only; this daemon serves full attention",
+                "attention policy {} runs on the CPU backend only; {why}",
                 p.name()
             ),
         ));

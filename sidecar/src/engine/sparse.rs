@@ -8,7 +8,8 @@
 //! exposes (the CPU backend).
 
 use super::undo::Undo;
-use crate::backend::{HostLayerView, RowRange, StepMeta};
+use crate::backend::tactic::StateId;
+use crate::backend::{HostLayerView, RowRange, StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -36,24 +37,46 @@ pub enum PolicyState {
     Oracle {
         p: f32,
     },
+    /// Tactic whose state the backend keeps (`Backend::device_tactic`): the
+    /// engine holds its name, the backend selects inside the attention.
+    Device(DeviceTactic),
+}
+
+/// A sequence's Tactic state kept by the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceTactic {
+    pub id: StateId,
+    pub params: TacticParams,
+}
+
+/// Tactic's parameters as a policy sets them (`None` for other policies).
+pub fn tactic_params(policy: &AttentionPolicy) -> Option<TacticParams> {
+    let AttentionPolicy::Tactic {
+        p,
+        cluster_size,
+        recluster_limit,
+    } = *policy
+    else {
+        return None;
+    };
+    let mut params = TacticParams::new(p);
+    if let Some(c) = cluster_size {
+        params.kmeans.cluster_size = c as usize;
+    }
+    if let Some(r) = recluster_limit {
+        params.recluster_limit = r as usize;
+    }
+    Some(params)
 }
 
 impl PolicyState {
+    /// The state of a sequence the host selects for (the backend's own
+    /// Tactic states are made by the engine: `Engine::new_state`).
     pub fn new(policy: &AttentionPolicy, layers: usize) -> PolicyState {
         match *policy {
             AttentionPolicy::Full => PolicyState::Full,
-            AttentionPolicy::Tactic {
-                p,
-                cluster_size,
-                recluster_limit,
-            } => {
-                let mut params = TacticParams::new(p);
-                if let Some(c) = cluster_size {
-                    params.kmeans.cluster_size = c as usize;
-                }
-                if let Some(r) = recluster_limit {
-                    params.recluster_limit = r as usize;
-                }
+            AttentionPolicy::Tactic { .. } => {
+                let params = tactic_params(policy).expect("a Tactic policy");
                 PolicyState::Tactic(Box::new(TacticSeq::new(params, layers)))
             }
             AttentionPolicy::FixedBudget { tokens, p } => PolicyState::FixedBudget {
@@ -70,10 +93,12 @@ impl PolicyState {
     }
 
     /// The state for a copy of the sequence (a fork): clusterings and bounds
-    /// cover the shared prefix, so they carry over.
+    /// cover the shared prefix, so they carry over. A backend's state is
+    /// forked by the backend (`Engine::fork_state`), not here.
     pub fn fork(&self) -> PolicyState {
         match self {
             PolicyState::Full => PolicyState::Full,
+            PolicyState::Device(_) => unreachable!("the backend forks its own states"),
             PolicyState::Tactic(t) => {
                 let mut copy = TacticSeq::new(t.params, t.index.len());
                 copy.index = t.index.clone();
@@ -90,11 +115,20 @@ impl PolicyState {
 
     /// Forgets what covers tokens that were dropped (a truncation): the state
     /// is rebuilt over the remaining cache at the next decode step.
+    /// A backend's state is reset by the backend (`Backend::tactic_reset`).
     pub fn reset(&mut self) {
         match self {
             PolicyState::Tactic(t) => **t = TacticSeq::new(t.params, t.index.len()),
             PolicyState::FixedBudget { bounds, .. } => bounds.iter_mut().for_each(Vec::clear),
-            PolicyState::Full | PolicyState::Oracle { .. } => {}
+            PolicyState::Full | PolicyState::Oracle { .. } | PolicyState::Device(_) => {}
+        }
+    }
+
+    /// The backend's name for the state, when the backend keeps it.
+    pub fn device_id(&self) -> Option<StateId> {
+        match self {
+            PolicyState::Device(d) => Some(d.id),
+            _ => None,
         }
     }
 
@@ -102,6 +136,7 @@ impl PolicyState {
         match self {
             PolicyState::Full => 1.0,
             PolicyState::Tactic(t) => t.params.p,
+            PolicyState::Device(d) => d.params.p,
             PolicyState::FixedBudget { p, .. } | PolicyState::Oracle { p } => *p,
         }
     }
@@ -173,6 +208,33 @@ impl<'a> Selector<'a> {
 
     pub fn is_active(&self) -> bool {
         !self.slots.is_empty()
+    }
+
+    /// Whether the backend selects (its entries' states are its own): then
+    /// the attention gets [`Selector::device_entries`] instead of host
+    /// selections. A backend that keeps Tactic states serves no host
+    /// policy (`engine::validate_policy`), so a step is one or the other.
+    pub fn on_device(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.state, PolicyState::Device(_)))
+    }
+
+    /// The decode entries whose row lies in `rows`, for the backend.
+    pub fn device_entries(&self, meta: &StepMeta, rows: &RowRange) -> Vec<TacticEntry> {
+        self.slots
+            .iter()
+            .filter_map(|slot| {
+                let id = slot.state.device_id()?;
+                let s = &meta.seqs[slot.seq];
+                rows.contains(&s.q_start).then_some(TacticEntry {
+                    seq: slot.seq,
+                    state: id,
+                    row: s.q_start,
+                    ctx_len: s.ctx_len,
+                })
+            })
+            .collect()
     }
 
     /// Computes this layer's selections of the decode entries whose row
@@ -255,6 +317,7 @@ fn select_one(
     let mut scores = Vec::new();
     match slot.state {
         PolicyState::Full => unreachable!("full attention has no slot"),
+        PolicyState::Device(_) => unreachable!("the backend selects for its own states"),
         PolicyState::Tactic(t) => {
             let step = DecodeStep {
                 q,

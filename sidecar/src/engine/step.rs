@@ -2,7 +2,9 @@
 //! write logits, then commit. Until the commit nothing a client can observe
 //! has changed, so a step that fails anywhere leaves every sequence as it
 //! was: its fresh blocks go back to the allocator, the policy states the
-//! selector grew are reverted (`undo`), and its diagnostics are not counted.
+//! selector grew are reverted (`undo`), those the backend keeps are put back
+//! by the backend (`Backend::tactic_end_step`), and its diagnostics are not
+//! counted.
 
 use super::kv_cache::{AppendPlan, append_cost, plan_append};
 use super::sparse::{self, Outcome, PolicyState, Selector, StepDiag};
@@ -408,6 +410,7 @@ impl<B: Backend> Engine<B> {
     /// Puts back what a failed step changed: policy states, then blocks
     /// (latest plan first, so that the free list is exactly as it was).
     fn roll_back(&mut self, keys: &[SeqKey], plans: &[AppendPlan], outcome: Outcome) {
+        self.backend.tactic_end_step(false);
         for (i, undo) in outcome.undo {
             let s = self.seqs.get_mut(&keys[i]).expect("validated");
             s.state.revert(undo);
@@ -427,6 +430,7 @@ impl<B: Backend> Engine<B> {
         outcome: Outcome,
         kept: Vec<KeptRow>,
     ) {
+        self.backend.tactic_end_step(true);
         let (mut prefill, mut decode) = (0u64, 0u64);
         let each = keys.iter().zip(&work.entries).zip(plans).zip(names);
         for ((((k, e), p), ids), row) in each.zip(kept) {

@@ -380,6 +380,10 @@ impl<B: Backend> Model<B> {
             Op::Rope(_) => b.rope(step, &mut w.qkv, &self.inv_freq, dims, rows),
             Op::KvAppend(l) => b.kv_append(step, &w.qkv, kv, l, dims, rows),
             Op::Attention(l) => match p.selector.as_deref_mut() {
+                Some(sel) if sel.on_device() => {
+                    let entries = sel.device_entries(p.meta, &rows);
+                    b.tactic_attention(step, &w.qkv, kv, l, dims, &entries, &mut w.attn, rows)
+                }
                 Some(sel) => {
                     let chosen = sel.select(l, b.host_view(&w.qkv, kv, l), p.meta, &rows)?;
                     b.sparse_attention(step, &w.qkv, kv, l, dims, chosen, &mut w.attn, rows)

@@ -330,6 +330,7 @@ pub fn model_bf16(b: CudaBackend, seed: u64) -> Vec<Row> {
     let twin = CpuBackend {
         round_to_bf16: true,
         round_activations: true,
+        device_tactic: None,
     };
     let mut rows = match b.with_activations(GpuActivations::Bf16) {
         Ok(bf) => {
@@ -377,10 +378,12 @@ mod tests {
         let twin = CpuBackend {
             round_to_bf16: true,
             round_activations: true,
+            device_tactic: None,
         };
         let exact = CpuBackend {
             round_to_bf16: true,
             round_activations: false,
+            device_tactic: None,
         };
         let rows = super::super::model::compare_with(
             "t",

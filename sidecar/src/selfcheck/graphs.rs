@@ -101,6 +101,7 @@ fn batch(b: &CudaBackend, seed: u64, n: usize, bf16: bool) -> Result<Vec<Row>> {
     let cpu = CpuBackend {
         round_to_bf16: true,
         round_activations: bf16,
+        device_tactic: None,
     };
     let layout = KvLayout {
         num_layers: config.num_layers,

@@ -202,6 +202,7 @@ fn model_case(cx: &mut Ctx, cut: Cut) -> Result<Row> {
         &CpuBackend {
             round_to_bf16: true,
             round_activations: false,
+            device_tactic: None,
         },
         seed,
         None,
@@ -272,6 +273,7 @@ mod tests {
         let cpu = CpuBackend {
             round_to_bf16: true,
             round_activations: false,
+            device_tactic: None,
         };
         let (_, mixed) = mixed_steps(5, 512);
         let seq = run_mixed(&cpu, 5, None).unwrap();

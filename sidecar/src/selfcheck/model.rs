@@ -201,6 +201,7 @@ pub fn compare<G: Backend>(
     let cpu = CpuBackend {
         round_to_bf16: true,
         round_activations: false,
+        device_tactic: None,
     };
     compare_with(check, (gpu, cpu), config, src, sc, blocks, LOGITS_TOL)
 }
@@ -365,6 +366,7 @@ mod tests {
             CpuBackend {
                 round_to_bf16: true,
                 round_activations: false,
+                device_tactic: None,
             },
             &config,
             &src,
@@ -392,6 +394,7 @@ mod tests {
             CpuBackend {
                 round_to_bf16: false,
                 round_activations: false,
+                device_tactic: None,
             },
             &config,
             &src,

@@ -29,6 +29,7 @@ fn cpu() -> CpuBackend {
     CpuBackend {
         round_to_bf16: false,
         round_activations: false,
+        device_tactic: None,
     }
 }
 

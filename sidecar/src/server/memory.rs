@@ -161,6 +161,7 @@ mod tests {
         let cpu = CpuBackend {
             round_to_bf16: true,
             round_activations: false,
+            device_tactic: None,
         };
         let m = llama_8b();
         let n = need(&cpu, &m, &KvCapacity::Blocks(10));
@@ -174,6 +175,7 @@ mod tests {
         let cpu = CpuBackend {
             round_to_bf16: false,
             round_activations: false,
+            device_tactic: None,
         };
         let config = Config {
             memory_limit: Some("1GiB".into()),

@@ -238,7 +238,7 @@ fn start_executor<B: Backend + 'static>(
         ),
         backend: BackendInfo { kind, device },
         block_size: BLOCK_SIZE as u32,
-        policies: crate::engine::policies(engine.backend().supports_sparse()),
+        policies: crate::engine::policies(crate::engine::Serves::of(engine.backend())),
         gauges: gauges.clone(),
         fd_socket: String::new(),
     };
@@ -269,9 +269,15 @@ fn start_cpu(
     if config.cuda_graphs {
         warn!("cuda_graphs is for the CUDA backend: the CPU backend runs every step eagerly");
     }
+    if config.experimental_gpu_tactic {
+        warn!(
+            "experimental_gpu_tactic is for the CUDA backend: the CPU backend selects on host views"
+        );
+    }
     let cpu = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
         round_activations: config.gpu_activations == crate::config::GpuActivations::Bf16,
+        device_tactic: None,
     };
     #[cfg(feature = "fault-injection")]
     if let Some((spec, plan)) = inject::plan_from_env()? {
@@ -343,6 +349,7 @@ fn spawn_executor(
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
                     .and_then(|b| b.with_activations(config.gpu_activations))
                     .and_then(|b| b.with_graphs(config.cuda_graphs))
+                    .and_then(|b| b.with_gpu_tactic(config.experimental_gpu_tactic))
                     .and_then(|b| start_cuda(b, &config, links, rx, ready)),
                 _ => start_cpu(&config, links, rx, ready),
             };

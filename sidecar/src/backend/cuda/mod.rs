@@ -37,11 +37,13 @@
 //! | the ops (`Backend`) | [`ops`] |
 //! | a step's per-row key counts and tables | [`step`] |
 //! | decode steps as CUDA graphs (`cuda_graphs`) | [`graphs`] |
+//! | Tactic's states and sparse attention (`experimental_gpu_tactic`) | [`tactic`] |
 
 mod act;
 pub mod graphs;
 mod ops;
 mod step;
+pub mod tactic;
 
 pub use act::{Act, Matrix, Vector};
 pub use graphs::{GraphCounts, Graphs};
@@ -82,6 +84,9 @@ pub struct CudaBackend {
     /// of it stays valid; it grows, never shrinks, and a regrowth counts as
     /// a workspace regrowth (every graph is dropped and captured again).
     attn_f32: std::cell::RefCell<Option<Pooled>>,
+    /// Tactic's states and scratch with `experimental_gpu_tactic`; `None`
+    /// (sparse policies refused) without it.
+    tactic: Option<std::cell::RefCell<tactic::GpuTactic>>,
 }
 
 impl CudaBackend {
@@ -99,6 +104,7 @@ impl CudaBackend {
             activations: GpuActivations::Split,
             graphs: Default::default(),
             attn_f32: Default::default(),
+            tactic: None,
         })
     }
 

@@ -4,8 +4,9 @@
 use super::act::{Act, ActBuf, Matrix, RowsOf, Vector};
 use super::step::step_arrays;
 use super::{CudaBackend, RESERVE_BYTES, check, host_f32, to_bf16};
+use crate::backend::tactic::StateId;
 use crate::backend::{
-    AttnDims, Backend, GraphPass, HostData, KvLayout, RowRange, SampleOutput, StepMeta,
+    AttnDims, Backend, GraphPass, HostData, KvLayout, RowRange, SampleOutput, StepMeta, TacticEntry,
 };
 use crate::error::Result;
 use tacflow_kernels::cpu::SampleParams;
@@ -269,6 +270,66 @@ impl Backend for CudaBackend {
             });
         self.keep_attention_scratch(f);
         r
+    }
+
+    fn device_tactic(&self) -> bool {
+        self.tactic.is_some()
+    }
+
+    fn tactic_open(
+        &self,
+        id: StateId,
+        params: &tacflow_kernels::tactic::TacticParams,
+        d: AttnDims,
+        layers: usize,
+    ) -> Result<()> {
+        let shape = tacflow_kernels::cuda::TacticShape {
+            kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            group: d.num_heads / d.num_kv_heads,
+        };
+        shape.check()?;
+        self.gpu_tactic()?.dev.open(id, params, d, layers)
+    }
+
+    fn tactic_fork(&self, parent: StateId, child: StateId) -> Result<()> {
+        self.gpu_tactic()?.dev.fork(parent, child)
+    }
+
+    fn tactic_reset(&self, id: StateId) {
+        if let Ok(mut t) = self.gpu_tactic() {
+            t.dev.reset(id);
+        }
+    }
+
+    fn tactic_close(&self, id: StateId) {
+        if let Ok(mut t) = self.gpu_tactic() {
+            t.dev.close(id);
+        }
+    }
+
+    fn tactic_attention(
+        &self,
+        step: &DeviceStep,
+        qkv: &Act,
+        kv: &KvCache,
+        layer: usize,
+        d: AttnDims,
+        entries: &[TacticEntry],
+        out: &mut Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        self.tactic_attention_rows(step, qkv, kv, layer, d, entries, out, rows)
+    }
+
+    fn tactic_end_step(&self, commit: bool) {
+        if let Ok(mut t) = self.gpu_tactic() {
+            t.dev.end_step(commit);
+        }
+    }
+
+    fn tactic_bytes(&self) -> usize {
+        self.gpu_tactic().map_or(0, |t| t.dev.live_bytes())
     }
 
     fn add(&self, x: &mut Act, y: &Act, rows: RowRange) -> Result<()> {

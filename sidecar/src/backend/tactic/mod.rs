@@ -6,10 +6,14 @@
 //! | --- | --- |
 //! | the device memory the manager needs, and a host fake of it | [`mem`] |
 //! | the states: sizing, growth, forks, truncation, close, a failed step undone | [`state`] |
+//! | a node's entries planned and turned into the kernels' jobs | [`driver`] |
+//! | the kernels' work done on the host (the CPU backend's device path) | [`host`] |
 //!
 //! The arrays inside a state are laid out by
 //! `tacflow_kernels::tactic::layout`, which the kernels read.
 
+pub mod driver;
+pub mod host;
 pub mod mem;
 pub mod state;
 

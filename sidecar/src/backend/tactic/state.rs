@@ -83,10 +83,11 @@ struct Replaced<M: DeviceMemory> {
     old: Option<Arc<LayerState<M>>>,
 }
 
-/// Every sequence's state on one device.
+/// Every sequence's state on one device. The device's memory is passed to
+/// the calls that allocate (the backend owns it; the states only hold
+/// allocations).
 #[derive(Debug)]
 pub struct TacticStates<M: DeviceMemory> {
-    mem: M,
     kv_heads: usize,
     head_dim: usize,
     seqs: HashMap<StateId, SeqState<M>>,
@@ -120,9 +121,8 @@ pub fn unsupported(params: &TacticParams) -> Option<String> {
 
 impl<M: DeviceMemory> TacticStates<M> {
     /// States for a model with `kv_heads` KV heads of `head_dim`.
-    pub fn new(mem: M, kv_heads: usize, head_dim: usize) -> TacticStates<M> {
+    pub fn new(kv_heads: usize, head_dim: usize) -> TacticStates<M> {
         TacticStates {
-            mem,
             kv_heads,
             head_dim,
             seqs: HashMap::new(),
@@ -131,8 +131,9 @@ impl<M: DeviceMemory> TacticStates<M> {
         }
     }
 
-    pub fn mem(&self) -> &M {
-        &self.mem
+    /// The model shape the states are laid out for: KV heads, head size.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.kv_heads, self.head_dim)
     }
 
     /// Bytes the states hold on the device (shared allocations once).
@@ -202,6 +203,14 @@ impl<M: DeviceMemory> TacticStates<M> {
         self.seqs.get(&id)?.layers.get(layer)?.as_deref()
     }
 
+    /// The allocation of `id`'s `layer` to write, when no other sequence
+    /// shares it (a state built or grown by the step in flight never is):
+    /// what a host stand-in for the device's kernels writes through.
+    pub fn buffer_mut(&mut self, id: StateId, layer: usize) -> Option<&mut M::Buf> {
+        let st = self.seqs.get_mut(&id)?.layers.get_mut(layer)?.as_mut()?;
+        Arc::get_mut(st).map(|s| &mut s.buf)
+    }
+
     /// The state `id`'s `layer` selects on at a decode step with `ctx_len`
     /// tokens cached (this step's included), grown first by the rule of
     /// `TacticSeq::select_layer`: the first decode step clusters every
@@ -210,7 +219,13 @@ impl<M: DeviceMemory> TacticStates<M> {
     /// on its own and appended. A new or grown state replaces the old one
     /// until [`TacticStates::commit`] or [`TacticStates::rollback`]; on an
     /// error nothing has changed.
-    pub fn prepare(&mut self, id: StateId, layer: usize, ctx_len: usize) -> Result<LayerPlan> {
+    pub fn prepare(
+        &mut self,
+        mem: &M,
+        id: StateId,
+        layer: usize,
+        ctx_len: usize,
+    ) -> Result<LayerPlan> {
         let (kv_heads, head_dim) = (self.kv_heads, self.head_dim);
         let s = self
             .seqs
@@ -232,18 +247,18 @@ impl<M: DeviceMemory> TacticStates<M> {
                 )));
             }
             Some(st) if ctx_len - st.layout.len as usize <= params.recluster_limit => {
-                return Ok(plan(&self.mem, st, None, params));
+                return Ok(plan(mem, st, None, params));
             }
             Some(st) => {
                 let start = st.layout.len as usize;
                 let n = clustered - start;
                 let k = clusters_for(n, size);
-                (self.grow(st, k, n)?, ClusterRun { start, n, k })
+                (self.grow(mem, st, k, n)?, ClusterRun { start, n, k })
             }
             None => {
                 let k = clusters_for(clustered, size);
                 let layout = StateLayout::new(kv_heads, head_dim, k, clustered);
-                let buf = self.mem.alloc_zeroed(layout.bytes as usize)?;
+                let buf = mem.alloc_zeroed(layout.bytes as usize)?;
                 let st = self.adopt(buf, layout);
                 let run = ClusterRun {
                     start: 0,
@@ -253,7 +268,7 @@ impl<M: DeviceMemory> TacticStates<M> {
                 (st, run)
             }
         };
-        let p = plan(&self.mem, &new, (run.n > 0).then_some(run), params);
+        let p = plan(mem, &new, (run.n > 0).then_some(run), params);
         let slot = &mut self.seqs.get_mut(&id).expect("looked up above").layers[layer];
         let old = slot.replace(Arc::new(new));
         self.undo.push(Replaced { id, layer, old });
@@ -277,11 +292,11 @@ impl<M: DeviceMemory> TacticStates<M> {
 
     /// A larger allocation holding `st`'s clusters, with room for a run of
     /// `n` slots in at most `k` clusters per head.
-    fn grow(&self, st: &LayerState<M>, k: usize, n: usize) -> Result<LayerState<M>> {
+    fn grow(&self, mem: &M, st: &LayerState<M>, k: usize, n: usize) -> Result<LayerState<M>> {
         let layout = st.layout.grown(k, n);
-        let mut buf = self.mem.alloc(layout.bytes as usize)?;
+        let mut buf = mem.alloc(layout.bytes as usize)?;
         for (from, to, bytes) in st.layout.copies_into(&layout) {
-            self.mem.copy(&st.buf, from, &mut buf, to, bytes)?;
+            mem.copy(&st.buf, from, &mut buf, to, bytes)?;
         }
         Ok(self.adopt(buf, layout))
     }

@@ -8,8 +8,8 @@ use tacflow_kernels::tactic::{HeadDiag, TacticSeq};
 const H: usize = 3;
 const D: usize = 16;
 
-fn states() -> TacticStates<HostMemory> {
-    TacticStates::new(HostMemory::new(), H, D)
+fn states() -> (TacticStates<HostMemory>, HostMemory) {
+    (TacticStates::new(H, D), HostMemory::new())
 }
 
 fn params(limit: usize) -> TacticParams {
@@ -30,9 +30,9 @@ fn stamp(s: &mut TacticStates<HostMemory>, id: StateId, layer: usize, tag: u8) {
 
 #[test]
 fn the_first_decode_step_clusters_everything_before_its_token() {
-    let mut s = states();
+    let (mut s, m) = states();
     s.open(1, params(2048), 2).unwrap();
-    let p = s.prepare(1, 0, 100).unwrap();
+    let p = s.prepare(&m, 1, 0, 100).unwrap();
     assert_eq!(
         p.run,
         Some(ClusterRun {
@@ -49,34 +49,34 @@ fn the_first_decode_step_clusters_everything_before_its_token() {
     // The other layer is untouched; the next step selects on the same state.
     assert!(s.layer(1, 1).is_none());
     s.commit();
-    let again = s.prepare(1, 0, 101).unwrap();
+    let again = s.prepare(&m, 1, 0, 101).unwrap();
     assert_eq!((again.addr, again.run), (p.addr, None));
 }
 
 #[test]
 fn a_one_token_context_has_nothing_to_cluster() {
-    let mut s = states();
+    let (mut s, m) = states();
     s.open(1, params(16), 1).unwrap();
-    let p = s.prepare(1, 0, 1).unwrap();
+    let p = s.prepare(&m, 1, 0, 1).unwrap();
     assert_eq!((p.run, p.layout.len, p.layout.cap), (None, 0, 0));
     s.commit();
     // The tail grows until it passes the limit, then is clustered from 0.
-    assert_eq!(s.prepare(1, 0, 16).unwrap().run, None);
-    let r = s.prepare(1, 0, 17).unwrap().run.unwrap();
+    assert_eq!(s.prepare(&m, 1, 0, 16).unwrap().run, None);
+    let r = s.prepare(&m, 1, 0, 17).unwrap().run.unwrap();
     assert_eq!((r.start, r.n, r.k), (0, 16, 1));
 }
 
 #[test]
 fn reclustering_appends_the_tail_and_keeps_the_old_clusters() {
-    let mut s = states();
+    let (mut s, m) = states();
     s.open(1, params(16), 1).unwrap();
-    let first = s.prepare(1, 0, 100).unwrap();
+    let first = s.prepare(&m, 1, 0, 100).unwrap();
     s.commit();
     stamp(&mut s, 1, 0, 0x3c);
     let old_bytes = s.layer(1, 0).unwrap().buf.data.clone();
     // 99 clustered: at 116 the tail (99..116) is 17 > 16 long.
-    assert_eq!(s.prepare(1, 0, 115).unwrap().run, None);
-    let p = s.prepare(1, 0, 116).unwrap();
+    assert_eq!(s.prepare(&m, 1, 0, 115).unwrap().run, None);
+    let p = s.prepare(&m, 1, 0, 116).unwrap();
     assert_eq!(
         p.run,
         Some(ClusterRun {
@@ -104,23 +104,23 @@ fn reclustering_appends_the_tail_and_keeps_the_old_clusters() {
 
 #[test]
 fn a_fork_shares_until_one_side_grows() {
-    let mut s = states();
+    let (mut s, m) = states();
     s.open(1, params(16), 2).unwrap();
-    s.prepare(1, 0, 50).unwrap();
-    s.prepare(1, 1, 50).unwrap();
+    s.prepare(&m, 1, 0, 50).unwrap();
+    s.prepare(&m, 1, 1, 50).unwrap();
     s.commit();
     let one = s.live_bytes();
     s.fork(1, 2).unwrap();
     assert_eq!(s.live_bytes(), one, "nothing copied");
     assert_eq!(
-        s.prepare(2, 0, 51).unwrap().addr,
-        s.prepare(1, 0, 51).unwrap().addr
+        s.prepare(&m, 2, 0, 51).unwrap().addr,
+        s.prepare(&m, 1, 0, 51).unwrap().addr
     );
     s.commit();
     // The child re-clusters layer 0: it gets its own; the parent's is intact.
     stamp_shared_check(&mut s);
     let parent = s.layer(1, 0).unwrap().layout;
-    let grown = s.prepare(2, 0, 70).unwrap();
+    let grown = s.prepare(&m, 2, 0, 70).unwrap();
     s.commit();
     assert!(grown.run.is_some());
     assert_eq!(s.layer(1, 0).unwrap().layout, parent);
@@ -131,7 +131,7 @@ fn a_fork_shares_until_one_side_grows() {
     assert_eq!(s.live_bytes(), child_only as usize);
     s.close(2);
     assert_eq!(s.live_bytes(), 0);
-    assert_eq!(s.mem().live_bytes(), 0, "every allocation dropped");
+    assert_eq!(m.live_bytes(), 0, "every allocation dropped");
 }
 
 /// A shared state cannot be written through either sequence.
@@ -142,49 +142,49 @@ fn stamp_shared_check(s: &mut TacticStates<HostMemory>) {
 
 #[test]
 fn truncation_forgets_and_the_next_step_rebuilds() {
-    let mut s = states();
+    let (mut s, m) = states();
     s.open(1, params(2048), 1).unwrap();
-    s.prepare(1, 0, 300).unwrap();
+    s.prepare(&m, 1, 0, 300).unwrap();
     s.commit();
     s.reset(1);
     assert!(s.layer(1, 0).is_none());
-    assert_eq!(s.mem().live_bytes(), 0);
-    let p = s.prepare(1, 0, 120).unwrap();
+    assert_eq!(m.live_bytes(), 0);
+    let p = s.prepare(&m, 1, 0, 120).unwrap();
     assert_eq!(p.run.unwrap().n, 119);
 }
 
 #[test]
 fn a_failed_step_leaves_every_state_as_it_was() {
-    let mut s = states();
+    let (mut s, m) = states();
     s.open(1, params(16), 3).unwrap();
     s.open(2, params(16), 3).unwrap();
     for l in 0..3 {
-        s.prepare(1, l, 40).unwrap();
+        s.prepare(&m, 1, l, 40).unwrap();
     }
     s.commit();
     let before: Vec<u64> = (0..3)
-        .map(|l| s.mem().addr(&s.layer(1, l).unwrap().buf))
+        .map(|l| m.addr(&s.layer(1, l).unwrap().buf))
         .collect();
     let bytes = s.live_bytes();
     // A step grows seq 1's layer 0 and builds seq 2's layer 0, then fails.
-    s.prepare(1, 0, 60).unwrap();
-    s.prepare(2, 0, 60).unwrap();
+    s.prepare(&m, 1, 0, 60).unwrap();
+    s.prepare(&m, 2, 0, 60).unwrap();
     s.rollback();
     let after: Vec<u64> = (0..3)
-        .map(|l| s.mem().addr(&s.layer(1, l).unwrap().buf))
+        .map(|l| m.addr(&s.layer(1, l).unwrap().buf))
         .collect();
     assert_eq!(before, after);
     assert!(s.layer(2, 0).is_none());
     assert_eq!(s.live_bytes(), bytes);
-    assert_eq!(s.mem().live_bytes(), bytes);
+    assert_eq!(m.live_bytes(), bytes);
     // An allocation that fails changes nothing either.
-    s.mem().fail_after(0);
-    assert!(s.prepare(1, 1, 60).is_err());
-    assert_eq!(s.mem().addr(&s.layer(1, 1).unwrap().buf), before[1]);
+    m.fail_after(0);
+    assert!(s.prepare(&m, 1, 1, 60).is_err());
+    assert_eq!(m.addr(&s.layer(1, 1).unwrap().buf), before[1]);
     s.rollback();
     assert_eq!(s.live_bytes(), bytes);
     // Forks and closes wait for the step's end.
-    s.prepare(2, 1, 10).unwrap();
+    s.prepare(&m, 2, 1, 10).unwrap();
     assert!(s.fork(2, 3).is_err());
     s.commit();
     s.fork(2, 3).unwrap();
@@ -192,7 +192,7 @@ fn a_failed_step_leaves_every_state_as_it_was() {
 
 #[test]
 fn the_device_runs_only_the_default_estimator() {
-    let mut s = states();
+    let (mut s, m) = states();
     let mut p = params(2048);
     p.token_level = true;
     assert!(s.open(1, p, 1).is_err());
@@ -200,7 +200,7 @@ fn the_device_runs_only_the_default_estimator() {
     p.kmeans.cluster_size = 24;
     s.open(1, p, 1).unwrap();
     assert!(s.open(1, p, 1).is_err(), "ids are unique");
-    assert_eq!(s.prepare(1, 0, 49).unwrap().run.unwrap().k, 2);
+    assert_eq!(s.prepare(&m, 1, 0, 49).unwrap().run.unwrap().k, 2);
 }
 
 /// The growth rule is `TacticSeq`'s: over a decode of 400 tokens from a
@@ -215,7 +215,8 @@ fn states_grow_as_the_cpu_reference_does() {
         .collect();
     let prm = params(limit);
     let mut cpu = TacticSeq::new(prm, 1);
-    let mut s = TacticStates::new(HostMemory::new(), 1, D);
+    let mut s = TacticStates::new(1, D);
+    let m = HostMemory::new();
     s.open(7, prm, 1).unwrap();
     let q = vec![0.5f32; 3 * D];
     let (mut out, mut diag) = (vec![Vec::new()], vec![HeadDiag::default()]);
@@ -240,7 +241,7 @@ fn states_grow_as_the_cpu_reference_does() {
             ctx_len: ctx,
         };
         cpu.select_layer(0, &step, &mut out, &mut diag);
-        let p = s.prepare(7, 0, ctx).unwrap();
+        let p = s.prepare(&m, 7, 0, ctx).unwrap();
         s.commit();
         let idx = &cpu.index[0][0];
         assert_eq!(p.layout.len as usize, idx.len, "ctx {ctx}");

@@ -1,6 +1,7 @@
 //! Engine tests over the built-in `tiny` model on a fault-injecting CPU
 //! backend: fixtures, and a snapshot of everything a step may change.
 
+mod device;
 mod named;
 mod prompt_logprobs;
 mod schedules;

@@ -1,0 +1,176 @@
+//! Tactic on the GPU (`experimental_gpu_tactic`): the sequences' states in
+//! device memory ([`TacticDevice`] over the [`Gpu`]), and an attention node
+//! of a step with Tactic decode rows as launches only: the states the rule
+//! grows are clustered (`Gpu::tactic_cluster`), every entry's KV heads
+//! select (`Gpu::tactic_select`) and attend their selection
+//! (`Gpu::tactic_attend`); the node's other rows attend in full. Nothing
+//! is read back: a step still synchronises only at sampling.
+//!
+//! Experimental until a GPU run of `tacflowd selfcheck --groups tactic`
+//! verifies the kernels (kernels/TACTIC.md, "On the GPU").
+
+use super::{Act, CudaBackend, check};
+use crate::backend::tactic::DeviceMemory;
+use crate::backend::tactic::driver::{TacticDevice, cluster_jobs, select_jobs};
+use crate::backend::{AttnDims, Backend, RowRange, TacticEntry};
+use crate::config::GpuActivations;
+use crate::error::{Error, Result};
+use tacflow_kernels::cuda::{CudaSlice, DeviceStep, Gpu, KvCache, TacticShape, TacticWorkspace};
+
+/// The backend's Tactic states and the kernels' scratch.
+#[derive(Debug, Default)]
+pub struct GpuTactic {
+    pub dev: TacticDevice<Gpu>,
+    pub ws: TacticWorkspace,
+}
+
+/// The states live in stream-ordered allocations of the current lane (the
+/// option runs on one lane).
+impl DeviceMemory for Gpu {
+    type Buf = CudaSlice<u8>;
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        Ok(Gpu::alloc_zeroed::<u8>(self, bytes)?)
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        Ok(Gpu::alloc::<u8>(self, bytes)?)
+    }
+
+    fn copy(
+        &self,
+        src: &CudaSlice<u8>,
+        src_off: u64,
+        dst: &mut CudaSlice<u8>,
+        dst_off: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        let (s, d, n) = (src_off as usize, dst_off as usize, bytes as usize);
+        check(s + n <= src.len() && d + n <= dst.len(), || {
+            format!("a Tactic state copy of {n} bytes out of bounds")
+        })?;
+        self.stream()
+            .memcpy_dtod(&src.slice(s..s + n), &mut dst.slice_mut(d..d + n))
+            .map_err(|e| Error::Backend(format!("cuMemcpyDtoDAsync: {e}")))
+    }
+
+    fn addr(&self, buf: &CudaSlice<u8>) -> u64 {
+        self.ptr(buf)
+    }
+}
+
+impl CudaBackend {
+    /// The backend with Tactic served on the GPU when `on`
+    /// (`experimental_gpu_tactic`): one lane, f32 activations.
+    pub fn with_gpu_tactic(mut self, on: bool) -> Result<CudaBackend> {
+        if !on {
+            return Ok(self);
+        }
+        check(self.gpu.lanes() == 1, || {
+            format!(
+                "experimental_gpu_tactic runs on one lane, not {}",
+                self.gpu.lanes()
+            )
+        })?;
+        check(self.activations == GpuActivations::Split, || {
+            "experimental_gpu_tactic runs with gpu_activations = \"split\"".into()
+        })?;
+        tracing::warn!(
+            "experimental_gpu_tactic: the tactic policy runs on kernels not yet verified on a GPU"
+        );
+        self.tactic = Some(std::cell::RefCell::new(GpuTactic::default()));
+        Ok(self)
+    }
+
+    pub(super) fn gpu_tactic(&self) -> Result<std::cell::RefMut<'_, GpuTactic>> {
+        self.tactic
+            .as_ref()
+            .map(std::cell::RefCell::borrow_mut)
+            .ok_or_else(|| Error::Backend("this backend serves full attention only".into()))
+    }
+
+    /// [`Backend::tactic_attention`]: the other rows of `rows` in full
+    /// (runs between the entries' rows), then the entries' clustering,
+    /// selection and sparse attention.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn tactic_attention_rows(
+        &self,
+        step: &DeviceStep,
+        qkv: &Act,
+        kv: &KvCache,
+        layer: usize,
+        d: AttnDims,
+        entries: &[TacticEntry],
+        out: &mut Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        for run in full_runs(&rows, entries) {
+            self.attention(step, qkv, kv, layer, d, out, run)?;
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let shape = TacticShape {
+            kv_heads: d.num_kv_heads,
+            head_dim: d.head_dim,
+            group: d.num_heads / d.num_kv_heads,
+        };
+        let mut t = self.gpu_tactic()?;
+        let GpuTactic { dev, ws } = &mut *t;
+        let planned = dev.plan(&self.gpu, layer, entries)?;
+        for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
+            self.gpu
+                .tactic_cluster(ws, step, kv, layer, &shape, &jobs, &km)?;
+        }
+        let jobs = select_jobs(&planned, shape.kv_heads);
+        let q = qkv.f32("tactic attention")?;
+        self.gpu
+            .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+        let cols = out.cols;
+        let mut o = self.out_rows(out, &rows)?;
+        let q_cols = qkv.cols;
+        Ok(self.gpu.tactic_attend(
+            ws, step, q, q_cols, kv, layer, &shape, &jobs, &mut o, rows.start, cols,
+        )?)
+    }
+}
+
+/// The maximal runs of `rows` that hold no entry's row.
+fn full_runs(rows: &RowRange, entries: &[TacticEntry]) -> Vec<RowRange> {
+    let mut marks: Vec<usize> = entries.iter().map(|e| e.row).collect();
+    marks.sort_unstable();
+    let mut out = vec![];
+    let mut at = rows.start;
+    for r in marks.into_iter().filter(|r| rows.contains(r)) {
+        if r > at {
+            out.push(at..r);
+        }
+        at = r + 1;
+    }
+    if at < rows.end {
+        out.push(at..rows.end);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(row: usize) -> TacticEntry {
+        TacticEntry {
+            seq: 0,
+            state: 0,
+            row,
+            ctx_len: 1,
+        }
+    }
+
+    #[test]
+    fn the_rows_between_entries_attend_in_full() {
+        assert_eq!(full_runs(&(0..10), &[at(3), at(0), at(9)]), [1..3, 4..9]);
+        assert_eq!(full_runs(&(2..6), &[]), vec![(2..6)]);
+        assert_eq!(full_runs(&(2..4), &[at(2), at(3)]), Vec::<RowRange>::new());
+        assert_eq!(full_runs(&(5..8), &[at(1), at(6)]), [5..6, 7..8]);
+    }
+}

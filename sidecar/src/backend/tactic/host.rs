@@ -1,0 +1,124 @@
+//! The device path on the host: what the GPU kernels do to a layer's
+//! planned states, done by the CPU reference on host memory laid out as
+//! the device's ([`StateLayout`]). The CPU backend runs Tactic this way when
+//! told to (`CpuBackend::with_device_tactic`), so that everything of the
+//! device path but the kernels themselves (states, growth, forks, failed
+//! steps, the engine's and the model's wiring) runs and is tested without a
+//! GPU, and gives the same selections as the host path
+//! (`engine::sparse`), by the argument of `tacflow_kernels::tactic::union`.
+//!
+//! [`StateLayout`]: tacflow_kernels::tactic::layout::StateLayout
+
+use super::driver::{Planned, TacticDevice};
+use super::mem::HostMemory;
+use crate::backend::StepMeta;
+use crate::error::{Error, Result};
+use tacflow_kernels::cpu::KvLayer;
+use tacflow_kernels::tactic::layout::{read_heads, write_heads};
+use tacflow_kernels::tactic::union::{UNION_CHUNK, select_group_chunked};
+use tacflow_kernels::tactic::{PagedKeys, Scratch};
+
+/// The CPU backend's Tactic states and the memory they live in.
+#[derive(Debug, Default)]
+pub struct HostTactic {
+    pub dev: TacticDevice<HostMemory>,
+    pub mem: HostMemory,
+}
+
+/// What one layer's selection needs from the step.
+#[derive(Debug, Clone, Copy)]
+pub struct HostLayer<'a> {
+    pub layer: usize,
+    pub kv: KvLayer<'a>,
+    pub meta: &'a StepMeta,
+    /// The step's fused rows and their width.
+    pub qkv: &'a [f32],
+    pub row_len: usize,
+    /// Query heads per KV head.
+    pub group: usize,
+}
+
+impl HostTactic {
+    pub fn new() -> HostTactic {
+        HostTactic {
+            dev: TacticDevice::default(),
+            mem: HostMemory::new(),
+        }
+    }
+
+    /// Plans the entries' states of `at.layer`, clusters the runs the plans
+    /// ask for into them (the clustering kernels' work) and selects (the
+    /// selection kernels'): per entry, its sequence and each KV head's
+    /// sorted slots.
+    pub fn select(
+        &mut self,
+        at: &HostLayer<'_>,
+        entries: &[crate::backend::TacticEntry],
+    ) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
+        let planned = self.dev.plan(&self.mem, at.layer, entries)?;
+        for p in &planned {
+            self.cluster(at, p)?;
+        }
+        let states = self.dev.states().expect("planned above");
+        let mut scratch = Scratch::default();
+        planned
+            .iter()
+            .map(|p| {
+                let st = states
+                    .layer(p.entry.state, at.layer)
+                    .ok_or_else(|| Error::Backend("a planned state is gone".into()))?;
+                let heads = read_heads(&p.plan.layout, &st.buf.data, p.plan.layout.len as usize);
+                let (g, d) = (at.group, at.kv.head_dim);
+                let row = &at.qkv[p.entry.row * at.row_len..];
+                let mut est = vec![0.0f32; g];
+                let sel = heads
+                    .iter()
+                    .enumerate()
+                    .map(|(h, ix)| {
+                        let mut out = Vec::new();
+                        select_group_chunked(
+                            ix,
+                            &keys(at, p, h),
+                            &row[h * g * d..(h + 1) * g * d],
+                            p.entry.ctx_len,
+                            &p.plan.params,
+                            UNION_CHUNK,
+                            &mut scratch,
+                            &mut out,
+                            &mut est,
+                        );
+                        out
+                    })
+                    .collect();
+                Ok((p.entry.seq, sel))
+            })
+            .collect()
+    }
+
+    /// The clustering kernels' work for one planned entry: its run of keys
+    /// clustered per head and appended to the clusters its state holds.
+    fn cluster(&mut self, at: &HostLayer<'_>, p: &Planned) -> Result<()> {
+        let Some(run) = p.plan.run else {
+            return Ok(());
+        };
+        let states = self.dev.states_mut().expect("planned");
+        let buf = states
+            .buffer_mut(p.entry.state, at.layer)
+            .ok_or_else(|| Error::Backend("a state to cluster into is shared".into()))?;
+        let l = p.plan.layout;
+        let mut heads = read_heads(&l, &buf.data, run.start);
+        for (h, ix) in heads.iter_mut().enumerate() {
+            ix.extend(&keys(at, p, h), run.start + run.n, &p.plan.params.kmeans);
+        }
+        write_heads(&l, &heads, &mut buf.data);
+        Ok(())
+    }
+}
+
+fn keys<'a>(at: &HostLayer<'a>, p: &Planned, head: usize) -> PagedKeys<'a> {
+    PagedKeys {
+        kv: at.kv,
+        block_table: &at.meta.seqs[p.entry.seq].block_table,
+        head,
+    }
+}

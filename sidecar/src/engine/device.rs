@@ -1,0 +1,66 @@
+//! Sequences whose Tactic state the backend keeps (`Backend::device_tactic`):
+//! the engine names each state and tells the backend when a sequence opens,
+//! forks, truncates or closes; the backend grows and reads the states inside
+//! the attention, and keeps or undoes a step's changes when the step ends.
+
+use super::Engine;
+use super::sparse::{DeviceTactic, PolicyState, tactic_params};
+use crate::backend::Backend;
+use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply};
+
+impl<B: Backend> Engine<B> {
+    /// The state of a new sequence with `policy`: the backend's own for
+    /// Tactic when it keeps Tactic states, else the host's.
+    pub(super) fn new_state(
+        &mut self,
+        policy: &AttentionPolicy,
+        diagnostics: bool,
+    ) -> Result<PolicyState, ErrorReply> {
+        let layers = self.model.config.num_layers;
+        let Some(params) = tactic_params(policy).filter(|_| self.backend.device_tactic()) else {
+            return Ok(PolicyState::new(policy, layers));
+        };
+        if diagnostics {
+            return Err(ErrorReply::new(
+                ErrorCode::Unsupported,
+                "attention diagnostics of tactic are measured on the host: \
+                 this backend selects on its device",
+            ));
+        }
+        let id = self.next_state;
+        self.next_state += 1;
+        let dims = self.model.dims();
+        self.backend
+            .tactic_open(id, &params, dims, layers)
+            .map_err(|e| ErrorReply::new(ErrorCode::Unsupported, e.to_string()))?;
+        Ok(PolicyState::Device(DeviceTactic { id, params }))
+    }
+
+    /// The state of a fork of a sequence whose state the backend keeps.
+    pub(super) fn fork_device(
+        &mut self,
+        d: DeviceTactic,
+        diagnostics: bool,
+    ) -> Result<PolicyState, ErrorReply> {
+        if diagnostics {
+            return Err(ErrorReply::new(
+                ErrorCode::Unsupported,
+                "attention diagnostics of tactic are measured on the host: \
+                 this backend selects on its device",
+            ));
+        }
+        let id = self.next_state;
+        self.next_state += 1;
+        self.backend
+            .tactic_fork(d.id, id)
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))?;
+        Ok(PolicyState::Device(DeviceTactic { id, ..d }))
+    }
+
+    /// Tells the backend that a sequence with `state` is gone.
+    pub(super) fn drop_state(&self, state: &PolicyState) {
+        if let Some(id) = state.device_id() {
+            self.backend.tactic_close(id);
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Tactic through the device path (the backend keeps the states), run on
+//! the CPU backend whose host stand-in does the kernels' work: the same
+//! decodes as the host path, forks, truncations and closes through the
+//! backend, and a failed step that leaves the states as they were.
+
+use super::*;
+use crate::backend::Backend;
+use crate::backend::faults::{Fault, FaultPlan, Trigger};
+use crate::engine::Serves;
+use tacflow_ipc::ErrorCode;
+
+/// A `tiny` engine whose CPU backend keeps the Tactic states.
+fn device_engine(blocks: usize) -> TestEngine {
+    let spec = ModelSpec::parse("tiny", 7).unwrap();
+    let (config, src) = spec.open().unwrap();
+    let backend = Faulty::new(CpuBackend::default().with_device_tactic());
+    Engine::new(
+        backend,
+        &config,
+        src.as_ref(),
+        KvCapacity::Blocks(blocks),
+        None,
+        |_, _| {},
+    )
+    .unwrap()
+}
+
+fn tactic(p: f32, cluster_size: Option<u32>, recluster_limit: Option<u32>) -> AttentionPolicy {
+    AttentionPolicy::Tactic {
+        p,
+        cluster_size,
+        recluster_limit,
+    }
+}
+
+/// The same step on both engines gives the same result, bit for bit.
+fn both(host: &mut TestEngine, dev: &mut TestEngine, seq: u64, toks: Vec<u32>) -> u32 {
+    let a = feed(host, seq, toks.clone());
+    let b = feed(dev, seq, toks);
+    assert_eq!(format!("{a:?}"), format!("{b:?}"), "seq {seq}");
+    a.token.unwrap()
+}
+
+#[test]
+fn the_device_path_decodes_as_the_host_path() {
+    for policy in [
+        tactic(0.9, Some(4), Some(16)),
+        tactic(0.5, None, None),
+        tactic(0.99, Some(2), Some(16)),
+    ] {
+        let (mut host, mut dev) = (engine(64), device_engine(64));
+        for e in [&mut host, &mut dev] {
+            open(e, 1, policy.clone(), false);
+        }
+        let mut t = both(&mut host, &mut dev, 1, tokens(1, 37));
+        // 40 decode steps: the first clusters 37 slots, the limit of 16
+        // re-clusters the tail twice.
+        for _ in 0..40 {
+            t = both(&mut host, &mut dev, 1, vec![t]);
+        }
+        assert!(dev.backend().tactic_bytes() > 0, "{policy:?}");
+        assert!(matches!(dev.seqs[&key(1)].state, PolicyState::Device(_)));
+        assert!(matches!(host.seqs[&key(1)].state, PolicyState::Tactic(_)));
+    }
+}
+
+#[test]
+fn forks_truncations_and_closes_go_through_the_backend() {
+    let (mut host, mut dev) = (engine(96), device_engine(96));
+    let policy = tactic(0.9, Some(4), Some(16));
+    for e in [&mut host, &mut dev] {
+        open(e, 1, policy.clone(), false);
+    }
+    let mut t = both(&mut host, &mut dev, 1, tokens(1, 30));
+    for _ in 0..5 {
+        t = both(&mut host, &mut dev, 1, vec![t]);
+    }
+    let held = dev.backend().tactic_bytes();
+    for e in [&mut host, &mut dev] {
+        e.fork_sequence(key(1), key(2), None, None, None).unwrap();
+    }
+    assert_eq!(dev.backend().tactic_bytes(), held, "a fork shares");
+    // Both sides decode on, past their re-clustering limit.
+    let (mut a, mut b) = (t, t);
+    for _ in 0..20 {
+        a = both(&mut host, &mut dev, 1, vec![a]);
+        b = both(&mut host, &mut dev, 2, vec![b]);
+    }
+    assert!(dev.backend().tactic_bytes() > held);
+    // A truncation forgets; the next decode clusters again.
+    for e in [&mut host, &mut dev] {
+        e.truncate_sequence(key(2), 9).unwrap();
+    }
+    for _ in 0..3 {
+        b = both(&mut host, &mut dev, 2, vec![b]);
+    }
+    dev.close_sequence(key(1)).unwrap();
+    assert!(dev.backend().tactic_bytes() > 0, "seq 2 holds its own");
+    dev.drop_session(SESSION);
+    assert_eq!(dev.backend().tactic_bytes(), 0, "every state freed");
+}
+
+#[test]
+fn a_backend_keeping_tactic_serves_tactic_and_full_only() {
+    let mut dev = device_engine(16);
+    let serves = Serves::of(dev.backend());
+    assert_eq!(crate::engine::policies(serves), ["full", "tactic"]);
+    let sampling = SamplingParams::default();
+    let refused = |e: &mut TestEngine, seq, p, diag| {
+        e.open_sequence(key(seq), p, sampling.clone(), diag)
+            .unwrap_err()
+            .code
+    };
+    let budget = AttentionPolicy::FixedBudget { tokens: 8, p: None };
+    assert_eq!(refused(&mut dev, 1, budget, false), ErrorCode::Unsupported);
+    let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
+    assert_eq!(refused(&mut dev, 1, oracle, false), ErrorCode::Unsupported);
+    let t = tactic(0.9, None, None);
+    assert_eq!(
+        refused(&mut dev, 1, t.clone(), true),
+        ErrorCode::Unsupported
+    );
+    open(&mut dev, 1, t, false);
+    let fork = dev.fork_sequence(key(1), key(2), None, None, Some(true));
+    assert_eq!(fork.unwrap_err().code, ErrorCode::Unsupported);
+    assert_eq!(
+        crate::engine::policies(Serves::of(engine(16).backend())).len(),
+        4
+    );
+}
+
+/// A decode step of three Tactic sequences, one at its first decode
+/// (clustering), one past its limit (re-clustering), one selecting on what
+/// it has, failed at each of its ops in turn: the states stay as they were
+/// (the same bytes held, and the step run again gives what an engine that
+/// never failed gives).
+#[test]
+fn a_failed_step_leaves_the_device_states_as_they_were() {
+    let setup = || {
+        let mut e = device_engine(64);
+        for seq in 1..=3 {
+            open(&mut e, seq, tactic(0.9, Some(4), Some(16)), false);
+            feed(&mut e, seq, tokens(seq, 20 + seq as usize));
+        }
+        feed(&mut e, 2, tokens(20, 1));
+        feed(&mut e, 2, tokens(21, 16));
+        feed(&mut e, 3, tokens(30, 1));
+        let w = work((1..=3).map(|s| entry(s, tokens(40 + s, 1), true)).collect());
+        (e, w)
+    };
+    let (mut reference, w) = setup();
+    let ops0 = reference.backend().ops();
+    let want = reference.step(&w).unwrap();
+    let ops = reference.backend().ops() - ops0;
+    assert!(ops > 3, "the step has ops");
+    for op in 1..=ops {
+        let (mut e, w) = setup();
+        let before = (snapshot(&e), e.backend().tactic_bytes());
+        e.backend().arm(FaultPlan {
+            at: Trigger::Op(op),
+            fault: Fault::Error,
+        });
+        assert!(e.step(&w).is_err(), "op {op}");
+        e.backend().disarm();
+        assert_eq!(
+            (snapshot(&e), e.backend().tactic_bytes()),
+            before,
+            "op {op}"
+        );
+        let got = e.step(&w).unwrap();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "op {op}");
+    }
+}
