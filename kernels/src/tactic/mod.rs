@@ -10,6 +10,7 @@
 //! | a sequence's clusterings over all layers, re-clustering, the engine's entry point | [`TacticSeq`] |
 //! | `fixed_budget` (Quest page bounds) and `oracle_top_p` | [`baselines`] |
 //! | key rows from the paged cache or a dense array | [`keys`] |
+//! | seeded synthetic keys with heavy-tailed scores | [`synth`] |
 //! | the device layout of a (sequence, layer)'s clusterings (GPU) | [`layout`] |
 
 pub mod baselines;
@@ -19,6 +20,7 @@ pub mod keys;
 pub mod kmeans;
 pub mod layout;
 pub mod select;
+pub mod synth;
 pub mod union;
 
 pub use baselines::{PageBounds, exact_scores, fixed_budget, oracle_top_p, true_mass};

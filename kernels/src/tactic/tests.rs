@@ -4,71 +4,15 @@ use super::*;
 use crate::cpu::{AttnSeq, KvLayer, kv_append, paged_attention};
 use crate::rng;
 
-/// A standard normal from two uniforms (Box–Muller), seeded.
-pub(super) fn normal(seed: u64, stream: u64, i: u64) -> f32 {
-    let u1 = rng::uniform01(seed, stream, 2 * i).max(1e-7);
-    let u2 = rng::uniform01(seed, stream, 2 * i + 1);
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
+use super::synth::Synth;
+pub(super) use super::synth::normal;
+use super::synth::student_t3;
 
-/// Student-t with 3 degrees of freedom: `Z / sqrt(χ²₃ / 3)`.
-fn student_t3(seed: u64, stream: u64, i: u64) -> f32 {
-    let z = normal(seed, stream, 4 * i);
-    let chi: f32 = (1..4)
-        .map(|j| normal(seed, stream, 4 * i + j).powi(2))
-        .sum();
-    z / (chi / 3.0).sqrt()
-}
-
-/// The heavy-tailed construction (documented in TACTIC.md): `blobs` blob
-/// centres in `d` dims, each with `n / blobs` keys (centre + N(0, 0.1²)
-/// noise per dim), stored in position order interleaved over blobs. The
-/// `G` query heads are unit directions `u_g` (seeded) scaled by `√d`; each
-/// centre's projection on `u_g` is a Student-t(3) draw times 1.5, the rest
-/// of the centre is N(0, 1). So a head's scores `q·k/√d` are, per blob,
-/// Student-t(3)×`T_SCALE` plus small noise: heavy tails across blobs.
-pub(super) struct Heavy {
-    pub(super) d: usize,
-    pub(super) n: usize,
-    pub(super) keys: Vec<f32>,
-    pub(super) queries: Vec<f32>,
-}
-
-/// At 1.0 the exact set reaching 0.9 holds ~1% of 4096 such scores at the
-/// median, ~13% on average: sparse but uneven, as on the real model.
-const T_SCALE: f32 = 1.0;
+/// The heavy-tailed keys of `synth.rs` at head size 64.
+pub(super) type Heavy = Synth;
 
 pub(super) fn heavy(n: usize, blobs: usize, group: usize, seed: u64) -> Heavy {
-    let d = 64;
-    // Orthonormal-ish query directions: distinct coordinate axes, rotated by
-    // nothing (keeps the construction readable).
-    let dirs: Vec<usize> = (0..group).map(|g| 3 + 7 * g).collect();
-    let mut centres = vec![0.0f32; blobs * d];
-    for b in 0..blobs {
-        for j in 0..d {
-            centres[b * d + j] = normal(seed, 1, (b * d + j) as u64);
-        }
-        for (g, &a) in dirs.iter().enumerate() {
-            centres[b * d + a] = T_SCALE * student_t3(seed, 2 + g as u64, b as u64);
-        }
-    }
-    let mut keys = vec![0.0f32; n * d];
-    for i in 0..n {
-        let b = i % blobs;
-        for j in 0..d {
-            keys[i * d + j] = centres[b * d + j] + 0.1 * normal(seed, 9, (i * d + j) as u64);
-        }
-    }
-    let mut queries = vec![0.0f32; group * d];
-    for (g, &a) in dirs.iter().enumerate() {
-        queries[g * d + a] = (d as f32).sqrt();
-    }
-    Heavy {
-        d,
-        n,
-        keys,
-        queries,
-    }
+    Synth::heavy(n, blobs, group, 64, seed)
 }
 
 fn scores_of(h: &Heavy, g: usize, ctx: usize) -> Vec<f32> {

@@ -12,6 +12,7 @@
 //! | fused ops, CUDA graph replay, bf16 activations | [`fused`] |
 //! | the tiny model's decode steps through the graph path | [`graphs`] |
 //! | two lanes against one; every op over a row range | [`lanes`], [`ranges`] |
+//! | Tactic's kernels, its selections over decode steps, a model on it | [`tactic`] |
 //!
 //! Each check group runs in a child process of its own (`--only NAME`), so
 //! that a device fault, which poisons a CUDA context for good, fails that
@@ -27,6 +28,7 @@ pub mod ops;
 pub mod ranges;
 pub mod report;
 pub mod sampling;
+pub mod tactic;
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{SeqMeta, StepMeta};
@@ -56,7 +58,7 @@ pub struct Options {
 }
 
 /// Check groups, in order, with a time limit each.
-pub const GROUPS: [(&str, u64); 13] = [
+pub const GROUPS: [(&str, u64); 14] = [
     ("random", 120),
     ("gemm", 120),
     ("rowwise", 120),
@@ -70,6 +72,7 @@ pub const GROUPS: [(&str, u64); 13] = [
     ("lanes", 300),
     ("model-8b", 600),
     ("smollm2", 900),
+    ("tactic", 900),
 ];
 
 /// Shared state of a kernel check group: the backend and the random inputs.
@@ -209,6 +212,12 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
         "model-bf16" => fused::model_bf16(b, seed),
         "graphs" => graphs::graphs(b, seed),
         "smollm2" => models::smollm2(b, opts),
+        "tactic" => {
+            let mut cx = Ctx::new(b, seed);
+            let mut rows = tactic::tactic(&mut cx);
+            rows.extend(tactic::model(cx.b, seed));
+            rows
+        }
         _ => {
             let mut cx = Ctx::new(b, seed);
             match group {

@@ -29,6 +29,8 @@ pub struct Scenario {
     /// Top-1 agreement required, over positions whose CPU top-2 margin is
     /// at least 1e-2.
     pub min_agreement: f64,
+    /// Every sequence's attention policy.
+    pub policy: AttentionPolicy,
 }
 
 /// A logits row's arg-max and the gap to the runner-up.
@@ -243,8 +245,8 @@ fn run<G: Backend, R: Backend>(
         ..Default::default()
     };
     for i in 0..sc.prompts.len() as u64 {
-        g.open_sequence(key(i), AttentionPolicy::Full, greedy.clone(), false)?;
-        c.open_sequence(key(i), AttentionPolicy::Full, greedy.clone(), false)?;
+        g.open_sequence(key(i), sc.policy.clone(), greedy.clone(), false)?;
+        c.open_sequence(key(i), sc.policy.clone(), greedy.clone(), false)?;
     }
     let mut t = Tally::default();
     let mut done = vec![0; sc.prompts.len()];
@@ -351,6 +353,7 @@ mod tests {
             decode: vec![t(3, 4), t(4, 4), t(5, 4)],
             fork: true,
             min_agreement: 0.99,
+            policy: AttentionPolicy::Full,
         }
     }
 

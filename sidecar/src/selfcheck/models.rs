@@ -39,6 +39,7 @@ pub(super) fn random_scenario(
         // 1e-2): the criterion for random models is the logits' error; this
         // is a sanity floor.
         min_agreement: 0.95,
+        policy: tacflow_ipc::AttentionPolicy::Full,
     }
 }
 
@@ -117,6 +118,7 @@ pub fn smollm2(b: CudaBackend, opts: &super::Options) -> Vec<Row> {
         decode: vec![ids[prompt..prompt + 64].to_vec()],
         fork: false,
         min_agreement: 0.995,
+        policy: tacflow_ipc::AttentionPolicy::Full,
     };
     let blocks = (prompt + 64).div_ceil(16) + 8;
     compare(check, b, &config, src.as_ref(), &sc, blocks)

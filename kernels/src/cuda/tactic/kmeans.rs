@@ -202,7 +202,8 @@ impl Gpu {
             round: 0,
         };
         // Every round's flag starts clear (the kernels only ever set them).
-        self.zero_bytes(changed, 4 * rounds * np)?;
+        // SAFETY: `changed` was just sized to rounds x problems u32.
+        unsafe { self.memset_bytes(changed, 4 * rounds * np, 0)? };
         let grid = |x: usize, y: usize, threads: usize, smem: usize| LaunchConfig {
             grid_dim: (x.max(1) as u32, y as u32, 1),
             block_dim: (threads as u32, 1, 1),
@@ -246,11 +247,16 @@ impl Gpu {
         Ok(())
     }
 
-    /// Zeroes `bytes` bytes at `ptr` (stream-ordered).
-    pub(crate) fn zero_bytes(&self, ptr: u64, bytes: usize) -> Result<()> {
+    /// Sets `bytes` bytes at `ptr` to `value` (stream-ordered): clears the
+    /// k-means flags, and poisons the parts of a state a self-check
+    /// expects the kernels to write.
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes` bytes of one live allocation.
+    pub unsafe fn memset_bytes(&self, ptr: u64, bytes: usize, value: u8) -> Result<()> {
         let stream = self.stream();
-        // SAFETY: callers pass an address with `bytes` bytes behind it.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }
+        // SAFETY: forwarded from the caller.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, value, bytes, stream.cu_stream()) }
             .map_err(crate::cuda::device::drv("cuMemsetD8Async"))
     }
 }
