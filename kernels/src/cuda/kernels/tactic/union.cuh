@@ -12,6 +12,12 @@ __device__ __forceinline__ bool union_taken(const u32* taken, u32 c) {
     return (taken[c >> 5] >> (c & 31)) & 1u;
 }
 
+// R without a cluster of relative log-estimate `lest`: the CPU's
+// `(r - exp(lest) * margin).max(0)`, with nothing fused into an FMA.
+__device__ __forceinline__ double union_less(double r, float lest, double margin) {
+    return fmax(__dsub_rn(r, __dmul_rn(exp((double)lest), margin)), 0.0);
+}
+
 // Marks the members of cluster `c` (lanes of one warp).
 __device__ __forceinline__ void union_mark(const TacHead& st, u32* bitmap, u32 c, u32 lane) {
     for (u32 m = st.offsets[c] + lane; m < st.offsets[c + 1]; m += 32) {
@@ -63,7 +69,7 @@ extern "C" __global__ void tactic_sel_union_bf16(const SelParams p) {
             acc += exp((double)v);
         }
         acc = block_sum_f64(acc, red);
-        if (tid == 0) r[g] = acc * (double)pr.margin;
+        if (tid == 0) r[g] = __dmul_rn(acc, (double)pr.margin);
     }
     __syncthreads();
     const double target = (double)pr.p, margin = (double)pr.margin;
@@ -111,8 +117,7 @@ extern "C" __global__ void tactic_sel_union_bf16(const SelParams p) {
                     }
                     if (!union_taken(taken, cand[i])) {
                         zz += mass[i][g];
-                        const double e = exp((double)p.lest[pr.cbase + (u64)g * cap + cand[i]]) * margin;
-                        rr = fmax(rr - e, 0.0);
+                        rr = union_less(rr, p.lest[pr.cbase + (u64)g * cap + cand[i]], margin);
                     }
                 }
                 // ... and what it takes before the stop, every head updated.
@@ -123,8 +128,7 @@ extern "C" __global__ void tactic_sel_union_bf16(const SelParams p) {
                     taken[c >> 5] |= 1u << (c & 31);
                     for (u32 h = 0; h < G; h++) {
                         z[h] += mass[i][h];
-                        const double e = exp((double)p.lest[pr.cbase + (u64)h * cap + c]) * margin;
-                        r[h] = fmax(r[h] - e, 0.0);
+                        r[h] = union_less(r[h], p.lest[pr.cbase + (u64)h * cap + c], margin);
                     }
                 }
                 stop_at = stop;
