@@ -128,8 +128,18 @@ extern "C" __global__ void tactic_km_assign_bf16(const KmParams p) {
             for (int c = 0; c < KM_TILE; c++) {
                 const float4 a = *reinterpret_cast<const float4*>(sc + c * p.d + j);
                 const float4 b = *reinterpret_cast<const float4*>(sc + c * p.d + j + 4);
-                acc[c] += kx[0] * a.x + kx[1] * a.y + kx[2] * a.z + kx[3] * a.w + kx[4] * b.x +
-                          kx[5] * b.y + kx[6] * b.z + kx[7] * b.w;
+                // One FMA chain in dimension order, spelled out: left to
+                // the compiler, a sum of products may be fused either way
+                // round, and NVRTC does not always choose alike.
+                float x = acc[c];
+                x = __fmaf_rn(kx[0], a.x, x);
+                x = __fmaf_rn(kx[1], a.y, x);
+                x = __fmaf_rn(kx[2], a.z, x);
+                x = __fmaf_rn(kx[3], a.w, x);
+                x = __fmaf_rn(kx[4], b.x, x);
+                x = __fmaf_rn(kx[5], b.y, x);
+                x = __fmaf_rn(kx[6], b.z, x);
+                acc[c] = __fmaf_rn(kx[7], b.w, x);
             }
         }
 #pragma unroll

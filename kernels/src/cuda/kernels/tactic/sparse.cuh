@@ -74,14 +74,14 @@ __device__ __forceinline__ void sparse_cta(const SparseParams& p) {
             if (h >= (int)G) break;
             float sc = 0.0f;
 #pragma unroll
-            for (int t = 0; t < DPL; t++) sc += sq[h][lane * DPL + t] * kx[t];
+            for (int t = 0; t < DPL; t++) sc = __fmaf_rn(sq[h][lane * DPL + t], kx[t], sc);
             sc = warp_sum(sc);
             const float mn = fmaxf(m[h], sc);
             const float corr = expf(m[h] - mn);
             const float w = expf(sc - mn);
-            l[h] = l[h] * corr + w;
+            l[h] = __fmaf_rn(l[h], corr, w);
 #pragma unroll
-            for (int t = 0; t < DPL; t++) acc[h][t] = acc[h][t] * corr + w * vx[t];
+            for (int t = 0; t < DPL; t++) acc[h][t] = __fmaf_rn(acc[h][t], corr, __fmul_rn(w, vx[t]));
             m[h] = mn;
         }
     }
