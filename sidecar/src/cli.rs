@@ -116,6 +116,27 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seed: u64,
     },
+    /// Tactic's device path on the CPU backend over seeded synthetic keys
+    /// (kernels/TACTIC.md): time per step against full attention, success
+    /// and tokens read against the oracle (the lab).
+    #[cfg(feature = "lab")]
+    #[command(hide = true)]
+    BenchTactic {
+        /// `HEADS/KV_HEADS/HEAD_DIM` (SmolLM2's by default).
+        #[arg(long, default_value = "9/3/64")]
+        shape: String,
+        #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 4096])]
+        contexts: Vec<usize>,
+        /// Decode steps per context (the first clusters).
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        #[arg(long, default_value_t = 0.9)]
+        p: f32,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Write every tensor of a GGUF file, decoded to f32 under its GGUF name,
     /// to one safetensors file (checks the reader against other readers).
     #[command(hide = true)]
@@ -471,6 +492,33 @@ pub fn main() -> anyhow::Result<()> {
                 seed,
             };
             Ok(crate::bench::decode::run(&opts)?)
+        }
+        #[cfg(feature = "lab")]
+        Some(Command::BenchTactic {
+            shape,
+            contexts,
+            steps,
+            p,
+            seed,
+            json,
+        }) => {
+            init_logging(LogFormat::Text);
+            let dims = shape
+                .split('/')
+                .map(|x| x.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .ok()
+                .filter(|d| d.len() == 3 && d[1] > 0 && d[0] % d[1] == 0)
+                .context("--shape is HEADS/KV_HEADS/HEAD_DIM, e.g. 9/3/64")?;
+            let opts = crate::bench::tactic::Options {
+                shape: (dims[0], dims[1], dims[2]),
+                contexts,
+                steps,
+                p,
+                seed,
+                json,
+            };
+            Ok(crate::bench::tactic::run(&opts)?)
         }
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),

@@ -7,9 +7,11 @@
 //! | --- | --- |
 //! | paged decode attention vs the copy bandwidth (`bench-attention`) | [`attention`] |
 //! | a whole decode step of a Llama-3-8B-shaped model (`bench-decode`) | [`decode`] |
+//! | Tactic's device path on the CPU backend, synthetic keys (`bench-tactic`) | [`tactic`] |
 
 pub mod attention;
 pub mod decode;
+pub mod tactic;
 
 use crate::error::{Error, Result};
 use half::bf16;
