@@ -483,6 +483,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let shutdown = Shutdown::default();
     watch_signals(shutdown.clone())?;
-    run(config, shutdown, |_| {})?;
-    Ok(())
+    match run(config, shutdown, |_| {}) {
+        Err(e @ crate::error::Error::Fatal(_)) => {
+            // The replies are out and the socket files gone: leave at once.
+            // Returning would run the CUDA driver's exit handlers, which
+            // tear a faulted context down slowly (about 165 ms on an H200
+            // after an illegal address), past the documented bound; the OS
+            // reclaims the device memory either way.
+            eprintln!("Error: {e}");
+            // SAFETY: `_exit` ends the process without running anything
+            // else; nothing after this point needs to run.
+            unsafe { nix::libc::_exit(1) }
+        }
+        r => Ok(r?),
+    }
 }
