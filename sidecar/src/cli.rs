@@ -178,19 +178,26 @@ struct ServeArgs {
     /// Round weights to bf16 on the CPU backend.
     #[arg(long, env = "TACFLOW_CPU_ROUND_BF16")]
     cpu_round_bf16: bool,
-    /// GEMM inputs on the GPU: `split` (f32 as two bf16 halves, the
-    /// default) or `bf16` (activations written in bf16; on the CPU backend,
-    /// GEMM inputs rounded to bf16).
+    /// GEMM inputs on the GPU: `bf16` (activations written in bf16; the
+    /// CUDA default with one lane; on the CPU backend, GEMM inputs rounded
+    /// to bf16) or `split` (f32 as two bf16 halves).
     #[arg(long, env = "TACFLOW_GPU_ACTIVATIONS", value_enum)]
     gpu_activations: Option<GpuActivations>,
-    /// Fused ops to run (comma-separated; none by default): the forward
-    /// pass runs each named pair of ops as one kernel.
+    /// Fused ops to run (comma-separated): the forward pass runs each named
+    /// pair of ops as one kernel. By default add-rmsnorm and rope-kv-append
+    /// on the CUDA backend, none on the CPU.
     #[arg(long, env = "TACFLOW_FUSE", value_enum, value_delimiter = ',')]
     fuse: Vec<Fusion>,
+    /// Run no fused op.
+    #[arg(long, conflicts_with = "fuse")]
+    no_fuse: bool,
     /// Replay pure decode steps (one token per sequence, at most 64) as
     /// CUDA graphs per batch-size bucket; one KV block goes to padding.
     #[arg(long, env = "TACFLOW_CUDA_GRAPHS")]
     cuda_graphs: bool,
+    /// Run every step eagerly, without CUDA graphs.
+    #[arg(long, conflicts_with = "cuda_graphs")]
+    no_cuda_graphs: bool,
     /// `journal` under systemd: no timestamps, no colours, syslog
     /// priorities.
     #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
@@ -261,10 +268,10 @@ impl ServeArgs {
             log_format,
             shutdown_timeout_ms,
             fatal_linger_ms,
-            wedged_after_ms,
-            gpu_activations
+            wedged_after_ms
         );
         set_opt!(
+            gpu_activations,
             socket,
             tcp,
             socket_group,
@@ -277,10 +284,16 @@ impl ServeArgs {
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
         }
-        if !self.fuse.is_empty() {
-            c.fusions = self.fuse.clone();
+        if self.no_fuse {
+            c.fusions = Some(Vec::new());
+        } else if !self.fuse.is_empty() {
+            c.fusions = Some(self.fuse.clone());
         }
-        c.cuda_graphs |= self.cuda_graphs;
+        if self.cuda_graphs {
+            c.cuda_graphs = Some(true);
+        } else if self.no_cuda_graphs {
+            c.cuda_graphs = Some(false);
+        }
         c.tcp_allow_remote |= self.tcp_allow_remote;
         c.metrics_allow_remote |= self.metrics_allow_remote;
         let l = &mut c.limits;

@@ -217,7 +217,7 @@ fn start_executor<B: Backend + 'static>(
         },
     )?;
     links.notifier.status("warming up");
-    engine.set_fusions(crate::config::Fusion::program_fusions(&config.fusions));
+    engine.set_fusions(crate::config::Fusion::program_fusions(config.fusion_list()));
     warm_up(&mut engine)?;
     armed(engine.backend());
     let (kind, device) = engine.backend().describe();
@@ -266,12 +266,12 @@ fn start_cpu(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<()> {
-    if config.cuda_graphs {
+    if config.graphs() {
         warn!("cuda_graphs is for the CUDA backend: the CPU backend runs every step eagerly");
     }
     let cpu = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
-        round_activations: config.gpu_activations == crate::config::GpuActivations::Bf16,
+        round_activations: config.activations() == crate::config::GpuActivations::Bf16,
     };
     #[cfg(feature = "fault-injection")]
     if let Some((spec, plan)) = inject::plan_from_env()? {
@@ -334,15 +334,16 @@ fn spawn_executor(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let config = config.clone();
+    // The options left absent take the backend's defaults.
+    let config = config.resolved(kind);
     std::thread::Builder::new()
         .name(EXECUTOR_THREAD.into())
         .spawn(move || {
             let fail = ready.clone();
             let r = match kind {
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
-                    .and_then(|b| b.with_activations(config.gpu_activations))
-                    .and_then(|b| b.with_graphs(config.cuda_graphs))
+                    .and_then(|b| b.with_activations(config.activations()))
+                    .and_then(|b| b.with_graphs(config.graphs()))
                     .and_then(|b| start_cuda(b, &config, links, rx, ready)),
                 _ => start_cpu(&config, links, rx, ready),
             };
