@@ -70,7 +70,8 @@ class Daemon:
         return Client(self.address, **kw)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout_s: float = 60.0) -> int:
