@@ -38,7 +38,7 @@ import numpy as np
 
 from ..client import Client
 from ..errors import TacflowError
-from ..protocol import AttentionPolicy, SamplingParams, StepEntry
+from ..protocol import StepEntry, StepOutput, StepTiming
 from . import daemon_address
 from .checks import StartupRefused, check_model, check_options, check_scheduler, check_vllm_version
 from .mapping import RequestPlan, plan_request
@@ -54,6 +54,16 @@ logger = logging.getLogger("vllm.tacflow")
 DIAGNOSTICS_ENV = "TACFLOW_VLLM_DIAGNOSTICS"
 
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def external_request_id(req_id: str) -> str:
+    """The request id vLLM's API answered with (``cmpl-…-0``,
+    ``chatcmpl-…``): the engine's id is it plus ``-`` and 8 random
+    characters, unless ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` is set."""
+    head, sep, tail = req_id.rpartition("-")
+    if sep and len(tail) == 8 and not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"):
+        return head
+    return req_id
 
 
 @dataclass
@@ -112,6 +122,9 @@ class _Request:
     #: 1.. (token logprob, [(token, logprob)] best first).
     prompt_rows: list[Any] = field(default_factory=list)
     diag: _Diag | None = None
+    #: The prefix the sequence was (re)opened with in this step: blocks other
+    #: requests of the same step may still be writing.
+    fresh_prefix: int = 0
 
 
 class TacflowExecutor(Executor):
@@ -159,6 +172,8 @@ class TacflowExecutor(Executor):
         self.request_stats: dict[str, dict[str, Any]] = {}
         #: Per step: (entries, daemon run µs, daemon queued µs, executor µs).
         self.step_log: list[tuple[int, int, int, int]] = []
+        #: vLLM steps run as several daemon steps (see _step_in_waves).
+        self.split_steps = 0
         self._keepalive = threading.Thread(
             target=self._keep_alive, name="tacflow-keepalive", daemon=True
         )
@@ -340,10 +355,12 @@ class TacflowExecutor(Executor):
             entries.append(
                 StepEntry(r.seq_id, r.tokens[r.computed : end], sample=sample, blocks=r.blocks)
             )
-        step = c.step(entries)
+        step = self._step_in_waves(req_ids, entries)
 
         sampled: list[list[int]] = []
         width = 0
+        for req_id in req_ids:
+            self._requests[req_id].fresh_prefix = 0
         prompt_lp: dict[str, LogprobsTensors | None] = {}
         for req_id, res, sample in zip(req_ids, step.results, samples):
             r = self._requests[req_id]
@@ -369,6 +386,51 @@ class TacflowExecutor(Executor):
             prompt_logprobs_dict=prompt_lp,
         )
         return out, step
+
+    def _step_in_waves(self, req_ids: list[str], entries: list[StepEntry]) -> Any:
+        """Runs vLLM's step as one daemon step, or as several when vLLM's
+        prefix cache gave a request blocks that another request of the same
+        step is still filling (vLLM registers a block in its cache as soon as
+        it is scheduled to be full). vLLM's own runner writes every KV slot of
+        a layer before any attention reads them; the daemon refuses such a
+        step instead (PROTOCOL.md §4.8), so the readers run in a later daemon
+        step, after their writers. Results come back in vLLM's order."""
+        bs = self.info.kv.block_size
+        readers: dict[int, set[int]] = {}
+        for i, req_id in enumerate(req_ids):
+            r = self._requests[req_id]
+            if r.fresh_prefix:
+                readers[i] = set(r.blocks[: -(-r.fresh_prefix // bs)])
+        waves = [list(range(len(entries)))]
+        if readers:
+            writes = []
+            for i, req_id in enumerate(req_ids):
+                r = self._requests[req_id]
+                n = len(entries[i].tokens)
+                writes.append(set(r.blocks[r.computed // bs : -(-(r.computed + n) // bs)]))
+            waves, pending = [], list(range(len(entries)))
+            while pending:
+                wave = [
+                    i
+                    for i in pending
+                    if not any(readers.get(i, set()) & writes[j] for j in pending if j != i)
+                ]
+                if not wave:
+                    raise RuntimeError("tacflow: requests of one step read each other's new KV blocks")
+                waves.append(wave)
+                pending = [i for i in pending if i not in wave]
+        if len(waves) == 1:
+            return self._client.step(entries)
+        results: list[Any] = [None] * len(entries)
+        run_us = queued_us = 0
+        for wave in waves:
+            out = self._client.step([entries[i] for i in wave])
+            run_us += out.timing.run_us
+            queued_us += out.timing.queued_us
+            for i, res in zip(wave, out.results):
+                results[i] = res
+        self.split_steps += 1
+        return StepOutput(results, StepTiming(queued_us, run_us))
 
     def _add(self, new: Any) -> None:
         if new.prompt_token_ids is None:
@@ -407,6 +469,7 @@ class TacflowExecutor(Executor):
         )
         r.open = True
         r.computed = computed
+        r.fresh_prefix = computed
         del r.prompt_rows[max(computed - 1, 0) :]
 
     def _finish(self, req_id: str) -> None:
@@ -416,7 +479,11 @@ class TacflowExecutor(Executor):
         if r.open:
             self._client.close_sequence(r.seq_id)
         if r.diag is not None:
-            summary = {"request_id": req_id, "output_tokens": len(r.tokens) - r.prompt_len}
+            summary = {
+                "request_id": req_id,
+                "external_request_id": external_request_id(req_id),
+                "output_tokens": len(r.tokens) - r.prompt_len,
+            }
             summary.update(r.diag.summary())
             self.request_stats[req_id] = summary
             if len(self.request_stats) > 4096:
@@ -557,6 +624,7 @@ class TacflowExecutor(Executor):
                 "sequences": s.sequences,
             },
             "reserved_blocks": self._reserved,
+            "split_steps": self.split_steps,
             "open_requests": sorted(self._requests),
             "requests": dict(self.request_stats),
         }
