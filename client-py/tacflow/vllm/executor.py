@@ -41,7 +41,7 @@ from ..errors import TacflowError
 from ..protocol import StepEntry, StepOutput, StepTiming
 from . import daemon_address
 from .checks import StartupRefused, check_model, check_options, check_scheduler, check_vllm_version
-from .mapping import RequestPlan, plan_request
+from .mapping import RequestPlan, external_request_id, plan_request
 
 from vllm import __version__ as VLLM_VERSION
 from vllm.v1.executor.abstract import Executor
@@ -54,16 +54,6 @@ logger = logging.getLogger("vllm.tacflow")
 DIAGNOSTICS_ENV = "TACFLOW_VLLM_DIAGNOSTICS"
 
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
-
-
-def external_request_id(req_id: str) -> str:
-    """The request id vLLM's API answered with (``cmpl-…-0``,
-    ``chatcmpl-…``): the engine's id is it plus ``-`` and 8 random
-    characters, unless ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` is set."""
-    head, sep, tail = req_id.rpartition("-")
-    if sep and len(tail) == 8 and not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"):
-        return head
-    return req_id
 
 
 @dataclass

@@ -10,6 +10,7 @@ in vLLM's OpenAI server (the platform's ``validate_request``).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -200,3 +201,13 @@ def plan_attention(
     if diag not in (0, 1, True, False, "0", "1", "true", "false"):
         raise Refused("vllm_xargs", f"tacflow_diagnostics must be 0 or 1, not {diag!r}")
     return policy, diag in (1, True, "1", "true")
+
+
+def external_request_id(req_id: str) -> str:
+    """The request id vLLM's API answered with (``cmpl-…-0``,
+    ``chatcmpl-…``): the engine's id is it plus ``-`` and 8 random
+    characters, unless ``VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`` is set."""
+    head, sep, tail = req_id.rpartition("-")
+    if sep and len(tail) == 8 and not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"):
+        return head
+    return req_id
