@@ -160,8 +160,11 @@ class TacflowExecutor(Executor):
         self._diag_path = os.environ.get(DIAGNOSTICS_ENV) or None
         #: Finished requests' diagnostics, by vLLM request id (the latest few).
         self.request_stats: dict[str, dict[str, Any]] = {}
-        #: Per step: (entries, daemon run µs, daemon queued µs, executor µs).
-        self.step_log: list[tuple[int, int, int, int]] = []
+        #: Per vLLM step, for the overhead benchmark (bench/vllm/run.py):
+        #: (requests, tokens, daemon run µs, daemon queue µs, the daemon
+        #: round trip µs as the client saw it, the whole execute_model µs).
+        self.step_log: list[tuple[int, int, int, int, int, int]] = []
+        self._round_trip_ns = 0
         #: vLLM steps run as several daemon steps (see _step_in_waves).
         self.split_steps = 0
         self._keepalive = threading.Thread(
@@ -298,8 +301,17 @@ class TacflowExecutor(Executor):
             finally:
                 self._last_request = time.monotonic()
         if step is not None:
-            spent = (time.perf_counter_ns() - t0) // 1000
-            self.step_log.append((len(out.req_ids), step.timing.run_us, step.timing.queued_us, spent))
+            total = (time.perf_counter_ns() - t0) // 1000
+            self.step_log.append(
+                (
+                    len(out.req_ids),
+                    so.total_num_scheduled_tokens,
+                    step.timing.run_us,
+                    step.timing.queued_us,
+                    self._round_trip_ns // 1000,
+                    total,
+                )
+            )
             if len(self.step_log) > 100_000:
                 del self.step_log[: len(self.step_log) // 2]
         return out
@@ -409,8 +421,11 @@ class TacflowExecutor(Executor):
                     raise RuntimeError("tacflow: requests of one step read each other's new KV blocks")
                 waves.append(wave)
                 pending = [i for i in pending if i not in wave]
+        t0 = time.perf_counter_ns()
         if len(waves) == 1:
-            return self._client.step(entries)
+            out = self._client.step(entries)
+            self._round_trip_ns = time.perf_counter_ns() - t0
+            return out
         results: list[Any] = [None] * len(entries)
         run_us = queued_us = 0
         for wave in waves:
@@ -419,6 +434,7 @@ class TacflowExecutor(Executor):
             queued_us += out.timing.queued_us
             for i, res in zip(wave, out.results):
                 results[i] = res
+        self._round_trip_ns = time.perf_counter_ns() - t0
         self.split_steps += 1
         return StepOutput(results, StepTiming(queued_us, run_us))
 
@@ -620,8 +636,15 @@ class TacflowExecutor(Executor):
         }
 
 
+def _take_step_log(self: TacflowExecutor) -> list[tuple[int, ...]]:
+    with self._lock:
+        log, self.step_log = self.step_log, []
+    return log
+
+
 _RPC: dict[str, Callable[..., Any]] = {
     "tacflow_stats": TacflowExecutor.daemon_stats,
+    "tacflow_take_step_log": _take_step_log,
     "get_supported_tasks": lambda self: ("generate",),
     "check_health": TacflowExecutor.check_health,
     "reset_mm_cache": lambda self: None,
