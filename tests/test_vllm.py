@@ -334,6 +334,29 @@ def test_concurrent_greedy_completions_and_chats_equal_the_daemons_own(server, d
     print(f"\n{len(jobs)} requests equal to the daemon's greedy generation; {ties} reached a near tie")
 
 
+def test_requests_sharing_blocks_being_filled_in_the_same_step(server, daemon):
+    """vLLM's prefix cache hands a new request the blocks another request of
+    the same step is still filling; the executor runs those readers as a
+    second daemon step. Concurrent requests with one long common prefix
+    make such a step (tried with a fresh prefix until one happens)."""
+    before = server.rpc_stats()["split_steps"]
+    for attempt in range(4):
+        shared = f"Attempt {attempt}. " + long_text(60)
+        bodies = [{"model": server.model, "prompt": f"{shared} Question {i}: what is {i} + {i}?",
+                   "max_tokens": 12, "temperature": 0, "return_token_ids": True} for i in range(8)]
+        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+            resps = list(pool.map(lambda b: server.post("/v1/completions", b), bodies))
+        assert all(st == 200 for st, _ in resps), resps
+        prompts = [b["choices"][0]["prompt_token_ids"] for _, b in resps]
+        outs = [b["choices"][0]["token_ids"] for _, b in resps]
+        want, margins = daemon_greedy(daemon, prompts, [len(o) for o in outs])
+        for got, w, mg in zip(outs, want, margins):
+            assert compare_greedy(got, w, mg)[0], f"vLLM {got} != daemon {w}"
+        if server.rpc_stats()["split_steps"] > before:
+            return
+    raise AssertionError("no step had a same-step prefix hit in 4 attempts")
+
+
 def test_an_aborted_request_frees_its_blocks(server, daemon):
     base = server.rpc_stats()
     assert base["open_requests"] == []

@@ -18,7 +18,7 @@ from tacflow.vllm.checks import (
     check_vllm_version,
     model_mismatches,
 )
-from tacflow.vllm.mapping import Refused, external_request_id, plan_attention, plan_request
+from tacflow.vllm.mapping import Refused, external_request_id, plan_attention, plan_request, rank_in_top
 
 VOCAB = 49152
 
@@ -52,7 +52,8 @@ def test_greedy_and_random_sampling_map_onto_the_daemons():
     g = plan_request(params(temperature=0.0, top_p=0.5, top_k=5, min_p=0.2, seed=7, logprobs=3), VOCAB)
     s = g.sampling
     # vLLM's greedy ignores the cuts; so does the daemon's.
-    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed, s.logprobs) == (0.0, 1.0, 0, 0.0, 7, 3)
+    # The daemon is asked for its longest top list: vLLM's rank is counted there.
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.seed, s.logprobs) == (0.0, 1.0, 0, 0.0, 7, 64)
     assert g.logprobs == 3 and g.attention == Full() and not g.diagnostics
     r = plan_request(
         params(temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, presence_penalty=0.5,
@@ -63,7 +64,7 @@ def test_greedy_and_random_sampling_map_onto_the_daemons():
     assert (r.temperature, r.top_p, r.top_k, r.min_p) == pytest.approx((0.7, 0.9, 0, 0.05))
     assert (r.presence_penalty, r.frequency_penalty, r.repetition_penalty) == (0.5, -0.5, 1.2)
     assert dict(r.logit_bias) == {5: 2.0, 9: -100.0}
-    assert r.prompt_logprobs == 2 and r.seed is None and r.logprobs == 0
+    assert r.prompt_logprobs == 64 and r.seed is None and r.logprobs == 0
 
 
 @pytest.mark.parametrize(
@@ -189,3 +190,11 @@ def test_vllms_model_must_be_the_daemons():
     check_scheduler(vllm_config(), info)
     with pytest.raises(StartupRefused, match="--max-num-seqs 9000"):
         check_scheduler(vllm_config(scheduler_config__max_num_seqs=9000), info)
+
+
+def test_ranks_are_counted_in_the_daemons_top_list():
+    top = ((7, -0.1), (3, -2.0), (9, -2.0), (1, -5.0))
+    assert rank_in_top(7, -0.1, top) == 1
+    assert rank_in_top(3, -2.0, top) == 3  # ties count, as vLLM's >= does
+    assert rank_in_top(1, -5.0, top) == 4
+    assert rank_in_top(42, -9.0, top) == 5  # below the list: a lower bound

@@ -41,7 +41,7 @@ from ..errors import TacflowError
 from ..protocol import StepEntry, StepOutput, StepTiming
 from . import daemon_address
 from .checks import StartupRefused, check_model, check_options, check_scheduler, check_vllm_version
-from .mapping import RequestPlan, external_request_id, plan_request
+from .mapping import RequestPlan, external_request_id, plan_request, rank_in_top
 
 from vllm import __version__ as VLLM_VERSION
 from vllm.v1.executor.abstract import Executor
@@ -500,13 +500,6 @@ class TacflowExecutor(Executor):
 
     # ------------------------------------------------------------ logprobs
 
-    @staticmethod
-    def _rank(token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> int:
-        """vLLM's rank of a token: how many tokens are at least as likely.
-        Exact when the token is among ``top``; otherwise it lies below all of
-        them, and ``len(top) + 1`` is the best the daemon's answer gives."""
-        return 1 + sum(1 for t, lp in top if lp > logprob or (lp == logprob and t != token))
-
     def _logprobs(self, req_ids: list[str], results: list[Any], samples: list[bool], width: int) -> LogprobsLists:
         n = len(req_ids)
         ids = np.zeros((n, width), dtype=np.int32)
@@ -521,7 +514,7 @@ class TacflowExecutor(Executor):
             for j, (t, lp) in enumerate(res.top_logprobs[: width - 1]):
                 ids[i, j + 1] = t
                 lps[i, j + 1] = lp
-            ranks[i] = self._rank(res.token, res.logprob, res.top_logprobs)
+            ranks[i] = rank_in_top(res.token, res.logprob, res.top_logprobs)
         return LogprobsLists(ids, lps, ranks)
 
     def _gather_prompt_logprobs(self, r: _Request, res: Any, n: int, out: dict[str, Any]) -> None:
@@ -553,7 +546,7 @@ class TacflowExecutor(Executor):
             for j, (t, v) in enumerate(top[:k]):
                 ids[i, j + 1] = t
                 lps[i, j + 1] = v
-            ranks[i] = self._rank(token, lp, top)
+            ranks[i] = rank_in_top(token, lp, top)
         out[r.req_id] = LogprobsTensors(ids, lps, ranks)
         r.prompt_rows = []
 

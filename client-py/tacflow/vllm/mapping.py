@@ -116,13 +116,17 @@ def plan_request(params: Any, vocab_size: int, policies: tuple[str, ...] = ()) -
         top_p=1.0 if greedy else float(params.top_p),
         top_k=0 if greedy or top_k < 0 else top_k,
         seed=None if seed is None else int(seed),
-        logprobs=int(logprobs or 0),
+        # vLLM reports the sampled (or prompt) token's rank beside its top
+        # k; the daemon reports the top list only, so it is asked for its
+        # longest one and the rank counted there (exact unless the token
+        # lies beyond the 64 best, then reported as 65, a lower bound).
+        logprobs=0 if logprobs is None else MAX_LOGPROBS,
         min_p=0.0 if greedy else float(params.min_p or 0.0),
         presence_penalty=float(params.presence_penalty or 0.0),
         frequency_penalty=float(params.frequency_penalty or 0.0),
         repetition_penalty=float(params.repetition_penalty or 1.0),
         logit_bias=tuple((int(t), float(b)) for t, b in bias.items()),
-        prompt_logprobs=None if prompt_logprobs is None else int(prompt_logprobs),
+        prompt_logprobs=None if prompt_logprobs is None else MAX_LOGPROBS,
     )
     attention, diagnostics = plan_attention(getattr(params, "extra_args", None), policies)
     return RequestPlan(
@@ -211,3 +215,11 @@ def external_request_id(req_id: str) -> str:
     if sep and len(tail) == 8 and not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"):
         return head
     return req_id
+
+
+def rank_in_top(token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> int:
+    """vLLM's rank of a token: how many tokens are at least as likely, itself
+    included. Exact when the token is among ``top`` (the daemon's best
+    tokens, best first); otherwise every token of ``top`` is more likely,
+    and ``len(top) + 1`` is a lower bound."""
+    return 1 + sum(1 for t, lp in top if lp > logprob or (lp == logprob and t != token))
