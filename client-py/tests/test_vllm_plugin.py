@@ -198,3 +198,21 @@ def test_ranks_are_counted_in_the_daemons_top_list():
     assert rank_in_top(3, -2.0, top) == 3  # ties count, as vLLM's >= does
     assert rank_in_top(1, -5.0, top) == 4
     assert rank_in_top(42, -9.0, top) == 5  # below the list: a lower bound
+
+
+def test_the_cuda_backend_refuses_what_its_sampler_lacks():
+    plain = params(temperature=0.7, top_p=0.9, top_k=40, seed=1, logprobs=5)
+    plan_request(plain, VOCAB, backend="cuda")
+    plan_request(params(temperature=0.0, min_p=0.3), VOCAB, backend="cuda")  # greedy ignores min_p
+    for kw, name in (
+        (dict(min_p=0.1), "min_p"),
+        (dict(presence_penalty=0.5), "presence_penalty"),
+        (dict(frequency_penalty=0.5), "frequency_penalty"),
+        (dict(repetition_penalty=1.1), "repetition_penalty"),
+        (dict(logit_bias={3: 1.0}), "logit_bias"),
+        (dict(prompt_logprobs=1), "prompt_logprobs"),
+    ):
+        plan_request(params(**kw), VOCAB, backend="cpu")
+        with pytest.raises(Refused) as err:
+            plan_request(params(**kw), VOCAB, backend="cuda")
+        assert err.value.parameter == name

@@ -327,16 +327,25 @@ class TacflowExecutor(Executor):
             r = self._requests[req_id]
             new_blocks = cached.new_block_ids[i]
             computed = cached.num_computed_tokens[i]
+            reopen = computed != r.computed
+            # A request that was not in the previous step comes with all its
+            # tokens (vLLM's V1 runner contract): the truth after a
+            # preemption, or after a streaming-input session's update (which
+            # drops the last sampled token and extends the prompt).
+            tokens = cached.all_token_ids.get(req_id)
+            if tokens is not None and tokens != r.tokens:
+                r.tokens = list(tokens)
+                r.prompt_len = len(tokens) - cached.num_output_tokens[i]
+                reopen = True
             if req_id in cached.resumed_req_ids:
                 # Preempted and scheduled again: a fresh block table, and the
                 # tokens vLLM's prefix cache still holds as the prefix.
                 r.blocks = list(new_blocks[0]) if new_blocks is not None else []
+                reopen = True
+            elif new_blocks is not None:
+                r.blocks.extend(new_blocks[0])
+            if reopen:
                 self._reopen(r, computed)
-            else:
-                if new_blocks is not None:
-                    r.blocks.extend(new_blocks[0])
-                if computed != r.computed:
-                    self._reopen(r, computed)
         if not so.num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT, None
 
@@ -441,7 +450,8 @@ class TacflowExecutor(Executor):
     def _add(self, new: Any) -> None:
         if new.prompt_token_ids is None:
             raise RuntimeError(f"tacflow: request {new.req_id} has no prompt token ids (prompt embeddings are not supported)")
-        plan = plan_request(new.sampling_params, self.info.model.vocab_size, self.info.attention_policies)
+        info = self.info
+        plan = plan_request(new.sampling_params, info.model.vocab_size, info.attention_policies, info.backend.kind)
         seq_id = self._next_seq
         self._next_seq += 1
         prompt = list(new.prompt_token_ids)

@@ -140,6 +140,6 @@ class TacflowPlatform(Platform):
             raise VLLMValidationError(f"tacflowd takes token prompts only, not {kind!r} inputs")
         info = cls._hello()
         try:
-            plan_request(params, info.model.vocab_size, info.attention_policies)
+            plan_request(params, info.model.vocab_size, info.attention_policies, info.backend.kind)
         except Refused as exc:
             raise VLLMValidationError(str(exc), parameter=exc.parameter) from None
