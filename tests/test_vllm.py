@@ -338,14 +338,19 @@ def test_requests_sharing_blocks_being_filled_in_the_same_step(server, daemon):
     """vLLM's prefix cache hands a new request the blocks another request of
     the same step is still filling; the executor runs those readers as a
     second daemon step. Concurrent requests with one long common prefix
-    make such a step (tried with a fresh prefix until one happens)."""
+    make such a step: they queue while a long prefill runs, then vLLM
+    schedules them together (tried with a fresh prefix until it happens)."""
     before = server.rpc_stats()["split_steps"]
     for attempt in range(4):
         shared = f"Attempt {attempt}. " + long_text(60)
         bodies = [{"model": server.model, "prompt": f"{shared} Question {i}: what is {i} + {i}?",
                    "max_tokens": 12, "temperature": 0, "return_token_ids": True} for i in range(8)]
-        with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        blocker = {"model": server.model, "prompt": f"{attempt} " + long_text(1200), "max_tokens": 1}
+        with cf.ThreadPoolExecutor(len(bodies) + 1) as pool:
+            slow = pool.submit(server.post, "/v1/completions", blocker)
+            time.sleep(0.3)
             resps = list(pool.map(lambda b: server.post("/v1/completions", b), bodies))
+            assert slow.result()[0] == 200
         assert all(st == 200 for st, _ in resps), resps
         prompts = [b["choices"][0]["prompt_token_ids"] for _, b in resps]
         outs = [b["choices"][0]["token_ids"] for _, b in resps]
@@ -353,6 +358,7 @@ def test_requests_sharing_blocks_being_filled_in_the_same_step(server, daemon):
         for got, w, mg in zip(outs, want, margins):
             assert compare_greedy(got, w, mg)[0], f"vLLM {got} != daemon {w}"
         if server.rpc_stats()["split_steps"] > before:
+            print(f"\nsame-step prefix hits on attempt {attempt + 1}")
             return
     raise AssertionError("no step had a same-step prefix hit in 4 attempts")
 
