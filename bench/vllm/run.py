@@ -85,12 +85,12 @@ def plain_client(sock: pathlib.Path, b: int, steps: int) -> dict:
     from tacflow import Client, SamplingParams, StepEntry
 
     with Client(f"ipc://{sock}") as c:
-        per = 4
+        per = -(-(16 + steps + 1) // 16)
         c.reserve_blocks(b * per)
         tables = [list(range(i * per, (i + 1) * per)) for i in range(b)]
         for i in range(b):
             c.open_sequence(i + 1, sampling=SamplingParams(temperature=0.0), blocks="named")
-        out = c.step([StepEntry(i + 1, [(i * 31 + k) % 1000 + 1 for k in range(16)], blocks=tables[i])
+        out = c.step([StepEntry(i + 1, [(i * 31 + k) % 500 + 3 for k in range(16)], blocks=tables[i])
                       for i in range(b)])
         toks = [r.token for r in out.results]
         transport, run = [], []
@@ -107,10 +107,14 @@ def plain_client(sock: pathlib.Path, b: int, steps: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tacflowd", default=str(ROOT / "target" / "release" / "tacflowd"))
-    ap.add_argument("--model-dir", default=str(ROOT / ".models" / "smollm2-135m-instruct"))
+    ap.add_argument("--model-dir", default=str(ROOT / ".models" / "smollm2-135m-instruct"),
+                    help="a Hugging Face folder, or `tiny`: the daemon's built-in model (exported for "
+                         "vLLM's config; no tokenizer, prompts as token ids), whose steps take "
+                         "microseconds, as a GPU's do, so that the overhead stands out")
     ap.add_argument("--vllm-venv", default=os.environ.get("TACFLOW_VLLM_VENV", str(ROOT / ".vllm-venv")))
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--tokens", type=int, default=40, help="tokens generated per request")
+    ap.add_argument("--threads", type=int, help="the daemon's CPU threads (default: all cores)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -118,9 +122,15 @@ def main() -> int:
     work = pathlib.Path(tempfile.mkdtemp(prefix="tacflow-vllm-bench-"))
     sock = work / "d.sock"
     dlog, vlog = work / "tacflowd.log", work / "vllm.log"
+    tiny = args.model_dir == "tiny"
+    model_dir = args.model_dir
+    if tiny:
+        model_dir = str(work / "tiny-hf")
+        subprocess.run([args.tacflowd, "export-model", "--model", "tiny", "--out", model_dir], check=True,
+                       stdout=subprocess.DEVNULL)
     daemon = subprocess.Popen(
         [args.tacflowd, "serve", "--socket", str(sock), "--backend", "cpu", "--model", args.model_dir,
-         "--kv-blocks", "8192"],
+         "--kv-blocks", "8192", *(["--threads", str(args.threads)] if args.threads else [])],
         stdout=open(dlog, "wb"), stderr=subprocess.STDOUT,
     )
     vllm = None
@@ -133,9 +143,9 @@ def main() -> int:
         env = dict(os.environ, TACFLOW_VLLM=f"ipc://{sock}", VLLM_SERVER_DEV_MODE="1",
                    VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
         vllm = subprocess.Popen(
-            [str(pathlib.Path(args.vllm_venv) / "bin" / "vllm"), "serve", args.model_dir, "--host", "127.0.0.1",
+            [str(pathlib.Path(args.vllm_venv) / "bin" / "vllm"), "serve", model_dir, "--host", "127.0.0.1",
              "--port", str(port), "--max-num-seqs", str(max(batches)), "--max-num-batched-tokens", "16384",
-             "--max-model-len", "2048"],
+             "--max-model-len", "2048", *(["--skip-tokenizer-init"] if tiny else [])],
             stdout=open(vlog, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
 
@@ -147,12 +157,14 @@ def main() -> int:
                 return False
 
         wait_for(healthy, "vllm serve", 600, vllm, vlog)
-        model = args.model_dir
+        model = model_dir
         rows = []
         for b in batches:
             post(url + "/collective_rpc", {"method": "tacflow_take_step_log"})
             bodies = [
-                {"model": model, "prompt": f"Request {i}: write a long story about the number {i * 7919}.",
+                {"model": model,
+                 "prompt": [(i * 31 + k) % 500 + 3 for k in range(16)] if tiny
+                 else f"Request {i}: write a long story about the number {i * 7919}.",
                  "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
                 for i in range(b)
             ]
@@ -208,9 +220,11 @@ def main() -> int:
               f"{r['plain_daemon_p50_us'] / 1000:.2f} ms, {r['plain_transport_p50_us']} µs |")
     if args.json:
         meta = {
+            "model": args.model_dir,
             "date": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "tokens_per_request": args.tokens,
+            "daemon_threads": args.threads,
             "rows": rows,
         }
         pathlib.Path(args.json).write_text(json.dumps(meta, indent=1) + "\n")

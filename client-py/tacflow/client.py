@@ -375,6 +375,33 @@ class Client:
                 "entries": [e.to_wire() for e in entries],
             }
         )
+        return self._run_step(rid, header)
+
+    def step_packed(self, entries: Sequence[bytes]) -> StepOutput:
+        """:meth:`step` with its entries already encoded, each the msgpack of
+        a ``StepEntry.to_wire()`` (:func:`tacflow.protocol.pack_entry`
+        builds them from parts): a caller that names the same block tables
+        in every step (named blocks, PROTOCOL.md §4.8) encodes each table
+        once, not once per step. The request's bytes are those of
+        :meth:`step`."""
+        rid = self._next_id
+        self._next_id = rid + 1
+        p = self._packer
+        header = b"".join(
+            (
+                p.pack_map_header(3),
+                p.pack("request_id"),
+                p.pack(rid),
+                p.pack("session"),
+                p.pack(self._session),
+                p.pack("entries"),
+                p.pack_array_header(len(entries)),
+                *entries,
+            )
+        )
+        return self._run_step(rid, header)
+
+    def _run_step(self, rid: int, header: bytes) -> StepOutput:
         sock = self._sock
         if sock is None:
             raise DaemonUnavailable("unavailable", "the client is closed")

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..client import Client
 from ..errors import TacflowError
-from ..protocol import StepEntry, StepOutput, StepTiming
+from ..protocol import StepOutput, StepTiming, pack_blocks, pack_entry
 from . import daemon_address
 from .checks import StartupRefused, check_model, check_options, check_scheduler, check_vllm_version
 from .mapping import RequestPlan, external_request_id, plan_request, rank_in_top
@@ -115,6 +115,10 @@ class _Request:
     #: The prefix the sequence was (re)opened with in this step: blocks other
     #: requests of the same step may still be writing.
     fresh_prefix: int = 0
+    #: ``blocks`` msgpack-encoded, kept until the table changes: a step
+    #: names every request's whole table (PROTOCOL.md §4.8), and encoding
+    #: them all anew each step costs milliseconds at long contexts.
+    packed_blocks: bytes | None = None
 
 
 class TacflowExecutor(Executor):
@@ -341,9 +345,11 @@ class TacflowExecutor(Executor):
                 # Preempted and scheduled again: a fresh block table, and the
                 # tokens vLLM's prefix cache still holds as the prefix.
                 r.blocks = list(new_blocks[0]) if new_blocks is not None else []
+                r.packed_blocks = None
                 reopen = True
-            elif new_blocks is not None:
+            elif new_blocks is not None and new_blocks[0]:
                 r.blocks.extend(new_blocks[0])
+                r.packed_blocks = None
             if reopen:
                 self._reopen(r, computed)
         if not so.num_scheduled_tokens:
@@ -363,10 +369,10 @@ class TacflowExecutor(Executor):
                 )
             sample = end == len(r.tokens)
             samples.append(sample)
-            entries.append(
-                StepEntry(r.seq_id, r.tokens[r.computed : end], sample=sample, blocks=r.blocks)
-            )
-        step = self._step_in_waves(req_ids, entries)
+            if r.packed_blocks is None:
+                r.packed_blocks = pack_blocks(r.blocks)
+            entries.append(pack_entry(r.seq_id, r.tokens[r.computed : end], sample, r.packed_blocks))
+        step = self._step_in_waves(req_ids, entries, so)
 
         sampled: list[list[int]] = []
         width = 0
@@ -398,7 +404,7 @@ class TacflowExecutor(Executor):
         )
         return out, step
 
-    def _step_in_waves(self, req_ids: list[str], entries: list[StepEntry]) -> Any:
+    def _step_in_waves(self, req_ids: list[str], entries: list[bytes], so: Any) -> Any:
         """Runs vLLM's step as one daemon step, or as several when vLLM's
         prefix cache gave a request blocks that another request of the same
         step is still filling (vLLM registers a block in its cache as soon as
@@ -414,31 +420,35 @@ class TacflowExecutor(Executor):
                 readers[i] = set(r.blocks[: -(-r.fresh_prefix // bs)])
         waves = [list(range(len(entries)))]
         if readers:
-            writes = []
-            for i, req_id in enumerate(req_ids):
+            # Which entry writes which block in this step...
+            writer_of: dict[int, list[int]] = {}
+            for j, req_id in enumerate(req_ids):
                 r = self._requests[req_id]
-                n = len(entries[i].tokens)
-                writes.append(set(r.blocks[r.computed // bs : -(-(r.computed + n) // bs)]))
-            waves, pending = [], list(range(len(entries)))
+                n = so.num_scheduled_tokens[req_id]
+                for b in r.blocks[r.computed // bs : -(-(r.computed + n) // bs)]:
+                    writer_of.setdefault(b, []).append(j)
+            # ...so each reader waits for the writers of the blocks it reads.
+            deps = {
+                i: {j for b in blocks for j in writer_of.get(b, ()) if j != i}
+                for i, blocks in readers.items()
+            }
+            waves, pending, done = [], list(range(len(entries))), set()
             while pending:
-                wave = [
-                    i
-                    for i in pending
-                    if not any(readers.get(i, set()) & writes[j] for j in pending if j != i)
-                ]
+                wave = [i for i in pending if deps.get(i, done) <= done]
                 if not wave:
                     raise RuntimeError("tacflow: requests of one step read each other's new KV blocks")
                 waves.append(wave)
-                pending = [i for i in pending if i not in wave]
+                done.update(wave)
+                pending = [i for i in pending if i not in done]
         t0 = time.perf_counter_ns()
         if len(waves) == 1:
-            out = self._client.step(entries)
+            out = self._client.step_packed(entries)
             self._round_trip_ns = time.perf_counter_ns() - t0
             return out
         results: list[Any] = [None] * len(entries)
         run_us = queued_us = 0
         for wave in waves:
-            out = self._client.step([entries[i] for i in wave])
+            out = self._client.step_packed([entries[i] for i in wave])
             run_us += out.timing.run_us
             queued_us += out.timing.queued_us
             for i, res in zip(wave, out.results):
