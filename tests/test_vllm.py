@@ -498,12 +498,41 @@ def test_logprobs_match_the_daemons(server, daemon):
             assert got[str(t)]["logprob"] == pytest.approx(lp, abs=1e-4)
 
 
-def test_preemption_when_vllms_pool_runs_out(venv, model_dir, daemon, workdir):
-    """A pool of 40 blocks for 8 requests of ~120 tokens each: vLLM preempts
-    and resumes requests (recompute), and every output still equals the
-    daemon's greedy generation."""
+def test_seeded_sampling_with_vllms_options_equals_the_daemons(server, daemon):
+    """Every sampling option mapped, a fixed seed: vLLM's tokens are the
+    daemon's own draws with the same options."""
+    opts = {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "min_p": 0.02, "seed": 1234,
+            "presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1,
+            "logit_bias": {"13": -5.0, "28": 2.0}}
+    status, body = server.post(
+        "/v1/completions",
+        {"model": server.model, "prompt": "Write a short poem about the sea and the wind:", "max_tokens": 24,
+         "ignore_eos": True, "return_token_ids": True, **opts},
+    )
+    assert status == 200, body
+    ch = body["choices"][0]
+    prompt, got = ch["prompt_token_ids"], ch["token_ids"]
+    sp = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, seed=1234, presence_penalty=0.5,
+                        frequency_penalty=0.3, repetition_penalty=1.1, logit_bias={13: -5.0, 28: 2.0})
+    with daemon.client() as c:
+        c.open_sequence(1, sampling=sp, prompt_len=len(prompt))
+        want, feed = [], prompt
+        for _ in range(len(got)):
+            tok = c.step([StepEntry(1, feed)]).results[0].token
+            want.append(tok)
+            feed = [tok]
+        c.close_sequence(1)
+    assert got == want
+
+
+def test_preemption_and_chunked_prefill(venv, model_dir, daemon, workdir):
+    """A pool of 40 blocks for 8 requests of ~120 tokens each, prompts
+    prefilled in chunks of at most 64 tokens: vLLM preempts and resumes
+    requests (recompute), and every output still equals the daemon's greedy
+    generation; prompt logprobs gathered over chunks equal the daemon's."""
     v = Vllm(venv, model_dir, daemon, workdir,
-             ["--num-gpu-blocks-override", "40", "--max-model-len", "512", "--max-num-seqs", "8"])
+             ["--num-gpu-blocks-override", "40", "--max-model-len", "512", "--max-num-seqs", "8",
+              "--max-num-batched-tokens", "64"])
     try:
         bodies = [{"model": v.model, "prompt": p + " " + long_text(40), "max_tokens": 48, "temperature": 0,
                    "ignore_eos": True, "return_token_ids": True} for p in PROMPTS]
@@ -517,6 +546,20 @@ def test_preemption_when_vllms_pool_runs_out(venv, model_dir, daemon, workdir):
         want, margins = daemon_greedy(daemon, prompts, [len(o) for o in outs])
         for got, w, mg in zip(outs, want, margins):
             assert compare_greedy(got, w, mg)[0], f"vLLM {got} != daemon {w}"
+        # A 150-token prompt in three chunks, with prompt logprobs.
+        status, body = v.post("/v1/completions", {
+            "model": v.model, "prompt": long_text(110), "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 1, "return_token_ids": True})
+        assert status == 200, body
+        prompt = body["choices"][0]["prompt_token_ids"]
+        plp = body["choices"][0]["prompt_logprobs"]
+        assert len(prompt) > 128 and len(plp) == len(prompt) and plp[0] is None
+        with daemon.client() as c:
+            c.open_sequence(1, sampling=SamplingParams(temperature=0.0, prompt_logprobs=1))
+            rows = c.step([StepEntry(1, prompt)]).results[0].prompt_logprobs
+            c.close_sequence(1)
+        for pos in range(1, len(prompt)):
+            assert plp[pos][str(prompt[pos])]["logprob"] == pytest.approx(rows[pos][0], abs=1e-3), pos
     finally:
         v.stop()
 
