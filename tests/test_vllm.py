@@ -620,3 +620,30 @@ def test_without_tacflow_vllm_the_plugin_stays_out(venv):
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert r.stdout.strip().endswith("tacflow.vllm.platform"), (r.stdout, r.stderr)
+
+
+def test_a_daemon_killed_mid_step_fails_vllm_in_seconds(venv, model_dir, workdir):
+    """The step's connection never hears back from a killed daemon; a probe
+    on a second connection finds it gone, the step is abandoned and vLLM's
+    engine fails, well within the step's timeout (600 s)."""
+    (workdir / "killed").mkdir()
+    d = Daemon(workdir / "killed", ["--model", str(model_dir), "--kv-blocks", "1024"])
+    v = Vllm(venv, model_dir, d, workdir, ["--max-num-batched-tokens", "8192"])
+    try:
+        body = {"model": v.model, "prompt": long_text(3500), "max_tokens": 4}
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(v.post, "/v1/completions", body)
+            time.sleep(3)  # the prefill (several seconds on the CPU) is running
+            d.proc.kill()
+            t0 = time.monotonic()
+            rc = v.proc.wait(90)
+            took = time.monotonic() - t0
+            status, _ = pending.result()
+        assert status == 500
+        assert "abandoned: tacflowd does not answer" in v.log(), v.log()[-4000:]
+        assert took < 60, took
+        print(f"\nvLLM failed {took:.1f} s after the daemon was killed mid-step (exit {rc})")
+    finally:
+        v.stop()
+        d.proc.wait()
+        d._log.close()

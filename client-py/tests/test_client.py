@@ -91,6 +91,23 @@ def test_a_prepacked_step_has_the_bytes_of_a_step(daemon: FakeDaemon, client: Cl
     )
 
 
+def test_a_packed_step_can_be_abandoned(daemon: FakeDaemon, client: Client) -> None:
+    from tacflow.errors import DaemonUnavailable
+    from tacflow.protocol import pack_entry
+
+    daemon.handlers[Kind.STEP] = lambda kind, body: []  # never answers
+    asked = []
+
+    def gone() -> str | None:
+        asked.append(1)
+        return "found dead" if len(asked) >= 2 else None
+
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="abandoned: found dead"):
+        client.step_packed([pack_entry(1, [2], True)], abandon=gone)
+    assert len(asked) == 2 and time.monotonic() - t0 < 3
+
+
 def test_sequence_requests_match_the_builders(daemon: FakeDaemon, client: Client) -> None:
     assert client.open_sequence(11, Tactic(0.9, recluster_limit=2048), SamplingParams(top_k=5), True) == 5
     assert client.fork_sequence(11, 12, SamplingParams(seed=3)) == 5

@@ -53,6 +53,12 @@ logger = logging.getLogger("vllm.tacflow")
 #: Where per-request attention diagnostics go (JSON lines), when set.
 DIAGNOSTICS_ENV = "TACFLOW_VLLM_DIAGNOSTICS"
 
+#: How long the daemon's I/O thread may take to answer ping, health, stats.
+QUICK_TIMEOUT_S = 10.0
+#: A step running longer than this has the daemon's health probed this
+#: often on a second connection.
+PROBE_EVERY_S = 5.0
+
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
@@ -169,6 +175,10 @@ class TacflowExecutor(Executor):
         #: round trip µs as the client saw it, the whole execute_model µs).
         self.step_log: list[tuple[int, int, int, int, int, int]] = []
         self._round_trip_ns = 0
+        #: When the step in flight was sent (None between steps), and why
+        #: the daemon is gone if a probe during it found so.
+        self._step_started: float | None = None
+        self._lost: str | None = None
         #: vLLM steps run as several daemon steps (see _step_in_waves).
         self.split_steps = 0
         self._keepalive = threading.Thread(
@@ -186,20 +196,59 @@ class TacflowExecutor(Executor):
 
     def _keep_alive(self) -> None:
         """Renews the session's lease while vLLM has nothing to run (every
-        daemon request renews it), and notices a lost daemon."""
+        daemon request renews it), and notices a lost daemon: idle, by the
+        renewal's answer; during a step that runs long, by asking the
+        daemon's health on a connection of its own (the step's connection
+        is busy), so that a daemon killed mid-step (OOM, SIGKILL) fails
+        vLLM's engine in seconds rather than after the step's timeout."""
         period = max(self.info.lease_ms / 1000.0 / 3.0, 0.5)
-        while not self._closed.wait(period):
+        tick = min(period, PROBE_EVERY_S)
+        while not self._closed.wait(tick):
+            started = self._step_started
+            if started is not None:
+                if time.monotonic() - started > PROBE_EVERY_S and self._lost is None:
+                    self._lost = self._probe()
+                continue
             if time.monotonic() - self._last_request < period:
                 continue
             try:
                 with self._lock:
                     if self._closed.is_set():
                         return
-                    self._client.ping()
+                    self._quick(self._client.ping)
                     self._last_request = time.monotonic()
             except TacflowError as exc:
                 self._fail(exc)
                 return
+
+    def _probe(self) -> str | None:
+        """Why the daemon is gone, or None when it answers as itself."""
+        try:
+            with Client(
+                self._client.address,
+                timeout_s=QUICK_TIMEOUT_S,
+                connect_timeout_s=QUICK_TIMEOUT_S,
+                client_name="tacflow-vllm/probe",
+            ) as probe:
+                if probe.instance_id != self.info.instance_id:
+                    return f"tacflowd restarted (instance {probe.instance_id}, was {self.info.instance_id})"
+                health = probe.health()
+                if health.status not in ("ok", "wedged"):
+                    return f"tacflowd is {health.status}: {health.reason or ''}"
+        except TacflowError as exc:
+            return f"tacflowd does not answer: {exc}"
+        return None
+
+    def _quick(self, request: Callable[[], Any]) -> Any:
+        """A request the daemon's I/O thread answers at once (ping, health,
+        stats), under a short timeout instead of a step's: a daemon that is
+        gone is noticed in seconds. The caller holds the lock."""
+        saved = self._client.timeout_s
+        self._client.timeout_s = QUICK_TIMEOUT_S
+        try:
+            return request()
+        finally:
+            self._client.timeout_s = saved
 
     def _fail(self, exc: BaseException) -> None:
         if self._failed is None:
@@ -441,14 +490,24 @@ class TacflowExecutor(Executor):
                 done.update(wave)
                 pending = [i for i in pending if i not in done]
         t0 = time.perf_counter_ns()
-        if len(waves) == 1:
-            out = self._client.step_packed(entries)
-            self._round_trip_ns = time.perf_counter_ns() - t0
-            return out
+        self._step_started = time.monotonic()
+        try:
+            if len(waves) == 1:
+                out = self._client.step_packed(entries, abandon=self._abandon)
+                self._round_trip_ns = time.perf_counter_ns() - t0
+                return out
+            return self._steps(entries, waves, t0)
+        finally:
+            self._step_started = None
+
+    def _abandon(self) -> str | None:
+        return self._lost
+
+    def _steps(self, entries: list[bytes], waves: list[list[int]], t0: int) -> Any:
         results: list[Any] = [None] * len(entries)
         run_us = queued_us = 0
         for wave in waves:
-            out = self._client.step_packed([entries[i] for i in wave])
+            out = self._client.step_packed([entries[i] for i in wave], abandon=self._abandon)
             run_us += out.timing.run_us
             queued_us += out.timing.queued_us
             for i, res in zip(wave, out.results):
@@ -600,7 +659,11 @@ class TacflowExecutor(Executor):
         if self._failed is not None:
             raise RuntimeError(f"tacflow: the daemon failed: {self._failed}")
         with self._lock:
-            health = self._client.health()
+            try:
+                health = self._quick(self._client.health)
+            except TacflowError as exc:
+                self._fail(exc)
+                raise RuntimeError(f"tacflow: the daemon does not answer: {exc}") from exc
             self._last_request = time.monotonic()
         if not health.ok:
             raise RuntimeError(f"tacflowd is {health.status}: {health.reason or ''}")
@@ -631,7 +694,7 @@ class TacflowExecutor(Executor):
         """The daemon's counters and the finished requests' diagnostics by
         vLLM request id (``collective_rpc("tacflow_stats")``)."""
         with self._lock:
-            s = self._client.stats()
+            s = self._quick(self._client.stats)
             self._last_request = time.monotonic()
         return {
             "daemon": {
