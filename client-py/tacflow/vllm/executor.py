@@ -44,8 +44,17 @@ from .checks import StartupRefused, check_model, check_options, check_scheduler,
 from .mapping import RequestPlan, external_request_id, plan_request, rank_in_top
 
 from vllm import __version__ as VLLM_VERSION
-from vllm.v1.executor.abstract import Executor
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, LogprobsLists, LogprobsTensors, ModelRunnerOutput
+
+# Before vLLM's internals: another release may have moved them (see platform).
+check_vllm_version(VLLM_VERSION)
+
+from vllm.v1.executor.abstract import Executor  # noqa: E402
+from vllm.v1.outputs import (  # noqa: E402
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    LogprobsLists,
+    LogprobsTensors,
+    ModelRunnerOutput,
+)
 
 # Under vLLM's logger, so that its configuration (format, level) applies.
 logger = logging.getLogger("vllm.tacflow")

@@ -13,12 +13,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-from vllm.platforms.interface import Platform, PlatformEnum
+import vllm
 
-from . import daemon_address
 from .checks import StartupRefused, check_model, check_options, check_scheduler, check_vllm_version
-from .mapping import Refused, plan_request
+
+# Before anything of vLLM's internals is imported: another release may have
+# moved them, and its user should read which releases are supported, not an
+# ImportError. vLLM imports this module only when TACFLOW_VLLM is set.
+check_vllm_version(vllm.__version__)
+
+import torch  # noqa: E402
+from vllm.platforms.interface import Platform, PlatformEnum  # noqa: E402
+
+from . import daemon_address  # noqa: E402
+from .mapping import Refused, plan_request  # noqa: E402
 
 # Under vLLM's logger, so that its configuration (format, level) applies.
 logger = logging.getLogger("vllm.tacflow")
@@ -79,9 +87,6 @@ class TacflowPlatform(Platform):
 
     @classmethod
     def check_and_update_config(cls, vllm_config: Any) -> None:
-        from vllm import __version__
-
-        check_vllm_version(__version__)
         if vllm_config.model_config is None:
             return
         info = cls._hello()
