@@ -30,7 +30,7 @@ import urllib.request
 import pytest
 
 from conftest import Daemon
-from tacflow import Client, SamplingParams, StepEntry
+from tacflow import SamplingParams, StepEntry
 from tacflow.models import convert_gguf, locate_smollm2
 
 pytestmark = pytest.mark.vllm

@@ -379,7 +379,6 @@ class TacflowExecutor(Executor):
         return out
 
     def _execute_locked(self, so: Any) -> tuple[ModelRunnerOutput, Any]:
-        c = self._client
         for req_id in so.finished_req_ids:
             self._finish(req_id)
         for new in so.scheduled_new_reqs:
