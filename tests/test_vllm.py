@@ -525,6 +525,19 @@ def test_seeded_sampling_with_vllms_options_equals_the_daemons(server, daemon):
     assert got == want
 
 
+def test_n_samples_of_one_prompt(server):
+    """n > 1: vLLM fans one request out into n, which share the prompt's
+    blocks; seeded, the whole answer repeats."""
+    body = {"model": server.model, "prompt": "List three animals:", "max_tokens": 12, "n": 3,
+            "temperature": 1.0, "seed": 7, "return_token_ids": True}
+    answers = []
+    for _ in range(2):
+        status, resp = server.post("/v1/completions", body)
+        assert status == 200, resp
+        answers.append(sorted(tuple(c["token_ids"]) for c in resp["choices"]))
+    assert len(answers[0]) == 3 and answers[0] == answers[1]
+
+
 def test_preemption_and_chunked_prefill(venv, model_dir, daemon, workdir):
     """A pool of 40 blocks for 8 requests of ~120 tokens each, prompts
     prefilled in chunks of at most 64 tokens: vLLM preempts and resumes
