@@ -88,6 +88,49 @@ class Daemon:
         return self.proc.returncode
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--vllm",
+        action="store_true",
+        help="also run the tests marked vllm (tests/test_vllm.py: a real `vllm serve` "
+        "through tacflowd; they need vLLM's venv, scripts/lib/vllm-venv.sh)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: a real vLLM server through tacflowd (run with --vllm)")
+
+
+def _vllm_wanted(config) -> bool:
+    return bool(config.getoption("--vllm")) or os.environ.get("TACFLOW_TEST_VLLM") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The vLLM tests run only when asked for: vLLM's venv is 8.5 GB.
+    Asked for, a missing vLLM fails them (it never skips them); not asked
+    for, they are deselected and the summary says so."""
+    if _vllm_wanted(config):
+        return
+    dropped = [i for i in items if i.get_closest_marker("vllm")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if not i.get_closest_marker("vllm")]
+        config.stash[_VLLM_DROPPED] = len(dropped)
+
+
+_VLLM_DROPPED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.stash.get(_VLLM_DROPPED, 0)
+    if n:
+        terminalreporter.write_line(
+            f"{n} vLLM tests deselected: run them with --vllm or TACFLOW_TEST_VLLM=1 "
+            "(they need vLLM's venv: scripts/lib/vllm-venv.sh)",
+            yellow=True,
+        )
+
+
 @pytest.fixture
 def start_daemon(tmp_path):
     """Factory: ``start_daemon("--kv-blocks", "64")`` starts a daemon on the

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from multiprocessing import shared_memory
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import zmq
@@ -375,11 +375,58 @@ class Client:
                 "entries": [e.to_wire() for e in entries],
             }
         )
+        return self._run_step(rid, header)
+
+    def step_packed(
+        self, entries: Sequence[bytes], *, abandon: Callable[[], str | None] | None = None
+    ) -> StepOutput:
+        """:meth:`step` with its entries already encoded, each the msgpack of
+        a ``StepEntry.to_wire()`` (:func:`tacflow.protocol.pack_entry`
+        builds them from parts): a caller that names the same block tables
+        in every step (named blocks, PROTOCOL.md §4.8) encodes each table
+        once, not once per step. The request's bytes are those of
+        :meth:`step`.
+
+        ``abandon``, asked about twice a second while the reply is awaited,
+        gives up the wait (:class:`DaemonUnavailable` with its reason) when
+        it returns a reason: a caller that learned otherwise that the daemon
+        is gone need not wait out ``timeout_s``. The session is then of no
+        further use."""
+        rid = self._next_id
+        self._next_id = rid + 1
+        p = self._packer
+        header = b"".join(
+            (
+                p.pack_map_header(3),
+                p.pack("request_id"),
+                p.pack(rid),
+                p.pack("session"),
+                p.pack(self._session),
+                p.pack("entries"),
+                p.pack_array_header(len(entries)),
+                *entries,
+            )
+        )
+        return self._run_step(rid, header, abandon)
+
+    def _run_step(
+        self, rid: int, header: bytes, abandon: Callable[[], str | None] | None = None
+    ) -> StepOutput:
         sock = self._sock
         if sock is None:
             raise DaemonUnavailable("unavailable", "the client is closed")
         try:
             send_message(sock, _STEP_FRAME, header)
+            if abandon is not None:
+                deadline = time.monotonic() + self.timeout_s
+                while not sock.poll(500, zmq.POLLIN):
+                    reason = abandon()
+                    if reason:
+                        raise DaemonUnavailable(
+                            "unavailable", f"step (request {rid}) abandoned: {reason}", request_id=rid
+                        )
+                    if time.monotonic() > deadline:
+                        raise zmq.Again()
             frames = recv_message(sock)
         except zmq.Again:
             raise self._timeout(rid, Kind.STEP) from None

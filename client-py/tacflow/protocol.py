@@ -43,7 +43,7 @@ __all__ = [
     "ShmRegion", "MemfdRegion", "CudaRegion", "RegionDesc", "fd_transfer_body",
     "hello_body", "session_body", "register_region_body", "unregister_region_body",
     "open_sequence_body", "fork_sequence_body", "truncate_sequence_body",
-    "close_sequence_body", "step_body", "attention_step_body",
+    "close_sequence_body", "step_body", "attention_step_body", "pack_entry", "pack_blocks",
     "reserve_blocks_body", "sequence_state_body", "SequenceState",
     "pack", "unpack", "decode_reply",
     "AttentionDiagnostics", "BackendInfo", "Health", "HelloInfo", "KvInfo",
@@ -441,6 +441,37 @@ def step_body(request_id: int, session: bytes, entries: Iterable[StepEntry]) -> 
         "session": session,
         "entries": [e.to_wire() for e in entries],
     }
+
+
+_ENTRY_PACKER = msgpack.Packer(use_single_float=True)
+_SEQ_ID = _ENTRY_PACKER.pack("seq_id")
+_TOKENS = _ENTRY_PACKER.pack("tokens")
+_SAMPLE_TRUE = _ENTRY_PACKER.pack("sample") + _ENTRY_PACKER.pack(True)
+_SAMPLE_FALSE = _ENTRY_PACKER.pack("sample") + _ENTRY_PACKER.pack(False)
+_BLOCKS = _ENTRY_PACKER.pack("blocks")
+
+
+def pack_blocks(blocks: Iterable[int]) -> bytes:
+    """A block table encoded once for :func:`pack_entry`."""
+    return _ENTRY_PACKER.pack(_ints(blocks))
+
+
+def pack_entry(seq_id: int, tokens: Sequence[int], sample: bool, packed_blocks: bytes | None = None) -> bytes:
+    """The msgpack of ``StepEntry(seq_id, tokens, sample=sample,
+    blocks=...).to_wire()`` with the block table given already encoded
+    (:func:`pack_blocks`), for :meth:`Client.step_packed`."""
+    p = _ENTRY_PACKER
+    parts = [
+        p.pack_map_header(3 if packed_blocks is None else 4),
+        _SEQ_ID,
+        p.pack(seq_id),
+        _TOKENS,
+        p.pack(_ints(tokens)),
+        _SAMPLE_TRUE if sample else _SAMPLE_FALSE,
+    ]
+    if packed_blocks is not None:
+        parts += (_BLOCKS, packed_blocks)
+    return b"".join(parts)
 
 
 def attention_step_body(
