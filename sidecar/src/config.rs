@@ -465,7 +465,10 @@ mod tests {
     #[test]
     fn activations_fusions_and_graphs_default_by_backend() {
         let d = Config::default();
-        assert_eq!((d.gpu_activations, &d.fusions, d.cuda_graphs), (None, &None, None));
+        assert_eq!(
+            (d.gpu_activations, &d.fusions, d.cuda_graphs),
+            (None, &None, None)
+        );
         let cuda = d.resolved(BackendKind::Cuda);
         assert_eq!(cuda.activations(), GpuActivations::Bf16);
         assert_eq!(cuda.fusion_list(), &CUDA_FUSIONS[..]);
@@ -482,10 +485,9 @@ mod tests {
         assert_eq!(lanes.activations(), GpuActivations::Split);
         assert!(!lanes.graphs());
         // What the configuration says wins, an empty list too.
-        let c: Config = toml::from_str(
-            "gpu_activations = \"split\"\nfusions = []\ncuda_graphs = false",
-        )
-        .unwrap();
+        let c: Config =
+            toml::from_str("gpu_activations = \"split\"\nfusions = []\ncuda_graphs = false")
+                .unwrap();
         let c = c.resolved(BackendKind::Cuda);
         assert_eq!(c.activations(), GpuActivations::Split);
         assert!(c.fusion_list().is_empty() && !c.graphs());
@@ -493,7 +495,10 @@ mod tests {
             "gpu_activations = \"bf16\"\nfusions = [\"add-rmsnorm\", \"rope-kv-append\", \"silu-gemm-input\"]\ncuda_graphs = true",
         )
         .unwrap();
-        assert_eq!(c.resolved(BackendKind::Cpu).activations(), GpuActivations::Bf16);
+        assert_eq!(
+            c.resolved(BackendKind::Cpu).activations(),
+            GpuActivations::Bf16
+        );
         assert_eq!(c.fusion_list().len(), 3);
         assert!(c.graphs());
         assert!(toml::from_str::<Config>("gpu_activations = \"fp8\"").is_err());
