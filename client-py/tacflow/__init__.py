@@ -22,6 +22,7 @@ from .errors import *  # noqa: E402,F401,F403
 from .errors import ERROR_CLASSES, TacflowError  # noqa: E402,F401
 from .protocol import (  # noqa: E402,F401
     PROTOCOL_VERSION,
+    AttentionLayout,
     CudaRegion,
     FixedBudget,
     Full,
@@ -36,6 +37,8 @@ from .protocol import (  # noqa: E402,F401
 )
 from .results import (  # noqa: E402,F401
     AttentionDiagnostics,
+    AttentionPoolInfo,
+    AttentionStepOutput,
     BackendInfo,
     Health,
     HelloInfo,

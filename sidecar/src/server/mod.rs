@@ -18,6 +18,7 @@
 //! A fatal fault (a panic, a failed device; `fatal.rs`) is answered to
 //! every waiting client and ends `run` with an error after a short linger.
 
+mod dispatch;
 pub mod executor;
 pub mod fatal;
 pub mod fdpass;
@@ -28,6 +29,7 @@ pub mod io;
 pub mod listen;
 pub mod memory;
 pub mod metrics;
+mod offload_start;
 mod queue;
 pub mod replay;
 mod requests;
@@ -44,6 +46,7 @@ use crate::engine::{BLOCK_SIZE, Engine, KvCapacity, SeqKey, SessionId};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::model::config::ModelConfig;
+use dispatch::Served;
 use executor::{Command, Outbox, Outgoing, Shared, Tuning};
 use fatal::PanicHook;
 use fdpass::{Companion, FdBroker};
@@ -242,6 +245,26 @@ fn start_executor<B: Backend + 'static>(
         gauges: gauges.clone(),
         fd_socket: String::new(),
     };
+    let served = Served {
+        offload: offload_start::offload(config, gauges.clone()),
+        engine: Some(engine),
+        gauges,
+    };
+    serve_queue(served, info, config, links, rx, ready);
+    Ok(())
+}
+
+/// Tells the waiting start-up what the daemon serves, then runs the
+/// executor's loop until it stops.
+fn serve_queue<B: Backend>(
+    served: Served<B>,
+    info: ServerInfo,
+    config: &Config,
+    links: ExecutorLinks,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ServerInfo>>,
+) {
+    let gauges = served.gauges.clone();
     let _ = ready.send(Ok(info));
     let beat = Heartbeat::new(links.notifier, systemd::watchdog_period(), gauges.clone());
     let out = Outbox {
@@ -254,8 +277,7 @@ fn start_executor<B: Backend + 'static>(
         max_sequences: config.limits.max_sequences,
         spin: Duration::from_micros(config.spin_us),
     };
-    executor::run(engine, rx, out, tuning, beat);
-    Ok(())
+    executor::run(served, rx, out, tuning, beat);
 }
 
 /// The CPU backend; under fault injection (test builds only, with
@@ -340,6 +362,7 @@ fn spawn_executor(
         .spawn(move || {
             let fail = ready.clone();
             let r = match kind {
+                _ if config.attention_only => offload_start::start(&config, links, rx, ready),
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
                     .and_then(|b| b.with_activations(config.gpu_activations))
                     .and_then(|b| b.with_graphs(config.cuda_graphs))
