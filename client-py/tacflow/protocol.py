@@ -313,16 +313,22 @@ class CudaRegion:
     device_uuid: str
     byte_size: int
     offset: int = 0
+    #: (1.4) The client's interprocess event (``cuIpcGetEventHandle``, 64
+    #: bytes), recorded after it writes a request's inputs.
+    event_handle: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
         # `offset` has a serde default but no skip: always sent.
-        return {
+        body: dict[str, Any] = {
             "kind": "cuda",
             "ipc_handle": bytes(self.ipc_handle),
             "device_uuid": self.device_uuid,
             "byte_size": int(self.byte_size),
             "offset": int(self.offset),
         }
+        if self.event_handle is not None:
+            body["event_handle"] = bytes(self.event_handle)
+        return body
 
 
 RegionDesc = Union[ShmRegion, MemfdRegion, CudaRegion]
