@@ -328,6 +328,38 @@ class TacflowCache(DynamicCache):
         self.reads = [[] for _ in ids]
         self._finalizer = weakref.finalize(self, conn.defer_close, list(ids))
 
+    def fork(self, policy: AttentionPolicy | None = None, diagnostics: bool | None = None) -> "TacflowCache":
+        """A copy of this cache (its sequences forked in the daemon, K and V
+        copied) that decodes on under ``policy``: one prefill, several
+        policies on equal footing."""
+        if self.seq_ids is None or self.conn is None:
+            raise ValueError("nothing to fork: this cache has not run or is closed")
+        conn = self.conn
+        child = TacflowCache(
+            self.config,
+            policy if policy is not None else self.policy,
+            self.diagnostics if diagnostics is None else diagnostics,
+            conn=conn,
+        )
+        ids = conn.new_seq_ids(len(self.seq_ids))
+        done: list[int] = []
+        try:
+            for p, c in zip(self.seq_ids, ids):
+                conn.client.fork_sequence(p, c, attention=child.policy, diagnostics=child.diagnostics)
+                done.append(c)
+        except BaseException:
+            conn.defer_close(done)
+            raise
+        child.seq_ids, child.layout = ids, self.layout
+        child.rows = [list(r) for r in self.rows]
+        child.reads = [[] for _ in ids]
+        for src, dst in zip(self.layers, child.layers):
+            dst.length, dst.is_initialized = src.length, src.is_initialized
+            if src.is_initialized:
+                dst.device = src.device
+        child._finalizer = weakref.finalize(child, conn.defer_close, list(ids))
+        return child
+
     def close(self) -> None:
         """Frees the cache's sequences in the daemon."""
         if self._finalizer is not None and self._finalizer.alive:

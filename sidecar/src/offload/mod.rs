@@ -163,6 +163,64 @@ impl Offload {
         Ok(())
     }
 
+    /// Copies `parent` into a new sequence `child` with its own blocks (the
+    /// K and V of every layer copied: attention-only sequences share no
+    /// block, so an append never needs a copy-on-write), under its own
+    /// policy when one is given (one prefilled prompt, decoded under
+    /// several policies). Returns the child's rows at layer 0.
+    pub fn fork(
+        &mut self,
+        parent: SeqKey,
+        child: SeqKey,
+        policy: Option<AttentionPolicy>,
+        diagnostics: Option<bool>,
+    ) -> Result<usize, ErrorReply> {
+        if let Some(p) = &policy {
+            crate::engine::validate_policy(p, self.sparse)?;
+        }
+        if self.seqs.contains_key(&child) {
+            return Err(ErrorReply::new(
+                ErrorCode::SequenceExists,
+                format!("sequence {} is already open", child.seq),
+            )
+            .with("seq_id", child.seq));
+        }
+        let p = &self.seqs[&parent];
+        let n = p.table.len();
+        let key = p.arena;
+        if !self.pool.can_take(key, n) {
+            return Err(pool::exhausted(n, key, &self.pool));
+        }
+        let fresh = self.pool.take(key, n).expect("checked above");
+        let p = &self.seqs[&parent];
+        let arena = self.pool.arena_mut(key).expect("blocks were taken");
+        let elems = arena.kv.layout.block_elems();
+        for layer in arena.kv.k.iter_mut().chain(arena.kv.v.iter_mut()) {
+            for (&src, &dst) in p.table.iter().zip(&fresh) {
+                let (s, d) = (src as usize * elems, dst as usize * elems);
+                layer.copy_within(s..s + elems, d);
+            }
+        }
+        let layers = p.lens.len();
+        let (policy, state) = match policy {
+            Some(np) if np != p.policy => (np.clone(), PolicyState::new(&np, layers)),
+            _ => (p.policy.clone(), p.state.fork()),
+        };
+        let c = OffSeq {
+            layout: p.layout,
+            arena: key,
+            policy,
+            state,
+            diagnostics: diagnostics.unwrap_or(p.diagnostics),
+            table: fresh,
+            lens: p.lens.clone(),
+        };
+        let rows = c.lens[0];
+        self.seqs.insert(child, c);
+        self.publish();
+        Ok(rows)
+    }
+
     /// Drops the last `drop` rows of every layer (a layer shorter than that
     /// is refused: nothing is clamped); returns the rows left.
     pub fn truncate(&mut self, key: SeqKey, drop: u64) -> Result<usize, ErrorReply> {

@@ -155,10 +155,21 @@ impl<B: Backend> Served<B> {
                 ..
             } => {
                 if self.offload.contains(&key(parent)) {
-                    return Err(ErrorReply::new(
-                        ErrorCode::Unsupported,
-                        "attention-only sequences cannot be forked",
-                    ));
+                    if sampling.is_some() {
+                        return Err(ErrorReply::bad_request(
+                            "an attention-only sequence samples nothing: fork it without sampling",
+                        ));
+                    }
+                    if self.model_has(&key(child)) {
+                        return Err(ErrorReply::new(
+                            ErrorCode::SequenceExists,
+                            format!("sequence {child} is already open"),
+                        ));
+                    }
+                    let n = self
+                        .offload
+                        .fork(key(parent), key(child), policy, diagnostics)?;
+                    return Ok(encode_reply(to.kind, &seq_reply(child, n)));
                 }
                 if self.offload.contains(&key(child)) {
                     return Err(ErrorReply::new(
