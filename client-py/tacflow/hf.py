@@ -101,6 +101,29 @@ class Connection:
         self._next_seq = 1
         self._lock = threading.Lock()
         self._pending_close: list[int] = []
+        self._last = time.monotonic()
+        #: Sequences this connection holds open in the daemon.
+        self.open_sequences = 0
+
+    def keep_alive(self) -> None:
+        """Before a request: a session idle for most of its lease is renewed,
+        and one that expired while it held nothing (between generations:
+        the stock side of an A/B may run for minutes) is started afresh."""
+        lease_s = self.client.info.lease_ms / 1000.0
+        if time.monotonic() - self._last < 0.5 * lease_s:
+            self._last = time.monotonic()
+            return
+        try:
+            self.client.ping()
+        except TacflowError as e:
+            if self.open_sequences > 0 or getattr(e, "code", "") != "unknown_session":
+                raise
+            if self.region is not None:
+                self.region.close(unregister=False)
+                self.region = None
+            self._pending_close.clear()
+            self.client.hello()
+        self._last = time.monotonic()
 
     def new_seq_ids(self, n: int) -> list[int]:
         with self._lock:
@@ -118,6 +141,7 @@ class Connection:
         for s in ids:
             with contextlib.suppress(TacflowError):
                 self.client.close_sequence(s)
+            self.open_sequences -= 1
 
     def buffer(self, nbytes: int):
         """The shared region, at least ``nbytes`` large."""
@@ -310,6 +334,7 @@ class TacflowCache(DynamicCache):
     def _open(self, batch: int, scale: float) -> None:
         conn = self.conn or connection()
         self.conn = conn
+        conn.keep_alive()
         conn.flush()
         self.layout = layout_of(self.config, scale)
         ids = conn.new_seq_ids(batch)
@@ -320,6 +345,7 @@ class TacflowCache(DynamicCache):
                     s, attention=self.policy, diagnostics=self.diagnostics, layout=self.layout
                 )
                 opened.append(s)
+                conn.open_sequences += 1
         except BaseException:
             conn.defer_close(opened)
             raise
@@ -347,6 +373,7 @@ class TacflowCache(DynamicCache):
             for p, c in zip(self.seq_ids, ids):
                 conn.client.fork_sequence(p, c, attention=child.policy, diagnostics=child.diagnostics)
                 done.append(c)
+                conn.open_sequences += 1
         except BaseException:
             conn.defer_close(done)
             raise
@@ -441,6 +468,8 @@ def _through(cache: TacflowCache, layer, query, key, value, mask, scale, one_lay
     b, h, q_len, d = query.shape
     if cache.seq_ids is None:
         cache._open(b, scale)
+    else:
+        cache.conn.keep_alive()
         if one_layer:
             # Only this layer runs through these sequences.
             cache.rows = [[0] * cache.layout.num_layers for _ in range(b)]
