@@ -69,6 +69,7 @@ pub(super) fn start(
         policies: crate::engine::policies(true),
         gauges: gauges.clone(),
         fd_socket: String::new(),
+        cuda_ipc: Arc::new(super::cuda_regions::NoDevice),
     };
     let served: Served<CpuBackend> = Served {
         engine: None,

@@ -2,6 +2,7 @@
 //! region (un)registration, and the checks that turn a `step` into work for
 //! the executor.
 
+use super::cuda_regions::{self, CudaDesc};
 use super::io::{Io, Reply};
 use crate::engine::step::{LogitsTarget, StepWork};
 use crate::offload::step::{AttentionWork, TensorTarget};
@@ -80,7 +81,7 @@ impl Io {
         let limits = self.config.limits.clone();
         let s = self.sessions.touch(token, Instant::now())?;
         let (sid, peer_uid) = (s.id, s.peer_uid);
-        if s.regions.len() as u64 >= limits.max_regions {
+        if (s.regions.len() + s.cuda_regions.len()) as u64 >= limits.max_regions {
             return Err(ErrorReply::new(
                 ErrorCode::LimitExceeded,
                 "too many regions in this session",
@@ -89,12 +90,7 @@ impl Io {
         }
         let byte_size = match &desc {
             RegionDesc::Shm { byte_size, .. } | RegionDesc::Memfd { byte_size, .. } => *byte_size,
-            RegionDesc::Cuda { .. } => {
-                return Err(ErrorReply::new(
-                    ErrorCode::Unsupported,
-                    "CUDA regions are not served by this daemon yet",
-                ));
-            }
+            RegionDesc::Cuda { .. } => return self.register_cuda(token, rid, &desc, kind),
         };
         if s.mapped_bytes.saturating_add(byte_size) > limits.max_mapped_bytes {
             return Err(ErrorReply::new(
@@ -143,6 +139,53 @@ impl Io {
         ))
     }
 
+    /// Opens a CUDA region in the daemon's context (`cuda_regions.rs`); it
+    /// counts against the session's regions, not its mapped host bytes.
+    fn register_cuda(
+        &mut self,
+        token: &SessionToken,
+        rid: u64,
+        desc: &RegionDesc,
+        kind: Kind,
+    ) -> Reply {
+        let RegionDesc::Cuda {
+            ipc_handle,
+            device_uuid,
+            byte_size,
+            offset,
+            event_handle,
+        } = desc
+        else {
+            unreachable!("called for CUDA regions")
+        };
+        let d = CudaDesc {
+            ipc_handle,
+            device_uuid,
+            byte_size: *byte_size,
+            offset: *offset,
+            event_handle: event_handle.as_deref(),
+        };
+        let region = cuda_regions::open(&self.info.cuda_ipc, d)?;
+        let event_handle = region.daemon_event.map(|(_, h)| h.to_vec());
+        let region_id = self.sessions.new_region_id();
+        let s = self.sessions.touch(token, Instant::now())?;
+        s.cuda_regions.insert(region_id, Arc::new(region));
+        debug!(
+            session = s.id,
+            region_id, byte_size, "CUDA region registered"
+        );
+        self.publish_sessions();
+        Ok(encode_reply(
+            kind,
+            &RegisterRegionReply {
+                request_id: rid,
+                region_id,
+                byte_size: *byte_size,
+                event_handle,
+            },
+        ))
+    }
+
     fn map_by_name(
         &mut self,
         name: &str,
@@ -184,6 +227,11 @@ impl Io {
         now: Instant,
     ) -> Result<(), ErrorReply> {
         let s = self.sessions.touch(token, now)?;
+        if s.cuda_regions.remove(&region_id).is_some() {
+            // Closed in the daemon's context once no request holds it.
+            self.publish_sessions();
+            return Ok(());
+        }
         let region = s
             .regions
             .remove(&region_id)
@@ -324,6 +372,16 @@ impl Io {
                 message: format!("{what}: {}", err.message),
                 ..err
             };
+            if s.cuda_regions.contains_key(&t.region_id) {
+                return Err(ErrorReply::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "{what}: region {} is CUDA memory; attention_step reads and writes host \
+                         regions in this build (the attention pool is in host memory)",
+                        t.region_id
+                    ),
+                ));
+            }
             let region = s
                 .regions
                 .get(&t.region_id)
