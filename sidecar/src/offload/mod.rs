@@ -81,7 +81,7 @@ pub fn check_layout(l: &AttentionLayout) -> Result<(), ErrorReply> {
     if l.num_layers == 0 || l.num_layers > 1024 {
         return bad(format!("num_layers {} is not in 1..=1024", l.num_layers));
     }
-    if l.num_kv_heads == 0 || l.num_heads == 0 || l.num_heads % l.num_kv_heads != 0 {
+    if l.num_kv_heads == 0 || l.num_heads == 0 || !l.num_heads.is_multiple_of(l.num_kv_heads) {
         return bad(format!(
             "num_heads {} must be a positive multiple of num_kv_heads {}",
             l.num_heads, l.num_kv_heads
