@@ -99,6 +99,18 @@ def test_full_attention_through_the_daemon_equals_stock(offload, smollm2):
     assert pool.sequences == 0 and pool.blocks == 0, "generate() closes its sequences"
 
 
+def test_sampling_as_transformers_does_it(offload, smollm2):
+    tok, stock, ours = smollm2
+    enc = tok([PROMPTS[1]], return_tensors="pt")
+    kw = dict(max_new_tokens=24, do_sample=True, temperature=0.7, top_p=0.9, pad_token_id=tok.eos_token_id)
+    runs = []
+    for model in (stock, ours):
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            runs.append(model.generate(**enc, **kw))
+    assert torch.equal(runs[0], runs[1]), "the same seed draws the same tokens from the same logits"
+
+
 def test_a_live_cache_holds_blocks_and_frees_them(offload, smollm2):
     tok, _, ours = smollm2
     enc = tok(PROMPTS[:2], return_tensors="pt", padding=True)
