@@ -127,13 +127,14 @@ def main() -> None:
         lay = th.layout_of(m.config, m.model.layers[0].self_attn.scaling)
         c.open_sequence(999_999, layout=lay)
         h, k, d = lay.num_heads, lay.num_kv_heads, lay.head_dim
-        reg = c.create_region(1 << 24)
-        pre = [reg.ref(0, "f32", (len(ids), h, d)), reg.ref(1 << 22, "f32", (len(ids), k, d)),
-               reg.ref(2 << 22, "f32", (len(ids), k, d)), reg.ref(3 << 22, "f32", (len(ids), h, d))]
+        stride = len(ids) * h * d * 4
+        reg = c.create_region(4 * stride)
+        pre = [reg.ref(0, "f32", (len(ids), h, d)), reg.ref(stride, "f32", (len(ids), k, d)),
+               reg.ref(2 * stride, "f32", (len(ids), k, d)), reg.ref(3 * stride, "f32", (len(ids), h, d))]
         for layer in range(layers):
             c.attention_step(layer, [999_999], *pre, num_tokens=[len(ids)])
-        one = [reg.ref(0, "f32", (1, h, d)), reg.ref(1 << 22, "f32", (1, k, d)),
-               reg.ref(2 << 22, "f32", (1, k, d)), reg.ref(3 << 22, "f32", (1, h, d))]
+        one = [reg.ref(0, "f32", (1, h, d)), reg.ref(stride, "f32", (1, k, d)),
+               reg.ref(2 * stride, "f32", (1, k, d)), reg.ref(3 * stride, "f32", (1, h, d))]
         rtt, run = [], []
         for _ in range(args.steps):
             for layer in range(layers):

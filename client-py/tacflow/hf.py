@@ -41,6 +41,7 @@ Beam search (reordering the cache) is not supported.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.metadata
 import threading
@@ -182,6 +183,15 @@ def connect(address: str | None = None) -> Connection:
     _settings.address = address
     _settings.connection = Connection(address)
     return _settings.connection
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # The region's shared-memory name is unlinked with it.
+    conn, _settings.connection = _settings.connection, None
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def connection() -> Connection:
