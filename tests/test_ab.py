@@ -47,7 +47,7 @@ def _ab(tmp_path, smollm2_hf, *extra):
 
 def _check(out, stdout, full_kl):
     md = (out / "ab.md").read_text()
-    assert "| policy | prompts | mean KL |" in md and md == stdout.split("\nwrote ")[0] + "\n"
+    assert "| policy | prompts | mean KL |" in md and stdout.startswith(md)
     for p in POLICIES:
         assert f"| {p} |" in md
     doc = json.loads((out / "ab.json").read_text())

@@ -89,6 +89,9 @@ def test_attention_only_daemon_serves_a_batch_and_refuses_bad_input(start_daemon
         (E.OutOfBounds, dict(layer=1, seq_ids=[1, 2], out=small.ref(0, "f32", (2, H, D), check=False))),
         (E.OutOfBounds, dict(layer=1, seq_ids=[1, 2], q=bad.region.ref(2, "f32", (2, H, D), check=False))),
         (E.UnknownRegion, dict(layer=1, seq_ids=[1, 2], v=q.__class__(999, 0, "f32", (2, K, D)))),
+        # Strides: of another rank, and reaching past the region.
+        (E.ShapeMismatch, dict(layer=1, seq_ids=[1, 2], q=q.__class__(q.region_id, 0, "f32", (2, H, D), (D, 1)))),
+        (E.OutOfBounds, dict(layer=1, seq_ids=[1, 2], q=q.__class__(q.region_id, 0, "f32", (2, H, D), (1 << 30, D, 1)))),
         (E.OutOfKvBlocks, dict(layer=1, seq_ids=[1, 2], num_tokens=[1, 1])),  # see below
     ]
     for i, (cls, kw) in enumerate(cases[:-1]):
