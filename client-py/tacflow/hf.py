@@ -103,6 +103,7 @@ class Connection:
         self._lock = threading.Lock()
         self._pending_close: list[int] = []
         self._last = time.monotonic()
+        self._staged: dict = {}
         #: Sequences this connection holds open in the daemon.
         self.open_sequences = 0
 
@@ -122,6 +123,7 @@ class Connection:
             if self.region is not None:
                 self.region.close(unregister=False)
                 self.region = None
+            self._staged = {}
             self._pending_close.clear()
             self.client.hello()
         self._last = time.monotonic()
@@ -147,6 +149,8 @@ class Connection:
     def buffer(self, nbytes: int):
         """The shared region, at least ``nbytes`` large."""
         if self.region is None or self.region.byte_size < nbytes:
+            # The views go first: they hold the old mapping.
+            self._staged = {}
             if self.region is not None:
                 self.region.close()
             size = 1 << 20
@@ -155,8 +159,35 @@ class Connection:
             self.region = self.client.create_region(size)
         return self.region
 
+    def staging(self, dtype, rows: int, h: int, hkv: int, d: int):
+        """Tensor views of q, k, v and out for ``rows`` rows in the region,
+        and their references. Kept per shape: a decode step asks for the
+        same ones at every layer, and building them costs more than the
+        copies they receive."""
+        key = (dtype, rows, h, hkv, d)
+        got = getattr(self, "_staged", {}).get(key)
+        if got is not None and self.region is not None and not self.region.closed:
+            return got
+        esize = torch.tensor([], dtype=dtype).element_size()
+        shapes = [(rows, h, d), (rows, hkv, d), (rows, hkv, d), (rows, h, d)]
+        offsets, at = [], 0
+        for sh in shapes:
+            offsets.append(at)
+            at += _align(sh[0] * sh[1] * sh[2] * esize)
+        region = self.buffer(at)
+        views = [
+            torch.frombuffer(region.buf, dtype=dtype, count=sh[0] * sh[1] * sh[2], offset=o).view(*sh)
+            for sh, o in zip(shapes, offsets)
+        ]
+        refs = [region.ref(o, _TORCH_TO_WIRE[dtype], sh) for o, sh in zip(offsets, shapes)]
+        if len(self._staged) >= 16:  # prefill chunks of many sizes
+            self._staged = {}
+        self._staged[key] = (views, refs)
+        return views, refs
+
     def close(self) -> None:
         self.flush()
+        self._staged = {}
         if self.region is not None:
             self.region.close()
             self.region = None
@@ -506,20 +537,9 @@ def _through(cache: TacflowCache, layer, query, key, value, mask, scale, one_lay
     hkv = key.shape[1]
     total = sum(counts[i] for i in rows_of)
     dtype = query.dtype if query.dtype in _TORCH_TO_WIRE else torch.float32
-    esize = torch.tensor([], dtype=dtype).element_size()
-    sizes = [total * h * d, total * hkv * d, total * hkv * d, total * h * d]
-    offsets = [0]
-    for n in sizes[:-1]:
-        offsets.append(offsets[-1] + _align(n * esize))
     conn = cache.conn
-    region = conn.buffer(offsets[-1] + _align(sizes[-1] * esize))
-    views = [
-        torch.frombuffer(region.buf, dtype=dtype, count=n, offset=o)
-        for n, o in zip(sizes, offsets)
-    ]
-    qv = views[0].view(total, h, d)
-    kv_ = views[1].view(total, hkv, d)
-    vv = views[2].view(total, hkv, d)
+    views, refs = conn.staging(dtype, total, h, hkv, d)
+    qv, kv_, vv = views[0], views[1], views[2]
     r = 0
     for i in rows_of:
         n, p = counts[i], picks[i]
@@ -530,11 +550,6 @@ def _through(cache: TacflowCache, layer, query, key, value, mask, scale, one_lay
         kv_[r : r + n].copy_(ki.transpose(0, 1))
         vv[r : r + n].copy_(vi.transpose(0, 1))
         r += n
-    wire = _TORCH_TO_WIRE[dtype]
-    refs = [
-        region.ref(o, wire, shape)
-        for o, shape in zip(offsets, [(total, h, d), (total, hkv, d), (total, hkv, d), (total, h, d)])
-    ]
     ids = [cache.seq_ids[i] for i in rows_of]
     positions = [cache.rows[i][layer] for i in rows_of]
     conn.flush()
@@ -547,7 +562,7 @@ def _through(cache: TacflowCache, layer, query, key, value, mask, scale, one_lay
     for i, n in zip(rows_of, reply.num_tokens):
         cache.rows[i][layer] = int(n)
     _note_reads(cache, layer, rows_of, reply.attention)
-    res = views[3].view(total, h, d)
+    res = views[3]
     r = 0
     for i in rows_of:
         n, p = counts[i], picks[i]
