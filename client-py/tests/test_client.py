@@ -41,7 +41,7 @@ def client(daemon: FakeDaemon) -> Iterator[Client]:
 def test_hello_opens_a_session(daemon: FakeDaemon, client: Client) -> None:
     kind, body, frames = daemon.received[0]
     assert kind == Kind.HELLO
-    assert body == {"request_id": 1, "protocol": [1, 3], "client": "tacflow-py/0.1.0"}
+    assert body == {"request_id": 1, "protocol": [1, 4], "client": "tacflow-py/0.1.0"}
     assert client.session == bytes.fromhex("0123456789abcdeffedcba9876543210")
     assert client.instance_id == INSTANCE_ID
     assert client.info.model.name == "tiny" and client.info.kv.block_size == 16

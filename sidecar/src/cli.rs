@@ -228,6 +228,14 @@ struct ServeArgs {
     /// cgroup has available; on a GPU, its free memory).
     #[arg(long, env = "TACFLOW_MEMORY_LIMIT")]
     memory_limit: Option<String>,
+    /// Load no model: serve attention-only sequences (attention_step) of
+    /// any layout the client declares.
+    #[arg(long, env = "TACFLOW_ATTENTION_ONLY")]
+    attention_only: bool,
+    /// The attention pool's budget in MiB (K and V of attention-only
+    /// sequences, apart from the model's KV cache).
+    #[arg(long, env = "TACFLOW_ATTENTION_POOL_MB")]
+    attention_pool_mb: Option<usize>,
     /// Per-session limit: open sequences.
     #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
     max_sequences: Option<u64>,
@@ -268,7 +276,8 @@ impl ServeArgs {
             log_format,
             shutdown_timeout_ms,
             fatal_linger_ms,
-            wedged_after_ms
+            wedged_after_ms,
+            attention_pool_mb
         );
         set_opt!(
             gpu_activations,
@@ -294,6 +303,7 @@ impl ServeArgs {
         } else if self.no_cuda_graphs {
             c.cuda_graphs = Some(false);
         }
+        c.attention_only |= self.attention_only;
         c.tcp_allow_remote |= self.tcp_allow_remote;
         c.metrics_allow_remote |= self.metrics_allow_remote;
         let l = &mut c.limits;

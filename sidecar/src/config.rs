@@ -187,6 +187,13 @@ pub struct Config {
     /// the GPU at most this of the device's free memory. A model that does
     /// not fit is refused before it is loaded.
     pub memory_limit: Option<String>,
+    /// Load no model: serve attention-only sequences (`attention_step`,
+    /// `PROTOCOL.md` §4.7) of any declared layout, from the attention pool.
+    pub attention_only: bool,
+    /// The attention pool's budget in MiB: the f32 K and V of every
+    /// attention-only sequence, apart from the model's KV cache. It grows
+    /// with its use up to this.
+    pub attention_pool_mb: usize,
 }
 
 impl Default for Config {
@@ -220,6 +227,8 @@ impl Default for Config {
             fatal_linger_ms: 500,
             wedged_after_ms: 120_000,
             memory_limit: None,
+            attention_only: false,
+            attention_pool_mb: 1024,
         }
     }
 }

@@ -86,6 +86,8 @@ pub struct SeqOptions {
     /// Named mode: tokens already cached in the blocks the first step names.
     pub prefix: Vec<u32>,
     pub prompt_len: Option<u64>,
+    /// (1.4) Attention-only: the layout it declared (`crate::offload`).
+    pub layout: Option<tacflow_ipc::AttentionLayout>,
 }
 
 /// Size of the KV cache.
@@ -413,6 +415,12 @@ impl<B: Backend> Engine<B> {
         keys.len()
     }
 
+    /// Whether the model's sequences include `key` (attention-only ones
+    /// share the session's ids).
+    pub fn has_sequence(&self, key: &SeqKey) -> bool {
+        self.seqs.contains_key(key)
+    }
+
     pub fn session_sequences(&self, session: SessionId) -> usize {
         self.seqs.keys().filter(|k| k.session == session).count()
     }
@@ -425,7 +433,7 @@ pub fn policies(sparse: bool) -> Vec<String> {
     all[..n].iter().map(|s| (*s).to_owned()).collect()
 }
 
-fn validate_policy(p: &AttentionPolicy, sparse: bool) -> Result<(), ErrorReply> {
+pub fn validate_policy(p: &AttentionPolicy, sparse: bool) -> Result<(), ErrorReply> {
     let bad = |m: &str| Err(ErrorReply::bad_request(format!("{}: {m}", p.name())));
     let unit = |x: f32| x > 0.0 && x <= 1.0;
     match *p {
