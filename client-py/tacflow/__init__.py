@@ -12,6 +12,8 @@ Map of the package:
 | ``client`` | ``Client``: one session over one ZeroMQ DEALER socket |
 | ``engine`` | ``Engine``: a small continuous-batching scheduler over a client |
 | ``aio`` | ``AsyncClient``: the client for asyncio, many requests in flight |
+| ``hf`` | transformers with its attention in the daemon (``attn_implementation="tacflow"``; imported on demand) |
+| ``ab``, ``prompts``, ``cli`` | ``tacflow ab``: stock attention against the daemon's policies on your prompts |
 
 The wire contract is ``ipc/PROTOCOL.md`` in the repository.
 """
@@ -22,6 +24,7 @@ from .errors import *  # noqa: E402,F401,F403
 from .errors import ERROR_CLASSES, TacflowError  # noqa: E402,F401
 from .protocol import (  # noqa: E402,F401
     PROTOCOL_VERSION,
+    AttentionLayout,
     CudaRegion,
     FixedBudget,
     Full,
@@ -36,6 +39,8 @@ from .protocol import (  # noqa: E402,F401
 )
 from .results import (  # noqa: E402,F401
     AttentionDiagnostics,
+    AttentionPoolInfo,
+    AttentionStepOutput,
     BackendInfo,
     Health,
     HelloInfo,

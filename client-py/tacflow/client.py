@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from multiprocessing import shared_memory
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import zmq
@@ -36,6 +36,11 @@ from .errors import (
 )
 from .protocol import (
     require_1_3,
+    require_1_4,
+    AttentionLayout,
+    AttentionStepOutput,
+    TensorRef,
+    attention_step_body,
     ERROR_KIND,
     REPLY_BIT,
     AttentionPolicy,
@@ -294,8 +299,14 @@ class Client:
         blocks: str = "daemon",
         prefix: Sequence[int] = (),
         prompt_len: int | None = None,
+        layout: AttentionLayout | None = None,
     ) -> int:
         """Opens a sequence; returns its cached length (0, or ``len(prefix)``).
+
+        ``layout`` (1.4) opens an attention-only sequence instead: it holds
+        the k and v rows :meth:`attention_step` appends, for a model the
+        caller runs itself; a layout the daemon cannot honour (softcapping,
+        a sliding window, sinks) raises :class:`Unsupported`.
 
         ``blocks="named"`` (1.3): every step entry names the sequence's whole
         block table from the session's reservation (:meth:`reserve_blocks`);
@@ -304,9 +315,12 @@ class Client:
         the prompt ends (default: at the first sampling entry).
         """
         self._check_1_3(sampling, blocks != "daemon" or bool(prefix) or prompt_len is not None)
+        if layout is not None:
+            require_1_4(self._info, "an attention-only sequence")
         rid = self._take_id()
         body = open_sequence_body(
-            rid, self._session, seq_id, attention, sampling, diagnostics, blocks, prefix, prompt_len
+            rid, self._session, seq_id, attention, sampling, diagnostics, blocks, prefix, prompt_len,
+            layout,
         )
         return int(self._exchange(Kind.OPEN_SEQUENCE, rid, self._packer.pack(body))["num_tokens"])
 
@@ -327,6 +341,33 @@ class Client:
         body = sequence_state_body(rid, self._session, seq_id)
         reply = self._exchange(Kind.SEQUENCE_STATE, rid, self._packer.pack(body))
         return SequenceState.from_wire(reply)
+
+    def attention_step(
+        self,
+        layer: int,
+        seq_ids: Sequence[int],
+        q: TensorRef,
+        k: TensorRef,
+        v: TensorRef,
+        out: TensorRef,
+        num_tokens: Sequence[int] = (),
+        positions: Sequence[int] = (),
+    ) -> AttentionStepOutput:
+        """(1.4) One layer of attention for attention-only sequences: the
+        new rows' q (``[rows, heads, head_dim]``), k and v (``[rows,
+        kv_heads, head_dim]``) are read from their regions, k and v appended
+        to the layer's cache, and each row's attention output written to
+        ``out`` under its sequence's policy. ``num_tokens`` rows per sequence
+        (one each when empty), the first of each at ``positions`` (the
+        layer's cached length; checked when given). A refused request
+        changes nothing."""
+        require_1_4(self._info, "attention_step")
+        rid = self._take_id()
+        body = attention_step_body(
+            rid, self._session, layer, seq_ids, q, k, v, out, num_tokens, positions
+        )
+        reply = self._exchange(Kind.ATTENTION_STEP, rid, self._packer.pack(body))
+        return AttentionStepOutput.from_wire(reply)
 
     def _check_1_3(self, sampling: SamplingParams | None, needs: bool) -> None:
         """Refuses, before sending, what a pre-1.3 daemon would ignore."""
@@ -375,11 +416,58 @@ class Client:
                 "entries": [e.to_wire() for e in entries],
             }
         )
+        return self._run_step(rid, header)
+
+    def step_packed(
+        self, entries: Sequence[bytes], *, abandon: Callable[[], str | None] | None = None
+    ) -> StepOutput:
+        """:meth:`step` with its entries already encoded, each the msgpack of
+        a ``StepEntry.to_wire()`` (:func:`tacflow.protocol.pack_entry`
+        builds them from parts): a caller that names the same block tables
+        in every step (named blocks, PROTOCOL.md §4.8) encodes each table
+        once, not once per step. The request's bytes are those of
+        :meth:`step`.
+
+        ``abandon``, asked about twice a second while the reply is awaited,
+        gives up the wait (:class:`DaemonUnavailable` with its reason) when
+        it returns a reason: a caller that learned otherwise that the daemon
+        is gone need not wait out ``timeout_s``. The session is then of no
+        further use."""
+        rid = self._next_id
+        self._next_id = rid + 1
+        p = self._packer
+        header = b"".join(
+            (
+                p.pack_map_header(3),
+                p.pack("request_id"),
+                p.pack(rid),
+                p.pack("session"),
+                p.pack(self._session),
+                p.pack("entries"),
+                p.pack_array_header(len(entries)),
+                *entries,
+            )
+        )
+        return self._run_step(rid, header, abandon)
+
+    def _run_step(
+        self, rid: int, header: bytes, abandon: Callable[[], str | None] | None = None
+    ) -> StepOutput:
         sock = self._sock
         if sock is None:
             raise DaemonUnavailable("unavailable", "the client is closed")
         try:
             send_message(sock, _STEP_FRAME, header)
+            if abandon is not None:
+                deadline = time.monotonic() + self.timeout_s
+                while not sock.poll(500, zmq.POLLIN):
+                    reason = abandon()
+                    if reason:
+                        raise DaemonUnavailable(
+                            "unavailable", f"step (request {rid}) abandoned: {reason}", request_id=rid
+                        )
+                    if time.monotonic() > deadline:
+                        raise zmq.Again()
             frames = recv_message(sock)
         except zmq.Again:
             raise self._timeout(rid, Kind.STEP) from None

@@ -22,6 +22,8 @@ import msgpack
 from .errors import ProtocolError, Unsupported, error_from_reply
 from .results import (  # re-exported: protocol.py is the one import for wire types
     AttentionDiagnostics,
+    AttentionPoolInfo,
+    AttentionStepOutput,
     BackendInfo,
     Health,
     HelloInfo,
@@ -43,16 +45,17 @@ __all__ = [
     "ShmRegion", "MemfdRegion", "CudaRegion", "RegionDesc", "fd_transfer_body",
     "hello_body", "session_body", "register_region_body", "unregister_region_body",
     "open_sequence_body", "fork_sequence_body", "truncate_sequence_body",
-    "close_sequence_body", "step_body", "attention_step_body",
+    "close_sequence_body", "step_body", "attention_step_body", "AttentionLayout",
+    "pack_entry", "pack_blocks",
     "reserve_blocks_body", "sequence_state_body", "SequenceState",
     "pack", "unpack", "decode_reply",
-    "AttentionDiagnostics", "BackendInfo", "Health", "HelloInfo", "KvInfo",
+    "AttentionDiagnostics", "AttentionPoolInfo", "AttentionStepOutput", "BackendInfo", "Health", "HelloInfo", "KvInfo",
     "Limits", "ModelInfo", "PolicyStats", "Stats", "StepOutput", "StepResult",
     "StepTiming",
 ]
 
 #: The protocol version this client speaks: (major, minor).
-PROTOCOL_VERSION: tuple[int, int] = (1, 3)
+PROTOCOL_VERSION: tuple[int, int] = (1, 4)
 
 #: A successful reply carries its request's kind with this bit set.
 REPLY_BIT = 0x80
@@ -311,19 +314,62 @@ class CudaRegion:
     device_uuid: str
     byte_size: int
     offset: int = 0
+    #: (1.4) The client's interprocess event (``cuIpcGetEventHandle``, 64
+    #: bytes), recorded after it writes a request's inputs.
+    event_handle: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
         # `offset` has a serde default but no skip: always sent.
-        return {
+        body: dict[str, Any] = {
             "kind": "cuda",
             "ipc_handle": bytes(self.ipc_handle),
             "device_uuid": self.device_uuid,
             "byte_size": int(self.byte_size),
             "offset": int(self.offset),
         }
+        if self.event_handle is not None:
+            body["event_handle"] = bytes(self.event_handle)
+        return body
 
 
 RegionDesc = Union[ShmRegion, MemfdRegion, CudaRegion]
+
+
+# ---------------------------------------------------------------- attention offload
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionLayout:
+    """(1.4) What an attention-only sequence's attention is (§4.7): its
+    shapes, its score scale, and every feature that changes the scores.
+    ``softcap``, ``sliding_window`` and ``sinks`` are declared so that a
+    daemon that cannot honour them refuses the sequence instead of
+    computing something else."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    softcap: float | None = None
+    sliding_window: int | None = None
+    sinks: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "num_layers": int(self.num_layers),
+            "num_heads": int(self.num_heads),
+            "num_kv_heads": int(self.num_kv_heads),
+            "head_dim": int(self.head_dim),
+            "scale": float(self.scale),
+        }
+        if self.softcap is not None:
+            body["softcap"] = float(self.softcap)
+        if self.sliding_window is not None:
+            body["sliding_window"] = int(self.sliding_window)
+        if self.sinks:
+            body["sinks"] = True
+        return body
 
 
 # ---------------------------------------------------------------- request bodies
@@ -366,6 +412,7 @@ def open_sequence_body(
     blocks: str = "daemon",
     prefix: Sequence[int] = (),
     prompt_len: int | None = None,
+    layout: AttentionLayout | None = None,
 ) -> dict[str, Any]:
     # attention, sampling and diagnostics have serde defaults but no skip:
     # the Rust side always sends them, so do we. The 1.3 fields are skipped
@@ -387,6 +434,8 @@ def open_sequence_body(
         body["prefix"] = _ints(prefix)
     if prompt_len is not None:
         body["prompt_len"] = int(prompt_len)
+    if layout is not None:
+        body["layout"] = layout.to_wire()
     return body
 
 
@@ -443,6 +492,37 @@ def step_body(request_id: int, session: bytes, entries: Iterable[StepEntry]) -> 
     }
 
 
+_ENTRY_PACKER = msgpack.Packer(use_single_float=True)
+_SEQ_ID = _ENTRY_PACKER.pack("seq_id")
+_TOKENS = _ENTRY_PACKER.pack("tokens")
+_SAMPLE_TRUE = _ENTRY_PACKER.pack("sample") + _ENTRY_PACKER.pack(True)
+_SAMPLE_FALSE = _ENTRY_PACKER.pack("sample") + _ENTRY_PACKER.pack(False)
+_BLOCKS = _ENTRY_PACKER.pack("blocks")
+
+
+def pack_blocks(blocks: Iterable[int]) -> bytes:
+    """A block table encoded once for :func:`pack_entry`."""
+    return _ENTRY_PACKER.pack(_ints(blocks))
+
+
+def pack_entry(seq_id: int, tokens: Sequence[int], sample: bool, packed_blocks: bytes | None = None) -> bytes:
+    """The msgpack of ``StepEntry(seq_id, tokens, sample=sample,
+    blocks=...).to_wire()`` with the block table given already encoded
+    (:func:`pack_blocks`), for :meth:`Client.step_packed`."""
+    p = _ENTRY_PACKER
+    parts = [
+        p.pack_map_header(3 if packed_blocks is None else 4),
+        _SEQ_ID,
+        p.pack(seq_id),
+        _TOKENS,
+        p.pack(_ints(tokens)),
+        _SAMPLE_TRUE if sample else _SAMPLE_FALSE,
+    ]
+    if packed_blocks is not None:
+        parts += (_BLOCKS, packed_blocks)
+    return b"".join(parts)
+
+
 def attention_step_body(
     request_id: int,
     session: bytes,
@@ -452,18 +532,27 @@ def attention_step_body(
     k: TensorRef,
     v: TensorRef,
     out: TensorRef,
+    num_tokens: Sequence[int] = (),
+    positions: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Reserved in 1.0 (answered ``unsupported``); here so tests can send it."""
-    return {
+    """(1.4) One layer of attention for attention-only sequences (§4.7):
+    ``num_tokens`` rows per sequence (one each when empty), the first at
+    ``positions`` (checked by the daemon when given)."""
+    body: dict[str, Any] = {
         "request_id": request_id,
         "session": session,
-        "layer": layer,
+        "layer": int(layer),
         "seq_ids": _ints(seq_ids),
-        "q": q.to_wire(),
-        "k": k.to_wire(),
-        "v": v.to_wire(),
-        "out": out.to_wire(),
     }
+    if len(num_tokens):
+        body["num_tokens"] = _ints(num_tokens)
+    if len(positions):
+        body["positions"] = _ints(positions)
+    body["q"] = q.to_wire()
+    body["k"] = k.to_wire()
+    body["v"] = v.to_wire()
+    body["out"] = out.to_wire()
+    return body
 
 
 # ---------------------------------------------------------------- codec
@@ -504,6 +593,16 @@ def decode_reply(
     if not byte & REPLY_BIT:
         raise ProtocolError("protocol_error", f"kind 0x{byte:02x} is not a reply")
     return byte & ~REPLY_BIT, body
+
+
+def require_1_4(info: HelloInfo | None, what: str) -> None:
+    """Refuses, before sending, what a daemon older than 1.4 does not serve."""
+    if info is None or tuple(info.protocol) >= (1, 4):
+        return
+    raise Unsupported(
+        "unsupported",
+        f"this daemon speaks protocol {info.protocol[0]}.{info.protocol[1]}; {what} needs 1.4",
+    )
 
 
 def require_1_3(info: HelloInfo | None, sampling: SamplingParams | None, needs: bool) -> None:

@@ -102,6 +102,33 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class AttentionPoolInfo:
+    """(1.4) The KV pool of attention-only sequences (§4.7), apart from the
+    model's: its byte budget, what sequences hold, ``attention_step``
+    requests served per layer, and per policy what decode queries read."""
+
+    block_size: int = 16
+    total_bytes: int = 0
+    used_bytes: int = 0
+    blocks: int = 0
+    sequences: int = 0
+    steps_by_layer: tuple[int, ...] = ()
+    attention: dict[str, "PolicyStats"] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any] | None) -> "AttentionPoolInfo | None":
+        if body is None:
+            return None
+        att = body.get("attention") or {}
+        return _pick(
+            cls,
+            body,
+            steps_by_layer=tuple(body.get("steps_by_layer") or ()),
+            attention={k: PolicyStats.from_wire(v) for k, v in att.items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class HelloInfo:
     """What ``hello`` told the client about the daemon and its session."""
 
@@ -121,6 +148,8 @@ class HelloInfo:
     region_kinds: tuple[str, ...] = ()
     #: The companion socket's path for memfd regions (protocol 1.1).
     fd_socket: str | None = None
+    #: (1.4) The attention-only sequences' pool; ``None`` from an older daemon.
+    attention_pool: AttentionPoolInfo | None = None
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> "HelloInfo":
@@ -137,6 +166,7 @@ class HelloInfo:
             attention_policies=tuple(body.get("attention_policies") or ()),
             limits=Limits.from_wire(_map(body, "limits")),
             region_kinds=tuple(body.get("region_kinds") or ()),
+            attention_pool=AttentionPoolInfo.from_wire(body.get("attention_pool")),
         )
 
 
@@ -297,6 +327,8 @@ class Stats:
     queue_depth: int
     errors: dict[str, int] = field(default_factory=dict)
     attention: dict[str, PolicyStats] = field(default_factory=dict)
+    #: (1.4) The attention-only sequences' pool.
+    attention_pool: AttentionPoolInfo | None = None
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> "Stats":
@@ -306,7 +338,35 @@ class Stats:
             body,
             errors=dict(body.get("errors") or {}),
             attention={k: PolicyStats.from_wire(v) for k, v in attention.items()},
+            attention_pool=AttentionPoolInfo.from_wire(body.get("attention_pool")),
         )
+
+
+@dataclass(slots=True)
+class AttentionStepOutput:
+    """(1.4) One ``attention_step``'s outcome: per sequence the layer's
+    cached length after it, and for decode rows of sequences opened with
+    diagnostics what the policy read and kept at this layer."""
+
+    layer: int
+    num_tokens: list[int]
+    attention: list[AttentionDiagnostics | None]
+    timing: StepTiming
+
+    @classmethod
+    def from_wire(cls, body: Mapping[str, Any]) -> "AttentionStepOutput":
+        try:
+            t = body["timing"]
+            n = list(body["num_tokens"])
+            att = body.get("attention") or [None] * len(n)
+            return cls(
+                int(body["layer"]),
+                n,
+                [None if a is None else AttentionDiagnostics.from_wire(a) for a in att],
+                StepTiming(t.get("queued_us", 0), t.get("run_us", 0)),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ProtocolError("protocol_error", f"bad attention_step reply: {exc!r}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ def client(daemon: FakeDaemon) -> Iterator[Client]:
 def test_hello_opens_a_session(daemon: FakeDaemon, client: Client) -> None:
     kind, body, frames = daemon.received[0]
     assert kind == Kind.HELLO
-    assert body == {"request_id": 1, "protocol": [1, 3], "client": "tacflow-py/0.1.0"}
+    assert body == {"request_id": 1, "protocol": [1, 4], "client": "tacflow-py/0.1.0"}
     assert client.session == bytes.fromhex("0123456789abcdeffedcba9876543210")
     assert client.instance_id == INSTANCE_ID
     assert client.info.model.name == "tiny" and client.info.kv.block_size == 16
@@ -68,6 +68,44 @@ def test_requests_carry_session_and_increasing_ids(daemon: FakeDaemon, client: C
 def test_step_results(client: Client) -> None:
     out = client.step([StepEntry(3, [1, 2]), StepEntry(4, (9,))])
     assert [(r.seq_id, r.num_tokens, r.token) for r in out.results] == [(3, 2, 7), (4, 1, 7)]
+
+
+def test_a_prepacked_step_has_the_bytes_of_a_step(daemon: FakeDaemon, client: Client) -> None:
+    from tacflow.protocol import pack_blocks, pack_entry
+
+    entries = [StepEntry(3, [1, 2], blocks=[4, 0, 2**20]), StepEntry(2**40, (9,), sample=False),
+               StepEntry(5, [7], blocks=[])]
+    out = client.step_packed(
+        [pack_entry(e.seq_id, e.tokens, e.sample, None if e.blocks is None else pack_blocks(e.blocks))
+         for e in entries]
+    )
+    assert [(r.seq_id, r.token) for r in out.results] == [(3, 7), (2**40, 7), (5, 7)]
+    client.step(entries)
+    (_, _, packed), (_, _, plain) = [r for r in daemon.received if r[0] == Kind.STEP]
+    rid = client._next_id - 2  # the packed step's id; the plain one came next
+    assert packed[1] == pack(
+        {"request_id": rid, "session": client.session, "entries": [e.to_wire() for e in entries]}
+    )
+    assert plain[1] == pack(
+        {"request_id": rid + 1, "session": client.session, "entries": [e.to_wire() for e in entries]}
+    )
+
+
+def test_a_packed_step_can_be_abandoned(daemon: FakeDaemon, client: Client) -> None:
+    from tacflow.errors import DaemonUnavailable
+    from tacflow.protocol import pack_entry
+
+    daemon.handlers[Kind.STEP] = lambda kind, body: []  # never answers
+    asked = []
+
+    def gone() -> str | None:
+        asked.append(1)
+        return "found dead" if len(asked) >= 2 else None
+
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match="abandoned: found dead"):
+        client.step_packed([pack_entry(1, [2], True)], abandon=gone)
+    assert len(asked) == 2 and time.monotonic() - t0 < 3
 
 
 def test_sequence_requests_match_the_builders(daemon: FakeDaemon, client: Client) -> None:

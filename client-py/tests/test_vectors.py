@@ -10,6 +10,8 @@ import pytest
 from tacflow import errors
 from tacflow.protocol import (
     ERROR_KIND,
+    AttentionLayout,
+    attention_step_body,
     REPLY_BIT,
     CudaRegion,
     Full,
@@ -34,7 +36,7 @@ from tacflow.protocol import (
     step_body,
     truncate_sequence_body,
 )
-from tacflow.results import Health, HelloInfo, SequenceState, StepOutput
+from tacflow.results import AttentionStepOutput, Health, HelloInfo, SequenceState, StepOutput
 
 from .vectors import VECTOR_DIR, Vector, encode_exact, load_vectors, plain
 
@@ -145,6 +147,33 @@ BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {
     "reserve_blocks_request": lambda: reserve_blocks_body(20, SESSION, 64),
     "sequence_state_request": lambda: sequence_state_body(21, SESSION, 50),
     "step_named_request": lambda: step_body(22, SESSION, [StepEntry(50, [4, 5], blocks=[7, 3, 9])]),
+    "open_sequence_attention_only_request": lambda: open_sequence_body(
+        30, SESSION, 60, Tactic(0.9), SamplingParams(), diagnostics=True,
+        layout=AttentionLayout(30, 9, 3, 64, 0.125),
+    ),
+    "attention_step_request": lambda: attention_step_body(
+        31,
+        SESSION,
+        7,
+        [60, 61],
+        TensorRef(2, 0, "bf16", (5, 9, 64)),
+        TensorRef(2, 5760, "bf16", (5, 3, 64)),
+        TensorRef(2, 7680, "bf16", (5, 3, 64)),
+        TensorRef(2, 9600, "f32", (5, 9, 64), (1152, 64, 1)),
+        num_tokens=[4, 1],
+        positions=[0, 17],
+    ),
+    "register_region_cuda_event_request": lambda: register_region_body(
+        32,
+        SESSION,
+        CudaRegion(
+            bytes(range(64)),
+            "GPU-00000000-1111-2222-3333-444444444444",
+            1 << 20,
+            offset=4096,
+            event_handle=bytes(range(64, 128)),
+        ),
+    ),
 }
 
 
@@ -179,7 +208,8 @@ def test_hello_reply() -> None:
     info = HelloInfo.from_wire(body)
     assert info.session == SESSION
     assert info.instance_id == "00112233445566778899aabbccddeeff"
-    assert info.protocol == (1, 3)
+    assert info.protocol == (1, 4)
+    assert info.attention_pool is not None and info.attention_pool.total_bytes == 1 << 30
     assert info.region_kinds == ("shm", "memfd")
     assert info.fd_socket == "/run/tacflow/tacflowd.fd.sock"
     assert info.model.name == "tiny" and info.model.vocab_size == 512
@@ -280,3 +310,16 @@ def test_1_3_replies() -> None:
     with pytest.raises(UnknownBlock) as err:
         decode_reply(reply_frames("error_reply_unknown_block"))
     assert err.value.detail["block"] == 64
+
+
+def test_1_4_replies() -> None:
+    kind, body = decode_reply(reply_frames("attention_step_reply"))
+    assert kind == Kind.ATTENTION_STEP
+    out = AttentionStepOutput.from_wire(body)
+    assert (out.layer, out.num_tokens) == (7, [4, 18])
+    assert out.attention[0] is None
+    att = out.attention[1]
+    assert att is not None and att.policy == "tactic" and att.tokens_read_fraction == 0.25
+    assert (out.timing.queued_us, out.timing.run_us) == (9, 640)
+    kind, body = decode_reply(reply_frames("register_region_cuda_reply"))
+    assert kind == Kind.REGISTER_REGION and body["event_handle"] == bytes(range(128, 192))

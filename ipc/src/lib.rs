@@ -6,6 +6,7 @@
 //! | bodies | [`messages`] | every request and reply of `PROTOCOL.md` |
 //! | sampling | [`sampling`] | a sequence's sampling parameters (vLLM's options from 1.3) |
 //! | named blocks | [`blocks`] | reservations, block modes, the sequence-state query (1.3) |
+//! | offload | [`offload`] | attention-only layouts, `attention_step`, the attention pool (1.4) |
 //! | errors | [`error`] | the wire error codes and the error reply |
 //! | tensors | [`tensor`] | references into regions, checked before use |
 //! | regions | [`region`] | client shared memory mapped by the daemon |
@@ -22,10 +23,12 @@ pub mod companion;
 pub mod error;
 pub mod fuzz;
 pub mod messages;
+pub mod offload;
 pub mod region;
 pub mod sampling;
 pub mod sigbus;
 pub mod tensor;
+pub mod tensor_io;
 
 pub use codec::{Kind, Request};
 pub use error::{Error, ErrorCode, ErrorReply, Result};

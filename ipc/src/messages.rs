@@ -5,6 +5,7 @@
 //! how v1.x adds fields without breaking older peers.
 
 pub use crate::blocks::*;
+pub use crate::offload::*;
 pub use crate::sampling::*;
 use crate::tensor::TensorRef;
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,9 @@ use std::collections::BTreeMap;
 /// sequences), `sequence_state`, step idempotency and vLLM's sampling
 /// options (`blocks.rs`, `sampling.rs`); its new fields are left out when
 /// they hold their default, so a 1.2 request's bytes are unchanged.
-pub const PROTOCOL_VERSION: (u32, u32) = (1, 3);
+/// 1.4 serves `attention_step` for attention-only sequences (`offload.rs`)
+/// and CUDA IPC regions, with the same rule for its new fields.
+pub const PROTOCOL_VERSION: (u32, u32) = (1, 4);
 
 /// A session token: 128 random bits chosen by the daemon at `hello`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,6 +89,10 @@ pub struct HelloReply {
     /// client connected over TCP on the same host finds it too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd_socket: Option<String>,
+    /// (1.4) The pool of attention-only sequences; absent from a daemon
+    /// that does not serve `attention_step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_pool: Option<AttentionPoolInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +180,15 @@ pub enum RegionDesc {
         byte_size: u64,
         #[serde(default)]
         offset: u64,
+        /// (1.4) An interprocess event (`cuIpcGetEventHandle`, 64 bytes) the
+        /// client records after writing a request's inputs: the daemon's
+        /// stream waits for it before reading them.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "crate::offload::opt_bytes"
+        )]
+        event_handle: Option<Vec<u8>>,
     },
 }
 
@@ -188,6 +204,15 @@ pub struct RegisterRegionReply {
     pub request_id: u64,
     pub region_id: u64,
     pub byte_size: u64,
+    /// (1.4, CUDA regions) The daemon's interprocess event (64 bytes),
+    /// recorded after it wrote a request's outputs: the client's stream
+    /// waits for it before reading them.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::offload::opt_bytes"
+    )]
+    pub event_handle: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +289,10 @@ pub struct OpenSequenceRequest {
     /// appended up to and including the first entry that samples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_len: Option<u64>,
+    /// (1.4) Makes the sequence attention-only: it holds no tokens, only
+    /// the k and v rows `attention_step` appends, laid out as declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<AttentionLayout>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,22 +431,6 @@ pub struct StepReply {
     pub timing: StepTiming,
 }
 
-// ---------------------------------------------------------------- attention_step
-
-/// Attention offload for one layer (specified in v1, not yet served: the
-/// daemon answers `unsupported`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AttentionStepRequest {
-    pub request_id: u64,
-    pub session: SessionToken,
-    pub layer: u32,
-    pub seq_ids: Vec<u64>,
-    pub q: TensorRef,
-    pub k: TensorRef,
-    pub v: TensorRef,
-    pub out: TensorRef,
-}
-
 // ---------------------------------------------------------------- stats, health
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -439,6 +452,9 @@ pub struct StatsReply {
     /// mean true mass, success rate (sequences with diagnostics only).
     #[serde(default)]
     pub attention: BTreeMap<String, PolicyStats>,
+    /// (1.4) The pool of attention-only sequences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_pool: Option<AttentionPoolInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

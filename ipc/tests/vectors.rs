@@ -104,7 +104,7 @@ fn vectors_match_the_rust_types() {
         "hello",
         &HelloRequest {
             request_id: 1,
-            protocol: (1, 3),
+            protocol: (1, 4),
             client: "tacflow-py/0.1.0".into(),
         },
     );
@@ -117,7 +117,7 @@ fn vectors_match_the_rust_types() {
             request_id: 1,
             session: t,
             instance_id: "00112233445566778899aabbccddeeff".into(),
-            protocol: (1, 3),
+            protocol: (1, 4),
             daemon: "tacflowd 0.1.0".into(),
             model: ModelInfo {
                 name: "tiny".into(),
@@ -153,6 +153,15 @@ fn vectors_match_the_rust_types() {
             },
             region_kinds: vec!["shm".into(), "memfd".into()],
             fd_socket: Some("/run/tacflow/tacflowd.fd.sock".into()),
+            attention_pool: Some(AttentionPoolInfo {
+                block_size: 16,
+                total_bytes: 1 << 30,
+                used_bytes: 0,
+                blocks: 0,
+                sequences: 0,
+                steps_by_layer: vec![],
+                attention: Default::default(),
+            }),
         },
     );
     let session = SessionRequest {
@@ -220,6 +229,7 @@ fn vectors_match_the_rust_types() {
                 device_uuid: "GPU-00000000-1111-2222-3333-444444444444".into(),
                 byte_size: 4096,
                 offset: 0,
+                event_handle: None,
             },
         },
     );
@@ -232,6 +242,7 @@ fn vectors_match_the_rust_types() {
             request_id: 3,
             region_id: 1,
             byte_size: 1 << 20,
+            event_handle: None,
         },
     );
     let (d, f) = req(Kind::OpenSequence);
@@ -261,6 +272,7 @@ fn vectors_match_the_rust_types() {
             blocks: BlockMode::Daemon,
             prefix: vec![],
             prompt_len: None,
+            layout: None,
         },
     );
     check(
@@ -281,6 +293,7 @@ fn vectors_match_the_rust_types() {
             blocks: BlockMode::Daemon,
             prefix: vec![],
             prompt_len: None,
+            layout: None,
         },
     );
     check(
@@ -308,9 +321,11 @@ fn vectors_match_the_rust_types() {
             blocks: BlockMode::Named,
             prefix: vec![1, 2, 3],
             prompt_len: Some(5),
+            layout: None,
         },
     );
     named_block_vectors(t);
+    offload_vectors(t);
     let (d, f) = req(Kind::ForkSequence);
     check(
         "fork_sequence_request",
@@ -549,6 +564,129 @@ fn every_error_code_round_trips_as_a_string() {
 
 /// The messages 1.3 added: reservations, named-block steps, the
 /// sequence-state query, prompt log-probabilities and `unknown_block`.
+/// (1.4) Attention offload: an attention-only open, one layer's request
+/// and reply, a CUDA region with the client's event and the daemon's.
+fn offload_vectors(t: SessionToken) {
+    let (d, f) = req(Kind::OpenSequence);
+    check(
+        "open_sequence_attention_only_request",
+        d,
+        f,
+        "open_sequence",
+        &OpenSequenceRequest {
+            request_id: 30,
+            session: t,
+            seq_id: 60,
+            attention: AttentionPolicy::Tactic {
+                p: 0.9,
+                cluster_size: None,
+                recluster_limit: None,
+            },
+            sampling: SamplingParams::default(),
+            diagnostics: true,
+            blocks: BlockMode::Daemon,
+            prefix: vec![],
+            prompt_len: None,
+            layout: Some(AttentionLayout {
+                num_layers: 30,
+                num_heads: 9,
+                num_kv_heads: 3,
+                head_dim: 64,
+                scale: 0.125,
+                softcap: None,
+                sliding_window: None,
+                sinks: false,
+            }),
+        },
+    );
+    let tensor = |offset: u64, heads: u64, dtype: DType| TensorRef {
+        region_id: 2,
+        offset,
+        dtype,
+        shape: vec![5, heads, 64],
+        strides: None,
+    };
+    let (d, f) = req(Kind::AttentionStep);
+    check(
+        "attention_step_request",
+        d,
+        f,
+        "attention_step",
+        &AttentionStepRequest {
+            request_id: 31,
+            session: t,
+            layer: 7,
+            seq_ids: vec![60, 61],
+            num_tokens: vec![4, 1],
+            positions: vec![0, 17],
+            q: tensor(0, 9, DType::Bf16),
+            k: tensor(5760, 3, DType::Bf16),
+            v: tensor(7680, 3, DType::Bf16),
+            out: TensorRef {
+                strides: Some(vec![1152, 64, 1]),
+                ..tensor(9600, 9, DType::F32)
+            },
+        },
+    );
+    check(
+        "attention_step_reply",
+        "reply",
+        Kind::AttentionStep.reply_byte(),
+        "attention_step",
+        &AttentionStepReply {
+            request_id: 31,
+            layer: 7,
+            num_tokens: vec![4, 18],
+            attention: vec![
+                None,
+                Some(AttentionDiagnostics {
+                    policy: "tactic".into(),
+                    tokens_read_fraction: 0.25,
+                    selected_fraction: 0.125,
+                    true_mass: 0.9375,
+                    estimated_mass: 0.90625,
+                    min_true_mass: 0.875,
+                    success_rate: 1.0,
+                }),
+            ],
+            timing: StepTiming {
+                queued_us: 9,
+                run_us: 640,
+            },
+        },
+    );
+    let (d, f) = req(Kind::RegisterRegion);
+    check(
+        "register_region_cuda_event_request",
+        d,
+        f,
+        "register_region",
+        &RegisterRegionRequest {
+            request_id: 32,
+            session: t,
+            region: RegionDesc::Cuda {
+                ipc_handle: (0u8..64).collect(),
+                device_uuid: "GPU-00000000-1111-2222-3333-444444444444".into(),
+                byte_size: 1 << 20,
+                offset: 4096,
+                event_handle: Some((64u8..128).collect()),
+            },
+        },
+    );
+    check(
+        "register_region_cuda_reply",
+        "reply",
+        Kind::RegisterRegion.reply_byte(),
+        "register_region",
+        &RegisterRegionReply {
+            request_id: 32,
+            region_id: 3,
+            byte_size: 1 << 20,
+            event_handle: Some((128u8..192).collect()),
+        },
+    );
+}
+
 fn named_block_vectors(t: SessionToken) {
     let (d, f) = req(Kind::ReserveBlocks);
     check(

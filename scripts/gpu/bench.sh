@@ -93,6 +93,7 @@ for s in "${stages[@]}"; do
             ;;
         attention) timeout 300 python3 bench/attention/run.py --no-variants --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         decode) timeout 400 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        decode-quick) timeout 300 python3 bench/decode/run.py --configs 3 --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;
     esac
     r=${PIPESTATUS[0]}

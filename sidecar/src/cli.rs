@@ -199,19 +199,26 @@ struct ServeArgs {
     /// Round weights to bf16 on the CPU backend.
     #[arg(long, env = "TACFLOW_CPU_ROUND_BF16")]
     cpu_round_bf16: bool,
-    /// GEMM inputs on the GPU: `split` (f32 as two bf16 halves, the
-    /// default) or `bf16` (activations written in bf16; on the CPU backend,
-    /// GEMM inputs rounded to bf16).
+    /// GEMM inputs on the GPU: `bf16` (activations written in bf16; the
+    /// CUDA default with one lane; on the CPU backend, GEMM inputs rounded
+    /// to bf16) or `split` (f32 as two bf16 halves).
     #[arg(long, env = "TACFLOW_GPU_ACTIVATIONS", value_enum)]
     gpu_activations: Option<GpuActivations>,
-    /// Fused ops to run (comma-separated; none by default): the forward
-    /// pass runs each named pair of ops as one kernel.
+    /// Fused ops to run (comma-separated): the forward pass runs each named
+    /// pair of ops as one kernel. By default add-rmsnorm and rope-kv-append
+    /// on the CUDA backend, none on the CPU.
     #[arg(long, env = "TACFLOW_FUSE", value_enum, value_delimiter = ',')]
     fuse: Vec<Fusion>,
+    /// Run no fused op.
+    #[arg(long, conflicts_with = "fuse")]
+    no_fuse: bool,
     /// Replay pure decode steps (one token per sequence, at most 64) as
     /// CUDA graphs per batch-size bucket; one KV block goes to padding.
     #[arg(long, env = "TACFLOW_CUDA_GRAPHS")]
     cuda_graphs: bool,
+    /// Run every step eagerly, without CUDA graphs.
+    #[arg(long, conflicts_with = "cuda_graphs")]
+    no_cuda_graphs: bool,
     /// Serve the tactic policy on the CUDA backend (kernels not yet
     /// verified on a GPU; without it the CUDA backend refuses it).
     #[arg(long, env = "TACFLOW_EXPERIMENTAL_GPU_TACTIC")]
@@ -246,6 +253,14 @@ struct ServeArgs {
     /// cgroup has available; on a GPU, its free memory).
     #[arg(long, env = "TACFLOW_MEMORY_LIMIT")]
     memory_limit: Option<String>,
+    /// Load no model: serve attention-only sequences (attention_step) of
+    /// any layout the client declares.
+    #[arg(long, env = "TACFLOW_ATTENTION_ONLY")]
+    attention_only: bool,
+    /// The attention pool's budget in MiB (K and V of attention-only
+    /// sequences, apart from the model's KV cache).
+    #[arg(long, env = "TACFLOW_ATTENTION_POOL_MB")]
+    attention_pool_mb: Option<usize>,
     /// Per-session limit: open sequences.
     #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
     max_sequences: Option<u64>,
@@ -287,9 +302,10 @@ impl ServeArgs {
             shutdown_timeout_ms,
             fatal_linger_ms,
             wedged_after_ms,
-            gpu_activations
+            attention_pool_mb
         );
         set_opt!(
+            gpu_activations,
             socket,
             tcp,
             socket_group,
@@ -302,11 +318,18 @@ impl ServeArgs {
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
         }
-        if !self.fuse.is_empty() {
-            c.fusions = self.fuse.clone();
+        if self.no_fuse {
+            c.fusions = Some(Vec::new());
+        } else if !self.fuse.is_empty() {
+            c.fusions = Some(self.fuse.clone());
         }
-        c.cuda_graphs |= self.cuda_graphs;
+        if self.cuda_graphs {
+            c.cuda_graphs = Some(true);
+        } else if self.no_cuda_graphs {
+            c.cuda_graphs = Some(false);
+        }
         c.experimental_gpu_tactic |= self.experimental_gpu_tactic;
+        c.attention_only |= self.attention_only;
         c.tcp_allow_remote |= self.tcp_allow_remote;
         c.metrics_allow_remote |= self.metrics_allow_remote;
         let l = &mut c.limits;
@@ -536,6 +559,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let shutdown = Shutdown::default();
     watch_signals(shutdown.clone())?;
-    run(config, shutdown, |_| {})?;
-    Ok(())
+    match run(config, shutdown, |_| {}) {
+        Err(e @ crate::error::Error::Fatal(_)) => {
+            // The replies are out and the socket files gone: leave at once.
+            // Returning would run the CUDA driver's exit handlers, which
+            // tear a faulted context down slowly (about 165 ms on an H200
+            // after an illegal address), past the documented bound; the OS
+            // reclaims the device memory either way.
+            eprintln!("Error: {e}");
+            // SAFETY: `_exit` ends the process without running anything
+            // else; nothing after this point needs to run.
+            unsafe { nix::libc::_exit(1) }
+        }
+        r => Ok(r?),
+    }
 }

@@ -142,26 +142,33 @@ pub struct Config {
     /// Round weights to bf16 on the CPU backend (to compare with the GPU).
     pub cpu_round_bf16: bool,
     /// The GEMM inputs' dtype on the GPU (`"split"` or `"bf16"`); on the
-    /// CPU backend `"bf16"` rounds GEMM inputs to bf16 (its twin).
-    pub gpu_activations: GpuActivations,
-    /// Fused ops to run (none by default): the forward pass's program runs
-    /// each named pair of ops as one (`schedule::program::Fusions`); the
-    /// results are those of the pair (the CPU's are equal bit for bit).
-    pub fusions: Vec<Fusion>,
+    /// CPU backend `"bf16"` rounds GEMM inputs to bf16 (its twin). When
+    /// absent, the backend's default ([`Config::resolved`]): bf16 on the
+    /// CUDA backend with one lane, split with several; unrounded on the
+    /// CPU.
+    pub gpu_activations: Option<GpuActivations>,
+    /// Fused ops to run: the forward pass's program runs each named pair
+    /// of ops as one (`schedule::program::Fusions`); the results are those
+    /// of the pair (the CPU's are equal bit for bit). When absent, the
+    /// backend's default: [`CUDA_FUSIONS`] on the CUDA backend, none on
+    /// the CPU; `[]` runs none.
+    pub fusions: Option<Vec<Fusion>>,
     /// Capture and replay decode steps as CUDA graphs per batch-size
-    /// bucket (off by default; CUDA backend only). A step qualifies when
-    /// every sequence in it decodes one token with full attention, in the
-    /// sequential schedule, and it has at most 64 rows: it runs padded to
-    /// its bucket (1, 2, 4, 8, 16, ..., 64), eagerly for its key's first
-    /// two steps, then captured once and replayed. Prefill and mixed steps
-    /// run eagerly. One KV block is reserved for the padding rows. Refused
-    /// at start with `gpu_lanes` > 1.
-    pub cuda_graphs: bool,
+    /// bucket (CUDA backend only). A step qualifies when every sequence in
+    /// it decodes one token with full attention, in the sequential
+    /// schedule, and it has at most 64 rows: it runs padded to its bucket
+    /// (1, 2, 4, 8, 16, ..., 64), eagerly for its key's first two steps,
+    /// then captured once and replayed. Prefill and mixed steps run
+    /// eagerly. One KV block is reserved for the padding rows. Refused at
+    /// start with `gpu_lanes` > 1. When absent, [`CUDA_GRAPHS`] on the
+    /// CUDA backend with one lane, off otherwise.
+    pub cuda_graphs: Option<bool>,
     /// Serve the `tactic` policy on the CUDA backend: clustering, selection
     /// and a sparse attention in its kernels (kernels/TACTIC.md, "On the
     /// GPU"). Experimental, off by default, until a GPU run has verified
     /// those kernels; without it the CUDA backend refuses sparse policies.
-    /// One lane, f32 (`split`) activations; no attention diagnostics.
+    /// One lane, f32 (`split`) activations (its default when
+    /// `gpu_activations` is absent); no attention diagnostics.
     pub experimental_gpu_tactic: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:
@@ -187,6 +194,13 @@ pub struct Config {
     /// the GPU at most this of the device's free memory. A model that does
     /// not fit is refused before it is loaded.
     pub memory_limit: Option<String>,
+    /// Load no model: serve attention-only sequences (`attention_step`,
+    /// `PROTOCOL.md` §4.7) of any declared layout, from the attention pool.
+    pub attention_only: bool,
+    /// The attention pool's budget in MiB: the f32 K and V of every
+    /// attention-only sequence, apart from the model's KV cache. It grows
+    /// with its use up to this.
+    pub attention_pool_mb: usize,
 }
 
 impl Default for Config {
@@ -210,9 +224,9 @@ impl Default for Config {
             spin_us: 200,
             threads: None,
             cpu_round_bf16: false,
-            gpu_activations: GpuActivations::Split,
-            fusions: Vec::new(),
-            cuda_graphs: false,
+            gpu_activations: None,
+            fusions: None,
+            cuda_graphs: None,
             experimental_gpu_tactic: false,
             log_format: LogFormat::Text,
             metrics_addr: None,
@@ -221,11 +235,60 @@ impl Default for Config {
             fatal_linger_ms: 500,
             wedged_after_ms: 120_000,
             memory_limit: None,
+            attention_only: false,
+            attention_pool_mb: 1024,
         }
     }
 }
 
+/// The fused ops the CUDA backend runs unless configured: the two that
+/// measured faster on the H200 (bench/RESULTS.md). SwiGLU in the GEMM's
+/// dtype is what bf16 activations run anyway.
+pub const CUDA_FUSIONS: [Fusion; 2] = [Fusion::AddRmsnorm, Fusion::RopeKvAppend];
+
+/// Whether the CUDA backend replays decode steps as graphs unless
+/// configured.
+pub const CUDA_GRAPHS: bool = false;
+
 impl Config {
+    /// This configuration with the options left absent set to `kind`'s
+    /// defaults (a resolved backend: CPU or CUDA).
+    pub fn resolved(&self, kind: BackendKind) -> Config {
+        let cuda = kind == BackendKind::Cuda;
+        let one_lane = self.gpu_lanes == 1;
+        let mut c = self.clone();
+        c.gpu_activations
+            .get_or_insert(if cuda && one_lane && !self.experimental_gpu_tactic {
+                GpuActivations::Bf16
+            } else {
+                GpuActivations::Split
+            });
+        c.fusions.get_or_insert_with(|| {
+            if cuda {
+                CUDA_FUSIONS.to_vec()
+            } else {
+                Vec::new()
+            }
+        });
+        c.cuda_graphs.get_or_insert(cuda && one_lane && CUDA_GRAPHS);
+        c
+    }
+
+    /// The GEMM inputs' dtype (split when absent: see [`Config::resolved`]).
+    pub fn activations(&self) -> GpuActivations {
+        self.gpu_activations.unwrap_or_default()
+    }
+
+    /// The fused ops to run (none when absent).
+    pub fn fusion_list(&self) -> &[Fusion] {
+        self.fusions.as_deref().unwrap_or(&[])
+    }
+
+    /// Whether decode steps run as CUDA graphs (off when absent).
+    pub fn graphs(&self) -> bool {
+        self.cuda_graphs.unwrap_or(false)
+    }
+
     pub fn from_toml_file(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
@@ -418,17 +481,44 @@ mod tests {
     }
 
     #[test]
-    fn activation_dtype_fusions_and_graphs_default_off() {
+    fn activations_fusions_and_graphs_default_by_backend() {
         let d = Config::default();
-        assert_eq!(d.gpu_activations, GpuActivations::Split);
-        assert!(d.fusions.is_empty() && !d.cuda_graphs);
+        assert_eq!(
+            (d.gpu_activations, &d.fusions, d.cuda_graphs),
+            (None, &None, None)
+        );
+        let cuda = d.resolved(BackendKind::Cuda);
+        assert_eq!(cuda.activations(), GpuActivations::Bf16);
+        assert_eq!(cuda.fusion_list(), &CUDA_FUSIONS[..]);
+        assert_eq!(cuda.graphs(), CUDA_GRAPHS);
+        let cpu = d.resolved(BackendKind::Cpu);
+        assert_eq!(cpu.activations(), GpuActivations::Split);
+        assert!(cpu.fusion_list().is_empty() && !cpu.graphs());
+        // Several lanes: split activations and no graphs (neither runs there).
+        let lanes = Config {
+            gpu_lanes: 2,
+            ..Config::default()
+        }
+        .resolved(BackendKind::Cuda);
+        assert_eq!(lanes.activations(), GpuActivations::Split);
+        assert!(!lanes.graphs());
+        // What the configuration says wins, an empty list too.
+        let c: Config =
+            toml::from_str("gpu_activations = \"split\"\nfusions = []\ncuda_graphs = false")
+                .unwrap();
+        let c = c.resolved(BackendKind::Cuda);
+        assert_eq!(c.activations(), GpuActivations::Split);
+        assert!(c.fusion_list().is_empty() && !c.graphs());
         let c: Config = toml::from_str(
             "gpu_activations = \"bf16\"\nfusions = [\"add-rmsnorm\", \"rope-kv-append\", \"silu-gemm-input\"]\ncuda_graphs = true",
         )
         .unwrap();
-        assert_eq!(c.gpu_activations, GpuActivations::Bf16);
-        assert_eq!(c.fusions.len(), 3);
-        assert!(c.cuda_graphs);
+        assert_eq!(
+            c.resolved(BackendKind::Cpu).activations(),
+            GpuActivations::Bf16
+        );
+        assert_eq!(c.fusion_list().len(), 3);
+        assert!(c.graphs());
         assert!(toml::from_str::<Config>("gpu_activations = \"fp8\"").is_err());
         assert!(toml::from_str::<Config>("fusions = [\"rope\"]").is_err());
     }

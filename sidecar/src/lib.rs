@@ -6,6 +6,7 @@
 //! | configuration (TOML, flags, environment) | [`config`] |
 //! | I/O thread, executor thread, sessions, shutdown | [`server`] |
 //! | sequences, KV blocks, steps | [`engine`] |
+//! | attention-only sequences served layer by layer (`attention_step`) | [`offload`] |
 //! | the decoder and its weights | [`model`] |
 //! | the forward pass as ops x row ranges x lanes | [`schedule`] |
 //! | the ops it runs on (CPU reference, CUDA) | [`backend`] |
@@ -20,6 +21,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod offload;
 pub mod schedule;
 pub mod selfcheck;
 pub mod server;

@@ -265,6 +265,9 @@ fn random_region(rng: &mut Rng) -> RegionDesc {
             device_uuid: random_name(rng),
             byte_size: rng.interesting(),
             offset: rng.interesting(),
+            event_handle: rng
+                .chance(50)
+                .then(|| vec![rng.next_u64() as u8; rng.below(80)]),
         },
     }
 }
@@ -337,6 +340,16 @@ pub fn random_request(rng: &mut Rng) -> Request {
                 .map(|_| rng.interesting() as u32)
                 .collect(),
             prompt_len: rng.chance(30).then(|| rng.interesting()),
+            layout: rng.chance(30).then(|| AttentionLayout {
+                num_layers: rng.interesting() as u32,
+                num_heads: rng.interesting() as u32,
+                num_kv_heads: rng.interesting() as u32,
+                head_dim: rng.interesting() as u32,
+                scale: 0.125,
+                softcap: rng.chance(20).then_some(50.0),
+                sliding_window: rng.chance(20).then(|| rng.interesting() as u32),
+                sinks: rng.chance(20),
+            }),
         }),
         3 => Request::ForkSequence(ForkSequenceRequest {
             request_id,
@@ -352,6 +365,10 @@ pub fn random_request(rng: &mut Rng) -> Request {
             session,
             layer: rng.interesting() as u32,
             seq_ids: (0..rng.below(4)).map(|_| rng.interesting()).collect(),
+            num_tokens: (0..rng.below(3))
+                .map(|_| rng.interesting() as u32)
+                .collect(),
+            positions: (0..rng.below(3)).map(|_| rng.interesting()).collect(),
             q: random_tensor(rng),
             k: random_tensor(rng),
             v: random_tensor(rng),

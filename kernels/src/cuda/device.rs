@@ -80,6 +80,11 @@ pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 }
 
 impl Gpu {
+    /// The context, for what runs beside the kernels in it (CUDA IPC).
+    pub fn context(&self) -> Arc<CudaContext> {
+        self.ctx.clone()
+    }
+
     /// Opens device `ordinal` with one lane, compiles (or reads from the
     /// PTX cache) every module for its architecture and resolves every
     /// kernel.

@@ -25,7 +25,7 @@ use super::device::{Gpu, drv};
 use super::gemm::GemmScratch;
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -38,7 +38,16 @@ pub(crate) struct Lane {
     pub(crate) attn_ws: Mutex<AttnWorkspace>,
     /// The bf16 halves and two-half product of `gemm_nt_f32`, likewise.
     pub(crate) gemm_ws: Mutex<GemmScratch>,
+    /// cuBLAS's workspace, given to the handle once: without one of its
+    /// own, cuBLAS allocates a workspace stream-ordered where a GEMM needs
+    /// it (split-K at the 8B shapes), which a graph capture records as an
+    /// allocation node and so cannot replay over persistent buffers. Last
+    /// field: dropped after the handle that uses it.
+    _blas_ws: CudaSlice<u8>,
 }
+
+/// cuBLAS's workspace per lane: the size cuBLAS documents for Hopper.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
 impl Lane {
     fn new(ctx: &Arc<CudaContext>) -> Result<Lane> {
@@ -47,11 +56,34 @@ impl Lane {
             op: "cublasCreate",
             msg: e.to_string(),
         })?;
+        let ws = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+            .map_err(drv("cuMemAlloc"))?;
+        let (ptr, _sync) = ws.device_ptr(&stream);
+        // SAFETY: the handle is live; the workspace is a device allocation
+        // of BLAS_WORKSPACE_BYTES that the lane keeps until after the
+        // handle is destroyed (field order), and only this lane's stream,
+        // the handle's, uses it.
+        let status = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr as *mut std::ffi::c_void,
+                BLAS_WORKSPACE_BYTES,
+            )
+        };
+        if status != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(Error::Cublas {
+                op: "cublasSetWorkspace",
+                msg: format!("{status:?}"),
+            });
+        }
+        drop(_sync);
         Ok(Lane {
             stream,
             blas,
             attn_ws: Mutex::new(AttnWorkspace::default()),
             gemm_ws: Mutex::new(GemmScratch::default()),
+            _blas_ws: ws,
         })
     }
 }

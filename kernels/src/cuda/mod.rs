@@ -38,6 +38,7 @@ pub mod fault;
 pub mod fused;
 pub mod gemm;
 pub mod graph;
+pub mod ipc;
 pub mod kv;
 #[cfg(feature = "lab")]
 pub mod lab;

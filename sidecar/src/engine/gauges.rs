@@ -95,6 +95,8 @@ pub struct Gauges {
     pub start: Instant,
     /// Attention diagnostics aggregated per policy.
     pub attention: Mutex<BTreeMap<String, PolicyStats>>,
+    /// The pool of attention-only sequences, as the executor last left it.
+    pub attention_pool: Mutex<tacflow_ipc::AttentionPoolInfo>,
 }
 
 impl Default for Gauges {
@@ -115,6 +117,7 @@ impl Default for Gauges {
             last_done_us: AtomicU64::new(0),
             start: Instant::now(),
             attention: Mutex::new(BTreeMap::new()),
+            attention_pool: Mutex::new(Default::default()),
         }
     }
 }

@@ -31,6 +31,20 @@ impl BlockAllocator {
         self.refcount[block as usize]
     }
 
+    /// Adds `n` free blocks after the last one (a pool that grows with its
+    /// use: attention offload's arenas).
+    pub fn grow(&mut self, n: usize) {
+        let old = self.refcount.len();
+        self.refcount.resize(old + n, 0);
+        // Popped from the end: the lowest new id goes first.
+        self.free.extend((old as u32..(old + n) as u32).rev());
+    }
+
+    /// Whether no block is held.
+    pub fn all_free(&self) -> bool {
+        self.free.len() == self.refcount.len()
+    }
+
     /// Takes `n` blocks, or none if fewer than `n` are free.
     pub fn alloc(&mut self, n: usize) -> Option<Vec<u32>> {
         if n > self.free.len() {

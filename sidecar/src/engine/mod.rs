@@ -88,6 +88,8 @@ pub struct SeqOptions {
     /// Named mode: tokens already cached in the blocks the first step names.
     pub prefix: Vec<u32>,
     pub prompt_len: Option<u64>,
+    /// (1.4) Attention-only: the layout it declared (`crate::offload`).
+    pub layout: Option<tacflow_ipc::AttentionLayout>,
 }
 
 /// Size of the KV cache.
@@ -436,6 +438,12 @@ impl<B: Backend> Engine<B> {
         keys.len()
     }
 
+    /// Whether the model's sequences include `key` (attention-only ones
+    /// share the session's ids).
+    pub fn has_sequence(&self, key: &SeqKey) -> bool {
+        self.seqs.contains_key(key)
+    }
+
     pub fn session_sequences(&self, session: SessionId) -> usize {
         self.seqs.keys().filter(|k| k.session == session).count()
     }
@@ -452,6 +460,14 @@ pub struct Serves {
 }
 
 impl Serves {
+    /// Selection on host views only (attention offload, the CPU backend).
+    pub const fn host(sparse: bool) -> Serves {
+        Serves {
+            host: sparse,
+            device_tactic: false,
+        }
+    }
+
     pub fn of<B: Backend>(b: &B) -> Serves {
         Serves {
             host: b.supports_sparse(),
@@ -492,7 +508,7 @@ impl<B: Backend> Engine<B> {
     }
 }
 
-fn validate_policy(p: &AttentionPolicy, serves: Serves) -> Result<(), ErrorReply> {
+pub fn validate_policy(p: &AttentionPolicy, serves: Serves) -> Result<(), ErrorReply> {
     let bad = |m: &str| Err(ErrorReply::bad_request(format!("{}: {m}", p.name())));
     let unit = |x: f32| x > 0.0 && x <= 1.0;
     match *p {

@@ -132,7 +132,8 @@ impl PolicyState {
         }
     }
 
-    fn target(&self) -> f32 {
+    /// The mass the policy aims for (success is counted against it).
+    pub fn target(&self) -> f32 {
         match self {
             PolicyState::Full => 1.0,
             PolicyState::Tactic(t) => t.params.p,
@@ -304,8 +305,92 @@ fn select_one(
     kv: KvLayer<'_>,
     table: &[u32],
     ctx_len: usize,
-    (heads, kv_heads, d): (usize, usize, usize),
+    dims: (usize, usize, usize),
 ) -> Vec<Vec<u32>> {
+    let at = LayerQuery {
+        layer,
+        q,
+        kv,
+        table,
+        ctx_len,
+        dims,
+    };
+    let (out, diag) = select_layer(slot.state, &mut slot.undo, slot.diagnostics, &at);
+    if let Some(d) = diag {
+        let sums = &mut slot.sums;
+        sums.read[layer] = d.read;
+        sums.selected[layer] = d.selected;
+        sums.mass[layer] = d.mass;
+        sums.est[layer] = d.est;
+    }
+    out
+}
+
+/// One decode query of one sequence at one layer: its query heads (scaled
+/// so that `q·k/√head_dim` are the model's scores) over its paged cache.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerQuery<'a> {
+    pub layer: usize,
+    /// `num_heads * head_dim` values.
+    pub q: &'a [f32],
+    pub kv: KvLayer<'a>,
+    pub table: &'a [u32],
+    pub ctx_len: usize,
+    /// `(num_heads, num_kv_heads, head_dim)`.
+    pub dims: (usize, usize, usize),
+}
+
+/// What one layer's selection read and kept, per head.
+#[derive(Debug, Clone, Default)]
+pub struct LayerDiag {
+    /// Per query head: the true and the estimated mass of the selection.
+    pub mass: Vec<f64>,
+    pub est: Vec<f64>,
+    /// Per KV head: token-equivalents read and tokens selected, over the
+    /// context length.
+    pub read: Vec<f64>,
+    pub selected: Vec<f64>,
+}
+
+impl LayerDiag {
+    /// Averages over the layer's heads, success counted against `target`.
+    pub fn summary(&self, policy: &str, target: f32) -> AttentionDiagnostics {
+        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+        let ok = self
+            .mass
+            .iter()
+            .filter(|&&m| m >= f64::from(target))
+            .count();
+        AttentionDiagnostics {
+            policy: policy.to_owned(),
+            tokens_read_fraction: mean(&self.read),
+            selected_fraction: mean(&self.selected),
+            true_mass: mean(&self.mass),
+            estimated_mass: mean(&self.est),
+            min_true_mass: self.mass.iter().copied().fold(f64::INFINITY, f64::min),
+            success_rate: ok as f64 / self.mass.len().max(1) as f64,
+        }
+    }
+}
+
+/// The slots each KV head of one decode query attends under `state`'s
+/// policy at one layer, growing the state (noted in `undo`), and with
+/// `diagnostics` what the selection read and kept. Shared by the model's
+/// forward pass and attention offload.
+pub fn select_layer(
+    state: &mut PolicyState,
+    undo: &mut Undo,
+    diagnostics: bool,
+    at: &LayerQuery<'_>,
+) -> (Vec<Vec<u32>>, Option<LayerDiag>) {
+    let LayerQuery {
+        layer,
+        q,
+        kv,
+        table,
+        ctx_len,
+        dims: (heads, kv_heads, d),
+    } = *at;
     let group = heads / kv_heads;
     let mut out = vec![Vec::new(); kv_heads];
     let mut diags = vec![HeadDiag::default(); kv_heads];
@@ -315,8 +400,8 @@ fn select_one(
         head: h,
     };
     let mut scores = Vec::new();
-    match slot.state {
-        PolicyState::Full => unreachable!("full attention has no slot"),
+    match state {
+        PolicyState::Full => unreachable!("full attention selects nothing"),
         PolicyState::Device(_) => unreachable!("the backend selects for its own states"),
         PolicyState::Tactic(t) => {
             let step = DecodeStep {
@@ -325,16 +410,16 @@ fn select_one(
                 block_table: table,
                 ctx_len,
             };
-            slot.undo.before_clusters(t, layer, ctx_len);
+            undo.before_clusters(t, layer, ctx_len);
             t.select_layer(layer, &step, &mut out, &mut diags);
-            slot.undo.after_clusters(t, layer);
+            undo.after_clusters(t, layer);
         }
         PolicyState::FixedBudget { tokens, bounds, .. } => {
             let page = kv.block_size;
             // Bounds cover the full pages; the partial last page is new
             // tokens, always attended.
             let covered = (ctx_len / page) * page;
-            slot.undo.before_bounds(&bounds[layer], layer, covered);
+            undo.before_bounds(&bounds[layer], layer, covered);
             for h in 0..kv_heads {
                 let b = &mut bounds[layer];
                 if b.len() <= h {
@@ -364,26 +449,32 @@ fn select_one(
             }
         }
     }
-    if slot.diagnostics {
-        let sums = &mut slot.sums;
-        for h in 0..kv_heads {
-            sums.read[layer][h] = diags[h].tokens_read / ctx_len as f64;
-            sums.selected[layer][h] = diags[h].selected as f64 / ctx_len as f64;
-            for g in 0..group {
-                let qh = &q[(h * group + g) * d..(h * group + g + 1) * d];
-                tactic::exact_scores(&keys(h), qh, ctx_len, &mut scores);
-                let mass = tactic::true_mass(&scores, &out[h]);
-                sums.mass[layer][h * group + g] = mass;
-                sums.est[layer][h * group + g] = match slot.state {
-                    PolicyState::Tactic(_) => f64::from(diags[h].est_mass[g]),
-                    // The oracle knows its mass; a fixed budget estimates none.
-                    PolicyState::Oracle { .. } => mass,
-                    _ => f64::NAN,
-                };
-            }
+    if !diagnostics {
+        return (out, None);
+    }
+    let mut ld = LayerDiag {
+        mass: vec![0.0; heads],
+        est: vec![0.0; heads],
+        read: vec![0.0; kv_heads],
+        selected: vec![0.0; kv_heads],
+    };
+    for h in 0..kv_heads {
+        ld.read[h] = diags[h].tokens_read / ctx_len as f64;
+        ld.selected[h] = diags[h].selected as f64 / ctx_len as f64;
+        for g in 0..group {
+            let qh = &q[(h * group + g) * d..(h * group + g + 1) * d];
+            tactic::exact_scores(&keys(h), qh, ctx_len, &mut scores);
+            let mass = tactic::true_mass(&scores, &out[h]);
+            ld.mass[h * group + g] = mass;
+            ld.est[h * group + g] = match state {
+                PolicyState::Tactic(_) => f64::from(diags[h].est_mass[g]),
+                // The oracle knows its mass; a fixed budget estimates none.
+                PolicyState::Oracle { .. } => mass,
+                _ => f64::NAN,
+            };
         }
     }
-    out
+    (out, Some(ld))
 }
 
 /// One decode step's diagnostics for one sequence, over every layer and head.

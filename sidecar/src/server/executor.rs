@@ -3,19 +3,21 @@
 //! the client socket: replies go back to the I/O thread, already encoded,
 //! through an [`Outbox`].
 
+use super::dispatch::Served;
 use super::fatal::{Cause, FatalFlag, Fault, panic_message};
 use super::replay::{Replays, Seen, fingerprint};
 use super::systemd::Heartbeat;
 use crate::backend::Backend;
 use crate::engine::gauges::Gauges;
 use crate::engine::step::StepWork;
-use crate::engine::{Engine, SeqKey, SeqOptions, SessionId};
+use crate::engine::{SeqOptions, SessionId};
+use crate::offload::step::AttentionWork;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
-use tacflow_ipc::codec::{encode_error, encode_reply};
+use tacflow_ipc::codec::encode_error;
 use tacflow_ipc::*;
 use tracing::{debug, error, info_span, warn};
 
@@ -70,6 +72,11 @@ pub enum Command {
     State {
         to: ReplyTo,
         seq: u64,
+    },
+    /// (1.4) One layer of attention for attention-only sequences.
+    AttentionStep {
+        to: ReplyTo,
+        work: Box<AttentionWork>,
     },
     /// The session ended: free its sequences. Not a client request, no reply.
     DropSession(SessionId),
@@ -177,7 +184,7 @@ impl Outbox {
     }
 }
 
-fn send(out: &Outbox, to: &ReplyTo, frames: [Vec<u8>; 2]) {
+pub(super) fn send(out: &Outbox, to: &ReplyTo, frames: [Vec<u8>; 2]) {
     out.push(Outgoing::Reply {
         identity: to.identity.clone(),
         session: to.session,
@@ -237,7 +244,7 @@ pub struct Tuning {
 /// loop runs under `catch_unwind` with the command in flight kept outside
 /// it, so that its client is answered even when it panicked.
 pub fn run<B: Backend>(
-    mut engine: Engine<B>,
+    mut served: Served<B>,
     rx: Receiver<Command>,
     out: Outbox,
     tuning: Tuning,
@@ -245,7 +252,7 @@ pub fn run<B: Backend>(
 ) {
     let mut current: Option<ReplyTo> = None;
     let served = catch_unwind(AssertUnwindSafe(|| {
-        serve(&mut engine, &rx, &out, tuning, &mut beat, &mut current)
+        serve(&mut served, &rx, &out, tuning, &mut beat, &mut current)
     }));
     let fault = match served {
         Ok(Ok(())) => {
@@ -264,14 +271,14 @@ pub fn run<B: Backend>(
 /// The loop of [`run`]; `Err` is a fatal fault, with `current` the
 /// command it hit (if any).
 fn serve<B: Backend>(
-    engine: &mut Engine<B>,
+    served: &mut Served<B>,
     rx: &Receiver<Command>,
     out: &Outbox,
     tuning: Tuning,
     beat: &mut Heartbeat,
     current: &mut Option<ReplyTo>,
 ) -> Result<(), Fault> {
-    let gauges = engine.gauges();
+    let gauges = served.gauges.clone();
     gauges.mark_done();
     let mut replays = Replays::default();
     while let Some(cmd) = next_command(rx, tuning.spin, beat) {
@@ -280,7 +287,7 @@ fn serve<B: Backend>(
             match cmd {
                 Command::DropSession(id) => {
                     replays.forget(id);
-                    let n = engine.drop_session(id);
+                    let n = served.drop_session(id);
                     debug!(session = id, sequences = n, "session dropped");
                     gauges.mark_done();
                     continue;
@@ -289,7 +296,7 @@ fn serve<B: Backend>(
             }
         };
         out.shared.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        if let Some(e) = refusal(engine, &cmd, &to, out, tuning) {
+        if let Some(e) = refusal(served, &cmd, &to, out, tuning) {
             reply_err(out, &to, e);
             continue;
         }
@@ -325,7 +332,7 @@ fn serve<B: Backend>(
         let _guard = span.enter();
         *current = Some(to.clone());
         out.shared.set_busy(true);
-        let result = execute(engine, cmd, &to, out);
+        let result = served.execute(cmd, &to, out);
         out.shared.set_busy(false);
         match result {
             Ok(frames) => {
@@ -335,7 +342,7 @@ fn serve<B: Backend>(
                 send(out, &to, frames)
             }
             Err(e) => {
-                if let Err(why) = engine.backend().check_device() {
+                if let Err(why) = served.check_device() {
                     let why = format!(
                         "the device failed: {why} (the {} failed: {e})",
                         to.kind.name()
@@ -363,6 +370,7 @@ fn reply_to(cmd: &Command) -> Option<ReplyTo> {
         | Command::Close { to, .. }
         | Command::Reserve { to, .. }
         | Command::State { to, .. }
+        | Command::AttentionStep { to, .. }
         | Command::Step { to, .. } => Some(to.clone()),
         Command::DropSession(_) | Command::Stop => None,
     }
@@ -371,7 +379,7 @@ fn reply_to(cmd: &Command) -> Option<ReplyTo> {
 /// Why a client command is answered without running it: the daemon is
 /// going down or stopping, or the session is at its sequence limit.
 fn refusal<B: Backend>(
-    engine: &Engine<B>,
+    served: &Served<B>,
     cmd: &Command,
     to: &ReplyTo,
     out: &Outbox,
@@ -388,7 +396,7 @@ fn refusal<B: Backend>(
     }
     let max = tuning.max_sequences;
     if matches!(cmd, Command::Open { .. } | Command::Fork { .. })
-        && engine.session_sequences(to.session) as u64 >= max
+        && served.session_sequences(to.session) as u64 >= max
     {
         let e = ErrorReply::new(
             ErrorCode::LimitExceeded,
@@ -423,90 +431,6 @@ fn fail(fault: Fault, current: Option<ReplyTo>, rx: &Receiver<Command>, out: &Ou
     while let Ok(cmd) = rx.recv() {
         answer(cmd);
     }
-}
-
-fn execute<B: Backend>(
-    engine: &mut Engine<B>,
-    cmd: Command,
-    to: &ReplyTo,
-    out: &Outbox,
-) -> Result<[Vec<u8>; 2], ErrorReply> {
-    let key = |seq| SeqKey {
-        session: to.session,
-        seq,
-    };
-    let seq_reply = |seq_id: u64, n: usize| SequenceReply {
-        request_id: to.request_id,
-        seq_id,
-        num_tokens: n as u64,
-    };
-    match cmd {
-        Command::Open { seq, opts, .. } => {
-            let n = opts.prefix.len();
-            engine
-                .open_with(key(seq), opts)
-                .map(|()| encode_reply(to.kind, &seq_reply(seq, n)))
-        }
-        Command::Reserve { count, .. } => engine.reserve_blocks(to.session, count).map(|blocks| {
-            encode_reply(
-                to.kind,
-                &ReserveBlocksReply {
-                    request_id: to.request_id,
-                    blocks,
-                    block_size: crate::engine::BLOCK_SIZE as u32,
-                },
-            )
-        }),
-        Command::State { seq, .. } => engine
-            .sequence_state(key(seq), to.request_id)
-            .map(|r| encode_reply(to.kind, &r)),
-        Command::Fork {
-            parent,
-            child,
-            sampling,
-            policy,
-            diagnostics,
-            ..
-        } => engine
-            .fork_sequence(key(parent), key(child), sampling, policy, diagnostics)
-            .map(|n| encode_reply(to.kind, &seq_reply(child, n))),
-        Command::Truncate { seq, drop, .. } => engine
-            .truncate_sequence(key(seq), drop)
-            .map(|n| encode_reply(to.kind, &seq_reply(seq, n))),
-        Command::Close { seq, .. } => engine.close_sequence(key(seq)).map(|()| {
-            encode_reply(
-                to.kind,
-                &AckReply {
-                    request_id: to.request_id,
-                },
-            )
-        }),
-        Command::Step { work, .. } => step(engine, &work, to, out),
-        Command::DropSession(_) | Command::Stop => unreachable!("handled by the loop"),
-    }
-}
-
-fn step<B: Backend>(
-    engine: &mut Engine<B>,
-    work: &StepWork,
-    to: &ReplyTo,
-    out: &Outbox,
-) -> Result<[Vec<u8>; 2], ErrorReply> {
-    let started = Instant::now();
-    let queued_us = started.duration_since(to.received).as_micros() as u64;
-    let results = engine.step(work)?;
-    out.gauges.step_run.observe(started.elapsed());
-    Ok(encode_reply(
-        to.kind,
-        &StepReply {
-            request_id: to.request_id,
-            results,
-            timing: StepTiming {
-                queued_us,
-                run_us: started.elapsed().as_micros() as u64,
-            },
-        },
-    ))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::engine::KvCapacity;
+use crate::engine::{Engine, KvCapacity};
 use crate::model::ModelSpec;
 use crate::server::systemd::Notifier;
 use std::sync::mpsc;
@@ -141,12 +141,17 @@ fn start<B: Backend + 'static>(
                 shared: sh,
                 gauges: gauges.clone(),
             };
-            let beat = Heartbeat::new(Notifier::disabled(), None, gauges);
+            let beat = Heartbeat::new(Notifier::disabled(), None, gauges.clone());
             let tuning = Tuning {
                 max_sequences: 8,
                 spin: Duration::ZERO,
             };
-            run(engine, rx, out, tuning, beat)
+            let served = Served {
+                offload: crate::offload::Offload::new(1 << 20, 1 << 16, true, gauges.clone()),
+                engine: Some(engine),
+                gauges: out.gauges.clone(),
+            };
+            run(served, rx, out, tuning, beat)
         })
         .unwrap();
     (tx, out_rx, shared, t)

@@ -44,7 +44,7 @@ pub fn check_cpu(spec: &str, plan: FaultPlan) -> Result<()> {
 /// The CUDA backend readied for `plan`: the kernel that faults on purpose
 /// loaded when the plan launches it.
 pub fn prepare_cuda(backend: CudaBackend, config: &Config, plan: FaultPlan) -> Result<CudaBackend> {
-    if config.cuda_graphs || !config.fusions.is_empty() {
+    if config.graphs() || !config.fusion_list().is_empty() {
         // `Faulty` counts the ops it sees, so it forwards neither the graph
         // path nor the fused ops: every step runs eagerly and unfused.
         warn!("fault injection runs every step eagerly, without graphs or fused ops");

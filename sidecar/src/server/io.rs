@@ -453,12 +453,10 @@ impl Io {
                 self.unregister(&token, r.region_id, now)?;
                 return Ok(Some(encode_reply(kind, &AckReply { request_id: rid })));
             }
-            Request::AttentionStep(_) => {
-                return Err(ErrorReply::new(
-                    ErrorCode::Unsupported,
-                    "attention_step is specified in protocol 1.0 but not served by this daemon yet",
-                ));
-            }
+            Request::AttentionStep(r) => Command::AttentionStep {
+                to,
+                work: Box::new(self.prepare_attention(&token, *r)?),
+            },
             Request::OpenSequence(r) => Command::Open {
                 to,
                 seq: r.seq_id,
@@ -469,6 +467,7 @@ impl Io {
                     mode: r.blocks,
                     prefix: r.prefix,
                     prompt_len: r.prompt_len,
+                    layout: r.layout,
                 },
             },
             Request::ReserveBlocks(r) => Command::Reserve { to, count: r.count },

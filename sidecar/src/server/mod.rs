@@ -18,6 +18,8 @@
 //! A fatal fault (a panic, a failed device; `fatal.rs`) is answered to
 //! every waiting client and ends `run` with an error after a short linger.
 
+pub mod cuda_regions;
+mod dispatch;
 pub mod executor;
 pub mod fatal;
 pub mod fdpass;
@@ -28,6 +30,7 @@ pub mod io;
 pub mod listen;
 pub mod memory;
 pub mod metrics;
+mod offload_start;
 mod queue;
 pub mod replay;
 mod requests;
@@ -44,6 +47,7 @@ use crate::engine::{BLOCK_SIZE, Engine, KvCapacity, SeqKey, SessionId};
 use crate::error::{Error, Result};
 use crate::model::ModelSpec;
 use crate::model::config::ModelConfig;
+use dispatch::Served;
 use executor::{Command, Outbox, Outgoing, Shared, Tuning};
 use fatal::PanicHook;
 use fdpass::{Companion, FdBroker};
@@ -89,6 +93,8 @@ pub struct ServerInfo {
     pub gauges: Arc<Gauges>,
     /// The companion socket's path (told in `hello`).
     pub fd_socket: String,
+    /// Opens CUDA regions in the daemon's context (none on the CPU).
+    pub cuda_ipc: Arc<dyn cuda_regions::IpcOpener>,
 }
 
 const WAKE_ADDR: &str = "inproc://tacflow-wake";
@@ -184,8 +190,10 @@ fn warm_up<B: Backend>(engine: &mut Engine<B>) -> Result<()> {
 /// queue.
 /// `armed` runs once the warm-up step is done (fault injection arms its
 /// fault there, so that the warm-up itself never fails).
+#[allow(clippy::too_many_arguments)]
 fn start_executor<B: Backend + 'static>(
     backend: B,
+    ipc: Arc<dyn cuda_regions::IpcOpener>,
     config: &Config,
     links: ExecutorLinks,
     rx: mpsc::Receiver<Command>,
@@ -217,7 +225,7 @@ fn start_executor<B: Backend + 'static>(
         },
     )?;
     links.notifier.status("warming up");
-    engine.set_fusions(crate::config::Fusion::program_fusions(&config.fusions));
+    engine.set_fusions(crate::config::Fusion::program_fusions(config.fusion_list()));
     warm_up(&mut engine)?;
     armed(engine.backend());
     let (kind, device) = engine.backend().describe();
@@ -241,7 +249,28 @@ fn start_executor<B: Backend + 'static>(
         policies: crate::engine::policies(crate::engine::Serves::of(engine.backend())),
         gauges: gauges.clone(),
         fd_socket: String::new(),
+        cuda_ipc: ipc,
     };
+    let served = Served {
+        offload: offload_start::offload(config, gauges.clone()),
+        engine: Some(engine),
+        gauges,
+    };
+    serve_queue(served, info, config, links, rx, ready);
+    Ok(())
+}
+
+/// Tells the waiting start-up what the daemon serves, then runs the
+/// executor's loop until it stops.
+fn serve_queue<B: Backend>(
+    served: Served<B>,
+    info: ServerInfo,
+    config: &Config,
+    links: ExecutorLinks,
+    rx: mpsc::Receiver<Command>,
+    ready: mpsc::Sender<Result<ServerInfo>>,
+) {
+    let gauges = served.gauges.clone();
     let _ = ready.send(Ok(info));
     let beat = Heartbeat::new(links.notifier, systemd::watchdog_period(), gauges.clone());
     let out = Outbox {
@@ -254,8 +283,11 @@ fn start_executor<B: Backend + 'static>(
         max_sequences: config.limits.max_sequences,
         spin: Duration::from_micros(config.spin_us),
     };
-    executor::run(engine, rx, out, tuning, beat);
-    Ok(())
+    executor::run(served, rx, out, tuning, beat);
+}
+
+fn no_gpu() -> Arc<dyn cuda_regions::IpcOpener> {
+    Arc::new(cuda_regions::NoDevice)
 }
 
 /// The CPU backend; under fault injection (test builds only, with
@@ -266,7 +298,7 @@ fn start_cpu(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<()> {
-    if config.cuda_graphs {
+    if config.graphs() {
         warn!("cuda_graphs is for the CUDA backend: the CPU backend runs every step eagerly");
     }
     if config.experimental_gpu_tactic {
@@ -276,18 +308,18 @@ fn start_cpu(
     }
     let cpu = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
-        round_activations: config.gpu_activations == crate::config::GpuActivations::Bf16,
+        round_activations: config.activations() == crate::config::GpuActivations::Bf16,
         device_tactic: None,
     };
     #[cfg(feature = "fault-injection")]
     if let Some((spec, plan)) = inject::plan_from_env()? {
         inject::check_cpu(&spec, plan)?;
         let faulty = crate::backend::faults::Faulty::new(cpu);
-        return start_executor(faulty, config, links, rx, ready, |b| {
+        return start_executor(faulty, no_gpu(), config, links, rx, ready, |b| {
             inject::arm(b, &spec, plan)
         });
     }
-    start_executor(cpu, config, links, rx, ready, |_| {})
+    start_executor(cpu, no_gpu(), config, links, rx, ready, |_| {})
 }
 
 /// The CUDA backend; under fault injection (test builds only, with
@@ -300,15 +332,18 @@ fn start_cuda(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<()> {
+    let ipc: Arc<dyn cuda_regions::IpcOpener> = Arc::new(cuda_regions::DriverOpener(
+        tacflow_kernels::cuda::ipc::DriverIpc::new(cuda.gpu().context()),
+    ));
     #[cfg(feature = "fault-injection")]
     if let Some((spec, plan)) = inject::plan_from_env()? {
         let cuda = inject::prepare_cuda(cuda, config, plan)?;
         let faulty = crate::backend::faults::Faulty::new(cuda);
-        return start_executor(faulty, config, links, rx, ready, |b| {
+        return start_executor(faulty, ipc, config, links, rx, ready, |b| {
             inject::arm(b, &spec, plan)
         });
     }
-    start_executor(cuda, config, links, rx, ready, |_| {})
+    start_executor(cuda, ipc, config, links, rx, ready, |_| {})
 }
 
 /// Picks the backend the configuration asks for.
@@ -340,15 +375,17 @@ fn spawn_executor(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let config = config.clone();
+    // The options left absent take the backend's defaults.
+    let config = config.resolved(kind);
     std::thread::Builder::new()
         .name(EXECUTOR_THREAD.into())
         .spawn(move || {
             let fail = ready.clone();
             let r = match kind {
+                _ if config.attention_only => offload_start::start(&config, links, rx, ready),
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
-                    .and_then(|b| b.with_activations(config.gpu_activations))
-                    .and_then(|b| b.with_graphs(config.cuda_graphs))
+                    .and_then(|b| b.with_activations(config.activations()))
+                    .and_then(|b| b.with_graphs(config.graphs()))
                     .and_then(|b| b.with_gpu_tactic(config.experimental_gpu_tactic))
                     .and_then(|b| start_cuda(b, &config, links, rx, ready)),
                 _ => start_cpu(&config, links, rx, ready),

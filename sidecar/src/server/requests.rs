@@ -2,8 +2,10 @@
 //! region (un)registration, and the checks that turn a `step` into work for
 //! the executor.
 
+use super::cuda_regions::{self, CudaDesc};
 use super::io::{Io, Reply};
 use crate::engine::step::{LogitsTarget, StepWork};
+use crate::offload::step::{AttentionWork, TensorTarget};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -62,6 +64,7 @@ impl Io {
                 },
                 region_kinds,
                 fd_socket: Some(self.info.fd_socket.clone()),
+                attention_pool: Some(self.pool_info()),
             },
         ))
     }
@@ -78,7 +81,7 @@ impl Io {
         let limits = self.config.limits.clone();
         let s = self.sessions.touch(token, Instant::now())?;
         let (sid, peer_uid) = (s.id, s.peer_uid);
-        if s.regions.len() as u64 >= limits.max_regions {
+        if (s.regions.len() + s.cuda_regions.len()) as u64 >= limits.max_regions {
             return Err(ErrorReply::new(
                 ErrorCode::LimitExceeded,
                 "too many regions in this session",
@@ -87,12 +90,7 @@ impl Io {
         }
         let byte_size = match &desc {
             RegionDesc::Shm { byte_size, .. } | RegionDesc::Memfd { byte_size, .. } => *byte_size,
-            RegionDesc::Cuda { .. } => {
-                return Err(ErrorReply::new(
-                    ErrorCode::Unsupported,
-                    "CUDA regions are not served by this daemon yet",
-                ));
-            }
+            RegionDesc::Cuda { .. } => return self.register_cuda(token, rid, &desc, kind),
         };
         if s.mapped_bytes.saturating_add(byte_size) > limits.max_mapped_bytes {
             return Err(ErrorReply::new(
@@ -136,6 +134,54 @@ impl Io {
                 request_id: rid,
                 region_id,
                 byte_size,
+                event_handle: None,
+            },
+        ))
+    }
+
+    /// Opens a CUDA region in the daemon's context (`cuda_regions.rs`); it
+    /// counts against the session's regions, not its mapped host bytes.
+    fn register_cuda(
+        &mut self,
+        token: &SessionToken,
+        rid: u64,
+        desc: &RegionDesc,
+        kind: Kind,
+    ) -> Reply {
+        let RegionDesc::Cuda {
+            ipc_handle,
+            device_uuid,
+            byte_size,
+            offset,
+            event_handle,
+        } = desc
+        else {
+            unreachable!("called for CUDA regions")
+        };
+        let d = CudaDesc {
+            ipc_handle,
+            device_uuid,
+            byte_size: *byte_size,
+            offset: *offset,
+            event_handle: event_handle.as_deref(),
+        };
+        let region = cuda_regions::open(&self.info.cuda_ipc, d)?;
+        let event_handle = region.daemon_event.map(|(_, h)| h.to_vec());
+        let region_id = self.sessions.new_region_id();
+        let s = self.sessions.touch(token, Instant::now())?;
+        s.cuda_regions.insert(region_id, Arc::new(region));
+        debug!(
+            session = s.id,
+            region_id, byte_size, "CUDA region registered"
+        );
+        self.publish_sessions();
+        Ok(encode_reply(
+            kind,
+            &RegisterRegionReply {
+                request_id: rid,
+                region_id,
+                byte_size: *byte_size,
+                event_handle,
             },
         ))
     }
@@ -181,6 +227,11 @@ impl Io {
         now: Instant,
     ) -> Result<(), ErrorReply> {
         let s = self.sessions.touch(token, now)?;
+        if s.cuda_regions.remove(&region_id).is_some() {
+            // Closed in the daemon's context once no request holds it.
+            self.publish_sessions();
+            return Ok(());
+        }
         let region = s
             .regions
             .remove(&region_id)
@@ -262,7 +313,113 @@ impl Io {
             queue_depth: self.shared.queue_depth.load(Relaxed),
             errors: g.errors_by_code(),
             attention: g.attention.lock().map(|a| a.clone()).unwrap_or_default(),
+            attention_pool: Some(self.pool_info()),
         }
+    }
+
+    fn pool_info(&self) -> AttentionPoolInfo {
+        let g = &self.info.gauges;
+        g.attention_pool
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default()
+    }
+
+    /// Checks an `attention_step`'s row counts and limits and resolves its
+    /// four tensors (registered, in bounds, a float dtype, rank 3, one row
+    /// per new token); the executor checks the rest against the layout.
+    pub(super) fn prepare_attention(
+        &mut self,
+        token: &SessionToken,
+        r: AttentionStepRequest,
+    ) -> Result<AttentionWork, ErrorReply> {
+        let n = r.seq_ids.len();
+        if !r.num_tokens.is_empty() && r.num_tokens.len() != n {
+            return Err(ErrorReply::new(
+                ErrorCode::ShapeMismatch,
+                format!("{} row counts for {n} sequences", r.num_tokens.len()),
+            ));
+        }
+        if !r.positions.is_empty() && r.positions.len() != n {
+            return Err(ErrorReply::new(
+                ErrorCode::ShapeMismatch,
+                format!("{} positions for {n} sequences", r.positions.len()),
+            ));
+        }
+        let rows: Vec<usize> = if r.num_tokens.is_empty() {
+            vec![1; n]
+        } else {
+            r.num_tokens.iter().map(|&x| x as usize).collect()
+        };
+        if let Some(i) = rows.iter().position(|&x| x == 0) {
+            return Err(
+                ErrorReply::bad_request(format!("sequence {i} of the batch has no rows"))
+                    .with("index", i),
+            );
+        }
+        let total: u64 = rows.iter().map(|&x| x as u64).sum();
+        let max = self.config.limits.max_step_tokens;
+        if total > max {
+            return Err(ErrorReply::new(
+                ErrorCode::LimitExceeded,
+                format!("attention_step has {total} rows, the limit is {max}"),
+            )
+            .with("max_step_tokens", max));
+        }
+        let s = self.sessions.touch(token, Instant::now())?;
+        let resolve = |what: &str, t: &TensorRef| -> Result<TensorTarget, ErrorReply> {
+            let at = |err: ErrorReply| ErrorReply {
+                message: format!("{what}: {}", err.message),
+                ..err
+            };
+            if s.cuda_regions.contains_key(&t.region_id) {
+                return Err(ErrorReply::new(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "{what}: region {} is CUDA memory; attention_step reads and writes host \
+                         regions in this build (the attention pool is in host memory)",
+                        t.region_id
+                    ),
+                ));
+            }
+            let region = s
+                .regions
+                .get(&t.region_id)
+                .ok_or_else(|| at(unknown_region(t.region_id)))?;
+            if region.is_poisoned() {
+                return Err(at(region.poisoned_error()));
+            }
+            let view = t.resolve(region.size()).map_err(at)?;
+            view.expect_dtype(what, &[DType::F32, DType::F16, DType::Bf16])?;
+            if view.shape.len() != 3 || view.shape[0] != total {
+                return Err(ErrorReply::new(
+                    ErrorCode::ShapeMismatch,
+                    format!(
+                        "{what}: expected [{total}, heads, head_dim] (one row per new token), got {:?}",
+                        view.shape
+                    ),
+                ));
+            }
+            Ok(TensorTarget {
+                region: region.clone(),
+                view,
+            })
+        };
+        let q = resolve("q", &r.q)?;
+        let k = resolve("k", &r.k)?;
+        let v = resolve("v", &r.v)?;
+        let out = resolve("out", &r.out)?;
+        Ok(AttentionWork {
+            session: s.id,
+            layer: r.layer,
+            seq_ids: r.seq_ids,
+            rows,
+            positions: r.positions,
+            q,
+            k,
+            v,
+            out,
+        })
     }
 
     pub(super) fn health(&self, rid: u64) -> HealthReply {

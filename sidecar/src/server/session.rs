@@ -13,6 +13,8 @@ pub struct Session {
     pub token: SessionToken,
     pub deadline: Instant,
     pub regions: HashMap<u64, Arc<HostRegion>>,
+    /// CUDA IPC regions, open in the daemon's context until removed.
+    pub cuda_regions: HashMap<u64, Arc<super::cuda_regions::CudaRegion>>,
     pub mapped_bytes: u64,
     /// Requests of this session waiting for (or in) the executor.
     pub queued: u64,
@@ -84,6 +86,7 @@ impl Sessions {
                 token,
                 deadline: now + self.lease,
                 regions: HashMap::new(),
+                cuda_regions: HashMap::new(),
                 mapped_bytes: 0,
                 queued: 0,
                 client,
@@ -161,7 +164,10 @@ impl Sessions {
     }
 
     pub fn total_regions(&self) -> usize {
-        self.by_token.values().map(|s| s.regions.len()).sum()
+        self.by_token
+            .values()
+            .map(|s| s.regions.len() + s.cuda_regions.len())
+            .sum()
     }
 
     pub fn total_mapped_bytes(&self) -> u64 {

@@ -152,8 +152,25 @@ pub fn graph_key(buckets: &Buckets, meta: &StepMeta) -> Option<GraphKey> {
     }
     let longest = meta.seqs.iter().map(|s| s.ctx_len).max()?;
     let key = GraphKey::for_step(buckets, rows, longest)?;
-    let tables: usize = meta.seqs.iter().map(|s| s.block_table.len()).sum();
+    let tables: usize = meta.seqs.iter().map(pages_read).sum();
     (tables < capacity(&key).tables).then_some(key)
+}
+
+/// The block-table entries of `s` that its attention reads: those its
+/// context covers. A table may name blocks past them (a client naming its
+/// blocks ahead, as vLLM does); they are left out of a graph step, whose
+/// table capacity is the bucket's context ceiling.
+fn pages_read(s: &crate::backend::SeqMeta) -> usize {
+    s.block_table.len().min(s.ctx_len.div_ceil(BLOCK_TOKENS))
+}
+
+/// `meta` with every block table cut to [`pages_read`].
+fn trimmed(meta: &StepMeta) -> StepMeta {
+    let mut m = meta.clone();
+    for s in &mut m.seqs {
+        s.block_table.truncate(pages_read(s));
+    }
+    m
 }
 
 impl CudaBackend {
@@ -218,7 +235,7 @@ impl CudaBackend {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(GraphStep::new(&self.gpu, capacity(&key), limits)?),
         };
-        step.refill(&self.gpu, &step_arrays(meta)?)?;
+        step.refill(&self.gpu, &step_arrays(&trimmed(meta))?)?;
         let ws = match g.workspaces.entry(key.rows) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(pass.workspace(self, key.rows)?),
@@ -395,10 +412,25 @@ mod tests {
             block_table: vec![2],
         });
         assert_eq!(graph_key(&b, &mixed), None, "mixed");
-        // A block table longer than its context needs, past the capacity.
-        let mut long = decode(&[16]);
-        long.seqs[0].block_table = vec![0, 1, 2];
-        assert_eq!(graph_key(&b, &long), None, "tables past the capacity");
+    }
+
+    #[test]
+    fn tables_named_ahead_of_the_context_are_trimmed_to_the_pages_read() {
+        let b = Buckets::decode(MAX_GRAPH_ROWS);
+        // 16 keys read one page, but the table names three (blocks named
+        // ahead): the step qualifies, and its graph step holds one.
+        let mut long = decode(&[16, 20]);
+        long.seqs[0].block_table = vec![0, 5, 6];
+        let k = graph_key(&b, &long).expect("qualifies on the pages it reads");
+        let t = trimmed(&long);
+        assert_eq!(t.seqs[0].block_table, vec![0]);
+        assert_eq!(t.seqs[1].block_table, long.seqs[1].block_table);
+        let a = step_arrays(&t).unwrap();
+        let cap = capacity(&k);
+        assert!(tacflow_kernels::cuda::graph::pad_step(&a, &cap, 16 * 99).is_ok());
+        // Untrimmed, the same tables would not fit the bucket.
+        let untrimmed = step_arrays(&long).unwrap();
+        assert!(tacflow_kernels::cuda::graph::pad_step(&untrimmed, &cap, 16 * 99).is_err());
     }
 
     #[test]

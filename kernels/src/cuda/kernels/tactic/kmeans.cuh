@@ -70,6 +70,19 @@ __device__ float km_sq_norm(const float* x, u32 d) {
     return s;
 }
 
+// Four floats from shared memory in one instruction, spelled out in PTX:
+// left to it, NVRTC sometimes re-reads half of such a load from one
+// compile to the next (the same numbers, but not the same PTX, which the
+// PTX identity table cannot track).
+__device__ __forceinline__ float4 km_lds4(const float* x) {
+    float4 v;
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(x);
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr));
+    return v;
+}
+
 // Whether round `round` of problem `pi` does anything: round 0 always;
 // later ones only after a round that changed an assignment.
 __device__ __forceinline__ bool km_live(const KmParams& p, u32 round, u32 pi) {
@@ -126,8 +139,8 @@ extern "C" __global__ void tactic_km_assign_bf16(const KmParams p) {
             unpack8(ld16(key + j), kx);
 #pragma unroll
             for (int c = 0; c < KM_TILE; c++) {
-                const float4 a = *reinterpret_cast<const float4*>(sc + c * p.d + j);
-                const float4 b = *reinterpret_cast<const float4*>(sc + c * p.d + j + 4);
+                const float4 a = km_lds4(sc + c * p.d + j);
+                const float4 b = km_lds4(sc + c * p.d + j + 4);
                 // One FMA chain in dimension order, spelled out: left to
                 // the compiler, a sum of products may be fused either way
                 // round, and NVRTC does not always choose alike.
