@@ -75,12 +75,16 @@ __device__ float km_sq_norm(const float* x, u32 d) {
 // compile to the next (the same numbers, but not the same PTX, which the
 // PTX identity table cannot track).
 __device__ __forceinline__ float4 km_lds4(const float* x) {
+#ifdef __CUDA_ARCH__
     float4 v;
     const unsigned addr = (unsigned)__cvta_generic_to_shared(x);
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                  : "r"(addr));
     return v;
+#else
+    return *reinterpret_cast<const float4*>(x);  // the CPU stand-in (kernels/emu)
+#endif
 }
 
 // Whether round `round` of problem `pi` does anything: round 0 always;
