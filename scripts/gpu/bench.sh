@@ -54,6 +54,7 @@ for s in "${stages[@]}"; do
     case $s in
         selfcheck) timeout 270 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
         selfcheck-graphs) timeout 120 "$bin" selfcheck --groups graphs 2>&1 | tee -a "$log" ;;
+        selfcheck-tactic) timeout "${TACTIC_TIMEOUT:-300}" "$bin" selfcheck --groups tactic 2>&1 | tee -a "$log" ;;
         selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
         attention-tune)
             # Every variant and forced split counts on the cases where the
