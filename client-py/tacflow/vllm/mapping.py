@@ -56,18 +56,6 @@ def _empty(value: Any) -> bool:
     return value is None or (hasattr(value, "__len__") and len(value) == 0)
 
 
-#: vLLM's options that the CUDA backend's sampler does not implement
-#: (PROTOCOL.md §4.4: it answers ``unsupported``), as (parameter, is set).
-_NOT_ON_CUDA = (
-    ("min_p", lambda p: float(p.min_p or 0.0) > 0.0 and float(p.temperature) >= GREEDY_EPS),
-    ("presence_penalty", lambda p: float(p.presence_penalty or 0.0) != 0.0),
-    ("frequency_penalty", lambda p: float(p.frequency_penalty or 0.0) != 0.0),
-    ("repetition_penalty", lambda p: float(p.repetition_penalty or 1.0) != 1.0),
-    ("logit_bias", lambda p: bool(p.logit_bias)),
-    ("prompt_logprobs", lambda p: p.prompt_logprobs is not None),
-)
-
-
 def plan_request(
     params: Any, vocab_size: int, policies: tuple[str, ...] = (), backend: str = "cpu"
 ) -> RequestPlan:
@@ -76,13 +64,8 @@ def plan_request(
 
     ``policies`` are the attention policies the daemon serves
     (``hello.attention_policies``; empty: not checked here); ``backend`` is
-    its ``hello.backend.kind``: the CUDA sampler lacks vLLM's processing
-    options, which the daemon would refuse at ``open_sequence``, inside a
-    vLLM step, where one request's refusal would fail them all."""
-    if backend == "cuda":
-        for name, is_set in _NOT_ON_CUDA:
-            if is_set(params):
-                raise Refused(name, f"{name} is not supported by tacflowd's CUDA backend (its sampler lacks it)")
+    its ``hello.backend.kind`` (both backends serve every sampling option
+    mapped here since the CUDA backend processes such rows on the host)."""
     # Options vLLM implements in its own sampler (logits processors, masks,
     # forced tokens): the daemon samples, so they would be ignored.
     if getattr(params, "structured_outputs", None) is not None:

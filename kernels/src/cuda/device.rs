@@ -380,6 +380,27 @@ impl Gpu {
         Ok(host)
     }
 
+    /// Elements `[start, start + n)` of `s` to the host (after every lane's
+    /// work, as [`Gpu::download`]).
+    pub fn download_range<T: DeviceRepr + Default + Clone>(
+        &self,
+        s: &CudaSlice<T>,
+        start: usize,
+        n: usize,
+    ) -> Result<Vec<T>> {
+        let end = start.saturating_add(n);
+        check_len("download_range", s.len(), end)?;
+        let mut host = vec![T::default(); n];
+        self.sync_other_lanes()?;
+        if n > 0 {
+            self.stream()
+                .memcpy_dtoh(&s.slice(start..end), &mut host[..])
+                .map_err(drv("cuMemcpyDtoH"))?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
     /// Elementwise launch shape: 256 threads, a grid-stride loop over `n`.
     pub(crate) fn grid_for(&self, n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).clamp(1, self.info.sm_count.max(1) * 16);

@@ -93,15 +93,14 @@ impl<B: Backend> Engine<B> {
         if s.prompt_logprobs.is_some() && !self.backend.supports_processing() {
             return Err(ErrorReply::new(
                 ErrorCode::Unsupported,
-                "prompt_logprobs is served by the CPU backend only; this backend does not \
-                 compute it yet",
+                "prompt_logprobs: this backend does not compute it",
             ));
         }
         if s.uses_processing() && !self.backend.supports_processing() {
             return Err(ErrorReply::new(
                 ErrorCode::Unsupported,
-                "min_p, presence/frequency/repetition penalties and logit_bias are served by \
-                 the CPU backend only; this backend's sampler does not implement them yet",
+                "min_p, presence/frequency/repetition penalties and logit_bias: this \
+                 backend's sampler does not implement them",
             ));
         }
         Ok(())

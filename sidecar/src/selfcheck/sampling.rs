@@ -8,7 +8,7 @@ use super::report::Row;
 use super::{Ctx, case};
 use crate::backend::Backend;
 use crate::error::Result;
-use tacflow_kernels::cpu::SampleParams;
+use tacflow_kernels::cpu::{Processing, SampleParams};
 
 struct Config {
     vocab: usize,
@@ -60,7 +60,86 @@ pub fn sampling(cx: &mut Ctx) -> Vec<Row> {
         );
         case(&mut rows, "sampling", name, || run_config(cx, &c));
     }
+    for want_logits in [false, true] {
+        let name = format!("vLLM processing, logits returned: {want_logits}");
+        case(&mut rows, "sampling", name, || {
+            run_processing(cx, want_logits)
+        });
+    }
     rows
+}
+
+/// vLLM's processing (penalties, logit bias, `min_p`) on some rows of a
+/// step, plain sampling on others, none on the rest: the backend's
+/// `sample_processed` against the CPU backend's on the same logits, token
+/// for token (the processed rows come back to the host and go through the
+/// CPU reference: this checks which rows do, and that the others are the
+/// device sampler's).
+fn run_processing(cx: &mut Ctx, want_logits: bool) -> Result<Row> {
+    let (vocab, n) = (49_152usize, 48usize);
+    let x = cx.rand(n * vocab, 0.0, 3.0);
+    let ids = |r: usize, k: usize, salt: usize| -> Vec<u32> {
+        (0..k)
+            .map(|j| ((r * 7919 + j * 104_729 + salt) % vocab) as u32)
+            .collect()
+    };
+    let params: Vec<Option<SampleParams>> = (0..n)
+        .map(|r| {
+            (r % 6 != 5).then_some(SampleParams {
+                temperature: [0.0, 0.8, 1.0][r % 3],
+                top_p: if r % 4 == 0 { 0.9 } else { 1.0 },
+                top_k: if r % 5 == 0 { 40 } else { 0 },
+                seed: cx.seed ^ (r as u64 * 0x51ed),
+                position: r as u64 * 3 + 2,
+                logprobs: 5,
+            })
+        })
+        .collect();
+    let procs: Vec<Option<Processing>> = (0..n)
+        .map(|r| {
+            (r % 3 != 1).then(|| Processing {
+                min_p: if r % 2 == 0 { 0.05 } else { 0.0 },
+                presence_penalty: 0.5,
+                frequency_penalty: 0.25 * (r % 4) as f32,
+                repetition_penalty: 1.0 + 0.1 * (r % 3) as f32,
+                logit_bias: ids(r, 4, 17).into_iter().map(|t| (t, 2.5)).collect(),
+                prompt: ids(r, 64, 3),
+                output: ids(r, 1 + r % 16, 5),
+            })
+        })
+        .collect();
+    let a = cx.b.act_from_host(n, vocab, &x, false)?;
+    let got = cx.b.sample_processed(&a, &params, &procs, want_logits)?;
+    let cpu_b = crate::backend::cpu::CpuBackend::default();
+    let cpu_a = crate::backend::cpu::Mat {
+        data: x.clone(),
+        rows: n,
+        cols: vocab,
+    };
+    let want = cpu_b.sample_processed(&cpu_a, &params, &procs, want_logits)?;
+    let wrong = got
+        .sampled
+        .iter()
+        .zip(&want.sampled)
+        .filter(|(g, w)| match (g, w) {
+            (Some(g), Some(w)) => {
+                g.token != w.token || (g.logprob - w.logprob).abs() > 1e-4 * (1.0 + w.logprob.abs())
+            }
+            (g, w) => g.is_some() != w.is_some(),
+        })
+        .count();
+    let mut row = Row::at_most("sampling", "", "mismatches", wrong as f64, 0.0).with_note(format!(
+        "{} rows, {} processed",
+        n,
+        procs.iter().filter(|p| p.is_some()).count()
+    ));
+    if want_logits && first_difference(&got.logits, &x).is_some() {
+        row = row.failing("logits returned differ from the input");
+    }
+    if !want_logits && got.logits.is_some() {
+        row = row.failing("logits returned unasked");
+    }
+    Ok(row)
 }
 
 fn logits_for(cx: &mut Ctx, c: &Config) -> Vec<f32> {

@@ -9,7 +9,8 @@ use crate::backend::{
     AttnDims, Backend, GraphPass, HostData, KvLayout, RowRange, SampleOutput, StepMeta, TacticEntry,
 };
 use crate::error::Result;
-use tacflow_kernels::cpu::SampleParams;
+use rayon::prelude::*;
+use tacflow_kernels::cpu::{self, Processing, SampleParams, Sampled};
 use tacflow_kernels::cuda::{AttnOverride, DeviceStep, Heads, KvCache, LaneEvent};
 
 impl Backend for CudaBackend {
@@ -460,6 +461,58 @@ impl Backend for CudaBackend {
             None
         };
         Ok(SampleOutput { sampled, logits })
+    }
+
+    /// vLLM's logits processing on the host: the rows that use it are
+    /// copied back and processed and sampled by the CPU reference (their
+    /// penalties need the sequence's token counts, which live on the host),
+    /// the others sampled on the device as [`Backend::sample`] does. The
+    /// results are the CPU backend's for the same logits.
+    fn sample_processed(
+        &self,
+        logits: &Act,
+        params: &[Option<SampleParams>],
+        procs: &[Option<Processing>],
+        want_logits: bool,
+    ) -> Result<SampleOutput> {
+        check(procs.len() == params.len(), || {
+            "sample_processed: one processing entry per row".into()
+        })?;
+        let processed = |i: usize| params[i].is_some() && procs[i].is_some();
+        if !(0..params.len()).any(processed) {
+            return self.sample(logits, params, want_logits);
+        }
+        let device: Vec<Option<SampleParams>> = (0..params.len())
+            .map(|i| if processed(i) { None } else { params[i] })
+            .collect();
+        let mut out = self.sample(logits, &device, want_logits)?;
+        let cols = logits.cols;
+        let l = logits.f32("sample_processed")?;
+        let host = |i: usize| -> Result<Vec<f32>> {
+            match &out.logits {
+                Some(all) => Ok(all[i * cols..(i + 1) * cols].to_vec()),
+                None => Ok(self.gpu.download_range(l, i * cols, cols)?),
+            }
+        };
+        let rows: Vec<(usize, Vec<f32>)> = (0..params.len())
+            .filter(|&i| processed(i))
+            .map(|i| host(i).map(|r| (i, r)))
+            .collect::<Result<_>>()?;
+        let sampled: Vec<(usize, Sampled)> = rows
+            .par_iter()
+            .filter_map(|(i, row)| {
+                let (p, proc) = (params[*i].as_ref()?, procs[*i].as_ref()?);
+                Some((*i, cpu::sample_processed(row, p, proc)))
+            })
+            .collect();
+        for (i, s) in sampled {
+            out.sampled[i] = Some(s);
+        }
+        Ok(out)
+    }
+
+    fn supports_processing(&self) -> bool {
+        true
     }
 
     fn copy_blocks(&self, kv: &mut KvCache, pairs: &[(u32, u32)]) -> Result<()> {
