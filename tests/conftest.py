@@ -26,6 +26,10 @@ BIN = pathlib.Path(os.environ.get("TACFLOWD", ROOT / "target" / "release" / "tac
 FAULTS_BIN = pathlib.Path(
     os.environ.get("TACFLOWD_FAULTS", ROOT / "target" / "release" / "tacflowd-faults")
 )
+#: The backend every daemon of the tests runs: the CPU unless a GPU run says
+#: otherwise (``TACFLOW_TEST_BACKEND=cuda`` on the GPU machine, for the tests
+#: that hold on both backends; scripts/gpu/bench.sh stage ``integrations``).
+BACKEND = os.environ.get("TACFLOW_TEST_BACKEND", "cpu")
 
 
 class Daemon:
@@ -46,8 +50,8 @@ class Daemon:
         full_env = dict(os.environ)
         full_env.setdefault("TACFLOW_LOG", "info")
         full_env.update(env or {})
-        # The CPU backend must not depend on what this machine has: tests pin it.
-        cmd = [str(binary), "serve", "--socket", str(self.socket), "--backend", "cpu", *args]
+        # The backend must not depend on what this machine has: tests pin it.
+        cmd = [str(binary), "serve", "--socket", str(self.socket), "--backend", BACKEND, *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self._wait_ready()
 

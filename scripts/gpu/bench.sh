@@ -10,6 +10,7 @@
 #
 #   here:   scripts/gpu/prepare.sh
 #   device: bash scripts/gpu/bench.sh [selfcheck] [failfast] [attention] [decode]
+#           [integrations] [selfcheck-tactic] [selfcheck-graphs] [decode-quick]
 #           [smollm2] [bf16-logits]   (the last two need the GGUF's two
 #           halves: carry .device-carry-a and .device-carry-b in calls
 #           right after one that carried .device-carry, while the machine
@@ -54,6 +55,14 @@ for s in "${stages[@]}"; do
     case $s in
         selfcheck) timeout 270 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
         selfcheck-graphs) timeout 120 "$bin" selfcheck --groups graphs 2>&1 | tee -a "$log" ;;
+        integrations)
+            # The daemon-side tests that hold on both backends, against the
+            # CUDA backend (issue: sampling options and client-named blocks
+            # on the GPU): pytest and its needs travel in .whl/.
+            xz -dc "$carry/tacflowd.xz" > /tmp/tacflowd && chmod +x /tmp/tacflowd
+            TACFLOW_TEST_BACKEND=cuda TACFLOWD=/tmp/tacflowd PYTHONPATH="/tmp/site:$PWD/client-py" \
+                timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_named_blocks.py \
+                tests/test_vllm_sampling.py 2>&1 | tee -a "$log" ;;
         selfcheck-tactic) timeout "${TACTIC_TIMEOUT:-300}" "$bin" selfcheck --groups tactic 2>&1 | tee -a "$log" ;;
         selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
         attention-tune)
