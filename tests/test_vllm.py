@@ -635,13 +635,15 @@ def test_without_tacflow_vllm_the_plugin_stays_out(venv):
     assert r.stdout.strip().endswith("tacflow.vllm.platform"), (r.stdout, r.stderr)
 
 
-def test_a_daemon_killed_mid_step_fails_vllm_in_seconds(venv, model_dir, workdir):
+def test_a_daemon_killed_mid_step_and_not_restarted_fails_vllm_in_seconds(venv, model_dir, workdir):
     """The step's connection never hears back from a killed daemon; a probe
-    on a second connection finds it gone, the step is abandoned and vLLM's
-    engine fails, well within the step's timeout (600 s)."""
+    on a second connection finds it gone, the step is abandoned, no new
+    daemon comes within the restart wait (5 s here) and vLLM's engine
+    fails, well within the step's timeout (600 s)."""
     (workdir / "killed").mkdir()
     d = Daemon(workdir / "killed", ["--model", str(model_dir), "--kv-blocks", "1024"])
-    v = Vllm(venv, model_dir, d, workdir, ["--max-num-batched-tokens", "8192"])
+    v = Vllm(venv, model_dir, d, workdir, ["--max-num-batched-tokens", "8192"],
+             env={"TACFLOW_VLLM_RESTART_WAIT_S": "5"})
     try:
         body = {"model": v.model, "prompt": long_text(3500), "max_tokens": 4}
         with cf.ThreadPoolExecutor(1) as pool:
@@ -654,6 +656,7 @@ def test_a_daemon_killed_mid_step_fails_vllm_in_seconds(venv, model_dir, workdir
             status, _ = pending.result()
         assert status == 500
         assert "abandoned: tacflowd does not answer" in v.log(), v.log()[-4000:]
+        assert "no new instance answered within 5 s (TACFLOW_VLLM_RESTART_WAIT_S)" in v.log(), v.log()[-4000:]
         assert took < 60, took
         print(f"\nvLLM failed {took:.1f} s after the daemon was killed mid-step (exit {rc})")
     finally:
@@ -673,9 +676,9 @@ def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv
     their outputs from before the restart, and the server never went down."""
     home = workdir / "restart"
     home.mkdir()
-    args = ["--model", str(model_dir), "--kv-blocks", "1024"]
+    args = ["--model", str(model_dir), "--kv-blocks", "2048"]
     d1 = Daemon(home, args)
-    v = Vllm(venv, model_dir, d1, workdir, ["--num-gpu-blocks-override", "512"])
+    v = Vllm(venv, model_dir, d1, workdir, ["--num-gpu-blocks-override", "1024"])
     d2 = None
     try:
         m = v.model

@@ -49,18 +49,21 @@ failed: each is reopened in the new daemon and its whole history (prompt
 and the tokens sampled so far, which the executor keeps) is prefilled
 before the step that was cut off runs again. Failing them would need a
 way for an executor to finish a request with an error, and vLLM 0.32.0
-gives it none: the scheduler finishes a request with ``FINISHED_ERROR``
-only for a grammar error, an encoder-cache mismatch, an encoder connector
-input that is gone, or a KV load failure, and the last one
+gives it none. Its scheduler finishes a request with ``FINISHED_ERROR``
+only for a grammar error, an encoder-cache mismatch, an encoder
+connector's lost input, or a KV transfer connector's load failure
 (``KVConnectorOutput.invalid_block_ids`` under
-``kv_load_failure_policy="fail"``) applies only with a KV transfer
-connector configured (``Scheduler.__init__`` sets
-``recompute_kv_load_failures = True`` without one, see
-``vllm/v1/core/sched/scheduler.py``); an exception from
-``execute_model`` fails the whole engine. Greedy requests come out as
-they would have without the restart; a seeded request's random stream
-restarts in the new daemon, so its tokens after the restart differ from
-an uninterrupted run (still valid samples of its distribution).
+``kv_load_failure_policy="fail"``); without a KV connector configured,
+``Scheduler.__init__`` (``vllm/v1/core/sched/scheduler.py``) sets
+``recompute_kv_load_failures = True``, so the same report only
+reschedules the request. Declaring a KV connector that transfers nothing,
+just to borrow its failure path, would run connector hooks in every
+scheduler step for a daemon that owns its KV (the platform refuses KV
+connectors), and an exception from ``execute_model`` fails the whole
+engine. Greedy requests come out as they would have without the restart;
+a seeded request's random stream restarts in the new daemon, so its
+tokens after the restart differ from an uninterrupted run (still valid
+samples of its distribution).
 """
 
 from __future__ import annotations
@@ -436,8 +439,8 @@ class TacflowExecutor(Executor):
         self._last_request = time.monotonic()
         logger.warning(
             "tacflow: continuing on tacflowd instance %s (%d KV blocks reserved again); its KV blocks "
-            "are empty: %d requests are recomputed and vLLM's prefix cache is refilled as requests "
-            "hit it",
+            "are empty: %d open request(s) are recomputed and vLLM's prefix cache is refilled as "
+            "requests hit it",
             info.instance_id, reserved, len(self._requests),
         )
 
