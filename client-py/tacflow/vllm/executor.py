@@ -60,10 +60,10 @@ reschedules the request. Declaring a KV connector that transfers nothing,
 just to borrow its failure path, would run connector hooks in every
 scheduler step for a daemon that owns its KV (the platform refuses KV
 connectors), and an exception from ``execute_model`` fails the whole
-engine. Greedy requests come out as they would have without the restart;
-a seeded request's random stream restarts in the new daemon, so its
-tokens after the restart differ from an uninterrupted run (still valid
-samples of its distribution).
+engine. Greedy and seeded requests come out as they would have without
+the restart (the daemon's draws are keyed by seed and position); an
+unseeded request gets a fresh seed from the new daemon for the rest of
+its tokens (still valid samples of its distribution).
 """
 
 from __future__ import annotations
