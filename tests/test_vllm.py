@@ -759,9 +759,27 @@ def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv
             assert resp["choices"][0]["token_ids"] == want_tokens, body["prompt"]
         stats = v.rpc_stats()
         assert stats["daemon_losses"] == 1 and stats["recomputed_tokens"] > 0, stats
+
+        # Killed again while vLLM idles, a request right behind the new
+        # daemon's start: the executor learns of the loss from that request
+        # (or from its lease renewal) and serves it on the new instance.
+        d2.proc.kill()
+        d2.proc.wait()
+        d2._log.close()
+        d2.log_path.rename(home / "tacflowd-2.log")
+        d2 = Daemon(home, args)
+        t0 = time.monotonic()
+        status, resp = v.post("/v1/completions", short_bodies[0])
+        took = time.monotonic() - t0
+        assert status == 200, resp
+        assert resp["choices"][0]["token_ids"] == before[0]
+        assert took < 60, took
+        stats = v.rpc_stats()
+        assert stats["daemon_losses"] == 2, stats
         assert v.proc.poll() is None
         print(f"\nstream: {seen_at_kill} tokens before the kill, {len(got)} in all"
-              f"{' (reached a near tie)' if tie else ''}; {stats['recomputed_tokens']} tokens recomputed")
+              f"{' (reached a near tie)' if tie else ''}; {stats['recomputed_tokens']} tokens recomputed; "
+              f"a request right after an idle restart took {took:.1f} s")
     finally:
         v.stop()
         if d2 is not None:
