@@ -673,7 +673,10 @@ def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv
     offers an executor no way to fail a request with an error, see
     executor.py), a long prefix that sat in vLLM's prefix cache is
     prefilled again rather than read from lost blocks, later requests give
-    their outputs from before the restart, and the server never went down."""
+    their outputs from before the restart, and the server never went down.
+    Then twice more: killed while vLLM idles (the next request finds the new
+    daemon), and killed mid-stream with the new daemon only 30 s later
+    (the executor waits for it)."""
     home = workdir / "restart"
     home.mkdir()
     args = ["--model", str(model_dir), "--kv-blocks", "2048"]
@@ -776,6 +779,30 @@ def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv
         assert took < 60, took
         stats = v.rpc_stats()
         assert stats["daemon_losses"] == 2, stats
+
+        # Killed mid-stream and back only 30 s later: the probe finds the
+        # daemon silent (in about 15 s), the executor waits (logging) and the
+        # stream goes on.
+        events.clear()
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stream)
+            deadline = time.monotonic() + 120
+            while len(events) < 10 and time.monotonic() < deadline and not pending.done():
+                time.sleep(0.01)
+            assert len(events) >= 10, (events, v.log()[-4000:])
+            d2.proc.kill()
+            d2.proc.wait()
+            d2._log.close()
+            d2.log_path.rename(home / "tacflowd-3.log")
+            time.sleep(30)
+            assert not pending.done()
+            d2 = Daemon(home, args)
+            pending.result(timeout=300)
+        got2 = [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])]
+        assert got2 == got, "the same greedy stream across a slower restart"
+        log = v.log()
+        assert "abandoned: tacflowd does not answer" in log and "still waiting for tacflowd" in log, log[-6000:]
+        assert v.rpc_stats()["daemon_losses"] == 3
         assert v.proc.poll() is None
         print(f"\nstream: {seen_at_kill} tokens before the kill, {len(got)} in all"
               f"{' (reached a near tie)' if tie else ''}; {stats['recomputed_tokens']} tokens recomputed; "
