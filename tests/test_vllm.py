@@ -676,7 +676,8 @@ def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv
     their outputs from before the restart, and the server never went down.
     Then twice more: killed while vLLM idles (the next request finds the new
     daemon), and killed mid-stream with the new daemon only 30 s later
-    (the executor waits for it)."""
+    (the executor waits for it). Last, a daemon back with another model is
+    refused as at start and fails vLLM's engine."""
     home = workdir / "restart"
     home.mkdir()
     args = ["--model", str(model_dir), "--kv-blocks", "2048"]
@@ -807,6 +808,18 @@ def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv
         print(f"\nstream: {seen_at_kill} tokens before the kill, {len(got)} in all"
               f"{' (reached a near tie)' if tie else ''}; {stats['recomputed_tokens']} tokens recomputed; "
               f"a request right after an idle restart took {took:.1f} s")
+
+        # A daemon that comes back with another model is refused as at
+        # start, and vLLM's engine fails with that message.
+        d2.proc.kill()
+        d2.proc.wait()
+        d2._log.close()
+        d2.log_path.rename(home / "tacflowd-4.log")
+        d2 = Daemon(home, ["--model", "tiny", "--kv-blocks", "2048"])
+        status, _ = v.post("/v1/completions", short_bodies[0])
+        assert status >= 500
+        v.proc.wait(90)
+        assert "is not the model tacflowd serves" in v.log(), v.log()[-6000:]
     finally:
         v.stop()
         if d2 is not None:
