@@ -119,6 +119,11 @@ QUICK_TIMEOUT_S = 10.0
 #: often on a second connection.
 PROBE_EVERY_S = 5.0
 
+#: A step after this long without a daemon request starts with a ping
+#: (quick timeout): opening and closing sequences wait as long as a step,
+#: and cannot be abandoned, so a daemon that died while vLLM idled is
+#: found by the ping rather than by an open waiting out the step timeout.
+IDLE_CHECK_S = 1.0
 #: How long a lost daemon may take to come back before vLLM's engine fails.
 RESTART_WAIT_ENV = "TACFLOW_VLLM_RESTART_WAIT_S"
 RESTART_WAIT_DEFAULT_S = 60.0
@@ -557,6 +562,8 @@ class TacflowExecutor(Executor):
         return out
 
     def _execute_locked(self, so: Any) -> tuple[ModelRunnerOutput, Any]:
+        if time.monotonic() - self._last_request > IDLE_CHECK_S:
+            self._with_daemon(lambda: self._quick(self._client.ping))
         for req_id in so.finished_req_ids:
             self._finish(req_id)
         for new in so.scheduled_new_reqs:
