@@ -635,13 +635,15 @@ def test_without_tacflow_vllm_the_plugin_stays_out(venv):
     assert r.stdout.strip().endswith("tacflow.vllm.platform"), (r.stdout, r.stderr)
 
 
-def test_a_daemon_killed_mid_step_fails_vllm_in_seconds(venv, model_dir, workdir):
+def test_a_daemon_killed_mid_step_and_not_restarted_fails_vllm_in_seconds(venv, model_dir, workdir):
     """The step's connection never hears back from a killed daemon; a probe
-    on a second connection finds it gone, the step is abandoned and vLLM's
-    engine fails, well within the step's timeout (600 s)."""
+    on a second connection finds it gone, the step is abandoned, no new
+    daemon comes within the restart wait (5 s here) and vLLM's engine
+    fails, well within the step's timeout (600 s)."""
     (workdir / "killed").mkdir()
     d = Daemon(workdir / "killed", ["--model", str(model_dir), "--kv-blocks", "1024"])
-    v = Vllm(venv, model_dir, d, workdir, ["--max-num-batched-tokens", "8192"])
+    v = Vllm(venv, model_dir, d, workdir, ["--max-num-batched-tokens", "8192"],
+             env={"TACFLOW_VLLM_RESTART_WAIT_S": "5"})
     try:
         body = {"model": v.model, "prompt": long_text(3500), "max_tokens": 4}
         with cf.ThreadPoolExecutor(1) as pool:
@@ -654,9 +656,173 @@ def test_a_daemon_killed_mid_step_fails_vllm_in_seconds(venv, model_dir, workdir
             status, _ = pending.result()
         assert status == 500
         assert "abandoned: tacflowd does not answer" in v.log(), v.log()[-4000:]
+        assert "no new instance answered within 5 s (TACFLOW_VLLM_RESTART_WAIT_S)" in v.log(), v.log()[-4000:]
         assert took < 60, took
         print(f"\nvLLM failed {took:.1f} s after the daemon was killed mid-step (exit {rc})")
     finally:
         v.stop()
         d.proc.wait()
         d._log.close()
+
+
+def test_a_daemon_restart_under_a_serving_vllm_recomputes_and_keeps_serving(venv, model_dir, workdir):
+    """SIGKILL the daemon during a streaming request and start a new one on
+    the same socket: the executor waits for it, reconnects, and recomputes
+    what the old instance held. The in-flight stream completes with the
+    greedy tokens the new daemon generates itself for that prompt (vLLM
+    offers an executor no way to fail a request with an error, see
+    executor.py), a long prefix that sat in vLLM's prefix cache is
+    prefilled again rather than read from lost blocks, later requests give
+    their outputs from before the restart, and the server never went down.
+    Then twice more: killed while vLLM idles (the next request finds the new
+    daemon), and killed mid-stream with the new daemon only 30 s later
+    (the executor waits for it). Last, a daemon back with another model is
+    refused as at start and fails vLLM's engine."""
+    home = workdir / "restart"
+    home.mkdir()
+    args = ["--model", str(model_dir), "--kv-blocks", "2048"]
+    d1 = Daemon(home, args)
+    v = Vllm(venv, model_dir, d1, workdir, ["--num-gpu-blocks-override", "1024"])
+    d2 = None
+    try:
+        m = v.model
+        long_body = {"model": m, "prompt": "Summarise: " + long_text(500), "max_tokens": 8,
+                     "temperature": 0, "return_token_ids": True}
+        short_bodies = [{"model": m, "prompt": p, "max_tokens": 12, "temperature": 0,
+                         "return_token_ids": True} for p in PROMPTS[:4]]
+        status, long_before = v.post("/v1/completions", long_body)
+        assert status == 200, long_before
+        before = []
+        for body in short_bodies:
+            status, resp = v.post("/v1/completions", body)
+            assert status == 200, resp
+            before.append(resp["choices"][0]["token_ids"])
+
+        stream_body = {"model": m, "prompt": "Once upon a time, in a small village,", "max_tokens": 160,
+                       "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        events: list[dict] = []
+
+        def stream():
+            req = urllib.request.Request(
+                v.url + "/v1/completions", data=json.dumps({**stream_body, "stream": True}).encode(),
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=600) as r:
+                for raw in r:
+                    line = raw.decode().strip()
+                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                        events.append(json.loads(line[5:].strip()))
+
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stream)
+            deadline = time.monotonic() + 120
+            while len(events) < 20 and time.monotonic() < deadline and not pending.done():
+                time.sleep(0.01)
+            assert len(events) >= 20, (events, v.log()[-4000:])
+            d1.proc.kill()
+            d1.proc.wait()
+            d1._log.close()
+            d1.log_path.rename(home / "tacflowd-1.log")
+            seen_at_kill = len(events)
+            d2 = Daemon(home, args)  # the same socket path; the stale file goes
+            pending.result(timeout=300)
+        assert seen_at_kill < 150, "the stream ended before the daemon was killed"
+        log = v.log()
+        assert "continuing on tacflowd instance" in log, log[-6000:]
+        assert v.proc.poll() is None, log[-6000:]
+
+        prompt = events[0]["choices"][0].get("prompt_token_ids") or events[0].get("prompt_token_ids")
+        got = [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])]
+        finish = [c.get("finish_reason") for e in events for c in e["choices"] if c.get("finish_reason")]
+        assert finish == ["length"] and len(got) == 160, (finish, len(got))
+        want, margins = daemon_greedy(d2, [prompt], [len(got)])
+        equal, tie = compare_greedy(got, want[0], margins[0])
+        assert equal, f"the stream across the restart: vLLM {got} != the new daemon's {want[0]}"
+
+        # The long prompt's blocks are still in vLLM's prefix cache, but
+        # their KV died with the first daemon: the new one prefills them.
+        with d2.client() as c:
+            s0 = c.stats()
+            status, long_after = v.post("/v1/completions", long_body)
+            s1 = c.stats()
+        assert status == 200, long_after
+        n_prompt = len(long_after["choices"][0]["prompt_token_ids"])
+        assert s1.prefill_tokens - s0.prefill_tokens >= n_prompt - 1, (n_prompt, s0, s1)
+        assert long_after["choices"][0]["token_ids"] == long_before["choices"][0]["token_ids"]
+        # Served from the refilled cache the second time.
+        with d2.client() as c:
+            s2 = c.stats()
+            status, again = v.post("/v1/completions", long_body)
+            s3 = c.stats()
+        assert status == 200 and again["choices"][0]["token_ids"] == long_before["choices"][0]["token_ids"]
+        assert (s3.prefill_tokens + s3.decode_tokens) - (s2.prefill_tokens + s2.decode_tokens) <= 16 + 8
+
+        for body, want_tokens in zip(short_bodies, before):
+            status, resp = v.post("/v1/completions", body)
+            assert status == 200, resp
+            assert resp["choices"][0]["token_ids"] == want_tokens, body["prompt"]
+        stats = v.rpc_stats()
+        assert stats["daemon_losses"] == 1 and stats["recomputed_tokens"] > 0, stats
+
+        # Killed again while vLLM idles, a request right behind the new
+        # daemon's start: the executor learns of the loss from that request
+        # (or from its lease renewal) and serves it on the new instance.
+        d2.proc.kill()
+        d2.proc.wait()
+        d2._log.close()
+        d2.log_path.rename(home / "tacflowd-2.log")
+        d2 = Daemon(home, args)
+        t0 = time.monotonic()
+        status, resp = v.post("/v1/completions", short_bodies[0])
+        took = time.monotonic() - t0
+        assert status == 200, resp
+        assert resp["choices"][0]["token_ids"] == before[0]
+        assert took < 60, took
+        stats = v.rpc_stats()
+        assert stats["daemon_losses"] == 2, stats
+
+        # Killed mid-stream and back only 30 s later: the probe finds the
+        # daemon silent (in about 15 s), the executor waits (logging) and the
+        # stream goes on.
+        events.clear()
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stream)
+            deadline = time.monotonic() + 120
+            while len(events) < 10 and time.monotonic() < deadline and not pending.done():
+                time.sleep(0.01)
+            assert len(events) >= 10, (events, v.log()[-4000:])
+            d2.proc.kill()
+            d2.proc.wait()
+            d2._log.close()
+            d2.log_path.rename(home / "tacflowd-3.log")
+            time.sleep(30)
+            assert not pending.done()
+            d2 = Daemon(home, args)
+            pending.result(timeout=300)
+        got2 = [t for e in events for c in e["choices"] for t in (c.get("token_ids") or [])]
+        assert got2 == got, "the same greedy stream across a slower restart"
+        log = v.log()
+        assert "abandoned: tacflowd does not answer" in log and "still waiting for tacflowd" in log, log[-6000:]
+        assert v.rpc_stats()["daemon_losses"] == 3
+        assert v.proc.poll() is None
+        print(f"\nstream: {seen_at_kill} tokens before the kill, {len(got)} in all"
+              f"{' (reached a near tie)' if tie else ''}; {stats['recomputed_tokens']} tokens recomputed; "
+              f"a request right after an idle restart took {took:.1f} s")
+
+        # A daemon that comes back with another model is refused as at
+        # start, and vLLM's engine fails with that message.
+        d2.proc.kill()
+        d2.proc.wait()
+        d2._log.close()
+        d2.log_path.rename(home / "tacflowd-4.log")
+        d2 = Daemon(home, ["--model", "tiny", "--kv-blocks", "2048"])
+        status, _ = v.post("/v1/completions", short_bodies[0])
+        assert status >= 500
+        v.proc.wait(90)
+        assert "is not the model tacflowd serves" in v.log(), v.log()[-6000:]
+    finally:
+        v.stop()
+        if d2 is not None:
+            assert d2.stop() == 0, d2.log()
+        elif d1.proc.poll() is None:
+            d1.proc.kill()

@@ -10,6 +10,7 @@ import pytest
 
 from tacflow import FixedBudget, Full, OracleTopP, Tactic
 from tacflow.vllm import SUPPORTED_VLLM, daemon_address, register
+from tacflow.vllm.blocks import BlockValidity
 from tacflow.vllm.checks import (
     StartupRefused,
     check_model,
@@ -212,3 +213,58 @@ def test_both_backends_take_vllms_processing_options():
         assert plan_request(params(**kw), VOCAB, backend="cpu") == plan_request(
             params(**kw), VOCAB, backend="cuda"
         )
+
+
+# ------------------------------------------------------------ block validity
+
+
+def test_every_block_is_trusted_until_a_daemon_is_lost():
+    v = BlockValidity(16)
+    assert not v.tracking and v.losses == 0
+    assert v.usable_prefix([7, 3, 9], 48) == 48
+    v.written([7, 3, 9], 0, 48)  # costs nothing: nothing is tracked yet
+    assert v.is_valid(12345)
+
+
+def test_after_a_loss_a_prefix_stops_at_the_first_block_not_written_since():
+    v = BlockValidity(16)
+    v.lost()
+    assert v.tracking and v.losses == 1
+    blocks = [7, 3, 9, 4]
+    assert v.usable_prefix(blocks, 48) == 0
+    assert v.usable_prefix(blocks, 0) == 0
+    # Another request rewrote the first two blocks (a shared prompt prefix).
+    v.written([7, 3, 11], 0, 40)
+    assert v.usable_prefix(blocks, 48) == 32
+    # A prefix shorter than the written blocks stays as it is.
+    assert v.usable_prefix(blocks, 20) == 20
+    assert v.usable_prefix(blocks, 32) == 32
+    # A hole before a written block still stops the prefix there.
+    v.written([9], 0, 16)
+    assert v.usable_prefix([7, 5, 9], 48) == 16
+
+
+def test_a_write_marks_every_block_it_touches_even_partly():
+    v = BlockValidity(16)
+    v.lost()
+    blocks = [1, 2, 3, 4]
+    v.written(blocks, 15, 17)  # the last slot of block 1, the first of block 2
+    assert [v.is_valid(b) for b in blocks] == [True, True, False, False]
+    v.written(blocks, 40, 40)  # an empty range writes nothing
+    assert not v.is_valid(3)
+    v.written(blocks, 47, 48)  # a block boundary: block 3's last slot only
+    assert v.is_valid(3) and not v.is_valid(4)
+
+
+def test_a_second_loss_forgets_what_the_first_instance_wrote():
+    v = BlockValidity(4)
+    v.lost()
+    v.written([5, 6], 0, 8)
+    assert v.usable_prefix([5, 6], 8) == 8
+    v.lost()
+    assert v.losses == 2
+    assert v.usable_prefix([5, 6], 8) == 0
+    # A block table shorter than the tokens vLLM counts never reads past it.
+    assert v.usable_prefix([5], 8) == 0
+    v.written([5], 0, 4)
+    assert v.usable_prefix([5], 8) == 4

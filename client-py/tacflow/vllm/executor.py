@@ -19,8 +19,51 @@ How vLLM's state maps onto the daemon's:
   never gets here (the platform refuses the request).
 
 The executor holds one session; a thread renews its lease while vLLM is
-idle. A lost daemon (restart, crash) fails the engine: vLLM cannot replay
-its requests into a new daemon instance.
+idle.
+
+**A daemon restart under a running vLLM.** When the executor finds its
+daemon gone (a step's reply never comes and a probe finds the daemon
+silent or restarted; a renewal or health check fails), it waits for a new
+daemon instance at the same address, up to ``TACFLOW_VLLM_RESTART_WAIT_S``
+seconds (default 60; 0 fails at once), logging while it waits. It then
+opens a new session and checks the new daemon as at start (protocol, the
+same model, vLLM's limits, the block size), reserves vLLM's pool again
+and carries on; a daemon that does not come back in time, or comes back
+with another model or fewer free blocks, fails the engine with a message
+that says so.
+
+Every block id's contents died with the old instance, but vLLM does not
+know it: its prefix cache still maps prompt prefixes onto those ids and
+its running requests still count their tokens as computed.
+:class:`~tacflow.vllm.blocks.BlockValidity` tracks the ids written since
+the new instance started. Whenever a request's daemon sequence is
+(re)opened with the tokens vLLM says its blocks hold, the prefix stops at
+the first block not written in this instance and the executor prefills
+the rest of those tokens itself (daemon steps of its own, without
+sampling, chunked to the daemon's step budget) before vLLM's step runs.
+Nothing ever reads lost KV, and vLLM's stale prefix cache entries are
+refilled by the first request that hits them.
+
+Requests running at the loss are **recomputed transparently**, not
+failed: each is reopened in the new daemon and its whole history (prompt
+and the tokens sampled so far, which the executor keeps) is prefilled
+before the step that was cut off runs again. Failing them would need a
+way for an executor to finish a request with an error, and vLLM 0.32.0
+gives it none. Its scheduler finishes a request with ``FINISHED_ERROR``
+only for a grammar error, an encoder-cache mismatch, an encoder
+connector's lost input, or a KV transfer connector's load failure
+(``KVConnectorOutput.invalid_block_ids`` under
+``kv_load_failure_policy="fail"``); without a KV connector configured,
+``Scheduler.__init__`` (``vllm/v1/core/sched/scheduler.py``) sets
+``recompute_kv_load_failures = True``, so the same report only
+reschedules the request. Declaring a KV connector that transfers nothing,
+just to borrow its failure path, would run connector hooks in every
+scheduler step for a daemon that owns its KV (the platform refuses KV
+connectors), and an exception from ``execute_model`` fails the whole
+engine. Greedy and seeded requests come out as they would have without
+the restart (the daemon's draws are keyed by seed and position); an
+unseeded request gets a fresh seed from the new daemon for the rest of
+its tokens (still valid samples of its distribution).
 """
 
 from __future__ import annotations
@@ -37,9 +80,17 @@ from typing import Any, Callable
 import numpy as np
 
 from ..client import Client
-from ..errors import TacflowError
+from ..errors import (
+    DaemonFailing,
+    DaemonUnavailable,
+    RequestTimeout,
+    ShuttingDown,
+    TacflowError,
+    UnknownSession,
+)
 from ..protocol import StepOutput, StepTiming, pack_blocks, pack_entry
 from . import daemon_address
+from .blocks import BlockValidity
 from .checks import StartupRefused, check_model, check_options, check_scheduler, check_vllm_version
 from .mapping import RequestPlan, external_request_id, plan_request, rank_in_top
 
@@ -67,6 +118,29 @@ QUICK_TIMEOUT_S = 10.0
 #: A step running longer than this has the daemon's health probed this
 #: often on a second connection.
 PROBE_EVERY_S = 5.0
+
+#: A step after this long without a daemon request starts with a ping
+#: (quick timeout): opening and closing sequences wait as long as a step,
+#: and cannot be abandoned, so a daemon that died while vLLM idled is
+#: found by the ping rather than by an open waiting out the step timeout.
+IDLE_CHECK_S = 1.0
+#: How long a lost daemon may take to come back before vLLM's engine fails.
+RESTART_WAIT_ENV = "TACFLOW_VLLM_RESTART_WAIT_S"
+RESTART_WAIT_DEFAULT_S = 60.0
+#: While waiting for it, a log line this often.
+RESTART_LOG_EVERY_S = 5.0
+
+#: Errors that may mean the daemon instance is gone (the answer of a new
+#: instance, or no answer at all); a daemon that still answers as itself
+#: after one of these was not lost, and the error stands.
+_LOSS = (UnknownSession, RequestTimeout, DaemonUnavailable, DaemonFailing, ShuttingDown)
+#: Of those, the ones a daemon still answering as itself is going down with.
+_GOING_DOWN = (DaemonFailing, ShuttingDown)
+
+
+class DaemonLost(RuntimeError):
+    """The daemon is gone and no usable new instance came back in time."""
+
 
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
@@ -127,6 +201,9 @@ class _Request:
     #: 1.. (token logprob, [(token, logprob)] best first).
     prompt_rows: list[Any] = field(default_factory=list)
     diag: _Diag | None = None
+    #: The daemon sequence must be (re)opened holding this many tokens
+    #: before the request's next step (None: it is open as it should be).
+    open_at: int | None = None
     #: The prefix the sequence was (re)opened with in this step: blocks other
     #: requests of the same step may still be writing.
     fresh_prefix: int = 0
@@ -147,27 +224,16 @@ class TacflowExecutor(Executor):
     def _init_executor(self) -> None:
         check_vllm_version(VLLM_VERSION)
         check_options(self.vllm_config)
-        address = daemon_address()
-        self._client = Client(
-            address,
-            timeout_s=float(os.environ.get("TACFLOW_VLLM_TIMEOUT_S", "600")),
-            client_name=f"tacflow-vllm/{VLLM_VERSION}",
-            connect_timeout_s=10.0,
-        )
+        self._timeout_s = float(os.environ.get("TACFLOW_VLLM_TIMEOUT_S", "600"))
+        self._restart_wait_s = float(os.environ.get(RESTART_WAIT_ENV, RESTART_WAIT_DEFAULT_S))
+        self._client = self._connect(daemon_address(), 10.0)
         info = self._client.info
-        if tuple(info.protocol) < (1, 3):
-            raise StartupRefused(
-                f"tacflowd at {self._client.address} speaks protocol "
-                f"{info.protocol[0]}.{info.protocol[1]}; vLLM needs 1.3 (named KV blocks)"
-            )
+        self._check_daemon(info)
         self.info = info
-        check_model(self.model_config, info)
-        check_scheduler(self.vllm_config, info)
-        if self.cache_config.block_size != info.kv.block_size:
-            raise StartupRefused(
-                f"--block-size {self.cache_config.block_size}: tacflowd's KV blocks hold "
-                f"{info.kv.block_size} tokens (leave --block-size out)"
-            )
+        #: Which block ids hold what vLLM thinks (all, until a daemon is lost).
+        self.validity = BlockValidity(info.kv.block_size)
+        #: Tokens prefilled again after a restart (lost KV), for logs and tests.
+        self.recomputed_tokens = 0
         self._lock = threading.RLock()
         self._requests: dict[str, _Request] = {}
         self._next_seq = 1
@@ -203,6 +269,30 @@ class TacflowExecutor(Executor):
             info.kv.free_blocks,
         )
 
+    def _connect(self, address: str | None, connect_timeout_s: float) -> Client:
+        return Client(
+            address,
+            timeout_s=self._timeout_s,
+            client_name=f"tacflow-vllm/{VLLM_VERSION}",
+            connect_timeout_s=connect_timeout_s,
+        )
+
+    def _check_daemon(self, info: Any) -> None:
+        """What the daemon must be for this vLLM: at start, and again for a
+        new instance after a restart."""
+        if tuple(info.protocol) < (1, 3):
+            raise StartupRefused(
+                f"tacflowd speaks protocol {info.protocol[0]}.{info.protocol[1]}; "
+                "vLLM needs 1.3 (named KV blocks)"
+            )
+        check_model(self.model_config, info)
+        check_scheduler(self.vllm_config, info)
+        if self.cache_config.block_size != info.kv.block_size:
+            raise StartupRefused(
+                f"--block-size {self.cache_config.block_size}: tacflowd's KV blocks hold "
+                f"{info.kv.block_size} tokens (leave --block-size out)"
+            )
+
     def _keep_alive(self) -> None:
         """Renews the session's lease while vLLM has nothing to run (every
         daemon request renews it), and notices a lost daemon: idle, by the
@@ -220,15 +310,15 @@ class TacflowExecutor(Executor):
                 continue
             if time.monotonic() - self._last_request < period:
                 continue
-            try:
-                with self._lock:
-                    if self._closed.is_set():
-                        return
-                    self._quick(self._client.ping)
-                    self._last_request = time.monotonic()
-            except TacflowError as exc:
-                self._fail(exc)
-                return
+            with self._lock:
+                if self._closed.is_set() or self._failed is not None:
+                    return
+                try:
+                    self._with_daemon(lambda: self._quick(self._client.ping))
+                except Exception as exc:  # noqa: BLE001 - the engine fails with it
+                    self._fail(exc)
+                    return
+                self._last_request = time.monotonic()
 
     def _probe(self) -> str | None:
         """Why the daemon is gone, or None when it answers as itself."""
@@ -265,6 +355,99 @@ class TacflowExecutor(Executor):
             logger.error("tacflow: the daemon failed: %s", exc)
             for cb in self._failure_callbacks:
                 cb()
+
+    # ------------------------------------------------------------ restarts
+
+    def _with_daemon(self, work: Callable[[], Any]) -> Any:
+        """``work()``, run again on a new daemon instance when the daemon
+        was lost under it (see the module's text). ``work`` must be safe to
+        repeat: after a recovery every request's sequence is to be reopened,
+        and ``work`` reopens those it needs. The caller holds the lock."""
+        while True:
+            try:
+                return work()
+            except TacflowError as exc:
+                self._recover(exc)
+
+    def _recover(self, cause: TacflowError) -> None:
+        """Waits for a new daemon instance and moves to it, or raises: the
+        ``cause`` when the daemon was not lost (it still answers as itself),
+        :class:`DaemonLost` when none came back in time, StartupRefused when
+        the new one cannot serve this vLLM."""
+        if not isinstance(cause, _LOSS) or self._restart_wait_s <= 0:
+            raise cause
+        old = self.info.instance_id
+        address = self._client.address
+        logger.warning(
+            "tacflow: lost tacflowd instance %s (%s); waiting up to %g s for a new instance at %s",
+            old, cause, self._restart_wait_s, address,
+        )
+        start = time.monotonic()
+        deadline = start + self._restart_wait_s
+        next_log = start + RESTART_LOG_EVERY_S
+        last: BaseException = cause
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise DaemonLost(
+                    f"tacflowd at {address} is gone and no new instance answered within "
+                    f"{self._restart_wait_s:g} s ({RESTART_WAIT_ENV}); last error: {last}"
+                ) from last
+            if now >= next_log:
+                logger.warning(
+                    "tacflow: still waiting for tacflowd at %s (%.0f s left; %s)", address, deadline - now, last
+                )
+                next_log = now + RESTART_LOG_EVERY_S
+            try:
+                client = self._connect(address, max(min(QUICK_TIMEOUT_S, deadline - now), 0.1))
+            except TacflowError as exc:
+                last = exc
+                time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+                continue
+            if client.instance_id == old:
+                client.close()
+                if not isinstance(cause, _GOING_DOWN):
+                    raise cause  # the same daemon answers: it was not lost
+                last = cause
+                time.sleep(0.5)
+                continue
+            try:
+                self._adopt(client)
+            except BaseException:
+                client.close()
+                raise
+            return
+
+    def _adopt(self, client: Client) -> None:
+        """Moves to a new daemon instance: the same checks as at start, the
+        same reservation, and every block and sequence of the old one gone."""
+        info = client.info
+        self._check_daemon(info)
+        try:
+            reserved = client.reserve_blocks(self._reserved)
+        except TacflowError as exc:
+            raise StartupRefused(
+                f"the restarted tacflowd could not reserve vLLM's {self._reserved} KV blocks: {exc} "
+                "(start it with at least the --kv-blocks it had)"
+            ) from exc
+        if reserved != self._reserved:
+            raise StartupRefused(f"the restarted tacflowd reserved {reserved} KV blocks, not {self._reserved}")
+        old, self._client, self.info = self._client, client, info
+        old.timeout_s = 1.0  # its session died with the old instance
+        old.close()
+        self.validity.lost()
+        for r in self._requests.values():
+            r.open = False
+            if r.open_at is None:
+                r.open_at = r.computed
+        self._lost = None
+        self._last_request = time.monotonic()
+        logger.warning(
+            "tacflow: continuing on tacflowd instance %s (%d KV blocks reserved again); its KV blocks "
+            "are empty: %d open request(s) are recomputed and vLLM's prefix cache is refilled as "
+            "requests hit it",
+            info.instance_id, reserved, len(self._requests),
+        )
 
     def register_failure_callback(self, callback: Callable[[], None]) -> None:
         self._failure_callbacks.append(callback)
@@ -357,7 +540,7 @@ class TacflowExecutor(Executor):
         with self._lock:
             try:
                 out, step = self._execute_locked(so)
-            except TacflowError as exc:
+            except (TacflowError, DaemonLost, StartupRefused) as exc:
                 self._fail(exc)
                 raise
             finally:
@@ -379,6 +562,8 @@ class TacflowExecutor(Executor):
         return out
 
     def _execute_locked(self, so: Any) -> tuple[ModelRunnerOutput, Any]:
+        if time.monotonic() - self._last_request > IDLE_CHECK_S:
+            self._with_daemon(lambda: self._quick(self._client.ping))
         for req_id in so.finished_req_ids:
             self._finish(req_id)
         for new in so.scheduled_new_reqs:
@@ -408,28 +593,12 @@ class TacflowExecutor(Executor):
                 r.blocks.extend(new_blocks[0])
                 r.packed_blocks = None
             if reopen:
-                self._reopen(r, computed)
+                r.open_at = computed
         if not so.num_scheduled_tokens:
             return EMPTY_MODEL_RUNNER_OUTPUT, None
 
         req_ids = list(so.num_scheduled_tokens)
-        entries = []
-        samples = []
-        for req_id in req_ids:
-            r = self._requests[req_id]
-            n = so.num_scheduled_tokens[req_id]
-            end = r.computed + n
-            if end > len(r.tokens):
-                raise RuntimeError(
-                    f"tacflow: vLLM scheduled {n} tokens of request {req_id} past the "
-                    f"{len(r.tokens)} it has (speculative tokens are not supported)"
-                )
-            sample = end == len(r.tokens)
-            samples.append(sample)
-            if r.packed_blocks is None:
-                r.packed_blocks = pack_blocks(r.blocks)
-            entries.append(pack_entry(r.seq_id, r.tokens[r.computed : end], sample, r.packed_blocks))
-        step = self._step_in_waves(req_ids, entries, so)
+        samples, step = self._with_daemon(lambda: self._run(req_ids, so))
 
         sampled: list[list[int]] = []
         width = 0
@@ -441,6 +610,7 @@ class TacflowExecutor(Executor):
             n = so.num_scheduled_tokens[req_id]
             if r.plan.prompt_logprobs is not None:
                 self._gather_prompt_logprobs(r, res, n, prompt_lp)
+            self.validity.written(r.blocks, r.computed, r.computed + n)
             r.computed += n
             if res.attention is not None and r.diag is not None:
                 r.diag.add(res.attention)
@@ -460,6 +630,31 @@ class TacflowExecutor(Executor):
             prompt_logprobs_dict=prompt_lp,
         )
         return out, step
+
+    def _run(self, req_ids: list[str], so: Any) -> tuple[list[bool], Any]:
+        """The daemon's part of one vLLM step: (re)opens the sequences that
+        need it, then runs the step. Safe to repeat after a recovery."""
+        for req_id in req_ids:
+            r = self._requests[req_id]
+            if r.open_at is not None:
+                self._reopen(r, r.open_at)
+        entries = []
+        samples = []
+        for req_id in req_ids:
+            r = self._requests[req_id]
+            n = so.num_scheduled_tokens[req_id]
+            end = r.computed + n
+            if end > len(r.tokens):
+                raise RuntimeError(
+                    f"tacflow: vLLM scheduled {n} tokens of request {req_id} past the "
+                    f"{len(r.tokens)} it has (speculative tokens are not supported)"
+                )
+            sample = end == len(r.tokens)
+            samples.append(sample)
+            if r.packed_blocks is None:
+                r.packed_blocks = pack_blocks(r.blocks)
+            entries.append(pack_entry(r.seq_id, r.tokens[r.computed : end], sample, r.packed_blocks))
+        return samples, self._step_in_waves(req_ids, entries, so)
 
     def _step_in_waves(self, req_ids: list[str], entries: list[bytes], so: Any) -> Any:
         """Runs vLLM's step as one daemon step, or as several when vLLM's
@@ -542,35 +737,64 @@ class TacflowExecutor(Executor):
             diag=_Diag() if plan.diagnostics else None,
         )
         self._requests[new.req_id] = r
-        self._reopen(r, new.num_computed_tokens)
+        r.open_at = new.num_computed_tokens
 
     def _reopen(self, r: _Request, computed: int) -> None:
         """(Re)opens the request's daemon sequence holding its first
-        ``computed`` tokens, which vLLM says its blocks already hold."""
+        ``computed`` tokens, which vLLM says its blocks already hold. Those
+        its blocks do not hold in this daemon instance (lost in a restart)
+        are prefilled again first."""
         c = self._client
         if r.open:
             c.close_sequence(r.seq_id)
             r.open = False
+        usable = self.validity.usable_prefix(r.blocks, computed)
         c.open_sequence(
             r.seq_id,
             attention=r.plan.attention,
             sampling=r.plan.sampling,
             diagnostics=r.plan.diagnostics,
             blocks="named",
-            prefix=r.tokens[:computed],
+            prefix=r.tokens[:usable],
             prompt_len=r.prompt_len,
         )
         r.open = True
+        if usable < computed:
+            self._prefill_lost(r, usable, computed)
+        r.open_at = None
         r.computed = computed
         r.fresh_prefix = computed
         del r.prompt_rows[max(computed - 1, 0) :]
 
+    def _prefill_lost(self, r: _Request, start: int, end: int) -> None:
+        """Writes tokens ``start..end`` of the request into its blocks again,
+        in daemon steps of the executor's own that sample nothing (at most
+        the daemon's step budget each): vLLM counts them as computed, but
+        their KV died with an earlier daemon instance."""
+        if r.packed_blocks is None:
+            r.packed_blocks = pack_blocks(r.blocks)
+        budget = max(int(self.info.limits.max_step_tokens), 1)
+        for s in range(start, end, budget):
+            e = min(s + budget, end)
+            entry = pack_entry(r.seq_id, r.tokens[s:e], False, r.packed_blocks)
+            self._step_started = time.monotonic()
+            try:
+                self._client.step_packed([entry], abandon=self._abandon)
+            finally:
+                self._step_started = None
+            self.validity.written(r.blocks, s, e)
+            self.recomputed_tokens += e - s
+        logger.info(
+            "tacflow: request %s: prefilled tokens %d..%d again (their KV blocks were lost with the daemon)",
+            r.req_id, start, end,
+        )
+
     def _finish(self, req_id: str) -> None:
-        r = self._requests.pop(req_id, None)
+        r = self._requests.get(req_id)
         if r is None:
             return
-        if r.open:
-            self._client.close_sequence(r.seq_id)
+        self._with_daemon(lambda: self._close(r))
+        del self._requests[req_id]
         if r.diag is not None:
             summary = {
                 "request_id": req_id,
@@ -584,6 +808,11 @@ class TacflowExecutor(Executor):
             if self._diag_path:
                 with open(self._diag_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(summary) + "\n")
+
+    def _close(self, r: _Request) -> None:
+        if r.open:
+            self._client.close_sequence(r.seq_id)
+            r.open = False
 
     # ------------------------------------------------------------ logprobs
 
@@ -668,8 +897,8 @@ class TacflowExecutor(Executor):
             raise RuntimeError(f"tacflow: the daemon failed: {self._failed}")
         with self._lock:
             try:
-                health = self._quick(self._client.health)
-            except TacflowError as exc:
+                health = self._with_daemon(lambda: self._quick(self._client.health))
+            except Exception as exc:  # noqa: BLE001 - the engine fails with it
                 self._fail(exc)
                 raise RuntimeError(f"tacflow: the daemon does not answer: {exc}") from exc
             self._last_request = time.monotonic()
@@ -714,6 +943,9 @@ class TacflowExecutor(Executor):
                 "sequences": s.sequences,
             },
             "reserved_blocks": self._reserved,
+            "instance_id": self.info.instance_id,
+            "daemon_losses": self.validity.losses,
+            "recomputed_tokens": self.recomputed_tokens,
             "split_steps": self.split_steps,
             "open_requests": sorted(self._requests),
             "requests": dict(self.request_stats),
