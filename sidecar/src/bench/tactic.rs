@@ -67,7 +67,7 @@ pub enum Keys {
 
 pub fn run(opts: &Options) -> Result<()> {
     let rows = match opts.backend {
-        BackendKind::Cpu => measure_all(&Cpu::new(), opts)?,
+        BackendKind::Cpu => measure_all(&Cpu::default(), opts)?,
         BackendKind::Cuda => measure_all(&Cuda::new()?, opts)?,
     };
     report::print(opts, &rows);
@@ -87,18 +87,15 @@ pub fn measure_all<D: Device>(dev: &D, opts: &Options) -> Result<Vec<report::Row
     let mut rows = vec![];
     if let Some(dir) = &opts.keys {
         let cap = real::Capture::open(dir)?;
-        for &batch in &opts.batches {
-            eprintln!("real keys {}: batch {batch}", dir.display());
-            let make = |s: usize| cap.sequence(s, opts.steps);
-            let p = point::Point {
-                keys: Keys::Real,
-                shape: cap.shape(),
-                batch,
-                make: &make,
-            };
-            rows.extend(point::measure(dev, opts, &p)?);
-        }
-        return Ok(rows);
+        eprintln!("real keys {}", dir.display());
+        let make = |s: usize| cap.sequence(s, opts.steps);
+        let p = point::Point {
+            keys: Keys::Real,
+            shape: cap.shape(),
+            batches: &opts.batches,
+            make: &make,
+        };
+        return point::measure(dev, opts, &p);
     }
     let (nh, kvh, _) = opts.shape;
     if kvh == 0 || nh % kvh != 0 {
@@ -111,8 +108,8 @@ pub fn measure_all<D: Device>(dev: &D, opts: &Options) -> Result<Vec<report::Row
     }
     for &context in &opts.contexts {
         for &f in &opts.fractions {
-            for &batch in &opts.batches {
-                eprintln!("context {context}, oracle fraction {f}, batch {batch}");
+            {
+                eprintln!("context {context}, oracle fraction {f}");
                 let make = |s: usize| {
                     let seed = keys::seq_seed(opts.seed, s);
                     Ok(keys::controlled(context, opts.shape, f, opts.steps, seed))
@@ -120,7 +117,7 @@ pub fn measure_all<D: Device>(dev: &D, opts: &Options) -> Result<Vec<report::Row
                 let p = point::Point {
                     keys: Keys::Controlled(f),
                     shape: opts.shape,
-                    batch,
+                    batches: &opts.batches,
                     make: &make,
                 };
                 rows.extend(point::measure(dev, opts, &p)?);

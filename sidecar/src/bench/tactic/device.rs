@@ -29,8 +29,8 @@ pub trait Device {
 /// The CPU backend with Tactic's device path (`with_device_tactic`).
 pub struct Cpu(pub CpuBackend);
 
-impl Cpu {
-    pub fn new() -> Cpu {
+impl Default for Cpu {
+    fn default() -> Cpu {
         Cpu(CpuBackend::default().with_device_tactic())
     }
 }

@@ -13,6 +13,7 @@ use crate::backend::{AttnDims, Backend, KvLayout, SeqMeta, StepMeta, TacticEntry
 use crate::bench::quantiles;
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::time::Instant;
 use tacflow_kernels::tactic::synth::Calibration;
 use tacflow_kernels::tactic::{
@@ -26,7 +27,9 @@ const CHUNK: usize = 2048;
 pub struct Point<'a> {
     pub keys: Keys,
     pub shape: (usize, usize, usize),
-    pub batch: usize,
+    /// Batches measured, each over the first sequences of the largest:
+    /// the keys are made and loaded once.
+    pub batches: &'a [usize],
     /// Sequence `s`'s keys and queries.
     pub make: &'a (dyn Fn(usize) -> Result<SeqKeys> + Sync),
 }
@@ -99,15 +102,16 @@ fn load<D: Device>(
     let n = first.n;
     let bps = n.div_ceil(BLOCK);
     let b = dev.backend();
-    let mut kv = b.kv_cache(&layout(dims, p.batch * bps))?;
+    let batch = p.batches.iter().copied().max().unwrap_or(1);
+    let mut kv = b.kv_cache(&layout(dims, batch * bps))?;
     let cpu = CpuBackend::default();
     let mut host = cpu.kv_cache(&layout(dims, qn * bps))?;
-    let tables: Vec<Vec<u32>> = (0..p.batch)
+    let tables: Vec<Vec<u32>> = (0..batch)
         .map(|s| (s * bps..(s + 1) * bps).map(|x| x as u32).collect())
         .collect();
     let mut seqs = vec![];
     let mut next = Some(first);
-    for s in 0..p.batch {
+    for (s, table) in tables.iter().enumerate() {
         let sk = match next.take() {
             Some(k) => k,
             None => (p.make)(s)?,
@@ -126,7 +130,7 @@ fn load<D: Device>(
             let t1 = (t0 + CHUNK).min(n);
             let rows = sk.rows(t0, t1, nh, false);
             let act = dev.upload(t1 - t0, dims.qkv_dim(), &rows)?;
-            append(b, &act, &mut kv, dims, &tables[s], t0, t1)?;
+            append(b, &act, &mut kv, dims, table, t0, t1)?;
             if s < qn {
                 // The GPU's cache holds bf16: the reference sees the same.
                 let rows = if dev.is_host() {
@@ -139,7 +143,7 @@ fn load<D: Device>(
                     cols: dims.qkv_dim(),
                     data: rows,
                 };
-                append(&cpu, &m, &mut host, dims, &tables[s], t0, t1)?;
+                append(&cpu, &m, &mut host, dims, table, t0, t1)?;
             }
         }
         seqs.push(Seq {
@@ -157,7 +161,7 @@ fn load<D: Device>(
     })
 }
 
-/// The point's rows, one per P.
+/// The point's rows, one per (batch, P).
 pub fn measure<D: Device>(dev: &D, opts: &Options, p: &Point) -> Result<Vec<Row>> {
     let (nh, kvh, d) = p.shape;
     let dims = AttnDims {
@@ -165,22 +169,45 @@ pub fn measure<D: Device>(dev: &D, opts: &Options, p: &Point) -> Result<Vec<Row>
         num_kv_heads: kvh,
         head_dim: d,
     };
-    let qn = if dev.is_host() {
-        p.batch
-    } else {
-        opts.quality_seqs.clamp(1, p.batch)
+    let max = p.batches.iter().copied().max().unwrap_or(1);
+    let qn = |batch: usize| {
+        if dev.is_host() {
+            batch
+        } else {
+            opts.quality_seqs.clamp(1, batch)
+        }
     };
-    let c = load(dev, p, dims, qn)?;
+    let c = load(dev, p, dims, qn(max))?;
     if c.n <= opts.steps {
         return Err(Error::Config(format!(
             "{} tokens: the context must exceed the steps",
             c.n
         )));
     }
-    opts.ps
-        .iter()
-        .map(|&pp| decode(dev, opts, p, &c, dims, qn, pp))
-        .collect()
+    // On a GPU the reference's quality of the same sequences at the same
+    // P is the same in every batch: measured once.
+    let mut known = HashMap::new();
+    let mut rows = vec![];
+    for &batch in p.batches {
+        eprintln!("  batch {batch}");
+        for &pp in &opts.ps {
+            let at = (batch, qn(batch));
+            rows.push(decode(dev, opts, p, &c, dims, at, pp, &mut known)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// The reference's numbers over a point's steps.
+#[derive(Default, Clone)]
+struct Quality {
+    hits: usize,
+    heads: usize,
+    read: f64,
+    oracle: f64,
+    /// Tokens read per step by the quality sequences, summed over steps.
+    read_tokens: f64,
+    max_diff: f64,
 }
 
 /// Per step: the device's and the reference's times and quality.
@@ -190,13 +217,7 @@ struct Acc {
     steady: Vec<f64>,
     full: Vec<f64>,
     attn: Vec<f64>,
-    hits: usize,
-    heads: usize,
-    read: f64,
-    oracle: f64,
-    /// Tokens read per step by the quality sequences, summed over steps.
-    read_tokens: f64,
-    max_diff: f64,
+    q: Quality,
 }
 
 fn step_meta(c: &Caches<impl Sized>, seqs: usize, ctx: usize) -> StepMeta {
@@ -235,21 +256,26 @@ fn timed(dev: &impl Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() * 1e6)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn decode<D: Device>(
     dev: &D,
     opts: &Options,
     p: &Point,
     c: &Caches<<D::B as Backend>::Kv>,
     dims: AttnDims,
-    qn: usize,
+    (batch, qn): (usize, usize),
     pp: f32,
+    known: &mut HashMap<(u32, usize), Quality>,
 ) -> Result<Row> {
     let b = dev.backend();
     let prm = TacticParams::new(pp);
-    for s in 0..p.batch {
+    let key = (pp.to_bits(), qn);
+    let cached = (!dev.is_host()).then(|| known.get(&key).cloned()).flatten();
+    let qn_run = if cached.is_some() { 0 } else { qn };
+    for s in 0..batch {
         b.tactic_open(s as _, &prm, dims, 1)?;
     }
-    let mut refs: Vec<TacticSeq> = (0..qn).map(|_| TacticSeq::new(prm.clone(), 1)).collect();
+    let mut refs: Vec<TacticSeq> = (0..qn_run).map(|_| TacticSeq::new(prm, 1)).collect();
     let mut acc = Acc::default();
     let first = c.n - opts.steps + 1;
     let r = (|| -> Result<()> {
@@ -258,22 +284,28 @@ fn decode<D: Device>(
                 dev,
                 c,
                 dims,
-                qn,
+                qn_run,
                 pp,
                 first + t,
                 t,
                 &mut refs,
                 &mut acc,
-                p.batch,
+                batch,
             )?;
         }
         Ok(())
     })();
-    for s in 0..p.batch {
+    for s in 0..batch {
         b.tactic_close(s as _);
     }
     r?;
-    Ok(row(dev, opts, p, c, dims, qn, pp, acc))
+    match cached {
+        Some(q) => acc.q = q,
+        None => {
+            known.insert(key, acc.q.clone());
+        }
+    }
+    Ok(row(dev, opts, p, c, dims, (batch, qn), pp, acc))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -331,8 +363,8 @@ fn step<D: Device>(
         };
         rf.select_layer(0, &ds, &mut sel, &mut diag);
         for dg in &diag {
-            acc.read += dg.tokens_read / ctx as f64;
-            acc.read_tokens += dg.tokens_read;
+            acc.q.read += dg.tokens_read / ctx as f64;
+            acc.q.read_tokens += dg.tokens_read;
         }
         sels.push(Some(sel));
     }
@@ -365,7 +397,7 @@ fn step<D: Device>(
         .zip(&hout.data)
         .map(|(a, b)| (a - b).abs() as f64)
         .fold(0.0, f64::max);
-    acc.max_diff = acc.max_diff.max(diff);
+    acc.q.max_diff = acc.q.max_diff.max(diff);
     // Success and the oracle per (sequence, KV head).
     let (host, tables, seqs) = (&c.host, &c.tables, &c.seqs);
     let per: Vec<(usize, usize, f64)> = (0..qn * kvh)
@@ -392,9 +424,9 @@ fn step<D: Device>(
         })
         .collect();
     for (h, n, o) in per {
-        acc.hits += h;
-        acc.heads += n;
-        acc.oracle += o;
+        acc.q.hits += h;
+        acc.q.heads += n;
+        acc.q.oracle += o;
     }
     Ok(())
 }
@@ -406,7 +438,7 @@ fn row<D: Device>(
     p: &Point,
     c: &Caches<<D::B as Backend>::Kv>,
     dims: AttnDims,
-    qn: usize,
+    (batch, qn): (usize, usize),
     pp: f32,
     mut acc: Acc,
 ) -> Row {
@@ -417,9 +449,9 @@ fn row<D: Device>(
     // Bytes a step reads: K and V rows of the tokens read, the quality
     // sequences' mean taken for every sequence of the batch.
     let row_bytes = (2 * dims.head_dim * dev.kv_value_bytes()) as f64;
-    let read_bytes = acc.read_tokens / (opts.steps * qn) as f64 * p.batch as f64 * row_bytes;
+    let read_bytes = acc.q.read_tokens / (opts.steps * qn) as f64 * batch as f64 * row_bytes;
     let ctx_mean = c.n as f64 - (opts.steps - 1) as f64 / 2.0;
-    let full_bytes = ctx_mean * (kvh * p.batch) as f64 * row_bytes;
+    let full_bytes = ctx_mean * (kvh * batch) as f64 * row_bytes;
     // On the CPU the host path's sparse attention over the same sets
     // stands for the device path's attention (the same work).
     let attn_us = (dev.is_host()).then(|| quantiles(&mut acc.attn).0);
@@ -432,21 +464,21 @@ fn row<D: Device>(
         backend: dev.name(),
         keys: p.keys,
         context: c.n,
-        batch: p.batch,
+        batch,
         p: pp,
         calibrated: (!calib.is_empty()).then(|| calib.iter().sum::<f64>() / calib.len() as f64),
-        oracle: acc.oracle / trials,
-        read: acc.read / trials,
-        success: acc.hits as f64 / acc.heads.max(1) as f64,
+        oracle: acc.q.oracle / trials,
+        read: acc.q.read / trials,
+        success: acc.q.hits as f64 / acc.q.heads.max(1) as f64,
         quality_seqs: qn,
         select_us: attn_us.map(|a| all_us - a),
         attn_us,
         all_us,
         full_us,
         first_us: acc.first_us,
-        cluster_ms_per_seq: (acc.first_us - all_us) / 1e3 / p.batch as f64,
+        cluster_ms_per_seq: (acc.first_us - all_us) / 1e3 / batch as f64,
         read_gbps: read_bytes / (all_us * 1e-6) / 1e9,
         full_gbps: full_bytes / (full_us * 1e-6) / 1e9,
-        max_diff: acc.max_diff,
+        max_diff: acc.q.max_diff,
     }
 }

@@ -43,7 +43,7 @@ fn check_ranges(r: &report::Row) {
 #[test]
 fn controlled_points_hit_their_oracle_fraction() {
     let o = opts();
-    let rows = measure_all(&Cpu::new(), &o).expect("bench");
+    let rows = measure_all(&Cpu::default(), &o).expect("bench");
     assert_eq!(rows.len(), 4);
     for r in &rows {
         check_ranges(r);
@@ -145,7 +145,7 @@ fn real_keys_from_a_capture() {
         steps: 6,
         ..opts()
     };
-    let rows = measure_all(&Cpu::new(), &o);
+    let rows = measure_all(&Cpu::default(), &o);
     std::fs::remove_dir_all(&dir).unwrap();
     let rows = rows.expect("bench");
     assert_eq!(rows.len(), 1);
