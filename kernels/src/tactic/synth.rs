@@ -11,6 +11,10 @@
 //! blob, Student-t(3) x `T_SCALE` plus small noise: a few blobs carry most
 //! of the mass, unevenly across heads. Every draw is a pure function of
 //! `(seed, stream, index)` through [`crate::rng`].
+//!
+//! [`Synth::calibrate`] rescales the t draws so that the oracle at a given
+//! P reads a chosen fraction of the keys (`bench-tactic`'s controlled
+//! keys).
 
 use crate::rng;
 
