@@ -192,7 +192,9 @@ pub fn measure<D: Device>(dev: &D, opts: &Options, p: &Point) -> Result<Vec<Row>
         eprintln!("  batch {batch}");
         for &pp in &opts.ps {
             let at = (batch, qn(batch));
-            rows.push(decode(dev, opts, p, &c, dims, at, pp, &mut known)?);
+            let row = decode(dev, opts, p, &c, dims, at, pp, &mut known)?;
+            eprintln!("{}", super::report::line(&row));
+            rows.push(row);
         }
     }
     Ok(rows)

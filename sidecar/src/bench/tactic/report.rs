@@ -72,35 +72,40 @@ pub fn print(opts: &Options, rows: &[Row]) {
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for r in rows {
-        let target = match r.keys {
-            Keys::Controlled(f) => format!(
-                "{:.1}% / {}%",
-                100.0 * f,
-                opt(r.calibrated.map(|c| 100.0 * c), 2)
-            ),
-            Keys::Real => "—".into(),
-        };
-        println!(
-            "| {} | {} | {} | {} | {} | {:.2}% | {:.2}% | {:.2}x | {:.1}% | {} | {} | {:.1} | {:.1} | {:.2}x | {:.2} ({:.2}) | {:.2} |",
-            keys_name(r.keys),
-            r.context,
-            r.batch,
-            r.p,
-            target,
-            100.0 * r.oracle,
-            100.0 * r.read,
-            r.read / r.oracle,
-            100.0 * r.success,
-            opt(r.select_us, 1),
-            opt(r.attn_us, 1),
-            r.all_us,
-            r.full_us,
-            r.full_us / r.all_us,
-            r.read_gbps,
-            r.full_gbps,
-            r.cluster_ms_per_seq
-        );
+        println!("{}", line(r));
     }
+}
+
+/// A row of the table (also printed as each point ends).
+pub fn line(r: &Row) -> String {
+    let target = match r.keys {
+        Keys::Controlled(f) => format!(
+            "{:.1}% / {}%",
+            100.0 * f,
+            opt(r.calibrated.map(|c| 100.0 * c), 2)
+        ),
+        Keys::Real => "—".into(),
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {:.2}% | {:.2}% | {:.2}x | {:.1}% | {} | {} | {:.1} | {:.1} | {:.2}x | {:.2} ({:.2}) | {:.2} |",
+        keys_name(r.keys),
+        r.context,
+        r.batch,
+        r.p,
+        target,
+        100.0 * r.oracle,
+        100.0 * r.read,
+        r.read / r.oracle,
+        100.0 * r.success,
+        opt(r.select_us, 1),
+        opt(r.attn_us, 1),
+        r.all_us,
+        r.full_us,
+        r.full_us / r.all_us,
+        r.read_gbps,
+        r.full_gbps,
+        r.cluster_ms_per_seq
+    )
 }
 
 pub fn json(opts: &Options, rows: &[Row]) -> Value {
