@@ -11,6 +11,9 @@
 #   here:   scripts/gpu/prepare.sh
 #   device: bash scripts/gpu/bench.sh [selfcheck] [failfast] [attention] [decode]
 #           [integrations] [selfcheck-tactic] [selfcheck-graphs] [decode-quick]
+#           [tactic] [tactic-128k] [tactic-real]   (bench-tactic on the GPU:
+#           run selfcheck-tactic first; tactic-128k alone in its call, and
+#           per fraction if it outruns it: TACTIC_F=0.02 ... tactic-128k)
 #           [smollm2] [bf16-logits]   (the last two need the GGUF's two
 #           halves: carry .device-carry-a and .device-carry-b in calls
 #           right after one that carried .device-carry, while the machine
@@ -64,6 +67,24 @@ for s in "${stages[@]}"; do
                 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_named_blocks.py \
                 tests/test_vllm_sampling.py 2>&1 | tee -a "$log" ;;
         selfcheck-tactic) timeout "${TACTIC_TIMEOUT:-300}" "$bin" selfcheck --groups tactic 2>&1 | tee -a "$log" ;;
+        tactic|tactic-128k)
+            # Tactic's device path against full attention (kernels/TACTIC.md,
+            # "Synthetic keys"): Llama-3-8B's attention shape, batches 1/16/64,
+            # keys calibrated so the oracle reads 2/5/10% at P = 0.9; quality
+            # from the CPU reference on each batch's first sequence.
+            ctx=32768; [ "$s" = tactic-128k ] && ctx=131072
+            timeout "${TACTIC_BENCH_TIMEOUT:-570}" "$bin" bench-tactic --backend cuda --shape 32/8/128 \
+                --contexts "$ctx" --batches 1,16,64 --oracle-fraction "${TACTIC_F:-0.02,0.05,0.1}" --p 0.9 \
+                --steps 16 --quality-seqs 1 --json "$out/$s.json" 2>&1 | tee -a "$log" ;;
+        tactic-real)
+            # SmolLM2's post-RoPE keys and queries (bench/tactic/dump_qk.py's
+            # capture, carried in $carry/qk/); P 0.8/0.9/0.95.
+            if [ -f "$carry/qk/k_post.npy" ]; then
+                timeout 570 "$bin" bench-tactic --backend cuda --keys "$carry/qk" --batches 1,16,64 \
+                    --p 0.8,0.9,0.95 --steps 16 --quality-seqs 1 --json "$out/tactic-real.json" 2>&1 | tee -a "$log"
+            else
+                echo "tactic-real: NOT RUN (no capture in $carry/qk)" | tee -a "$log"
+            fi ;;
         selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
         attention-tune)
             # Every variant and forced split counts on the cases where the

@@ -116,24 +116,47 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seed: u64,
     },
-    /// Tactic's device path on the CPU backend over seeded synthetic keys
-    /// (kernels/TACTIC.md): time per step against full attention, success
-    /// and tokens read against the oracle (the lab).
+    /// Tactic's device path (the CPU backend's stand-in, or the CUDA
+    /// backend's experimental GPU Tactic) at batches of sequences over
+    /// controlled or captured keys: time per layer against full attention,
+    /// success and tokens read against the oracle (kernels/TACTIC.md; the
+    /// lab).
     #[cfg(feature = "lab")]
     #[command(hide = true)]
     BenchTactic {
-        /// `HEADS/KV_HEADS/HEAD_DIM` (SmolLM2's by default).
+        /// `cpu` or `cuda` (the CUDA backend with the experimental GPU
+        /// Tactic, as the daemon builds it; no GPU is an error).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// `HEADS/KV_HEADS/HEAD_DIM` of controlled keys (SmolLM2's by
+        /// default; Llama-3-8B's is 32/8/128).
         #[arg(long, default_value = "9/3/64")]
         shape: String,
         #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 4096])]
         contexts: Vec<usize>,
-        /// Decode steps per context (the first clusters).
+        /// Sequences decoded together, each its own keys.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64])]
+        batches: Vec<usize>,
+        /// Controlled keys: the oracle's fraction of the tokens at P = 0.9
+        /// each sequence's keys are calibrated to.
+        #[arg(long, value_delimiter = ',', default_values_t = [0.02f64, 0.05, 0.10])]
+        oracle_fraction: Vec<f64>,
+        /// Decode steps per point (the first clusters).
         #[arg(long, default_value_t = 16)]
         steps: usize,
-        #[arg(long, default_value_t = 0.9)]
-        p: f32,
+        /// Tactic's P (a list).
+        #[arg(long, value_delimiter = ',', default_values_t = [0.9f32])]
+        p: Vec<f32>,
         #[arg(long, default_value_t = 5)]
         seed: u64,
+        /// Real keys: a capture directory (`bench/tactic/dump_qk.py`'s
+        /// k_post.npy, q.npy, meta.json) instead of controlled keys.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// On a GPU, the sequences of each batch whose quality the CPU
+        /// reference measures (the CPU backend measures all).
+        #[arg(long, default_value_t = 1)]
+        quality_seqs: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -518,14 +541,25 @@ pub fn main() -> anyhow::Result<()> {
         }
         #[cfg(feature = "lab")]
         Some(Command::BenchTactic {
+            backend,
             shape,
             contexts,
+            batches,
+            oracle_fraction,
             steps,
             p,
             seed,
+            keys,
+            quality_seqs,
             json,
         }) => {
+            use crate::bench::tactic::BackendKind;
             init_logging(LogFormat::Text);
+            let backend = match backend.as_str() {
+                "cpu" => BackendKind::Cpu,
+                "cuda" => BackendKind::Cuda,
+                other => anyhow::bail!("--backend is cpu or cuda, not {other}"),
+            };
             let dims = shape
                 .split('/')
                 .map(|x| x.trim().parse::<usize>())
@@ -534,11 +568,16 @@ pub fn main() -> anyhow::Result<()> {
                 .filter(|d| d.len() == 3 && d[1] > 0 && d[0] % d[1] == 0)
                 .context("--shape is HEADS/KV_HEADS/HEAD_DIM, e.g. 9/3/64")?;
             let opts = crate::bench::tactic::Options {
+                backend,
                 shape: (dims[0], dims[1], dims[2]),
                 contexts,
+                batches,
+                fractions: oracle_fraction,
+                ps: p,
                 steps,
-                p,
                 seed,
+                keys,
+                quality_seqs,
                 json,
             };
             Ok(crate::bench::tactic::run(&opts)?)

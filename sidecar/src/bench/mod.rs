@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | paged decode attention vs the copy bandwidth (`bench-attention`) | [`attention`] |
 //! | a whole decode step of a Llama-3-8B-shaped model (`bench-decode`) | [`decode`] |
-//! | Tactic's device path on the CPU backend, synthetic keys (`bench-tactic`) | [`tactic`] |
+//! | Tactic's device path (CPU or CUDA) vs full attention, batches, controlled or captured keys (`bench-tactic`) | [`tactic`] |
 
 pub mod attention;
 pub mod decode;
