@@ -11,7 +11,10 @@ extension points, nothing patched:
 - an ``Executor`` (:class:`tacflow.vllm.executor.TacflowExecutor`) that the
   platform names as vLLM's ``distributed_executor_backend``: each
   ``execute_model`` is one tacflow ``step``, vLLM's block ids are the
-  daemon's named KV blocks.
+  daemon's named KV blocks. Its connection to the daemon (lease, loss,
+  restart) is :mod:`tacflow.vllm.link`; what it keeps per request,
+  :mod:`tacflow.vllm.state`; which block ids survived a restart,
+  :mod:`tacflow.vllm.blocks`.
 
 Opt in with ``TACFLOW_VLLM``: the daemon's address (``ipc:///path``,
 ``tcp://host:port``, a socket path) or ``auto`` (the socket the client
