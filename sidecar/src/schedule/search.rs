@@ -212,23 +212,35 @@ pub fn makespan(
 
 /// [`makespan`] given an issue order.
 fn simulate(schedule: &Schedule, order: &[usize], model: &CostModel, shares: &[f64]) -> f64 {
+    let spans = spans(schedule, order, model, shares);
+    spans.into_iter().map(|(_, end)| end).fold(0.0, f64::max)
+}
+
+/// Each node's predicted (start, end) in microseconds, issued in `order`:
+/// the timeline `bench-serve` draws.
+pub fn spans(
+    schedule: &Schedule,
+    order: &[usize],
+    model: &CostModel,
+    shares: &[f64],
+) -> Vec<(f64, f64)> {
     let mut waits = vec![vec![]; schedule.nodes.len()];
     for e in &schedule.events {
         waits[e.after].push(e.before);
     }
-    let mut finish = vec![0.0f64; schedule.nodes.len()];
+    let mut span = vec![(0.0f64, 0.0f64); schedule.nodes.len()];
     let mut lane_free = vec![0.0f64; schedule.lanes.len()];
     for &v in order {
         let n = &schedule.nodes[v];
         let ready = waits[v]
             .iter()
-            .map(|&a| finish[a])
+            .map(|&a| span[a].1)
             .fold(lane_free[n.lane], f64::max);
         let us = model.cost(OpKind::of(n.op), n.rows.len(), shares[n.lane]);
-        finish[v] = ready + us;
-        lane_free[n.lane] = finish[v];
+        span[v] = (ready, ready + us);
+        lane_free[n.lane] = ready + us;
     }
-    lane_free.into_iter().fold(0.0, f64::max)
+    span
 }
 
 /// The candidates a search tries.
