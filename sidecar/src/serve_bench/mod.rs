@@ -169,6 +169,7 @@ fn summary(o: &Options, outs: &[Outcome], steps: &[StepStat], wall: f64) -> Valu
         "tokens_per_s": (input + output) as f64 / wall,
         "output_tokens_per_s": output as f64 / wall,
         "steps": steps.len(),
+        "peak_running": steps.iter().map(|s| s.running).max().unwrap_or(0),
         "phases": {
             "prefill_s": prefill_s, "decode_s": decode_s,
             "split": "a mixed step's time is shared by its prefill and decode rows",

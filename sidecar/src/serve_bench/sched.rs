@@ -42,6 +42,8 @@ pub struct Outcome {
 pub struct StepStat {
     pub prefill_rows: usize,
     pub decode_rows: usize,
+    /// Requests admitted (holding KV blocks) during the step.
+    pub running: usize,
     pub secs: f64,
 }
 
@@ -156,6 +158,7 @@ fn plan_step(running: &[Running], reqs: &[Request], budget: usize) -> (Vec<StepE
     let mut stat = StepStat {
         prefill_rows: 0,
         decode_rows: 0,
+        running: running.len(),
         secs: 0.0,
     };
     let mut entries = vec![];

@@ -293,7 +293,16 @@ pub fn at_start<B: Backend>(
             info!("schedule: sequential (overlap off)");
             return Ok(Plan::Sequential);
         }
-        Overlap::On => cache_dir(config)?.join(key.file_name()),
+        Overlap::On => {
+            let path = cache_dir(config)?.join(key.file_name());
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "--overlap on: no tuned schedule for this model, device and policy at {}; run `tacflowd tune` with the same flags, or start with --overlap off or auto",
+                    path.display()
+                )));
+            }
+            path
+        }
         Overlap::Auto => {
             let path = cache_dir(config)?.join(key.file_name());
             if !path.exists() {
