@@ -11,6 +11,8 @@
 //!
 //! # The cost file (version 1)
 //!
+//! `tacflowd tune` writes it (docs/SCHEDULES.md).
+//!
 //! TOML (or JSON with the same fields, chosen by a `.json` extension):
 //!
 //! ```toml

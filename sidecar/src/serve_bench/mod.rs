@@ -86,7 +86,7 @@ pub fn run(o: &Options) -> Result<Value> {
     if o.config.backend != BackendKind::Cpu {
         let why = crate::backend::cuda::probe()
             .err()
-            .unwrap_or_else(|| "the GPU path of bench-serve is not built yet (issue 18)".into());
+            .unwrap_or_else(|| "the GPU path of bench-serve is not built yet".into());
         return Err(Error::Backend(format!(
             "bench-serve runs on the CPU backend only so far (--backend cpu): {why}"
         )));
