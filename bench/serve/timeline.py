@@ -2,9 +2,9 @@
 """The timeline of one step's lanes from `tacflowd bench-serve --json`: each
 node of the schedule as a bar on its lane, coloured by op kind (GEMMs by
 weight, attention, the row-wise rest), from the start and end times the
-report holds (predicted by the cost model `tacflowd tune` wrote: the CPU
-backend runs a schedule's lanes one after another, so only a GPU run can
-measure overlap).
+report holds (predicted by the cost model `tacflowd tune` wrote, the lanes
+one after another as the CPU backend runs them: only a GPU run can show
+overlap).
 
 Usage: timeline.py report.json timeline.png
 """

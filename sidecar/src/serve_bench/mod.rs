@@ -7,9 +7,8 @@
 //! It reports tokens/s (input + output), time per phase, time to first
 //! token and inter-token latency percentiles, as a table and as JSON. The
 //! JSON also holds a timeline of one step's lanes: each node's start and
-//! end as the cost model predicts them (the CPU runs a schedule's lanes one
-//! after another, so a measured CPU timeline would show no overlap);
-//! `bench/serve/timeline.py` draws it as a PNG.
+//! end as the cost model predicts them, the lanes one after another as
+//! the CPU backend runs them; `bench/serve/timeline.py` draws it as a PNG.
 //!
 //! | piece | file |
 //! | --- | --- |
@@ -219,7 +218,8 @@ fn timeline<B: Backend>(
         Plan::Tuned(t) => t.0.entry(meta.tokens.len()).shares.clone(),
         _ => vec![1.0; schedule.lanes.len()],
     };
-    let spans = search::spans(&schedule, &order_, &costs, &shares);
+    // The CPU backend runs the lanes one after another.
+    let spans = search::spans(&schedule, &order_, &costs, &shares, true);
     let nodes: Vec<Value> = schedule
         .nodes
         .iter()
@@ -233,7 +233,7 @@ fn timeline<B: Backend>(
     Ok(json!({
         "step": shape.describe(o.input_len), "lanes": schedule.lanes.len(), "shares": shares,
         "predicted_us": makespan, "cost_file": path.display().to_string(),
-        "source": "predicted by the cost model", "nodes": nodes,
+        "source": "predicted by the cost model, lanes run one after another as on the CPU", "nodes": nodes,
     }))
 }
 

@@ -259,6 +259,9 @@ pub fn search_shapes(
         let meta = shape.meta(opts.context);
         let mut space = SearchSpace::for_step(&meta);
         space.share_step = opts.share_step;
+        // The CPU backend, the only one tuned so far, runs lanes one
+        // after another.
+        space.serial = true;
         let t = Instant::now();
         let found = search::search(program, &meta, costs, &space)
             .map_err(|e| Error::Config(format!("search: {e}")))?;

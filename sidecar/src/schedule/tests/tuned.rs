@@ -76,7 +76,8 @@ fn key() -> ScheduleKey {
 ///   one-row GEMMs (50) and one attention row (50), independently: 100.
 ///
 /// So the search must pick the last, at 100 us, and that choice must come
-/// back from the schedule file as the same schedule.
+/// back from the schedule file as the same schedule. Run serially, every
+/// schedule costs at least 200, and the sequential pass must win.
 #[test]
 fn the_search_picks_the_hand_computed_schedule_through_the_files() {
     let dir = temp_dir("tuned");
@@ -90,7 +91,18 @@ fn the_search_picks_the_hand_computed_schedule_through_the_files() {
         lane_maps: vec![LaneMap::single(), LaneMap::two_batch()],
         skews: vec![0],
         share_step: 0.5,
+        serial: false,
     };
+    // Lanes one after another (the CPU backend): every schedule costs at
+    // least the sequential 200, and on a tie the simplest wins.
+    let serial = SearchSpace {
+        serial: true,
+        ..space.clone()
+    };
+    let one = search(&p, &meta, &costs, &serial).unwrap();
+    assert!((one.predicted_us - 200.0).abs() < 1e-9, "{one:?}");
+    assert_eq!(one.spec.lanes, LaneMap::single());
+    assert!(one.spec.dense_cuts.is_empty() && one.spec.attn_cuts.is_empty());
     let found = search(&p, &meta, &costs, &space).unwrap();
     assert!((found.sequential_us - 200.0).abs() < 1e-9, "{found:?}");
     assert!((found.predicted_us - 100.0).abs() < 1e-9, "{found:?}");
