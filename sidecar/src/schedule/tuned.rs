@@ -17,7 +17,9 @@ use super::{Schedule, order};
 use crate::backend::StepMeta;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// The version of the schedule file this code reads and writes.
 pub const SCHEDULE_FILE_VERSION: u32 = 1;
@@ -230,25 +232,64 @@ impl TunedStep {
     }
 }
 
-/// A loaded schedule file as the engine's plan.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tuned(pub ScheduleFile);
+/// A loaded schedule file as the engine's plan, with the schedules it laid
+/// out for recent step shapes: building and validating a schedule costs
+/// about as much as a small step (a 30-layer model's is hundreds of nodes),
+/// and decode steps repeat their shape.
+#[derive(Debug)]
+pub struct Tuned {
+    pub file: ScheduleFile,
+    laid: Mutex<HashMap<StepShape, Laid>>,
+}
 
-// The file's floats are checked finite on load; equality is only used to
-// tell plans apart.
+/// What a schedule depends on: the rows, each sequence's rows, the logit
+/// rows (`program::accesses` reads nothing else of a step).
+type StepShape = (usize, Vec<(usize, usize)>, Vec<u32>);
+type Laid = Arc<(Schedule, Vec<usize>)>;
+
+/// Step shapes kept before the cache starts over.
+const KEEP: usize = 256;
+
+impl PartialEq for Tuned {
+    fn eq(&self, other: &Tuned) -> bool {
+        self.file == other.file
+    }
+}
+
+// The file's floats are checked on load; equality only tells plans apart.
 impl Eq for Tuned {}
 
 impl Tuned {
+    pub fn new(file: ScheduleFile) -> Tuned {
+        Tuned {
+            file,
+            laid: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The step's schedule and issue order, validated.
     pub fn lay_out(
         &self,
         program: &Program,
         meta: &StepMeta,
     ) -> std::result::Result<(Schedule, Vec<usize>), ScheduleError> {
-        let spec = self.0.entry(meta.tokens.len()).spec_for(meta);
+        let shape: StepShape = (
+            meta.tokens.len(),
+            meta.seqs.iter().map(|s| (s.q_start, s.q_len)).collect(),
+            meta.logit_rows.clone(),
+        );
+        let mut laid = self.laid.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hit) = laid.get(&shape) {
+            return Ok((hit.0.clone(), hit.1.clone()));
+        }
+        let spec = self.file.entry(meta.tokens.len()).spec_for(meta);
         let s = build::nano_batched(program, meta, &spec)?;
         deps::validate(&s, program, meta)?;
         let order = order::sequential(&s)?;
+        if laid.len() >= KEEP {
+            laid.clear();
+        }
+        laid.insert(shape, Arc::new((s.clone(), order.clone())));
         Ok((s, order))
     }
 }

@@ -215,7 +215,7 @@ fn timeline<B: Backend>(
         .lay_out(program, &meta)
         .map_err(|e| Error::Config(e.to_string()))?;
     let shares = match plan {
-        Plan::Tuned(t) => t.0.entry(meta.tokens.len()).shares.clone(),
+        Plan::Tuned(t) => t.file.entry(meta.tokens.len()).shares.clone(),
         _ => vec![1.0; schedule.lanes.len()],
     };
     // The CPU backend runs the lanes one after another.

@@ -318,8 +318,17 @@ pub fn at_start<B: Backend>(
     };
     let file = ScheduleFile::load(&path, &key)?;
     // Every entry must lay out on its own representative step.
-    let tuned = crate::schedule::tuned::Tuned(file);
-    for step in &tuned.0.steps {
+    let tuned = crate::schedule::tuned::Tuned::new(file);
+    for step in &tuned.file.steps {
+        let lanes = step.lane_map().lanes();
+        if lanes > b.lanes() {
+            return Err(Error::Config(format!(
+                "schedule file {}: {} needs {lanes} lanes, the backend runs {} (gpu_lanes)",
+                path.display(),
+                step.shape,
+                b.lanes()
+            )));
+        }
         let meta = Shape {
             decodes: step.rows,
             prefill: 0,
@@ -329,6 +338,6 @@ pub fn at_start<B: Backend>(
         build::nano_batched(program, &meta, &spec)
             .map_err(|e| Error::Config(format!("schedule file {}: {e}", path.display())))?;
     }
-    info!(file = %path.display(), schedule = %tuned.0.describe(), "schedule: tuned (overlap on)");
+    info!(file = %path.display(), schedule = %tuned.file.describe(), "schedule: tuned (overlap on)");
     Ok(Plan::Tuned(Arc::new(tuned)))
 }

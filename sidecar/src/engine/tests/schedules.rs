@@ -209,7 +209,7 @@ fn tuned_schedules_give_the_sequential_logits() {
     for keep in 0..2 {
         let mut one = file.clone();
         one.steps = vec![file.steps[keep].clone()];
-        let plan = Plan::Tuned(std::sync::Arc::new(Tuned(one)));
+        let plan = Plan::Tuned(std::sync::Arc::new(Tuned::new(one)));
         let (mut e, mut w) = scenario_under(plan.clone());
         e.backend().recorder.start();
         let (results, got) = all_logits(&mut e, &mut w);

@@ -124,7 +124,7 @@ fn the_search_picks_the_hand_computed_schedule_through_the_files() {
     file.save(&path).unwrap();
     let loaded = ScheduleFile::load(&path, &key()).unwrap();
     assert_eq!(loaded, file);
-    let (s, _) = Tuned(loaded).lay_out(&p, &meta).unwrap();
+    let (s, _) = Tuned::new(loaded).lay_out(&p, &meta).unwrap();
     assert_eq!(s, build::nano_batched(&p, &meta, &found.spec).unwrap());
     assert!((makespan(&s, &costs, &found.shares).unwrap() - 100.0).abs() < 1e-9);
     std::fs::remove_dir_all(&dir).unwrap();
