@@ -161,6 +161,7 @@ def test_bench_serve_reports_and_draws_a_timeline(tuned, tmp_path):
     assert rep["overlap"] == "on" and rep["model"] == "tiny"
     assert rep["input_tokens"] == 12 * 40 and rep["output_tokens"] == 12 * 8
     assert rep["tokens_per_s"] > 0 and rep["wall_s"] > 0
+    assert rep["optimum"]["gemm_params"] > 0
     assert rep["peak_running"] == 2, "KV admission: 6 blocks hold two requests"
     ph = rep["phases"]
     assert ph["prefill_s"] > 0 and ph["decode_s"] > 0

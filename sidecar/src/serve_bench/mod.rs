@@ -112,6 +112,11 @@ pub fn run(o: &Options) -> Result<Value> {
     report["device"] = json!(tune::key(engine.backend(), &model, &program, tune::POLICY).device);
     report["overlap"] = json!(String::from(config.overlap.clone()));
     report["kv_blocks"] = json!(engine.kv_total_blocks());
+    report["optimum"] = json!({
+        "gemm_params": gemm_params(&model),
+        "fraction": null,
+        "why": "the optimum is the GEMM rate / (2 x GEMM parameters); the GEMM rate is measured on the GPU only",
+    });
     report["timeline"] = timeline(
         o,
         &config,
@@ -128,6 +133,14 @@ pub fn run(o: &Options) -> Result<Value> {
         std::fs::write(path, text).map_err(|e| Error::io(path, e))?;
     }
     Ok(report)
+}
+
+/// Parameters in GEMMs: every linear layer and the LM head.
+fn gemm_params(c: &crate::model::config::ModelConfig) -> usize {
+    let per_layer = c.qkv_dim() * c.hidden_size
+        + c.hidden_size * c.q_dim()
+        + 3 * c.intermediate_size * c.hidden_size;
+    c.num_layers * per_layer + c.vocab_size * c.hidden_size
 }
 
 /// Median, 90th and 99th percentile (NaN when empty).
