@@ -54,6 +54,97 @@ struct Running {
     last: u32,
 }
 
+/// The loop's state: who waits, who runs, the KV blocks they hold.
+struct Batcher<'a> {
+    reqs: &'a [Request],
+    /// KV blocks of the cache.
+    total: usize,
+    /// Blocks the running requests may grow into.
+    reserved: usize,
+    /// The next request to arrive.
+    next: usize,
+    waiting: VecDeque<usize>,
+    running: Vec<Running>,
+    out: Vec<Outcome>,
+}
+
+fn key(id: usize) -> SeqKey {
+    SeqKey {
+        session: SESSION,
+        seq: id as u64,
+    }
+}
+
+impl Batcher<'_> {
+    /// KV blocks of a request's whole prompt and output.
+    fn need(&self, id: usize) -> usize {
+        let r = &self.reqs[id];
+        blocks_for(r.prompt.len() + r.output_len, BLOCK_SIZE)
+    }
+
+    fn busy(&self) -> bool {
+        self.next < self.reqs.len() || !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Queues what has arrived by `now`, then opens sequences for waiting
+    /// requests, oldest first, while their blocks fit.
+    fn admit<B: Backend>(&mut self, engine: &mut Engine<B>, now: f64) -> Result<()> {
+        while self.next < self.reqs.len() && self.reqs[self.next].arrival <= now {
+            self.waiting.push_back(self.next);
+            self.next += 1;
+        }
+        while let Some(&id) = self.waiting.front() {
+            if self.reserved + self.need(id) > self.total {
+                break;
+            }
+            self.waiting.pop_front();
+            self.reserved += self.need(id);
+            let sampling = SamplingParams::default();
+            engine
+                .open_sequence(key(id), AttentionPolicy::Full, sampling, false)
+                .map_err(reply)?;
+            let last = 0;
+            self.running.push(Running { id, sent: 0, last });
+        }
+        Ok(())
+    }
+
+    /// Takes a step's results, sampled at `at`, and closes the requests
+    /// that are done.
+    fn record<B: Backend>(
+        &mut self,
+        engine: &mut Engine<B>,
+        entries: &[StepEntry],
+        results: Vec<tacflow_ipc::StepResult>,
+        at: f64,
+    ) -> Result<()> {
+        for (e, r) in entries.iter().zip(results) {
+            let run = self.running.iter_mut().find(|x| x.id as u64 == e.seq_id);
+            let run = run.expect("an entry of a running request");
+            if run.sent < self.reqs[run.id].prompt.len() {
+                run.sent += e.tokens.len();
+            }
+            if let Some(tok) = r.token {
+                run.last = tok;
+                self.out[run.id].token_times.push(at);
+            }
+        }
+        let done = |x: &Running| self.out[x.id].token_times.len() >= self.reqs[x.id].output_len;
+        let done: Vec<usize> = self
+            .running
+            .iter()
+            .filter(|x| done(x))
+            .map(|x| x.id)
+            .collect();
+        for id in done {
+            engine.close_sequence(key(id)).map_err(reply)?;
+            self.reserved -= self.need(id);
+            self.running.retain(|x| x.id != id);
+        }
+        Ok(())
+    }
+}
+
 /// Runs every request to completion; per request its outcome, and every
 /// step's rows and time.
 pub fn drive<B: Backend>(
@@ -61,58 +152,42 @@ pub fn drive<B: Backend>(
     reqs: &[Request],
     budget: usize,
 ) -> Result<(Vec<Outcome>, Vec<StepStat>)> {
-    let total = engine.kv_total_blocks();
-    let need = |r: &Request| blocks_for(r.prompt.len() + r.output_len, BLOCK_SIZE);
-    if let Some(r) = reqs.iter().find(|r| need(r) > total) {
-        return Err(Error::Config(format!(
-            "a request of {} + {} tokens needs {} KV blocks; the cache has {total}",
-            r.prompt.len(),
-            r.output_len,
-            need(r)
-        )));
-    }
-    let mut out: Vec<Outcome> = reqs
+    let out = reqs
         .iter()
         .map(|r| Outcome {
             arrival: r.arrival,
             token_times: vec![],
         })
         .collect();
-    let (mut waiting, mut running) = (VecDeque::new(), Vec::<Running>::new());
-    let (mut next, mut reserved, mut steps) = (0, 0, vec![]);
-    let start = Instant::now();
-    while next < reqs.len() || !waiting.is_empty() || !running.is_empty() {
+    let mut b = Batcher {
+        reqs,
+        total: engine.kv_total_blocks(),
+        reserved: 0,
+        next: 0,
+        waiting: VecDeque::new(),
+        running: vec![],
+        out,
+    };
+    if let Some(id) = (0..reqs.len()).find(|&id| b.need(id) > b.total) {
+        let r = &reqs[id];
+        return Err(Error::Config(format!(
+            "a request of {} + {} tokens needs {} KV blocks; the cache has {}",
+            r.prompt.len(),
+            r.output_len,
+            b.need(id),
+            b.total
+        )));
+    }
+    let (start, mut steps) = (Instant::now(), vec![]);
+    while b.busy() {
         let now = start.elapsed().as_secs_f64();
-        while next < reqs.len() && reqs[next].arrival <= now {
-            waiting.push_back(next);
-            next += 1;
-        }
-        while let Some(&id) = waiting.front() {
-            if reserved + need(&reqs[id]) > total {
-                break;
-            }
-            waiting.pop_front();
-            reserved += need(&reqs[id]);
-            let key = SeqKey {
-                session: SESSION,
-                seq: id as u64,
-            };
-            let sampling = SamplingParams::default();
-            engine
-                .open_sequence(key, AttentionPolicy::Full, sampling, false)
-                .map_err(reply)?;
-            running.push(Running {
-                id,
-                sent: 0,
-                last: 0,
-            });
-        }
-        if running.is_empty() {
-            let wait = reqs[next].arrival - now;
+        b.admit(engine, now)?;
+        if b.running.is_empty() {
+            let wait = reqs[b.next].arrival - now;
             std::thread::sleep(Duration::from_secs_f64(wait.max(0.0)));
             continue;
         }
-        let (entries, stat) = plan_step(&running, reqs, budget);
+        let (entries, stat) = plan_step(&b.running, reqs, budget);
         let work = StepWork {
             session: SESSION,
             logits: vec![None; entries.len()],
@@ -120,36 +195,18 @@ pub fn drive<B: Backend>(
         };
         let t = Instant::now();
         let results = engine.step(&work).map_err(reply)?;
-        let secs = t.elapsed().as_secs_f64();
-        steps.push(StepStat { secs, ..stat });
-        let at = start.elapsed().as_secs_f64();
-        for (e, r) in work.entries.iter().zip(results) {
-            let run = running.iter_mut().find(|x| x.id as u64 == e.seq_id);
-            let run = run.expect("an entry of a running request");
-            if run.sent < reqs[run.id].prompt.len() {
-                run.sent += e.tokens.len();
-            }
-            if let Some(tok) = r.token {
-                run.last = tok;
-                out[run.id].token_times.push(at);
-            }
-        }
-        let done: Vec<usize> = running
-            .iter()
-            .filter(|x| out[x.id].token_times.len() >= reqs[x.id].output_len)
-            .map(|x| x.id)
-            .collect();
-        for id in done {
-            let key = SeqKey {
-                session: SESSION,
-                seq: id as u64,
-            };
-            engine.close_sequence(key).map_err(reply)?;
-            reserved -= need(&reqs[id]);
-            running.retain(|x| x.id != id);
-        }
+        steps.push(StepStat {
+            secs: t.elapsed().as_secs_f64(),
+            ..stat
+        });
+        b.record(
+            engine,
+            &work.entries,
+            results,
+            start.elapsed().as_secs_f64(),
+        )?;
     }
-    Ok((out, steps))
+    Ok((b.out, steps))
 }
 
 /// The next step's entries: every decode, then prompt chunks in the
