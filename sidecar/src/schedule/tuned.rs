@@ -13,7 +13,7 @@
 use super::build::{self, LaneMap, NanoSpec};
 use super::deps::{self, ScheduleError};
 use super::program::Program;
-use super::{Schedule, order};
+use super::{Plan, Schedule, order};
 use crate::backend::StepMeta;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -184,6 +184,12 @@ impl TunedStep {
         }
     }
 
+    /// Whether this entry runs the sequential pass on every step.
+    pub fn is_sequential(&self) -> bool {
+        let (d, a) = (&self.dense_cuts, &self.attn_cuts);
+        d.is_empty() && a.is_empty() && self.lane_map().lanes() == 1
+    }
+
     pub fn lane_map(&self) -> LaneMap {
         LaneMap {
             gemm: self.gemm_lanes.clone(),
@@ -283,6 +289,10 @@ impl Tuned {
             return Ok((hit.0.clone(), hit.1.clone()));
         }
         let spec = self.file.entry(meta.tokens.len()).spec_for(meta);
+        if spec.is_sequential() {
+            // Nothing to cut: the sequential pass, which needs no check.
+            return Plan::Sequential.lay_out(program, meta);
+        }
         let s = build::nano_batched(program, meta, &spec)?;
         deps::validate(&s, program, meta)?;
         let order = order::sequential(&s)?;

@@ -338,6 +338,13 @@ pub fn at_start<B: Backend>(
         build::nano_batched(program, &meta, &spec)
             .map_err(|e| Error::Config(format!("schedule file {}: {e}", path.display())))?;
     }
-    info!(file = %path.display(), schedule = %tuned.file.describe(), "schedule: tuned (overlap on)");
+    let schedule = tuned.file.describe();
+    if tuned.file.steps.iter().all(|s| s.is_sequential()) {
+        // Kept as the sequential plan, so that what only it runs (CUDA
+        // graphs) still runs.
+        info!(file = %path.display(), %schedule, "schedule: tuned (overlap on): the sequential pass at every step");
+        return Ok(Plan::Sequential);
+    }
+    info!(file = %path.display(), %schedule, "schedule: tuned (overlap on)");
     Ok(Plan::Tuned(Arc::new(tuned)))
 }
