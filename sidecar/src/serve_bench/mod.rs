@@ -10,6 +10,11 @@
 //! end as the cost model predicts them, the lanes one after another as
 //! the CPU backend runs them; `bench/serve/timeline.py` draws it as a PNG.
 //!
+//! A product subcommand, not one of the lab's (`bench`, the `lab`
+//! feature): it runs nothing but the engine the daemon ships, and the
+//! end-to-end tests run it from the product binary that `./scripts/test`
+//! builds.
+//!
 //! | piece | file |
 //! | --- | --- |
 //! | the batching loop: admission, chunked prefill mixed with decode | [`sched`] |
