@@ -2,7 +2,7 @@
 //! subcommand. The binaries (`main.rs`, and `bin/tacflowd-faults.rs` in
 //! test builds) only call [`main`].
 
-use crate::config::{BackendKind, Config, Fusion, GpuActivations, LogFormat};
+use crate::config::{BackendKind, Config, Fusion, GpuActivations, LogFormat, Overlap};
 use crate::{Shutdown, run};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -160,6 +160,64 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Profile each op at several row counts and device shares, write the
+    /// cost file, search a schedule for representative steps and cache it
+    /// for this model, device and policy (`serve --overlap on|auto` loads
+    /// it). Takes the serve flags, so that it tunes what `serve` runs.
+    Tune {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Row counts to profile each op at.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 64])]
+        rows: Vec<usize>,
+        /// Cached tokens per decode sequence (attention's profile and the
+        /// representative steps).
+        #[arg(long, default_value_t = 256)]
+        context: usize,
+        /// Representative steps: `N` decodes, or `N+P` decodes and a
+        /// P-row prefill chunk.
+        #[arg(long, value_delimiter = ',', default_values = ["1", "8", "8+56"])]
+        shapes: Vec<crate::tune::Shape>,
+        /// Grid of the search's device shares.
+        #[arg(long, default_value_t = 0.25)]
+        share_step: f64,
+        /// The attention policy to tune for (only `full` so far).
+        #[arg(long, default_value = "full")]
+        policy: String,
+        /// Where to write the cost file (default: the schedule directory).
+        #[arg(long)]
+        cost_file: Option<PathBuf>,
+    },
+    /// Offline throughput of a synthetic workload on the daemon's engine:
+    /// tokens/s, time per phase, TTFT and inter-token latency, a timeline
+    /// of one step's lanes in the JSON (`bench/serve/timeline.py` draws
+    /// it). Takes the serve flags (`--overlap on|off`, `--kv-blocks`...).
+    BenchServe {
+        #[command(flatten)]
+        serve: ServeArgs,
+        #[arg(long, default_value_t = 128)]
+        input_len: usize,
+        #[arg(long, default_value_t = 32)]
+        output_len: usize,
+        #[arg(long, default_value_t = 32)]
+        requests: usize,
+        /// Requests per second, arriving as a Poisson process (all at
+        /// once when absent).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Tokens per step: decodes first, then prompt chunks.
+        #[arg(long, default_value_t = 256)]
+        step_tokens: usize,
+        /// Seed of the prompts and arrivals.
+        #[arg(long, default_value_t = 0)]
+        workload_seed: u64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The cost file the timeline is predicted from (default: the one
+        /// `tune` wrote for this model and device).
+        #[arg(long)]
+        cost_file: Option<PathBuf>,
+    },
     /// Write every tensor of a GGUF file, decoded to f32 under its GGUF name,
     /// to one safetensors file (checks the reader against other readers).
     #[command(hide = true)]
@@ -284,6 +342,15 @@ struct ServeArgs {
     /// sequences, apart from the model's KV cache).
     #[arg(long, env = "TACFLOW_ATTENTION_POOL_MB")]
     attention_pool_mb: Option<usize>,
+    /// Which schedule steps run: `off` (the sequential pass; the default),
+    /// `on` (the schedule `tacflowd tune` cached for this model, device
+    /// and policy), `auto` (that one if cached, else sequential), or a
+    /// schedule file.
+    #[arg(long, env = "TACFLOW_OVERLAP")]
+    overlap: Option<Overlap>,
+    /// Where `tune` caches schedules (default `$XDG_CACHE_HOME/tacflow`).
+    #[arg(long, env = "TACFLOW_SCHEDULE_DIR")]
+    schedule_dir: Option<PathBuf>,
     /// Per-session limit: open sequences.
     #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
     max_sequences: Option<u64>,
@@ -325,7 +392,8 @@ impl ServeArgs {
             shutdown_timeout_ms,
             fatal_linger_ms,
             wedged_after_ms,
-            attention_pool_mb
+            attention_pool_mb,
+            overlap
         );
         set_opt!(
             gpu_activations,
@@ -336,7 +404,8 @@ impl ServeArgs {
             max_context,
             threads,
             metrics_addr,
-            memory_limit
+            memory_limit,
+            schedule_dir
         );
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
@@ -582,20 +651,78 @@ pub fn main() -> anyhow::Result<()> {
             };
             Ok(crate::bench::tactic::run(&opts)?)
         }
+        Some(Command::Tune {
+            serve,
+            rows,
+            context,
+            shapes,
+            share_step,
+            policy,
+            cost_file,
+        }) => {
+            let config = serve.into_config()?;
+            init_logging(config.log_format);
+            init_threads(&config)?;
+            let opts = crate::tune::Options {
+                config,
+                rows,
+                context,
+                shapes,
+                share_step,
+                policy,
+                cost_file,
+            };
+            crate::tune::run(&opts, |line| eprintln!("{line}"))?;
+            Ok(())
+        }
+        Some(Command::BenchServe {
+            serve,
+            input_len,
+            output_len,
+            requests,
+            rate,
+            step_tokens,
+            workload_seed,
+            json,
+            cost_file,
+        }) => {
+            let config = serve.into_config()?;
+            init_logging(config.log_format);
+            init_threads(&config)?;
+            let opts = crate::serve_bench::Options {
+                config,
+                input_len,
+                output_len,
+                requests,
+                rate,
+                step_tokens,
+                seed: workload_seed,
+                json,
+                cost_file,
+            };
+            crate::serve_bench::run(&opts)?;
+            Ok(())
+        }
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     }
 }
 
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.into_config()?;
-    init_logging(config.log_format);
+/// The CPU backend's thread pool, as `threads` says.
+fn init_threads(config: &Config) -> anyhow::Result<()> {
     if let Some(n) = config.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("thread pool")?;
     }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.into_config()?;
+    init_logging(config.log_format);
+    init_threads(&config)?;
     let shutdown = Shutdown::default();
     watch_signals(shutdown.clone())?;
     match run(config, shutdown, |_| {}) {

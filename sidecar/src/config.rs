@@ -201,6 +201,57 @@ pub struct Config {
     /// attention-only sequence, apart from the model's KV cache. It grows
     /// with its use up to this.
     pub attention_pool_mb: usize,
+    /// Which schedule each step runs: `off` (the sequential pass, the
+    /// baseline of every overlap figure), `on` (the one `tacflowd tune`
+    /// cached for this model, device and policy; an error without it),
+    /// `auto` (that one when there is one, else the sequential pass), or a
+    /// schedule file's path. Off until the GPU run has measured overlap.
+    pub overlap: Overlap,
+    /// Where `tune` caches schedules and `--overlap auto` looks for them
+    /// (default `$XDG_CACHE_HOME/tacflow`, else `~/.cache/tacflow`).
+    pub schedule_dir: Option<PathBuf>,
+}
+
+/// `overlap`: see [`Config::overlap`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Overlap {
+    #[default]
+    Off,
+    On,
+    Auto,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for Overlap {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Overlap, String> {
+        match s {
+            "off" => Ok(Overlap::Off),
+            "on" => Ok(Overlap::On),
+            "auto" => Ok(Overlap::Auto),
+            "" => Err("overlap: `off`, `auto`, or a schedule file".into()),
+            path => Ok(Overlap::File(PathBuf::from(path))),
+        }
+    }
+}
+
+impl TryFrom<String> for Overlap {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Overlap, String> {
+        s.parse()
+    }
+}
+
+impl From<Overlap> for String {
+    fn from(o: Overlap) -> String {
+        match o {
+            Overlap::Off => "off".into(),
+            Overlap::On => "on".into(),
+            Overlap::Auto => "auto".into(),
+            Overlap::File(p) => p.display().to_string(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -237,6 +288,8 @@ impl Default for Config {
             memory_limit: None,
             attention_only: false,
             attention_pool_mb: 1024,
+            overlap: Overlap::Off,
+            schedule_dir: None,
         }
     }
 }

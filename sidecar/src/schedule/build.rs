@@ -113,6 +113,13 @@ pub struct NanoSpec {
     pub skew: usize,
 }
 
+impl NanoSpec {
+    /// No cut and one lane: the sequential pass.
+    pub fn is_sequential(&self) -> bool {
+        self.dense_cuts.is_empty() && self.attn_cuts.is_empty() && self.lanes.lanes() == 1
+    }
+}
+
 /// `cuts` checked and turned into the ranges they make of `0..rows`.
 fn pieces(
     cuts: &[usize],

@@ -19,6 +19,7 @@
 //! | execution traces and the checker that proves them ordered | [`trace`] |
 //! | running a schedule on a backend | [`run`] |
 //! | schedules from a cost model: the search | [`search`] |
+//! | the schedule `tune` chose, as the daemon loads it | [`tuned`] |
 
 pub mod build;
 pub mod deps;
@@ -27,6 +28,7 @@ pub mod program;
 pub mod run;
 pub mod search;
 pub mod trace;
+pub mod tuned;
 
 #[cfg(test)]
 pub(crate) mod tests;
@@ -49,6 +51,9 @@ pub enum Plan {
     /// to four lanes), issued in a seeded random order: the adversarial
     /// interleaving the tests run the CPU backend under.
     Random { seed: u64 },
+    /// The schedule `tacflowd tune` chose (`--overlap`), cut to each
+    /// step's rows and sequences, validated before it runs.
+    Tuned(std::sync::Arc<tuned::Tuned>),
     /// This schedule and issue order, run as they are, unvalidated: what
     /// the trace checker must catch when a schedule is wrong (tests).
     #[cfg(test)]
@@ -76,6 +81,7 @@ impl Plan {
                 let order = order::random(&s, seed)?;
                 Ok((s, order))
             }
+            Plan::Tuned(ref t) => t.lay_out(program, meta),
             #[cfg(test)]
             Plan::Given(ref given) => Ok((given.0.clone(), given.1.clone())),
         }

@@ -11,6 +11,8 @@
 //!
 //! # The cost file (version 1)
 //!
+//! `tacflowd tune` writes it (docs/SCHEDULES.md).
+//!
 //! TOML (or JSON with the same fields, chosen by a `.json` extension):
 //!
 //! ```toml
@@ -207,28 +209,49 @@ pub fn makespan(
     shares: &[f64],
 ) -> Result<f64, ScheduleError> {
     let order = order::sequential(schedule)?;
-    Ok(simulate(schedule, &order, model, shares))
+    Ok(simulate(schedule, &order, model, shares, false))
 }
 
-/// [`makespan`] given an issue order.
-fn simulate(schedule: &Schedule, order: &[usize], model: &CostModel, shares: &[f64]) -> f64 {
+/// [`makespan`] given an issue order; `serial`: see [`SearchSpace::serial`].
+fn simulate(
+    schedule: &Schedule,
+    order: &[usize],
+    model: &CostModel,
+    shares: &[f64],
+    serial: bool,
+) -> f64 {
+    let spans = spans(schedule, order, model, shares, serial);
+    spans.into_iter().map(|(_, end)| end).fold(0.0, f64::max)
+}
+
+/// Each node's predicted (start, end) in microseconds, issued in `order`:
+/// the timeline `bench-serve` draws. With `serial`, the lanes share one
+/// timeline, as on a backend that runs each node as it is issued.
+pub fn spans(
+    schedule: &Schedule,
+    order: &[usize],
+    model: &CostModel,
+    shares: &[f64],
+    serial: bool,
+) -> Vec<(f64, f64)> {
     let mut waits = vec![vec![]; schedule.nodes.len()];
     for e in &schedule.events {
         waits[e.after].push(e.before);
     }
-    let mut finish = vec![0.0f64; schedule.nodes.len()];
+    let mut span = vec![(0.0f64, 0.0f64); schedule.nodes.len()];
     let mut lane_free = vec![0.0f64; schedule.lanes.len()];
     for &v in order {
         let n = &schedule.nodes[v];
+        let lane = if serial { 0 } else { n.lane };
         let ready = waits[v]
             .iter()
-            .map(|&a| finish[a])
-            .fold(lane_free[n.lane], f64::max);
+            .map(|&a| span[a].1)
+            .fold(lane_free[lane], f64::max);
         let us = model.cost(OpKind::of(n.op), n.rows.len(), shares[n.lane]);
-        finish[v] = ready + us;
-        lane_free[n.lane] = finish[v];
+        span[v] = (ready, ready + us);
+        lane_free[lane] = ready + us;
     }
-    lane_free.into_iter().fold(0.0, f64::max)
+    span
 }
 
 /// The candidates a search tries.
@@ -241,6 +264,11 @@ pub struct SearchSpace {
     /// SM shares are tried on this grid, each lane at least one step, their
     /// sum at most 1.
     pub share_step: f64,
+    /// The backend runs lanes one after another (the CPU backend runs each
+    /// node as it is issued): every lane gets the whole device and the
+    /// makespan is the sum of the nodes, so cuts pay only where the cost
+    /// table says smaller pieces are cheaper in sum.
+    pub serial: bool,
 }
 
 impl SearchSpace {
@@ -277,6 +305,7 @@ impl SearchSpace {
             lane_maps: vec![LaneMap::single(), LaneMap::nanoflow(), LaneMap::two_batch()],
             skews: vec![0, 2, 6],
             share_step: 0.1,
+            serial: false,
         }
     }
 }
@@ -327,8 +356,13 @@ pub fn search(
     for spec in candidates(space) {
         let schedule = build::nano_batched(program, meta, &spec)?;
         let order = order::sequential(&schedule)?;
-        for shares in share_grid(schedule.lanes.len(), space.share_step) {
-            let us = simulate(&schedule, &order, model, &shares);
+        let lanes = schedule.lanes.len();
+        let grid = match space.serial {
+            true => vec![vec![1.0; lanes]],
+            false => share_grid(lanes, space.share_step),
+        };
+        for shares in grid {
+            let us = simulate(&schedule, &order, model, &shares, space.serial);
             if best.as_ref().is_none_or(|b| us < b.predicted_us - 1e-9) {
                 let spec = spec.clone();
                 best = Some(SearchResult {

@@ -135,7 +135,11 @@ struct ExecutorLinks {
 }
 
 /// Sizes the KV cache the configuration asks for.
-fn kv_capacity<B: Backend>(backend: &B, config: &Config, model: &ModelConfig) -> KvCapacity {
+pub(crate) fn kv_capacity<B: Backend>(
+    backend: &B,
+    config: &Config,
+    model: &ModelConfig,
+) -> KvCapacity {
     match config.kv_blocks {
         Some(n) => KvCapacity::Blocks(n),
         None if backend.free_memory().is_some() => {
@@ -226,6 +230,9 @@ fn start_executor<B: Backend + 'static>(
     )?;
     links.notifier.status("warming up");
     engine.set_fusions(crate::config::Fusion::program_fusions(config.fusion_list()));
+    let program = engine.model_program();
+    let plan = crate::tune::at_start(config, engine.backend(), &model_config, &program)?;
+    engine.set_plan(plan);
     warm_up(&mut engine)?;
     armed(engine.backend());
     let (kind, device) = engine.backend().describe();

@@ -162,3 +162,65 @@ fn fused_programs_give_the_unfused_logits() {
         );
     }
 }
+
+/// A schedule file as `tune` writes it (two-batch overlap for small
+/// steps, NanoFlow's three lanes with a skew for larger ones) runs the
+/// mixed step with the sequential pass's logits and tokens, every
+/// dependency ordered.
+#[test]
+fn tuned_schedules_give_the_sequential_logits() {
+    use crate::schedule::build::{LaneMap, NanoSpec};
+    use crate::schedule::tuned::{ScheduleFile, ScheduleKey, Tuned, TunedStep};
+    let (mut e, mut w) = scenario_under(Plan::Sequential);
+    let (want_results, want) = all_logits(&mut e, &mut w);
+    let small = crate::schedule::tests::step(&[1, 1, 1, 1]);
+    let entry = |meta, spec, shares: Vec<f64>| {
+        let mut t = TunedStep::from_spec("test".into(), meta, spec);
+        t.shares = shares;
+        t
+    };
+    let two = NanoSpec {
+        dense_cuts: vec![2],
+        attn_cuts: vec![2],
+        lanes: LaneMap::two_batch(),
+        skew: 0,
+    };
+    let big = crate::schedule::tests::step(&[1, 1, 1, 1, 12]);
+    let three = NanoSpec {
+        dense_cuts: vec![6],
+        attn_cuts: vec![4],
+        lanes: LaneMap::nanoflow(),
+        skew: 2,
+    };
+    let file = ScheduleFile {
+        version: 1,
+        model: "tiny".into(),
+        key: ScheduleKey {
+            fingerprint: "f".into(),
+            device: "d".into(),
+            policy: "full".into(),
+        },
+        cost_file: String::new(),
+        steps: vec![
+            entry(&small, &two, vec![0.5, 0.5]),
+            entry(&big, &three, vec![0.5, 0.25, 0.25]),
+        ],
+    };
+    for keep in 0..2 {
+        let mut one = file.clone();
+        one.steps = vec![file.steps[keep].clone()];
+        let plan = Plan::Tuned(std::sync::Arc::new(Tuned::new(one)));
+        let (mut e, mut w) = scenario_under(plan.clone());
+        e.backend().recorder.start();
+        let (results, got) = all_logits(&mut e, &mut w);
+        let rec = e.backend().recorder.take();
+        let meta = rec.meta.expect("the step's metadata");
+        let (schedule, _) = plan.lay_out(&e.model_program(), &meta).unwrap();
+        assert!(schedule.lanes.len() > 1, "entry {keep}: one lane");
+        trace::check(&rec.trace, &schedule, &meta).unwrap();
+        assert!(rel_diff(&got, &want) <= 1e-6);
+        for (g, r) in results.iter().zip(&want_results) {
+            assert_eq!(g.token, r.token);
+        }
+    }
+}

@@ -4,6 +4,7 @@
 mod build;
 mod deps;
 mod search;
+mod tuned;
 
 use super::program::Program;
 use crate::backend::{SeqMeta, StepMeta};
