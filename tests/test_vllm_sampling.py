@@ -236,13 +236,14 @@ def test_prompt_logprobs_in_chunks_match_the_full_logits(daemon):
     # Processing options change the draw, never the scores.
     p = SamplingParams(prompt_logprobs=k, repetition_penalty=2.0, logit_bias={prompt[3]: 20.0})
     c.open_sequence(2, sampling=p)
-    got, at = [], 0
+    got, ranks, at = [], [], 0
     for n, sample in ((1, False), (15, False), (4, False), (17, True)):
         r = c.step([StepEntry(2, prompt[at:at + n], sample=sample)]).results[0]
-        assert len(r.prompt_logprobs) == n
+        assert len(r.prompt_logprobs) == n and len(r.prompt_ranks) == n
         got.extend(r.prompt_logprobs)
+        ranks.extend(r.prompt_ranks)
         at += n
-    assert got[0] is None
+    assert got[0] is None and ranks[0] is None
     for j in range(1, len(prompt)):
         lp = log_softmax(full[j - 1])
         order = np.argsort(-full[j - 1], kind="stable")[:k]
@@ -251,6 +252,35 @@ def test_prompt_logprobs_in_chunks_match_the_full_logits(daemon):
         assert abs(value - lp[prompt[j]]) < 1e-5, j
         assert [t for t, _ in top] == [int(i) for i in order], j
         assert np.allclose([v for _, v in top], lp[order], atol=1e-5, rtol=0), j
+        # vLLM's rank: tokens at least as likely, itself included, over the
+        # whole vocabulary (random prompt tokens rank far below the top k).
+        assert ranks[j] == int((full[j - 1] >= full[j - 1][prompt[j]]).sum()), j
+    assert max(r for r in ranks if r is not None) > k, "some ranks lie beyond the top list"
     # The sampled token and later ones are output: not scored.
     nxt = c.step([StepEntry(2, [r.token])]).results[0]
     assert nxt.prompt_logprobs == ()
+
+
+def test_sampled_tokens_report_vllms_rank_over_the_vocabulary(daemon):
+    """(1.4) With logprobs, a sampled token's rank counts every token at
+    least as likely, itself included, also when it lies beyond the top
+    list; without logprobs no rank is sent."""
+    c = daemon.client()
+    region = c.create_region(4 * VOCAB * 8)
+    rng = np.random.default_rng(5)
+    prompt = [int(t) for t in rng.integers(0, VOCAB, 6)]
+    beyond = 0
+    for seed in range(24):
+        sid = 100 + seed
+        c.open_sequence(sid, sampling=SamplingParams(temperature=3.0, seed=seed, logprobs=1))
+        ref = region.ref(0, "f32", (len(prompt), VOCAB))
+        r = c.step([StepEntry(sid, prompt, sample=True, logits=ref)]).results[0]
+        row = np.array(region.view(ref), copy=True)[-1]
+        want = int((row >= row[r.token]).sum())
+        assert r.rank == want, (seed, r.token, r.rank, want)
+        beyond += want > 1
+        c.close_sequence(sid)
+    assert beyond > 0, "no draw below the best token: the test checks nothing beyond the top list"
+    c.open_sequence(999, sampling=SamplingParams(temperature=1.0, seed=1))
+    r = c.step([StepEntry(999, prompt, sample=True)]).results[0]
+    assert r.rank is None and r.logprob is not None

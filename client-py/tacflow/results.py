@@ -203,6 +203,13 @@ class StepResult:
     #: (1.3) Per new prompt token: ``(logprob, ((token, logprob), ...))``,
     #: ``None`` for the sequence's first token.
     prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]] | None, ...] = ()
+    #: (1.4) vLLM's rank of ``token`` (how many tokens are at least as
+    #: likely, itself included), when ``logprobs`` > 0; ``None`` from an
+    #: older daemon.
+    rank: int | None = None
+    #: (1.4) The rank of each token of ``prompt_logprobs`` (``None`` where
+    #: that is ``None``); empty from an older daemon.
+    prompt_ranks: tuple[int | None, ...] = ()
 
     @classmethod
     def from_wire(cls, body: Mapping[str, Any]) -> "StepResult":
@@ -219,6 +226,8 @@ class StepResult:
                 tuple((t, lp) for t, lp in top) if top else (),
                 AttentionDiagnostics.from_wire(att) if att is not None else None,
                 _prompt_logprobs(body.get("prompt_logprobs")),
+                body.get("rank"),
+                tuple(body.get("prompt_ranks") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError("protocol_error", f"bad step result {body!r}: {exc}") from None

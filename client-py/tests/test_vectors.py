@@ -313,6 +313,12 @@ def test_1_3_replies() -> None:
 
 
 def test_1_4_replies() -> None:
+    kind, body = decode_reply(reply_frames("step_rank_reply"))
+    res = StepOutput.from_wire(body).results[0]
+    assert (res.token, res.rank, res.prompt_ranks) == (8, 70, (None, 2))
+    kind, body = decode_reply(reply_frames("step_prompt_logprobs_reply"))
+    res = StepOutput.from_wire(body).results[0]
+    assert (res.rank, res.prompt_ranks) == (None, ()), "a 1.3 reply has no ranks"
     kind, body = decode_reply(reply_frames("attention_step_reply"))
     assert kind == Kind.ATTENTION_STEP
     out = AttentionStepOutput.from_wire(body)

@@ -386,6 +386,10 @@ pub struct StepResult {
     /// The most likely tokens with their log-probabilities, best first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_logprobs: Vec<(u32, f32)>,
+    /// (1.4) vLLM's rank of `token`: how many tokens are at least as likely,
+    /// itself included; present when `sampling.logprobs` > 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<AttentionDiagnostics>,
     /// (1.3) One per new token of the entry that lies in the prompt, for a
@@ -395,6 +399,10 @@ pub struct StepResult {
     /// token, the first after a named prefix or a truncation).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prompt_logprobs: Vec<Option<PromptLogprob>>,
+    /// (1.4) vLLM's rank of each token of `prompt_logprobs` (`nil` where
+    /// that has `nil`), in the same order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_ranks: Vec<Option<u32>>,
 }
 
 /// What a sparse policy read and how much attention mass it kept, averaged

@@ -444,8 +444,10 @@ fn vectors_match_the_rust_types() {
                     token: None,
                     logprob: None,
                     top_logprobs: vec![],
+                    rank: None,
                     attention: None,
                     prompt_logprobs: vec![],
+                    prompt_ranks: vec![],
                 },
                 StepResult {
                     seq_id: 43,
@@ -453,6 +455,7 @@ fn vectors_match_the_rust_types() {
                     token: Some(77),
                     logprob: Some(-0.5),
                     top_logprobs: vec![(77, -0.5), (12, -1.25)],
+                    rank: None,
                     attention: Some(AttentionDiagnostics {
                         policy: "tactic".into(),
                         tokens_read_fraction: 0.125,
@@ -463,6 +466,7 @@ fn vectors_match_the_rust_types() {
                         success_rate: 0.96875,
                     }),
                     prompt_logprobs: vec![],
+                    prompt_ranks: vec![],
                 },
             ],
             timing: StepTiming {
@@ -766,6 +770,30 @@ fn named_block_vectors(t: SessionToken) {
         },
     );
     check(
+        "step_rank_reply",
+        "reply",
+        Kind::Step.reply_byte(),
+        "step",
+        &StepReply {
+            request_id: 23,
+            results: vec![StepResult {
+                seq_id: 51,
+                num_tokens: 4,
+                token: Some(8),
+                logprob: Some(-2.5),
+                top_logprobs: vec![(3, -0.5)],
+                rank: Some(70),
+                attention: None,
+                prompt_logprobs: vec![None, Some((-1.5, vec![(9, -0.5)]))],
+                prompt_ranks: vec![None, Some(2)],
+            }],
+            timing: StepTiming {
+                queued_us: 1,
+                run_us: 2,
+            },
+        },
+    );
+    check(
         "step_prompt_logprobs_reply",
         "reply",
         Kind::Step.reply_byte(),
@@ -778,8 +806,10 @@ fn named_block_vectors(t: SessionToken) {
                 token: Some(6),
                 logprob: Some(-0.25),
                 top_logprobs: vec![],
+                rank: None,
                 attention: None,
                 prompt_logprobs: vec![None, Some((-1.5, vec![(9, -0.5), (5, -1.5)]))],
+                prompt_ranks: vec![],
             }],
             timing: StepTiming {
                 queued_us: 1,

@@ -543,7 +543,7 @@ class TacflowExecutor(DaemonLink, Executor):
             for j, (t, lp) in enumerate(res.top_logprobs[: width - 1]):
                 ids[i, j + 1] = t
                 lps[i, j + 1] = lp
-            ranks[i] = rank_in_top(res.token, res.logprob, res.top_logprobs)
+            ranks[i] = res.rank if res.rank is not None else rank_in_top(res.token, res.logprob, res.top_logprobs)
         return LogprobsLists(ids, lps, ranks)
 
     def _gather_prompt_logprobs(self, r: ReqState, res: Any, n: int, out: dict[str, Any]) -> None:
@@ -554,9 +554,10 @@ class TacflowExecutor(DaemonLink, Executor):
 
         # The daemon's element for the token at position q is scored from
         # row q - 1; vLLM's rows start at position 1.
+        ranks_in = res.prompt_ranks
         for e, row in enumerate(res.prompt_logprobs):
             if r.computed + e >= 1:
-                r.prompt_rows.append(row)
+                r.prompt_rows.append((row, ranks_in[e] if e < len(ranks_in) else None))
         if r.computed + n < r.prompt_len:
             return
         k = r.plan.prompt_logprobs or 0
@@ -565,7 +566,7 @@ class TacflowExecutor(DaemonLink, Executor):
         ids = torch.zeros((m, k + 1), dtype=torch.int32)
         lps = torch.full((m, k + 1), float("-inf"), dtype=torch.float32)
         ranks = torch.ones(m, dtype=torch.int32)
-        for i, row in enumerate(rows):
+        for i, (row, rank) in enumerate(rows):
             token = r.tokens[i + 1]
             ids[i, 0] = token
             if row is None:
@@ -575,7 +576,7 @@ class TacflowExecutor(DaemonLink, Executor):
             for j, (t, v) in enumerate(top[:k]):
                 ids[i, j + 1] = t
                 lps[i, j + 1] = v
-            ranks[i] = rank_in_top(token, lp, top)
+            ranks[i] = rank if rank is not None else rank_in_top(token, lp, top)
         out[r.req_id] = LogprobsTensors(ids, lps, ranks)
         r.prompt_rows = []
 

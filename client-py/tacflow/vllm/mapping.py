@@ -223,7 +223,8 @@ def external_request_id(req_id: str) -> str:
 
 def rank_in_top(token: int, logprob: float, top: tuple[tuple[int, float], ...]) -> int:
     """vLLM's rank of a token: how many tokens are at least as likely, itself
-    included. Exact when the token is among ``top`` (the daemon's best
-    tokens, best first); otherwise every token of ``top`` is more likely,
-    and ``len(top) + 1`` is a lower bound."""
+    included, from the daemon's best tokens (best first) alone: for a 1.3
+    daemon, which does not send the rank (a 1.4 daemon does, exactly). Exact
+    when the token is among ``top``; otherwise every token of ``top`` is more
+    likely, and ``len(top) + 1`` is a lower bound."""
     return 1 + sum(1 for t, lp in top if lp > logprob or (lp == logprob and t != token))

@@ -61,7 +61,7 @@ class ReqState:
     computed: int = 0
     open: bool = False
     #: Prompt logprob rows gathered over prefill chunks: per prompt position
-    #: 1.. (token logprob, [(token, logprob)] best first).
+    #: 1.. ((token logprob, [(token, logprob)] best first), the token's rank).
     prompt_rows: list[Any] = field(default_factory=list)
     diag: Diag | None = None
     #: The daemon sequence must be (re)opened holding this many tokens

@@ -14,4 +14,4 @@ pub use attention::{AttnSeq, KvLayer, kv_append, paged_attention};
 pub use elementwise::*;
 pub use gemm::matmul_nt;
 pub use processing::{Processing, sample_processed};
-pub use sampling::{SampleParams, Sampled, sample, token_logprob};
+pub use sampling::{SampleParams, Sampled, rank_from_top, rank_of, sample, token_logprob};

@@ -13,7 +13,7 @@
 //! one's are cut), then `top_k` and `top_p`. Log-probabilities stay those of
 //! the model's raw logits, as vLLM reports them by default.
 
-use super::sampling::{SampleParams, Sampled, argmax, draw_cut, logsumexp, top_k};
+use super::sampling::{SampleParams, Sampled, argmax, draw_cut, logsumexp, rank_of, top_k};
 use std::collections::HashMap;
 
 /// One sampled row's processing: options, and the sequence's tokens.
@@ -78,6 +78,7 @@ pub fn sample_processed(logits: &[f32], p: &SampleParams, proc: &Processing) -> 
             .into_iter()
             .map(|(i, v)| (i, v - lse))
             .collect(),
+        rank: (p.logprobs > 0).then(|| rank_of(logits, token)),
     }
 }
 

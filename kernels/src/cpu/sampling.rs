@@ -55,6 +55,31 @@ pub struct Sampled {
     pub logprob: f32,
     /// `(token, logprob)` best first, `logprobs` of them.
     pub top: Vec<(u32, f32)>,
+    /// vLLM's rank of `token` ([`rank_of`]), when `logprobs` > 0.
+    pub rank: Option<u32>,
+}
+
+/// vLLM's rank of `token` in a row of logits: how many tokens are at least
+/// as likely, itself included (1 for the most likely; ties count). Compared
+/// on the raw logits, which order the tokens as their log-probabilities do;
+/// NaN is never at least as likely.
+pub fn rank_of(logits: &[f32], token: u32) -> u32 {
+    let t = logits[token as usize];
+    let above = logits.iter().filter(|&&v| v >= t).count() as u32;
+    above.max(1)
+}
+
+/// [`rank_of`] from a row's best tokens alone (`top`, best first, as the
+/// samplers list them), or `None` where they cannot tell: `token` is not
+/// among them, or another listed token has its very log-probability (equal
+/// log-probabilities may hide distinct logits, and ties may continue past
+/// the list). Every token listed before it is then strictly more likely.
+pub fn rank_from_top(token: u32, logprob: f32, top: &[(u32, f32)]) -> Option<u32> {
+    let at = top.iter().position(|&(t, _)| t == token)?;
+    if at + 1 == top.len() || top.iter().any(|&(t, lp)| t != token && lp == logprob) {
+        return None;
+    }
+    Some(at as u32 + 1)
 }
 
 /// Index of the largest value, the lowest index among equals; NaN never wins.
@@ -101,15 +126,16 @@ pub fn top_k(x: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 /// A token's log-probability under a row of logits (log-softmax, no
-/// temperature or cut) and the row's `k` best tokens with theirs, best first:
-/// one prompt position of vLLM's prompt logprobs.
-pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+/// temperature or cut), the row's `k` best tokens with theirs, best first,
+/// and the token's rank ([`rank_of`]): one prompt position of vLLM's prompt
+/// logprobs.
+pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> (f32, Vec<(u32, f32)>, u32) {
     let lse = logsumexp(logits);
     let top = top_k(logits, k)
         .into_iter()
         .map(|(i, v)| (i, v - lse))
         .collect();
-    (logits[token as usize] - lse, top)
+    (logits[token as usize] - lse, top, rank_of(logits, token))
 }
 
 /// Samples one token from a row of logits.
@@ -128,6 +154,7 @@ pub fn sample(logits: &[f32], p: &SampleParams) -> Sampled {
         token,
         logprob: logits[token as usize] - lse,
         top,
+        rank: (p.logprobs > 0).then(|| rank_of(logits, token)),
     }
 }
 
@@ -239,14 +266,51 @@ mod tests {
     fn token_logprob_is_the_log_softmax_at_the_token_and_its_best() {
         let row = [1.0f32, 3.0, -2.0, 3.0, 0.5];
         let lse = row.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
-        let (lp, top) = token_logprob(&row, 2, 3);
+        let (lp, top, rank) = token_logprob(&row, 2, 3);
         assert!((lp as f64 - (-2.0 - lse)).abs() < 1e-6, "{lp}");
+        assert_eq!(rank, 5, "the least likely of five");
         let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
         assert_eq!(ids, vec![1, 3, 0], "best first, ties by id");
         for (i, v) in top {
             assert!((v as f64 - (row[i as usize] as f64 - lse)).abs() < 1e-6);
         }
         assert!(token_logprob(&row, 0, 0).1.is_empty());
+        assert_eq!(token_logprob(&row, 3, 0).2, 2, "ties count: 3.0 twice");
+    }
+
+    #[test]
+    fn ranks_count_every_token_at_least_as_likely() {
+        let row = [1.0f32, 3.0, -2.0, 3.0, 0.5, f32::NAN, 1.0];
+        assert_eq!(rank_of(&row, 1), 2, "tied with token 3");
+        assert_eq!(rank_of(&row, 0), 4, "3.0 twice, then 1.0 twice");
+        assert_eq!(rank_of(&row, 2), 6, "NaN is never at least as likely");
+        // From the best tokens alone: exact where they can tell.
+        let lse = logsumexp(&row[..5]);
+        let lp = |t: usize| row[t] - lse;
+        let top: Vec<(u32, f32)> = [1u32, 3, 0, 4]
+            .iter()
+            .map(|&t| (t, lp(t as usize)))
+            .collect();
+        assert_eq!(rank_from_top(0, lp(0), &top), Some(3));
+        assert_eq!(
+            rank_from_top(1, lp(1), &top),
+            None,
+            "tied with a listed token"
+        );
+        assert_eq!(
+            rank_from_top(4, lp(4), &top),
+            None,
+            "last listed: ties may go on"
+        );
+        assert_eq!(rank_from_top(2, lp(2), &top), None, "not listed");
+        // A sampled row reports it when it lists logprobs.
+        let p = SampleParams {
+            logprobs: 2,
+            ..SampleParams::greedy()
+        };
+        let s = sample(&row[..5], &p);
+        assert_eq!((s.token, s.rank), (1, Some(2)));
+        assert_eq!(sample(&row[..5], &SampleParams::greedy()).rank, None);
     }
 
     #[test]

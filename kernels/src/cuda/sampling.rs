@@ -1,7 +1,7 @@
 //! Launch wrapper of `sampling.cu`: one CTA per logits row.
 
 use super::device::{Gpu, check_len};
-use crate::cpu::{SampleParams, Sampled};
+use crate::cpu::{SampleParams, Sampled, rank_from_top, rank_of};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
@@ -132,18 +132,36 @@ impl Gpu {
         unsafe { self.launch("sample_f32", cfg, &a)? };
         launched()?;
         let outs = self.download(&out, rows)?;
-        Ok(params
+        let mut sampled: Vec<Option<Sampled>> = params
             .iter()
             .zip(outs)
             .map(|(p, o)| {
-                p.as_ref().map(|_| Sampled {
-                    token: o.token,
-                    logprob: o.logprob,
-                    top: (0..(o.n_top as usize).min(MAX_TOP))
+                p.as_ref().map(|p| {
+                    let top: Vec<(u32, f32)> = (0..(o.n_top as usize).min(MAX_TOP))
                         .map(|i| (o.top_id[i], o.top_lp[i]))
-                        .collect(),
+                        .collect();
+                    Sampled {
+                        token: o.token,
+                        logprob: o.logprob,
+                        rank: (p.logprobs > 0)
+                            .then(|| rank_from_top(o.token, o.logprob, &top))
+                            .flatten(),
+                        top,
+                    }
                 })
             })
-            .collect())
+            .collect();
+        // A rank the best tokens cannot tell (the token not among them, or
+        // tied with one): counted on the host over the row.
+        for (i, (s, p)) in sampled.iter_mut().zip(params).enumerate() {
+            if let (Some(s), Some(p)) = (s, p)
+                && p.logprobs > 0
+                && s.rank.is_none()
+            {
+                let row = self.download_range(logits, i * vocab, vocab)?;
+                s.rank = Some(rank_of(&row, s.token));
+            }
+        }
+        Ok(sampled)
     }
 }

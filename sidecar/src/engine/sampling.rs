@@ -186,14 +186,15 @@ pub fn prompt_continues(s: &Sequence, n: usize, sample: bool) -> bool {
 /// against the raw logits of the row before it, `rows` (the entry's own,
 /// `[n, vocab]`) or, for its first token, the row kept from the previous
 /// step. `None` where that row was never computed: the sequence's first
-/// token, and the first after a named-block prefix or a truncation.
+/// token, and the first after a named-block prefix or a truncation. With
+/// each, the token's rank there (vLLM's).
 pub fn prompt_logprobs(
     s: &Sequence,
     tokens: &[u32],
     m: usize,
     rows: &[f32],
     vocab: usize,
-) -> Vec<Option<PromptLogprob>> {
+) -> (Vec<Option<PromptLogprob>>, Vec<Option<u32>>) {
     let k = s.sampling.prompt_logprobs.unwrap_or(0) as usize;
     (0..m)
         .into_par_iter()
@@ -202,7 +203,10 @@ pub fn prompt_logprobs(
                 0 => s.prompt_row.as_deref(),
                 _ => Some(&rows[(j - 1) * vocab..j * vocab]),
             };
-            prev.map(|row| token_logprob(row, tokens[j], k))
+            match prev.map(|row| token_logprob(row, tokens[j], k)) {
+                Some((lp, top, rank)) => (Some((lp, top)), Some(rank)),
+                None => (None, None),
+            }
         })
-        .collect()
+        .unzip()
 }

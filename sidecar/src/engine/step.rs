@@ -39,6 +39,8 @@ pub struct StepWork {
 /// The raw logits of an entry's last row, kept by its sequence for the next
 /// prompt chunk (`prompt_logprobs`), or nothing.
 type KeptRow = Option<Vec<f32>>;
+/// An entry's prompt logprobs and their ranks (`prompt_logprobs`, `prompt_ranks`).
+type ScoredPrompt = (Vec<Option<PromptLogprob>>, Vec<Option<u32>>);
 
 fn entry_error(code: ErrorCode, i: usize, msg: String) -> ErrorReply {
     ErrorReply::new(code, format!("entry {i}: {msg}")).with("entry", i)
@@ -257,7 +259,8 @@ impl<B: Backend> Engine<B> {
                     .write_matrix_f32(&t.view, &all[r0 * vocab..(r0 + rows) * vocab])
                     .map_err(|err| err.with("entry", i))?;
             }
-            let (plp, keep) = self.score_prompt(e, &self.seqs[k], scored[i], &out, row_of_entry[i]);
+            let ((plp, ranks), keep) =
+                self.score_prompt(e, &self.seqs[k], scored[i], &out, row_of_entry[i]);
             kept.push(keep);
             let sampled = if e.sample {
                 out.sampled[r0 + rows - 1].clone()
@@ -269,16 +272,19 @@ impl<B: Backend> Engine<B> {
                 num_tokens: (self.seqs[k].len + e.tokens.len()) as u64,
                 token: sampled.as_ref().map(|s| s.token),
                 logprob: sampled.as_ref().map(|s| s.logprob),
+                rank: sampled.as_ref().and_then(|s| s.rank),
                 top_logprobs: sampled.map(|s| s.top).unwrap_or_default(),
                 attention: diags[i].clone(),
                 prompt_logprobs: plp,
+                prompt_ranks: ranks,
             });
         }
         Ok((results, kept))
     }
 
-    /// An entry's prompt logprobs (`m` of its tokens scored) and the row its
-    /// sequence keeps for the next chunk, from the step's host logits.
+    /// An entry's prompt logprobs (`m` of its tokens scored, with their
+    /// ranks) and the row its sequence keeps for the next chunk, from the
+    /// step's host logits.
     fn score_prompt(
         &self,
         e: &StepEntry,
@@ -286,9 +292,9 @@ impl<B: Backend> Engine<B> {
         m: usize,
         out: &crate::backend::SampleOutput,
         (r0, rows): (usize, usize),
-    ) -> (Vec<Option<PromptLogprob>>, KeptRow) {
+    ) -> (ScoredPrompt, KeptRow) {
         if m == 0 {
-            return (vec![], None);
+            return ((vec![], vec![]), None);
         }
         let vocab = self.model.config.vocab_size;
         let all = out.logits.as_ref().expect("logits were asked for");

@@ -123,7 +123,9 @@ fn run_processing(cx: &mut Ctx, want_logits: bool) -> Result<Row> {
         .zip(&want.sampled)
         .filter(|(g, w)| match (g, w) {
             (Some(g), Some(w)) => {
-                g.token != w.token || (g.logprob - w.logprob).abs() > 1e-4 * (1.0 + w.logprob.abs())
+                g.token != w.token
+                    || g.rank != w.rank
+                    || (g.logprob - w.logprob).abs() > 1e-4 * (1.0 + w.logprob.abs())
             }
             (g, w) => g.is_some() != w.is_some(),
         })
@@ -207,7 +209,8 @@ fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
         if !close(g.logprob, w.logprob) {
             lp_err = lp_err.max((g.logprob - w.logprob).abs() as f64);
         }
-        let same_top = g.top.len() == w.top.len()
+        let same_top = g.rank == w.rank
+            && g.top.len() == w.top.len()
             && g.top
                 .iter()
                 .zip(&w.top)
@@ -225,7 +228,7 @@ fn run_config(cx: &mut Ctx, c: &Config) -> Result<Row> {
         .with_note(format!("{draws} rows"));
     if lp_err > 0.0 || top_wrong > 0 || !logits_exact {
         row = row.failing(format!(
-            "logprob err {lp_err:.2e}, {top_wrong} top-k lists differ, logits returned: GPU {}, CPU {}",
+            "logprob err {lp_err:.2e}, {top_wrong} top-k lists or ranks differ, logits returned: GPU {}, CPU {}",
             gpu_logits.as_deref().unwrap_or("exact"),
             cpu_logits.as_deref().unwrap_or("exact"),
         ));
