@@ -9,10 +9,11 @@
 //! defines them and divided by the context.
 //!
 //! `cargo run --release -p tacflow-kernels --example tactic_eval -- DIR [DIR...]
-//!   [--suite main|explore|all] [--json OUT]`
+//!   [--suite main|explore|all|timing|union] [--json OUT] [--p LIST]`
 
 mod npy;
 mod timing;
+mod union;
 mod variants;
 
 use rayon::prelude::*;
@@ -248,6 +249,19 @@ fn main() -> anyhow::Result<()> {
             }
             _ => dirs.push(PathBuf::from(a)),
         }
+    }
+    if suite == "union" {
+        println!("| dump | P | sets | differ | near-ties | largest true-mass gap |");
+        println!("| --- | --- | ---: | ---: | ---: | ---: |");
+        let mut ok = true;
+        for dir in &dirs {
+            ok &= union::run(&Dump::load(dir)?, &ps);
+        }
+        anyhow::ensure!(
+            ok,
+            "a chunked union differs from the sequential one by more than a near-tie"
+        );
+        return Ok(());
     }
     let vs = variants::suite(&suite);
     let mut all = Vec::new();
