@@ -8,6 +8,10 @@ use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 /// Most top log-probabilities one row reports (`MAX_TOP` in sampling.cu).
 pub const MAX_TOP: usize = 64;
 
+/// Up to this many rows whose rank the top list cannot tell are brought back
+/// one by one; more, and the whole logits come back in one copy.
+const RANK_ROWS_ALONE: usize = 8;
+
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct SampleRow {
@@ -152,13 +156,25 @@ impl Gpu {
             })
             .collect();
         // A rank the best tokens cannot tell (the token not among them, or
-        // tied with one): counted on the host over the row.
-        for (i, (s, p)) in sampled.iter_mut().zip(params).enumerate() {
-            if let (Some(s), Some(p)) = (s, p)
-                && p.logprobs > 0
-                && s.rank.is_none()
-            {
-                let row = self.download_range(logits, i * vocab, vocab)?;
+        // tied with one): counted on the host over the row, brought back
+        // alone, or with every other row when many need it (one copy).
+        let open: Vec<usize> = (0..rows)
+            .filter(|&i| {
+                params[i].is_some_and(|p| p.logprobs > 0)
+                    && sampled[i].as_ref().is_some_and(|s| s.rank.is_none())
+            })
+            .collect();
+        let all = if open.len() > RANK_ROWS_ALONE {
+            Some(self.download(logits, rows * vocab)?)
+        } else {
+            None
+        };
+        for i in open {
+            let row = match &all {
+                Some(all) => all[i * vocab..(i + 1) * vocab].to_vec(),
+                None => self.download_range(logits, i * vocab, vocab)?,
+            };
+            if let Some(s) = sampled[i].as_mut() {
                 s.rank = Some(rank_of(&row, s.token));
             }
         }
