@@ -60,10 +60,11 @@ pub fn sampling(cx: &mut Ctx) -> Vec<Row> {
         );
         case(&mut rows, "sampling", name, || run_config(cx, &c));
     }
-    for want_logits in [false, true] {
-        let name = format!("vLLM processing, logits returned: {want_logits}");
+    // 6 rows: the processed ones come back one by one; 48: in one copy.
+    for (n, want_logits) in [(6, false), (48, false), (48, true)] {
+        let name = format!("vLLM processing, {n} rows, logits returned: {want_logits}");
         case(&mut rows, "sampling", name, || {
-            run_processing(cx, want_logits)
+            run_processing(cx, n, want_logits)
         });
     }
     rows
@@ -75,8 +76,8 @@ pub fn sampling(cx: &mut Ctx) -> Vec<Row> {
 /// for token (the processed rows come back to the host and go through the
 /// CPU reference: this checks which rows do, and that the others are the
 /// device sampler's).
-fn run_processing(cx: &mut Ctx, want_logits: bool) -> Result<Row> {
-    let (vocab, n) = (49_152usize, 48usize);
+fn run_processing(cx: &mut Ctx, n: usize, want_logits: bool) -> Result<Row> {
+    let vocab = 49_152usize;
     let x = cx.rand(n * vocab, 0.0, 3.0);
     let ids = |r: usize, k: usize, salt: usize| -> Vec<u32> {
         (0..k)

@@ -13,6 +13,10 @@ use rayon::prelude::*;
 use tacflow_kernels::cpu::{self, Processing, SampleParams, Sampled};
 use tacflow_kernels::cuda::{AttnOverride, DeviceStep, Heads, KvCache, LaneEvent};
 
+/// Up to this many rows with vLLM's processing come back to the host one by
+/// one; more, and the whole logits come back in one copy.
+const PROCESSED_ROWS_ALONE: usize = 8;
+
 impl Backend for CudaBackend {
     type Act = Act;
     type Matrix = Matrix;
@@ -488,16 +492,26 @@ impl Backend for CudaBackend {
         let mut out = self.sample(logits, &device, want_logits)?;
         let cols = logits.cols;
         let l = logits.f32("sample_processed")?;
-        let host = |i: usize| -> Result<Vec<f32>> {
-            match &out.logits {
-                Some(all) => Ok(all[i * cols..(i + 1) * cols].to_vec()),
-                None => Ok(self.gpu.download_range(l, i * cols, cols)?),
+        let wanted: Vec<usize> = (0..params.len()).filter(|&i| processed(i)).collect();
+        // The rows come back one by one, or, when many are processed, with
+        // every other row in one copy (one synchronisation, not one each).
+        let all = match out.logits.take() {
+            Some(all) => Some(all),
+            None if wanted.len() > PROCESSED_ROWS_ALONE => {
+                Some(self.gpu.download(l, logits.rows * cols)?)
             }
+            None => None,
         };
-        let rows: Vec<(usize, Vec<f32>)> = (0..params.len())
-            .filter(|&i| processed(i))
-            .map(|i| host(i).map(|r| (i, r)))
+        let rows: Vec<(usize, Vec<f32>)> = wanted
+            .into_iter()
+            .map(|i| match &all {
+                Some(all) => Ok((i, all[i * cols..(i + 1) * cols].to_vec())),
+                None => Ok((i, self.gpu.download_range(l, i * cols, cols)?)),
+            })
             .collect::<Result<_>>()?;
+        if want_logits {
+            out.logits = all;
+        }
         let sampled: Vec<(usize, Sampled)> = rows
             .par_iter()
             .filter_map(|(i, row)| {
