@@ -70,6 +70,24 @@ __device__ float km_sq_norm(const float* x, u32 d) {
     return s;
 }
 
+// The f64 sum of the keys of members [a, b) of a run's working clusters,
+// dimension `lane + 32 t` in s[t], in member order (as the CPU sums them).
+__device__ __forceinline__ void km_member_sum(const KmParams& p, const KmProblem& pr,
+                                              const u32* table, u32 a, u32 b, u32 lane,
+                                              double* s) {
+#pragma unroll
+    for (int t = 0; t < TAC_MAX_D / 32; t++) s[t] = 0.0;
+    for (u32 m = a; m < b; m++) {
+        const bf16* row = tac_row(p.k, table, p.kv_heads, pr.head, p.d,
+                                  pr.start + p.members[pr.work + m]);
+#pragma unroll
+        for (int t = 0; t < TAC_MAX_D / 32; t++) {
+            const u32 j = lane + 32 * t;
+            if (j < p.d) s[t] += (double)bf2f(row[j]);
+        }
+    }
+}
+
 // Four floats from shared memory in one instruction, spelled out in PTX:
 // left to it, NVRTC sometimes re-reads half of such a load from one
 // compile to the next (the same numbers, but not the same PTX, which the
@@ -244,17 +262,7 @@ extern "C" __global__ void tactic_km_update_bf16(const KmParams p) {
     if (a == b) return;
     const u32* table = km_table(p, pr);
     double s[TAC_MAX_D / 32];
-#pragma unroll
-    for (int t = 0; t < TAC_MAX_D / 32; t++) s[t] = 0.0;
-    for (u32 m = a; m < b; m++) {
-        const bf16* row = tac_row(p.k, table, p.kv_heads, pr.head, p.d,
-                                  pr.start + p.members[pr.work + m]);
-#pragma unroll
-        for (int t = 0; t < TAC_MAX_D / 32; t++) {
-            const u32 j = lane + 32 * t;
-            if (j < p.d) s[t] += (double)bf2f(row[j]);
-        }
-    }
+    km_member_sum(p, pr, table, a, b, lane, s);
     const double inv = 1.0 / (double)(b - a);
     float* out = p.cent + (u64)(pr.kwork + c) * p.d;
 #pragma unroll
@@ -316,17 +324,7 @@ extern "C" __global__ void tactic_km_stats_bf16(const KmParams p) {
     const u32 dst = p.counts[pr.kwork + c];
     const u32* table = km_table(p, pr);
     double mu[TAC_MAX_D / 32];
-#pragma unroll
-    for (int t = 0; t < TAC_MAX_D / 32; t++) mu[t] = 0.0;
-    for (u32 m = a; m < b; m++) {
-        const bf16* row = tac_row(p.k, table, p.kv_heads, pr.head, p.d,
-                                  pr.start + p.members[pr.work + m]);
-#pragma unroll
-        for (int t = 0; t < TAC_MAX_D / 32; t++) {
-            const u32 j = lane + 32 * t;
-            if (j < p.d) mu[t] += (double)bf2f(row[j]);
-        }
-    }
+    km_member_sum(p, pr, table, a, b, lane, mu);
     const double inv = 1.0 / (double)(b - a);
     double* mu_out = p.mu + (u64)(pr.kwork + c) * p.d;
 #pragma unroll
