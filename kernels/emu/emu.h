@@ -30,6 +30,7 @@ inline thread_local dim3e threadIdx, blockIdx;
 inline dim3e blockDim, gridDim;
 struct uint4 { unsigned x, y, z, w; };
 struct float4 { float x, y, z, w; };
+struct float2 { float x, y; };
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -99,6 +100,7 @@ inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 template <class T> inline T min(T a, T b) { return a < b ? a : b; }
+template <class T> inline T max(T a, T b) { return a < b ? b : a; }
 
 template <class P>
 void emu_launch(void (*k)(P), dim3e grid, dim3e block, size_t smem, const P& p) {

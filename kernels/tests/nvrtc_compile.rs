@@ -93,7 +93,7 @@ fn no_kernel_spills_registers_on_sm90() {
             {
                 spills.push(format!("{kernel}: {}", line.trim()));
             }
-            if (m.name.starts_with("attention") || m.name == "fused" || m.name == "tactic")
+            if (m.name.starts_with("attention") || ["fused", "tactic", "prefill"].contains(&m.name))
                 && line.contains("Used")
             {
                 println!("{kernel}: {}", line.trim());

@@ -143,6 +143,8 @@ impl Gpu {
         let funcs = load_kernels(&self.ctx, &self.info.arch, modules)?;
         self.occupancy
             .extend(attention_occupancy(&funcs, attention)?);
+        self.occupancy
+            .extend(super::prefill::prefill_occupancy(&funcs)?);
         self.funcs.extend(funcs);
         Ok(())
     }

@@ -330,6 +330,9 @@ impl GraphStep {
             max_logit_row: cap.rows as u32 - 1,
             // A captured attention plans for the bucket's context ceiling.
             kv_len: vec![limits.kv_len; cap.rows],
+            // Equal key counts: no row is taken for a prefill chunk (a
+            // graph serves decode steps).
+            table_off: vec![0; cap.rows],
         };
         Ok(GraphStep { step, cap, limits })
     }

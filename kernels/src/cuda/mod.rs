@@ -16,6 +16,7 @@
 //! | embedding, RMSNorm, RoPE, SwiGLU, adds, gather, random weights | [`rowwise`] |
 //! | the paged bf16 KV cache, append, copy-on-write copies | [`kv`] |
 //! | paged attention (decode and prefill) | [`attention`] |
+//! | prefill chunks on tensor cores (`experimental_prefill_attention`) | [`prefill`] |
 //! | fused ops: residual add + RMSNorm, RoPE + KV append, SwiGLU into bf16 | [`fused`] |
 //! | CUDA graphs: capture and replay of a step per batch-size bucket | [`graph`] |
 //! | sampling and log-probabilities | [`sampling`] |
@@ -45,6 +46,7 @@ pub mod lab;
 pub mod lane;
 pub mod nvrtc;
 pub mod pool;
+pub mod prefill;
 pub mod probe;
 pub mod rowwise;
 pub mod sampling;

@@ -96,7 +96,7 @@ const fn module(name: &'static str, source: &'static str) -> Module {
 }
 
 /// The daemon's modules.
-pub const MODULES: [Module; 8] = [
+pub const MODULES: [Module; 9] = [
     module("random", include_str!("kernels/random.cu")),
     module("rowwise", include_str!("kernels/rowwise.cu")),
     module("rope", include_str!("kernels/rope.cu")),
@@ -113,6 +113,7 @@ pub const MODULES: [Module; 8] = [
         headers: &TACTIC_HEADERS,
         source: include_str!("kernels/tactic.cu"),
     },
+    module("prefill", include_str!("kernels/prefill.cu")),
 ];
 
 /// The benchmark-only modules (see the module doc).
@@ -436,6 +437,9 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         "tactic" => &TACTIC_KERNELS,
         _ => &[],
     };
+    if module == "prefill" {
+        return super::prefill::prefill_kernels();
+    }
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     let attention = match module {
         "attention" => attention_kernels(),

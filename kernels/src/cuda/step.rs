@@ -55,6 +55,9 @@ pub struct DeviceStep {
     /// `kv_len` on the host: an attention over a range of rows plans for
     /// the longest context among them.
     pub(crate) kv_len: Vec<u32>,
+    /// `table_off` on the host: with `kv_len`, where the prefill chunks are
+    /// (`prefill::split_rows`).
+    pub(crate) table_off: Vec<u32>,
 }
 
 fn max_of(v: &[u32]) -> u32 {
@@ -111,6 +114,7 @@ impl DeviceStep {
             max_kv_len: max_of(&a.kv_len),
             max_logit_row: max_of(&a.logit_rows),
             kv_len: a.kv_len.clone(),
+            table_off: a.table_off.clone(),
         })
     }
 
@@ -188,6 +192,16 @@ impl StepRows<'_> {
     /// The longest context among the rows (the step's for all of them).
     pub fn max_kv_len(&self) -> u32 {
         range_max(&self.step.kv_len, &self.rows, self.step.max_kv_len)
+    }
+
+    /// The rows' key counts, on the host.
+    pub fn host_kv_len(&self) -> &[u32] {
+        &self.step.kv_len[self.rows.clone()]
+    }
+
+    /// The rows' block-table offsets, on the host.
+    pub fn host_table_off(&self) -> &[u32] {
+        &self.step.table_off[self.rows.clone()]
     }
 
     pub(crate) fn tokens(&self, gpu: &Gpu) -> u64 {
