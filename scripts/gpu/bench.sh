@@ -11,6 +11,8 @@
 #   here:   scripts/gpu/prepare.sh
 #   device: bash scripts/gpu/bench.sh [selfcheck] [failfast] [attention] [decode]
 #           [integrations] [selfcheck-tactic] [selfcheck-graphs] [decode-quick]
+#           [prefill]   (the tensor-core prefill kernel: its self-check
+#           cases, the model groups with it on, bench-prefill)
 #           [tactic] [tactic-128k] [tactic-real]   (bench-tactic on the GPU:
 #           run selfcheck-tactic first; tactic-128k alone in its call, and
 #           per fraction if it outruns it: TACTIC_F=0.02 ... tactic-128k)
@@ -58,6 +60,14 @@ for s in "${stages[@]}"; do
     case $s in
         selfcheck) timeout 270 "$bin" selfcheck 2>&1 | tee -a "$log" ;;
         selfcheck-graphs) timeout 120 "$bin" selfcheck --groups graphs 2>&1 | tee -a "$log" ;;
+        prefill)
+            # The prefill kernel against the CPU (the attention group has its
+            # cases), the models of head size 128 and 64 with it on, then its
+            # time against the decode kernel's on prefill steps.
+            timeout 200 "$bin" selfcheck --groups attention,model-8b --experimental-prefill-attention 2>&1 | tee -a "$log"
+            timeout 120 "$bin" bench-prefill --json "$out/prefill-llama.json" 2>&1 | tee -a "$log"
+            timeout 60 "$bin" bench-prefill --shape 9/3/64 --cases 1:512:512,1:2048:2048,1:512:8192,2:512:4096:64 \
+                --json "$out/prefill-smollm2.json" 2>&1 | tee -a "$log" ;;
         integrations)
             # The daemon-side tests that hold on both backends, against the
             # CUDA backend (issue: sampling options and client-named blocks

@@ -54,6 +54,10 @@ enum Command {
         /// Run only these check groups (comma-separated; all by default).
         #[arg(long, value_delimiter = ',')]
         groups: Vec<String>,
+        /// Prefill chunks on the tensor-core prefill kernel in every group
+        /// (the model groups of head size 64 or 128 check it end to end).
+        #[arg(long)]
+        experimental_prefill_attention: bool,
     },
     /// Paged decode attention in the Llama-3.1-8B shape against the copy
     /// bandwidth (the lab: built with `--features lab`); `--json` writes
@@ -97,6 +101,23 @@ enum Command {
         /// instead of a random order.
         #[arg(long)]
         pages_in_order: bool,
+    },
+    /// The attention of prefill steps on the decode kernel and on the
+    /// tensor-core prefill kernel, in the same run (the lab).
+    #[cfg(feature = "lab")]
+    #[command(hide = true)]
+    BenchPrefill {
+        /// `SEQS:CHUNK:CONTEXT[:DECODES]` cases, comma-separated
+        /// (bench/prefill.rs's by default).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
+        /// `HEADS/KV_HEADS/HEAD_DIM` (head size 64 or 128).
+        #[arg(long, default_value = "32/8/128")]
+        shape: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
     },
     /// Decode-step time of a random model, host wall and GPU-only (the
     /// lab).
@@ -304,6 +325,10 @@ struct ServeArgs {
     /// verified on a GPU; without it the CUDA backend refuses it).
     #[arg(long, env = "TACFLOW_EXPERIMENTAL_GPU_TACTIC")]
     experimental_gpu_tactic: bool,
+    /// Run prefill chunks through the tensor-core prefill attention kernel
+    /// on the CUDA backend (not yet verified on a GPU).
+    #[arg(long, env = "TACFLOW_EXPERIMENTAL_PREFILL_ATTENTION")]
+    experimental_prefill_attention: bool,
     /// `journal` under systemd: no timestamps, no colours, syslog
     /// priorities.
     #[arg(long, env = "TACFLOW_LOG_FORMAT", value_enum)]
@@ -421,6 +446,7 @@ impl ServeArgs {
             c.cuda_graphs = Some(false);
         }
         c.experimental_gpu_tactic |= self.experimental_gpu_tactic;
+        c.experimental_prefill_attention |= self.experimental_prefill_attention;
         c.attention_only |= self.attention_only;
         c.tcp_allow_remote |= self.tcp_allow_remote;
         c.metrics_allow_remote |= self.metrics_allow_remote;
@@ -522,6 +548,7 @@ pub fn main() -> anyhow::Result<()> {
             tokens,
             seed,
             groups,
+            experimental_prefill_attention,
         }) => {
             init_logging(LogFormat::Text);
             let opts = crate::selfcheck::Options {
@@ -530,6 +557,7 @@ pub fn main() -> anyhow::Result<()> {
                 tokens,
                 seed,
                 groups,
+                prefill_kernel: experimental_prefill_attention,
             };
             if !crate::selfcheck::run(&opts)? {
                 std::process::exit(1);
@@ -562,19 +590,8 @@ pub fn main() -> anyhow::Result<()> {
                     })
                     .collect::<anyhow::Result<_>>()?
             };
-            let dims = shape
-                .split('/')
-                .map(|x| x.trim().parse::<usize>())
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .ok()
-                .filter(|d| d.len() == 3)
-                .context("--shape is HEADS/KV_HEADS/HEAD_DIM, e.g. 32/8/128")?;
             let opts = crate::bench::attention::Options {
-                shape: crate::bench::attention::BenchShape {
-                    heads: dims[0],
-                    kv_heads: dims[1],
-                    head_dim: dims[2],
-                },
+                shape: parse_bench_shape(&shape)?,
                 cases,
                 variants,
                 json,
@@ -587,6 +604,30 @@ pub fn main() -> anyhow::Result<()> {
                 pages_in_order,
             };
             Ok(crate::bench::attention::run(&opts)?)
+        }
+        #[cfg(feature = "lab")]
+        Some(Command::BenchPrefill {
+            cases,
+            shape,
+            json,
+            seed,
+        }) => {
+            init_logging(LogFormat::Text);
+            let cases = if cases.is_empty() {
+                crate::bench::prefill::CASES.to_vec()
+            } else {
+                cases
+                    .iter()
+                    .map(|c| parse_prefill_case(c))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let opts = crate::bench::prefill::Options {
+                shape: parse_bench_shape(&shape)?,
+                cases,
+                json,
+                seed,
+            };
+            Ok(crate::bench::prefill::run(&opts)?)
         }
         #[cfg(feature = "lab")]
         Some(Command::BenchDecode {
@@ -739,4 +780,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         r => Ok(r?),
     }
+}
+
+/// `HEADS/KV_HEADS/HEAD_DIM` of an attention benchmark.
+#[cfg(feature = "lab")]
+fn parse_bench_shape(shape: &str) -> anyhow::Result<crate::bench::attention::BenchShape> {
+    let dims = shape
+        .split('/')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .ok()
+        .filter(|d| d.len() == 3)
+        .context("--shape is HEADS/KV_HEADS/HEAD_DIM, e.g. 32/8/128")?;
+    Ok(crate::bench::attention::BenchShape {
+        heads: dims[0],
+        kv_heads: dims[1],
+        head_dim: dims[2],
+    })
+}
+
+/// `SEQS:CHUNK:CONTEXT[:DECODES]` of `bench-prefill`.
+#[cfg(feature = "lab")]
+fn parse_prefill_case(c: &str) -> anyhow::Result<(usize, usize, usize, usize)> {
+    let f = c
+        .split(':')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .ok()
+        .filter(|f| f.len() == 3 || f.len() == 4)
+        .context("a case is SEQS:CHUNK:CONTEXT[:DECODES], e.g. 1:512:4096")?;
+    Ok((f[0], f[1], f[2], f.get(3).copied().unwrap_or(0)))
 }

@@ -170,6 +170,13 @@ pub struct Config {
     /// One lane, f32 (`split`) activations (its default when
     /// `gpu_activations` is absent); no attention diagnostics.
     pub experimental_gpu_tactic: bool,
+    /// Run prefill chunks (16 or more consecutive tokens of a sequence in
+    /// a step) through the tensor-core prefill attention kernel on the
+    /// CUDA backend, the other rows through the decode kernel
+    /// (kernels/ATTENTION.md, "Prefill chunks"). Experimental, off by
+    /// default, until a GPU run has verified the kernel; head sizes 64 and
+    /// 128 (others are refused at start).
+    pub experimental_prefill_attention: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:
     /// `host:port` or a bare port for loopback. An address that is not
@@ -279,6 +286,7 @@ impl Default for Config {
             fusions: None,
             cuda_graphs: None,
             experimental_gpu_tactic: false,
+            experimental_prefill_attention: false,
             log_format: LogFormat::Text,
             metrics_addr: None,
             metrics_allow_remote: false,
@@ -581,6 +589,9 @@ mod tests {
         assert!(!Config::default().experimental_gpu_tactic);
         let c: Config = toml::from_str("experimental_gpu_tactic = true").unwrap();
         assert!(c.experimental_gpu_tactic);
+        assert!(!Config::default().experimental_prefill_attention);
+        let c: Config = toml::from_str("experimental_prefill_attention = true").unwrap();
+        assert!(c.experimental_prefill_attention);
     }
 
     #[test]

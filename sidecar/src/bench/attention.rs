@@ -56,7 +56,7 @@ pub const LLAMA3: BenchShape = BenchShape {
 };
 
 impl BenchShape {
-    fn attn(&self) -> AttnShape {
+    pub(crate) fn attn(&self) -> AttnShape {
         AttnShape {
             num_heads: self.heads,
             kv_heads: self.kv_heads,

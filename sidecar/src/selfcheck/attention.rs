@@ -12,16 +12,19 @@ use super::{Ctx, case, round_bf16};
 use crate::backend::{AttnDims, Backend, KvLayout, SeqMeta, StepMeta};
 use crate::error::Result;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
-use tacflow_kernels::cuda::AttnOverride;
 use tacflow_kernels::cuda::attention::HEAD_MAJOR;
 #[cfg(feature = "lab")]
 use tacflow_kernels::cuda::lab::{AttnForce, AttnKernel};
+use tacflow_kernels::cuda::{AttnOverride, AttnPlan};
 
 /// Which kernel a case runs.
 #[derive(Debug, Clone, Copy)]
 enum CaseKernel {
     /// The daemon's choice.
     Daemon,
+    /// The tensor-core prefill kernel on the step's chunks, the decode
+    /// kernel on its other rows (`experimental_prefill_attention`).
+    Prefill,
     /// A kernel of the lab.
     #[cfg(feature = "lab")]
     Lab(AttnKernel),
@@ -31,6 +34,7 @@ impl CaseKernel {
     fn tag(self) -> String {
         match self {
             CaseKernel::Daemon => String::new(),
+            CaseKernel::Prefill => " prefill kernel".into(),
             #[cfg(feature = "lab")]
             CaseKernel::Lab(AttnKernel::Main(v)) => format!(" {}", v.tag()),
             #[cfg(feature = "lab")]
@@ -157,6 +161,7 @@ fn cases() -> Vec<Case> {
         c((4, 1, 256), &decode(&[129, 17]), &[None, Some(3)], 1.0),
         c((6, 2, 32), &[(31, 31), (64, 1)], &[None], 1.0),
     ]);
+    benched.extend(prefill_cases());
     // The merge of many splits, some of them empty (the 1-token row).
     benched.push(c(
         (32, 8, 128),
@@ -201,6 +206,36 @@ fn cases() -> Vec<Case> {
         });
     }
     benched
+}
+
+/// The prefill kernel's cases: causal chunks at several offsets (a whole
+/// prompt, chunks on top of contexts, a chunk of exactly one tile and one
+/// of 65), mixed with decode rows and chunks too short for a tile (the
+/// decode kernel's), partial pages, both head sizes, GQA groups of 1 to 8,
+/// many tiles over a long context, large magnitudes.
+fn prefill_cases() -> Vec<Case> {
+    let c = |heads, seqs: &[(usize, usize)], q_std| Case {
+        heads,
+        seqs: seqs.to_vec(),
+        splits: vec![None],
+        q_std,
+        kernel: CaseKernel::Prefill,
+        head_major: None,
+        coop: None,
+        uneven: None,
+    };
+    vec![
+        c(
+            (32, 8, 128),
+            &[(165, 65), (16, 16), (2049, 1), (300, 70)],
+            4.0,
+        ),
+        c((9, 3, 64), &[(130, 130), (8191, 1), (33, 16), (9, 5)], 2.0),
+        c((8, 8, 128), &[(1000, 200), (17, 1), (64, 64)], 1.0),
+        c((28, 4, 128), &[(100, 40), (3001, 1), (31, 31)], 2.0),
+        c((16, 2, 64), &[(4096, 512), (5, 1)], 1.0),
+        c((4, 1, 64), &[(20, 20), (129, 65)], 16.0),
+    ]
 }
 
 pub fn attention(cx: &mut Ctx) -> Vec<Row> {
@@ -318,8 +353,17 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         uneven: c.uneven,
     };
     let io = (&qa, &kv, 0);
-    let plan = match c.kernel {
-        CaseKernel::Daemon => cx.b.attention_forced(&ds, io, dims, &mut out, over)?,
+    let note = match c.kernel {
+        CaseKernel::Daemon => plan_note(&cx.b.attention_forced(&ds, io, dims, &mut out, over)?),
+        CaseKernel::Prefill => {
+            let split = cx.b.attention_prefill_rows(&ds, io, dims, &mut out, 0..t)?;
+            let tiled: u32 = split.tiles.iter().map(|t| t[1]).sum();
+            format!(
+                "{tiled} rows in {} prefill tiles, {} rows on the decode kernel",
+                split.tiles.len(),
+                t - tiled as usize
+            )
+        }
         #[cfg(feature = "lab")]
         CaseKernel::Lab(k) => {
             let force = AttnForce {
@@ -327,7 +371,7 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
                 kernel: Some(k),
                 timeline: None,
             };
-            cx.b.attention_lab(&ds, io, dims, &mut out, force)?
+            plan_note(&cx.b.attention_lab(&ds, io, dims, &mut out, force)?)
         }
     };
     let got = cx.b.act_to_host(&out)?;
@@ -340,14 +384,49 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
             "{unsettled} counters of the split workspace not at rest after the launch"
         )));
     }
-    // The CPU on the same bf16 keys and values.
-    let per_layer = blocks * layout.block_elems();
+    let want = cpu_attention(
+        &step,
+        &hist,
+        &fill,
+        (blocks, layout.block_elems()),
+        dims,
+        &q,
+    );
+    Ok(compare_row("attention", "", &got, &want, ATTN_TOL).with_note(note))
+}
+
+fn plan_note(plan: &AttnPlan) -> String {
+    format!(
+        "{} heads/CTA, {} splits of {} pages ({} long){}",
+        plan.heads_per_cta,
+        plan.splits,
+        plan.pages_per_split,
+        plan.long_splits,
+        if plan.coop { ", cooperative merge" } else { "" }
+    )
+}
+
+/// The CPU's attention of `step`'s rows (queries `q`) over the keys and
+/// values `hist` that `fill` appended, rounded to bf16 as the cache holds
+/// them; `(blocks, block_elems)` is the cache's size.
+fn cpu_attention(
+    step: &StepMeta,
+    hist: &[f32],
+    fill: &StepMeta,
+    (blocks, block_elems): (usize, usize),
+    dims: AttnDims,
+    q: &[f32],
+) -> Vec<f32> {
+    let (nh, kvh, d) = (dims.num_heads, dims.num_kv_heads, dims.head_dim);
+    let w = dims.qkv_dim();
+    let t = step.tokens.len();
+    let per_layer = blocks * block_elems;
     let (mut k, mut v) = (vec![f32::NAN; per_layer], vec![f32::NAN; per_layer]);
     cpu::kv_append(
         &mut k,
         &mut v,
         (kvh, 16, d),
-        &round_bf16(&hist),
+        &round_bf16(hist),
         w,
         dims.q_dim(),
         &fill.slots,
@@ -371,15 +450,6 @@ fn run_case(cx: &mut Ctx, c: &Case, splits: Option<usize>) -> Result<Row> {
         })
         .collect();
     let mut want = vec![0.0; t * dims.q_dim()];
-    cpu::paged_attention(&q, w, nh, &layer, &seqs, &mut want);
-    Ok(
-        compare_row("attention", "", &got, &want, ATTN_TOL).with_note(format!(
-            "{} heads/CTA, {} splits of {} pages ({} long){}",
-            plan.heads_per_cta,
-            plan.splits,
-            plan.pages_per_split,
-            plan.long_splits,
-            if plan.coop { ", cooperative merge" } else { "" }
-        )),
-    )
+    cpu::paged_attention(q, w, nh, &layer, &seqs, &mut want);
+    want
 }

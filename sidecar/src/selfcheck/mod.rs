@@ -55,6 +55,11 @@ pub struct Options {
     pub seed: Option<u64>,
     /// Run only these groups (all when empty).
     pub groups: Vec<String>,
+    /// Every group's backend with prefill chunks on the tensor-core prefill
+    /// kernel (`experimental_prefill_attention`): the model groups of head
+    /// size 64 or 128 (`model-8b`, `smollm2`) then check it end to end; the
+    /// `attention` group checks the kernel either way.
+    pub prefill_kernel: bool,
 }
 
 /// Check groups, in order, with a time limit each.
@@ -177,7 +182,8 @@ fn run_group(group: &str, opts: &Options) -> Result<bool> {
     let lanes = if group == "lanes" { 2 } else { 1 };
     let rows = match CudaBackend::with_lanes(0, lanes) {
         Err(e) => vec![Row::fail(group, "open the GPU", e.to_string())],
-        Ok(mut b) => {
+        Ok(b) => {
+            let mut b = b.with_prefill_kernel(opts.prefill_kernel);
             b.gpu_mut().set_sync_launches(true);
             match load_lab(&mut b, group) {
                 Ok(()) => dispatch(group, b, seed, opts),
@@ -283,6 +289,9 @@ fn run_child(group: &str, limit_s: u64, seed: u64, opts: &Options) -> Vec<Row> {
     }
     if let Some(p) = &opts.tokens {
         cmd.arg("--tokens").arg(p);
+    }
+    if opts.prefill_kernel {
+        cmd.arg("--experimental-prefill-attention");
     }
     let mut child = match cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn() {
         Ok(c) => c,

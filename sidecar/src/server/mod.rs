@@ -313,6 +313,11 @@ fn start_cpu(
             "experimental_gpu_tactic is for the CUDA backend: the CPU backend selects on host views"
         );
     }
+    if config.experimental_prefill_attention {
+        warn!(
+            "experimental_prefill_attention is for the CUDA backend: the CPU backend has one attention for every row"
+        );
+    }
     let cpu = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
         round_activations: config.activations() == crate::config::GpuActivations::Bf16,
@@ -339,6 +344,16 @@ fn start_cuda(
     rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<ServerInfo>>,
 ) -> Result<()> {
+    if cuda.prefill_kernel() {
+        let (model, _) = ModelSpec::parse(&config.model, config.seed)?.open()?;
+        let dims = tacflow_kernels::cuda::prefill::PREFILL_HEAD_DIMS;
+        if !dims.contains(&model.head_dim) {
+            return Err(Error::Config(format!(
+                "experimental_prefill_attention: the prefill kernel serves head sizes {dims:?}, and {} has {}",
+                model.name, model.head_dim
+            )));
+        }
+    }
     let ipc: Arc<dyn cuda_regions::IpcOpener> = Arc::new(cuda_regions::DriverOpener(
         tacflow_kernels::cuda::ipc::DriverIpc::new(cuda.gpu().context()),
     ));
@@ -394,6 +409,7 @@ fn spawn_executor(
                     .and_then(|b| b.with_activations(config.activations()))
                     .and_then(|b| b.with_graphs(config.graphs()))
                     .and_then(|b| b.with_gpu_tactic(config.experimental_gpu_tactic))
+                    .map(|b| b.with_prefill_kernel(config.experimental_prefill_attention))
                     .and_then(|b| start_cuda(b, &config, links, rx, ready)),
                 _ => start_cpu(&config, links, rx, ready),
             };

@@ -55,6 +55,7 @@ use act::ActBuf;
 use half::bf16;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::SampleParams;
+use tacflow_kernels::cuda::prefill::PrefillSplit;
 use tacflow_kernels::cuda::{
     AttnIo, AttnOverride, AttnPlan, AttnShape, BufferPool, CudaSlice, CudaViewMut, DeviceStep, Gpu,
     KvCache, Pooled, RmsOut, row_view_mut,
@@ -87,6 +88,10 @@ pub struct CudaBackend {
     /// Tactic's states and scratch with `experimental_gpu_tactic`; `None`
     /// (sparse policies refused) without it.
     tactic: Option<std::cell::RefCell<tactic::GpuTactic>>,
+    /// Prefill chunks on the tensor-core prefill kernel
+    /// (`experimental_prefill_attention`), else every row on the decode
+    /// kernel.
+    prefill_kernel: bool,
 }
 
 impl CudaBackend {
@@ -105,6 +110,7 @@ impl CudaBackend {
             graphs: Default::default(),
             attn_f32: Default::default(),
             tactic: None,
+            prefill_kernel: false,
         })
     }
 
@@ -130,6 +136,23 @@ impl CudaBackend {
     pub fn with_fault_kernel(mut self) -> Result<CudaBackend> {
         self.gpu.load_fault()?;
         Ok(self)
+    }
+
+    /// The backend with prefill chunks on the tensor-core prefill kernel
+    /// when `on` (`experimental_prefill_attention`).
+    pub fn with_prefill_kernel(mut self, on: bool) -> CudaBackend {
+        if on {
+            tracing::warn!(
+                "experimental_prefill_attention: prefill chunks run on a kernel not yet verified on a GPU"
+            );
+        }
+        self.prefill_kernel = on;
+        self
+    }
+
+    /// Whether prefill chunks run on the tensor-core prefill kernel.
+    pub fn prefill_kernel(&self) -> bool {
+        self.prefill_kernel
     }
 
     pub(super) fn bf16_acts(&self) -> bool {
@@ -246,6 +269,40 @@ impl CudaBackend {
         let part = step.rows(rows.clone())?;
         let (io, shape) = self.attention_io(step, src, d, out, rows)?;
         Ok(self.gpu.attention(part, io, shape, force)?)
+    }
+
+    /// [`Backend::attention`]'s launches over rows `rows`: with the
+    /// prefill kernel on, its chunks there and the other rows on the
+    /// decode kernel; else every row on the decode kernel.
+    pub(super) fn attention_launches(
+        &self,
+        step: &DeviceStep,
+        src: (&Act, &KvCache, usize),
+        d: AttnDims,
+        out: &mut Act,
+        rows: RowRange,
+    ) -> Result<()> {
+        if !self.prefill_kernel {
+            self.attention_rows(step, src, d, out, AttnOverride::default(), rows)?;
+            return Ok(());
+        }
+        self.attention_prefill_rows(step, src, d, out, rows)?;
+        Ok(())
+    }
+
+    /// The rows `rows` with the prefill kernel on their chunks (whatever
+    /// the option; self-check); returns how they were split.
+    pub fn attention_prefill_rows(
+        &self,
+        step: &DeviceStep,
+        src: (&Act, &KvCache, usize),
+        d: AttnDims,
+        out: &mut Act,
+        rows: RowRange,
+    ) -> Result<PrefillSplit> {
+        let part = step.rows(rows.clone())?;
+        let (io, shape) = self.attention_io(step, src, d, out, rows)?;
+        Ok(self.gpu.attention_with_prefill(part, io, shape)?)
     }
 
     /// [`CudaBackend::attention_forced`] with the kernel chosen by hand

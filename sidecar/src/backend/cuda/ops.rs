@@ -11,7 +11,7 @@ use crate::backend::{
 use crate::error::Result;
 use rayon::prelude::*;
 use tacflow_kernels::cpu::{self, Processing, SampleParams, Sampled};
-use tacflow_kernels::cuda::{AttnOverride, DeviceStep, Heads, KvCache, LaneEvent};
+use tacflow_kernels::cuda::{DeviceStep, Heads, KvCache, LaneEvent};
 
 /// Up to this many rows with vLLM's processing come back to the host one by
 /// one; more, and the whole logits come back in one copy.
@@ -257,17 +257,15 @@ impl Backend for CudaBackend {
         out: &mut Act,
         rows: RowRange,
     ) -> Result<()> {
-        let force = AttnOverride::default();
         if !self.bf16_acts() {
-            self.attention_rows(step, (qkv, kv, layer), d, out, force, rows)?;
-            return Ok(());
+            return self.attention_launches(step, (qkv, kv, layer), d, out, rows);
         }
         // The output is the o projection's input: f32 from the kernel into
         // the backend's attention scratch, then cast to bf16.
         let mut f = self.attention_scratch(out.rows, out.cols)?;
         let r = self
-            .attention_rows(step, (qkv, kv, layer), d, &mut f, force, rows.clone())
-            .and_then(|_plan| {
+            .attention_launches(step, (qkv, kv, layer), d, &mut f, rows.clone())
+            .and_then(|()| {
                 let n = rows.len() * out.cols;
                 let src = f.rows_f32("attention", &rows)?;
                 let mut o = self.out_rows_bf16(out, &rows)?;
