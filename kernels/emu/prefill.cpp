@@ -7,7 +7,8 @@
 // The prefill kernels of prefill.cu on the CPU stand-in of emu.h and
 // warp.h, launched as kernels/src/cuda/prefill.rs launches them: one CTA
 // per (query head, tile). kernels/examples/prefill_emu writes the inputs
-// (argv[1]) and compares the output (argv[2]) with the CPU reference.
+// (argv[1]) and compares the output (argv[2]) with the CPU reference;
+// argv[3] `bf16` runs the lab's variant (q and p rounded to bf16 once).
 //
 // Input: u32 d, num_heads, kv_heads, num_blocks, rows, qkv_stride,
 // n_tiles, n_tables; u32 kv_len[rows], table_off[rows], tables[n_tables],
@@ -16,8 +17,8 @@
 // covers stay NaN).
 
 int main(int argc, char** argv) {
-    if (argc != 3) {
-        std::fprintf(stderr, "usage: prefill_emu IN OUT\n");
+    if (argc < 3) {
+        std::fprintf(stderr, "usage: prefill_emu IN OUT [bf16]\n");
         return 2;
     }
     std::ifstream f(argv[1], std::ios::binary);
@@ -51,8 +52,9 @@ int main(int argc, char** argv) {
                     1.4426950408889634f / std::sqrt((float)d)};
     const size_t smem = (2 * PF_BM + 4 * PF_BN) * d * 2;
     const dim3e grid{heads, n_tiles, 1}, block{PF_THREADS, 1, 1};
-    if (d == 64) emu_launch(prefill_f32_d64, grid, block, smem, p);
-    else if (d == 128) emu_launch(prefill_f32_d128, grid, block, smem, p);
+    const bool bf = argc > 3 && std::strcmp(argv[3], "bf16") == 0;
+    if (d == 64) emu_launch(bf ? prefill_f32_d64_bf16 : prefill_f32_d64, grid, block, smem, p);
+    else if (d == 128) emu_launch(bf ? prefill_f32_d128_bf16 : prefill_f32_d128, grid, block, smem, p);
     else {
         std::fprintf(stderr, "prefill_emu: no kernel for head size %u\n", d);
         return 2;

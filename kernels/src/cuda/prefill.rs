@@ -30,16 +30,19 @@ const PREFILL_TILE_KEYS: usize = 64;
 pub const PREFILL_MIN_ROWS: usize = 16;
 const PREFILL_THREADS: usize = 128;
 
-/// The prefill kernel for head size `d`.
-pub fn prefill_kernel(d: usize) -> String {
-    format!("prefill_f32_d{d}")
+/// The prefill kernel for head size `d`: the daemon's (q and p as bf16 hi
+/// and lo halves), or with `bf16` the lab's variant (q and p rounded to
+/// bf16 once; `lab/prefill_variants.cu`).
+pub fn prefill_kernel(d: usize, bf16: bool) -> String {
+    let tag = if bf16 { "_bf16" } else { "" };
+    format!("prefill_f32_d{d}{tag}")
 }
 
-/// Every prefill kernel's name (the module's entries).
-pub fn prefill_kernels() -> Vec<String> {
+/// The prefill kernels of one module: the daemon's, or (`bf16`) the lab's.
+pub fn prefill_kernels(bf16: bool) -> Vec<String> {
     PREFILL_HEAD_DIMS
         .iter()
-        .map(|&d| prefill_kernel(d))
+        .map(|&d| prefill_kernel(d, bf16))
         .collect()
 }
 
@@ -124,8 +127,11 @@ pub(crate) fn prefill_occupancy(
     funcs: &HashMap<String, CudaFunction>,
 ) -> Result<HashMap<String, usize>> {
     let mut out = HashMap::new();
-    for d in PREFILL_HEAD_DIMS {
-        let name = prefill_kernel(d);
+    for (d, bf16) in PREFILL_HEAD_DIMS
+        .iter()
+        .flat_map(|&d| [(d, false), (d, true)])
+    {
+        let name = prefill_kernel(d, bf16);
         let Some(f) = funcs.get(&name) else { continue };
         let bytes = prefill_smem_bytes(d);
         let fail = |e: cudarc::driver::DriverError| Error::Launch {
@@ -156,7 +162,18 @@ impl Gpu {
         io: AttnIo<'_>,
         shape: AttnShape,
     ) -> Result<PrefillSplit> {
-        let step = step.into();
+        self.attention_with_prefill_kernel(step.into(), io, shape, false)
+    }
+
+    /// [`Gpu::attention_with_prefill`] on the daemon's prefill kernel, or
+    /// with `bf16` on the lab's variant (`Gpu::load_lab` first).
+    pub fn attention_with_prefill_kernel(
+        &self,
+        step: StepRows<'_>,
+        io: AttnIo<'_>,
+        shape: AttnShape,
+        bf16: bool,
+    ) -> Result<PrefillSplit> {
         if !PREFILL_HEAD_DIMS.contains(&shape.head_dim) {
             return Err(Error::Unsupported(format!(
                 "the prefill attention kernel serves head sizes {PREFILL_HEAD_DIMS:?}, not {}",
@@ -191,7 +208,7 @@ impl Gpu {
                 layer,
                 out,
             };
-            self.prefill_launch(&step, io, shape, &split.tiles)?;
+            self.prefill_launch(&step, io, shape, &split.tiles, bf16)?;
         }
         Ok(split)
     }
@@ -203,6 +220,7 @@ impl Gpu {
         io: AttnIo<'_>,
         shape: AttnShape,
         tiles: &[[u32; 4]],
+        bf16: bool,
     ) -> Result<()> {
         let AttnIo {
             qkv,
@@ -259,7 +277,7 @@ impl Gpu {
         // a row's own count are read but masked. The tile list lives until
         // its stream-ordered free, after the kernel. Shared memory:
         // prefill_smem_bytes(d), the limit raised at load.
-        unsafe { self.launch(&prefill_kernel(d), cfg, &p) }?;
+        unsafe { self.launch(&prefill_kernel(d, bf16), cfg, &p) }?;
         drop(dev_tiles);
         Ok(())
     }

@@ -87,6 +87,13 @@ const TACTIC_HEADERS: [Header; 5] = [
     },
 ];
 
+/// The prefill attention's tile loop, shared by the daemon's kernels and
+/// the lab's variant.
+const PREFILL_HEADERS: [Header; 1] = [Header {
+    name: "prefill/tc.cuh",
+    text: include_str!("kernels/prefill/tc.cuh"),
+}];
+
 const fn module(name: &'static str, source: &'static str) -> Module {
     Module {
         name,
@@ -113,11 +120,15 @@ pub const MODULES: [Module; 9] = [
         headers: &TACTIC_HEADERS,
         source: include_str!("kernels/tactic.cu"),
     },
-    module("prefill", include_str!("kernels/prefill.cu")),
+    Module {
+        name: "prefill",
+        headers: &PREFILL_HEADERS,
+        source: include_str!("kernels/prefill.cu"),
+    },
 ];
 
 /// The benchmark-only modules (see the module doc).
-pub const LAB_MODULES: [Module; 3] = [
+pub const LAB_MODULES: [Module; 4] = [
     Module {
         name: "attention_variants",
         headers: &ATTENTION_HEADERS,
@@ -128,6 +139,11 @@ pub const LAB_MODULES: [Module; 3] = [
         include_str!("kernels/lab/attention_regs.cu"),
     ),
     module("bench", include_str!("kernels/lab/bench.cu")),
+    Module {
+        name: "prefill_variants",
+        headers: &PREFILL_HEADERS,
+        source: include_str!("kernels/lab/prefill_variants.cu"),
+    },
 ];
 
 /// The kernel that faults on purpose (`fault.rs`; feature
@@ -437,8 +453,10 @@ pub fn kernel_names(module: &str) -> Vec<String> {
         "tactic" => &TACTIC_KERNELS,
         _ => &[],
     };
-    if module == "prefill" {
-        return super::prefill::prefill_kernels();
+    match module {
+        "prefill" => return super::prefill::prefill_kernels(false),
+        "prefill_variants" => return super::prefill::prefill_kernels(true),
+        _ => {}
     }
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     let attention = match module {

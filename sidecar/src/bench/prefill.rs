@@ -2,7 +2,10 @@
 //! kernel (every query token a row of its own, the daemon's default) and on
 //! the tensor-core prefill kernel (`experimental_prefill_attention`), in
 //! the same run on the same cache: microseconds, TFLOP/s of the causal
-//! attention, the speedup, and how far apart the two outputs are.
+//! attention, the speedup, and how far apart the two outputs are; and the
+//! lab's variant of the prefill kernel (q and p rounded to bf16 once, as
+//! FlashAttention does, against the daemon's hi + lo halves: what the
+//! precision costs).
 //!
 //! A case is `SEQS:CHUNK:CONTEXT[:DECODES]`: `SEQS` sequences each
 //! appending a chunk of `CHUNK` tokens so that it holds `CONTEXT` after the
@@ -112,13 +115,24 @@ fn prepare(
     })
 }
 
+/// Which attention a timing runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Every row on the decode kernel (the daemon's default).
+    Decode,
+    /// Chunks on the prefill kernel (`experimental_prefill_attention`).
+    Prefill,
+    /// Chunks on the lab's bf16 variant of it.
+    PrefillBf16,
+}
+
 /// Median, p10, p90 microseconds of one path over `iters` launches, and its
 /// output.
 fn time_path(
     gpu: &Gpu,
     s: BenchShape,
     d: &mut CaseData,
-    prefill: bool,
+    path: Path,
     iters: usize,
 ) -> Result<((f64, f64, f64), Vec<f32>)> {
     let shape = s.attn();
@@ -129,10 +143,14 @@ fn time_path(
             layer: 0,
             out: d.out.as_view_mut(),
         };
-        if prefill {
-            gpu.attention_with_prefill(&d.step, io, shape)?;
-        } else {
-            gpu.attention(&d.step, io, shape, AttnOverride::default())?;
+        match path {
+            Path::Decode => {
+                gpu.attention(&d.step, io, shape, AttnOverride::default())?;
+            }
+            Path::Prefill | Path::PrefillBf16 => {
+                let bf16 = path == Path::PrefillBf16;
+                gpu.attention_with_prefill_kernel((&d.step).into(), io, shape, bf16)?;
+            }
         }
         Ok(())
     };
@@ -153,7 +171,8 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 pub fn run(opts: &Options) -> Result<()> {
     let s = opts.shape;
     s.attn().check()?;
-    let gpu = Gpu::new(0)?;
+    let mut gpu = Gpu::new(0)?;
+    gpu.load_lab()?;
     println!(
         "bench-prefill on {}: {} query heads over {} KV heads of {}",
         device_line(&gpu),
@@ -168,22 +187,27 @@ pub fn run(opts: &Options) -> Result<()> {
         let mut d = prepare(&gpu, s, case, opts.seed)?;
         let flop = 4.0 * (s.head_dim * s.heads) as f64 * d.visible as f64;
         let iters = (2e-3 * 1e12 / flop.max(1.0)).clamp(5.0, 200.0) as usize;
-        let (dec, want) = time_path(&gpu, s, &mut d, false, iters)?;
-        let (pre, got) = time_path(&gpu, s, &mut d, true, iters)?;
-        let gap = rel(&got, &want);
-        if gap.is_nan() || gap > 1e-3 {
+        let (dec, want) = time_path(&gpu, s, &mut d, Path::Decode, iters)?;
+        let (pre, got) = time_path(&gpu, s, &mut d, Path::Prefill, iters)?;
+        let (fast, got_bf16) = time_path(&gpu, s, &mut d, Path::PrefillBf16, iters)?;
+        let (gap, gap_bf16) = (rel(&got, &want), rel(&got_bf16, &want));
+        // The decode and prefill kernels both keep q and p to ~2^-17; the
+        // bf16 variant is held to the bf16 tolerance's order.
+        if gap.is_nan() || gap > 1e-3 || gap_bf16.is_nan() || gap_bf16 > 5e-2 {
             return Err(Error::Backend(format!(
-                "bench-prefill {seqs}:{chunk}:{ctx}:{decodes}: the two paths are {gap:.1e} apart"
+                "bench-prefill {seqs}:{chunk}:{ctx}:{decodes}: the prefill kernel is {gap:.1e} from the decode kernel, its bf16 variant {gap_bf16:.1e}"
             )));
         }
         let tf = |us: f64| flop / (us * 1e-6) / 1e12;
         let line = format!(
-            "| {seqs} x {chunk} @ {ctx} | {decodes} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x | {gap:.1e} |",
+            "| {seqs} x {chunk} @ {ctx} | {decodes} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x | {gap:.1e} | {:.1} | {:.1} | {gap_bf16:.1e} |",
             dec.0,
             tf(dec.0),
             pre.0,
             tf(pre.0),
-            dec.0 / pre.0
+            dec.0 / pre.0,
+            fast.0,
+            tf(fast.0),
         );
         println!("{line}");
         table.push(line);
@@ -192,14 +216,16 @@ pub fn run(opts: &Options) -> Result<()> {
             "flop": flop,
             "decode_kernel_us": {"median": dec.0, "p10": dec.1, "p90": dec.2},
             "prefill_kernel_us": {"median": pre.0, "p10": pre.1, "p90": pre.2},
+            "prefill_bf16_us": {"median": fast.0, "p10": fast.1, "p90": fast.2},
             "speedup": dec.0 / pre.0,
             "rel_gap": gap,
+            "rel_gap_bf16": gap_bf16,
         }));
     }
     println!(
-        "\n| case | decode rows | decode kernel µs | TFLOP/s | prefill kernel µs | TFLOP/s | speedup | outputs apart |"
+        "\n| case | decode rows | decode kernel µs | TFLOP/s | prefill kernel µs | TFLOP/s | speedup | apart | bf16 variant µs | TFLOP/s | apart |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for l in &table {
         println!("{l}");
     }
