@@ -54,6 +54,16 @@ if [ -f .whl/flashinfer-0.7.2-trim.tar.xz ] && [ ! -d /tmp/site/flashinfer ]; th
     mkdir -p /tmp/site && tar xJf .whl/flashinfer-0.7.2-trim.tar.xz -C /tmp/site
 fi
 
+# SmolLM2's GGUF, carried in two halves (scripts/gpu/prepare.sh), joined
+# once and checked; false when the halves are not here.
+gguf_ready() {
+    if [ ! -f /tmp/smollm2.gguf ] && [ -f .device-carry-a/smollm2.gguf.part-a ] && [ -f .device-carry-b/smollm2.gguf.part-b ]; then
+        cat .device-carry-a/smollm2.gguf.part-a .device-carry-b/smollm2.gguf.part-b > /tmp/smollm2.gguf
+        (cd /tmp && sha256sum -c --quiet "$OLDPWD/$carry/smollm2.gguf.sha256") || { echo "smollm2: GGUF does not match its sha256" | tee -a "$log"; rm -f /tmp/smollm2.gguf; }
+    fi
+    [ -f /tmp/smollm2.gguf ]
+}
+
 rc=0
 for s in "${stages[@]}"; do
     echo -e "\n== $s ($(date -u +%H:%M:%S))" | tee -a "$log"
@@ -87,13 +97,21 @@ for s in "${stages[@]}"; do
                 --contexts "$ctx" --batches 1,16,64 --oracle-fraction "${TACTIC_F:-0.02,0.05,0.1}" --p 0.9 \
                 --steps 16 --quality-seqs 1 --json "$out/$s.json" 2>&1 | tee -a "$log" ;;
         tactic-real)
-            # SmolLM2's post-RoPE keys and queries (bench/tactic/dump_qk.py's
-            # capture, carried in $carry/qk/); P 0.8/0.9/0.95.
-            if [ -f "$carry/qk/k_post.npy" ]; then
-                timeout 570 "$bin" bench-tactic --backend cuda --keys "$carry/qk" --batches 1,16,64 \
+            # SmolLM2's post-RoPE keys and queries: the daemon's own, captured
+            # here from the carried GGUF and text (capture-qk, the CPU backend
+            # on this machine's cores), else a capture carried in $carry/qk/;
+            # P 0.8/0.9/0.95.
+            qk="$carry/qk"
+            if [ ! -f "$qk/k_post.npy" ] && gguf_ready; then
+                qk=/tmp/qk
+                [ -f "$qk/k_post.npy" ] || timeout 300 "$bin" capture-qk --model /tmp/smollm2.gguf \
+                    --tokens "$carry/text.tokens" --limit 8192 --steps 16 --out "$qk" 2>&1 | tail -3 | tee -a "$log"
+            fi
+            if [ -f "$qk/k_post.npy" ]; then
+                timeout 570 "$bin" bench-tactic --backend cuda --keys "$qk" --batches 1,16,64 \
                     --p 0.8,0.9,0.95 --steps 16 --quality-seqs 1 --json "$out/tactic-real.json" 2>&1 | tee -a "$log"
             else
-                echo "tactic-real: NOT RUN (no capture in $carry/qk)" | tee -a "$log"
+                echo "tactic-real: NOT RUN (no capture in $carry/qk, no GGUF halves to capture from)" | tee -a "$log"
             fi ;;
         selfcheck-attention) timeout 120 "$bin" selfcheck --groups attention 2>&1 | tee -a "$log" ;;
         attention-tune)
@@ -119,11 +137,7 @@ for s in "${stages[@]}"; do
             timeout 120 python3 scripts/gpu/failfast.py --bin /tmp/tacflowd-faults --out "$out" 2>&1 | tee -a "$log"
             ;;
         smollm2|bf16-logits)
-            # SmolLM2's GGUF, carried in two halves (scripts/gpu/prepare.sh).
-            if [ ! -f /tmp/smollm2.gguf ]; then
-                cat .device-carry-a/smollm2.gguf.part-a .device-carry-b/smollm2.gguf.part-b > /tmp/smollm2.gguf
-                (cd /tmp && sha256sum -c --quiet "$OLDPWD/$carry/smollm2.gguf.sha256") || { echo "smollm2: GGUF does not match its sha256" | tee -a "$log"; rm -f /tmp/smollm2.gguf; }
-            fi
+            gguf_ready || { echo "$s: NOT RUN (no GGUF halves)" | tee -a "$log"; rc=1; continue; }
             if [ "$s" = smollm2 ]; then
                 timeout 420 "$bin" selfcheck --groups smollm2 --smollm2 /tmp/smollm2.gguf --tokens "$carry/text.tokens" 2>&1 | tee -a "$log"
             else

@@ -119,6 +119,35 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seed: u64,
     },
+    /// The daemon's own post-RoPE queries and keys of a model on a text
+    /// (token ids), on the CPU backend, in the capture format
+    /// `bench-tactic --keys` reads (the lab).
+    #[cfg(feature = "lab")]
+    #[command(hide = true)]
+    CaptureQk {
+        /// The model, as `serve --model` takes it.
+        #[arg(long)]
+        model: String,
+        /// Token ids, whitespace-separated.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// The capture directory to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Decode queries kept at the end of the text.
+        #[arg(long, default_value_t = 64)]
+        steps: usize,
+        #[arg(long, default_value_t = 512)]
+        chunk: usize,
+        /// Use at most this many tokens.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Keep only these layers (comma-separated; all by default).
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        seed: u64,
+    },
     /// Decode-step time of a random model, host wall and GPU-only (the
     /// lab).
     #[cfg(feature = "lab")]
@@ -628,6 +657,30 @@ pub fn main() -> anyhow::Result<()> {
                 seed,
             };
             Ok(crate::bench::prefill::run(&opts)?)
+        }
+        #[cfg(feature = "lab")]
+        Some(Command::CaptureQk {
+            model,
+            tokens,
+            out,
+            steps,
+            chunk,
+            limit,
+            layers,
+            seed,
+        }) => {
+            init_logging(LogFormat::Text);
+            let opts = crate::bench::tactic::capture::Options {
+                model,
+                tokens,
+                out,
+                steps,
+                chunk,
+                limit,
+                layers,
+                seed,
+            };
+            Ok(crate::bench::tactic::capture::run(&opts)?)
         }
         #[cfg(feature = "lab")]
         Some(Command::BenchDecode {

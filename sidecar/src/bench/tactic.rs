@@ -17,9 +17,11 @@
 //! | [`device`] | the backends and what the bench needs of them |
 //! | [`keys`] | one sequence's keys, controlled |
 //! | [`real`] | captured keys |
+//! | [`capture`] | the daemon's own q and k captured (`capture-qk`) |
 //! | [`point`] | one point measured |
 //! | [`report`] | the table and the JSON |
 
+pub mod capture;
 pub mod device;
 pub mod keys;
 pub mod point;

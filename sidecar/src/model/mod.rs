@@ -6,6 +6,7 @@
 //! | tensor sources (random, safetensors, GGUF) | [`weights`], [`hf`], [`gguf`] |
 //! | the forward pass: each op of a schedule node over its rows | this file |
 
+pub mod capture;
 pub mod config;
 pub mod gguf;
 pub mod hf;
@@ -42,6 +43,9 @@ pub struct Model<B: Backend> {
     inv_freq: B::Vector,
     /// Which pairs of ops run fused (none unless configured).
     pub fusions: Fusions,
+    /// When set, every attention op records its rows' post-RoPE q and k
+    /// (`capture-qk`); the forward pass takes `&self`, hence the cell.
+    pub capture: std::cell::RefCell<Option<capture::QkCapture>>,
 }
 
 /// How to find a model: `tiny`, `random:<preset or config.json>`, a Hugging
@@ -265,6 +269,7 @@ impl<B: Backend> Model<B> {
             inv_freq: b.constants(&inv)?,
             layers,
             fusions: Fusions::default(),
+            capture: Default::default(),
         })
     }
 
@@ -379,6 +384,12 @@ impl<B: Backend> Model<B> {
             },
             Op::Rope(_) => b.rope(step, &mut w.qkv, &self.inv_freq, dims, rows),
             Op::KvAppend(l) => b.kv_append(step, &w.qkv, kv, l, dims, rows),
+            Op::Attention(l) if self.capture.borrow().is_some() => {
+                if let Some(c) = self.capture.borrow_mut().as_mut() {
+                    c.record(l, b.host_view(&w.qkv, kv, l), p.meta, &rows);
+                }
+                b.attention(step, &w.qkv, kv, l, dims, &mut w.attn, rows)
+            }
             Op::Attention(l) => match p.selector.as_deref_mut() {
                 Some(sel) if sel.on_device() => {
                     let entries = sel.device_entries(p.meta, &rows);
