@@ -13,6 +13,9 @@
 //! Needs a C++20 compiler (`$CXX`, else `g++`):
 //! `cargo run --release -p tacflow-kernels --example prefill_emu`.
 
+#[path = "../../emu/stand_in.rs"]
+mod stand_in;
+
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,41 +89,14 @@ fn build(dir: &Path) -> Result<PathBuf> {
         .iter()
         .find(|m| m.name == "prefill_variants")
         .context("no prefill_variants module")?;
-    let source: String = (module.full_source() + "\n" + lab.source)
-        .lines()
-        .map(|l| match dynamic_shared(l) {
-            Some((ty, name)) => format!("{ty}* {name} = ({ty}*)emu_blk->dyn.data();\n"),
-            None => format!("{l}\n"),
-        })
-        .collect();
-    std::fs::write(dir.join("prefill_all.inc"), source)?;
-    std::fs::write(dir.join("emu.h"), include_str!("../../emu/emu.h"))?;
-    std::fs::write(dir.join("warp.h"), include_str!("../../emu/warp.h"))?;
-    std::fs::write(
-        dir.join("prefill.cpp"),
-        include_str!("../../emu/prefill.cpp"),
-    )?;
-    let exe = dir.join("prefill_emu");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-o"])
-        .arg(&exe)
-        .arg(dir.join("prefill.cpp"))
-        .status()
-        .with_context(|| format!("running {cxx}"))?;
-    if !status.success() {
-        bail!("{cxx} failed to compile the kernels on the stand-in");
-    }
-    Ok(exe)
-}
-
-/// `(type, name)` of a line `extern __shared__ TYPE NAME[];`.
-fn dynamic_shared(line: &str) -> Option<(&str, &str)> {
-    let code = line.split("//").next()?.trim();
-    let decl = code
-        .strip_prefix("extern __shared__ ")?
-        .strip_suffix("[];")?;
-    decl.split_once(' ')
+    let source = stand_in::rewrite_shared(&(module.full_source() + "\n" + lab.source));
+    let files = [
+        ("prefill_all.inc", source.as_str()),
+        ("emu.h", include_str!("../../emu/emu.h")),
+        ("warp.h", include_str!("../../emu/warp.h")),
+        ("prefill.cpp", include_str!("../../emu/prefill.cpp")),
+    ];
+    stand_in::compile(dir, &files, "prefill.cpp", "prefill_emu")
 }
 
 fn f2bf(f: f32) -> u16 {

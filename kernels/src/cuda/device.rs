@@ -445,32 +445,43 @@ fn attention_occupancy(
 ) -> Result<HashMap<String, usize>> {
     let mut out = HashMap::new();
     for (name, d, g, v) in kernels {
-        let (d, g) = (*d, *g);
         let Some(f) = funcs.get(name) else { continue };
-        let bytes = v.smem_bytes(d, g);
-        let fail = |e: cudarc::driver::DriverError| Error::Launch {
-            kernel: name.clone(),
-            msg: format!("shared memory of {bytes} bytes: {e}"),
-        };
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(fail)?;
-        // All of L1 as shared memory: the K and V streams bypass L1 (or
-        // never come back to it), and several CTAs of 50-100 KiB need the
-        // largest carveout.
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        )
-        .map_err(fail)?;
-        let n = f
-            .occupancy_max_active_blocks_per_multiprocessor(v.threads() as u32, bytes, None)
-            .map_err(fail)?;
-        out.insert(name.clone(), n as usize);
+        let n = ready_shared_memory(f, name, v.threads(), v.smem_bytes(*d, *g))?;
+        out.insert(name.clone(), n);
     }
     Ok(out)
+}
+
+/// Raises kernel `name`'s dynamic shared-memory limit to `bytes`, prefers
+/// shared memory over L1, and returns how many of its CTAs of `threads` fit
+/// on one SM.
+pub(crate) fn ready_shared_memory(
+    f: &CudaFunction,
+    name: &str,
+    threads: usize,
+    bytes: usize,
+) -> Result<usize> {
+    let fail = |e: cudarc::driver::DriverError| Error::Launch {
+        kernel: name.into(),
+        msg: format!("shared memory of {bytes} bytes: {e}"),
+    };
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .map_err(fail)?;
+    // All of L1 as shared memory: the K and V streams bypass L1 (or never
+    // come back to it), and several CTAs of 50-100 KiB need the largest
+    // carveout.
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )
+    .map_err(fail)?;
+    let n = f
+        .occupancy_max_active_blocks_per_multiprocessor(threads as u32, bytes, None)
+        .map_err(fail)?;
+    Ok(n as usize)
 }
 
 /// Compiles `modules` (in parallel, through the PTX cache), loads them and

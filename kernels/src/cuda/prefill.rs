@@ -10,10 +10,10 @@
 //! the CPU reference, but not on tensor cores.
 
 use super::attention::{AttnIo, AttnOverride, AttnShape};
-use super::device::{Gpu, check_len};
+use super::device::{Gpu, check_len, ready_shared_memory};
 use super::step::StepRows;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, sys};
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 use std::collections::HashMap;
 use std::ops::Range;
 
@@ -133,20 +133,8 @@ pub(crate) fn prefill_occupancy(
     {
         let name = prefill_kernel(d, bf16);
         let Some(f) = funcs.get(&name) else { continue };
-        let bytes = prefill_smem_bytes(d);
-        let fail = |e: cudarc::driver::DriverError| Error::Launch {
-            kernel: name.clone(),
-            msg: format!("shared memory of {bytes} bytes: {e}"),
-        };
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(fail)?;
-        let n = f
-            .occupancy_max_active_blocks_per_multiprocessor(PREFILL_THREADS as u32, bytes, None)
-            .map_err(fail)?;
-        out.insert(name, n as usize);
+        let n = ready_shared_memory(f, &name, PREFILL_THREADS, prefill_smem_bytes(d))?;
+        out.insert(name, n);
     }
     Ok(out)
 }
