@@ -147,6 +147,18 @@ impl Gpu {
         Ok(())
     }
 
+    /// The daemon's kernels loaded again in `ctx` (a green context's lane:
+    /// functions belong to the context that loaded their module), their
+    /// attention kernels readied as in the device's own.
+    pub(crate) fn kernels_in(
+        &self,
+        ctx: &Arc<CudaContext>,
+    ) -> Result<HashMap<String, CudaFunction>> {
+        let funcs = load_kernels(ctx, &self.info.arch, &MODULES)?;
+        attention_occupancy(&funcs, &attention_kernels())?;
+        Ok(funcs)
+    }
+
     /// Whether kernel `name` is loaded.
     pub fn has_kernel(&self, name: &str) -> bool {
         self.funcs.contains_key(name)
@@ -254,7 +266,9 @@ impl Gpu {
         params: &P,
         cooperative: bool,
     ) -> Result<()> {
-        let f = self.funcs.get(name).ok_or_else(|| Error::Launch {
+        // A lane in a green context launches the kernels loaded there.
+        let table = self.lanes.now().funcs.as_ref().unwrap_or(&self.funcs);
+        let f = table.get(name).ok_or_else(|| Error::Launch {
             kernel: name.into(),
             msg: "no such kernel was loaded".into(),
         })?;
