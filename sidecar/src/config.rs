@@ -65,6 +65,75 @@ impl Fusion {
     }
 }
 
+/// A way the CUDA backend holds a lane to its share of the SMs
+/// (`tacflow_kernels::cuda::share`; docs/SCHEDULES.md says which measured
+/// best).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmShare {
+    /// Our decode attention fills the CTA slots of the lane's SMs only.
+    Grid,
+    /// cuBLAS's SM-count target on the lane's handle (the GEMMs).
+    Cublas,
+    /// The lane's stream in a CUDA green context of the lane's SMs
+    /// (everything on it); not combined with the others.
+    Green,
+}
+
+impl SmShare {
+    pub fn mechanism(self) -> tacflow_kernels::cuda::SmMechanism {
+        use tacflow_kernels::cuda::SmMechanism;
+        match self {
+            SmShare::Grid => SmMechanism::Grid,
+            SmShare::Cublas => SmMechanism::Cublas,
+            SmShare::Green => SmMechanism::Green,
+        }
+    }
+
+    /// A list's name, as the cost file and the logs give it:
+    /// `grid+cublas`, or `none`.
+    pub fn describe(list: &[SmShare]) -> String {
+        match list {
+            [] => "none".into(),
+            l => l
+                .iter()
+                .map(|m| m.mechanism().name())
+                .collect::<Vec<_>>()
+                .join("+"),
+        }
+    }
+
+    /// A list the CUDA backend can apply: no repeats, green alone.
+    pub fn check(list: &[SmShare]) -> Result<()> {
+        let mut seen = list.to_vec();
+        seen.sort();
+        seen.dedup();
+        if seen.len() != list.len() {
+            return Err(Error::Config(format!(
+                "sm_share names a mechanism twice: {list:?}"
+            )));
+        }
+        if list.contains(&SmShare::Green) && list.len() > 1 {
+            return Err(Error::Config(
+                "sm_share: green bounds every kernel of a lane; it is not combined with grid or cublas".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Per-session limits; a request beyond one is answered `limit_exceeded`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -210,6 +279,14 @@ pub struct Config {
     /// Where `tune` caches schedules and `--overlap auto` looks for them
     /// (default `$XDG_CACHE_HOME/tacflow`, else `~/.cache/tacflow`).
     pub schedule_dir: Option<PathBuf>,
+    /// How the CUDA backend holds each lane to its SM share, when `tune`
+    /// profiles shares and when a tuned schedule's lanes run: any of
+    /// `grid` (our attention's CTA slots), `cublas` (cuBLAS's SM-count
+    /// target for the GEMMs), or `green` alone (a green context per
+    /// lane). Empty (the default): no lane is limited, and `tune` on the
+    /// GPU refuses to profile shares it could not give. A mechanism the
+    /// driver lacks is an error, never replaced by another.
+    pub sm_share: Vec<SmShare>,
 }
 
 /// `overlap`: see [`Config::overlap`].
@@ -290,6 +367,7 @@ impl Default for Config {
             attention_pool_mb: 1024,
             overlap: Overlap::Off,
             schedule_dir: None,
+            sm_share: Vec::new(),
         }
     }
 }
@@ -374,6 +452,7 @@ impl Config {
         if let Some(a) = &self.metrics_addr {
             listen_addr("metrics_addr", a, self.metrics_allow_remote)?;
         }
+        SmShare::check(&self.sm_share)?;
         if self.wedged_after_ms == 0 {
             return Err(Error::Config("wedged_after_ms must be at least 1".into()));
         }

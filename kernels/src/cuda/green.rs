@@ -62,41 +62,59 @@ pub fn green_driver() -> Result<i32> {
     Ok(v)
 }
 
+/// The device's SMs as one resource.
+pub(crate) fn device_sms(dev: &CudaContext) -> Result<sys::CUdevResource> {
+    green_driver()?;
+    // SAFETY: all-zero bytes are a valid (empty) resource: plain data.
+    let mut all: sys::CUdevResource = unsafe { std::mem::zeroed() };
+    // SAFETY: `all` is a resource struct the call fills; the device is
+    // the context's own.
+    check("cuDeviceGetDevResource", unsafe {
+        sys::cuDeviceGetDevResource(
+            dev.cu_device(),
+            &mut all,
+            sys::CUdevResourceType::CU_DEV_RESOURCE_TYPE_SM,
+        )
+    })?;
+    Ok(all)
+}
+
+/// A group of at least `sms` SMs carved from `input` (the driver rounds up
+/// to its partition size), and what is left of `input`: carving each
+/// lane's group from the previous remainder keeps the lanes' SMs disjoint.
+pub(crate) fn carve(
+    input: &sys::CUdevResource,
+    sms: usize,
+) -> Result<(sys::CUdevResource, sys::CUdevResource)> {
+    let count = u32::try_from(sms.max(1)).map_err(|_| Error::Shape(format!("{sms} SMs")))?;
+    // SAFETY: all-zero resources are valid plain data for the call to fill.
+    let (mut group, mut rest): (sys::CUdevResource, sys::CUdevResource) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let mut groups = 1u32;
+    // SAFETY: one result slot for one group (`groups` = 1 in), the input
+    // is an SM resource the driver gave, `rest` takes the remainder.
+    check("cuDevSmResourceSplitByCount", unsafe {
+        sys::cuDevSmResourceSplitByCount(&mut group, &mut groups, input, &mut rest, 0, count)
+    })?;
+    if groups != 1 {
+        return Err(Error::Unsupported(format!(
+            "the driver could not carve a group of {sms} SMs from those left"
+        )));
+    }
+    Ok((group, rest))
+}
+
+/// SMs of an SM resource.
+pub(crate) fn sm_count(r: &sys::CUdevResource) -> usize {
+    // SAFETY: `sm` is the variant of an SM resource, the only kind here.
+    unsafe { r.__bindgen_anon_1.sm.smCount as usize }
+}
+
 impl GreenCtx {
-    /// A green context of at least `sms` SMs of `dev`'s device (the driver
-    /// rounds up to its partition size); `dev` is current again after.
-    pub(crate) fn new(dev: &Arc<CudaContext>, sms: usize) -> Result<GreenCtx> {
-        green_driver()?;
-        let count = u32::try_from(sms.max(1)).map_err(|_| Error::Shape(format!("{sms} SMs")))?;
-        // SAFETY: all-zero bytes are a valid (empty) resource: plain data.
-        let mut all: sys::CUdevResource = unsafe { std::mem::zeroed() };
-        // SAFETY: `all` is a resource struct the call fills; the device is
-        // the context's own.
-        check("cuDeviceGetDevResource", unsafe {
-            sys::cuDeviceGetDevResource(
-                dev.cu_device(),
-                &mut all,
-                sys::CUdevResourceType::CU_DEV_RESOURCE_TYPE_SM,
-            )
-        })?;
-        // SAFETY: as above.
-        let (mut group, mut rest): (sys::CUdevResource, sys::CUdevResource) =
-            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-        let mut groups = 1u32;
-        // SAFETY: one result slot for one group (`groups` = 1 in), the
-        // input is the device's SM resource just read, `rest` takes the
-        // remainder; flags 0.
-        check("cuDevSmResourceSplitByCount", unsafe {
-            sys::cuDevSmResourceSplitByCount(&mut group, &mut groups, &all, &mut rest, 0, count)
-        })?;
-        if groups != 1 {
-            return Err(Error::Unsupported(format!(
-                "the driver could not carve a group of {sms} SMs"
-            )));
-        }
-        // SAFETY: `sm` is the variant of an SM resource, which the split
-        // returned.
-        let given = unsafe { group.__bindgen_anon_1.sm.smCount } as usize;
+    /// A green context of the SMs of `group` (from [`carve`]) on `dev`'s
+    /// device; `dev` is current again after.
+    pub(crate) fn new(dev: &Arc<CudaContext>, mut group: sys::CUdevResource) -> Result<GreenCtx> {
+        let given = sm_count(&group);
         let mut desc: sys::CUdevResourceDesc = std::ptr::null_mut();
         // SAFETY: one resource in, a descriptor out.
         check("cuDevResourceGenerateDesc", unsafe {

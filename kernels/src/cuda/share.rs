@@ -12,11 +12,12 @@
 //! None is set unless asked: a lane without a limit runs exactly the
 //! launches of a build without this file.
 
-use super::device::Gpu;
-use super::green::GreenCtx;
+use super::device::{Gpu, drv};
+use super::green::{self, GreenCtx};
 use super::lane::Lane;
 use crate::error::{Error, Result};
 use cudarc::cublas::sys as blas;
+use cudarc::driver::sys;
 use std::sync::atomic::Ordering;
 
 /// A way to hold a lane to some of the SMs.
@@ -109,25 +110,57 @@ impl Gpu {
     /// Rebuilds `lane` on a stream of a green context of `sms` SMs (or of
     /// the device's own context with `None`), after every lane's work.
     fn green_lane(&mut self, lane: usize, sms: Option<usize>) -> Result<usize> {
+        let group = match sms {
+            None => None,
+            Some(n) => Some(green::carve(&green::device_sms(&self.context())?, n)?.0),
+        };
+        self.rebuild_lane(lane, group)
+    }
+
+    /// Puts lane `i` in a green context of `sms[i]` SMs (all of the
+    /// device's for `None`), the groups carved one after another from what
+    /// the previous left, so that no two lanes share an SM. Returns the
+    /// SMs each lane was given.
+    pub fn green_lanes(&mut self, sms: &[Option<usize>]) -> Result<Vec<usize>> {
+        let all = self.info().sm_count;
+        let mut left = green::device_sms(&self.context())?;
+        let mut given = vec![];
+        for (lane, n) in sms.iter().enumerate() {
+            let group = match n.filter(|&n| n < all) {
+                None => None,
+                Some(n) => {
+                    let (group, rest) = green::carve(&left, n)?;
+                    left = rest;
+                    Some(group)
+                }
+            };
+            given.push(self.rebuild_lane(lane, group)?);
+        }
+        Ok(given)
+    }
+
+    /// Replaces `lane` by a fresh one, in a green context of `group` or in
+    /// the device's context; waits for every lane first.
+    fn rebuild_lane(&mut self, lane: usize, group: Option<sys::CUdevResource>) -> Result<usize> {
         self.synchronize()?;
         let dev = self.context();
-        let new = match sms {
+        let new = match group {
             None => {
-                let stream = dev
-                    .new_stream()
-                    .map_err(super::device::drv("cuStreamCreate"))?;
+                let stream = dev.new_stream().map_err(drv("cuStreamCreate"))?;
                 Lane::on(stream, None, None)?
             }
-            Some(n) => {
-                let green = GreenCtx::new(&dev, n)?;
-                let stream = green
+            Some(group) => {
+                let green = GreenCtx::new(&dev, group)?;
+                let made = green
                     .ctx
                     .new_stream()
-                    .map_err(super::device::drv("cuStreamCreate (green context)"))?;
-                let funcs = self.kernels_in(&green.ctx)?;
-                let r = Lane::on(stream, Some(funcs), Some(green));
-                dev.bind_to_thread()
-                    .map_err(super::device::drv("cuCtxSetCurrent"))?;
+                    .map_err(drv("cuStreamCreate (green context)"))
+                    .and_then(|stream| {
+                        let funcs = self.kernels_in(&green.ctx)?;
+                        Ok((stream, funcs))
+                    });
+                let r = made.and_then(|(stream, funcs)| Lane::on(stream, Some(funcs), Some(green)));
+                dev.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
                 r?
             }
         };

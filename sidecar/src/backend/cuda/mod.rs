@@ -132,6 +132,11 @@ impl CudaBackend {
         Ok(self)
     }
 
+    /// Whether GEMM inputs are bf16 (the module doc).
+    pub fn bf16_activations(&self) -> bool {
+        self.bf16_acts()
+    }
+
     pub(super) fn bf16_acts(&self) -> bool {
         self.activations == GpuActivations::Bf16
     }

@@ -28,6 +28,7 @@ fn table(f: impl Fn(OpKind, usize, f64) -> f64) -> CostModel {
         version: 1,
         model: "synthetic".into(),
         gpu: "none".into(),
+        sm_share: None,
         points,
     };
     CostModel::from_file(file).unwrap()
@@ -82,6 +83,7 @@ fn cost_files_round_trip_and_other_versions_are_refused() {
         version: 1,
         model: "m".into(),
         gpu: "g".into(),
+        sm_share: None,
         points,
     };
     let toml_path = dir.join("cost.toml");
