@@ -3,7 +3,8 @@ with the tiny model: profile -> cost file -> search -> cached schedule ->
 `serve --overlap on` loads it, says so, and gives the sequential pass's
 logits and tokens; bench-serve's report and timeline PNG; and the
 refusals (other file versions, a corrupt or foreign schedule, the CUDA
-backend without a GPU)."""
+paths of tune and bench-serve without a GPU, SM-share mechanisms that do
+not combine)."""
 
 from __future__ import annotations
 
@@ -138,9 +139,14 @@ def test_bad_schedules_and_cost_files_are_refused(tuned, tmp_path):
     r = tacflowd("bench-serve", "--backend", "cpu", "--requests", "1", "--input-len", "4", "--output-len", "2",
                  "--kv-blocks", "16", "--cost-file", str(bad_cost), ok=False)
     assert r.returncode != 0 and "version 2" in r.stderr, r.stderr
-    r = tacflowd("tune", "--backend", "cuda", "--schedule-dir", str(empty), ok=False)
-    assert r.returncode != 0 and ("needs a GPU" in r.stderr or "not built yet" in r.stderr), r.stderr
+    # Without a GPU the CUDA paths refuse, saying why; they never fall back to the CPU.
+    for cmd in (["tune"], ["bench-serve", "--requests", "1", "--input-len", "4", "--output-len", "2"]):
+        for share in ([], ["--sm-share", "grid,cublas"], ["--sm-share", "green"]):
+            r = tacflowd(*cmd, "--backend", "cuda", *share, "--schedule-dir", str(empty), ok=False)
+            assert r.returncode != 0 and "the CUDA backend needs a GPU" in r.stderr, r.stderr
     assert not empty.exists(), "a refused tune wrote nothing"
+    r = tacflowd("tune", *TUNE, "--sm-share", "green,grid", "--schedule-dir", str(empty), ok=False)
+    assert r.returncode != 0 and "not combined" in r.stderr, r.stderr
 
 
 def png_size(path: pathlib.Path) -> tuple[int, int]:

@@ -582,6 +582,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sm_share_names_mechanisms_green_alone() {
+        assert!(
+            Config::default().sm_share.is_empty(),
+            "no lane held by default"
+        );
+        let c: Config = toml::from_str("sm_share = [\"grid\", \"cublas\"]\n").unwrap();
+        assert_eq!(c.sm_share, vec![SmShare::Grid, SmShare::Cublas]);
+        assert!(c.validate().is_ok());
+        assert_eq!(SmShare::describe(&c.sm_share), "grid+cublas");
+        assert_eq!(SmShare::describe(&[]), "none");
+        for bad in [
+            vec![SmShare::Green, SmShare::Grid],
+            vec![SmShare::Cublas, SmShare::Cublas],
+        ] {
+            let c = Config {
+                sm_share: bad.clone(),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        assert!(toml::from_str::<Config>("sm_share = [\"mps\"]\n").is_err());
+    }
+
+    #[test]
     fn gpu_lanes_default_to_one_and_stay_in_range() {
         assert_eq!(Config::default().gpu_lanes, 1);
         let c: Config = toml::from_str("gpu_lanes = 2\n").unwrap();

@@ -14,10 +14,13 @@
 use super::profile::{Grid, decode_step, gemms, kv_layout};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{AttnDims, Backend, HostData};
-use crate::config::SmShare;
+use crate::config::{Config, SmShare};
 use crate::error::{Error, Result};
+use crate::model::ModelSpec;
 use crate::model::config::ModelConfig;
 use crate::schedule::search::{CostPoint, OpKind};
+use crate::schedule::tuned::ScheduleFile;
+use tracing::info;
 
 /// Warm-up calls before a point is timed.
 const WARMUP: usize = 3;
@@ -182,4 +185,62 @@ fn attention(b: &CudaBackend, c: &ModelConfig, rows: usize, context: usize) -> R
     time(b, &mut || {
         b.attention(&step, &qkv, &kv, 0, dims, &mut out, 0..rows)
     })
+}
+
+/// Holds each lane to its share of the tuned schedule `config.overlap`
+/// names, by `config.sm_share`, before the daemon loads the model: the
+/// shares of its entry for the largest representative step (a lane keeps
+/// its share for the whole run; the shares of smaller entries are not
+/// applied per step). Nothing without `sm_share` or without a schedule:
+/// the lanes are then those of a build without SM shares. Returns the SMs
+/// each lane got, when it held any.
+pub fn hold_tuned_lanes(b: &mut CudaBackend, config: &Config) -> Result<Option<Vec<usize>>> {
+    if config.sm_share.is_empty() {
+        return Ok(None);
+    }
+    let (model, _) = ModelSpec::parse(&config.model, config.seed)?.open()?;
+    let program = super::program_of(&model, config);
+    let key = super::key(&*b, &model, &program, super::POLICY);
+    let Some(path) = super::tuned_path(config, &key)? else {
+        return Ok(None);
+    };
+    let file = ScheduleFile::load(&path, &key)?;
+    let shares = file
+        .steps
+        .last()
+        .map(|s| s.shares.clone())
+        .unwrap_or_default();
+    let given = hold_lanes(b, &config.sm_share, &shares)?;
+    info!(
+        sm_share = %SmShare::describe(&config.sm_share),
+        ?shares,
+        sms = ?given,
+        "lanes held to the tuned schedule's SM shares"
+    );
+    Ok(Some(given))
+}
+
+/// Lane `i` held to `shares[i]` of the SMs (lanes past the list: all);
+/// green contexts carved disjoint.
+pub fn hold_lanes(b: &mut CudaBackend, mechs: &[SmShare], shares: &[f64]) -> Result<Vec<usize>> {
+    let all = b.gpu().info().sm_count;
+    let lanes = b.gpu().lanes();
+    if shares.len() > lanes {
+        return Err(Error::Config(format!(
+            "the schedule gives {} lanes SM shares; the backend runs {lanes} (gpu_lanes)",
+            shares.len()
+        )));
+    }
+    let sms: Vec<Option<usize>> = (0..lanes)
+        .map(|l| {
+            let s = shares.get(l).copied().unwrap_or(1.0);
+            let n = (s * all as f64).round().max(1.0) as usize;
+            (n < all).then_some(n)
+        })
+        .collect();
+    if mechs.contains(&SmShare::Green) {
+        let given = b.gpu_mut().green_lanes(&sms);
+        return given.map_err(|e| Error::Backend(format!("sm_share green: {e}")));
+    }
+    (0..lanes).map(|l| hold_lane(b, l, mechs, sms[l])).collect()
 }

@@ -278,7 +278,7 @@ fn run_gpu(opts: &Options, say: &mut impl FnMut(&str)) -> Result<PathBuf> {
     finish(opts, &config, p, say)
 }
 
-fn program_of(model: &ModelConfig, config: &Config) -> Program {
+pub fn program_of(model: &ModelConfig, config: &Config) -> Program {
     Program {
         layers: model.num_layers,
         qkv_bias: model.qkv_bias,
@@ -379,6 +379,27 @@ pub fn search_shapes(
     Ok(out)
 }
 
+/// The schedule file `config.overlap` names for `key`: none with `off`, or
+/// with `auto` when none is cached; an error with `on` when none is.
+pub fn tuned_path(config: &Config, key: &ScheduleKey) -> Result<Option<PathBuf>> {
+    let cached = || -> Result<PathBuf> { Ok(cache_dir(config)?.join(key.file_name())) };
+    match &config.overlap {
+        Overlap::Off => Ok(None),
+        Overlap::On => {
+            let path = cached()?;
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "--overlap on: no tuned schedule for this model, device and policy at {}; run `tacflowd tune` with the same flags, or start with --overlap off or auto",
+                    path.display()
+                )));
+            }
+            Ok(Some(path))
+        }
+        Overlap::Auto => Ok(Some(cached()?).filter(|p| p.exists())),
+        Overlap::File(p) => Ok(Some(p.clone())),
+    }
+}
+
 /// The plan the daemon starts with, as `config.overlap` says, logged.
 /// A named file that is missing, corrupt or made for another model,
 /// device or policy is an error; `auto` without a cached file runs the
@@ -390,30 +411,15 @@ pub fn at_start<B: Backend>(
     program: &Program,
 ) -> Result<Plan> {
     let key = key(b, model, program, POLICY);
-    let path = match &config.overlap {
-        Overlap::Off => {
-            info!("schedule: sequential (overlap off)");
-            return Ok(Plan::Sequential);
-        }
-        Overlap::On => {
-            let path = cache_dir(config)?.join(key.file_name());
-            if !path.exists() {
-                return Err(Error::Config(format!(
-                    "--overlap on: no tuned schedule for this model, device and policy at {}; run `tacflowd tune` with the same flags, or start with --overlap off or auto",
-                    path.display()
-                )));
+    let Some(path) = tuned_path(config, &key)? else {
+        match config.overlap {
+            Overlap::Off => info!("schedule: sequential (overlap off)"),
+            _ => {
+                let looked = cache_dir(config)?.join(key.file_name());
+                info!(looked = %looked.display(), "schedule: sequential (no tuned schedule for this model, device and policy; run `tacflowd tune`)");
             }
-            path
         }
-        Overlap::Auto => {
-            let path = cache_dir(config)?.join(key.file_name());
-            if !path.exists() {
-                info!(looked = %path.display(), "schedule: sequential (no tuned schedule for this model, device and policy; run `tacflowd tune`)");
-                return Ok(Plan::Sequential);
-            }
-            path
-        }
-        Overlap::File(p) => p.clone(),
+        return Ok(Plan::Sequential);
     };
     let file = ScheduleFile::load(&path, &key)?;
     // Every entry must lay out on its own representative step.
