@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# NanoFlow overlap on the GPU, ON THE GPU MACHINE (bench.sh's `overlap`
+# stage; docs/SCHEDULES.md): for each SM-share mechanism, `tacflowd tune`
+# profiles the ops at row counts x SM shares and caches a schedule, then
+# `bench-serve` runs the same workload with `--overlap off` (the
+# sequential baseline, once) and `--overlap on` under that mechanism; a
+# table of tokens/s, the fraction of the compute-bound optimum and the
+# largest step's measured and predicted time closes the log, and each
+# run's timeline is drawn as a PNG (matplotlib, when present).
+#
+#   bash scripts/gpu/overlap.sh TACFLOWD OUT_DIR
+#
+# Environment (defaults in brackets):
+#   OVERLAP_MECHS  [grid,cublas grid cublas green]  --sm-share values, space-separated
+#   OVERLAP_MODEL  [random:llama-3-8b]
+#   OVERLAP_LANES  [3]                 --gpu-lanes of tune and bench-serve
+#   OVERLAP_ROWS   [1,16,64,256,1024]  tune --rows
+#   OVERLAP_SHAPES [32,128,128+896]    tune --shapes
+#   OVERLAP_WORK   [--requests 128 --input-len 512 --output-len 128 --step-tokens 1024]
+set -uo pipefail
+bin=$1
+out=$2
+mechs=${OVERLAP_MECHS:-grid,cublas grid cublas green}
+model=${OVERLAP_MODEL:-random:llama-3-8b}
+lanes=${OVERLAP_LANES:-3}
+work=${OVERLAP_WORK:---requests 128 --input-len 512 --output-len 128 --step-tokens 1024}
+context=$(echo "$work" | sed -n 's/.*--input-len \([0-9]*\).*/\1/p')
+common=(--backend cuda --model "$model" --gpu-lanes "$lanes")
+mkdir -p "$out"
+rc=0
+
+serve() {  # NAME ARGS...: one bench-serve run, its JSON and PNG
+    local name=$1
+    shift
+    # shellcheck disable=SC2086
+    timeout 400 "$bin" bench-serve "${common[@]}" $work "$@" --json "$out/serve-$name.json" || rc=$?
+    python3 bench/serve/timeline.py "$out/serve-$name.json" "$out/timeline-$name.png" 2>&1 | tail -1
+}
+
+serve off --overlap off
+for m in $mechs; do
+    dir="$out/schedules-${m/,/+}"
+    echo "-- tune --sm-share $m"
+    timeout 300 "$bin" tune "${common[@]}" --sm-share "$m" --schedule-dir "$dir" \
+        --rows "${OVERLAP_ROWS:-1,16,64,256,1024}" --shapes "${OVERLAP_SHAPES:-32,128,128+896}" \
+        --context "${context:-512}" || { rc=$?; echo "tune --sm-share $m failed ($rc)"; continue; }
+    echo "-- bench-serve --overlap on --sm-share $m"
+    serve "on-${m/,/+}" --overlap on --sm-share "$m" --schedule-dir "$dir"
+done
+
+python3 - "$out" <<'EOF'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+rows = ["| run | tokens/s | fraction of optimum | GEMM TFLOP/s | largest step measured (us) | predicted (us) | lanes |",
+        "| --- | --- | --- | --- | --- | --- | --- |"]
+def num(v, f="{:.1f}"):
+    return f.format(v) if isinstance(v, (int, float)) else "-"
+for p in sorted(out.glob("serve-*.json")):
+    r = json.loads(p.read_text())
+    o, t = r.get("optimum", {}), r.get("timeline", {})
+    rows.append(f"| {p.stem[6:]} | {num(r.get('tokens_per_s'))} | {num(o.get('fraction'), '{:.3f}')} | "
+                f"{num(o.get('gemm_tflops'))} | {num(t.get('measured_us'))} | {num(t.get('predicted_us'))} | {t.get('lanes', '-')} |")
+table = "\n".join(rows)
+(out / "overlap.md").write_text(table + "\n")
+print(table)
+EOF
+exit "$rc"
