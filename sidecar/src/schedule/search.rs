@@ -362,7 +362,8 @@ pub fn search(
         let schedule = build::nano_batched(program, meta, &spec)?;
         let order = order::sequential(&schedule)?;
         let lanes = schedule.lanes.len();
-        let grid = match space.serial {
+        // One lane has nothing beside it: it gets the whole device.
+        let grid = match space.serial || lanes == 1 {
             true => vec![vec![1.0; lanes]],
             false => share_grid(lanes, space.share_step),
         };
