@@ -85,6 +85,11 @@ impl Gpu {
         self.ctx.clone()
     }
 
+    /// The device's own context, borrowed (the lanes' events live in it).
+    pub(crate) fn device_context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     /// Opens device `ordinal` with one lane, compiles (or reads from the
     /// PTX cache) every module for its architecture and resolves every
     /// kernel.

@@ -160,6 +160,10 @@ impl GreenCtx {
 
 impl Drop for GreenCtx {
     fn drop(&mut self) {
+        // The frees its lane's buffers enqueued on drop run first.
+        if let Err(e) = self.ctx.synchronize() {
+            tracing::warn!(cause = %e, "synchronising a green context before destroying it");
+        }
         // SAFETY: the lane that holds this drops its stream, handle,
         // workspaces and kernels first (field order), so nothing runs in
         // the context any more; it is destroyed once.

@@ -254,9 +254,10 @@ impl Gpu {
     }
 
     /// An event from the pool (created with timing disabled when the pool
-    /// is empty).
+    /// is empty), in the device's own context: the parent of every lane's
+    /// green context, if any (`share.rs`), whichever lane records it.
     pub fn new_event(&self) -> Result<LaneEvent> {
-        let ctx = self.lanes.all[0].stream.context();
+        let ctx = self.device_context();
         self.lanes
             .events
             .take(|| ctx.new_event(None).map_err(drv("cuEventCreate")))

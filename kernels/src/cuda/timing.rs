@@ -74,10 +74,11 @@ impl Span {
 }
 
 impl Gpu {
-    /// A fresh timing event (in the current lane's context).
+    /// A fresh timing event, in the device's own context as the lanes'
+    /// events are (`lane.rs`), so that marks on different lanes compare.
     fn timing_event(&self) -> Result<CudaEvent> {
-        let ctx = self.stream().context();
-        ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+        self.device_context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(drv("cuEventCreate"))
     }
 

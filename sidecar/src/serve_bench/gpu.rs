@@ -168,3 +168,40 @@ fn measured(o: &Options, engine: &mut Engine<CudaBackend>, ran: &Ran) -> Result<
         "nodes": nodes,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replayed_step_owns_consecutive_blocks_and_fits_the_cache() {
+        let shape = Shape {
+            decodes: 3,
+            prefill: 20,
+        };
+        // 3 decodes at 40 cached tokens: 3 blocks each (41 tokens), then
+        // the prefill's 2 blocks: 11 in all.
+        assert!(
+            replay_meta(shape, 40, 10).is_none(),
+            "10 blocks are too few"
+        );
+        let m = replay_meta(shape, 40, 11).unwrap();
+        assert_eq!(m.tokens.len(), 23);
+        assert_eq!(m.seqs.len(), 4);
+        let p = &m.seqs[3];
+        assert_eq!((p.q_start, p.q_len, p.ctx_len), (3, 20, 20));
+        assert_eq!(p.block_table, vec![9, 10]);
+        assert_eq!(m.slots[3..], (144..164).collect::<Vec<u32>>()[..]);
+        assert_eq!(m.logit_rows, vec![0, 1, 2, 22]);
+        let decodes = replay_meta(
+            Shape {
+                decodes: 2,
+                prefill: 0,
+            },
+            15,
+            2,
+        )
+        .unwrap();
+        assert_eq!(decodes.tokens.len(), 2);
+    }
+}

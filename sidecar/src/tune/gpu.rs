@@ -48,6 +48,11 @@ pub fn hold_lane(
     sms: Option<usize>,
 ) -> Result<usize> {
     let mut given = b.gpu().info().sm_count;
+    if mechs.contains(&SmShare::Green) {
+        // The lane is rebuilt in another context: nothing allocated on
+        // its stream may outlive it.
+        b.release_pooled();
+    }
     for m in mechs {
         let n = b
             .gpu_mut()
@@ -97,8 +102,7 @@ pub fn profile(
     let sm_count = b.gpu().info().sm_count;
     let mut points = vec![];
     for level in LEVELS {
-        let ask = (level * sm_count as f64).round().max(1.0) as usize;
-        let ask = (ask < sm_count).then_some(ask);
+        let ask = sms_of(level, sm_count);
         let given = hold_lane(b, 0, mechs, ask)?;
         let share = given as f64 / sm_count as f64;
         let at = points.len();
@@ -236,16 +240,48 @@ pub fn hold_lanes(b: &mut CudaBackend, mechs: &[SmShare], shares: &[f64]) -> Res
             shares.len()
         )));
     }
-    let sms: Vec<Option<usize>> = (0..lanes)
-        .map(|l| {
-            let s = shares.get(l).copied().unwrap_or(1.0);
-            let n = (s * all as f64).round().max(1.0) as usize;
-            (n < all).then_some(n)
-        })
-        .collect();
+    let sms = lane_sms(shares, lanes, all);
     if mechs.contains(&SmShare::Green) {
         let given = b.gpu_mut().green_lanes(&sms);
         return given.map_err(|e| Error::Backend(format!("sm_share green: {e}")));
     }
     (0..lanes).map(|l| hold_lane(b, l, mechs, sms[l])).collect()
+}
+
+/// The SMs a share asks for, at least one; `None` for the whole device.
+fn sms_of(share: f64, all: usize) -> Option<usize> {
+    let n = (share * all as f64).round().max(1.0) as usize;
+    (n < all).then_some(n)
+}
+
+/// Per lane, the SMs of its share (lanes past `shares`: the whole device).
+fn lane_sms(shares: &[f64], lanes: usize, all: usize) -> Vec<Option<usize>> {
+    (0..lanes)
+        .map(|l| sms_of(shares.get(l).copied().unwrap_or(1.0), all))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_become_sm_counts_and_the_whole_device_is_no_limit() {
+        assert_eq!(sms_of(1.0, 132), None);
+        assert_eq!(sms_of(0.25, 132), Some(33));
+        assert_eq!(sms_of(0.5, 132), Some(66));
+        assert_eq!(sms_of(0.001, 132), Some(1), "at least one SM");
+        assert_eq!(sms_of(0.999, 132), None, "rounds to every SM");
+        let l = lane_sms(&[0.5, 0.25, 0.25], 4, 132);
+        assert_eq!(l, vec![Some(66), Some(33), Some(33), None]);
+        assert_eq!(lane_sms(&[], 2, 132), vec![None, None]);
+    }
+
+    #[test]
+    fn the_inputs_are_seeded_and_bounded() {
+        let a = host(1000, 3);
+        assert_eq!(a, host(1000, 3));
+        assert_ne!(a, host(1000, 4));
+        assert!(a.iter().all(|x| (-0.5..0.5).contains(x)));
+    }
 }
