@@ -147,6 +147,12 @@ def test_bad_schedules_and_cost_files_are_refused(tuned, tmp_path):
     assert not empty.exists(), "a refused tune wrote nothing"
     r = tacflowd("tune", *TUNE, "--sm-share", "green,grid", "--schedule-dir", str(empty), ok=False)
     assert r.returncode != 0 and "not combined" in r.stderr, r.stderr
+    # On the CPU an SM-share mechanism is refused, not ignored.
+    for cmd in (["tune", *TUNE], ["bench-serve", "--backend", "cpu", "--requests", "1", "--input-len", "4",
+                                  "--output-len", "2", "--kv-blocks", "16"]):
+        r = tacflowd(*cmd, "--sm-share", "grid", "--schedule-dir", str(empty), ok=False)
+        assert r.returncode != 0 and "the CPU backend has no SMs" in r.stderr, r.stderr
+    assert not empty.exists(), "a refused run wrote nothing"
 
 
 def png_size(path: pathlib.Path) -> tuple[int, int]:

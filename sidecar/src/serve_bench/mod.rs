@@ -116,6 +116,7 @@ pub fn run(o: &Options) -> Result<Value> {
 }
 
 fn run_cpu(o: &Options) -> Result<Value> {
+    tune::no_sm_share_on_cpu(&o.config)?;
     let config = o.config.resolved(BackendKind::Cpu);
     let b = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,

@@ -183,8 +183,22 @@ pub fn run(opts: &Options, mut say: impl FnMut(&str)) -> Result<PathBuf> {
     }
     match backend_for(&opts.config)? {
         BackendKind::Cuda => run_gpu(opts, &mut say),
-        _ => run_cpu(opts, &mut say),
+        _ => {
+            no_sm_share_on_cpu(&opts.config)?;
+            run_cpu(opts, &mut say)
+        }
     }
+}
+
+/// `sm_share` names GPU mechanisms; on the CPU it is refused, not ignored.
+pub fn no_sm_share_on_cpu(config: &Config) -> Result<()> {
+    if config.sm_share.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "--sm-share {} holds GPU lanes to SM shares; the CPU backend has no SMs (its shares are threads): drop it, or run on the GPU",
+        crate::config::SmShare::describe(&config.sm_share)
+    )))
 }
 
 /// What the profile was taken on, for the cost file and the search.
@@ -242,6 +256,11 @@ fn run_cpu(opts: &Options, say: &mut impl FnMut(&str)) -> Result<PathBuf> {
 fn run_gpu(opts: &Options, say: &mut impl FnMut(&str)) -> Result<PathBuf> {
     let config = opts.config.resolved(BackendKind::Cuda);
     crate::config::SmShare::check(&config.sm_share)?;
+    if config.sm_share.is_empty() {
+        return Err(Error::Config(
+            "tune on the GPU profiles SM shares through a mechanism: give --sm-share grid,cublas (or grid, cublas, green)".into(),
+        ));
+    }
     // One lane is profiled; the GEMM inputs' dtype is what `serve` runs
     // with `gpu_lanes` lanes.
     let mut b =

@@ -211,3 +211,21 @@ fn the_choice_follows_the_costs() {
     assert!(single.spec.dense_cuts.is_empty() && single.spec.attn_cuts.is_empty());
     assert!((single.predicted_us - single.sequential_us).abs() < 1e-6);
 }
+
+#[test]
+fn one_lane_on_a_gpu_gets_the_whole_device() {
+    let p = Program {
+        layers: 1,
+        qkv_bias: false,
+        fusions: Default::default(),
+    };
+    let meta = step(&[1, 1, 1, 1]);
+    // Nothing depends on the share (a mechanism that bounds nothing): a
+    // tie, which the smallest share would win were one lane offered any.
+    let flat = table(|_, rows, _| 10.0 + rows as f64);
+    let mut space = SearchSpace::for_step(&meta);
+    space.lane_maps = vec![LaneMap::single()];
+    space.share_step = 0.25;
+    let found = search(&p, &meta, &flat, &space).unwrap();
+    assert_eq!(found.shares, vec![1.0], "{found:?}");
+}
