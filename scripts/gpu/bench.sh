@@ -131,8 +131,10 @@ for s in "${stages[@]}"; do
             # NanoFlow overlap (docs/SCHEDULES.md): tune per SM-share
             # mechanism, bench-serve --overlap off vs on, a table; the
             # product binary (tune and bench-serve are product subcommands).
+            # First the self-check of held lanes (group shares).
             xz -dc "$carry/tacflowd.xz" > /tmp/tacflowd && chmod +x /tmp/tacflowd
-            timeout 590 bash scripts/gpu/overlap.sh /tmp/tacflowd "$out" 2>&1 | tee -a "$log" ;;
+            timeout 120 /tmp/tacflowd selfcheck --groups shares 2>&1 | tee -a "$log"
+            timeout 470 bash scripts/gpu/overlap.sh /tmp/tacflowd "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;
     esac
     r=${PIPESTATUS[0]}

@@ -17,6 +17,11 @@
 #   OVERLAP_ROWS   [1,16,64,256,1024]  tune --rows
 #   OVERLAP_SHAPES [32,128,128+896]    tune --shapes
 #   OVERLAP_WORK   [--requests 128 --input-len 512 --output-len 128 --step-tokens 1024]
+#   OVERLAP_BASELINE [1]               0 skips the --overlap off run
+# A device call runs 10 minutes at most: if the stage outruns one, split
+# it, e.g. OVERLAP_MECHS="grid,cublas grid" in one call and
+# OVERLAP_BASELINE=0 OVERLAP_MECHS="cublas green" in the next (the table
+# reads every serve-*.json in OUT_DIR).
 set -uo pipefail
 bin=$1
 out=$2
@@ -33,15 +38,15 @@ serve() {  # NAME ARGS...: one bench-serve run, its JSON and PNG
     local name=$1
     shift
     # shellcheck disable=SC2086
-    timeout 400 "$bin" bench-serve "${common[@]}" $work "$@" --json "$out/serve-$name.json" || rc=$?
+    timeout 180 "$bin" bench-serve "${common[@]}" $work "$@" --json "$out/serve-$name.json" || rc=$?
     python3 bench/serve/timeline.py "$out/serve-$name.json" "$out/timeline-$name.png" 2>&1 | tail -1
 }
 
-serve off --overlap off
+[ "${OVERLAP_BASELINE:-1}" = 1 ] && serve off --overlap off
 for m in $mechs; do
     dir="$out/schedules-${m/,/+}"
     echo "-- tune --sm-share $m"
-    timeout 300 "$bin" tune "${common[@]}" --sm-share "$m" --schedule-dir "$dir" \
+    timeout 180 "$bin" tune "${common[@]}" --sm-share "$m" --schedule-dir "$dir" \
         --rows "${OVERLAP_ROWS:-1,16,64,256,1024}" --shapes "${OVERLAP_SHAPES:-32,128,128+896}" \
         --context "${context:-512}" || { rc=$?; echo "tune --sm-share $m failed ($rc)"; continue; }
     echo "-- bench-serve --overlap on --sm-share $m"

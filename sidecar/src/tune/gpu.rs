@@ -242,6 +242,7 @@ pub fn hold_lanes(b: &mut CudaBackend, mechs: &[SmShare], shares: &[f64]) -> Res
     }
     let sms = lane_sms(shares, lanes, all);
     if mechs.contains(&SmShare::Green) {
+        b.release_pooled();
         let given = b.gpu_mut().green_lanes(&sms);
         return given.map_err(|e| Error::Backend(format!("sm_share green: {e}")));
     }
