@@ -3,7 +3,8 @@
 # stage; docs/SCHEDULES.md): for each SM-share mechanism, `tacflowd tune`
 # profiles the ops at row counts x SM shares and caches a schedule, then
 # `bench-serve` runs the same workload with `--overlap off` (the
-# sequential baseline, once) and `--overlap on` under that mechanism; a
+# sequential baselines, once: on the same lanes, and on one lane) and
+# `--overlap on` under that mechanism; a
 # table of tokens/s, the fraction of the compute-bound optimum and the
 # largest step's measured and predicted time closes the log, and each
 # run's timeline is drawn as a PNG (matplotlib, when present).
@@ -30,7 +31,7 @@ model=${OVERLAP_MODEL:-random:llama-3-8b}
 lanes=${OVERLAP_LANES:-3}
 work=${OVERLAP_WORK:---requests 128 --input-len 512 --output-len 128 --step-tokens 1024}
 context=$(echo "$work" | sed -n 's/.*--input-len \([0-9]*\).*/\1/p')
-common=(--backend cuda --model "$model" --gpu-lanes "$lanes")
+common=(--backend cuda --model "$model")
 mkdir -p "$out"
 rc=0
 
@@ -42,15 +43,20 @@ serve() {  # NAME ARGS...: one bench-serve run, its JSON and PNG
     python3 bench/serve/timeline.py "$out/serve-$name.json" "$out/timeline-$name.png" 2>&1 | tail -1
 }
 
-[ "${OVERLAP_BASELINE:-1}" = 1 ] && serve off --overlap off
+# The sequential baselines: on the lanes of the overlapped runs (f32 GEMM
+# inputs, as several lanes run them), and on one lane (bf16, the default).
+if [ "${OVERLAP_BASELINE:-1}" = 1 ]; then
+    serve off --overlap off --gpu-lanes "$lanes"
+    serve off-1lane --overlap off --gpu-lanes 1
+fi
 for m in $mechs; do
     dir="$out/schedules-${m/,/+}"
     echo "-- tune --sm-share $m"
-    timeout 180 "$bin" tune "${common[@]}" --sm-share "$m" --schedule-dir "$dir" \
+    timeout 180 "$bin" tune "${common[@]}" --gpu-lanes "$lanes" --sm-share "$m" --schedule-dir "$dir" \
         --rows "${OVERLAP_ROWS:-1,16,64,256,1024}" --shapes "${OVERLAP_SHAPES:-32,128,128+896}" \
         --context "${context:-512}" || { rc=$?; echo "tune --sm-share $m failed ($rc)"; continue; }
     echo "-- bench-serve --overlap on --sm-share $m"
-    serve "on-${m/,/+}" --overlap on --sm-share "$m" --schedule-dir "$dir"
+    serve "on-${m/,/+}" --overlap on --gpu-lanes "$lanes" --sm-share "$m" --schedule-dir "$dir"
 done
 
 python3 - "$out" <<'EOF'
