@@ -66,7 +66,9 @@ pub fn capped_slots(slots: usize, sm_count: usize, cap: usize) -> usize {
     (slots / sm_count.max(1) * cap).max(1)
 }
 
-/// The first cuBLAS with `cublasSetSmCountTarget` (11.3).
+/// The first cuBLAS with `cublasSetSmCountTarget` (11.3), as
+/// `cublasGetVersion` spells it before 12 (major x 1000 + minor x 100 +
+/// patch; from 12 on major x 10000 ..., larger still).
 const BLAS_SM_TARGET: i32 = 11_300;
 
 impl Gpu {
