@@ -197,3 +197,21 @@ def test_bench_serve_reports_and_draws_a_timeline(tuned, tmp_path):
     assert rep["overlap"] == "off" and rep["rate"] == 400
     assert rep["timeline"]["lanes"] == 1
     assert rep["output_tokens"] == 12 * 8 and rep["ttft"]["count"] == 12
+
+
+def test_the_timeline_writer_draws_a_measured_gpu_timeline(tmp_path):
+    """bench-serve's GPU report holds a timeline measured by CUDA events
+    (`measured_us`; `predicted_us` null without a cost file): the PNG
+    writer draws it. The report is written by hand here: no GPU."""
+    nodes = [{"lane": lane, "op": op, "kind": kind, "rows": [0, 8], "start_us": s, "end_us": e}
+             for lane, op, kind, s, e in [(0, "Qkv(0)", "Qkv", 0.0, 40.0), (1, "Attention(0)", "Attention", 5.0, 70.0),
+                                          (2, "AttnNorm(1)", "Rowwise", 70.0, 72.0)]]
+    report = {"model": "llama-3-8b", "device": "cuda (NVIDIA H200)", "overlap": "on",
+              "timeline": {"step": "8 decodes at 512", "lanes": 3, "shares": [0.5, 0.25, 0.25],
+                           "measured_us": 72.0, "predicted_us": None, "source": "measured by CUDA events",
+                           "nodes": nodes}}
+    js, png = tmp_path / "gpu.json", tmp_path / "gpu.png"
+    js.write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(ROOT / "bench/serve/timeline.py"), str(js), str(png)], check=True)
+    w, h = png_size(png)
+    assert w > 100 and h > 50
