@@ -152,18 +152,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// The daemon's kernels loaded again in `ctx` (a green context's lane:
-    /// functions belong to the context that loaded their module), their
-    /// attention kernels readied as in the device's own.
-    pub(crate) fn kernels_in(
-        &self,
-        ctx: &Arc<CudaContext>,
-    ) -> Result<HashMap<String, CudaFunction>> {
-        let funcs = load_kernels(ctx, &self.info.arch, &MODULES)?;
-        attention_occupancy(&funcs, &attention_kernels())?;
-        Ok(funcs)
-    }
-
     /// Whether kernel `name` is loaded.
     pub fn has_kernel(&self, name: &str) -> bool {
         self.funcs.contains_key(name)
@@ -456,7 +444,7 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
 /// Raises each attention kernel's dynamic shared-memory limit to what its
 /// variant uses, prefers shared memory over L1, and reads how many of its
 /// CTAs fit on one SM.
-fn attention_occupancy(
+pub(crate) fn attention_occupancy(
     funcs: &HashMap<String, CudaFunction>,
     kernels: &[AttnKernelSpec],
 ) -> Result<HashMap<String, usize>> {
@@ -492,7 +480,7 @@ fn attention_occupancy(
 
 /// Compiles `modules` (in parallel, through the PTX cache), loads them and
 /// resolves the kernels the wrappers use.
-fn load_kernels(
+pub(crate) fn load_kernels(
     ctx: &Arc<CudaContext>,
     arch: &str,
     modules: &[Module],

@@ -12,12 +12,15 @@
 //! None is set unless asked: a lane without a limit runs exactly the
 //! launches of a build without this file.
 
-use super::device::{Gpu, drv};
+use super::device::{Gpu, attention_occupancy, drv, load_kernels};
 use super::green::{self, GreenCtx};
 use super::lane::Lane;
+use super::sources::{MODULES, attention_kernels};
 use crate::error::{Error, Result};
 use cudarc::cublas::sys as blas;
-use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, CudaFunction, sys};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// A way to hold a lane to some of the SMs.
@@ -169,6 +172,17 @@ impl Gpu {
         let given = new.green.as_ref().map_or(self.info().sm_count, |g| g.sms);
         self.lanes.all[lane] = new;
         Ok(given)
+    }
+}
+
+impl Gpu {
+    /// The daemon's kernels loaded again in `ctx` (a green context's lane:
+    /// functions belong to the context that loaded their module), their
+    /// attention kernels readied as in the device's own.
+    fn kernels_in(&self, ctx: &Arc<CudaContext>) -> Result<HashMap<String, CudaFunction>> {
+        let funcs = load_kernels(ctx, &self.info().arch, &MODULES)?;
+        attention_occupancy(&funcs, &attention_kernels())?;
+        Ok(funcs)
     }
 }
 
