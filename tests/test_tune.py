@@ -3,7 +3,8 @@ with the tiny model: profile -> cost file -> search -> cached schedule ->
 `serve --overlap on` loads it, says so, and gives the sequential pass's
 logits and tokens; bench-serve's report and timeline PNG; and the
 refusals (other file versions, a corrupt or foreign schedule, the CUDA
-backend without a GPU)."""
+paths of tune and bench-serve without a GPU, SM-share mechanisms that do
+not combine)."""
 
 from __future__ import annotations
 
@@ -138,9 +139,20 @@ def test_bad_schedules_and_cost_files_are_refused(tuned, tmp_path):
     r = tacflowd("bench-serve", "--backend", "cpu", "--requests", "1", "--input-len", "4", "--output-len", "2",
                  "--kv-blocks", "16", "--cost-file", str(bad_cost), ok=False)
     assert r.returncode != 0 and "version 2" in r.stderr, r.stderr
-    r = tacflowd("tune", "--backend", "cuda", "--schedule-dir", str(empty), ok=False)
-    assert r.returncode != 0 and ("needs a GPU" in r.stderr or "not built yet" in r.stderr), r.stderr
+    # Without a GPU the CUDA paths refuse, saying why; they never fall back to the CPU.
+    for cmd in (["tune"], ["bench-serve", "--requests", "1", "--input-len", "4", "--output-len", "2"]):
+        for share in ([], ["--sm-share", "grid,cublas"], ["--sm-share", "green"]):
+            r = tacflowd(*cmd, "--backend", "cuda", *share, "--schedule-dir", str(empty), ok=False)
+            assert r.returncode != 0 and "the CUDA backend needs a GPU" in r.stderr, r.stderr
     assert not empty.exists(), "a refused tune wrote nothing"
+    r = tacflowd("tune", *TUNE, "--sm-share", "green,grid", "--schedule-dir", str(empty), ok=False)
+    assert r.returncode != 0 and "not combined" in r.stderr, r.stderr
+    # On the CPU an SM-share mechanism is refused, not ignored.
+    for cmd in (["tune", *TUNE], ["bench-serve", "--backend", "cpu", "--requests", "1", "--input-len", "4",
+                                  "--output-len", "2", "--kv-blocks", "16"]):
+        r = tacflowd(*cmd, "--sm-share", "grid", "--schedule-dir", str(empty), ok=False)
+        assert r.returncode != 0 and "the CPU backend has no SMs" in r.stderr, r.stderr
+    assert not empty.exists(), "a refused run wrote nothing"
 
 
 def png_size(path: pathlib.Path) -> tuple[int, int]:
@@ -185,3 +197,21 @@ def test_bench_serve_reports_and_draws_a_timeline(tuned, tmp_path):
     assert rep["overlap"] == "off" and rep["rate"] == 400
     assert rep["timeline"]["lanes"] == 1
     assert rep["output_tokens"] == 12 * 8 and rep["ttft"]["count"] == 12
+
+
+def test_the_timeline_writer_draws_a_measured_gpu_timeline(tmp_path):
+    """bench-serve's GPU report holds a timeline measured by CUDA events
+    (`measured_us`; `predicted_us` null without a cost file): the PNG
+    writer draws it. The report is written by hand here: no GPU."""
+    nodes = [{"lane": lane, "op": op, "kind": kind, "rows": [0, 8], "start_us": s, "end_us": e}
+             for lane, op, kind, s, e in [(0, "Qkv(0)", "Qkv", 0.0, 40.0), (1, "Attention(0)", "Attention", 5.0, 70.0),
+                                          (2, "AttnNorm(1)", "Rowwise", 70.0, 72.0)]]
+    report = {"model": "llama-3-8b", "device": "cuda (NVIDIA H200)", "overlap": "on",
+              "timeline": {"step": "8 decodes at 512", "lanes": 3, "shares": [0.5, 0.25, 0.25],
+                           "measured_us": 72.0, "predicted_us": None, "source": "measured by CUDA events",
+                           "nodes": nodes}}
+    js, png = tmp_path / "gpu.json", tmp_path / "gpu.png"
+    js.write_text(json.dumps(report))
+    subprocess.run([sys.executable, str(ROOT / "bench/serve/timeline.py"), str(js), str(png)], check=True)
+    w, h = png_size(png)
+    assert w > 100 and h > 50

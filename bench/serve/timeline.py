@@ -2,9 +2,9 @@
 """The timeline of one step's lanes from `tacflowd bench-serve --json`: each
 node of the schedule as a bar on its lane, coloured by op kind (GEMMs by
 weight, attention, the row-wise rest), from the start and end times the
-report holds (predicted by the cost model `tacflowd tune` wrote, the lanes
-one after another as the CPU backend runs them: only a GPU run can show
-overlap).
+report holds: on the CPU, predicted by the cost model `tacflowd tune`
+wrote, the lanes one after another as the CPU backend runs them; on the
+GPU, measured by CUDA events on each node's lane, where overlap shows).
 
 Usage: timeline.py report.json timeline.png
 """
@@ -47,8 +47,9 @@ def main():
     ax.set_yticks(range(lanes), [f"lane {i}" for i in range(lanes)])
     ax.invert_yaxis()
     ax.set_xlabel("microseconds (" + t["source"] + ")")
+    total = t.get("measured_us") or t.get("predicted_us") or 0.0
     ax.set_title(f"{report['model']} on {report['device']}, overlap {report['overlap']}: "
-                 f"{t['step']}, {t['predicted_us']:.0f} us")
+                 f"{t['step']}, {total:.0f} us")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLOURS.values()]
     ax.legend(handles, COLOURS.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.35),
               ncol=len(COLOURS), fontsize=8, frameon=False)

@@ -16,6 +16,8 @@
 #           [tactic] [tactic-128k] [tactic-real]   (bench-tactic on the GPU:
 #           run selfcheck-tactic first; tactic-128k alone in its call, and
 #           per fraction if it outruns it: TACTIC_F=0.02 ... tactic-128k)
+#           [overlap]   (tune + bench-serve --overlap off/on per SM-share
+#           mechanism: scripts/gpu/overlap.sh, alone in its call)
 #           [smollm2] [bf16-logits]   (the last two need the GGUF's two
 #           halves: carry .device-carry-a and .device-carry-b in calls
 #           right after one that carried .device-carry, while the machine
@@ -149,6 +151,14 @@ for s in "${stages[@]}"; do
         attention) timeout 300 python3 bench/attention/run.py --no-variants --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         decode) timeout 400 python3 bench/decode/run.py --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
         decode-quick) timeout 300 python3 bench/decode/run.py --configs 3 --tacflowd "$bin" --out "$out" 2>&1 | tee -a "$log" ;;
+        overlap)
+            # NanoFlow overlap (docs/SCHEDULES.md): tune per SM-share
+            # mechanism, bench-serve --overlap off vs on, a table; the
+            # product binary (tune and bench-serve are product subcommands).
+            # First the self-check of held lanes (group shares).
+            xz -dc "$carry/tacflowd.xz" > /tmp/tacflowd && chmod +x /tmp/tacflowd
+            timeout 120 /tmp/tacflowd selfcheck --groups shares 2>&1 | tee -a "$log"
+            timeout 470 bash scripts/gpu/overlap.sh /tmp/tacflowd "$out" 2>&1 | tee -a "$log" ;;
         *) echo "unknown stage $s" | tee -a "$log" ;;
     esac
     r=${PIPESTATUS[0]}
@@ -160,7 +170,7 @@ done
     echo -e "\n== summary"
     grep -E "^selfcheck: [0-9]+ passed" "$log" | tail -1
     grep -E "^FAIL " "$log" | head -20
-    for f in attention.md decode.md bf16_logits.md; do [ -f "$out/$f" ] && { echo; cat "$out/$f"; }; done
+    for f in attention.md decode.md bf16_logits.md overlap.md; do [ -f "$out/$f" ] && { echo; cat "$out/$f"; }; done
     grep -E "^batch 64 in-daemon" "$log" | tail -1
 } 2>&1 | tee -a "$log"
 exit "$rc"

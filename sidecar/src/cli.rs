@@ -405,6 +405,11 @@ struct ServeArgs {
     /// Where `tune` caches schedules (default `$XDG_CACHE_HOME/tacflow`).
     #[arg(long, env = "TACFLOW_SCHEDULE_DIR")]
     schedule_dir: Option<PathBuf>,
+    /// How the GPU holds a lane to its SM share (comma-separated): `grid`
+    /// (our attention's CTA slots), `cublas` (cuBLAS's SM-count target),
+    /// or `green` alone (a green context per lane).
+    #[arg(long, env = "TACFLOW_SM_SHARE", value_enum, value_delimiter = ',')]
+    sm_share: Vec<crate::config::SmShare>,
     /// Per-session limit: open sequences.
     #[arg(long, env = "TACFLOW_MAX_SEQUENCES")]
     max_sequences: Option<u64>,
@@ -463,6 +468,9 @@ impl ServeArgs {
         );
         if self.cpu_round_bf16 {
             c.cpu_round_bf16 = true;
+        }
+        if !self.sm_share.is_empty() {
+            c.sm_share = self.sm_share.clone();
         }
         if self.no_fuse {
             c.fusions = Some(Vec::new());

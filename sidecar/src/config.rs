@@ -65,6 +65,75 @@ impl Fusion {
     }
 }
 
+/// A way the CUDA backend holds a lane to its share of the SMs
+/// (`tacflow_kernels::cuda::share`; docs/SCHEDULES.md says which measured
+/// best).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmShare {
+    /// Our decode attention fills the CTA slots of the lane's SMs only.
+    Grid,
+    /// cuBLAS's SM-count target on the lane's handle (the GEMMs).
+    Cublas,
+    /// The lane's stream in a CUDA green context of the lane's SMs
+    /// (everything on it); not combined with the others.
+    Green,
+}
+
+impl SmShare {
+    pub fn mechanism(self) -> tacflow_kernels::cuda::SmMechanism {
+        use tacflow_kernels::cuda::SmMechanism;
+        match self {
+            SmShare::Grid => SmMechanism::Grid,
+            SmShare::Cublas => SmMechanism::Cublas,
+            SmShare::Green => SmMechanism::Green,
+        }
+    }
+
+    /// A list's name, as the cost file and the logs give it:
+    /// `grid+cublas`, or `none`.
+    pub fn describe(list: &[SmShare]) -> String {
+        match list {
+            [] => "none".into(),
+            l => l
+                .iter()
+                .map(|m| m.mechanism().name())
+                .collect::<Vec<_>>()
+                .join("+"),
+        }
+    }
+
+    /// A list the CUDA backend can apply: no repeats, green alone.
+    pub fn check(list: &[SmShare]) -> Result<()> {
+        let mut seen = list.to_vec();
+        seen.sort();
+        seen.dedup();
+        if seen.len() != list.len() {
+            return Err(Error::Config(format!(
+                "sm_share names a mechanism twice: {list:?}"
+            )));
+        }
+        if list.contains(&SmShare::Green) && list.len() > 1 {
+            return Err(Error::Config(
+                "sm_share: green bounds every kernel of a lane; it is not combined with grid or cublas".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Per-session limits; a request beyond one is answered `limit_exceeded`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -217,6 +286,14 @@ pub struct Config {
     /// Where `tune` caches schedules and `--overlap auto` looks for them
     /// (default `$XDG_CACHE_HOME/tacflow`, else `~/.cache/tacflow`).
     pub schedule_dir: Option<PathBuf>,
+    /// How the CUDA backend holds each lane to its SM share, when `tune`
+    /// profiles shares and when a tuned schedule's lanes run: any of
+    /// `grid` (our attention's CTA slots), `cublas` (cuBLAS's SM-count
+    /// target for the GEMMs), or `green` alone (a green context per
+    /// lane). Empty (the default): no lane is limited, and `tune` on the
+    /// GPU refuses to profile shares it could not give. A mechanism the
+    /// driver lacks is an error, never replaced by another.
+    pub sm_share: Vec<SmShare>,
 }
 
 /// `overlap`: see [`Config::overlap`].
@@ -298,6 +375,7 @@ impl Default for Config {
             attention_pool_mb: 1024,
             overlap: Overlap::Off,
             schedule_dir: None,
+            sm_share: Vec::new(),
         }
     }
 }
@@ -382,6 +460,7 @@ impl Config {
         if let Some(a) = &self.metrics_addr {
             listen_addr("metrics_addr", a, self.metrics_allow_remote)?;
         }
+        SmShare::check(&self.sm_share)?;
         if self.wedged_after_ms == 0 {
             return Err(Error::Config("wedged_after_ms must be at least 1".into()));
         }
@@ -509,6 +588,30 @@ pub fn default_socket_path() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sm_share_names_mechanisms_green_alone() {
+        assert!(
+            Config::default().sm_share.is_empty(),
+            "no lane held by default"
+        );
+        let c: Config = toml::from_str("sm_share = [\"grid\", \"cublas\"]\n").unwrap();
+        assert_eq!(c.sm_share, vec![SmShare::Grid, SmShare::Cublas]);
+        assert!(c.validate().is_ok());
+        assert_eq!(SmShare::describe(&c.sm_share), "grid+cublas");
+        assert_eq!(SmShare::describe(&[]), "none");
+        for bad in [
+            vec![SmShare::Green, SmShare::Grid],
+            vec![SmShare::Cublas, SmShare::Cublas],
+        ] {
+            let c = Config {
+                sm_share: bad.clone(),
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad:?}");
+        }
+        assert!(toml::from_str::<Config>("sm_share = [\"mps\"]\n").is_err());
+    }
 
     #[test]
     fn gpu_lanes_default_to_one_and_stay_in_range() {

@@ -318,6 +318,10 @@ impl Gpu {
     ) -> AttnPlan {
         let g = shape.heads_per_cta();
         let slots = self.attention_slots(shape.head_dim, g, AttnVariant { compute: true, ..v });
+        // A lane held to some SMs by the bounded grid fills only theirs
+        // (`share.rs`); without a cap the slots are unchanged.
+        let slots =
+            super::share::capped_slots(slots, self.info().sm_count, self.lane_attention_sms());
         let force = if self.coop_refused.load(Ordering::Relaxed) {
             AttnOverride {
                 coop: Some(false),
@@ -573,6 +577,48 @@ mod tests {
         let forced = AttnPlan::new(&s, 1, 100, SLOTS, V, force(3));
         assert_eq!((forced.splits, forced.pages_per_split), (3, 3));
         assert_eq!(AttnPlan::new(&s, 1, 5, SLOTS, V, force(16)).splits, 1);
+    }
+
+    #[test]
+    fn a_lane_held_to_some_sms_plans_for_their_slots_only() {
+        use crate::cuda::share::capped_slots;
+        let s = shape(32, 8);
+        let auto = AttnOverride::default();
+        let plan = |rows, len, slots| AttnPlan::new(&s, rows, len, slots, V, auto);
+        // No cap: the plan of the whole GPU, bit for bit.
+        for (rows, len) in [(1, 32_768), (8, 32_768), (64, 4096), (4, 131_072)] {
+            assert_eq!(
+                plan(rows, len, capped_slots(SLOTS, 132, 0)),
+                plan(rows, len, SLOTS)
+            );
+        }
+        // A quarter of the SMs (33 of 132, 4 CTAs each): one wave of at most
+        // 132 CTAs, the splits shrink with the slots.
+        let quarter = capped_slots(SLOTS, 132, 33);
+        assert_eq!(quarter, 132);
+        for (rows, len) in [(1, 32_768), (8, 8192), (2, 8192)] {
+            let p = plan(rows, len, quarter);
+            let ctas = rows * 8 * p.chunks * p.splits;
+            assert!(
+                ctas <= quarter,
+                "{rows} x {len}: {ctas} CTAs in {quarter} slots: {p:?}"
+            );
+            assert!(p.splits <= plan(rows, len, SLOTS).splits);
+        }
+        assert_eq!(plan(1, 32_768, quarter).splits, 16);
+        assert_eq!(plan(8, 8192, quarter).splits, 2);
+        // Long rows that get at most two splits a wave take several waves
+        // of 512-page splits, capped or not: more CTAs than the cap.
+        assert_eq!(plan(8, 32_768, quarter).splits, 4);
+        // Cooperative only where every CTA fits in the capped slots.
+        let on = AttnOverride {
+            coop: Some(true),
+            ..auto
+        };
+        let p = AttnPlan::new(&s, 8, 8192, quarter, V, on);
+        assert!(p.coop && 8 * 8 * p.splits <= quarter, "{p:?}");
+        // Rows that fill the cap get no splits (the grid is then the rows').
+        assert_eq!(plan(64, 4096, quarter).splits, 1);
     }
 
     #[test]

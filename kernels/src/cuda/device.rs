@@ -85,6 +85,11 @@ impl Gpu {
         self.ctx.clone()
     }
 
+    /// The device's own context, borrowed (the lanes' events live in it).
+    pub(crate) fn device_context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     /// Opens device `ordinal` with one lane, compiles (or reads from the
     /// PTX cache) every module for its architecture and resolves every
     /// kernel.
@@ -256,7 +261,9 @@ impl Gpu {
         params: &P,
         cooperative: bool,
     ) -> Result<()> {
-        let f = self.funcs.get(name).ok_or_else(|| Error::Launch {
+        // A lane in a green context launches the kernels loaded there.
+        let table = self.lanes.now().funcs.as_ref().unwrap_or(&self.funcs);
+        let f = table.get(name).ok_or_else(|| Error::Launch {
             kernel: name.into(),
             msg: "no such kernel was loaded".into(),
         })?;
@@ -439,7 +446,7 @@ fn keep_pool_memory(ctx: &Arc<CudaContext>) {
 /// Raises each attention kernel's dynamic shared-memory limit to what its
 /// variant uses, prefers shared memory over L1, and reads how many of its
 /// CTAs fit on one SM.
-fn attention_occupancy(
+pub(crate) fn attention_occupancy(
     funcs: &HashMap<String, CudaFunction>,
     kernels: &[AttnKernelSpec],
 ) -> Result<HashMap<String, usize>> {
@@ -486,7 +493,7 @@ pub(crate) fn ready_shared_memory(
 
 /// Compiles `modules` (in parallel, through the PTX cache), loads them and
 /// resolves the kernels the wrappers use.
-fn load_kernels(
+pub(crate) fn load_kernels(
     ctx: &Arc<CudaContext>,
     arch: &str,
     modules: &[Module],

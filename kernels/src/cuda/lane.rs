@@ -23,9 +23,11 @@
 use super::attention::AttnWorkspace;
 use super::device::{Gpu, drv};
 use super::gemm::GemmScratch;
+use super::green::GreenCtx;
 use crate::error::{Error, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -38,12 +40,22 @@ pub(crate) struct Lane {
     pub(crate) attn_ws: Mutex<AttnWorkspace>,
     /// The bf16 halves and two-half product of `gemm_nt_f32`, likewise.
     pub(crate) gemm_ws: Mutex<GemmScratch>,
+    /// SMs the attention plan may fill on this lane (the bounded grid,
+    /// `share.rs`); 0: the whole GPU, the plan of a lane without a cap.
+    pub(crate) attn_sms: AtomicUsize,
+    /// The kernels as loaded in this lane's green context (a module's
+    /// functions belong to the context that loaded it); `None` on a lane
+    /// of the device's own context, which uses the GPU's table.
+    pub(crate) funcs: Option<HashMap<String, CudaFunction>>,
     /// cuBLAS's workspace, given to the handle once: without one of its
     /// own, cuBLAS allocates a workspace stream-ordered where a GEMM needs
     /// it (split-K at the 8B shapes), which a graph capture records as an
     /// allocation node and so cannot replay over persistent buffers. Last
     /// field: dropped after the handle that uses it.
     _blas_ws: CudaSlice<u8>,
+    /// The green context this lane's stream lives in, if any: destroyed
+    /// after everything above that runs in it (field order).
+    pub(crate) green: Option<GreenCtx>,
 }
 
 /// cuBLAS's workspace per lane: the size cuBLAS documents for Hopper.
@@ -52,6 +64,16 @@ const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 impl Lane {
     fn new(ctx: &Arc<CudaContext>) -> Result<Lane> {
         let stream = ctx.new_stream().map_err(drv("cuStreamCreate"))?;
+        Lane::on(stream, None, None)
+    }
+
+    /// A lane on `stream`, with its own kernel table when the stream lives
+    /// in a green context (`green`).
+    pub(crate) fn on(
+        stream: Arc<CudaStream>,
+        funcs: Option<HashMap<String, CudaFunction>>,
+        green: Option<GreenCtx>,
+    ) -> Result<Lane> {
         let blas = CudaBlas::new(stream.clone()).map_err(|e| Error::Cublas {
             op: "cublasCreate",
             msg: e.to_string(),
@@ -83,7 +105,10 @@ impl Lane {
             blas,
             attn_ws: Mutex::new(AttnWorkspace::default()),
             gemm_ws: Mutex::new(GemmScratch::default()),
+            attn_sms: AtomicUsize::new(0),
+            funcs,
             _blas_ws: ws,
+            green,
         })
     }
 }
@@ -229,9 +254,10 @@ impl Gpu {
     }
 
     /// An event from the pool (created with timing disabled when the pool
-    /// is empty).
+    /// is empty), in the device's own context: the parent of every lane's
+    /// green context, if any (`share.rs`), whichever lane records it.
     pub fn new_event(&self) -> Result<LaneEvent> {
-        let ctx = self.lanes.all[0].stream.context();
+        let ctx = self.device_context();
         self.lanes
             .events
             .take(|| ctx.new_event(None).map_err(drv("cuEventCreate")))

@@ -10,6 +10,8 @@
 //! | NVRTC and the PTX cache | [`nvrtc`] |
 //! | context, kernels, buffers | [`device`]; reused activation buffers: [`pool`] |
 //! | lanes (streams, each with its cuBLAS handle and workspaces), events | [`lane`] |
+//! | holding a lane to a share of the SMs: bounded grid, cuBLAS target, green context | [`share`], [`green`] |
+//! | intervals timed by CUDA events on a lane's stream | [`timing`] |
 //! | rows of a buffer, in place (row ranges of an op) | [`view`] |
 //! | a step's metadata on the device, and a row range of it | [`step`] |
 //! | GEMM (cuBLAS, row-major through column-major) | [`gemm`] |
@@ -22,7 +24,7 @@
 //! | sampling and log-probabilities | [`sampling`] |
 //! | Tactic's clustering, selection and sparse attention | [`tactic`] |
 //! | a kernel that faults the context on purpose (feature `fault-injection`, the fail-fast tests) | `fault` |
-//! | the lab (feature `lab`): its modules, kernels chosen by hand, the first attention kernel as a baseline, event timing, the copy and read ceilings, a stream hold | `lab`, `attention_regs`, `timing` |
+//! | the lab (feature `lab`): its modules, kernels chosen by hand, the first attention kernel as a baseline, the copy and read ceilings, a stream hold | `lab`, `attention_regs`, `timing` |
 //!
 //! Dtypes: weights and the KV cache are bf16; the residual stream and every
 //! activation are f32. A GEMM takes its f32 input either as two bf16 halves
@@ -39,6 +41,7 @@ pub mod fault;
 pub mod fused;
 pub mod gemm;
 pub mod graph;
+pub mod green;
 pub mod ipc;
 pub mod kv;
 #[cfg(feature = "lab")]
@@ -50,10 +53,10 @@ pub mod prefill;
 pub mod probe;
 pub mod rowwise;
 pub mod sampling;
+pub mod share;
 pub mod sources;
 pub mod step;
 pub mod tactic;
-#[cfg(feature = "lab")]
 pub mod timing;
 pub mod view;
 
@@ -67,9 +70,9 @@ pub use lane::LaneEvent;
 pub use pool::{BufferPool, Pooled};
 pub use probe::probe;
 pub use rowwise::{RmsOut, Rows};
+pub use share::SmMechanism;
 pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays, StepRows};
 pub use tactic::{ClusterJob, SelectJob, SelectionHost, TacticShape, TacticWorkspace};
-#[cfg(feature = "lab")]
-pub use timing::Span;
+pub use timing::{Mark, Span};
 pub use view::{row_view, row_view_mut};

@@ -71,6 +71,15 @@ impl BufferPool {
         })
     }
 
+    /// Frees every buffer waiting for reuse (each on the stream that
+    /// allocated it): before that stream's lane is rebuilt in another
+    /// context (`share.rs`), whose end would strand them.
+    pub fn clear(&self) {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        f.bufs.clear();
+        f.bytes = 0;
+    }
+
     /// Buffers waiting for reuse.
     pub fn cached(&self) -> usize {
         self.free.lock().map(|f| f.bufs.len()).unwrap_or(0)

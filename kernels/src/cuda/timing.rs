@@ -1,10 +1,14 @@
 //! What benchmarks need from the device: intervals timed by CUDA events on
-//! the stream, the device-to-device copy that sets the bandwidth ceiling,
-//! and a kernel that holds the stream while the host enqueues work.
+//! the current lane's stream (`tune`'s profile and `bench-serve`'s step
+//! timeline use them too), and, in the lab, the device-to-device copy that
+//! sets the bandwidth ceiling and a kernel that holds the stream while the
+//! host enqueues work.
 
 use super::device::{Gpu, drv};
 use crate::error::Result;
-use cudarc::driver::{CudaEvent, CudaSlice, DeviceRepr, LaunchConfig, sys};
+use cudarc::driver::{CudaEvent, sys};
+#[cfg(feature = "lab")]
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
 
 /// An interval of the stream between two timing events.
 #[derive(Debug)]
@@ -13,12 +17,38 @@ pub struct Span {
     end: CudaEvent,
 }
 
+/// A point of a lane's stream, timed: intervals between marks, on any
+/// lanes, come from [`Mark::ms_since`].
+#[derive(Debug)]
+pub struct Mark {
+    event: CudaEvent,
+}
+
+impl Mark {
+    /// Marks the current lane's stream after the work issued on it so far.
+    pub fn record(&self, gpu: &Gpu) -> Result<()> {
+        self.event
+            .record(gpu.stream())
+            .map_err(drv("cuEventRecord"))
+    }
+
+    /// Milliseconds from `earlier` to this mark (waits for this one).
+    pub fn ms_since(&self, earlier: &Mark) -> Result<f64> {
+        Ok(earlier
+            .event
+            .elapsed_ms(&self.event)
+            .map_err(drv("cuEventElapsedTime"))? as f64)
+    }
+}
+
+#[cfg(feature = "lab")]
 #[repr(C)]
 struct SpinParams {
     ns: u64,
 }
 
 // SAFETY: `#[repr(C)]` mirror of the struct in lab/bench.cu.
+#[cfg(feature = "lab")]
 unsafe impl DeviceRepr for SpinParams {}
 
 impl Span {
@@ -44,19 +74,32 @@ impl Span {
 }
 
 impl Gpu {
+    /// A fresh timing event, in the device's own context as the lanes'
+    /// events are (`lane.rs`), so that marks on different lanes compare.
+    fn timing_event(&self) -> Result<CudaEvent> {
+        self.device_context()
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv("cuEventCreate"))
+    }
+
     /// Two fresh timing events.
     pub fn span(&self) -> Result<Span> {
-        let ctx = self.stream().context();
-        let ev = || {
-            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(drv("cuEventCreate"))
-        };
         Ok(Span {
-            start: ev()?,
-            end: ev()?,
+            start: self.timing_event()?,
+            end: self.timing_event()?,
         })
     }
 
+    /// A fresh timing mark, not yet recorded.
+    pub fn mark(&self) -> Result<Mark> {
+        Ok(Mark {
+            event: self.timing_event()?,
+        })
+    }
+}
+
+#[cfg(feature = "lab")]
+impl Gpu {
     /// `dst = src` on the device (cuMemcpyDtoDAsync).
     pub fn copy_d2d<T: DeviceRepr>(
         &self,
@@ -80,6 +123,7 @@ impl Gpu {
     }
 }
 
+#[cfg(feature = "lab")]
 #[repr(C)]
 struct ReadParams {
     src: u64,
@@ -88,8 +132,10 @@ struct ReadParams {
 }
 
 // SAFETY: `#[repr(C)]` mirror of the struct in lab/bench.cu.
+#[cfg(feature = "lab")]
 unsafe impl DeviceRepr for ReadParams {}
 
+#[cfg(feature = "lab")]
 impl Gpu {
     /// Reads every 16-byte word of `src` once (`read_ceiling`): the read
     /// bandwidth that decode attention could reach at best. `sink` is never

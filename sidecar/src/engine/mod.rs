@@ -16,6 +16,7 @@ mod device;
 pub mod gauges;
 pub mod kv_cache;
 pub mod named;
+mod replay;
 pub mod sampling;
 pub mod sparse;
 pub mod step;

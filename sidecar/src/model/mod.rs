@@ -369,6 +369,37 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// [`Model::forward_scheduled`], with `observe(i, true)` called on node
+    /// `i`'s lane after its waits and before its ops, `observe(i, false)`
+    /// after them (`bench-serve` records timing events there). The ops
+    /// issued are those of [`Model::forward_scheduled`].
+    pub fn forward_observed(
+        &self,
+        b: &B,
+        kv: &mut B::Kv,
+        meta: &StepMeta,
+        (schedule, order): (&Schedule, &[usize]),
+        observe: &mut dyn FnMut(usize, bool) -> Result<()>,
+    ) -> Result<B::Act> {
+        let (t, r) = (meta.tokens.len(), meta.logit_rows.len());
+        let mut sw = (b.begin_step(meta)?, Workspace::new(b, &self.config, t, r)?);
+        let mut pass = Pass::<B> {
+            step: &sw.0,
+            meta,
+            w: &mut sw.1,
+            selector: None,
+        };
+        run::execute(b, schedule, order, |i| {
+            let node = &schedule.nodes[i];
+            observe(i, true)?;
+            if !node.rows.is_empty() {
+                self.run_node(b, kv, &mut pass, node)?;
+            }
+            observe(i, false)
+        })?;
+        Ok(sw.1.logits)
+    }
+
     /// One node: its op over its rows.
     fn run_node(&self, b: &B, kv: &mut B::Kv, p: &mut Pass<'_, '_, B>, node: &Node) -> Result<()> {
         let (c, dims, rows) = (&self.config, self.dims(), node.rows.clone());

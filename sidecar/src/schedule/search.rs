@@ -19,6 +19,7 @@
 //! version = 1                 # any other version is refused
 //! model = "Llama-3.1-8B"      # what it was measured on, for the record
 //! gpu = "NVIDIA H200"
+//! sm_share = "grid+cublas"    # how the SM shares were given (GPU only), for the record
 //!
 //! [[points]]
 //! op = "qkv"      # qkv | o_proj | gate_up | down | lm_head | attention | rowwise
@@ -100,6 +101,10 @@ pub struct CostFile {
     pub version: u32,
     pub model: String,
     pub gpu: String,
+    /// How the GPU's SM shares were given (`grid+cublas`, `green`...), for
+    /// the record; absent on the CPU, and in files written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sm_share: Option<String>,
     pub points: Vec<CostPoint>,
 }
 
@@ -357,7 +362,8 @@ pub fn search(
         let schedule = build::nano_batched(program, meta, &spec)?;
         let order = order::sequential(&schedule)?;
         let lanes = schedule.lanes.len();
-        let grid = match space.serial {
+        // One lane has nothing beside it: it gets the whole device.
+        let grid = match space.serial || lanes == 1 {
             true => vec![vec![1.0; lanes]],
             false => share_grid(lanes, space.share_step),
         };

@@ -47,7 +47,7 @@ pub struct Cut {
     pub logits: Option<usize>,
 }
 
-const CUTS: [(&str, Cut); 2] = [
+pub(super) const CUTS: [(&str, Cut); 2] = [
     (
         "tiny: decode | prefill chunk, logits on lane 0",
         Cut {
@@ -186,7 +186,7 @@ pub fn run_mixed<B: Backend>(b: &B, seed: u64, schedule: Option<&Schedule>) -> R
 
 /// The mixed step cut by `cut` on the GPU's two lanes, against the same
 /// step run sequentially on the GPU and on the CPU.
-fn model_case(cx: &mut Ctx, cut: Cut) -> Result<Row> {
+pub(super) fn model_case(cx: &mut Ctx, cut: Cut) -> Result<Row> {
     let (b, seed) = (&cx.b, cx.seed);
     let config = ModelConfig::tiny();
     let (_, mixed) = mixed_steps(seed, config.vocab_size);

@@ -12,6 +12,7 @@
 //! | fused ops, CUDA graph replay, bf16 activations | [`fused`] |
 //! | the tiny model's decode steps through the graph path | [`graphs`] |
 //! | two lanes against one; every op over a row range | [`lanes`], [`ranges`] |
+//! | two lanes held to SM shares by each mechanism | [`shares`] |
 //! | Tactic's kernels, its selections over decode steps, a model on it | [`tactic`] |
 //!
 //! Each check group runs in a child process of its own (`--only NAME`), so
@@ -28,6 +29,7 @@ pub mod ops;
 pub mod ranges;
 pub mod report;
 pub mod sampling;
+pub mod shares;
 pub mod tactic;
 
 use crate::backend::cuda::CudaBackend;
@@ -63,7 +65,7 @@ pub struct Options {
 }
 
 /// Check groups, in order, with a time limit each.
-pub const GROUPS: [(&str, u64); 14] = [
+pub const GROUPS: [(&str, u64); 15] = [
     ("random", 120),
     ("gemm", 120),
     ("rowwise", 120),
@@ -75,6 +77,7 @@ pub const GROUPS: [(&str, u64); 14] = [
     ("model-tiny", 300),
     ("model-bf16", 300),
     ("lanes", 300),
+    ("shares", 300),
     ("model-8b", 600),
     ("smollm2", 900),
     ("tactic", 900),
@@ -178,8 +181,12 @@ fn run_group(group: &str, opts: &Options) -> Result<bool> {
     if !GROUPS.iter().any(|(g, _)| *g == group) {
         return Err(Error::Config(format!("no self-check group {group}")));
     }
-    // The group `lanes` runs nano-batches on two lanes.
-    let lanes = if group == "lanes" { 2 } else { 1 };
+    // The groups `lanes` and `shares` run nano-batches on two lanes.
+    let lanes = if group == "lanes" || group == "shares" {
+        2
+    } else {
+        1
+    };
     let rows = match CudaBackend::with_lanes(0, lanes) {
         Err(e) => vec![Row::fail(group, "open the GPU", e.to_string())],
         Ok(b) => {
@@ -234,6 +241,7 @@ fn dispatch(group: &str, b: CudaBackend, seed: u64, opts: &Options) -> Vec<Row> 
                 "attention" => attention::attention(&mut cx),
                 "fused" => fused::fused(&mut cx),
                 "lanes" => lanes::lanes(&mut cx),
+                "shares" => shares::shares(&mut cx),
                 _ => sampling::sampling(&mut cx),
             }
         }

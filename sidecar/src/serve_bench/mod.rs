@@ -6,9 +6,12 @@
 //!
 //! It reports tokens/s (input + output), time per phase, time to first
 //! token and inter-token latency percentiles, as a table and as JSON. The
-//! JSON also holds a timeline of one step's lanes: each node's start and
-//! end as the cost model predicts them, the lanes one after another as
-//! the CPU backend runs them; `bench/serve/timeline.py` draws it as a PNG.
+//! JSON also holds a timeline of one step's lanes: on the CPU each node's
+//! start and end as the cost model predicts them, the lanes one after
+//! another as the CPU backend runs them; on the GPU as CUDA events
+//! measured them ([`gpu`], which adds the GEMM rate and the fraction of
+//! the compute-bound optimum); `bench/serve/timeline.py` draws it as a
+//! PNG.
 //!
 //! A product subcommand, not one of the lab's (`bench`, the `lab`
 //! feature): it runs nothing but the engine the daemon ships, and the
@@ -18,8 +21,10 @@
 //! | piece | file |
 //! | --- | --- |
 //! | the batching loop: admission, chunked prefill mixed with decode | [`sched`] |
-//! | workload, report, timeline | this file |
+//! | workload, report, predicted timeline | this file |
+//! | the GPU: GEMM rate, optimum, timeline measured by events | [`gpu`] |
 
+pub mod gpu;
 pub mod sched;
 
 use crate::backend::Backend;
@@ -80,57 +85,27 @@ pub fn workload(o: &Options, vocab: usize) -> Vec<Request> {
 }
 
 /// Runs the benchmark and returns its report (also printed, and written
-/// as JSON when asked).
+/// as JSON when asked): on the CPU, or on the GPU when asked for (`cuda`,
+/// refused without a usable one) or found (`auto`).
 pub fn run(o: &Options) -> Result<Value> {
     if o.output_len == 0 || o.input_len == 0 || o.requests == 0 || o.step_tokens == 0 {
         return Err(Error::Config(
             "bench-serve: input, output, requests and step tokens must be at least 1".into(),
         ));
     }
-    if o.config.backend != BackendKind::Cpu {
-        let why = crate::backend::cuda::probe()
-            .err()
-            .unwrap_or_else(|| "the GPU path of bench-serve is not built yet".into());
-        return Err(Error::Backend(format!(
-            "bench-serve runs on the CPU backend only so far (--backend cpu): {why}"
-        )));
-    }
-    let config = o.config.resolved(BackendKind::Cpu);
-    let b = CpuBackend {
-        round_to_bf16: config.cpu_round_bf16,
-        round_activations: config.activations() == crate::config::GpuActivations::Bf16,
-        device_tactic: None,
+    let gpu = match o.config.backend {
+        BackendKind::Cpu => None,
+        BackendKind::Cuda => Some(crate::backend::cuda::probe().map_err(|why| {
+            Error::Backend(format!(
+                "bench-serve: the CUDA backend needs a GPU, and there is none usable ({why}); run on the CPU with --backend cpu"
+            ))
+        })?),
+        BackendKind::Auto => crate::backend::cuda::probe().ok(),
     };
-    let (model, src) = ModelSpec::parse(&config.model, config.seed)?.open()?;
-    let capacity = crate::server::kv_capacity(&b, &config, &model);
-    let mut engine = Engine::new(b, &model, src.as_ref(), capacity, None, |_, _| {})?;
-    engine.set_fusions(crate::config::Fusion::program_fusions(config.fusion_list()));
-    let program = engine.model_program();
-    let plan = tune::at_start(&config, engine.backend(), &model, &program)?;
-    engine.set_plan(plan.clone());
-    let reqs = workload(o, model.vocab_size);
-    let t0 = Instant::now();
-    let (outcomes, steps) = sched::drive(&mut engine, &reqs, o.step_tokens)?;
-    let wall = t0.elapsed().as_secs_f64();
-    let mut report = summary(o, &outcomes, &steps, wall);
-    report["model"] = json!(model.name);
-    report["device"] = json!(tune::key(engine.backend(), &model, &program, tune::POLICY).device);
-    report["overlap"] = json!(String::from(config.overlap.clone()));
-    report["kv_blocks"] = json!(engine.kv_total_blocks());
-    report["optimum"] = json!({
-        "gemm_params": gemm_params(&model),
-        "fraction": null,
-        "why": "the optimum is the GEMM rate / (2 x GEMM parameters); the GEMM rate is measured on the GPU only",
-    });
-    report["timeline"] = timeline(
-        o,
-        &config,
-        engine.backend(),
-        &model,
-        &program,
-        &plan,
-        &steps,
-    )?;
+    let report = match gpu {
+        Some(_) => gpu::run(o)?,
+        None => run_cpu(o)?,
+    };
     print_table(&report);
     if let Some(path) = &o.json {
         let text =
@@ -140,8 +115,79 @@ pub fn run(o: &Options) -> Result<Value> {
     Ok(report)
 }
 
+fn run_cpu(o: &Options) -> Result<Value> {
+    tune::no_sm_share_on_cpu(&o.config)?;
+    let config = o.config.resolved(BackendKind::Cpu);
+    let b = CpuBackend {
+        round_to_bf16: config.cpu_round_bf16,
+        round_activations: config.activations() == crate::config::GpuActivations::Bf16,
+        device_tactic: None,
+    };
+    let (model, src) = ModelSpec::parse(&config.model, config.seed)?.open()?;
+    let capacity = crate::server::kv_capacity(&b, &config, &model);
+    let mut engine = Engine::new(b, &model, src.as_ref(), capacity, None, |_, _| {})?;
+    let mut ran = bench(o, &config, &mut engine, &model)?;
+    ran.report["optimum"] = json!({
+        "gemm_params": gemm_params(&model),
+        "fraction": null,
+        "why": "the optimum is the GEMM rate / (2 x GEMM parameters); the GEMM rate is measured on the GPU only",
+    });
+    let program = engine.model_program();
+    // The CPU backend runs the lanes one after another.
+    let t = timeline(o, &config, engine.backend(), &model, &program, &ran, true)?;
+    ran.report["timeline"] = t;
+    Ok(ran.report)
+}
+
+/// What a run of the workload left: its report so far, its steps, the
+/// plan that ran them.
+pub(crate) struct Ran {
+    pub report: Value,
+    pub steps: Vec<StepStat>,
+    pub plan: Plan,
+}
+
+/// The workload on `engine` under the plan `config.overlap` names: the
+/// report's throughput, phases, latencies and what ran it.
+pub(crate) fn bench<B: Backend>(
+    o: &Options,
+    config: &Config,
+    engine: &mut Engine<B>,
+    model: &crate::model::config::ModelConfig,
+) -> Result<Ran> {
+    engine.set_fusions(crate::config::Fusion::program_fusions(config.fusion_list()));
+    let program = engine.model_program();
+    let plan = tune::at_start(config, engine.backend(), model, &program)?;
+    engine.set_plan(plan.clone());
+    let reqs = workload(o, model.vocab_size);
+    let t0 = Instant::now();
+    let (outcomes, steps) = sched::drive(engine, &reqs, o.step_tokens)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let mut report = summary(o, &outcomes, &steps, wall);
+    report["model"] = json!(model.name);
+    report["device"] = json!(tune::key(engine.backend(), model, &program, tune::POLICY).device);
+    report["overlap"] = json!(String::from(config.overlap.clone()));
+    report["sm_share"] = json!(crate::config::SmShare::describe(&config.sm_share));
+    report["kv_blocks"] = json!(engine.kv_total_blocks());
+    Ok(Ran {
+        report,
+        steps,
+        plan,
+    })
+}
+
+/// The shape of the largest step that ran.
+pub(crate) fn largest(steps: &[StepStat]) -> Shape {
+    let big = steps.iter().max_by_key(|s| s.prefill_rows + s.decode_rows);
+    let big = big.expect("at least one step ran");
+    Shape {
+        decodes: big.decode_rows,
+        prefill: big.prefill_rows,
+    }
+}
+
 /// Parameters in GEMMs: every linear layer and the LM head.
-fn gemm_params(c: &crate::model::config::ModelConfig) -> usize {
+pub(crate) fn gemm_params(c: &crate::model::config::ModelConfig) -> usize {
     let per_layer = c.qkv_dim() * c.hidden_size
         + c.hidden_size * c.q_dim()
         + 3 * c.intermediate_size * c.hidden_size;
@@ -199,15 +245,16 @@ fn summary(o: &Options, outs: &[Outcome], steps: &[StepStat], wall: f64) -> Valu
 }
 
 /// The predicted timeline of the largest step that ran, under the plan
-/// that ran it; `null` (with the reason) without a cost file.
-fn timeline<B: Backend>(
+/// that ran it; `{"missing": why}` without a cost file. `serial`: the
+/// backend runs the lanes one after another (the CPU).
+pub(crate) fn timeline<B: Backend>(
     o: &Options,
     config: &Config,
     b: &B,
     model: &crate::model::config::ModelConfig,
     program: &Program,
-    plan: &Plan,
-    steps: &[StepStat],
+    ran: &Ran,
+    serial: bool,
 ) -> Result<Value> {
     let key = tune::key(b, model, program, tune::POLICY);
     let path = match &o.cost_file {
@@ -222,13 +269,9 @@ fn timeline<B: Backend>(
         return Ok(json!({"missing": why}));
     }
     let costs = CostModel::load(&path)?;
-    let big = steps.iter().max_by_key(|s| s.prefill_rows + s.decode_rows);
-    let big = big.expect("at least one step ran");
-    let shape = Shape {
-        decodes: big.decode_rows,
-        prefill: big.prefill_rows,
-    };
+    let shape = largest(&ran.steps);
     let meta = shape.meta(o.input_len);
+    let plan = &ran.plan;
     let (schedule, order_) = plan
         .lay_out(program, &meta)
         .map_err(|e| Error::Config(e.to_string()))?;
@@ -236,23 +279,29 @@ fn timeline<B: Backend>(
         Plan::Tuned(t) => t.file.entry(meta.tokens.len()).shares.clone(),
         _ => vec![1.0; schedule.lanes.len()],
     };
-    // The CPU backend runs the lanes one after another.
-    let spans = search::spans(&schedule, &order_, &costs, &shares, true);
+    let spans = search::spans(&schedule, &order_, &costs, &shares, serial);
     let nodes: Vec<Value> = schedule
         .nodes
         .iter()
         .zip(&spans)
-        .map(|(n, (s, e))| {
-            json!({"lane": n.lane, "op": format!("{:?}", n.op), "kind": format!("{:?}", OpKind::of(n.op)),
-                   "rows": [n.rows.start, n.rows.end], "start_us": s, "end_us": e})
-        })
+        .map(|(n, (s, e))| node_json(n, *s, *e))
         .collect();
     let makespan = spans.iter().map(|s| s.1).fold(0.0, f64::max);
+    let source = match serial {
+        true => "predicted by the cost model, lanes run one after another as on the CPU",
+        false => "predicted by the cost model, lanes side by side",
+    };
     Ok(json!({
         "step": shape.describe(o.input_len), "lanes": schedule.lanes.len(), "shares": shares,
         "predicted_us": makespan, "cost_file": path.display().to_string(),
-        "source": "predicted by the cost model, lanes run one after another as on the CPU", "nodes": nodes,
+        "source": source, "nodes": nodes,
     }))
+}
+
+/// A node of a timeline: its lane, op, rows, start and end.
+pub(crate) fn node_json(n: &crate::schedule::Node, start_us: f64, end_us: f64) -> Value {
+    json!({"lane": n.lane, "op": format!("{:?}", n.op), "kind": format!("{:?}", OpKind::of(n.op)),
+           "rows": [n.rows.start, n.rows.end], "start_us": start_us, "end_us": end_us})
 }
 
 fn print_table(r: &Value) {
@@ -272,6 +321,22 @@ fn print_table(r: &Value) {
         f(&r["phases"]["prefill_s"]),
         f(&r["phases"]["decode_s"])
     );
+    let opt = &r["optimum"];
+    if opt["fraction"].is_number() {
+        println!(
+            "optimum: GEMM {} TFLOP/s -> {} tokens/s; reached {}",
+            f(&opt["gemm_tflops"]),
+            f(&opt["tokens_per_s"]),
+            f(&opt["fraction"])
+        );
+    }
+    if let Some(us) = r["timeline"]["measured_us"].as_f64() {
+        println!(
+            "largest step measured {us:.1} us on {} lane(s), predicted {}",
+            r["timeline"]["lanes"],
+            f(&r["timeline"]["predicted_us"])
+        );
+    }
     for k in ["ttft", "itl"] {
         let p = &r[k];
         println!(

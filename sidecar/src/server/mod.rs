@@ -406,6 +406,10 @@ fn spawn_executor(
             let r = match kind {
                 _ if config.attention_only => offload_start::start(&config, links, rx, ready),
                 BackendKind::Cuda => CudaBackend::with_lanes(0, config.gpu_lanes)
+                    .and_then(|mut b| {
+                        crate::tune::gpu::hold_tuned_lanes(&mut b, &config)?;
+                        Ok(b)
+                    })
                     .and_then(|b| b.with_activations(config.activations()))
                     .and_then(|b| b.with_graphs(config.graphs()))
                     .and_then(|b| b.with_gpu_tactic(config.experimental_gpu_tactic))

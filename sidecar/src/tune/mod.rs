@@ -5,10 +5,12 @@
 //!
 //! | piece | file |
 //! | --- | --- |
-//! | timing each op kind at row counts × shares | [`profile`] |
+//! | timing each op kind at row counts × shares (CPU threads) | [`profile`] |
+//! | the same on the GPU: SM shares, CUDA events | [`gpu`] |
 //! | the schedule the daemon runs at start (`--overlap`) | [`at_start`] |
 //! | profile → cost file → search → schedule file | this file |
 
+pub mod gpu;
 pub mod profile;
 
 use crate::backend::cpu::CpuBackend;
@@ -151,20 +153,21 @@ pub fn cache_dir(config: &Config) -> Result<PathBuf> {
         .ok_or_else(|| Error::Config("no schedule_dir, XDG_CACHE_HOME or HOME".into()))
 }
 
-/// Refuses a backend `tune` cannot profile on.
-fn check_backend(config: &Config) -> Result<()> {
+/// The backend `tune` profiles on: the CPU, or the GPU when asked for
+/// (`cuda`, refused without a usable one) or found (`auto`).
+fn backend_for(config: &Config) -> Result<BackendKind> {
     let gpu = match config.backend {
-        BackendKind::Cpu => return Ok(()),
-        BackendKind::Cuda => Some(crate::backend::cuda::probe()),
-        BackendKind::Auto => crate::backend::cuda::probe().ok().map(Ok),
+        BackendKind::Cpu => return Ok(BackendKind::Cpu),
+        BackendKind::Cuda => crate::backend::cuda::probe(),
+        BackendKind::Auto => match crate::backend::cuda::probe() {
+            Ok(dev) => Ok(dev),
+            Err(_) => return Ok(BackendKind::Cpu),
+        },
     };
     match gpu {
-        None => Ok(()),
-        Some(Err(why)) => Err(Error::Backend(format!(
+        Ok(_) => Ok(BackendKind::Cuda),
+        Err(why) => Err(Error::Backend(format!(
             "tune: the CUDA backend needs a GPU, and there is none usable ({why}); profile on the CPU with --backend cpu"
-        ))),
-        Some(Ok(dev)) => Err(Error::Backend(format!(
-            "tune: profiling SM shares on the GPU ({dev}) is not built yet; only the CPU backend can be tuned (--backend cpu)"
         ))),
     }
 }
@@ -178,7 +181,40 @@ pub fn run(opts: &Options, mut say: impl FnMut(&str)) -> Result<PathBuf> {
             opts.policy
         )));
     }
-    check_backend(&opts.config)?;
+    match backend_for(&opts.config)? {
+        BackendKind::Cuda => run_gpu(opts, &mut say),
+        _ => {
+            no_sm_share_on_cpu(&opts.config)?;
+            run_cpu(opts, &mut say)
+        }
+    }
+}
+
+/// `sm_share` names GPU mechanisms; on the CPU it is refused, not ignored.
+pub fn no_sm_share_on_cpu(config: &Config) -> Result<()> {
+    if config.sm_share.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "--sm-share {} holds GPU lanes to SM shares; the CPU backend has no SMs (its shares are threads): drop it, or run on the GPU",
+        crate::config::SmShare::describe(&config.sm_share)
+    )))
+}
+
+/// What the profile was taken on, for the cost file and the search.
+struct Profiled {
+    model: ModelConfig,
+    program: Program,
+    key: ScheduleKey,
+    points: Vec<search::CostPoint>,
+    /// The SM-share mechanisms the points were measured through (GPU).
+    sm_share: Option<String>,
+    /// How the backend runs lanes (the search's `serial`), and how many.
+    serial: bool,
+    lanes: usize,
+}
+
+fn run_cpu(opts: &Options, say: &mut impl FnMut(&str)) -> Result<PathBuf> {
     let config = opts.config.resolved(BackendKind::Cpu);
     let b = CpuBackend {
         round_to_bf16: config.cpu_round_bf16,
@@ -186,13 +222,8 @@ pub fn run(opts: &Options, mut say: impl FnMut(&str)) -> Result<PathBuf> {
         device_tactic: None,
     };
     let (model, _) = ModelSpec::parse(&config.model, config.seed)?.open()?;
-    let program = Program {
-        layers: model.num_layers,
-        qkv_bias: model.qkv_bias,
-        fusions: crate::config::Fusion::program_fusions(config.fusion_list()),
-    };
+    let program = program_of(&model, &config);
     let key = key(&b, &model, &program, &opts.policy);
-    let dir = cache_dir(&config)?;
     say(&format!(
         "tune: {} on {}, policy {}",
         model.name, key.device, key.policy
@@ -209,24 +240,102 @@ pub fn run(opts: &Options, mut say: impl FnMut(&str)) -> Result<PathBuf> {
         points.len(),
         t0.elapsed().as_secs_f64()
     ));
+    // The CPU backend runs lanes one after another.
+    let p = Profiled {
+        model,
+        program,
+        key,
+        points,
+        sm_share: None,
+        serial: true,
+        lanes: crate::config::MAX_GPU_LANES,
+    };
+    finish(opts, &config, p, say)
+}
+
+fn run_gpu(opts: &Options, say: &mut impl FnMut(&str)) -> Result<PathBuf> {
+    let config = opts.config.resolved(BackendKind::Cuda);
+    crate::config::SmShare::check(&config.sm_share)?;
+    if config.sm_share.is_empty() {
+        return Err(Error::Config(
+            "tune on the GPU profiles SM shares through a mechanism: give --sm-share grid,cublas (or grid, cublas, green)".into(),
+        ));
+    }
+    // One lane is profiled; the GEMM inputs' dtype is what `serve` runs
+    // with `gpu_lanes` lanes.
+    let mut b =
+        crate::backend::cuda::CudaBackend::new(0)?.with_activations(config.activations())?;
+    let (model, _) = ModelSpec::parse(&config.model, config.seed)?.open()?;
+    let program = program_of(&model, &config);
+    let key = key(&b, &model, &program, &opts.policy);
+    let mechs = crate::config::SmShare::describe(&config.sm_share);
+    say(&format!(
+        "tune: {} on {}, policy {}, SM shares through {mechs}, schedules of at most {} lanes",
+        model.name, key.device, key.policy, config.gpu_lanes
+    ));
+    let grid = profile::Grid {
+        rows: opts.rows.clone(),
+        context: opts.context,
+    };
+    let t0 = Instant::now();
+    let points = gpu::profile(&mut b, &model, &grid, &config.sm_share, |l| say(l))?;
+    say(&format!(
+        "profiled {} points in {:.1} s",
+        points.len(),
+        t0.elapsed().as_secs_f64()
+    ));
+    drop(b);
+    let p = Profiled {
+        model,
+        program,
+        key,
+        points,
+        sm_share: Some(mechs),
+        serial: false,
+        lanes: config.gpu_lanes,
+    };
+    finish(opts, &config, p, say)
+}
+
+pub fn program_of(model: &ModelConfig, config: &Config) -> Program {
+    Program {
+        layers: model.num_layers,
+        qkv_bias: model.qkv_bias,
+        fusions: crate::config::Fusion::program_fusions(config.fusion_list()),
+    }
+}
+
+/// Writes the cost file, searches each shape, writes the schedule file.
+fn finish(
+    opts: &Options,
+    config: &Config,
+    p: Profiled,
+    say: &mut impl FnMut(&str),
+) -> Result<PathBuf> {
+    let dir = cache_dir(config)?;
     let cost_path = opts
         .cost_file
         .clone()
-        .unwrap_or_else(|| dir.join(key.file_name().replace("schedule-", "cost-")));
+        .unwrap_or_else(|| dir.join(p.key.file_name().replace("schedule-", "cost-")));
     let file = CostFile {
         version: COST_FILE_VERSION,
-        model: model.name.clone(),
-        gpu: key.device.clone(),
-        points,
+        model: p.model.name.clone(),
+        gpu: p.key.device.clone(),
+        sm_share: p.sm_share,
+        points: p.points,
     };
     write_cost_file(&cost_path, &file)?;
     say(&format!("wrote the cost file {}", cost_path.display()));
     let costs = CostModel::load(&cost_path)?;
-    let steps = search_shapes(&program, &costs, opts, &mut say)?;
+    let how = Lanes {
+        serial: p.serial,
+        most: p.lanes,
+    };
+    let steps = search_shapes(&p.program, &costs, opts, how, say)?;
     let schedule = ScheduleFile {
         version: SCHEDULE_FILE_VERSION,
-        model: model.name.clone(),
-        key,
+        model: p.model.name.clone(),
+        key: p.key,
         cost_file: cost_path.display().to_string(),
         steps,
     };
@@ -245,10 +354,20 @@ fn write_cost_file(path: &Path, file: &CostFile) -> Result<()> {
 }
 
 /// The search's choice for each shape, ascending by rows.
+/// How the backend runs a schedule's lanes.
+#[derive(Debug, Clone, Copy)]
+pub struct Lanes {
+    /// One after another (the CPU backend), else side by side (a GPU).
+    pub serial: bool,
+    /// The most lanes a schedule may have (`gpu_lanes` on a GPU).
+    pub most: usize,
+}
+
 pub fn search_shapes(
     program: &Program,
     costs: &CostModel,
     opts: &Options,
+    lanes: Lanes,
     say: &mut impl FnMut(&str),
 ) -> Result<Vec<TunedStep>> {
     let mut shapes = opts.shapes.clone();
@@ -259,9 +378,8 @@ pub fn search_shapes(
         let meta = shape.meta(opts.context);
         let mut space = SearchSpace::for_step(&meta);
         space.share_step = opts.share_step;
-        // The CPU backend, the only one tuned so far, runs lanes one
-        // after another.
-        space.serial = true;
+        space.serial = lanes.serial;
+        space.lane_maps.retain(|m| m.lanes() <= lanes.most);
         let t = Instant::now();
         let found = search::search(program, &meta, costs, &space)
             .map_err(|e| Error::Config(format!("search: {e}")))?;
@@ -280,6 +398,27 @@ pub fn search_shapes(
     Ok(out)
 }
 
+/// The schedule file `config.overlap` names for `key`: none with `off`, or
+/// with `auto` when none is cached; an error with `on` when none is.
+pub fn tuned_path(config: &Config, key: &ScheduleKey) -> Result<Option<PathBuf>> {
+    let cached = || -> Result<PathBuf> { Ok(cache_dir(config)?.join(key.file_name())) };
+    match &config.overlap {
+        Overlap::Off => Ok(None),
+        Overlap::On => {
+            let path = cached()?;
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "--overlap on: no tuned schedule for this model, device and policy at {}; run `tacflowd tune` with the same flags, or start with --overlap off or auto",
+                    path.display()
+                )));
+            }
+            Ok(Some(path))
+        }
+        Overlap::Auto => Ok(Some(cached()?).filter(|p| p.exists())),
+        Overlap::File(p) => Ok(Some(p.clone())),
+    }
+}
+
 /// The plan the daemon starts with, as `config.overlap` says, logged.
 /// A named file that is missing, corrupt or made for another model,
 /// device or policy is an error; `auto` without a cached file runs the
@@ -291,30 +430,15 @@ pub fn at_start<B: Backend>(
     program: &Program,
 ) -> Result<Plan> {
     let key = key(b, model, program, POLICY);
-    let path = match &config.overlap {
-        Overlap::Off => {
-            info!("schedule: sequential (overlap off)");
-            return Ok(Plan::Sequential);
-        }
-        Overlap::On => {
-            let path = cache_dir(config)?.join(key.file_name());
-            if !path.exists() {
-                return Err(Error::Config(format!(
-                    "--overlap on: no tuned schedule for this model, device and policy at {}; run `tacflowd tune` with the same flags, or start with --overlap off or auto",
-                    path.display()
-                )));
+    let Some(path) = tuned_path(config, &key)? else {
+        match config.overlap {
+            Overlap::Off => info!("schedule: sequential (overlap off)"),
+            _ => {
+                let looked = cache_dir(config)?.join(key.file_name());
+                info!(looked = %looked.display(), "schedule: sequential (no tuned schedule for this model, device and policy; run `tacflowd tune`)");
             }
-            path
         }
-        Overlap::Auto => {
-            let path = cache_dir(config)?.join(key.file_name());
-            if !path.exists() {
-                info!(looked = %path.display(), "schedule: sequential (no tuned schedule for this model, device and policy; run `tacflowd tune`)");
-                return Ok(Plan::Sequential);
-            }
-            path
-        }
-        Overlap::File(p) => p.clone(),
+        return Ok(Plan::Sequential);
     };
     let file = ScheduleFile::load(&path, &key)?;
     // Every entry must lay out on its own representative step.

@@ -4,10 +4,9 @@
 //! on them).
 //!
 //! What a share is depends on the backend: on the CPU, a rayon pool of that
-//! fraction of the threads (at least one); on the GPU it will be an SM
-//! partition (not built yet: `tune` refuses the CUDA backend, and the
-//! profile takes the CPU backend, whose buffers may cross into a pool's
-//! threads).
+//! fraction of the threads (at least one); on the GPU, SMs given to the
+//! lane by the configured mechanism (`gpu.rs`, which times by CUDA events
+//! instead of the host clock).
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AttnDims, Backend, HostData, KvLayout, SeqMeta, StepMeta};
@@ -106,6 +105,30 @@ fn time(shares: &dyn Shares, share: f64, f: &mut Job<'_>) -> Result<f64> {
     Ok(samples[samples.len() / 2])
 }
 
+/// Each GEMM of the forward pass: its kind, output and input width.
+pub fn gemms(c: &ModelConfig) -> [(OpKind, usize, usize); 5] {
+    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
+    [
+        (OpKind::Qkv, c.qkv_dim(), hidden),
+        (OpKind::OProj, hidden, c.q_dim()),
+        (OpKind::GateUp, 2 * inter, hidden),
+        (OpKind::Down, hidden, inter),
+        (OpKind::LmHead, c.vocab_size, hidden),
+    ]
+}
+
+/// The KV layout of one layer holding `rows` decode sequences of `context`
+/// cached tokens ([`decode_step`]'s blocks).
+pub fn kv_layout(c: &ModelConfig, rows: usize, context: usize) -> KvLayout {
+    KvLayout {
+        num_layers: 1,
+        num_blocks: rows * (context + 1).div_ceil(16),
+        block_size: 16,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    }
+}
+
 /// What to profile.
 #[derive(Debug, Clone)]
 pub struct Grid {
@@ -130,14 +153,8 @@ pub fn profile(
         mean: 0.0,
         std: 0.02,
     };
-    let (hidden, inter) = (c.hidden_size, c.intermediate_size);
-    let gemms = [
-        (OpKind::Qkv, c.qkv_dim(), hidden),
-        (OpKind::OProj, hidden, c.q_dim()),
-        (OpKind::GateUp, 2 * inter, hidden),
-        (OpKind::Down, hidden, inter),
-        (OpKind::LmHead, c.vocab_size, hidden),
-    ];
+    let hidden = c.hidden_size;
+    let gemms = gemms(c);
     let mut points = vec![];
     let mut add = |op, rows, sm_share, us| {
         points.push(CostPoint {
@@ -191,14 +208,7 @@ fn attention(
     shares: &dyn Shares,
 ) -> Result<Vec<(f64, f64)>> {
     let meta = decode_step(rows, context);
-    let layout = KvLayout {
-        num_layers: 1,
-        num_blocks: rows * (context + 1).div_ceil(16),
-        block_size: 16,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    };
-    let kv = b.kv_cache(&layout)?;
+    let kv = b.kv_cache(&kv_layout(c, rows, context))?;
     let step = b.begin_step(&meta)?;
     let dims = AttnDims {
         num_heads: c.num_heads,

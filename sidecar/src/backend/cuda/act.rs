@@ -114,6 +114,13 @@ pub struct Matrix {
     pub(super) data: CudaSlice<bf16>,
 }
 
+impl Matrix {
+    /// The values, `rows` x `cols` row-major (a benchmark's GEMM operand).
+    pub fn data(&self) -> &CudaSlice<bf16> {
+        &self.data
+    }
+}
+
 /// A vector in f32 (norm weights hold bf16-rounded values).
 pub struct Vector {
     pub len: usize,

@@ -155,6 +155,17 @@ impl CudaBackend {
         self.prefill_kernel
     }
 
+    /// Frees the reused activation buffers (before a lane they were
+    /// allocated on is rebuilt in a green context: `tune`'s profile).
+    pub fn release_pooled(&self) {
+        self.pool.clear();
+    }
+
+    /// Whether GEMM inputs are bf16 (the module doc).
+    pub fn bf16_activations(&self) -> bool {
+        self.bf16_acts()
+    }
+
     pub(super) fn bf16_acts(&self) -> bool {
         self.activations == GpuActivations::Bf16
     }

@@ -28,6 +28,7 @@ fn table(f: impl Fn(OpKind, usize, f64) -> f64) -> CostModel {
         version: 1,
         model: "synthetic".into(),
         gpu: "none".into(),
+        sm_share: None,
         points,
     };
     CostModel::from_file(file).unwrap()
@@ -82,6 +83,7 @@ fn cost_files_round_trip_and_other_versions_are_refused() {
         version: 1,
         model: "m".into(),
         gpu: "g".into(),
+        sm_share: None,
         points,
     };
     let toml_path = dir.join("cost.toml");
@@ -208,4 +210,22 @@ fn the_choice_follows_the_costs() {
     assert_eq!(single.spec.lanes, LaneMap::single(), "{single:?}");
     assert!(single.spec.dense_cuts.is_empty() && single.spec.attn_cuts.is_empty());
     assert!((single.predicted_us - single.sequential_us).abs() < 1e-6);
+}
+
+#[test]
+fn one_lane_on_a_gpu_gets_the_whole_device() {
+    let p = Program {
+        layers: 1,
+        qkv_bias: false,
+        fusions: Default::default(),
+    };
+    let meta = step(&[1, 1, 1, 1]);
+    // Nothing depends on the share (a mechanism that bounds nothing): a
+    // tie, which the smallest share would win were one lane offered any.
+    let flat = table(|_, rows, _| 10.0 + rows as f64);
+    let mut space = SearchSpace::for_step(&meta);
+    space.lane_maps = vec![LaneMap::single()];
+    space.share_step = 0.25;
+    let found = search(&p, &meta, &flat, &space).unwrap();
+    assert_eq!(found.shares, vec![1.0], "{found:?}");
 }

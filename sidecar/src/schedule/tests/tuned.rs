@@ -46,6 +46,7 @@ fn hand_table() -> CostFile {
         version: 1,
         model: "hand".into(),
         gpu: "none".into(),
+        sm_share: None,
         points,
     }
 }
