@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tacflow_kernels::cpu::{self, AttnSeq};
 use tacflow_kernels::cuda::sources::MODULES;
-use tacflow_kernels::tactic::{ClusterIndex, Scratch, TacticParams, select_group};
+use tacflow_kernels::tactic::union::chunked_tokens_read;
+use tacflow_kernels::tactic::{self, ClusterIndex, Scratch, TacticParams, select_group};
 
 /// The default cases: `(d, kv heads, group, contexts, seed, random keys,
 /// longest shared-memory sort)`.
@@ -128,9 +129,10 @@ fn run(exe: &Path, dir: &Path, case: &Case) -> Result<Vec<String>> {
     }
     let got = Outputs::read(&std::fs::read(&out)?, case)?;
     let mut verdict = vec![kmeans_verdict(case, &got, &prm)];
-    let (sel, lists) = select_verdict(case, &got, &prm);
+    let (sel, lists, read) = select_verdict(case, &got, &prm);
     verdict.push(sel);
     verdict.push(attention_verdict(case, &got, &lists));
+    verdict.push(diag_verdict(case, &got, &prm, &read));
     Ok(verdict)
 }
 
@@ -169,9 +171,16 @@ fn kmeans_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> String {
     )
 }
 
-fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Vec<Vec<u32>>) {
+/// The selection's verdict, its slot lists and, per (sequence, KV head),
+/// the tokens the CPU's selection read.
+fn select_verdict(
+    case: &Case,
+    got: &Outputs,
+    prm: &TacticParams,
+) -> (String, Vec<Vec<u32>>, Vec<f64>) {
     let (kvh, g, d) = (case.kv_heads, case.group, case.d);
     let mut scratch = Scratch::default();
+    let mut read = vec![];
     let (mut equal, mut n, mut est_gap) = (0, 0, 0f32);
     for s in 0..case.lens.len() {
         for (h, clusters) in case.cpu_clusters(s, prm).iter().enumerate() {
@@ -179,7 +188,7 @@ fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Ve
             let q = &case.q[s * case.q_stride() + h * g * d..][..g * d];
             let (mut want, mut est) = (vec![], vec![0f32; g]);
             let keys = case.keys(s, h);
-            select_group(
+            let st = select_group(
                 clusters,
                 &keys,
                 q,
@@ -189,6 +198,7 @@ fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Ve
                 &mut want,
                 &mut est,
             );
+            read.push(st.tokens_read);
             n += 1;
             if want == got.lists[i] {
                 equal += 1;
@@ -203,7 +213,48 @@ fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Ve
         "{}selection {equal}/{n} sets equal, estimates {est_gap:.1e} apart",
         if ok { "" } else { "FAIL " }
     );
-    (v, got.lists.clone())
+    (v, got.lists.clone(), read)
+}
+
+/// The diagnostics kernel's records against the CPU's measure of the same
+/// selections (`exact_scores`, `true_mass` over the stand-in's lists): the
+/// true masses, the estimates passed through, and the tokens read that
+/// the selected slots and kept clusters give against the CPU's count.
+fn diag_verdict(case: &Case, got: &Outputs, prm: &TacticParams, read: &[f64]) -> String {
+    let (kvh, g, d) = (case.kv_heads, case.group, case.d);
+    let (mut mass_gap, mut est_gap, mut read_gap) = (0f64, 0f64, 0f64);
+    let mut counts_ok = true;
+    let mut scores = vec![];
+    for s in 0..case.lens.len() {
+        let clusters = case.cpu_clusters(s, prm);
+        for h in 0..kvh {
+            let i = s * kvh + h;
+            let rec = &got.diag[i];
+            let keys = case.keys(s, h);
+            for k in 0..g {
+                let q = &case.q[s * case.q_stride() + (h * g + k) * d..][..d];
+                tactic::exact_scores(&keys, q, case.lens[s], &mut scores);
+                let want = tactic::true_mass(&scores, &got.lists[i]);
+                mass_gap = mass_gap.max((rec.mass[k] - want).abs());
+                est_gap = est_gap.max((rec.est[k] - f64::from(got.est[i][k])).abs());
+            }
+            counts_ok &=
+                rec.selected == got.lists[i].len() && rec.clusters == clusters[h].clusters();
+            if got.lists[i].len() == rec.selected {
+                let r = chunked_tokens_read(rec.selected, rec.clusters, d, prm);
+                read_gap = read_gap.max((r - read[i]).abs());
+            }
+        }
+    }
+    // Equal sets read equal tokens; a set that differs (a near-tie) reads
+    // a cluster's worth more or less.
+    let ok = mass_gap <= 1e-9 && est_gap == 0.0 && counts_ok;
+    format!(
+        "{}diagnostics: true masses {mass_gap:.1e} apart, estimates {est_gap:.1e}, counts {}, \
+         tokens read {read_gap:.1e} apart",
+        if ok { "" } else { "FAIL " },
+        if counts_ok { "equal" } else { "DIFFER" }
+    )
 }
 
 fn attention_verdict(case: &Case, got: &Outputs, lists: &[Vec<u32>]) -> String {

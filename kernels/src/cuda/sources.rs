@@ -63,8 +63,9 @@ const ATTENTION_HEADERS: [Header; 3] = [
 ];
 
 /// What the Tactic module compiles first: the shared definitions, the
-/// clustering, the selection, the union, the sparse attention.
-const TACTIC_HEADERS: [Header; 5] = [
+/// clustering, the selection, the union, the sparse attention, the
+/// diagnostics.
+const TACTIC_HEADERS: [Header; 6] = [
     Header {
         name: "tactic/common.cuh",
         text: include_str!("kernels/tactic/common.cuh"),
@@ -84,6 +85,10 @@ const TACTIC_HEADERS: [Header; 5] = [
     Header {
         name: "tactic/sparse.cuh",
         text: include_str!("kernels/tactic/sparse.cuh"),
+    },
+    Header {
+        name: "tactic/diag.cuh",
+        text: include_str!("kernels/tactic/diag.cuh"),
     },
 ];
 
@@ -135,7 +140,7 @@ pub const LAB_MODULES: [Module; 3] = [
 pub const FAULT_MODULES: [Module; 1] = [module("fault", include_str!("kernels/fault.cu"))];
 
 /// The Tactic module's kernels (`tactic.rs` launches each).
-pub const TACTIC_KERNELS: [&str; 17] = [
+pub const TACTIC_KERNELS: [&str; 18] = [
     "tactic_km_init_bf16",
     "tactic_km_assign_bf16",
     "tactic_km_csr_u32",
@@ -153,6 +158,7 @@ pub const TACTIC_KERNELS: [&str; 17] = [
     "tactic_attention_d128_bf16",
     "tactic_attention_d256_bf16",
     "tactic_attention_merge_f32",
+    "tactic_diag_mass_bf16",
 ];
 
 /// Head sizes the Tactic sparse attention is instantiated for.

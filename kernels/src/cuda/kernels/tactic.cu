@@ -8,6 +8,7 @@
 //   tactic/select.cuh   scores, estimates and the ranking per query head
 //   tactic/union.cuh    the GQA union (the chunked greedy)
 //   tactic/sparse.cuh   attention over the selected slots, split and merged
+//   tactic/diag.cuh     the true mass of each selection (diagnostics only)
 //
 // Here: the sparse attention instantiated for each head size it serves
 // (a multiple of 32, at most TAC_MAX_D).

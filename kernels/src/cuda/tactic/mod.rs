@@ -6,6 +6,7 @@
 //! | cluster new runs of keys into their states | [`Gpu::tactic_cluster`] | `tactic/kmeans.cuh` |
 //! | rank, estimate, union: the slots each (sequence, KV head) attends | [`Gpu::tactic_select`] | `tactic/select.cuh`, `tactic/union.cuh` |
 //! | attention over those slots | [`Gpu::tactic_attend`] | `tactic/sparse.cuh` |
+//! | diagnostics: each selection's true mass, its estimate, what it kept | [`Gpu::tactic_measure`] | `tactic/diag.cuh` |
 //!
 //! A launch serves every (sequence, KV head) of a layer at once; the host
 //! lays out each one's part of the scratch from upper bounds it knows
@@ -13,9 +14,11 @@
 //! device. The states themselves are the caller's allocations, laid out by
 //! [`crate::tactic::layout::StateLayout`].
 
+mod diag;
 mod kmeans;
 mod select;
 
+pub use diag::{JobDiag, diag_record_len, parse_diag};
 pub use kmeans::ClusterJob;
 pub use select::{SelectJob, SelectionHost};
 
