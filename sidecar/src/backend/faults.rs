@@ -485,6 +485,10 @@ impl<B: Backend> Backend for Faulty<B> {
             .tactic_attention(step, qkv, kv, layer, dims, entries, out, rows)
     }
 
+    fn tactic_diagnostics(&self) -> Result<Vec<crate::backend::tactic::TacticMeasure>> {
+        self.inner.tactic_diagnostics()
+    }
+
     fn tactic_end_step(&self, commit: bool) {
         self.inner.tactic_end_step(commit)
     }

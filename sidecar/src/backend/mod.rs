@@ -168,6 +168,9 @@ pub struct TacticEntry {
     pub row: usize,
     /// Tokens cached, this step's included.
     pub ctx_len: usize,
+    /// The sequence asked for diagnostics: the backend measures what the
+    /// selection kept ([`Backend::tactic_diagnostics`]).
+    pub diagnostics: bool,
 }
 
 /// What sampling returns for the logit rows.
@@ -436,8 +439,17 @@ pub trait Backend {
             "this backend keeps no Tactic state".into(),
         ))
     }
+    /// What the selections of the entries with `diagnostics` kept, one
+    /// measure per (entry, layer, KV head), since the step began: read
+    /// back once, after the forward pass (the one wait the diagnostic
+    /// mode adds). Called only when some entry asked for them.
+    fn tactic_diagnostics(&self) -> Result<Vec<tactic::TacticMeasure>> {
+        Err(crate::error::Error::Backend(
+            "this backend measures no Tactic diagnostics".into(),
+        ))
+    }
     /// Ends a step: its changes to the Tactic states stand (`commit`) or
-    /// are undone.
+    /// are undone (and measures not read are dropped).
     fn tactic_end_step(&self, _commit: bool) {}
     /// Bytes the Tactic states hold on the device.
     fn tactic_bytes(&self) -> usize {

@@ -2,6 +2,8 @@
 //! the engine names each state and tells the backend when a sequence opens,
 //! forks, truncates or closes; the backend grows and reads the states inside
 //! the attention, and keeps or undoes a step's changes when the step ends.
+//! A sequence opened with diagnostics gets them from the backend, which
+//! measures its selections where it makes them (`Backend::tactic_diagnostics`).
 
 use super::Engine;
 use super::sparse::{DeviceTactic, PolicyState, tactic_params};
@@ -14,19 +16,11 @@ impl<B: Backend> Engine<B> {
     pub(super) fn new_state(
         &mut self,
         policy: &AttentionPolicy,
-        diagnostics: bool,
     ) -> Result<PolicyState, ErrorReply> {
         let layers = self.model.config.num_layers;
         let Some(params) = tactic_params(policy).filter(|_| self.backend.device_tactic()) else {
             return Ok(PolicyState::new(policy, layers));
         };
-        if diagnostics {
-            return Err(ErrorReply::new(
-                ErrorCode::Unsupported,
-                "attention diagnostics of tactic are measured on the host: \
-                 this backend selects on its device",
-            ));
-        }
         let id = self.next_state;
         self.next_state += 1;
         let dims = self.model.dims();
@@ -37,18 +31,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The state of a fork of a sequence whose state the backend keeps.
-    pub(super) fn fork_device(
-        &mut self,
-        d: DeviceTactic,
-        diagnostics: bool,
-    ) -> Result<PolicyState, ErrorReply> {
-        if diagnostics {
-            return Err(ErrorReply::new(
-                ErrorCode::Unsupported,
-                "attention diagnostics of tactic are measured on the host: \
-                 this backend selects on its device",
-            ));
-        }
+    pub(super) fn fork_device(&mut self, d: DeviceTactic) -> Result<PolicyState, ErrorReply> {
         let id = self.next_state;
         self.next_state += 1;
         self.backend

@@ -263,7 +263,7 @@ impl<B: Backend> Engine<B> {
             return Err(seq_error(ErrorCode::SequenceExists, key, "is already open"));
         }
         self.validate_prefix(&o)?;
-        let state = self.new_state(&o.policy, o.diagnostics)?;
+        let state = self.new_state(&o.policy)?;
         let seed_given = o.sampling.seed.is_some();
         let mut sampling = o.sampling;
         sampling.seed = Some(sampling.seed.unwrap_or_else(|| self.seeds.fresh()));
@@ -316,7 +316,6 @@ impl<B: Backend> Engine<B> {
         // A child with its own policy starts its own state; one that keeps
         // the parent's takes a copy (it covers the shared prefix), which the
         // backend makes when it keeps the state.
-        let diags = diagnostics.unwrap_or(p.diagnostics);
         let own = policy.filter(|np| *np != p.policy);
         let inherited = match (&own, &p.state) {
             (Some(_), _) => None,
@@ -326,10 +325,10 @@ impl<B: Backend> Engine<B> {
         let parent_policy = p.policy.clone();
         let (policy, state) = match (own, inherited) {
             (Some(np), _) => {
-                let st = self.new_state(&np, diags)?;
+                let st = self.new_state(&np)?;
                 (np, st)
             }
-            (None, Some(Err(d))) => (parent_policy, self.fork_device(d, diags)?),
+            (None, Some(Err(d))) => (parent_policy, self.fork_device(d)?),
             (None, Some(Ok(st))) => (parent_policy, st),
             (None, None) => unreachable!("inherited whenever the policy is kept"),
         };

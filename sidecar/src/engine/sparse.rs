@@ -8,7 +8,7 @@
 //! exposes (the CPU backend).
 
 use super::undo::Undo;
-use crate::backend::tactic::StateId;
+use crate::backend::tactic::{StateId, TacticMeasure};
 use crate::backend::{HostLayerView, RowRange, StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
@@ -233,9 +233,42 @@ impl<'a> Selector<'a> {
                     state: id,
                     row: s.q_start,
                     ctx_len: s.ctx_len,
+                    diagnostics: slot.diagnostics,
                 })
             })
             .collect()
+    }
+
+    /// Whether an entry whose state the backend keeps asked for
+    /// diagnostics: then the backend measured them during the pass
+    /// (`Backend::tactic_diagnostics`) and [`Selector::absorb`] takes them.
+    pub fn wants_device_diagnostics(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.diagnostics && s.state.device_id().is_some())
+    }
+
+    /// Takes the backend's measures of its selections into the sums
+    /// (what [`select_layer`] measures on the host, the same fields).
+    pub fn absorb(&mut self, measures: &[TacticMeasure]) -> Result<()> {
+        let group = self.dims.0 / self.dims.1;
+        for m in measures {
+            let slot = self
+                .slots
+                .iter_mut()
+                .find(|s| s.seq == m.seq && s.diagnostics)
+                .ok_or_else(|| Error::Backend(format!("a measure of entry {}", m.seq)))?;
+            let sums = &mut slot.sums;
+            let (l, h, ctx) = (m.layer, m.head, m.ctx_len as f64);
+            if l >= sums.read.len() || h >= sums.read[l].len() || m.mass.len() != group {
+                return Err(Error::Backend("a measure out of the model's shape".into()));
+            }
+            sums.read[l][h] = m.tokens_read / ctx;
+            sums.selected[l][h] = m.selected as f64 / ctx;
+            sums.mass[l][h * group..(h + 1) * group].copy_from_slice(&m.mass);
+            sums.est[l][h * group..(h + 1) * group].copy_from_slice(&m.est);
+        }
+        Ok(())
     }
 
     /// Computes this layer's selections of the decode entries whose row

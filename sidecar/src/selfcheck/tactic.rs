@@ -338,6 +338,7 @@ fn kmeans(cx: &mut Ctx, heads: Heads, lens: &[usize], regrow: Option<usize>) -> 
                 state: s as u64,
                 row: s,
                 ctx_len: c,
+                diagnostics: false,
             };
             planned.push(Planned { entry, plan });
             // The CPU's clustering of the same keys.
@@ -671,6 +672,7 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
                     state: s as u64,
                     row: s,
                     ctx_len: c,
+                    diagnostics: false,
                 };
                 planned.push(Planned { entry, plan });
             }

@@ -327,9 +327,14 @@ impl Backend for CudaBackend {
         self.tactic_attention_rows(step, qkv, kv, layer, d, entries, out, rows)
     }
 
+    fn tactic_diagnostics(&self) -> Result<Vec<crate::backend::tactic::TacticMeasure>> {
+        self.gpu_tactic()?.take_measures(&self.gpu)
+    }
+
     fn tactic_end_step(&self, commit: bool) {
         if let Ok(mut t) = self.gpu_tactic() {
             t.dev.end_step(commit);
+            t.measured.clear();
         }
     }
 

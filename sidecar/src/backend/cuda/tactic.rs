@@ -4,24 +4,42 @@
 //! grows are clustered (`Gpu::tactic_cluster`), every entry's KV heads
 //! select (`Gpu::tactic_select`) and attend their selection
 //! (`Gpu::tactic_attend`); the node's other rows attend in full. Nothing
-//! is read back: a step still synchronises only at sampling.
+//! is read back: a step still synchronises only at sampling, unless a
+//! sequence asked for diagnostics: then each node also measures its
+//! selections (`Gpu::tactic_measure`), and the engine reads the records
+//! back once, after the forward pass (`GpuTactic::take_measures`).
 //!
 //! Experimental until a GPU run of `tacflowd selfcheck --groups tactic`
 //! verifies the kernels (kernels/TACTIC.md, "On the GPU").
 
 use super::{Act, CudaBackend, check};
-use crate::backend::tactic::DeviceMemory;
-use crate::backend::tactic::driver::{TacticDevice, cluster_jobs, select_jobs};
+use crate::backend::tactic::driver::{Planned, TacticDevice, cluster_jobs, select_jobs};
+use crate::backend::tactic::{DeviceMemory, MeasureAt, TacticMeasure};
 use crate::backend::{AttnDims, Backend, RowRange, TacticEntry};
 use crate::config::GpuActivations;
 use crate::error::{Error, Result};
 use tacflow_kernels::cuda::{CudaSlice, DeviceStep, Gpu, KvCache, TacticShape, TacticWorkspace};
+use tacflow_kernels::tactic::TacticParams;
 
 /// The backend's Tactic states and the kernels' scratch.
 #[derive(Debug, Default)]
 pub struct GpuTactic {
     pub dev: TacticDevice<Gpu>,
     pub ws: TacticWorkspace,
+    /// This step's diagnostics, on the device until the step reads them.
+    pub measured: Vec<Measured>,
+}
+
+/// One attention node's diagnostics records (`Gpu::tactic_measure`), with
+/// what each record measures: its entry, layer and KV head, and the
+/// entry's parameters (for the tokens read), `None` where the entry did
+/// not ask for diagnostics (the launch measures every job of the node).
+#[derive(Debug)]
+pub struct Measured {
+    buf: CudaSlice<f64>,
+    jobs: Vec<Option<(MeasureAt, TacticParams)>>,
+    head_dim: usize,
+    group: usize,
 }
 
 /// The states live in stream-ordered allocations of the current lane (the
@@ -116,7 +134,7 @@ impl CudaBackend {
             group: d.num_heads / d.num_kv_heads,
         };
         let mut t = self.gpu_tactic()?;
-        let GpuTactic { dev, ws } = &mut *t;
+        let GpuTactic { dev, ws, measured } = &mut *t;
         let planned = dev.plan(&self.gpu, layer, entries)?;
         for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
             self.gpu
@@ -126,6 +144,17 @@ impl CudaBackend {
         let q = qkv.f32("tactic attention")?;
         self.gpu
             .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+        if entries.iter().any(|e| e.diagnostics) {
+            let buf = self
+                .gpu
+                .tactic_measure(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            measured.push(Measured {
+                buf,
+                jobs: measured_jobs(&planned, layer, shape.kv_heads),
+                head_dim: shape.head_dim,
+                group: shape.group,
+            });
+        }
         let cols = out.cols;
         let mut o = self.out_rows(out, &rows)?;
         let q_cols = qkv.cols;
@@ -133,6 +162,50 @@ impl CudaBackend {
             ws, step, q, q_cols, kv, layer, &shape, &jobs, &mut o, rows.start, cols,
         )?)
     }
+}
+
+impl GpuTactic {
+    /// [`Backend::tactic_diagnostics`]: this step's records brought back
+    /// (the wait the diagnostic mode adds), those of the entries that
+    /// asked for them as measures.
+    pub fn take_measures(&mut self, gpu: &Gpu) -> Result<Vec<TacticMeasure>> {
+        let mut out = vec![];
+        for m in std::mem::take(&mut self.measured) {
+            let recs = gpu.tactic_diag_to_host(&m.buf, m.jobs.len(), m.group)?;
+            for (rec, job) in recs.iter().zip(&m.jobs) {
+                if let Some((at, params)) = job {
+                    out.push(TacticMeasure::from_device(*at, rec, m.head_dim, params));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What each job of [`select_jobs`] measures (in its order), where its
+/// entry asked for diagnostics.
+fn measured_jobs(
+    planned: &[Planned],
+    layer: usize,
+    kv_heads: usize,
+) -> Vec<Option<(MeasureAt, TacticParams)>> {
+    planned
+        .iter()
+        .flat_map(|p| {
+            (0..kv_heads).map(move |head| {
+                let e = p.entry;
+                e.diagnostics.then_some((
+                    MeasureAt {
+                        seq: e.seq,
+                        layer,
+                        head,
+                        ctx_len: e.ctx_len,
+                    },
+                    p.plan.params,
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The maximal runs of `rows` that hold no entry's row.
@@ -163,6 +236,7 @@ mod tests {
             state: 0,
             row,
             ctx_len: 1,
+            diagnostics: false,
         }
     }
 

@@ -10,6 +10,7 @@
 //! [`StateLayout`]: tacflow_kernels::tactic::layout::StateLayout
 
 use super::driver::{Planned, TacticDevice};
+use super::measure::{MeasureAt, TacticMeasure};
 use super::mem::HostMemory;
 use crate::backend::StepMeta;
 use crate::error::{Error, Result};
@@ -23,6 +24,8 @@ use tacflow_kernels::tactic::{PagedKeys, Scratch};
 pub struct HostTactic {
     pub dev: TacticDevice<HostMemory>,
     pub mem: HostMemory,
+    /// This step's measures of the entries that asked for diagnostics.
+    pub measured: Vec<TacticMeasure>,
 }
 
 /// What one layer's selection needs from the step.
@@ -43,13 +46,15 @@ impl HostTactic {
         HostTactic {
             dev: TacticDevice::default(),
             mem: HostMemory::new(),
+            measured: Vec::new(),
         }
     }
 
     /// Plans the entries' states of `at.layer`, clusters the runs the plans
     /// ask for into them (the clustering kernels' work) and selects (the
     /// selection kernels'): per entry, its sequence and each KV head's
-    /// sorted slots.
+    /// sorted slots. The entries with `diagnostics` get their measures
+    /// added to [`HostTactic::measured`].
     pub fn select(
         &mut self,
         at: &HostLayer<'_>,
@@ -61,6 +66,7 @@ impl HostTactic {
         }
         let states = self.dev.states().expect("planned above");
         let mut scratch = Scratch::default();
+        let measured = &mut self.measured;
         planned
             .iter()
             .map(|p| {
@@ -76,10 +82,11 @@ impl HostTactic {
                     .enumerate()
                     .map(|(h, ix)| {
                         let mut out = Vec::new();
-                        select_group_chunked(
+                        let (keys, q) = (keys(at, p, h), &row[h * g * d..(h + 1) * g * d]);
+                        let st = select_group_chunked(
                             ix,
-                            &keys(at, p, h),
-                            &row[h * g * d..(h + 1) * g * d],
+                            &keys,
+                            q,
                             p.entry.ctx_len,
                             &p.plan.params,
                             UNION_CHUNK,
@@ -87,6 +94,16 @@ impl HostTactic {
                             &mut out,
                             &mut est,
                         );
+                        if p.entry.diagnostics {
+                            let m = MeasureAt {
+                                seq: p.entry.seq,
+                                layer: at.layer,
+                                head: h,
+                                ctx_len: p.entry.ctx_len,
+                            };
+                            let read = st.tokens_read;
+                            measured.push(TacticMeasure::on_host(m, &keys, q, &out, &est, read));
+                        }
                         out
                     })
                     .collect();

@@ -335,6 +335,7 @@ fn step<D: Device>(
             state: s as _,
             row: s,
             ctx_len: ctx,
+            diagnostics: false,
         })
         .collect();
     let step = b.begin_step(&meta)?;

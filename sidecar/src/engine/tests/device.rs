@@ -115,18 +115,46 @@ fn a_backend_keeping_tactic_serves_tactic_and_full_only() {
     assert_eq!(refused(&mut dev, 1, budget, false), ErrorCode::Unsupported);
     let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
     assert_eq!(refused(&mut dev, 1, oracle, false), ErrorCode::Unsupported);
-    let t = tactic(0.9, None, None);
-    assert_eq!(
-        refused(&mut dev, 1, t.clone(), true),
-        ErrorCode::Unsupported
-    );
-    open(&mut dev, 1, t, false);
-    let fork = dev.fork_sequence(key(1), key(2), None, None, Some(true));
-    assert_eq!(fork.unwrap_err().code, ErrorCode::Unsupported);
     assert_eq!(
         crate::engine::policies(Serves::of(engine(16).backend())).len(),
         4
     );
+}
+
+/// Diagnostics of a device-path sequence (measured by the backend where
+/// it selects) are the host path's: the same true masses, estimates and
+/// tokens read in every step reply, a fork's included.
+#[test]
+fn device_diagnostics_are_the_host_paths() {
+    let (mut host, mut dev) = (engine(96), device_engine(96));
+    let policy = tactic(0.9, Some(4), Some(16));
+    for e in [&mut host, &mut dev] {
+        open(e, 1, policy.clone(), true);
+        open(e, 3, policy.clone(), false);
+        feed(e, 3, tokens(3, 25));
+    }
+    let mut t = both(&mut host, &mut dev, 1, tokens(1, 33));
+    for step in 0..25 {
+        if step == 10 {
+            for e in [&mut host, &mut dev] {
+                e.fork_sequence(key(1), key(2), None, None, Some(true))
+                    .unwrap();
+            }
+        }
+        let mut w = vec![entry(1, vec![t], true), entry(3, tokens(step, 1), true)];
+        if step >= 10 {
+            w.push(entry(2, tokens(50 + step, 1), true));
+        }
+        let (a, b) = (
+            host.step(&work(w.clone())).unwrap(),
+            dev.step(&work(w)).unwrap(),
+        );
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}");
+        let d = a[0].attention.as_ref().expect("diagnostics asked for");
+        assert!(d.true_mass > 0.0 && d.tokens_read_fraction > 0.0, "{d:?}");
+        assert!(a[1].attention.is_none(), "seq 3 asked for none");
+        t = a[0].token.unwrap();
+    }
 }
 
 /// A decode step of three Tactic sequences, one at its first decode

@@ -37,7 +37,7 @@ __device__ __forceinline__ float diag_score(const float* q, const bf16* k, const
 }
 
 // grid (G, problems), DIAG_THREADS threads: one query head of one problem.
-extern "C" __global__ void __launch_bounds__(DIAG_THREADS) tactic_diag_mass_bf16(const DiagParams p) {
+extern "C" __global__ void tactic_diag_mass_bf16(const DiagParams p) {
     const u32 g = blockIdx.x, pi = blockIdx.y, d = p.d, G = p.group, tid = threadIdx.x;
     const SelProblem& pr = p.probs[pi];
     __shared__ float sq[TAC_MAX_D];
