@@ -29,6 +29,7 @@ pub mod ranges;
 pub mod report;
 pub mod sampling;
 pub mod tactic;
+mod tactic_diag;
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{SeqMeta, StepMeta};

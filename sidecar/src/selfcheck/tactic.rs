@@ -7,7 +7,8 @@
 //!   bf16 keys, the parts the kernels write poisoned first;
 //! - the selection on the CPU's clusters against `select_group`, and the
 //!   sparse attention over the device's selection against the CPU's paged
-//!   attention with that selection;
+//!   attention with that selection, and the diagnostics of that selection
+//!   against the CPU's measure of it ([`super::tactic_diag`]);
 //! - decoding: the device's states grown step by step and its selections
 //!   against `TacticSeq` per (layer, KV head, step): at least 99.9% equal,
 //!   every difference a near-tie (each query head's true mass within 1e-3);
@@ -35,7 +36,7 @@ use tacflow_kernels::tactic::{
     select_group, true_mass,
 };
 
-const CHECK: &str = "tactic";
+pub(super) const CHECK: &str = "tactic";
 
 /// Query heads, KV heads, head size.
 type Heads = (usize, usize, usize);
@@ -228,7 +229,7 @@ impl Fixture {
         q
     }
 
-    fn shape(&self) -> TacticShape {
+    pub fn shape(&self) -> TacticShape {
         TacticShape {
             kv_heads: self.dims.num_kv_heads,
             head_dim: self.dims.head_dim,
@@ -518,6 +519,15 @@ fn select(cx: &mut Ctx, heads: Heads, lens: &[usize]) -> Result<Vec<Row>> {
         &est_w,
         F32_TOL,
     ));
+    let sel = super::tactic_diag::Selected {
+        ds: &ds,
+        q: &q,
+        q_dev: &q_dev,
+        jobs: &jobs,
+        got: &got,
+        clusters: &idx,
+    };
+    rows.extend(super::tactic_diag::measure(gpu, &ws, &fx, &sel, &prm)?);
     rows.push(attend(cx, &fx, &ds, &q, &jobs, &mut ws, &got.slots)?);
     drop(bufs);
     Ok(rows)
