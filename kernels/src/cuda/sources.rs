@@ -64,8 +64,8 @@ const ATTENTION_HEADERS: [Header; 3] = [
 
 /// What the Tactic module compiles first: the shared definitions, the
 /// clustering, the selection, the union, the sparse attention, the
-/// diagnostics.
-const TACTIC_HEADERS: [Header; 6] = [
+/// diagnostics, the oracle baseline.
+const TACTIC_HEADERS: [Header; 7] = [
     Header {
         name: "tactic/common.cuh",
         text: include_str!("kernels/tactic/common.cuh"),
@@ -89,6 +89,10 @@ const TACTIC_HEADERS: [Header; 6] = [
     Header {
         name: "tactic/diag.cuh",
         text: include_str!("kernels/tactic/diag.cuh"),
+    },
+    Header {
+        name: "tactic/oracle.cuh",
+        text: include_str!("kernels/tactic/oracle.cuh"),
     },
 ];
 
@@ -140,7 +144,7 @@ pub const LAB_MODULES: [Module; 3] = [
 pub const FAULT_MODULES: [Module; 1] = [module("fault", include_str!("kernels/fault.cu"))];
 
 /// The Tactic module's kernels (`tactic.rs` launches each).
-pub const TACTIC_KERNELS: [&str; 18] = [
+pub const TACTIC_KERNELS: [&str; 21] = [
     "tactic_km_init_bf16",
     "tactic_km_assign_bf16",
     "tactic_km_csr_u32",
@@ -159,6 +163,9 @@ pub const TACTIC_KERNELS: [&str; 18] = [
     "tactic_attention_d256_bf16",
     "tactic_attention_merge_f32",
     "tactic_diag_mass_bf16",
+    "tactic_oracle_scores_bf16",
+    "tactic_oracle_sort_u64",
+    "tactic_oracle_take_f64",
 ];
 
 /// Head sizes the Tactic sparse attention is instantiated for.

@@ -43,20 +43,20 @@ pub struct SelectJob {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SelProblem {
-    state: u64,
-    lay: StateLayout,
-    head: u32,
-    row: u32,
-    ctx_len: u32,
-    cbase: u32,
-    kbase: u32,
-    kpow: u32,
-    tbase: u32,
-    lbase: u32,
-    wbase: u32,
-    tkbase: u32,
-    p: f32,
-    margin: f32,
+    pub(super) state: u64,
+    pub(super) lay: StateLayout,
+    pub(super) head: u32,
+    pub(super) row: u32,
+    pub(super) ctx_len: u32,
+    pub(super) cbase: u32,
+    pub(super) kbase: u32,
+    pub(super) kpow: u32,
+    pub(super) tbase: u32,
+    pub(super) lbase: u32,
+    pub(super) wbase: u32,
+    pub(super) tkbase: u32,
+    pub(super) p: f32,
+    pub(super) margin: f32,
 }
 
 #[repr(C)]

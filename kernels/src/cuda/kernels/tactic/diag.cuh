@@ -73,7 +73,8 @@ extern "C" __global__ void tactic_diag_mass_bf16(const DiagParams p) {
         o[G + g] = (double)p.est[pi * G + g];
         if (g == 0) {
             o[2 * G] = (double)n;
-            o[2 * G + 1] = (double)*tac_head(pr.state, pr.lay, pr.head).count;
+            // A problem without a state (a baseline's) kept no clusters.
+            o[2 * G + 1] = pr.state ? (double)*tac_head(pr.state, pr.lay, pr.head).count : 0.0;
         }
     }
 }
