@@ -11,11 +11,13 @@
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`):
 //! `cargo run --release -p tacflow-kernels --example tactic_emu` runs the
-//! default cases; `-- D,KV_HEADS,GROUP LEN[,LEN...] [SEED] [--random]
-//! [--sort-smem N]` one case (`--random`: uniform keys instead of the
-//! heavy-tailed ones, so that k-means runs every round).
+//! default cases (the `oracle_top_p` kernels' first: [`oracle`]); `--
+//! --oracle` only those; `-- D,KV_HEADS,GROUP LEN[,LEN...] [SEED]
+//! [--random] [--sort-smem N]` one Tactic case (`--random`: uniform keys
+//! instead of the heavy-tailed ones, so that k-means runs every round).
 
 mod io;
+mod oracle;
 
 use anyhow::{Context, Result, bail};
 use io::{Case, Outputs};
@@ -39,10 +41,30 @@ const CASES: [(usize, usize, usize, &str, u64, bool, usize); 7] = [
 ];
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::env::temp_dir().join(format!("tacflow-tactic-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let exe = build(&dir)?;
+    let only_oracle = args.first().is_some_and(|a| a == "--oracle");
+    let mut failed = 0;
+    let mut total = 0;
+    if args.is_empty() || only_oracle {
+        let exe = build(
+            &dir,
+            "tactic_oracle",
+            include_str!("../../emu/tactic_oracle.cpp"),
+        )?;
+        failed += oracle::run_all(&exe, &dir)?;
+        total += oracle::CASES.len();
+        args.retain(|a| a != "--oracle");
+    }
+    if only_oracle {
+        let _ = std::fs::remove_dir_all(&dir);
+        if failed > 0 {
+            bail!("{failed} of {total} cases failed");
+        }
+        return Ok(());
+    }
+    let exe = build(&dir, "tactic", include_str!("../../emu/tactic.cpp"))?;
     let cases: Vec<Case> = if args.is_empty() {
         CASES
             .iter()
@@ -53,22 +75,23 @@ fn main() -> Result<()> {
     } else {
         vec![Case::parse(&args)?]
     };
-    let mut failed = 0;
     for case in &cases {
         let verdict = run(&exe, &dir, case)?;
         println!("{}: {}", case.name(), verdict.join("; "));
         failed += usize::from(verdict.iter().any(|v| v.starts_with("FAIL")));
     }
+    total += cases.len();
     let _ = std::fs::remove_dir_all(&dir);
     if failed > 0 {
-        bail!("{failed} of {} cases failed", cases.len());
+        bail!("{failed} of {total} cases failed");
     }
     Ok(())
 }
 
-/// Writes the stand-in, the driver and the kernels' source (shared memory
-/// rewritten for the stand-in) into `dir` and compiles them.
-fn build(dir: &Path) -> Result<PathBuf> {
+/// Writes the stand-in, the driver `name` (its C++ `driver`) and the
+/// kernels' source (shared memory rewritten for the stand-in) into `dir`
+/// and compiles them.
+fn build(dir: &Path, name: &str, driver: &str) -> Result<PathBuf> {
     let module = MODULES
         .iter()
         .find(|m| m.name == "tactic")
@@ -83,13 +106,14 @@ fn build(dir: &Path) -> Result<PathBuf> {
         .collect();
     std::fs::write(dir.join("tactic_all.inc"), source)?;
     std::fs::write(dir.join("emu.h"), include_str!("../../emu/emu.h"))?;
-    std::fs::write(dir.join("tactic.cpp"), include_str!("../../emu/tactic.cpp"))?;
-    let exe = dir.join("tactic_emu");
+    let cpp = dir.join(format!("{name}.cpp"));
+    std::fs::write(&cpp, driver)?;
+    let exe = dir.join(format!("{name}_emu"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let status = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-o"])
         .arg(&exe)
-        .arg(dir.join("tactic.cpp"))
+        .arg(&cpp)
         .status()
         .with_context(|| format!("running {cxx}"))?;
     if !status.success() {
