@@ -67,7 +67,9 @@ pub use probe::probe;
 pub use rowwise::{RmsOut, Rows};
 pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays, StepRows};
-pub use tactic::{ClusterJob, JobDiag, SelectJob, SelectionHost, TacticShape, TacticWorkspace};
+pub use tactic::{
+    ClusterJob, JobDiag, OracleJob, SelectJob, SelectionHost, TacticShape, TacticWorkspace,
+};
 #[cfg(feature = "lab")]
 pub use timing::Span;
 pub use view::{row_view, row_view_mut};

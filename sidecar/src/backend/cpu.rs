@@ -386,6 +386,10 @@ impl Backend for CpuBackend {
         self.device_tactic.is_some()
     }
 
+    fn device_oracle(&self) -> bool {
+        self.device_tactic.is_some()
+    }
+
     fn tactic_open(
         &self,
         id: StateId,

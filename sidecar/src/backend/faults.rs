@@ -446,6 +446,10 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.device_tactic()
     }
 
+    fn device_oracle(&self) -> bool {
+        self.inner.device_oracle()
+    }
+
     fn tactic_open(
         &self,
         id: StateId,

@@ -158,7 +158,7 @@ pub type Selections = [Option<Vec<Vec<u32>>>];
 
 /// A decode entry whose Tactic state the backend keeps
 /// ([`Backend::device_tactic`]): the backend selects and attends for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TacticEntry {
     /// Index into the step's sequences.
     pub seq: usize,
@@ -171,6 +171,9 @@ pub struct TacticEntry {
     /// The sequence asked for diagnostics: the backend measures what the
     /// selection kept ([`Backend::tactic_diagnostics`]).
     pub diagnostics: bool,
+    /// `Some(P)`: the entry runs `oracle_top_p` on the device
+    /// ([`Backend::device_oracle`]), which keeps no state (`state` unused).
+    pub oracle: Option<f32>,
 }
 
 /// What sampling returns for the logit rows.
@@ -395,6 +398,11 @@ pub trait Backend {
 
     /// Whether Tactic sequences keep their state on this backend.
     fn device_tactic(&self) -> bool {
+        false
+    }
+    /// Whether `oracle_top_p` selects on this backend's device, inside
+    /// `tactic_attention` (entries with `oracle`), as Tactic does.
+    fn device_oracle(&self) -> bool {
         false
     }
     /// A new Tactic state `id` (no clustering yet) for a model of `dims`

@@ -12,12 +12,18 @@ use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply};
 
 impl<B: Backend> Engine<B> {
     /// The state of a new sequence with `policy`: the backend's own for
-    /// Tactic when it keeps Tactic states, else the host's.
+    /// Tactic when it keeps Tactic states, the backend's selection for
+    /// `oracle_top_p` when it selects that on its device, else the host's.
     pub(super) fn new_state(
         &mut self,
         policy: &AttentionPolicy,
     ) -> Result<PolicyState, ErrorReply> {
         let layers = self.model.config.num_layers;
+        if let AttentionPolicy::OracleTopP { p } = *policy {
+            if self.backend.device_oracle() {
+                return Ok(PolicyState::DeviceOracle { p });
+            }
+        }
         let Some(params) = tactic_params(policy).filter(|_| self.backend.device_tactic()) else {
             return Ok(PolicyState::new(policy, layers));
         };

@@ -454,8 +454,10 @@ pub struct Serves {
     /// Selection on host views: every policy (`Backend::supports_sparse`).
     pub host: bool,
     /// Tactic on the backend's own device (`Backend::device_tactic`); then
-    /// no other sparse policy, so that a step selects in one place.
+    /// no other host policy, so that a step selects in one place.
     pub device_tactic: bool,
+    /// `oracle_top_p` on the backend's device (`Backend::device_oracle`).
+    pub device_oracle: bool,
 }
 
 impl Serves {
@@ -464,6 +466,7 @@ impl Serves {
         Serves {
             host: sparse,
             device_tactic: false,
+            device_oracle: false,
         }
     }
 
@@ -471,6 +474,7 @@ impl Serves {
         Serves {
             host: b.supports_sparse(),
             device_tactic: b.device_tactic(),
+            device_oracle: b.device_oracle(),
         }
     }
 
@@ -478,6 +482,7 @@ impl Serves {
         match p {
             AttentionPolicy::Full => true,
             AttentionPolicy::Tactic { .. } => self.host || self.device_tactic,
+            AttentionPolicy::OracleTopP { .. } if self.device_oracle => true,
             _ => self.host && !self.device_tactic,
         }
     }
@@ -542,16 +547,18 @@ pub fn validate_policy(p: &AttentionPolicy, serves: Serves) -> Result<(), ErrorR
         }
     }
     if !serves.allows(p) {
-        let why = if serves.device_tactic {
-            "this daemon serves full attention and tactic (on its device) only"
+        let on = if serves.device_tactic {
+            " (on its device)"
         } else {
-            "this daemon serves full attention only"
+            ""
         };
         return Err(ErrorReply::new(
             ErrorCode::Unsupported,
             format!(
-                "attention policy {} runs on the CPU backend only; {why}",
-                p.name()
+                "attention policy {} runs on the CPU backend only; \
+                 this daemon serves {}{on} only",
+                p.name(),
+                policies(serves).join(", ")
             ),
         ));
     }

@@ -40,6 +40,11 @@ pub enum PolicyState {
     /// Tactic whose state the backend keeps (`Backend::device_tactic`): the
     /// engine holds its name, the backend selects inside the attention.
     Device(DeviceTactic),
+    /// `oracle_top_p` selected by the backend inside the attention
+    /// (`Backend::device_oracle`); nothing carries across steps.
+    DeviceOracle {
+        p: f32,
+    },
 }
 
 /// A sequence's Tactic state kept by the backend.
@@ -110,6 +115,7 @@ impl PolicyState {
                 bounds: bounds.clone(),
             },
             PolicyState::Oracle { p } => PolicyState::Oracle { p: *p },
+            PolicyState::DeviceOracle { p } => PolicyState::DeviceOracle { p: *p },
         }
     }
 
@@ -120,7 +126,10 @@ impl PolicyState {
         match self {
             PolicyState::Tactic(t) => **t = TacticSeq::new(t.params, t.index.len()),
             PolicyState::FixedBudget { bounds, .. } => bounds.iter_mut().for_each(Vec::clear),
-            PolicyState::Full | PolicyState::Oracle { .. } | PolicyState::Device(_) => {}
+            PolicyState::Full
+            | PolicyState::Oracle { .. }
+            | PolicyState::Device(_)
+            | PolicyState::DeviceOracle { .. } => {}
         }
     }
 
@@ -132,13 +141,23 @@ impl PolicyState {
         }
     }
 
+    /// Whether the backend selects for this state (inside its attention).
+    pub fn on_device(&self) -> bool {
+        matches!(
+            self,
+            PolicyState::Device(_) | PolicyState::DeviceOracle { .. }
+        )
+    }
+
     /// The mass the policy aims for (success is counted against it).
     pub fn target(&self) -> f32 {
         match self {
             PolicyState::Full => 1.0,
             PolicyState::Tactic(t) => t.params.p,
             PolicyState::Device(d) => d.params.p,
-            PolicyState::FixedBudget { p, .. } | PolicyState::Oracle { p } => *p,
+            PolicyState::FixedBudget { p, .. }
+            | PolicyState::Oracle { p }
+            | PolicyState::DeviceOracle { p } => *p,
         }
     }
 }
@@ -216,9 +235,7 @@ impl<'a> Selector<'a> {
     /// selections. A backend that keeps Tactic states serves no host
     /// policy (`engine::validate_policy`), so a step is one or the other.
     pub fn on_device(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| matches!(s.state, PolicyState::Device(_)))
+        self.slots.iter().any(|s| s.state.on_device())
     }
 
     /// The decode entries whose row lies in `rows`, for the backend.
@@ -226,14 +243,19 @@ impl<'a> Selector<'a> {
         self.slots
             .iter()
             .filter_map(|slot| {
-                let id = slot.state.device_id()?;
+                let (state, oracle) = match *slot.state {
+                    PolicyState::Device(d) => (d.id, None),
+                    PolicyState::DeviceOracle { p } => (0, Some(p)),
+                    _ => return None,
+                };
                 let s = &meta.seqs[slot.seq];
                 rows.contains(&s.q_start).then_some(TacticEntry {
                     seq: slot.seq,
-                    state: id,
+                    state,
                     row: s.q_start,
                     ctx_len: s.ctx_len,
                     diagnostics: slot.diagnostics,
+                    oracle,
                 })
             })
             .collect()
@@ -245,7 +267,7 @@ impl<'a> Selector<'a> {
     pub fn wants_device_diagnostics(&self) -> bool {
         self.slots
             .iter()
-            .any(|s| s.diagnostics && s.state.device_id().is_some())
+            .any(|s| s.diagnostics && s.state.on_device())
     }
 
     /// Takes the backend's measures of its selections into the sums
@@ -435,7 +457,9 @@ pub fn select_layer(
     let mut scores = Vec::new();
     match state {
         PolicyState::Full => unreachable!("full attention selects nothing"),
-        PolicyState::Device(_) => unreachable!("the backend selects for its own states"),
+        PolicyState::Device(_) | PolicyState::DeviceOracle { .. } => {
+            unreachable!("the backend selects for its own states")
+        }
         PolicyState::Tactic(t) => {
             let step = DecodeStep {
                 q,

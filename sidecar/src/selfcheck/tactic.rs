@@ -340,6 +340,7 @@ fn kmeans(cx: &mut Ctx, heads: Heads, lens: &[usize], regrow: Option<usize>) -> 
                 row: s,
                 ctx_len: c,
                 diagnostics: false,
+                oracle: None,
             };
             planned.push(Planned { entry, plan });
             // The CPU's clustering of the same keys.
@@ -683,6 +684,7 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
                     row: s,
                     ctx_len: c,
                     diagnostics: false,
+                    oracle: None,
                 };
                 planned.push(Planned { entry, plan });
             }

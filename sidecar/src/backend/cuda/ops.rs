@@ -281,6 +281,10 @@ impl Backend for CudaBackend {
         self.tactic.is_some()
     }
 
+    fn device_oracle(&self) -> bool {
+        self.tactic.is_some()
+    }
+
     fn tactic_open(
         &self,
         id: StateId,

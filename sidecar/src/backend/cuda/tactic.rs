@@ -14,12 +14,14 @@
 
 use super::{Act, CudaBackend, check};
 use crate::backend::tactic::driver::{Planned, TacticDevice, cluster_jobs, select_jobs};
-use crate::backend::tactic::{DeviceMemory, MeasureAt, TacticMeasure};
+use crate::backend::tactic::{DeviceMemory, MeasureAt, Selector, TacticMeasure};
 use crate::backend::{AttnDims, Backend, RowRange, TacticEntry};
 use crate::config::GpuActivations;
 use crate::error::{Error, Result};
-use tacflow_kernels::cuda::{CudaSlice, DeviceStep, Gpu, KvCache, TacticShape, TacticWorkspace};
-use tacflow_kernels::tactic::TacticParams;
+use tacflow_kernels::cuda::{
+    CudaSlice, DeviceStep, Gpu, KvCache, OracleJob, SelectJob, TacticShape, TacticWorkspace,
+};
+use tacflow_kernels::tactic::layout::StateLayout;
 
 /// The backend's Tactic states and the kernels' scratch.
 #[derive(Debug, Default)]
@@ -31,13 +33,14 @@ pub struct GpuTactic {
 }
 
 /// One attention node's diagnostics records (`Gpu::tactic_measure`), with
-/// what each record measures: its entry, layer and KV head, and the
-/// entry's parameters (for the tokens read), `None` where the entry did
-/// not ask for diagnostics (the launch measures every job of the node).
+/// what each record measures: its entry, layer and KV head, and what
+/// selected (for the estimate and the tokens read), `None` where the
+/// entry did not ask for diagnostics (the launch measures every job of
+/// the node's selection).
 #[derive(Debug)]
 pub struct Measured {
     buf: CudaSlice<f64>,
-    jobs: Vec<Option<(MeasureAt, TacticParams)>>,
+    jobs: Vec<Option<(MeasureAt, Selector)>>,
     head_dim: usize,
     group: usize,
 }
@@ -108,8 +111,9 @@ impl CudaBackend {
     }
 
     /// [`Backend::tactic_attention`]: the other rows of `rows` in full
-    /// (runs between the entries' rows), then the entries' clustering,
-    /// selection and sparse attention.
+    /// (runs between the entries' rows), then the Tactic entries'
+    /// clustering, selection and sparse attention, then the oracle
+    /// entries' selection and sparse attention.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tactic_attention_rows(
         &self,
@@ -133,35 +137,80 @@ impl CudaBackend {
             head_dim: d.head_dim,
             group: d.num_heads / d.num_kv_heads,
         };
+        let (oracle, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
+            entries.iter().partition(|e| e.oracle.is_some());
         let mut t = self.gpu_tactic()?;
-        let GpuTactic { dev, ws, measured } = &mut *t;
-        let planned = dev.plan(&self.gpu, layer, entries)?;
-        for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
+        let node = Node {
+            step,
+            qkv,
+            kv,
+            layer,
+            shape,
+        };
+        if !tactic.is_empty() {
+            let GpuTactic { dev, ws, .. } = &mut *t;
+            let planned = dev.plan(&self.gpu, layer, &tactic)?;
+            for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
+                self.gpu
+                    .tactic_cluster(ws, step, kv, layer, &shape, &jobs, &km)?;
+            }
+            let jobs = select_jobs(&planned, shape.kv_heads);
+            let q = qkv.f32("tactic attention")?;
             self.gpu
-                .tactic_cluster(ws, step, kv, layer, &shape, &jobs, &km)?;
+                .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            let measure = measured_jobs(&planned, layer, shape.kv_heads);
+            self.attend_selected(&mut t, &node, &jobs, measure, out, &rows)?;
         }
-        let jobs = select_jobs(&planned, shape.kv_heads);
-        let q = qkv.f32("tactic attention")?;
-        self.gpu
-            .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
-        if entries.iter().any(|e| e.diagnostics) {
-            let buf = self
-                .gpu
-                .tactic_measure(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
-            measured.push(Measured {
+        if !oracle.is_empty() {
+            let jobs = oracle_jobs(&oracle, shape.kv_heads);
+            let q = qkv.f32("oracle attention")?;
+            self.gpu
+                .tactic_oracle(&mut t.ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            let measure = oracle_measured(&oracle, layer, shape.kv_heads);
+            let sel: Vec<SelectJob> = jobs.iter().map(|j| as_select_job(j, &shape)).collect();
+            self.attend_selected(&mut t, &node, &sel, measure, out, &rows)?;
+        }
+        Ok(())
+    }
+
+    /// The last selection's diagnostics (where an entry asked for them:
+    /// `measure` holds a `Some`) and its sparse attention.
+    fn attend_selected(
+        &self,
+        t: &mut GpuTactic,
+        n: &Node<'_>,
+        jobs: &[SelectJob],
+        measure: Vec<Option<(MeasureAt, Selector)>>,
+        out: &mut Act,
+        rows: &RowRange,
+    ) -> Result<()> {
+        let q = n.qkv.f32("tactic attention")?;
+        let (gpu, shape) = (&self.gpu, &n.shape);
+        if measure.iter().any(Option::is_some) {
+            let buf =
+                gpu.tactic_measure(&t.ws, n.step, q, n.qkv.cols, n.kv, n.layer, shape, jobs)?;
+            t.measured.push(Measured {
                 buf,
-                jobs: measured_jobs(&planned, layer, shape.kv_heads),
+                jobs: measure,
                 head_dim: shape.head_dim,
                 group: shape.group,
             });
         }
         let cols = out.cols;
-        let mut o = self.out_rows(out, &rows)?;
-        let q_cols = qkv.cols;
-        Ok(self.gpu.tactic_attend(
-            ws, step, q, q_cols, kv, layer, &shape, &jobs, &mut o, rows.start, cols,
+        let mut o = self.out_rows(out, rows)?;
+        Ok(gpu.tactic_attend(
+            &mut t.ws, n.step, q, n.qkv.cols, n.kv, n.layer, shape, jobs, &mut o, rows.start, cols,
         )?)
     }
+}
+
+/// What an attention node's launches share.
+struct Node<'a> {
+    step: &'a DeviceStep,
+    qkv: &'a Act,
+    kv: &'a KvCache,
+    layer: usize,
+    shape: TacticShape,
 }
 
 impl GpuTactic {
@@ -173,13 +222,66 @@ impl GpuTactic {
         for m in std::mem::take(&mut self.measured) {
             let recs = gpu.tactic_diag_to_host(&m.buf, m.jobs.len(), m.group)?;
             for (rec, job) in recs.iter().zip(&m.jobs) {
-                if let Some((at, params)) = job {
-                    out.push(TacticMeasure::from_device(*at, rec, m.head_dim, params));
+                if let Some((at, how)) = job {
+                    out.push(TacticMeasure::from_device(*at, rec, m.head_dim, how));
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// The oracle entries' jobs, one per KV head, in entry order.
+fn oracle_jobs(entries: &[TacticEntry], kv_heads: usize) -> Vec<OracleJob> {
+    entries
+        .iter()
+        .flat_map(|e| {
+            (0..kv_heads).map(move |head| OracleJob {
+                head,
+                row: e.row,
+                ctx_len: e.ctx_len,
+                p: e.oracle.expect("an oracle entry"),
+            })
+        })
+        .collect()
+}
+
+/// An oracle job as the attention and the diagnostics name it (they read
+/// only its row, head and context; the selection left its problems).
+fn as_select_job(j: &OracleJob, shape: &TacticShape) -> SelectJob {
+    SelectJob {
+        state: 0,
+        layout: StateLayout::new(shape.kv_heads, shape.head_dim, 0, 0),
+        head: j.head,
+        row: j.row,
+        ctx_len: j.ctx_len,
+        p: j.p,
+        margin: 1.0,
+    }
+}
+
+/// What each oracle job measures, where its entry asked for diagnostics.
+fn oracle_measured(
+    entries: &[TacticEntry],
+    layer: usize,
+    kv_heads: usize,
+) -> Vec<Option<(MeasureAt, Selector)>> {
+    entries
+        .iter()
+        .flat_map(|e| {
+            (0..kv_heads).map(move |head| {
+                e.diagnostics.then_some((
+                    MeasureAt {
+                        seq: e.seq,
+                        layer,
+                        head,
+                        ctx_len: e.ctx_len,
+                    },
+                    Selector::Oracle,
+                ))
+            })
+        })
+        .collect()
 }
 
 /// What each job of [`select_jobs`] measures (in its order), where its
@@ -188,7 +290,7 @@ fn measured_jobs(
     planned: &[Planned],
     layer: usize,
     kv_heads: usize,
-) -> Vec<Option<(MeasureAt, TacticParams)>> {
+) -> Vec<Option<(MeasureAt, Selector)>> {
     planned
         .iter()
         .flat_map(|p| {
@@ -201,7 +303,7 @@ fn measured_jobs(
                         head,
                         ctx_len: e.ctx_len,
                     },
-                    p.plan.params,
+                    Selector::Tactic(p.plan.params),
                 ))
             })
         })
@@ -237,6 +339,7 @@ mod tests {
             row,
             ctx_len: 1,
             diagnostics: false,
+            oracle: None,
         }
     }
 

@@ -12,12 +12,12 @@
 use super::driver::{Planned, TacticDevice};
 use super::measure::{MeasureAt, TacticMeasure};
 use super::mem::HostMemory;
-use crate::backend::StepMeta;
+use crate::backend::{StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use tacflow_kernels::cpu::KvLayer;
 use tacflow_kernels::tactic::layout::{read_heads, write_heads};
 use tacflow_kernels::tactic::union::{UNION_CHUNK, select_group_chunked};
-use tacflow_kernels::tactic::{PagedKeys, Scratch};
+use tacflow_kernels::tactic::{PagedKeys, Scratch, exact_scores, oracle_top_p};
 
 /// The CPU backend's Tactic states and the memory they live in.
 #[derive(Debug, Default)]
@@ -50,15 +50,62 @@ impl HostTactic {
         }
     }
 
-    /// Plans the entries' states of `at.layer`, clusters the runs the plans
-    /// ask for into them (the clustering kernels' work) and selects (the
-    /// selection kernels'): per entry, its sequence and each KV head's
-    /// sorted slots. The entries with `diagnostics` get their measures
-    /// added to [`HostTactic::measured`].
+    /// The selections of the entries: per entry, its sequence and each KV
+    /// head's sorted slots (Tactic's, or the oracle's for an entry with
+    /// `oracle`). The entries with `diagnostics` get their measures added
+    /// to [`HostTactic::measured`].
     pub fn select(
         &mut self,
         at: &HostLayer<'_>,
-        entries: &[crate::backend::TacticEntry],
+        entries: &[TacticEntry],
+    ) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
+        let (oracle, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
+            entries.iter().partition(|e| e.oracle.is_some());
+        let mut out = self.select_tactic(at, &tactic)?;
+        for e in &oracle {
+            out.push((e.seq, self.select_oracle(at, e)));
+        }
+        Ok(out)
+    }
+
+    /// The oracle kernels' work for one entry: per KV head, the union over
+    /// its query heads of `oracle_top_p` on the exact scores (as
+    /// `engine::sparse::select_layer` selects it on the host).
+    fn select_oracle(&mut self, at: &HostLayer<'_>, e: &TacticEntry) -> Vec<Vec<u32>> {
+        let (g, d) = (at.group, at.kv.head_dim);
+        let p = e.oracle.expect("an oracle entry");
+        let row = &at.qkv[e.row * at.row_len..];
+        let (mut scores, mut order) = (vec![], vec![]);
+        (0..at.kv.kv_heads)
+            .map(|h| {
+                let keys = entry_keys(at, e, h);
+                let q = &row[h * g * d..(h + 1) * g * d];
+                let mut sel = vec![];
+                for qh in q.chunks_exact(d) {
+                    exact_scores(&keys, qh, e.ctx_len, &mut scores);
+                    oracle_top_p(&scores, p, &mut order, &mut sel);
+                }
+                sel.sort_unstable();
+                sel.dedup();
+                if e.diagnostics {
+                    let m = measure_at(e, at.layer, h);
+                    // The oracle knows its mass and reads its set.
+                    let mut m = TacticMeasure::on_host(m, &keys, q, &sel, &[], sel.len() as f64);
+                    m.est = m.mass.clone();
+                    self.measured.push(m);
+                }
+                sel
+            })
+            .collect()
+    }
+
+    /// Plans the Tactic entries' states of `at.layer`, clusters the runs
+    /// the plans ask for into them (the clustering kernels' work) and
+    /// selects (the selection kernels').
+    fn select_tactic(
+        &mut self,
+        at: &HostLayer<'_>,
+        entries: &[TacticEntry],
     ) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
         let planned = self.dev.plan(&self.mem, at.layer, entries)?;
         for p in &planned {
@@ -95,12 +142,7 @@ impl HostTactic {
                             &mut est,
                         );
                         if p.entry.diagnostics {
-                            let m = MeasureAt {
-                                seq: p.entry.seq,
-                                layer: at.layer,
-                                head: h,
-                                ctx_len: p.entry.ctx_len,
-                            };
+                            let m = measure_at(&p.entry, at.layer, h);
                             let read = st.tokens_read;
                             measured.push(TacticMeasure::on_host(m, &keys, q, &out, &est, read));
                         }
@@ -133,9 +175,22 @@ impl HostTactic {
 }
 
 fn keys<'a>(at: &HostLayer<'a>, p: &Planned, head: usize) -> PagedKeys<'a> {
+    entry_keys(at, &p.entry, head)
+}
+
+fn entry_keys<'a>(at: &HostLayer<'a>, e: &TacticEntry, head: usize) -> PagedKeys<'a> {
     PagedKeys {
         kv: at.kv,
-        block_table: &at.meta.seqs[p.entry.seq].block_table,
+        block_table: &at.meta.seqs[e.seq].block_table,
         head,
+    }
+}
+
+fn measure_at(e: &TacticEntry, layer: usize, head: usize) -> MeasureAt {
+    MeasureAt {
+        seq: e.seq,
+        layer,
+        head,
+        ctx_len: e.ctx_len,
     }
 }

@@ -28,6 +28,14 @@ pub struct TacticMeasure {
     pub tokens_read: f64,
 }
 
+/// What made a device's selection (how its estimate and tokens read are
+/// counted).
+#[derive(Debug, Clone, Copy)]
+pub enum Selector {
+    Tactic(TacticParams),
+    Oracle,
+}
+
 /// Where a measure belongs: the entry, layer and KV head it measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeasureAt {
@@ -76,18 +84,26 @@ impl TacticMeasure {
         at: MeasureAt,
         rec: &tacflow_kernels::cuda::JobDiag,
         d: usize,
-        params: &TacticParams,
+        how: &Selector,
     ) -> TacticMeasure {
         use tacflow_kernels::tactic::union::chunked_tokens_read;
+        let (est, tokens_read) = match how {
+            Selector::Tactic(params) => (
+                rec.est.clone(),
+                chunked_tokens_read(rec.selected, rec.clusters, d, params),
+            ),
+            // The oracle knows its mass and reads its set.
+            Selector::Oracle => (rec.mass.clone(), rec.selected as f64),
+        };
         TacticMeasure {
             seq: at.seq,
             layer: at.layer,
             head: at.head,
             ctx_len: at.ctx_len,
             mass: rec.mass.clone(),
-            est: rec.est.clone(),
+            est,
             selected: rec.selected,
-            tokens_read: chunked_tokens_read(rec.selected, rec.clusters, d, params),
+            tokens_read,
         }
     }
 }

@@ -19,6 +19,6 @@ pub mod measure;
 pub mod mem;
 pub mod state;
 
-pub use measure::{MeasureAt, TacticMeasure};
+pub use measure::{MeasureAt, Selector, TacticMeasure};
 pub use mem::{DeviceMemory, HostMemory};
 pub use state::{ClusterRun, LayerPlan, StateId, TacticStates};

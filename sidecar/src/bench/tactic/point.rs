@@ -336,6 +336,7 @@ fn step<D: Device>(
             row: s,
             ctx_len: ctx,
             diagnostics: false,
+            oracle: None,
         })
         .collect();
     let step = b.begin_step(&meta)?;

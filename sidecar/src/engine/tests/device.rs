@@ -101,24 +101,56 @@ fn forks_truncations_and_closes_go_through_the_backend() {
 }
 
 #[test]
-fn a_backend_keeping_tactic_serves_tactic_and_full_only() {
+fn a_backend_keeping_tactic_serves_full_tactic_and_the_oracle() {
     let mut dev = device_engine(16);
     let serves = Serves::of(dev.backend());
-    assert_eq!(crate::engine::policies(serves), ["full", "tactic"]);
+    assert_eq!(
+        crate::engine::policies(serves),
+        ["full", "tactic", "oracle_top_p"]
+    );
     let sampling = SamplingParams::default();
-    let refused = |e: &mut TestEngine, seq, p, diag| {
-        e.open_sequence(key(seq), p, sampling.clone(), diag)
-            .unwrap_err()
-            .code
-    };
     let budget = AttentionPolicy::FixedBudget { tokens: 8, p: None };
-    assert_eq!(refused(&mut dev, 1, budget, false), ErrorCode::Unsupported);
-    let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
-    assert_eq!(refused(&mut dev, 1, oracle, false), ErrorCode::Unsupported);
+    let refused = dev.open_sequence(key(1), budget, sampling, false);
+    assert_eq!(refused.unwrap_err().code, ErrorCode::Unsupported);
+    open(&mut dev, 1, AttentionPolicy::OracleTopP { p: 0.9 }, true);
+    assert!(matches!(
+        dev.seqs[&key(1)].state,
+        PolicyState::DeviceOracle { .. }
+    ));
     assert_eq!(
         crate::engine::policies(Serves::of(engine(16).backend())).len(),
         4
     );
+}
+
+/// `oracle_top_p` selected by the backend decodes as the host path's, its
+/// diagnostics (true mass, estimate, tokens read) the same, bit for bit,
+/// beside a Tactic sequence in the same steps.
+#[test]
+fn the_device_oracle_decodes_as_the_host_path() {
+    let (mut host, mut dev) = (engine(96), device_engine(96));
+    for e in [&mut host, &mut dev] {
+        open(e, 1, AttentionPolicy::OracleTopP { p: 0.8 }, true);
+        open(e, 2, tactic(0.9, Some(4), Some(16)), true);
+        feed(e, 2, tokens(2, 20));
+    }
+    let mut t = both(&mut host, &mut dev, 1, tokens(1, 40));
+    for step in 0..20 {
+        let w = vec![entry(1, vec![t], true), entry(2, tokens(step, 1), true)];
+        let (a, b) = (
+            host.step(&work(w.clone())).unwrap(),
+            dev.step(&work(w)).unwrap(),
+        );
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}");
+        let d = a[0].attention.as_ref().expect("diagnostics asked for");
+        assert!(d.true_mass >= 0.8 && d.success_rate == 1.0, "{d:?}");
+        assert_eq!(d.true_mass, d.estimated_mass);
+        t = a[0].token.unwrap();
+    }
+    assert!(matches!(
+        host.seqs[&key(1)].state,
+        PolicyState::Oracle { .. }
+    ));
 }
 
 /// Diagnostics of a device-path sequence (measured by the backend where
@@ -198,4 +230,44 @@ fn a_failed_step_leaves_the_device_states_as_they_were() {
         let got = e.step(&w).unwrap();
         assert_eq!(format!("{got:?}"), format!("{want:?}"), "op {op}");
     }
+}
+
+/// What `hello` lists and `open_sequence` accepts for each kind of
+/// backend: the CUDA backend without `experimental_gpu_tactic` serves full
+/// attention only; with it, Tactic and the oracle on its device; a backend
+/// selecting on host views, every policy.
+#[test]
+fn each_backend_serves_what_it_selects() {
+    use crate::engine::{policies, validate_policy};
+    let plain_gpu = Serves::host(false);
+    let gpu_tactic = Serves {
+        host: false,
+        device_tactic: true,
+        device_oracle: true,
+    };
+    let host = Serves::host(true);
+    let budget = AttentionPolicy::FixedBudget {
+        tokens: 64,
+        p: None,
+    };
+    let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
+    let t = tactic(0.9, None, None);
+    assert_eq!(policies(plain_gpu), ["full"]);
+    assert_eq!(policies(gpu_tactic), ["full", "tactic", "oracle_top_p"]);
+    assert_eq!(policies(host).len(), 4);
+    for p in [&t, &oracle, &budget] {
+        let e = validate_policy(p, plain_gpu).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported, "{p:?}");
+        assert!(validate_policy(p, host).is_ok(), "{p:?}");
+    }
+    assert!(validate_policy(&t, gpu_tactic).is_ok());
+    assert!(validate_policy(&oracle, gpu_tactic).is_ok());
+    let e = validate_policy(&budget, gpu_tactic).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Unsupported);
+    // Out-of-range parameters are bad requests wherever they would run.
+    let bad = AttentionPolicy::OracleTopP { p: 1.5 };
+    assert_eq!(
+        validate_policy(&bad, gpu_tactic).unwrap_err().code,
+        ErrorCode::BadRequest
+    );
 }
