@@ -163,12 +163,13 @@ pub struct Config {
     /// start with `gpu_lanes` > 1. When absent, [`CUDA_GRAPHS`] on the
     /// CUDA backend with one lane, off otherwise.
     pub cuda_graphs: Option<bool>,
-    /// Serve the `tactic` policy on the CUDA backend: clustering, selection
-    /// and a sparse attention in its kernels (kernels/TACTIC.md, "On the
-    /// GPU"). Experimental, off by default, until a GPU run has verified
-    /// those kernels; without it the CUDA backend refuses sparse policies.
-    /// One lane, f32 (`split`) activations (its default when
-    /// `gpu_activations` is absent); no attention diagnostics.
+    /// Serve the `tactic` and `oracle_top_p` policies on the CUDA backend:
+    /// clustering, selection, a sparse attention and the diagnostics in its
+    /// kernels (kernels/TACTIC.md, "On the GPU"). Experimental, off by
+    /// default, until a GPU run has verified those kernels; without it the
+    /// CUDA backend refuses sparse policies (`fixed_budget` always). One
+    /// lane, f32 (`split`) activations (its default when `gpu_activations`
+    /// is absent).
     pub experimental_gpu_tactic: bool,
     pub log_format: LogFormat,
     /// Prometheus text endpoint (`GET /metrics`), off when absent:
