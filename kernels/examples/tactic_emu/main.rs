@@ -250,8 +250,7 @@ fn diag_verdict(case: &Case, got: &Outputs, prm: &TacticParams, read: &[f64]) ->
     let mut counts_ok = true;
     let mut scores = vec![];
     for s in 0..case.lens.len() {
-        let clusters = case.cpu_clusters(s, prm);
-        for h in 0..kvh {
+        for (h, kept) in case.cpu_clusters(s, prm).iter().enumerate() {
             let i = s * kvh + h;
             let rec = &got.diag[i];
             let keys = case.keys(s, h);
@@ -262,8 +261,7 @@ fn diag_verdict(case: &Case, got: &Outputs, prm: &TacticParams, read: &[f64]) ->
                 mass_gap = mass_gap.max((rec.mass[k] - want).abs());
                 est_gap = est_gap.max((rec.est[k] - f64::from(got.est[i][k])).abs());
             }
-            counts_ok &=
-                rec.selected == got.lists[i].len() && rec.clusters == clusters[h].clusters();
+            counts_ok &= rec.selected == got.lists[i].len() && rec.clusters == kept.clusters();
             if got.lists[i].len() == rec.selected {
                 let r = chunked_tokens_read(rec.selected, rec.clusters, d, prm);
                 read_gap = read_gap.max((r - read[i]).abs());

@@ -19,10 +19,10 @@ impl<B: Backend> Engine<B> {
         policy: &AttentionPolicy,
     ) -> Result<PolicyState, ErrorReply> {
         let layers = self.model.config.num_layers;
-        if let AttentionPolicy::OracleTopP { p } = *policy {
-            if self.backend.device_oracle() {
-                return Ok(PolicyState::DeviceOracle { p });
-            }
+        if let AttentionPolicy::OracleTopP { p } = *policy
+            && self.backend.device_oracle()
+        {
+            return Ok(PolicyState::DeviceOracle { p });
         }
         let Some(params) = tactic_params(policy).filter(|_| self.backend.device_tactic()) else {
             return Ok(PolicyState::new(policy, layers));
