@@ -528,7 +528,7 @@ fn select(cx: &mut Ctx, heads: Heads, lens: &[usize]) -> Result<Vec<Row>> {
         got: &got,
         clusters: &idx,
     };
-    rows.extend(super::tactic_diag::measure(gpu, &ws, &fx, &sel, &prm)?);
+    rows.extend(super::tactic_diag::measure(gpu, &mut ws, &fx, &sel, &prm)?);
     rows.push(attend(cx, &fx, &ds, &q, &jobs, &mut ws, &got.slots)?);
     drop(bufs);
     Ok(rows)

@@ -29,7 +29,7 @@ pub(super) struct Selected<'a> {
 /// counts and the tokens read agree.
 pub(super) fn measure(
     gpu: &Gpu,
-    ws: &TacticWorkspace,
+    ws: &mut TacticWorkspace,
     fx: &Fixture,
     sel: &Selected<'_>,
     prm: &TacticParams,

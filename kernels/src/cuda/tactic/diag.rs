@@ -68,14 +68,15 @@ pub fn parse_diag(raw: &[f64], group: usize) -> Vec<JobDiag> {
 }
 
 impl Gpu {
-    /// Measures the last [`Gpu::tactic_select`] (over the same `jobs`):
+    /// Measures the last [`Gpu::tactic_select`] or [`Gpu::tactic_oracle`]
+    /// (over the same `jobs`):
     /// returns a fresh device buffer of one record per job
     /// ([`parse_diag`] reads it), so that the records of every layer of a
     /// step can wait on the device until the step reads them at once.
     #[allow(clippy::too_many_arguments)]
     pub fn tactic_measure(
         &self,
-        ws: &TacticWorkspace,
+        ws: &mut TacticWorkspace,
         step: &DeviceStep,
         qkv: &impl DevicePtr<f32>,
         qkv_stride: usize,
@@ -103,7 +104,9 @@ impl Gpu {
             tables: step.tables(self),
             list: self.ptr(ws.list.get()?),
             list_len: self.ptr(ws.list_len.get()?),
-            est: self.ptr(ws.est.get()?),
+            // A baseline's selection (no estimate) leaves this scratch as
+            // it was, or unallocated: its records' estimates mean nothing.
+            est: ws.est.at_least(self, np * g)?,
             out: self.ptr(&out),
             problems: np as u32,
             qkv_stride: qkv_stride as u32,

@@ -188,7 +188,7 @@ impl CudaBackend {
         let (gpu, shape) = (&self.gpu, &n.shape);
         if measure.iter().any(Option::is_some) {
             let buf =
-                gpu.tactic_measure(&t.ws, n.step, q, n.qkv.cols, n.kv, n.layer, shape, jobs)?;
+                gpu.tactic_measure(&mut t.ws, n.step, q, n.qkv.cols, n.kv, n.layer, shape, jobs)?;
             t.measured.push(Measured {
                 buf,
                 jobs: measure,
