@@ -11,13 +11,13 @@
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`):
 //! `cargo run --release -p tacflow-kernels --example tactic_emu` runs the
-//! default cases (the `oracle_top_p` kernels' first: [`oracle`]); `--
-//! --oracle` only those; `-- D,KV_HEADS,GROUP LEN[,LEN...] [SEED]
+//! default cases (the baselines' kernels first, `oracle_top_p` and
+//! `fixed_budget`: [`baselines`]); `-- --baselines` only those; `-- D,KV_HEADS,GROUP LEN[,LEN...] [SEED]
 //! [--random] [--sort-smem N]` one Tactic case (`--random`: uniform keys
 //! instead of the heavy-tailed ones, so that k-means runs every round).
 
+mod baselines;
 mod io;
-mod oracle;
 
 use anyhow::{Context, Result, bail};
 use io::{Case, Outputs};
@@ -44,20 +44,17 @@ fn main() -> Result<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::env::temp_dir().join(format!("tacflow-tactic-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let only_oracle = args.first().is_some_and(|a| a == "--oracle");
+    let only_baselines = args.first().is_some_and(|a| a == "--baselines");
     let mut failed = 0;
     let mut total = 0;
-    if args.is_empty() || only_oracle {
-        let exe = build(
-            &dir,
-            "tactic_oracle",
-            include_str!("../../emu/tactic_oracle.cpp"),
-        )?;
-        failed += oracle::run_all(&exe, &dir)?;
-        total += oracle::CASES.len();
-        args.retain(|a| a != "--oracle");
+    if args.is_empty() || only_baselines {
+        let driver = include_str!("../../emu/tactic_baselines.cpp");
+        let exe = build(&dir, "tactic_baselines", driver)?;
+        failed += baselines::run_all(&exe, &dir)?;
+        total += baselines::CASES.len();
+        args.retain(|a| a != "--baselines");
     }
-    if only_oracle {
+    if only_baselines {
         let _ = std::fs::remove_dir_all(&dir);
         if failed > 0 {
             bail!("{failed} of {total} cases failed");

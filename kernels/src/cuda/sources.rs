@@ -64,8 +64,8 @@ const ATTENTION_HEADERS: [Header; 3] = [
 
 /// What the Tactic module compiles first: the shared definitions, the
 /// clustering, the selection, the union, the sparse attention, the
-/// diagnostics, the oracle baseline.
-const TACTIC_HEADERS: [Header; 7] = [
+/// diagnostics, the two baselines (oracle, fixed budget).
+const TACTIC_HEADERS: [Header; 8] = [
     Header {
         name: "tactic/common.cuh",
         text: include_str!("kernels/tactic/common.cuh"),
@@ -93,6 +93,10 @@ const TACTIC_HEADERS: [Header; 7] = [
     Header {
         name: "tactic/oracle.cuh",
         text: include_str!("kernels/tactic/oracle.cuh"),
+    },
+    Header {
+        name: "tactic/budget.cuh",
+        text: include_str!("kernels/tactic/budget.cuh"),
     },
 ];
 
@@ -144,7 +148,7 @@ pub const LAB_MODULES: [Module; 3] = [
 pub const FAULT_MODULES: [Module; 1] = [module("fault", include_str!("kernels/fault.cu"))];
 
 /// The Tactic module's kernels (`tactic.rs` launches each).
-pub const TACTIC_KERNELS: [&str; 21] = [
+pub const TACTIC_KERNELS: [&str; 23] = [
     "tactic_km_init_bf16",
     "tactic_km_assign_bf16",
     "tactic_km_csr_u32",
@@ -166,6 +170,8 @@ pub const TACTIC_KERNELS: [&str; 21] = [
     "tactic_oracle_scores_bf16",
     "tactic_oracle_sort_u64",
     "tactic_oracle_take_f64",
+    "tactic_budget_bounds_bf16",
+    "tactic_budget_take_u32",
 ];
 
 /// Head sizes the Tactic sparse attention is instantiated for.

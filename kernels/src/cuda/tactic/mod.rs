@@ -7,6 +7,7 @@
 //! | rank, estimate, union: the slots each (sequence, KV head) attends | [`Gpu::tactic_select`] | `tactic/select.cuh`, `tactic/union.cuh` |
 //! | attention over those slots | [`Gpu::tactic_attend`] | `tactic/sparse.cuh` |
 //! | `oracle_top_p`: exact scores, sorted, the shortest prefix reaching P, the union | [`Gpu::tactic_oracle`] | `tactic/oracle.cuh` |
+//! | `fixed_budget`: page bounds, page orders, the round-robin to the budget | [`Gpu::tactic_budget`] | `tactic/budget.cuh` |
 //! | diagnostics: each selection's true mass, its estimate, what it kept | [`Gpu::tactic_measure`] | `tactic/diag.cuh` |
 //!
 //! A launch serves every (sequence, KV head) of a layer at once; the host
@@ -15,11 +16,13 @@
 //! device. The states themselves are the caller's allocations, laid out by
 //! [`crate::tactic::layout::StateLayout`].
 
+mod budget;
 mod diag;
 mod kmeans;
 mod oracle;
 mod select;
 
+pub use budget::BudgetJob;
 pub use diag::{JobDiag, diag_record_len, parse_diag};
 pub use kmeans::ClusterJob;
 pub use oracle::OracleJob;

@@ -159,7 +159,6 @@ impl Gpu {
             ORACLE_THREADS,
             0,
         );
-        let sort = cfg((g, np, 1), ORACLE_SORT_THREADS, 8 * max_kpow.min(SORT_SMEM));
         // SAFETY (every launch below): each job's row lies in the step and
         // its key count is the context (checked), its query heads lie in
         // the rows of `qkv`; the scratch holds the plan's sums (G x kpow
@@ -169,12 +168,55 @@ impl Gpu {
         // head (G <= 8).
         unsafe {
             self.launch("tactic_oracle_scores_bf16", scores, &p)?;
-            self.launch("tactic_oracle_sort_u64", sort, &p)?;
-            self.launch("tactic_oracle_take_f64", cfg((np, 1, 1), 32 * g, 0), &p)?;
         }
+        self.tactic_sort_keys(p.probs, p.keys, g, np, max_kpow)?;
+        // SAFETY: as above.
+        unsafe { self.launch("tactic_oracle_take_f64", cfg((np, 1, 1), 32 * g, 0), &p)? };
         ws.sel_probs = Some(probs_dev);
         ws.sel_count = np;
         Ok(())
+    }
+}
+
+impl Gpu {
+    /// Sorts each problem's `G x kpow` keys at `kbase` ascending
+    /// (`tactic_oracle_sort_u64`, which reads only the problems, the keys
+    /// and the shared-memory limit); `max_kpow` is the longest sort.
+    pub(super) fn tactic_sort_keys(
+        &self,
+        probs: u64,
+        keys: u64,
+        g: usize,
+        np: usize,
+        max_kpow: usize,
+    ) -> Result<()> {
+        let p = OracleParams {
+            probs,
+            qkv: 0,
+            k: 0,
+            table_off: 0,
+            tables: 0,
+            scores: 0,
+            keys,
+            bitmap: 0,
+            list: 0,
+            list_len: 0,
+            problems: np as u32,
+            qkv_stride: 0,
+            kv_heads: 0,
+            d: 0,
+            group: g as u32,
+            sort_smem: SORT_SMEM as u32,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (g as u32, np as u32, 1),
+            block_dim: (ORACLE_SORT_THREADS as u32, 1, 1),
+            shared_mem_bytes: (8 * max_kpow.min(SORT_SMEM)) as u32,
+        };
+        // SAFETY: `probs` holds `np` problems whose `kbase`/`kpow` (a power
+        // of two, at most `max_kpow`) lie inside the `keys` allocation,
+        // G x kpow each; the shared memory holds the longest sort kept there.
+        unsafe { self.launch("tactic_oracle_sort_u64", cfg, &p) }
     }
 }
 

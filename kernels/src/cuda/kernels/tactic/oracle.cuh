@@ -92,6 +92,28 @@ extern "C" __global__ void tactic_oracle_sort_u64(const OracleParams p) {
         for (u32 i = tid; i < n; i += bd) keys[i] = a[i];
 }
 
+// The set bits of `words` bitmap words as an ascending list of slots, its
+// length in `*len`: each thread a run of words, placed by a block scan.
+// Every thread of the block calls it; `scan` holds 32 u32.
+__device__ void bitmap_to_list(const u32* bitmap, u32 words, u32* list, u32* len, u32* scan) {
+    const u32 tid = threadIdx.x, bd = blockDim.x;
+    const u32 per = (words + bd - 1) / bd;
+    const u32 a = min(tid * per, words), b = min(a + per, words);
+    u32 n = 0;
+    for (u32 w = a; w < b; w++) n += __popc(bitmap[w]);
+    u32 total;
+    u32 at = block_scan_u32(n, scan, &total);
+    for (u32 w = a; w < b; w++) {
+        u32 bits = bitmap[w];
+        while (bits) {
+            const u32 i = __ffs(bits) - 1;
+            list[at++] = w * 32 + i;
+            bits &= bits - 1;
+        }
+    }
+    if (tid == 0) *len = total;
+}
+
 // Sum of exp(s - mx) over `n` scores read through `at(i)`, in order i =
 // 0..n, as the CPU's sequential f64 sum: the lanes of one warp compute 32
 // exponentials, lane 0 adds them in order. With `target` >= 0, stops
@@ -151,20 +173,5 @@ extern "C" __global__ void tactic_oracle_take_f64(const OracleParams p) {
         }
     }
     __syncthreads();
-    const u32 per = (words + bd - 1) / bd;
-    const u32 a = min(tid * per, words), b = min(a + per, words);
-    u32 n = 0;
-    for (u32 w = a; w < b; w++) n += __popc(bitmap[w]);
-    u32 total;
-    u32 at = block_scan_u32(n, scan, &total);
-    u32* list = p.list + pr.lbase;
-    for (u32 w = a; w < b; w++) {
-        u32 bits = bitmap[w];
-        while (bits) {
-            const u32 i = __ffs(bits) - 1;
-            list[at++] = w * 32 + i;
-            bits &= bits - 1;
-        }
-    }
-    if (tid == 0) p.list_len[pi] = total;
+    bitmap_to_list(bitmap, words, p.list + pr.lbase, p.list_len + pi, scan);
 }

@@ -2,11 +2,12 @@
 #include "tactic_all.inc"
 #include <fstream>
 
-// The oracle_top_p kernels of tactic.cu (tactic/oracle.cuh) on the CPU
-// stand-in of emu.h, launched as kernels/src/cuda/tactic/oracle.rs launches
-// them, then the sparse attention and the diagnostics over their
-// selection. kernels/examples/tactic_emu (its `oracle` module) writes the
-// inputs (argv[1]) and reads the outputs (argv[2]).
+// The two baselines' kernels of tactic.cu on the CPU stand-in of emu.h,
+// launched as kernels/src/cuda/tactic/{oracle,budget}.rs launch them:
+// oracle_top_p (tactic/oracle.cuh), then fixed_budget (tactic/budget.cuh),
+// each followed by the sparse attention and the diagnostics over its
+// selection. kernels/examples/tactic_emu (its `baselines` module) writes
+// the inputs (argv[1]) and reads the outputs (argv[2]).
 
 struct In {
     std::vector<char> buf; size_t at = 0;
@@ -20,6 +21,7 @@ int main(int argc, char** argv) {
     { std::ifstream f(argv[1], std::ios::binary); r.buf.assign(std::istreambuf_iterator<char>(f), {}); }
     const u32 d = r.get<u32>(), kvh = r.get<u32>(), G = r.get<u32>(), nblocks = r.get<u32>(), S = r.get<u32>();
     const float pm = r.get<float>();
+    const u32 budget_tokens = r.get<u32>();
     std::vector<u32> ctx(S), table_off(S), tables;
     for (u32 s = 0; s < S; s++) {
         ctx[s] = r.get<u32>();
@@ -53,7 +55,10 @@ int main(int argc, char** argv) {
     emu_launch(tactic_oracle_scores_bf16, g((maxkpow + 255) / 256, G, ns), b(256), 0, op);
     emu_launch(tactic_oracle_sort_u64, g(G, ns), b(1024), 8 * std::min(maxkpow, op.sort_smem), op);
     emu_launch(tactic_oracle_take_f64, g(ns, 1), b(32 * G), 0, op);
-    // The sparse attention and the diagnostics over that selection.
+    std::ofstream f(argv[2], std::ios::binary);
+    // The sparse attention and the diagnostics over the selection in
+    // `list`, written out with it.
+    auto attend_and_write = [&]() {
     const u32 splits = 2;
     std::vector<float> pacc((size_t)ns * splits * G * d + 1), pml((size_t)ns * splits * G * 2 + 1), out((size_t)S * qstride, NAN);
     SparseParams spp{};
@@ -71,12 +76,36 @@ int main(int argc, char** argv) {
     dp.problems = ns; dp.qkv_stride = qstride; dp.kv_heads = kvh; dp.d = d; dp.group = G;
     emu_launch(tactic_diag_mass_bf16, g(G, ns), b(256), 0, dp);
     // Outputs: per problem its list; the attention's rows; the records.
-    std::ofstream f(argv[2], std::ios::binary);
     for (u32 i = 0; i < ns; i++) {
         f.write((const char*)&list_len[i], 4);
         f.write((const char*)&list[sp[i].lbase], 4 * (size_t)list_len[i]);
     }
     f.write((const char*)out.data(), 4 * out.size());
     f.write((const char*)diag.data(), 8 * diag.size());
+    };
+    attend_and_write();
+    // --- fixed_budget: the problems as budget.rs lays them out.
+    std::vector<SelProblem> bp = sp;
+    u32 bkb = 0, btk = 0, bmax = 1;
+    for (auto& q : bp) {
+        const u32 pages = q.ctx_len / 16;
+        u32 kpow = 1; while (kpow < pages) kpow <<= 1;
+        q.kbase = bkb; bkb += G * kpow; q.kpow = kpow; q.tkbase = btk; btk += (pages + 31) / 32;
+        bmax = std::max(bmax, kpow);
+    }
+    std::vector<u64> bkeys(bkb + 1, 0x5a5a5a5a5a5a5a5aull);
+    std::vector<u32> taken(btk + 1, 0xabababab), budget(ns, budget_tokens);
+    std::fill(bitmap.begin(), bitmap.end(), 0xabababab);
+    std::fill(list.begin(), list.end(), 0xffffffff);
+    BudgetParams bpp{};
+    bpp.probs = bp.data(); bpp.qkv = Q.data(); bpp.k = K.data(); bpp.table_off = table_off.data(); bpp.tables = tables.data();
+    bpp.budget = budget.data(); bpp.keys = bkeys.data(); bpp.taken = taken.data(); bpp.bitmap = bitmap.data(); bpp.list = list.data();
+    bpp.list_len = list_len.data(); bpp.problems = ns; bpp.qkv_stride = qstride; bpp.kv_heads = kvh; bpp.d = d; bpp.group = G;
+    emu_launch(tactic_budget_bounds_bf16, g(bmax, ns), b(128), 0, bpp);
+    OracleParams sortp = op; sortp.probs = bp.data(); sortp.keys = bkeys.data();
+    emu_launch(tactic_oracle_sort_u64, g(G, ns), b(1024), 8 * std::min(bmax, sortp.sort_smem), sortp);
+    emu_launch(tactic_budget_take_u32, g(ns, 1), b(128), 0, bpp);
+    sp = bp;
+    attend_and_write();
     return 0;
 }

@@ -1,13 +1,16 @@
-//! The `oracle_top_p` kernels (`tactic/oracle.cuh`) on the stand-in
-//! (`kernels/emu/tactic_oracle.cpp`) against the CPU reference: per
-//! (sequence, KV head) the union over its query heads of `oracle_top_p`
-//! on `exact_scores`, sorted (what `engine::sparse::select_layer` does),
-//! then the sparse attention over the stand-in's selection against the
-//! CPU's paged attention with it, and the diagnostics kernel's true mass
-//! of it against `true_mass`. Random keys, and adversarial ones: many
-//! equal scores (keys from three rows, so that ties decide the order), a
-//! zero query (every score equal), contexts of 1 and at block boundaries,
-//! sorts in shared and in global memory.
+//! The baselines' kernels on the stand-in
+//! (`kernels/emu/tactic_baselines.cpp`) against the CPU reference, as
+//! `engine::sparse::select_layer` runs it: `oracle_top_p`
+//! (`tactic/oracle.cuh`: per (sequence, KV head) the union over its query
+//! heads of `oracle_top_p` on `exact_scores`) and `fixed_budget`
+//! (`tactic/budget.cuh`: `PageBounds` over the full pages, `fixed_budget`
+//! with the group's queries); after each, the sparse attention over the
+//! stand-in's selection against the CPU's paged attention with it, and the
+//! diagnostics kernel's true mass of it against `true_mass`. Random keys,
+//! and adversarial ones: many equal scores (keys from three rows, so that
+//! ties decide the order), a zero query (every score equal), contexts of 1
+//! and at block boundaries, budgets below the new tokens and above the
+//! context, sorts in shared and in global memory.
 
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -15,7 +18,7 @@ use std::process::Command;
 use tacflow_kernels::cpu::{self, AttnSeq, KvLayer};
 use tacflow_kernels::cuda::tactic::{JobDiag, diag_record_len, parse_diag};
 use tacflow_kernels::rng;
-use tacflow_kernels::tactic::{self, PagedKeys};
+use tacflow_kernels::tactic::{self, PageBounds, PagedKeys};
 
 /// How the keys and queries are drawn.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,13 +30,16 @@ pub enum Keys {
     ZeroQuery,
 }
 
-/// `(d, kv heads, group, contexts, seed, keys, p)`.
-pub const CASES: [(usize, usize, usize, &str, u64, Keys, f32); 5] = [
-    (64, 2, 3, "300,17,1", 1, Keys::Random, 0.9),
-    (128, 1, 4, "16,32,33,257", 2, Keys::Ties, 0.9),
-    (32, 4, 1, "1,2,100", 3, Keys::ZeroQuery, 0.5),
-    (256, 1, 8, "200", 4, Keys::Random, 0.99),
-    (64, 3, 2, "48,1", 5, Keys::Ties, 1.0),
+/// `(d, kv heads, group, contexts, seed, keys, p, budget)`.
+type Spec = (usize, usize, usize, &'static str, u64, Keys, f32, usize);
+
+pub const CASES: [Spec; 6] = [
+    (64, 2, 3, "300,17,1", 1, Keys::Random, 0.9, 64),
+    (128, 1, 4, "16,32,33,257", 2, Keys::Ties, 0.9, 40),
+    (32, 4, 1, "1,2,100", 3, Keys::ZeroQuery, 0.5, 3),
+    (256, 1, 8, "200", 4, Keys::Random, 0.99, 128),
+    (64, 3, 2, "48,1", 5, Keys::Ties, 1.0, 1000),
+    (64, 2, 4, "1100,31", 6, Keys::Random, 0.9, 300),
 ];
 
 pub struct OracleCase {
@@ -43,6 +49,7 @@ pub struct OracleCase {
     lens: Vec<usize>,
     keys: Keys,
     p: f32,
+    budget: usize,
     seed: u64,
     tables: Vec<Vec<u32>>,
     blocks: usize,
@@ -57,8 +64,8 @@ fn bf16_round(f: f32) -> u16 {
 }
 
 impl OracleCase {
-    pub fn new(c: (usize, usize, usize, &str, u64, Keys, f32)) -> Result<OracleCase> {
-        let (d, kv_heads, group, lens, seed, keys, p) = c;
+    pub fn new(c: Spec) -> Result<OracleCase> {
+        let (d, kv_heads, group, lens, seed, keys, p, budget) = c;
         let lens: Vec<usize> = lens
             .split(',')
             .map(|x| x.parse().context("contexts"))
@@ -108,6 +115,7 @@ impl OracleCase {
             lens,
             keys,
             p,
+            budget,
             seed,
             tables,
             blocks,
@@ -119,8 +127,8 @@ impl OracleCase {
 
     pub fn name(&self) -> String {
         format!(
-            "oracle d {} kv {} group {} ctx {:?} seed {} {:?} P {}",
-            self.d, self.kv_heads, self.group, self.lens, self.seed, self.keys, self.p
+            "baselines d {} kv {} group {} ctx {:?} seed {} {:?} P {} budget {}",
+            self.d, self.kv_heads, self.group, self.lens, self.seed, self.keys, self.p, self.budget
         )
     }
 
@@ -148,6 +156,7 @@ impl OracleCase {
             put(&mut w, x as u32);
         }
         w.extend(self.p.to_le_bytes());
+        put(&mut w, self.budget as u32);
         for (s, t) in self.tables.iter().enumerate() {
             put(&mut w, self.lens[s] as u32);
             put(&mut w, t.len() as u32);
@@ -166,7 +175,19 @@ impl OracleCase {
         w
     }
 
-    /// The CPU's selection of `(s, h)`: the union of the group's sets.
+    /// `fixed_budget`'s selection of `(s, h)` on the CPU: bounds over the
+    /// full pages, the group's unscaled queries.
+    fn want_budget(&self, s: usize, h: usize) -> Vec<u32> {
+        let (g, d) = (self.group, self.d);
+        let covered = (self.lens[s] / 16) * 16;
+        let bounds = PageBounds::build(&self.keys_of(s, h), covered, 16);
+        let q = &self.q[s * self.kv_heads * g * d + h * g * d..][..g * d];
+        let mut out = vec![];
+        tactic::fixed_budget(&bounds, q, self.lens[s], self.budget, &mut out);
+        out
+    }
+
+    /// The CPU's oracle selection of `(s, h)`: the union of the group's sets.
     fn want(&self, s: usize, h: usize) -> Vec<u32> {
         let (g, d) = (self.group, self.d);
         let keys = self.keys_of(s, h);
@@ -209,7 +230,24 @@ fn run(exe: &Path, dir: &Path, case: &OracleCase) -> Result<Vec<String>> {
         bail!("{}: the stand-in failed", case.name());
     }
     let bytes = std::fs::read(&out)?;
-    let (lists, att, diag) = read(&bytes, case)?;
+    let mut at = 0;
+    let oracle = read(&bytes, &mut at, case)?;
+    let budget = read(&bytes, &mut at, case)?;
+    let mut v = verdict(case, "oracle", &oracle, |s, h| case.want(s, h));
+    v.extend(verdict(case, "budget", &budget, |s, h| {
+        case.want_budget(s, h)
+    }));
+    Ok(v)
+}
+
+/// One baseline's verdicts: its sets against `want`, the attention over
+/// them, their diagnostics' true masses.
+fn verdict(
+    case: &OracleCase,
+    what: &str,
+    (lists, att, diag): &Read,
+    want: impl Fn(usize, usize) -> Vec<u32>,
+) -> Vec<String> {
     let (kvh, g, d) = (case.kv_heads, case.group, case.d);
     let (mut equal, mut n, mut mass_gap) = (0, 0, 0f64);
     let mut scores = vec![];
@@ -217,7 +255,7 @@ fn run(exe: &Path, dir: &Path, case: &OracleCase) -> Result<Vec<String>> {
         for h in 0..kvh {
             let i = s * kvh + h;
             n += 1;
-            equal += usize::from(lists[i] == case.want(s, h));
+            equal += usize::from(lists[i] == want(s, h));
             let keys = case.keys_of(s, h);
             for k in 0..g {
                 let qh = &case.q[s * kvh * g * d + (h * g + k) * d..][..d];
@@ -230,33 +268,30 @@ fn run(exe: &Path, dir: &Path, case: &OracleCase) -> Result<Vec<String>> {
             }
         }
     }
-    let err = attention_err(case, &lists, &att);
+    let err = attention_err(case, lists, att);
     let sets_ok = equal == n;
     let kept: usize = lists.iter().map(Vec::len).sum();
     let ctx: usize = case.lens.iter().sum::<usize>() * kvh;
-    Ok(vec![
+    let fail = |ok: bool| if ok { "" } else { "FAIL " };
+    vec![
         format!(
-            "{}sets {equal}/{n} equal ({kept} of {ctx} slots kept)",
-            if sets_ok { "" } else { "FAIL " }
+            "{}{what} sets {equal}/{n} equal ({kept} of {ctx} slots kept)",
+            fail(sets_ok)
         ),
-        format!(
-            "{}attention {err:.1e}",
-            if err <= 1e-4 { "" } else { "FAIL " }
-        ),
+        format!("{}attention {err:.1e}", fail(err <= 1e-4)),
         format!(
             "{}diagnostics: true masses {mass_gap:.1e} apart",
-            if mass_gap <= 1e-9 { "" } else { "FAIL " }
+            fail(mass_gap <= 1e-9)
         ),
-    ])
+    ]
 }
 
 type Read = (Vec<Vec<u32>>, Vec<f32>, Vec<JobDiag>);
 
-fn read(bytes: &[u8], case: &OracleCase) -> Result<Read> {
-    let mut at = 0;
+fn read(bytes: &[u8], at: &mut usize, case: &OracleCase) -> Result<Read> {
     let mut take = |n: usize| -> Result<&[u8]> {
-        let s = bytes.get(at..at + n).context("short output")?;
-        at += n;
+        let s = bytes.get(*at..*at + n).context("short output")?;
+        *at += n;
         Ok(s)
     };
     let word = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
