@@ -68,7 +68,8 @@ pub use rowwise::{RmsOut, Rows};
 pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays, StepRows};
 pub use tactic::{
-    ClusterJob, JobDiag, OracleJob, SelectJob, SelectionHost, TacticShape, TacticWorkspace,
+    BudgetJob, ClusterJob, JobDiag, OracleJob, SelectJob, SelectionHost, TacticShape,
+    TacticWorkspace,
 };
 #[cfg(feature = "lab")]
 pub use timing::Span;

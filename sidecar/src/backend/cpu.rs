@@ -386,7 +386,7 @@ impl Backend for CpuBackend {
         self.device_tactic.is_some()
     }
 
-    fn device_oracle(&self) -> bool {
+    fn device_baselines(&self) -> bool {
         self.device_tactic.is_some()
     }
 

@@ -446,8 +446,8 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.device_tactic()
     }
 
-    fn device_oracle(&self) -> bool {
-        self.inner.device_oracle()
+    fn device_baselines(&self) -> bool {
+        self.inner.device_baselines()
     }
 
     fn tactic_open(

@@ -171,9 +171,20 @@ pub struct TacticEntry {
     /// The sequence asked for diagnostics: the backend measures what the
     /// selection kept ([`Backend::tactic_diagnostics`]).
     pub diagnostics: bool,
-    /// `Some(P)`: the entry runs `oracle_top_p` on the device
-    /// ([`Backend::device_oracle`]), which keeps no state (`state` unused).
-    pub oracle: Option<f32>,
+    /// `Some`: the entry runs a baseline on the device
+    /// ([`Backend::device_baselines`]), which keeps no state (`state`
+    /// unused); `None`: Tactic on `state`.
+    pub baseline: Option<Baseline>,
+}
+
+/// A baseline policy a backend selects for on its device, without state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Baseline {
+    /// `oracle_top_p`: the exact smallest set reaching `p`.
+    Oracle { p: f32 },
+    /// `fixed_budget`: Quest's pages up to `tokens`, the page bounds
+    /// computed from the keys at each step.
+    Budget { tokens: usize },
 }
 
 /// What sampling returns for the logit rows.
@@ -400,9 +411,10 @@ pub trait Backend {
     fn device_tactic(&self) -> bool {
         false
     }
-    /// Whether `oracle_top_p` selects on this backend's device, inside
-    /// `tactic_attention` (entries with `oracle`), as Tactic does.
-    fn device_oracle(&self) -> bool {
+    /// Whether `oracle_top_p` and `fixed_budget` select on this backend's
+    /// device, inside `tactic_attention` (entries with a `baseline`), as
+    /// Tactic does.
+    fn device_baselines(&self) -> bool {
         false
     }
     /// A new Tactic state `id` (no clustering yet) for a model of `dims`

@@ -6,23 +6,23 @@
 //! measures its selections where it makes them (`Backend::tactic_diagnostics`).
 
 use super::Engine;
-use super::sparse::{DeviceTactic, PolicyState, tactic_params};
-use crate::backend::Backend;
+use super::sparse::{DEFAULT_DIAGNOSTIC_P, DeviceTactic, PolicyState, tactic_params};
+use crate::backend::{Backend, Baseline};
 use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply};
 
 impl<B: Backend> Engine<B> {
     /// The state of a new sequence with `policy`: the backend's own for
     /// Tactic when it keeps Tactic states, the backend's selection for
-    /// `oracle_top_p` when it selects that on its device, else the host's.
+    /// the baselines when it selects them on its device, else the host's.
     pub(super) fn new_state(
         &mut self,
         policy: &AttentionPolicy,
     ) -> Result<PolicyState, ErrorReply> {
         let layers = self.model.config.num_layers;
-        if let AttentionPolicy::OracleTopP { p } = *policy
-            && self.backend.device_oracle()
+        if self.backend.device_baselines()
+            && let Some((baseline, p)) = device_baseline(policy)
         {
-            return Ok(PolicyState::DeviceOracle { p });
+            return Ok(PolicyState::DeviceBaseline { baseline, p });
         }
         let Some(params) = tactic_params(policy).filter(|_| self.backend.device_tactic()) else {
             return Ok(PolicyState::new(policy, layers));
@@ -51,5 +51,20 @@ impl<B: Backend> Engine<B> {
         if let Some(id) = state.device_id() {
             self.backend.tactic_close(id);
         }
+    }
+}
+
+/// A baseline policy as the backend selects it on its device, with the
+/// mass its success is counted against (`None` for other policies).
+fn device_baseline(policy: &AttentionPolicy) -> Option<(Baseline, f32)> {
+    match *policy {
+        AttentionPolicy::OracleTopP { p } => Some((Baseline::Oracle { p }, p)),
+        AttentionPolicy::FixedBudget { tokens, p } => Some((
+            Baseline::Budget {
+                tokens: tokens as usize,
+            },
+            p.unwrap_or(DEFAULT_DIAGNOSTIC_P),
+        )),
+        _ => None,
     }
 }

@@ -456,8 +456,9 @@ pub struct Serves {
     /// Tactic on the backend's own device (`Backend::device_tactic`); then
     /// no other host policy, so that a step selects in one place.
     pub device_tactic: bool,
-    /// `oracle_top_p` on the backend's device (`Backend::device_oracle`).
-    pub device_oracle: bool,
+    /// `oracle_top_p` and `fixed_budget` on the backend's device
+    /// (`Backend::device_baselines`).
+    pub device_baselines: bool,
 }
 
 impl Serves {
@@ -466,7 +467,7 @@ impl Serves {
         Serves {
             host: sparse,
             device_tactic: false,
-            device_oracle: false,
+            device_baselines: false,
         }
     }
 
@@ -474,7 +475,7 @@ impl Serves {
         Serves {
             host: b.supports_sparse(),
             device_tactic: b.device_tactic(),
-            device_oracle: b.device_oracle(),
+            device_baselines: b.device_baselines(),
         }
     }
 
@@ -482,7 +483,11 @@ impl Serves {
         match p {
             AttentionPolicy::Full => true,
             AttentionPolicy::Tactic { .. } => self.host || self.device_tactic,
-            AttentionPolicy::OracleTopP { .. } if self.device_oracle => true,
+            AttentionPolicy::OracleTopP { .. } | AttentionPolicy::FixedBudget { .. }
+                if self.device_baselines =>
+            {
+                true
+            }
             _ => self.host && !self.device_tactic,
         }
     }

@@ -9,7 +9,7 @@
 
 use super::undo::Undo;
 use crate::backend::tactic::{StateId, TacticMeasure};
-use crate::backend::{HostLayerView, RowRange, StepMeta, TacticEntry};
+use crate::backend::{Baseline, HostLayerView, RowRange, StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -40,9 +40,11 @@ pub enum PolicyState {
     /// Tactic whose state the backend keeps (`Backend::device_tactic`): the
     /// engine holds its name, the backend selects inside the attention.
     Device(DeviceTactic),
-    /// `oracle_top_p` selected by the backend inside the attention
-    /// (`Backend::device_oracle`); nothing carries across steps.
-    DeviceOracle {
+    /// A baseline selected by the backend inside the attention
+    /// (`Backend::device_baselines`); nothing carries across steps. `p` is
+    /// the mass success is counted against.
+    DeviceBaseline {
+        baseline: Baseline,
         p: f32,
     },
 }
@@ -115,7 +117,10 @@ impl PolicyState {
                 bounds: bounds.clone(),
             },
             PolicyState::Oracle { p } => PolicyState::Oracle { p: *p },
-            PolicyState::DeviceOracle { p } => PolicyState::DeviceOracle { p: *p },
+            PolicyState::DeviceBaseline { baseline, p } => PolicyState::DeviceBaseline {
+                baseline: *baseline,
+                p: *p,
+            },
         }
     }
 
@@ -129,7 +134,7 @@ impl PolicyState {
             PolicyState::Full
             | PolicyState::Oracle { .. }
             | PolicyState::Device(_)
-            | PolicyState::DeviceOracle { .. } => {}
+            | PolicyState::DeviceBaseline { .. } => {}
         }
     }
 
@@ -145,7 +150,7 @@ impl PolicyState {
     pub fn on_device(&self) -> bool {
         matches!(
             self,
-            PolicyState::Device(_) | PolicyState::DeviceOracle { .. }
+            PolicyState::Device(_) | PolicyState::DeviceBaseline { .. }
         )
     }
 
@@ -157,7 +162,7 @@ impl PolicyState {
             PolicyState::Device(d) => d.params.p,
             PolicyState::FixedBudget { p, .. }
             | PolicyState::Oracle { p }
-            | PolicyState::DeviceOracle { p } => *p,
+            | PolicyState::DeviceBaseline { p, .. } => *p,
         }
     }
 }
@@ -243,9 +248,9 @@ impl<'a> Selector<'a> {
         self.slots
             .iter()
             .filter_map(|slot| {
-                let (state, oracle) = match *slot.state {
+                let (state, baseline) = match *slot.state {
                     PolicyState::Device(d) => (d.id, None),
-                    PolicyState::DeviceOracle { p } => (0, Some(p)),
+                    PolicyState::DeviceBaseline { baseline, .. } => (0, Some(baseline)),
                     _ => return None,
                 };
                 let s = &meta.seqs[slot.seq];
@@ -255,7 +260,7 @@ impl<'a> Selector<'a> {
                     row: s.q_start,
                     ctx_len: s.ctx_len,
                     diagnostics: slot.diagnostics,
-                    oracle,
+                    baseline,
                 })
             })
             .collect()
@@ -457,7 +462,7 @@ pub fn select_layer(
     let mut scores = Vec::new();
     match state {
         PolicyState::Full => unreachable!("full attention selects nothing"),
-        PolicyState::Device(_) | PolicyState::DeviceOracle { .. } => {
+        PolicyState::Device(_) | PolicyState::DeviceBaseline { .. } => {
             unreachable!("the backend selects for its own states")
         }
         PolicyState::Tactic(t) => {

@@ -340,7 +340,7 @@ fn kmeans(cx: &mut Ctx, heads: Heads, lens: &[usize], regrow: Option<usize>) -> 
                 row: s,
                 ctx_len: c,
                 diagnostics: false,
-                oracle: None,
+                baseline: None,
             };
             planned.push(Planned { entry, plan });
             // The CPU's clustering of the same keys.
@@ -684,7 +684,7 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
                     row: s,
                     ctx_len: c,
                     diagnostics: false,
-                    oracle: None,
+                    baseline: None,
                 };
                 planned.push(Planned { entry, plan });
             }

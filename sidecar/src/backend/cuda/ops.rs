@@ -281,7 +281,7 @@ impl Backend for CudaBackend {
         self.tactic.is_some()
     }
 
-    fn device_oracle(&self) -> bool {
+    fn device_baselines(&self) -> bool {
         self.tactic.is_some()
     }
 

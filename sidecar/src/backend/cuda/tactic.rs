@@ -19,9 +19,8 @@ use crate::backend::{AttnDims, Backend, RowRange, TacticEntry};
 use crate::config::GpuActivations;
 use crate::error::{Error, Result};
 use tacflow_kernels::cuda::{
-    CudaSlice, DeviceStep, Gpu, KvCache, OracleJob, SelectJob, TacticShape, TacticWorkspace,
+    CudaSlice, DeviceStep, Gpu, KvCache, SelectJob, TacticShape, TacticWorkspace,
 };
-use tacflow_kernels::tactic::layout::StateLayout;
 
 /// The backend's Tactic states and the kernels' scratch.
 #[derive(Debug, Default)]
@@ -112,8 +111,8 @@ impl CudaBackend {
 
     /// [`Backend::tactic_attention`]: the other rows of `rows` in full
     /// (runs between the entries' rows), then the Tactic entries'
-    /// clustering, selection and sparse attention, then the oracle
-    /// entries' selection and sparse attention.
+    /// clustering, selection and sparse attention, then the baselines'
+    /// (`baselines.rs`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tactic_attention_rows(
         &self,
@@ -137,8 +136,8 @@ impl CudaBackend {
             head_dim: d.head_dim,
             group: d.num_heads / d.num_kv_heads,
         };
-        let (oracle, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
-            entries.iter().partition(|e| e.oracle.is_some());
+        let (baselines, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
+            entries.iter().partition(|e| e.baseline.is_some());
         let mut t = self.gpu_tactic()?;
         let node = Node {
             step,
@@ -161,21 +160,15 @@ impl CudaBackend {
             let measure = measured_jobs(&planned, layer, shape.kv_heads);
             self.attend_selected(&mut t, &node, &jobs, measure, out, &rows)?;
         }
-        if !oracle.is_empty() {
-            let jobs = oracle_jobs(&oracle, shape.kv_heads);
-            let q = qkv.f32("oracle attention")?;
-            self.gpu
-                .tactic_oracle(&mut t.ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
-            let measure = oracle_measured(&oracle, layer, shape.kv_heads);
-            let sel: Vec<SelectJob> = jobs.iter().map(|j| as_select_job(j, &shape)).collect();
-            self.attend_selected(&mut t, &node, &sel, measure, out, &rows)?;
+        if !baselines.is_empty() {
+            self.baseline_rows(&mut t, &node, &baselines, out, &rows)?;
         }
         Ok(())
     }
 
     /// The last selection's diagnostics (where an entry asked for them:
     /// `measure` holds a `Some`) and its sparse attention.
-    fn attend_selected(
+    pub(super) fn attend_selected(
         &self,
         t: &mut GpuTactic,
         n: &Node<'_>,
@@ -205,12 +198,12 @@ impl CudaBackend {
 }
 
 /// What an attention node's launches share.
-struct Node<'a> {
-    step: &'a DeviceStep,
-    qkv: &'a Act,
-    kv: &'a KvCache,
-    layer: usize,
-    shape: TacticShape,
+pub(super) struct Node<'a> {
+    pub step: &'a DeviceStep,
+    pub qkv: &'a Act,
+    pub kv: &'a KvCache,
+    pub layer: usize,
+    pub shape: TacticShape,
 }
 
 impl GpuTactic {
@@ -229,59 +222,6 @@ impl GpuTactic {
         }
         Ok(out)
     }
-}
-
-/// The oracle entries' jobs, one per KV head, in entry order.
-fn oracle_jobs(entries: &[TacticEntry], kv_heads: usize) -> Vec<OracleJob> {
-    entries
-        .iter()
-        .flat_map(|e| {
-            (0..kv_heads).map(move |head| OracleJob {
-                head,
-                row: e.row,
-                ctx_len: e.ctx_len,
-                p: e.oracle.expect("an oracle entry"),
-            })
-        })
-        .collect()
-}
-
-/// An oracle job as the attention and the diagnostics name it (they read
-/// only its row, head and context; the selection left its problems).
-fn as_select_job(j: &OracleJob, shape: &TacticShape) -> SelectJob {
-    SelectJob {
-        state: 0,
-        layout: StateLayout::new(shape.kv_heads, shape.head_dim, 0, 0),
-        head: j.head,
-        row: j.row,
-        ctx_len: j.ctx_len,
-        p: j.p,
-        margin: 1.0,
-    }
-}
-
-/// What each oracle job measures, where its entry asked for diagnostics.
-fn oracle_measured(
-    entries: &[TacticEntry],
-    layer: usize,
-    kv_heads: usize,
-) -> Vec<Option<(MeasureAt, Selector)>> {
-    entries
-        .iter()
-        .flat_map(|e| {
-            (0..kv_heads).map(move |head| {
-                e.diagnostics.then_some((
-                    MeasureAt {
-                        seq: e.seq,
-                        layer,
-                        head,
-                        ctx_len: e.ctx_len,
-                    },
-                    Selector::Oracle,
-                ))
-            })
-        })
-        .collect()
 }
 
 /// What each job of [`select_jobs`] measures (in its order), where its
@@ -339,7 +279,7 @@ mod tests {
             row,
             ctx_len: 1,
             diagnostics: false,
-            oracle: None,
+            baseline: None,
         }
     }
 

@@ -12,12 +12,14 @@
 use super::driver::{Planned, TacticDevice};
 use super::measure::{MeasureAt, TacticMeasure};
 use super::mem::HostMemory;
-use crate::backend::{StepMeta, TacticEntry};
+use crate::backend::{Baseline, StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use tacflow_kernels::cpu::KvLayer;
 use tacflow_kernels::tactic::layout::{read_heads, write_heads};
 use tacflow_kernels::tactic::union::{UNION_CHUNK, select_group_chunked};
-use tacflow_kernels::tactic::{PagedKeys, Scratch, exact_scores, oracle_top_p};
+use tacflow_kernels::tactic::{
+    PageBounds, PagedKeys, Scratch, exact_scores, fixed_budget, oracle_top_p,
+};
 
 /// The CPU backend's Tactic states and the memory they live in.
 #[derive(Debug, Default)]
@@ -51,52 +53,67 @@ impl HostTactic {
     }
 
     /// The selections of the entries: per entry, its sequence and each KV
-    /// head's sorted slots (Tactic's, or the oracle's for an entry with
-    /// `oracle`). The entries with `diagnostics` get their measures added
-    /// to [`HostTactic::measured`].
+    /// head's sorted slots (Tactic's, or a baseline's for an entry with
+    /// one). The entries with `diagnostics` get their measures added to
+    /// [`HostTactic::measured`].
     pub fn select(
         &mut self,
         at: &HostLayer<'_>,
         entries: &[TacticEntry],
     ) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
-        let (oracle, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
-            entries.iter().partition(|e| e.oracle.is_some());
+        let (baselines, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
+            entries.iter().partition(|e| e.baseline.is_some());
         let mut out = self.select_tactic(at, &tactic)?;
-        for e in &oracle {
-            out.push((e.seq, self.select_oracle(at, e)));
+        for e in &baselines {
+            let sel = (0..at.kv.kv_heads)
+                .map(|h| self.select_baseline(at, e, h))
+                .collect();
+            out.push((e.seq, sel));
         }
         Ok(out)
     }
 
-    /// The oracle kernels' work for one entry: per KV head, the union over
-    /// its query heads of `oracle_top_p` on the exact scores (as
-    /// `engine::sparse::select_layer` selects it on the host).
-    fn select_oracle(&mut self, at: &HostLayer<'_>, e: &TacticEntry) -> Vec<Vec<u32>> {
+    /// The baseline kernels' work for one entry and KV head, as
+    /// `engine::sparse::select_layer` selects on the host: the oracle's
+    /// union over the query heads of `oracle_top_p` on the exact scores,
+    /// or `fixed_budget` on page bounds built from the keys (the kernels
+    /// build them each step; the host path keeps them: the same bounds).
+    fn select_baseline(&mut self, at: &HostLayer<'_>, e: &TacticEntry, h: usize) -> Vec<u32> {
         let (g, d) = (at.group, at.kv.head_dim);
-        let p = e.oracle.expect("an oracle entry");
-        let row = &at.qkv[e.row * at.row_len..];
-        let (mut scores, mut order) = (vec![], vec![]);
-        (0..at.kv.kv_heads)
-            .map(|h| {
-                let keys = entry_keys(at, e, h);
-                let q = &row[h * g * d..(h + 1) * g * d];
-                let mut sel = vec![];
+        let q = &at.qkv[e.row * at.row_len + h * g * d..][..g * d];
+        let keys = entry_keys(at, e, h);
+        let mut sel = vec![];
+        let (est, read) = match e.baseline.expect("a baseline entry") {
+            Baseline::Oracle { p } => {
+                let (mut scores, mut order) = (vec![], vec![]);
                 for qh in q.chunks_exact(d) {
                     exact_scores(&keys, qh, e.ctx_len, &mut scores);
                     oracle_top_p(&scores, p, &mut order, &mut sel);
                 }
                 sel.sort_unstable();
                 sel.dedup();
-                if e.diagnostics {
-                    let m = measure_at(e, at.layer, h);
-                    // The oracle knows its mass and reads its set.
-                    let mut m = TacticMeasure::on_host(m, &keys, q, &sel, &[], sel.len() as f64);
-                    m.est = m.mass.clone();
-                    self.measured.push(m);
-                }
-                sel
-            })
-            .collect()
+                // The oracle knows its mass and reads its set.
+                (None, sel.len() as f64)
+            }
+            Baseline::Budget { tokens } => {
+                let page = at.kv.block_size;
+                let covered = (e.ctx_len / page) * page;
+                let bounds = PageBounds::build(&keys, covered, page);
+                let read = fixed_budget(&bounds, q, e.ctx_len, tokens, &mut sel);
+                // A fixed budget estimates no mass.
+                (Some(f64::NAN), read)
+            }
+        };
+        if e.diagnostics {
+            let at_ = measure_at(e, at.layer, h);
+            let mut m = TacticMeasure::on_host(at_, &keys, q, &sel, &[], read);
+            m.est = match est {
+                Some(x) => vec![x; g],
+                None => m.mass.clone(),
+            };
+            self.measured.push(m);
+        }
+        sel
     }
 
     /// Plans the Tactic entries' states of `at.layer`, clusters the runs

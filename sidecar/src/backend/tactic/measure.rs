@@ -6,6 +6,7 @@
 //! attention nodes and hands them over once, after the forward pass
 //! (`Backend::tactic_diagnostics`).
 
+use crate::backend::Baseline;
 use tacflow_kernels::tactic::{KeyRows, TacticParams, exact_scores, true_mass};
 
 /// One KV head's selection of one decode entry at one layer, measured.
@@ -33,7 +34,7 @@ pub struct TacticMeasure {
 #[derive(Debug, Clone, Copy)]
 pub enum Selector {
     Tactic(TacticParams),
-    Oracle,
+    Baseline(Baseline),
 }
 
 /// Where a measure belongs: the entry, layer and KV head it measures.
@@ -93,7 +94,16 @@ impl TacticMeasure {
                 chunked_tokens_read(rec.selected, rec.clusters, d, params),
             ),
             // The oracle knows its mass and reads its set.
-            Selector::Oracle => (rec.mass.clone(), rec.selected as f64),
+            Selector::Baseline(Baseline::Oracle { .. }) => (rec.mass.clone(), rec.selected as f64),
+            // A fixed budget estimates no mass; it reads its set and each
+            // full page's minimum and maximum.
+            Selector::Baseline(Baseline::Budget { .. }) => {
+                let pages = at.ctx_len / tacflow_kernels::cuda::kv::BLOCK_TOKENS;
+                (
+                    vec![f64::NAN; rec.mass.len()],
+                    (rec.selected + pages) as f64,
+                )
+            }
         };
         TacticMeasure {
             seq: at.seq,

@@ -336,7 +336,7 @@ fn step<D: Device>(
             row: s,
             ctx_len: ctx,
             diagnostics: false,
-            oracle: None,
+            baseline: None,
         })
         .collect();
     let step = b.begin_step(&meta)?;

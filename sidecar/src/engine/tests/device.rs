@@ -101,56 +101,59 @@ fn forks_truncations_and_closes_go_through_the_backend() {
 }
 
 #[test]
-fn a_backend_keeping_tactic_serves_full_tactic_and_the_oracle() {
+fn a_backend_keeping_tactic_serves_every_policy_on_its_device() {
     let mut dev = device_engine(16);
     let serves = Serves::of(dev.backend());
     assert_eq!(
         crate::engine::policies(serves),
-        ["full", "tactic", "oracle_top_p"]
+        ["full", "tactic", "fixed_budget", "oracle_top_p"]
     );
-    let sampling = SamplingParams::default();
     let budget = AttentionPolicy::FixedBudget { tokens: 8, p: None };
-    let refused = dev.open_sequence(key(1), budget, sampling, false);
-    assert_eq!(refused.unwrap_err().code, ErrorCode::Unsupported);
     open(&mut dev, 1, AttentionPolicy::OracleTopP { p: 0.9 }, true);
-    assert!(matches!(
-        dev.seqs[&key(1)].state,
-        PolicyState::DeviceOracle { .. }
-    ));
-    assert_eq!(
-        crate::engine::policies(Serves::of(engine(16).backend())).len(),
-        4
-    );
+    open(&mut dev, 2, budget, false);
+    for seq in [1, 2] {
+        let state = &dev.seqs[&key(seq)].state;
+        assert!(
+            matches!(state, PolicyState::DeviceBaseline { .. }),
+            "{state:?}"
+        );
+    }
+    assert_eq!(dev.seqs[&key(2)].state.target(), 0.9);
 }
 
-/// `oracle_top_p` selected by the backend decodes as the host path's, its
+/// The baselines selected by the backend decode as the host path's, their
 /// diagnostics (true mass, estimate, tokens read) the same, bit for bit,
 /// beside a Tactic sequence in the same steps.
 #[test]
-fn the_device_oracle_decodes_as_the_host_path() {
-    let (mut host, mut dev) = (engine(96), device_engine(96));
-    for e in [&mut host, &mut dev] {
-        open(e, 1, AttentionPolicy::OracleTopP { p: 0.8 }, true);
-        open(e, 2, tactic(0.9, Some(4), Some(16)), true);
-        feed(e, 2, tokens(2, 20));
+fn the_device_baselines_decode_as_the_host_path() {
+    for policy in [
+        AttentionPolicy::OracleTopP { p: 0.8 },
+        AttentionPolicy::FixedBudget {
+            tokens: 24,
+            p: Some(0.7),
+        },
+    ] {
+        let (mut host, mut dev) = (engine(96), device_engine(96));
+        for e in [&mut host, &mut dev] {
+            open(e, 1, policy.clone(), true);
+            open(e, 2, tactic(0.9, Some(4), Some(16)), true);
+            feed(e, 2, tokens(2, 20));
+        }
+        let mut t = both(&mut host, &mut dev, 1, tokens(1, 40));
+        for step in 0..20 {
+            let w = vec![entry(1, vec![t], true), entry(2, tokens(step, 1), true)];
+            let (a, b) = (
+                host.step(&work(w.clone())).unwrap(),
+                dev.step(&work(w)).unwrap(),
+            );
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{policy:?} step {step}");
+            let d = a[0].attention.as_ref().expect("diagnostics asked for");
+            assert!(d.true_mass > 0.0 && d.tokens_read_fraction > 0.0, "{d:?}");
+            t = a[0].token.unwrap();
+        }
+        let host_state = &host.seqs[&key(1)].state;
+        assert!(!host_state.on_device(), "{host_state:?}");
     }
-    let mut t = both(&mut host, &mut dev, 1, tokens(1, 40));
-    for step in 0..20 {
-        let w = vec![entry(1, vec![t], true), entry(2, tokens(step, 1), true)];
-        let (a, b) = (
-            host.step(&work(w.clone())).unwrap(),
-            dev.step(&work(w)).unwrap(),
-        );
-        assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}");
-        let d = a[0].attention.as_ref().expect("diagnostics asked for");
-        assert!(d.true_mass >= 0.8 && d.success_rate == 1.0, "{d:?}");
-        assert_eq!(d.true_mass, d.estimated_mass);
-        t = a[0].token.unwrap();
-    }
-    assert!(matches!(
-        host.seqs[&key(1)].state,
-        PolicyState::Oracle { .. }
-    ));
 }
 
 /// Diagnostics of a device-path sequence (measured by the backend where
@@ -234,8 +237,8 @@ fn a_failed_step_leaves_the_device_states_as_they_were() {
 
 /// What `hello` lists and `open_sequence` accepts for each kind of
 /// backend: the CUDA backend without `experimental_gpu_tactic` serves full
-/// attention only; with it, Tactic and the oracle on its device; a backend
-/// selecting on host views, every policy.
+/// attention only; with it, Tactic and the baselines on its device; a
+/// backend selecting on host views, every policy.
 #[test]
 fn each_backend_serves_what_it_selects() {
     use crate::engine::{policies, validate_policy};
@@ -243,7 +246,7 @@ fn each_backend_serves_what_it_selects() {
     let gpu_tactic = Serves {
         host: false,
         device_tactic: true,
-        device_oracle: true,
+        device_baselines: true,
     };
     let host = Serves::host(true);
     let budget = AttentionPolicy::FixedBudget {
@@ -253,17 +256,25 @@ fn each_backend_serves_what_it_selects() {
     let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
     let t = tactic(0.9, None, None);
     assert_eq!(policies(plain_gpu), ["full"]);
-    assert_eq!(policies(gpu_tactic), ["full", "tactic", "oracle_top_p"]);
+    assert_eq!(policies(gpu_tactic).len(), 4);
     assert_eq!(policies(host).len(), 4);
     for p in [&t, &oracle, &budget] {
         let e = validate_policy(p, plain_gpu).unwrap_err();
         assert_eq!(e.code, ErrorCode::Unsupported, "{p:?}");
         assert!(validate_policy(p, host).is_ok(), "{p:?}");
+        assert!(validate_policy(p, gpu_tactic).is_ok(), "{p:?}");
     }
-    assert!(validate_policy(&t, gpu_tactic).is_ok());
-    assert!(validate_policy(&oracle, gpu_tactic).is_ok());
-    let e = validate_policy(&budget, gpu_tactic).unwrap_err();
-    assert_eq!(e.code, ErrorCode::Unsupported);
+    // A backend keeping Tactic states without the baselines on its device
+    // serves no host policy: a step selects in one place.
+    let tactic_only = Serves {
+        device_baselines: false,
+        ..gpu_tactic
+    };
+    assert_eq!(policies(tactic_only), ["full", "tactic"]);
+    for p in [&oracle, &budget] {
+        let e = validate_policy(p, tactic_only).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported, "{p:?}");
+    }
     // Out-of-range parameters are bad requests wherever they would run.
     let bad = AttentionPolicy::OracleTopP { p: 1.5 };
     assert_eq!(
