@@ -29,6 +29,7 @@ pub mod ranges;
 pub mod report;
 pub mod sampling;
 pub mod tactic;
+mod tactic_baselines;
 mod tactic_diag;
 
 use crate::backend::cuda::CudaBackend;

@@ -9,6 +9,9 @@
 //!   sparse attention over the device's selection against the CPU's paged
 //!   attention with that selection, and the diagnostics of that selection
 //!   against the CPU's measure of it ([`super::tactic_diag`]);
+//! - the baselines' kernels (`oracle_top_p`, `fixed_budget`) against the
+//!   CPU's selections, the attention over them and their diagnostics
+//!   ([`super::tactic_baselines`]);
 //! - decoding: the device's states grown step by step and its selections
 //!   against `TacticSeq` per (layer, KV head, step): at least 99.9% equal,
 //!   every difference a near-tie (each query head's true mass within 1e-3);
@@ -68,6 +71,11 @@ pub fn tactic(cx: &mut Ctx) -> Vec<Row> {
     for &h in &shapes {
         run(&mut rows, format!("select+attend {}", tag(h)), || {
             select(cx, h, &[1, 16, 300, 4097])
+        });
+    }
+    for &h in &shapes {
+        run(&mut rows, format!("baselines {}", tag(h)), || {
+            super::tactic_baselines::baselines(cx, h, &[1, 16, 300, 4097])
         });
     }
     for &(h, layers) in &[((9, 3, 64), 4), ((32, 8, 128), 2)] {
@@ -216,7 +224,7 @@ impl Fixture {
 
     /// Decode rows (one per sequence, at `ctx[s]`) whose query heads are
     /// each KV head's construction directions turned by noise (`step`).
-    fn queries(&self, layer: usize, step: u64, seed: u64) -> Vec<f32> {
+    pub fn queries(&self, layer: usize, step: u64, seed: u64) -> Vec<f32> {
         let (w, d) = (self.dims.qkv_dim(), self.dims.head_dim);
         let g = self.dims.num_heads / self.dims.num_kv_heads;
         let mut q = vec![0.0f32; self.seqs * w];
@@ -259,7 +267,7 @@ fn meta_over(lens: &[usize], tables: &[Vec<u32>], from: impl Fn(usize) -> usize)
 }
 
 /// A decode step: one row per sequence at context `ctx[s]`.
-fn decode_meta(ctx: &[usize], tables: &[Vec<u32>]) -> StepMeta {
+pub(super) fn decode_meta(ctx: &[usize], tables: &[Vec<u32>]) -> StepMeta {
     meta_over(ctx, tables, |s| ctx[s] - 1)
 }
 
@@ -536,7 +544,7 @@ fn select(cx: &mut Ctx, heads: Heads, lens: &[usize]) -> Result<Vec<Row>> {
 
 /// The sparse attention over the device's selection `slots` (per job)
 /// into poisoned rows, against the CPU's paged attention with it.
-fn attend(
+pub(super) fn attend(
     cx: &Ctx,
     fx: &Fixture,
     ds: &DeviceStep,
@@ -588,7 +596,7 @@ fn attend(
 
 /// Selections compared (layer, KV head, step) by (layer, KV head, step).
 #[derive(Debug, Default)]
-struct SetTally {
+pub(super) struct SetTally {
     sets: usize,
     equal: usize,
     ties: usize,
@@ -599,7 +607,7 @@ struct SetTally {
 
 impl SetTally {
     /// Adds one comparison; whether the sets are equal.
-    fn add(
+    pub fn add(
         &mut self,
         got: &[u32],
         want: &[u32],
@@ -632,7 +640,7 @@ impl SetTally {
         false
     }
 
-    fn rows(&self, what: &str) -> Vec<Row> {
+    pub fn rows(&self, what: &str) -> Vec<Row> {
         let frac = self.equal as f64 / self.sets.max(1) as f64;
         let mut r = Row::at_least(CHECK, what, "equal_sets", frac, 0.999).with_note(format!(
             "{} of {} equal, {} near-ties (true mass within 1e-3), worst {:.1e}",

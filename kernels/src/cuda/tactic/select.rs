@@ -363,6 +363,25 @@ impl Gpu {
         }
     }
 
+    /// The last selection's slots on the host (self-check), per job of
+    /// context `ctx_lens[i]`: any selection's, a baseline's included.
+    pub fn tactic_slots_to_host(
+        &self,
+        ws: &TacticWorkspace,
+        ctx_lens: &[usize],
+    ) -> Result<Vec<Vec<u32>>> {
+        let np = ctx_lens.len();
+        if ws.sel_count != np {
+            return Err(Error::Shape("no selection of these jobs to read".into()));
+        }
+        let lens = self.download(ws.list_len.get()?, np)?;
+        let (lbase, total) = bases(ctx_lens.iter().copied());
+        let list = self.download(ws.list.get()?, total)?;
+        Ok((0..np)
+            .map(|i| list[lbase[i]..lbase[i] + lens[i] as usize].to_vec())
+            .collect())
+    }
+
     /// The last selection's slots and estimates on the host (self-check).
     pub fn tactic_selection_to_host(
         &self,
