@@ -96,7 +96,7 @@ impl CudaBackend {
             "experimental_gpu_tactic runs with gpu_activations = \"split\"".into()
         })?;
         tracing::warn!(
-            "experimental_gpu_tactic: the tactic policy runs on kernels not yet verified on a GPU"
+            "experimental_gpu_tactic: the sparse policies run on kernels not yet verified on a GPU"
         );
         self.tactic = Some(std::cell::RefCell::new(GpuTactic::default()));
         Ok(self)
