@@ -5,7 +5,8 @@
 //! | --- | --- |
 //! | block allocation, copy-on-write plans | [`kv_cache`] |
 //! | a step: validate, plan, run, sample, commit | [`step`] |
-//! | sparse attention policies and their diagnostics | [`sparse`] |
+//! | sparse attention policies and their selections | [`sparse`] |
+//! | what the selections kept: step diagnostics, totals per policy | [`diag`] |
 //! | undoing a failed step's policy-state changes | [`undo`] |
 //! | Tactic states the backend keeps: open, fork, truncate, close | [`device`] |
 //! | client-named blocks: reservations, named tables, sequence state | [`named`] |
@@ -13,6 +14,7 @@
 //! | counters shared with the I/O thread | [`gauges`] |
 
 mod device;
+pub mod diag;
 pub mod gauges;
 pub mod kv_cache;
 pub mod named;
