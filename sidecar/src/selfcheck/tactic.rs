@@ -738,7 +738,7 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
 /// `tactic` with a re-clustering limit of 24, through the engine: the CUDA
 /// backend with `experimental_gpu_tactic` against the CPU backend's device
 /// path on the same bf16 weights (prompts of 300 and 77 tokens, a fork, 40
-/// teacher-forced decode steps).
+/// teacher-forced decode steps), with attention diagnostics.
 pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
     let b = match b.with_gpu_tactic(true) {
         Ok(b) => b,
@@ -759,6 +759,8 @@ pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
         cluster_size: None,
         recluster_limit: Some(24),
     };
+    // The device's diagnostics against the CPU device path's.
+    sc.diagnostics = true;
     let cpu = CpuBackend {
         round_to_bf16: true,
         round_activations: false,
