@@ -6,10 +6,10 @@
 // kernels/src/cuda/tactic/ launches them: k-means of every (sequence, KV
 // head) in two runs (a first decode step's, then the rest appended into a
 // grown copy: the re-clustering path), the selection on states the CPU
-// clustered, and the sparse attention over it. kernels/examples/tactic_emu
-// writes the inputs (argv[1]), reads the outputs (argv[2]) and compares
-// them with the CPU reference; argv[3] is the longest sort kept in shared
-// memory.
+// clustered, the sparse attention over it and its diagnostics.
+// kernels/examples/tactic_emu writes the inputs (argv[1]), reads the
+// outputs (argv[2]) and compares them with the CPU reference; argv[3] is
+// the longest sort kept in shared memory.
 
 // Inputs written by the example, outputs read back by it.
 struct Reader {
@@ -134,6 +134,13 @@ int main(int argc, char** argv) {
     emu_launch(tactic_sel_score_f32, g((maxkpow + 127) / 128, G, ns), b(128), 0, sel);
     emu_launch(tactic_sel_rank_u64, g(G, ns), b(1024), 8 * std::min(maxkpow, sel.sort_smem), sel);
     emu_launch(tactic_sel_union_bf16, g(ns, 1), b(256), 0, sel);
+    // --- the diagnostics of that selection
+    std::vector<double> diag((size_t)ns * (2 * G + 2), NAN);
+    DiagParams dp{};
+    dp.probs = sp.data(); dp.qkv = Q.data(); dp.k = K.data(); dp.table_off = table_off.data(); dp.tables = tables.data();
+    dp.list = list.data(); dp.list_len = list_len.data(); dp.est = est.data(); dp.out = diag.data();
+    dp.problems = ns; dp.qkv_stride = qstride; dp.kv_heads = kvh; dp.d = d; dp.group = G;
+    emu_launch(tactic_diag_mass_bf16, g(G, ns), b(256), 0, dp);
     // --- sparse attention over the selection
     u32 splits = 3;
     std::vector<float> pacc((size_t)ns * splits * G * d + 1), pml((size_t)ns * splits * G * 2 + 1), out((size_t)S * qstride, NAN);
@@ -155,6 +162,7 @@ int main(int argc, char** argv) {
         w.vec(e);
     }
     w.vec(out);
+    w.vec(diag);
     std::ofstream f(argv[2], std::ios::binary);
     f.write(w.buf.data(), w.buf.size());
     return 0;

@@ -350,8 +350,9 @@ struct ServeArgs {
     /// Run every step eagerly, without CUDA graphs.
     #[arg(long, conflicts_with = "cuda_graphs")]
     no_cuda_graphs: bool,
-    /// Serve the tactic policy on the CUDA backend (kernels not yet
-    /// verified on a GPU; without it the CUDA backend refuses it).
+    /// Serve the sparse policies (tactic, fixed_budget, oracle_top_p) on
+    /// the CUDA backend (kernels not yet verified on a GPU; without it the
+    /// CUDA backend refuses them).
     #[arg(long, env = "TACFLOW_EXPERIMENTAL_GPU_TACTIC")]
     experimental_gpu_tactic: bool,
     /// Run prefill chunks through the tensor-core prefill attention kernel

@@ -232,12 +232,13 @@ pub struct Config {
     /// start with `gpu_lanes` > 1. When absent, [`CUDA_GRAPHS`] on the
     /// CUDA backend with one lane, off otherwise.
     pub cuda_graphs: Option<bool>,
-    /// Serve the `tactic` policy on the CUDA backend: clustering, selection
-    /// and a sparse attention in its kernels (kernels/TACTIC.md, "On the
-    /// GPU"). Experimental, off by default, until a GPU run has verified
-    /// those kernels; without it the CUDA backend refuses sparse policies.
-    /// One lane, f32 (`split`) activations (its default when
-    /// `gpu_activations` is absent); no attention diagnostics.
+    /// Serve the sparse policies (`tactic`, `fixed_budget`, `oracle_top_p`)
+    /// on the CUDA backend: clustering, selection, a sparse attention and
+    /// the diagnostics in its kernels (kernels/TACTIC.md, "On the GPU").
+    /// Experimental, off by default, until a GPU run has verified those
+    /// kernels; without it the CUDA backend refuses sparse policies. One
+    /// lane, f32 (`split`) activations (its default when `gpu_activations`
+    /// is absent).
     pub experimental_gpu_tactic: bool,
     /// Run prefill chunks (16 or more consecutive tokens of a sequence in
     /// a step) through the tensor-core prefill attention kernel on the

@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result, bail};
 use tacflow_kernels::cpu::KvLayer;
+use tacflow_kernels::cuda::tactic::{JobDiag, diag_record_len, parse_diag};
 use tacflow_kernels::rng;
 use tacflow_kernels::tactic::layout::{StateLayout, clusters_for, read_heads, write_heads};
 use tacflow_kernels::tactic::synth::Synth;
@@ -258,12 +259,14 @@ fn layout(w: &mut Vec<u8>, l: &StateLayout) {
 
 /// What the driver wrote: the k-means states (per sequence, every head's
 /// clusters), then per (sequence, KV head) its selection and estimates,
-/// then the attention's output rows.
+/// then the attention's output rows, then the diagnostics' records.
 pub struct Outputs {
     pub states: Vec<Vec<ClusterIndex>>,
     pub lists: Vec<Vec<u32>>,
     pub est: Vec<Vec<f32>>,
     pub out: Vec<f32>,
+    /// Per (sequence, KV head): `tactic/diag.cuh`'s record.
+    pub diag: Vec<JobDiag>,
 }
 
 impl Outputs {
@@ -283,11 +286,14 @@ impl Outputs {
             est.push((0..case.group).map(|_| r.f32()).collect::<Result<_>>()?);
         }
         let out = (0..case.q.len()).map(|_| r.f32()).collect::<Result<_>>()?;
+        let n = case.lens.len() * case.kv_heads * diag_record_len(case.group);
+        let raw: Vec<f64> = (0..n).map(|_| r.f64()).collect::<Result<_>>()?;
         Ok(Outputs {
             states,
             lists,
             est,
             out,
+            diag: parse_diag(&raw, case.group),
         })
     }
 }
@@ -311,6 +317,9 @@ impl<'a> Reader<'a> {
     }
     fn f32(&mut self) -> Result<f32> {
         Ok(f32::from_le_bytes(self.take(4)?.try_into()?))
+    }
+    fn f64(&mut self) -> Result<f64> {
+        Ok(f64::from_le_bytes(self.take(8)?.try_into()?))
     }
 }
 

@@ -11,10 +11,12 @@
 //!
 //! Needs a C++20 compiler (`$CXX`, else `g++`):
 //! `cargo run --release -p tacflow-kernels --example tactic_emu` runs the
-//! default cases; `-- D,KV_HEADS,GROUP LEN[,LEN...] [SEED] [--random]
-//! [--sort-smem N]` one case (`--random`: uniform keys instead of the
-//! heavy-tailed ones, so that k-means runs every round).
+//! default cases (the baselines' kernels first, `oracle_top_p` and
+//! `fixed_budget`: [`baselines`]); `-- --baselines` only those; `-- D,KV_HEADS,GROUP LEN[,LEN...] [SEED]
+//! [--random] [--sort-smem N]` one Tactic case (`--random`: uniform keys
+//! instead of the heavy-tailed ones, so that k-means runs every round).
 
+mod baselines;
 mod io;
 
 use anyhow::{Context, Result, bail};
@@ -23,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tacflow_kernels::cpu::{self, AttnSeq};
 use tacflow_kernels::cuda::sources::MODULES;
-use tacflow_kernels::tactic::{ClusterIndex, Scratch, TacticParams, select_group};
+use tacflow_kernels::tactic::union::chunked_tokens_read;
+use tacflow_kernels::tactic::{self, ClusterIndex, Scratch, TacticParams, select_group};
 
 /// The default cases: `(d, kv heads, group, contexts, seed, random keys,
 /// longest shared-memory sort)`.
@@ -38,10 +41,27 @@ const CASES: [(usize, usize, usize, &str, u64, bool, usize); 7] = [
 ];
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let dir = std::env::temp_dir().join(format!("tacflow-tactic-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let exe = build(&dir)?;
+    let only_baselines = args.first().is_some_and(|a| a == "--baselines");
+    let mut failed = 0;
+    let mut total = 0;
+    if args.is_empty() || only_baselines {
+        let driver = include_str!("../../emu/tactic_baselines.cpp");
+        let exe = build(&dir, "tactic_baselines", driver)?;
+        failed += baselines::run_all(&exe, &dir)?;
+        total += baselines::CASES.len();
+        args.retain(|a| a != "--baselines");
+    }
+    if only_baselines {
+        let _ = std::fs::remove_dir_all(&dir);
+        if failed > 0 {
+            bail!("{failed} of {total} cases failed");
+        }
+        return Ok(());
+    }
+    let exe = build(&dir, "tactic", include_str!("../../emu/tactic.cpp"))?;
     let cases: Vec<Case> = if args.is_empty() {
         CASES
             .iter()
@@ -52,22 +72,23 @@ fn main() -> Result<()> {
     } else {
         vec![Case::parse(&args)?]
     };
-    let mut failed = 0;
     for case in &cases {
         let verdict = run(&exe, &dir, case)?;
         println!("{}: {}", case.name(), verdict.join("; "));
         failed += usize::from(verdict.iter().any(|v| v.starts_with("FAIL")));
     }
+    total += cases.len();
     let _ = std::fs::remove_dir_all(&dir);
     if failed > 0 {
-        bail!("{failed} of {} cases failed", cases.len());
+        bail!("{failed} of {total} cases failed");
     }
     Ok(())
 }
 
-/// Writes the stand-in, the driver and the kernels' source (shared memory
-/// rewritten for the stand-in) into `dir` and compiles them.
-fn build(dir: &Path) -> Result<PathBuf> {
+/// Writes the stand-in, the driver `name` (its C++ `driver`) and the
+/// kernels' source (shared memory rewritten for the stand-in) into `dir`
+/// and compiles them.
+fn build(dir: &Path, name: &str, driver: &str) -> Result<PathBuf> {
     let module = MODULES
         .iter()
         .find(|m| m.name == "tactic")
@@ -82,13 +103,14 @@ fn build(dir: &Path) -> Result<PathBuf> {
         .collect();
     std::fs::write(dir.join("tactic_all.inc"), source)?;
     std::fs::write(dir.join("emu.h"), include_str!("../../emu/emu.h"))?;
-    std::fs::write(dir.join("tactic.cpp"), include_str!("../../emu/tactic.cpp"))?;
-    let exe = dir.join("tactic_emu");
+    let cpp = dir.join(format!("{name}.cpp"));
+    std::fs::write(&cpp, driver)?;
+    let exe = dir.join(format!("{name}_emu"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
     let status = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-o"])
         .arg(&exe)
-        .arg(dir.join("tactic.cpp"))
+        .arg(&cpp)
         .status()
         .with_context(|| format!("running {cxx}"))?;
     if !status.success() {
@@ -128,9 +150,10 @@ fn run(exe: &Path, dir: &Path, case: &Case) -> Result<Vec<String>> {
     }
     let got = Outputs::read(&std::fs::read(&out)?, case)?;
     let mut verdict = vec![kmeans_verdict(case, &got, &prm)];
-    let (sel, lists) = select_verdict(case, &got, &prm);
+    let (sel, lists, read) = select_verdict(case, &got, &prm);
     verdict.push(sel);
     verdict.push(attention_verdict(case, &got, &lists));
+    verdict.push(diag_verdict(case, &got, &prm, &read));
     Ok(verdict)
 }
 
@@ -169,9 +192,16 @@ fn kmeans_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> String {
     )
 }
 
-fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Vec<Vec<u32>>) {
+/// The selection's verdict, its slot lists and, per (sequence, KV head),
+/// the tokens the CPU's selection read.
+fn select_verdict(
+    case: &Case,
+    got: &Outputs,
+    prm: &TacticParams,
+) -> (String, Vec<Vec<u32>>, Vec<f64>) {
     let (kvh, g, d) = (case.kv_heads, case.group, case.d);
     let mut scratch = Scratch::default();
+    let mut read = vec![];
     let (mut equal, mut n, mut est_gap) = (0, 0, 0f32);
     for s in 0..case.lens.len() {
         for (h, clusters) in case.cpu_clusters(s, prm).iter().enumerate() {
@@ -179,7 +209,7 @@ fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Ve
             let q = &case.q[s * case.q_stride() + h * g * d..][..g * d];
             let (mut want, mut est) = (vec![], vec![0f32; g]);
             let keys = case.keys(s, h);
-            select_group(
+            let st = select_group(
                 clusters,
                 &keys,
                 q,
@@ -189,6 +219,7 @@ fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Ve
                 &mut want,
                 &mut est,
             );
+            read.push(st.tokens_read);
             n += 1;
             if want == got.lists[i] {
                 equal += 1;
@@ -203,7 +234,46 @@ fn select_verdict(case: &Case, got: &Outputs, prm: &TacticParams) -> (String, Ve
         "{}selection {equal}/{n} sets equal, estimates {est_gap:.1e} apart",
         if ok { "" } else { "FAIL " }
     );
-    (v, got.lists.clone())
+    (v, got.lists.clone(), read)
+}
+
+/// The diagnostics kernel's records against the CPU's measure of the same
+/// selections (`exact_scores`, `true_mass` over the stand-in's lists): the
+/// true masses, the estimates passed through, and the tokens read that
+/// the selected slots and kept clusters give against the CPU's count.
+fn diag_verdict(case: &Case, got: &Outputs, prm: &TacticParams, read: &[f64]) -> String {
+    let (kvh, g, d) = (case.kv_heads, case.group, case.d);
+    let (mut mass_gap, mut est_gap, mut read_gap) = (0f64, 0f64, 0f64);
+    let mut counts_ok = true;
+    let mut scores = vec![];
+    for s in 0..case.lens.len() {
+        for (h, kept) in case.cpu_clusters(s, prm).iter().enumerate() {
+            let i = s * kvh + h;
+            let rec = &got.diag[i];
+            let keys = case.keys(s, h);
+            for k in 0..g {
+                let q = &case.q[s * case.q_stride() + (h * g + k) * d..][..d];
+                tactic::exact_scores(&keys, q, case.lens[s], &mut scores);
+                let want = tactic::true_mass(&scores, &got.lists[i]);
+                mass_gap = mass_gap.max((rec.mass[k] - want).abs());
+                est_gap = est_gap.max((rec.est[k] - f64::from(got.est[i][k])).abs());
+            }
+            counts_ok &= rec.selected == got.lists[i].len() && rec.clusters == kept.clusters();
+            if got.lists[i].len() == rec.selected {
+                let r = chunked_tokens_read(rec.selected, rec.clusters, d, prm);
+                read_gap = read_gap.max((r - read[i]).abs());
+            }
+        }
+    }
+    // Equal sets read equal tokens; a set that differs (a near-tie) reads
+    // a cluster's worth more or less.
+    let ok = mass_gap <= 1e-9 && est_gap == 0.0 && counts_ok;
+    format!(
+        "{}diagnostics: true masses {mass_gap:.1e} apart, estimates {est_gap:.1e}, counts {}, \
+         tokens read {read_gap:.1e} apart",
+        if ok { "" } else { "FAIL " },
+        if counts_ok { "equal" } else { "DIFFER" }
+    )
 }
 
 fn attention_verdict(case: &Case, got: &Outputs, lists: &[Vec<u32>]) -> String {

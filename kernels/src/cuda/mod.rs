@@ -73,6 +73,9 @@ pub use rowwise::{RmsOut, Rows};
 pub use share::SmMechanism;
 pub use sources::{AttnLoad, AttnVariant};
 pub use step::{DeviceStep, StepArrays, StepRows};
-pub use tactic::{ClusterJob, SelectJob, SelectionHost, TacticShape, TacticWorkspace};
+pub use tactic::{
+    BudgetJob, ClusterJob, JobDiag, OracleJob, SelectJob, SelectionHost, TacticShape,
+    TacticWorkspace,
+};
 pub use timing::{Mark, Span};
 pub use view::{row_view, row_view_mut};

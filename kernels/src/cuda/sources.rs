@@ -63,8 +63,9 @@ const ATTENTION_HEADERS: [Header; 3] = [
 ];
 
 /// What the Tactic module compiles first: the shared definitions, the
-/// clustering, the selection, the union, the sparse attention.
-const TACTIC_HEADERS: [Header; 5] = [
+/// clustering, the selection, the union, the sparse attention, the
+/// diagnostics, the two baselines (oracle, fixed budget).
+const TACTIC_HEADERS: [Header; 8] = [
     Header {
         name: "tactic/common.cuh",
         text: include_str!("kernels/tactic/common.cuh"),
@@ -84,6 +85,18 @@ const TACTIC_HEADERS: [Header; 5] = [
     Header {
         name: "tactic/sparse.cuh",
         text: include_str!("kernels/tactic/sparse.cuh"),
+    },
+    Header {
+        name: "tactic/diag.cuh",
+        text: include_str!("kernels/tactic/diag.cuh"),
+    },
+    Header {
+        name: "tactic/oracle.cuh",
+        text: include_str!("kernels/tactic/oracle.cuh"),
+    },
+    Header {
+        name: "tactic/budget.cuh",
+        text: include_str!("kernels/tactic/budget.cuh"),
     },
 ];
 
@@ -152,7 +165,7 @@ pub const LAB_MODULES: [Module; 4] = [
 pub const FAULT_MODULES: [Module; 1] = [module("fault", include_str!("kernels/fault.cu"))];
 
 /// The Tactic module's kernels (`tactic.rs` launches each).
-pub const TACTIC_KERNELS: [&str; 17] = [
+pub const TACTIC_KERNELS: [&str; 23] = [
     "tactic_km_init_bf16",
     "tactic_km_assign_bf16",
     "tactic_km_csr_u32",
@@ -170,6 +183,12 @@ pub const TACTIC_KERNELS: [&str; 17] = [
     "tactic_attention_d128_bf16",
     "tactic_attention_d256_bf16",
     "tactic_attention_merge_f32",
+    "tactic_diag_mass_bf16",
+    "tactic_oracle_scores_bf16",
+    "tactic_oracle_sort_u64",
+    "tactic_oracle_take_f64",
+    "tactic_budget_bounds_bf16",
+    "tactic_budget_take_u32",
 ];
 
 /// Head sizes the Tactic sparse attention is instantiated for.

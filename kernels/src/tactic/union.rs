@@ -115,6 +115,13 @@ pub fn select_group_chunked<K: KeyRows>(
     stats(out.len(), 0, c_n, d, prm)
 }
 
+/// Tokens read by a chunked selection of `selected` slots over `clusters`
+/// clusters of dimension `d`: what [`select_group_chunked`] reports, for a
+/// device that measured only those two counts (its diagnostics).
+pub fn chunked_tokens_read(selected: usize, clusters: usize, d: usize, prm: &TacticParams) -> f64 {
+    stats(selected, 0, clusters, d, prm).tokens_read
+}
+
 /// Cluster `c`'s exact mass for every head (relative to the head's
 /// reference): its members' masses in slot order, each an f32 exponential
 /// as the sequential greedy computes it, summed in f64.

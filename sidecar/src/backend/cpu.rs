@@ -386,6 +386,10 @@ impl Backend for CpuBackend {
         self.device_tactic.is_some()
     }
 
+    fn device_baselines(&self) -> bool {
+        self.device_tactic.is_some()
+    }
+
     fn tactic_open(
         &self,
         id: StateId,
@@ -427,9 +431,14 @@ impl Backend for CpuBackend {
         self.sparse_attention(step, qkv, kv, layer, d, &sel, out, rows)
     }
 
+    fn tactic_diagnostics(&self) -> Result<Vec<super::tactic::TacticMeasure>> {
+        Ok(std::mem::take(&mut self.host_tactic()?.measured))
+    }
+
     fn tactic_end_step(&self, commit: bool) {
         if let Ok(mut t) = self.host_tactic() {
             t.dev.end_step(commit);
+            t.measured.clear();
         }
     }
 

@@ -446,6 +446,10 @@ impl<B: Backend> Backend for Faulty<B> {
         self.inner.device_tactic()
     }
 
+    fn device_baselines(&self) -> bool {
+        self.inner.device_baselines()
+    }
+
     fn tactic_open(
         &self,
         id: StateId,
@@ -483,6 +487,10 @@ impl<B: Backend> Backend for Faulty<B> {
         self.recorder.op("tactic_attention", &rows);
         self.inner
             .tactic_attention(step, qkv, kv, layer, dims, entries, out, rows)
+    }
+
+    fn tactic_diagnostics(&self) -> Result<Vec<crate::backend::tactic::TacticMeasure>> {
+        self.inner.tactic_diagnostics()
     }
 
     fn tactic_end_step(&self, commit: bool) {

@@ -158,7 +158,7 @@ pub type Selections = [Option<Vec<Vec<u32>>>];
 
 /// A decode entry whose Tactic state the backend keeps
 /// ([`Backend::device_tactic`]): the backend selects and attends for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TacticEntry {
     /// Index into the step's sequences.
     pub seq: usize,
@@ -168,6 +168,23 @@ pub struct TacticEntry {
     pub row: usize,
     /// Tokens cached, this step's included.
     pub ctx_len: usize,
+    /// The sequence asked for diagnostics: the backend measures what the
+    /// selection kept ([`Backend::tactic_diagnostics`]).
+    pub diagnostics: bool,
+    /// `Some`: the entry runs a baseline on the device
+    /// ([`Backend::device_baselines`]), which keeps no state (`state`
+    /// unused); `None`: Tactic on `state`.
+    pub baseline: Option<Baseline>,
+}
+
+/// A baseline policy a backend selects for on its device, without state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Baseline {
+    /// `oracle_top_p`: the exact smallest set reaching `p`.
+    Oracle { p: f32 },
+    /// `fixed_budget`: Quest's pages up to `tokens`, the page bounds
+    /// computed from the keys at each step.
+    Budget { tokens: usize },
 }
 
 /// What sampling returns for the logit rows.
@@ -394,6 +411,12 @@ pub trait Backend {
     fn device_tactic(&self) -> bool {
         false
     }
+    /// Whether `oracle_top_p` and `fixed_budget` select on this backend's
+    /// device, inside `tactic_attention` (entries with a `baseline`), as
+    /// Tactic does.
+    fn device_baselines(&self) -> bool {
+        false
+    }
     /// A new Tactic state `id` (no clustering yet) for a model of `dims`
     /// with `layers` layers.
     fn tactic_open(
@@ -436,8 +459,17 @@ pub trait Backend {
             "this backend keeps no Tactic state".into(),
         ))
     }
+    /// What the selections of the entries with `diagnostics` kept, one
+    /// measure per (entry, layer, KV head), since the step began: read
+    /// back once, after the forward pass (the one wait the diagnostic
+    /// mode adds). Called only when some entry asked for them.
+    fn tactic_diagnostics(&self) -> Result<Vec<tactic::TacticMeasure>> {
+        Err(crate::error::Error::Backend(
+            "this backend measures no Tactic diagnostics".into(),
+        ))
+    }
     /// Ends a step: its changes to the Tactic states stand (`commit`) or
-    /// are undone.
+    /// are undone (and measures not read are dropped).
     fn tactic_end_step(&self, _commit: bool) {}
     /// Bytes the Tactic states hold on the device.
     fn tactic_bytes(&self) -> usize {

@@ -2,31 +2,31 @@
 //! the engine names each state and tells the backend when a sequence opens,
 //! forks, truncates or closes; the backend grows and reads the states inside
 //! the attention, and keeps or undoes a step's changes when the step ends.
+//! A sequence opened with diagnostics gets them from the backend, which
+//! measures its selections where it makes them (`Backend::tactic_diagnostics`).
 
 use super::Engine;
-use super::sparse::{DeviceTactic, PolicyState, tactic_params};
-use crate::backend::Backend;
+use super::sparse::{DEFAULT_DIAGNOSTIC_P, DeviceTactic, PolicyState, tactic_params};
+use crate::backend::{Backend, Baseline};
 use tacflow_ipc::{AttentionPolicy, ErrorCode, ErrorReply};
 
 impl<B: Backend> Engine<B> {
     /// The state of a new sequence with `policy`: the backend's own for
-    /// Tactic when it keeps Tactic states, else the host's.
+    /// Tactic when it keeps Tactic states, the backend's selection for
+    /// the baselines when it selects them on its device, else the host's.
     pub(super) fn new_state(
         &mut self,
         policy: &AttentionPolicy,
-        diagnostics: bool,
     ) -> Result<PolicyState, ErrorReply> {
         let layers = self.model.config.num_layers;
+        if self.backend.device_baselines()
+            && let Some((baseline, p)) = device_baseline(policy)
+        {
+            return Ok(PolicyState::DeviceBaseline { baseline, p });
+        }
         let Some(params) = tactic_params(policy).filter(|_| self.backend.device_tactic()) else {
             return Ok(PolicyState::new(policy, layers));
         };
-        if diagnostics {
-            return Err(ErrorReply::new(
-                ErrorCode::Unsupported,
-                "attention diagnostics of tactic are measured on the host: \
-                 this backend selects on its device",
-            ));
-        }
         let id = self.next_state;
         self.next_state += 1;
         let dims = self.model.dims();
@@ -37,18 +37,7 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The state of a fork of a sequence whose state the backend keeps.
-    pub(super) fn fork_device(
-        &mut self,
-        d: DeviceTactic,
-        diagnostics: bool,
-    ) -> Result<PolicyState, ErrorReply> {
-        if diagnostics {
-            return Err(ErrorReply::new(
-                ErrorCode::Unsupported,
-                "attention diagnostics of tactic are measured on the host: \
-                 this backend selects on its device",
-            ));
-        }
+    pub(super) fn fork_device(&mut self, d: DeviceTactic) -> Result<PolicyState, ErrorReply> {
         let id = self.next_state;
         self.next_state += 1;
         self.backend
@@ -62,5 +51,20 @@ impl<B: Backend> Engine<B> {
         if let Some(id) = state.device_id() {
             self.backend.tactic_close(id);
         }
+    }
+}
+
+/// A baseline policy as the backend selects it on its device, with the
+/// mass its success is counted against (`None` for other policies).
+fn device_baseline(policy: &AttentionPolicy) -> Option<(Baseline, f32)> {
+    match *policy {
+        AttentionPolicy::OracleTopP { p } => Some((Baseline::Oracle { p }, p)),
+        AttentionPolicy::FixedBudget { tokens, p } => Some((
+            Baseline::Budget {
+                tokens: tokens as usize,
+            },
+            p.unwrap_or(DEFAULT_DIAGNOSTIC_P),
+        )),
+        _ => None,
     }
 }

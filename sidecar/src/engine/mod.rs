@@ -5,7 +5,8 @@
 //! | --- | --- |
 //! | block allocation, copy-on-write plans | [`kv_cache`] |
 //! | a step: validate, plan, run, sample, commit | [`step`] |
-//! | sparse attention policies and their diagnostics | [`sparse`] |
+//! | sparse attention policies and their selections | [`sparse`] |
+//! | what the selections kept: step diagnostics, totals per policy | [`diag`] |
 //! | undoing a failed step's policy-state changes | [`undo`] |
 //! | Tactic states the backend keeps: open, fork, truncate, close | [`device`] |
 //! | client-named blocks: reservations, named tables, sequence state | [`named`] |
@@ -13,6 +14,7 @@
 //! | counters shared with the I/O thread | [`gauges`] |
 
 mod device;
+pub mod diag;
 pub mod gauges;
 pub mod kv_cache;
 pub mod named;
@@ -264,7 +266,7 @@ impl<B: Backend> Engine<B> {
             return Err(seq_error(ErrorCode::SequenceExists, key, "is already open"));
         }
         self.validate_prefix(&o)?;
-        let state = self.new_state(&o.policy, o.diagnostics)?;
+        let state = self.new_state(&o.policy)?;
         let seed_given = o.sampling.seed.is_some();
         let mut sampling = o.sampling;
         sampling.seed = Some(sampling.seed.unwrap_or_else(|| self.seeds.fresh()));
@@ -317,7 +319,6 @@ impl<B: Backend> Engine<B> {
         // A child with its own policy starts its own state; one that keeps
         // the parent's takes a copy (it covers the shared prefix), which the
         // backend makes when it keeps the state.
-        let diags = diagnostics.unwrap_or(p.diagnostics);
         let own = policy.filter(|np| *np != p.policy);
         let inherited = match (&own, &p.state) {
             (Some(_), _) => None,
@@ -327,10 +328,10 @@ impl<B: Backend> Engine<B> {
         let parent_policy = p.policy.clone();
         let (policy, state) = match (own, inherited) {
             (Some(np), _) => {
-                let st = self.new_state(&np, diags)?;
+                let st = self.new_state(&np)?;
                 (np, st)
             }
-            (None, Some(Err(d))) => (parent_policy, self.fork_device(d, diags)?),
+            (None, Some(Err(d))) => (parent_policy, self.fork_device(d)?),
             (None, Some(Ok(st))) => (parent_policy, st),
             (None, None) => unreachable!("inherited whenever the policy is kept"),
         };
@@ -456,8 +457,11 @@ pub struct Serves {
     /// Selection on host views: every policy (`Backend::supports_sparse`).
     pub host: bool,
     /// Tactic on the backend's own device (`Backend::device_tactic`); then
-    /// no other sparse policy, so that a step selects in one place.
+    /// no other host policy, so that a step selects in one place.
     pub device_tactic: bool,
+    /// `oracle_top_p` and `fixed_budget` on the backend's device
+    /// (`Backend::device_baselines`).
+    pub device_baselines: bool,
 }
 
 impl Serves {
@@ -466,6 +470,7 @@ impl Serves {
         Serves {
             host: sparse,
             device_tactic: false,
+            device_baselines: false,
         }
     }
 
@@ -473,6 +478,7 @@ impl Serves {
         Serves {
             host: b.supports_sparse(),
             device_tactic: b.device_tactic(),
+            device_baselines: b.device_baselines(),
         }
     }
 
@@ -480,6 +486,11 @@ impl Serves {
         match p {
             AttentionPolicy::Full => true,
             AttentionPolicy::Tactic { .. } => self.host || self.device_tactic,
+            AttentionPolicy::OracleTopP { .. } | AttentionPolicy::FixedBudget { .. }
+                if self.device_baselines =>
+            {
+                true
+            }
             _ => self.host && !self.device_tactic,
         }
     }
@@ -544,16 +555,18 @@ pub fn validate_policy(p: &AttentionPolicy, serves: Serves) -> Result<(), ErrorR
         }
     }
     if !serves.allows(p) {
-        let why = if serves.device_tactic {
-            "this daemon serves full attention and tactic (on its device) only"
+        let on = if serves.device_tactic {
+            " (on its device)"
         } else {
-            "this daemon serves full attention only"
+            ""
         };
         return Err(ErrorReply::new(
             ErrorCode::Unsupported,
             format!(
-                "attention policy {} runs on the CPU backend only; {why}",
-                p.name()
+                "attention policy {} runs on the CPU backend only; \
+                 this daemon serves {}{on} only",
+                p.name(),
+                policies(serves).join(", ")
             ),
         ));
     }

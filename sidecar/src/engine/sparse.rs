@@ -8,12 +8,14 @@
 //! exposes (the CPU backend).
 
 use super::undo::Undo;
-use crate::backend::tactic::StateId;
-use crate::backend::{HostLayerView, RowRange, StepMeta, TacticEntry};
+use crate::backend::tactic::{StateId, TacticMeasure};
+use crate::backend::{Baseline, HostLayerView, RowRange, StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
-use std::collections::BTreeMap;
-use tacflow_ipc::{AttentionDiagnostics, AttentionPolicy, PolicyStats};
+use tacflow_ipc::{AttentionDiagnostics, AttentionPolicy};
+
+use super::diag::Sums;
+pub use super::diag::{PolicyTotals, StepDiag, publish};
 use tacflow_kernels::cpu::KvLayer;
 use tacflow_kernels::tactic::{
     self, DecodeStep, HeadDiag, PageBounds, PagedKeys, TacticParams, TacticSeq,
@@ -40,6 +42,13 @@ pub enum PolicyState {
     /// Tactic whose state the backend keeps (`Backend::device_tactic`): the
     /// engine holds its name, the backend selects inside the attention.
     Device(DeviceTactic),
+    /// A baseline selected by the backend inside the attention
+    /// (`Backend::device_baselines`); nothing carries across steps. `p` is
+    /// the mass success is counted against.
+    DeviceBaseline {
+        baseline: Baseline,
+        p: f32,
+    },
 }
 
 /// A sequence's Tactic state kept by the backend.
@@ -110,6 +119,10 @@ impl PolicyState {
                 bounds: bounds.clone(),
             },
             PolicyState::Oracle { p } => PolicyState::Oracle { p: *p },
+            PolicyState::DeviceBaseline { baseline, p } => PolicyState::DeviceBaseline {
+                baseline: *baseline,
+                p: *p,
+            },
         }
     }
 
@@ -120,7 +133,10 @@ impl PolicyState {
         match self {
             PolicyState::Tactic(t) => **t = TacticSeq::new(t.params, t.index.len()),
             PolicyState::FixedBudget { bounds, .. } => bounds.iter_mut().for_each(Vec::clear),
-            PolicyState::Full | PolicyState::Oracle { .. } | PolicyState::Device(_) => {}
+            PolicyState::Full
+            | PolicyState::Oracle { .. }
+            | PolicyState::Device(_)
+            | PolicyState::DeviceBaseline { .. } => {}
         }
     }
 
@@ -132,27 +148,25 @@ impl PolicyState {
         }
     }
 
+    /// Whether the backend selects for this state (inside its attention).
+    pub fn on_device(&self) -> bool {
+        matches!(
+            self,
+            PolicyState::Device(_) | PolicyState::DeviceBaseline { .. }
+        )
+    }
+
     /// The mass the policy aims for (success is counted against it).
     pub fn target(&self) -> f32 {
         match self {
             PolicyState::Full => 1.0,
             PolicyState::Tactic(t) => t.params.p,
             PolicyState::Device(d) => d.params.p,
-            PolicyState::FixedBudget { p, .. } | PolicyState::Oracle { p } => *p,
+            PolicyState::FixedBudget { p, .. }
+            | PolicyState::Oracle { p }
+            | PolicyState::DeviceBaseline { p, .. } => *p,
         }
     }
-}
-
-/// Running sums of one sequence's diagnostics over one step (all layers).
-#[derive(Debug, Clone, Default)]
-struct Sums {
-    /// `[layer][query head]` true mass.
-    mass: Vec<Vec<f64>>,
-    est: Vec<Vec<f64>>,
-    /// `[layer][kv head]` token-equivalents read and tokens selected, over
-    /// the context length.
-    read: Vec<Vec<f64>>,
-    selected: Vec<Vec<f64>>,
 }
 
 /// One decode entry of the step that runs a sparse policy.
@@ -216,9 +230,7 @@ impl<'a> Selector<'a> {
     /// selections. A backend that keeps Tactic states serves no host
     /// policy (`engine::validate_policy`), so a step is one or the other.
     pub fn on_device(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| matches!(s.state, PolicyState::Device(_)))
+        self.slots.iter().any(|s| s.state.on_device())
     }
 
     /// The decode entries whose row lies in `rows`, for the backend.
@@ -226,16 +238,54 @@ impl<'a> Selector<'a> {
         self.slots
             .iter()
             .filter_map(|slot| {
-                let id = slot.state.device_id()?;
+                let (state, baseline) = match *slot.state {
+                    PolicyState::Device(d) => (d.id, None),
+                    PolicyState::DeviceBaseline { baseline, .. } => (0, Some(baseline)),
+                    _ => return None,
+                };
                 let s = &meta.seqs[slot.seq];
                 rows.contains(&s.q_start).then_some(TacticEntry {
                     seq: slot.seq,
-                    state: id,
+                    state,
                     row: s.q_start,
                     ctx_len: s.ctx_len,
+                    diagnostics: slot.diagnostics,
+                    baseline,
                 })
             })
             .collect()
+    }
+
+    /// Whether an entry whose state the backend keeps asked for
+    /// diagnostics: then the backend measured them during the pass
+    /// (`Backend::tactic_diagnostics`) and [`Selector::absorb`] takes them.
+    pub fn wants_device_diagnostics(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.diagnostics && s.state.on_device())
+    }
+
+    /// Takes the backend's measures of its selections into the sums
+    /// (what [`select_layer`] measures on the host, the same fields).
+    pub fn absorb(&mut self, measures: &[TacticMeasure]) -> Result<()> {
+        let group = self.dims.0 / self.dims.1;
+        for m in measures {
+            let slot = self
+                .slots
+                .iter_mut()
+                .find(|s| s.seq == m.seq && s.diagnostics)
+                .ok_or_else(|| Error::Backend(format!("a measure of entry {}", m.seq)))?;
+            let sums = &mut slot.sums;
+            let (l, h, ctx) = (m.layer, m.head, m.ctx_len as f64);
+            if l >= sums.read.len() || h >= sums.read[l].len() || m.mass.len() != group {
+                return Err(Error::Backend("a measure out of the model's shape".into()));
+            }
+            sums.read[l][h] = m.tokens_read / ctx;
+            sums.selected[l][h] = m.selected as f64 / ctx;
+            sums.mass[l][h * group..(h + 1) * group].copy_from_slice(&m.mass);
+            sums.est[l][h * group..(h + 1) * group].copy_from_slice(&m.est);
+        }
+        Ok(())
     }
 
     /// Computes this layer's selections of the decode entries whose row
@@ -402,7 +452,9 @@ pub fn select_layer(
     let mut scores = Vec::new();
     match state {
         PolicyState::Full => unreachable!("full attention selects nothing"),
-        PolicyState::Device(_) => unreachable!("the backend selects for its own states"),
+        PolicyState::Device(_) | PolicyState::DeviceBaseline { .. } => {
+            unreachable!("the backend selects for its own states")
+        }
         PolicyState::Tactic(t) => {
             let step = DecodeStep {
                 q,
@@ -475,107 +527,4 @@ pub fn select_layer(
         }
     }
     (out, Some(ld))
-}
-
-/// One decode step's diagnostics for one sequence, over every layer and head.
-#[derive(Debug, Clone)]
-pub struct StepDiag {
-    pub target: f32,
-    /// `[layer][query head]`.
-    pub mass: Vec<Vec<f64>>,
-    /// `[layer][kv head]`, over the context length.
-    pub read: Vec<Vec<f64>>,
-    pub summary: AttentionDiagnostics,
-}
-
-fn mean2(x: &[Vec<f64>]) -> f64 {
-    let n: usize = x.iter().map(Vec::len).sum();
-    x.iter().flatten().sum::<f64>() / n.max(1) as f64
-}
-
-impl StepDiag {
-    fn from_sums(s: &Sums, target: f32) -> StepDiag {
-        let all: Vec<f64> = s.mass.iter().flatten().copied().collect();
-        let ok = all.iter().filter(|&&m| m >= f64::from(target)).count();
-        StepDiag {
-            target,
-            mass: s.mass.clone(),
-            read: s.read.clone(),
-            summary: AttentionDiagnostics {
-                policy: String::new(),
-                tokens_read_fraction: mean2(&s.read),
-                selected_fraction: mean2(&s.selected),
-                true_mass: mean2(&s.mass),
-                estimated_mass: mean2(&s.est),
-                min_true_mass: all.iter().copied().fold(f64::INFINITY, f64::min),
-                success_rate: ok as f64 / all.len().max(1) as f64,
-            },
-        }
-    }
-
-    /// Diagnostics of full attention: every token, all the mass.
-    pub fn full() -> AttentionDiagnostics {
-        AttentionDiagnostics {
-            policy: "full".into(),
-            tokens_read_fraction: 1.0,
-            selected_fraction: 1.0,
-            true_mass: 1.0,
-            estimated_mass: 1.0,
-            min_true_mass: 1.0,
-            success_rate: 1.0,
-        }
-    }
-}
-
-/// Daemon-wide aggregates per policy (what `stats` reports).
-#[derive(Debug, Default)]
-pub struct PolicyTotals {
-    steps: u64,
-    mass: Vec<Vec<f64>>,
-    read: Vec<Vec<f64>>,
-    successes: f64,
-    observations: f64,
-}
-
-impl PolicyTotals {
-    pub fn add(&mut self, d: &StepDiag) {
-        if self.mass.is_empty() {
-            self.mass = vec![vec![0.0; d.mass[0].len()]; d.mass.len()];
-            self.read = vec![vec![0.0; d.read[0].len()]; d.read.len()];
-        }
-        for (acc, x) in self.mass.iter_mut().flatten().zip(d.mass.iter().flatten()) {
-            *acc += x;
-        }
-        for (acc, x) in self.read.iter_mut().flatten().zip(d.read.iter().flatten()) {
-            *acc += x;
-        }
-        let n = d.mass.iter().map(Vec::len).sum::<usize>() as f64;
-        self.successes += d.summary.success_rate * n;
-        self.observations += n;
-        self.steps += 1;
-    }
-
-    pub fn stats(&self) -> PolicyStats {
-        let n = self.steps.max(1) as f64;
-        let per = |x: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
-            x.iter()
-                .map(|r| r.iter().map(|v| v / n).collect())
-                .collect()
-        };
-        let mass = per(&self.mass);
-        let read = per(&self.read);
-        PolicyStats {
-            decode_steps: self.steps,
-            tokens_read_fraction: mean2(&read),
-            true_mass: mean2(&mass),
-            success_rate: self.successes / self.observations.max(1.0),
-            true_mass_by_layer_head: mass,
-            tokens_read_by_layer_head: read,
-        }
-    }
-}
-
-/// Publishes every policy's totals (the I/O thread reads them for `stats`).
-pub fn publish(totals: &BTreeMap<String, PolicyTotals>) -> BTreeMap<String, PolicyStats> {
-    totals.iter().map(|(k, v)| (k.clone(), v.stats())).collect()
 }

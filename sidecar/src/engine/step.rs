@@ -409,7 +409,16 @@ impl<B: Backend> Engine<B> {
             Some(&mut selector),
             &self.plan,
         );
+        // The diagnostic mode's one wait: the backend's measures, read back.
+        let measured = match logits {
+            Ok(_) if selector.wants_device_diagnostics() => self
+                .backend
+                .tactic_diagnostics()
+                .and_then(|m| selector.absorb(&m)),
+            _ => Ok(()),
+        };
         *outcome = selector.finish();
+        measured?;
         logits
     }
 

@@ -31,6 +31,8 @@ pub mod report;
 pub mod sampling;
 pub mod shares;
 pub mod tactic;
+mod tactic_baselines;
+mod tactic_diag;
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{SeqMeta, StepMeta};

@@ -31,6 +31,10 @@ pub struct Scenario {
     pub min_agreement: f64,
     /// Every sequence's attention policy.
     pub policy: AttentionPolicy,
+    /// Open every sequence with attention diagnostics, and compare each
+    /// decode step's (the mean true mass of its selections) across the
+    /// engines.
+    pub diagnostics: bool,
 }
 
 /// A logits row's arg-max and the gap to the runner-up.
@@ -121,9 +125,25 @@ struct Tally {
     /// GPU greedy tokens that are not the arg-max of the GPU's own logits.
     sampler_wrong: usize,
     unwritten: usize,
+    /// With diagnostics: the largest gap of a decode entry's mean true
+    /// mass between the engines, and the entries one of them left without.
+    diag_gap: f64,
+    diag_missing: usize,
 }
 
 impl Tally {
+    /// Each decode entry's diagnostics of the two engines (both present).
+    fn check_diagnostics(&mut self, g: &[StepResult], c: &[StepResult]) {
+        for (a, b) in g.iter().zip(c) {
+            match (&a.attention, &b.attention) {
+                (Some(x), Some(y)) => {
+                    self.diag_gap = self.diag_gap.max((x.true_mass - y.true_mass).abs());
+                }
+                _ => self.diag_missing += 1,
+            }
+        }
+    }
+
     fn add(&mut self, vocab: usize, g: &[f32], c: &[f32], decode: bool) {
         let d = super::report::diff(g, c);
         self.unwritten += d.unwritten + d.nan_mismatch;
@@ -170,14 +190,17 @@ fn both<G: Backend, R: Backend>(
     g: &mut Engine<G>,
     c: &mut Engine<R>,
     entries: Vec<(u64, Vec<u32>, bool)>,
-    decode: bool,
+    (decode, diagnostics): (bool, bool),
     t: &mut Tally,
 ) -> Result<()> {
     let vocab = g.config().vocab_size;
     let (gr, gl) = step(g, &entries)?;
-    let (_, cl) = step(c, &entries)?;
+    let (cr, cl) = step(c, &entries)?;
     t.add(vocab, &gl, &cl, decode);
     t.check_sampler(vocab, &gr, &gl, &entries);
+    if decode && diagnostics {
+        t.check_diagnostics(&gr, &cr);
+    }
     Ok(())
 }
 
@@ -245,8 +268,8 @@ fn run<G: Backend, R: Backend>(
         ..Default::default()
     };
     for i in 0..sc.prompts.len() as u64 {
-        g.open_sequence(key(i), sc.policy.clone(), greedy.clone(), false)?;
-        c.open_sequence(key(i), sc.policy.clone(), greedy.clone(), false)?;
+        g.open_sequence(key(i), sc.policy.clone(), greedy.clone(), sc.diagnostics)?;
+        c.open_sequence(key(i), sc.policy.clone(), greedy.clone(), sc.diagnostics)?;
     }
     let mut t = Tally::default();
     let mut done = vec![0; sc.prompts.len()];
@@ -263,7 +286,7 @@ fn run<G: Backend, R: Backend>(
                 done[i] += n;
             }
         }
-        both(&mut g, &mut c, entries, false, &mut t)?;
+        both(&mut g, &mut c, entries, (false, sc.diagnostics), &mut t)?;
     }
     let mut seqs: Vec<u64> = (0..sc.prompts.len() as u64).collect();
     if sc.fork {
@@ -284,7 +307,7 @@ fn run<G: Backend, R: Backend>(
             .iter()
             .map(|&q| (q, vec![sc.decode[q as usize][s]], true))
             .collect();
-        both(&mut g, &mut c, entries, true, &mut t)?;
+        both(&mut g, &mut c, entries, (true, sc.diagnostics), &mut t)?;
     }
     eprintln!("  scenario ran in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(t)
@@ -333,6 +356,21 @@ fn rows(check: &str, sc: &Scenario, t: &Tally, tol: f64) -> Vec<Row> {
     if t.decode_steps == 0 {
         out[1].status = Status::Fail;
     }
+    if sc.diagnostics {
+        // The engines' selections may differ where the logits' rounding
+        // moves a near-tie; their masses stay close.
+        let mut r = Row::at_most(
+            check,
+            "decode diagnostics: mean true mass, GPU vs CPU",
+            "max_abs",
+            t.diag_gap,
+            0.02,
+        );
+        if t.diag_missing > 0 {
+            r = r.failing(format!("{} entries without diagnostics", t.diag_missing));
+        }
+        out.push(r);
+    }
     out
 }
 
@@ -354,6 +392,7 @@ mod tests {
             fork: true,
             min_agreement: 0.99,
             policy: AttentionPolicy::Full,
+            diagnostics: false,
         }
     }
 
@@ -383,6 +422,37 @@ mod tests {
         assert_eq!(rows[0].value, 0.0);
         assert!(rows[0].case.contains("3 chunked steps"), "{:?}", rows[0]);
         assert!(rows[1].case.contains("4 teacher-forced"), "{:?}", rows[1]);
+    }
+
+    /// The tactic group's model case on two CPU backends: the device path
+    /// (its diagnostics measured by the backend) against the host path.
+    #[test]
+    fn diagnostics_are_compared_across_the_engines() {
+        let config = ModelConfig::tiny();
+        let src = RandomSource {
+            config: config.clone(),
+            seed: 5,
+        };
+        let mut sc = scenario(config.vocab_size);
+        sc.policy = AttentionPolicy::Tactic {
+            p: 0.9,
+            cluster_size: Some(4),
+            recluster_limit: Some(16),
+        };
+        sc.diagnostics = true;
+        let cpu = || CpuBackend {
+            round_to_bf16: true,
+            round_activations: false,
+            device_tactic: None,
+        };
+        let pair = (cpu().with_device_tactic(), cpu());
+        let rows = compare_with("t", pair, &config, &src, &sc, 64, LOGITS_TOL);
+        assert_eq!(rows.len(), 5, "{rows:?}");
+        assert!(rows[4].case.contains("diagnostics"), "{:?}", rows[4]);
+        for r in &rows {
+            assert_eq!(r.status, Status::Pass, "{r:?}");
+        }
+        assert_eq!(rows[4].value, 0.0, "the same selections, the same masses");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub(super) fn random_scenario(
         // is a sanity floor.
         min_agreement: 0.95,
         policy: tacflow_ipc::AttentionPolicy::Full,
+        diagnostics: false,
     }
 }
 
@@ -119,6 +120,7 @@ pub fn smollm2(b: CudaBackend, opts: &super::Options) -> Vec<Row> {
         fork: false,
         min_agreement: 0.995,
         policy: tacflow_ipc::AttentionPolicy::Full,
+        diagnostics: false,
     };
     let blocks = (prompt + 64).div_ceil(16) + 8;
     compare(check, b, &config, src.as_ref(), &sc, blocks)

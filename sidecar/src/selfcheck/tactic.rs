@@ -7,7 +7,11 @@
 //!   bf16 keys, the parts the kernels write poisoned first;
 //! - the selection on the CPU's clusters against `select_group`, and the
 //!   sparse attention over the device's selection against the CPU's paged
-//!   attention with that selection;
+//!   attention with that selection, and the diagnostics of that selection
+//!   against the CPU's measure of it ([`super::tactic_diag`]);
+//! - the baselines' kernels (`oracle_top_p`, `fixed_budget`) against the
+//!   CPU's selections, the attention over them and their diagnostics
+//!   ([`super::tactic_baselines`]);
 //! - decoding: the device's states grown step by step and its selections
 //!   against `TacticSeq` per (layer, KV head, step): at least 99.9% equal,
 //!   every difference a near-tie (each query head's true mass within 1e-3);
@@ -35,7 +39,7 @@ use tacflow_kernels::tactic::{
     select_group, true_mass,
 };
 
-const CHECK: &str = "tactic";
+pub(super) const CHECK: &str = "tactic";
 
 /// Query heads, KV heads, head size.
 type Heads = (usize, usize, usize);
@@ -67,6 +71,11 @@ pub fn tactic(cx: &mut Ctx) -> Vec<Row> {
     for &h in &shapes {
         run(&mut rows, format!("select+attend {}", tag(h)), || {
             select(cx, h, &[1, 16, 300, 4097])
+        });
+    }
+    for &h in &shapes {
+        run(&mut rows, format!("baselines {}", tag(h)), || {
+            super::tactic_baselines::baselines(cx, h, &[1, 16, 300, 4097])
         });
     }
     for &(h, layers) in &[((9, 3, 64), 4), ((32, 8, 128), 2)] {
@@ -215,7 +224,7 @@ impl Fixture {
 
     /// Decode rows (one per sequence, at `ctx[s]`) whose query heads are
     /// each KV head's construction directions turned by noise (`step`).
-    fn queries(&self, layer: usize, step: u64, seed: u64) -> Vec<f32> {
+    pub fn queries(&self, layer: usize, step: u64, seed: u64) -> Vec<f32> {
         let (w, d) = (self.dims.qkv_dim(), self.dims.head_dim);
         let g = self.dims.num_heads / self.dims.num_kv_heads;
         let mut q = vec![0.0f32; self.seqs * w];
@@ -228,7 +237,7 @@ impl Fixture {
         q
     }
 
-    fn shape(&self) -> TacticShape {
+    pub fn shape(&self) -> TacticShape {
         TacticShape {
             kv_heads: self.dims.num_kv_heads,
             head_dim: self.dims.head_dim,
@@ -258,7 +267,7 @@ fn meta_over(lens: &[usize], tables: &[Vec<u32>], from: impl Fn(usize) -> usize)
 }
 
 /// A decode step: one row per sequence at context `ctx[s]`.
-fn decode_meta(ctx: &[usize], tables: &[Vec<u32>]) -> StepMeta {
+pub(super) fn decode_meta(ctx: &[usize], tables: &[Vec<u32>]) -> StepMeta {
     meta_over(ctx, tables, |s| ctx[s] - 1)
 }
 
@@ -338,6 +347,8 @@ fn kmeans(cx: &mut Ctx, heads: Heads, lens: &[usize], regrow: Option<usize>) -> 
                 state: s as u64,
                 row: s,
                 ctx_len: c,
+                diagnostics: false,
+                baseline: None,
             };
             planned.push(Planned { entry, plan });
             // The CPU's clustering of the same keys.
@@ -517,6 +528,15 @@ fn select(cx: &mut Ctx, heads: Heads, lens: &[usize]) -> Result<Vec<Row>> {
         &est_w,
         F32_TOL,
     ));
+    let sel = super::tactic_diag::Selected {
+        ds: &ds,
+        q: &q,
+        q_dev: &q_dev,
+        jobs: &jobs,
+        got: &got,
+        clusters: &idx,
+    };
+    rows.extend(super::tactic_diag::measure(gpu, &mut ws, &fx, &sel, &prm)?);
     rows.push(attend(cx, &fx, &ds, &q, &jobs, &mut ws, &got.slots)?);
     drop(bufs);
     Ok(rows)
@@ -524,7 +544,7 @@ fn select(cx: &mut Ctx, heads: Heads, lens: &[usize]) -> Result<Vec<Row>> {
 
 /// The sparse attention over the device's selection `slots` (per job)
 /// into poisoned rows, against the CPU's paged attention with it.
-fn attend(
+pub(super) fn attend(
     cx: &Ctx,
     fx: &Fixture,
     ds: &DeviceStep,
@@ -576,7 +596,7 @@ fn attend(
 
 /// Selections compared (layer, KV head, step) by (layer, KV head, step).
 #[derive(Debug, Default)]
-struct SetTally {
+pub(super) struct SetTally {
     sets: usize,
     equal: usize,
     ties: usize,
@@ -587,7 +607,7 @@ struct SetTally {
 
 impl SetTally {
     /// Adds one comparison; whether the sets are equal.
-    fn add(
+    pub fn add(
         &mut self,
         got: &[u32],
         want: &[u32],
@@ -620,7 +640,7 @@ impl SetTally {
         false
     }
 
-    fn rows(&self, what: &str) -> Vec<Row> {
+    pub fn rows(&self, what: &str) -> Vec<Row> {
         let frac = self.equal as f64 / self.sets.max(1) as f64;
         let mut r = Row::at_least(CHECK, what, "equal_sets", frac, 0.999).with_note(format!(
             "{} of {} equal, {} near-ties (true mass within 1e-3), worst {:.1e}",
@@ -671,6 +691,8 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
                     state: s as u64,
                     row: s,
                     ctx_len: c,
+                    diagnostics: false,
+                    baseline: None,
                 };
                 planned.push(Planned { entry, plan });
             }
@@ -716,7 +738,7 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
 /// `tactic` with a re-clustering limit of 24, through the engine: the CUDA
 /// backend with `experimental_gpu_tactic` against the CPU backend's device
 /// path on the same bf16 weights (prompts of 300 and 77 tokens, a fork, 40
-/// teacher-forced decode steps).
+/// teacher-forced decode steps), with attention diagnostics.
 pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
     let b = match b.with_gpu_tactic(true) {
         Ok(b) => b,
@@ -737,6 +759,8 @@ pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
         cluster_size: None,
         recluster_limit: Some(24),
     };
+    // The device's diagnostics against the CPU device path's.
+    sc.diagnostics = true;
     let cpu = CpuBackend {
         round_to_bf16: true,
         round_activations: false,

@@ -6,6 +6,9 @@
 //! | cluster new runs of keys into their states | [`Gpu::tactic_cluster`] | `tactic/kmeans.cuh` |
 //! | rank, estimate, union: the slots each (sequence, KV head) attends | [`Gpu::tactic_select`] | `tactic/select.cuh`, `tactic/union.cuh` |
 //! | attention over those slots | [`Gpu::tactic_attend`] | `tactic/sparse.cuh` |
+//! | `oracle_top_p`: exact scores, sorted, the shortest prefix reaching P, the union | [`Gpu::tactic_oracle`] | `tactic/oracle.cuh` |
+//! | `fixed_budget`: page bounds, page orders, the round-robin to the budget | [`Gpu::tactic_budget`] | `tactic/budget.cuh` |
+//! | diagnostics: each selection's true mass, its estimate, what it kept | [`Gpu::tactic_measure`] | `tactic/diag.cuh` |
 //!
 //! A launch serves every (sequence, KV head) of a layer at once; the host
 //! lays out each one's part of the scratch from upper bounds it knows
@@ -13,10 +16,16 @@
 //! device. The states themselves are the caller's allocations, laid out by
 //! [`crate::tactic::layout::StateLayout`].
 
+mod budget;
+mod diag;
 mod kmeans;
+mod oracle;
 mod select;
 
+pub use budget::BudgetJob;
+pub use diag::{JobDiag, diag_record_len, parse_diag};
 pub use kmeans::ClusterJob;
+pub use oracle::OracleJob;
 pub use select::{SelectJob, SelectionHost};
 
 use super::device::Gpu;
@@ -55,6 +64,8 @@ pub struct TacticWorkspace {
     pub(crate) list: Scratch<u32>,
     pub(crate) list_len: Scratch<u32>,
     pub(crate) est: Scratch<f32>,
+    /// The oracle's exact scores (its sort keys use `keys`).
+    pub(crate) oracle_scores: Scratch<f32>,
     /// The problems of the last selection, which the attention reuses.
     pub(crate) sel_probs: Option<CudaSlice<select::SelProblem>>,
     pub(crate) sel_count: usize,

@@ -43,20 +43,20 @@ pub struct SelectJob {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct SelProblem {
-    state: u64,
-    lay: StateLayout,
-    head: u32,
-    row: u32,
-    ctx_len: u32,
-    cbase: u32,
-    kbase: u32,
-    kpow: u32,
-    tbase: u32,
-    lbase: u32,
-    wbase: u32,
-    tkbase: u32,
-    p: f32,
-    margin: f32,
+    pub(super) state: u64,
+    pub(super) lay: StateLayout,
+    pub(super) head: u32,
+    pub(super) row: u32,
+    pub(super) ctx_len: u32,
+    pub(super) cbase: u32,
+    pub(super) kbase: u32,
+    pub(super) kpow: u32,
+    pub(super) tbase: u32,
+    pub(super) lbase: u32,
+    pub(super) wbase: u32,
+    pub(super) tkbase: u32,
+    pub(super) p: f32,
+    pub(super) margin: f32,
 }
 
 #[repr(C)]
@@ -361,6 +361,25 @@ impl Gpu {
             self.launch(&kernel, cta, &p)?;
             self.launch("tactic_attention_merge_f32", merge, &p)
         }
+    }
+
+    /// The last selection's slots on the host (self-check), per job of
+    /// context `ctx_lens[i]`: any selection's, a baseline's included.
+    pub fn tactic_slots_to_host(
+        &self,
+        ws: &TacticWorkspace,
+        ctx_lens: &[usize],
+    ) -> Result<Vec<Vec<u32>>> {
+        let np = ctx_lens.len();
+        if ws.sel_count != np {
+            return Err(Error::Shape("no selection of these jobs to read".into()));
+        }
+        let lens = self.download(ws.list_len.get()?, np)?;
+        let (lbase, total) = bases(ctx_lens.iter().copied());
+        let list = self.download(ws.list.get()?, total)?;
+        Ok((0..np)
+            .map(|i| list[lbase[i]..lbase[i] + lens[i] as usize].to_vec())
+            .collect())
     }
 
     /// The last selection's slots and estimates on the host (self-check).

@@ -40,6 +40,7 @@
 //! | Tactic's states and sparse attention (`experimental_gpu_tactic`) | [`tactic`] |
 
 mod act;
+mod baselines;
 pub mod graphs;
 mod ops;
 mod step;

@@ -279,6 +279,10 @@ impl Backend for CudaBackend {
         self.tactic.is_some()
     }
 
+    fn device_baselines(&self) -> bool {
+        self.tactic.is_some()
+    }
+
     fn tactic_open(
         &self,
         id: StateId,
@@ -325,9 +329,14 @@ impl Backend for CudaBackend {
         self.tactic_attention_rows(step, qkv, kv, layer, d, entries, out, rows)
     }
 
+    fn tactic_diagnostics(&self) -> Result<Vec<crate::backend::tactic::TacticMeasure>> {
+        self.gpu_tactic()?.take_measures(&self.gpu)
+    }
+
     fn tactic_end_step(&self, commit: bool) {
         if let Ok(mut t) = self.gpu_tactic() {
             t.dev.end_step(commit);
+            t.measured.clear();
         }
     }
 

@@ -4,24 +4,44 @@
 //! grows are clustered (`Gpu::tactic_cluster`), every entry's KV heads
 //! select (`Gpu::tactic_select`) and attend their selection
 //! (`Gpu::tactic_attend`); the node's other rows attend in full. Nothing
-//! is read back: a step still synchronises only at sampling.
+//! is read back: a step still synchronises only at sampling, unless a
+//! sequence asked for diagnostics: then each node also measures its
+//! selections (`Gpu::tactic_measure`), and the engine reads the records
+//! back once, after the forward pass (`GpuTactic::take_measures`).
 //!
 //! Experimental until a GPU run of `tacflowd selfcheck --groups tactic`
 //! verifies the kernels (kernels/TACTIC.md, "On the GPU").
 
 use super::{Act, CudaBackend, check};
-use crate::backend::tactic::DeviceMemory;
-use crate::backend::tactic::driver::{TacticDevice, cluster_jobs, select_jobs};
+use crate::backend::tactic::driver::{Planned, TacticDevice, cluster_jobs, select_jobs};
+use crate::backend::tactic::{DeviceMemory, MeasureAt, Selector, TacticMeasure};
 use crate::backend::{AttnDims, Backend, RowRange, TacticEntry};
 use crate::config::GpuActivations;
 use crate::error::{Error, Result};
-use tacflow_kernels::cuda::{CudaSlice, DeviceStep, Gpu, KvCache, TacticShape, TacticWorkspace};
+use tacflow_kernels::cuda::{
+    CudaSlice, DeviceStep, Gpu, KvCache, SelectJob, TacticShape, TacticWorkspace,
+};
 
 /// The backend's Tactic states and the kernels' scratch.
 #[derive(Debug, Default)]
 pub struct GpuTactic {
     pub dev: TacticDevice<Gpu>,
     pub ws: TacticWorkspace,
+    /// This step's diagnostics, on the device until the step reads them.
+    pub measured: Vec<Measured>,
+}
+
+/// One attention node's diagnostics records (`Gpu::tactic_measure`), with
+/// what each record measures: its entry, layer and KV head, and what
+/// selected (for the estimate and the tokens read), `None` where the
+/// entry did not ask for diagnostics (the launch measures every job of
+/// the node's selection).
+#[derive(Debug)]
+pub struct Measured {
+    buf: CudaSlice<f64>,
+    jobs: Vec<Option<(MeasureAt, Selector)>>,
+    head_dim: usize,
+    group: usize,
 }
 
 /// The states live in stream-ordered allocations of the current lane (the
@@ -76,7 +96,7 @@ impl CudaBackend {
             "experimental_gpu_tactic runs with gpu_activations = \"split\"".into()
         })?;
         tracing::warn!(
-            "experimental_gpu_tactic: the tactic policy runs on kernels not yet verified on a GPU"
+            "experimental_gpu_tactic: the sparse policies run on kernels not yet verified on a GPU"
         );
         self.tactic = Some(std::cell::RefCell::new(GpuTactic::default()));
         Ok(self)
@@ -90,8 +110,9 @@ impl CudaBackend {
     }
 
     /// [`Backend::tactic_attention`]: the other rows of `rows` in full
-    /// (runs between the entries' rows), then the entries' clustering,
-    /// selection and sparse attention.
+    /// (runs between the entries' rows), then the Tactic entries'
+    /// clustering, selection and sparse attention, then the baselines'
+    /// (`baselines.rs`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tactic_attention_rows(
         &self,
@@ -115,24 +136,118 @@ impl CudaBackend {
             head_dim: d.head_dim,
             group: d.num_heads / d.num_kv_heads,
         };
+        let (baselines, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
+            entries.iter().partition(|e| e.baseline.is_some());
         let mut t = self.gpu_tactic()?;
-        let GpuTactic { dev, ws } = &mut *t;
-        let planned = dev.plan(&self.gpu, layer, entries)?;
-        for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
+        let node = Node {
+            step,
+            qkv,
+            kv,
+            layer,
+            shape,
+        };
+        if !tactic.is_empty() {
+            let GpuTactic { dev, ws, .. } = &mut *t;
+            let planned = dev.plan(&self.gpu, layer, &tactic)?;
+            for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
+                self.gpu
+                    .tactic_cluster(ws, step, kv, layer, &shape, &jobs, &km)?;
+            }
+            let jobs = select_jobs(&planned, shape.kv_heads);
+            let q = qkv.f32("tactic attention")?;
             self.gpu
-                .tactic_cluster(ws, step, kv, layer, &shape, &jobs, &km)?;
+                .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            let measure = measured_jobs(&planned, layer, shape.kv_heads);
+            self.attend_selected(&mut t, &node, &jobs, measure, out, &rows)?;
         }
-        let jobs = select_jobs(&planned, shape.kv_heads);
-        let q = qkv.f32("tactic attention")?;
-        self.gpu
-            .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+        if !baselines.is_empty() {
+            self.baseline_rows(&mut t, &node, &baselines, out, &rows)?;
+        }
+        Ok(())
+    }
+
+    /// The last selection's diagnostics (where an entry asked for them:
+    /// `measure` holds a `Some`) and its sparse attention.
+    pub(super) fn attend_selected(
+        &self,
+        t: &mut GpuTactic,
+        n: &Node<'_>,
+        jobs: &[SelectJob],
+        measure: Vec<Option<(MeasureAt, Selector)>>,
+        out: &mut Act,
+        rows: &RowRange,
+    ) -> Result<()> {
+        let q = n.qkv.f32("tactic attention")?;
+        let (gpu, shape) = (&self.gpu, &n.shape);
+        if measure.iter().any(Option::is_some) {
+            let buf =
+                gpu.tactic_measure(&mut t.ws, n.step, q, n.qkv.cols, n.kv, n.layer, shape, jobs)?;
+            t.measured.push(Measured {
+                buf,
+                jobs: measure,
+                head_dim: shape.head_dim,
+                group: shape.group,
+            });
+        }
         let cols = out.cols;
-        let mut o = self.out_rows(out, &rows)?;
-        let q_cols = qkv.cols;
-        Ok(self.gpu.tactic_attend(
-            ws, step, q, q_cols, kv, layer, &shape, &jobs, &mut o, rows.start, cols,
+        let mut o = self.out_rows(out, rows)?;
+        Ok(gpu.tactic_attend(
+            &mut t.ws, n.step, q, n.qkv.cols, n.kv, n.layer, shape, jobs, &mut o, rows.start, cols,
         )?)
     }
+}
+
+/// What an attention node's launches share.
+pub(super) struct Node<'a> {
+    pub step: &'a DeviceStep,
+    pub qkv: &'a Act,
+    pub kv: &'a KvCache,
+    pub layer: usize,
+    pub shape: TacticShape,
+}
+
+impl GpuTactic {
+    /// [`Backend::tactic_diagnostics`]: this step's records brought back
+    /// (the wait the diagnostic mode adds), those of the entries that
+    /// asked for them as measures.
+    pub fn take_measures(&mut self, gpu: &Gpu) -> Result<Vec<TacticMeasure>> {
+        let mut out = vec![];
+        for m in std::mem::take(&mut self.measured) {
+            let recs = gpu.tactic_diag_to_host(&m.buf, m.jobs.len(), m.group)?;
+            for (rec, job) in recs.iter().zip(&m.jobs) {
+                if let Some((at, how)) = job {
+                    out.push(TacticMeasure::from_device(*at, rec, m.head_dim, how));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What each job of [`select_jobs`] measures (in its order), where its
+/// entry asked for diagnostics.
+fn measured_jobs(
+    planned: &[Planned],
+    layer: usize,
+    kv_heads: usize,
+) -> Vec<Option<(MeasureAt, Selector)>> {
+    planned
+        .iter()
+        .flat_map(|p| {
+            (0..kv_heads).map(move |head| {
+                let e = p.entry;
+                e.diagnostics.then_some((
+                    MeasureAt {
+                        seq: e.seq,
+                        layer,
+                        head,
+                        ctx_len: e.ctx_len,
+                    },
+                    Selector::Tactic(p.plan.params),
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The maximal runs of `rows` that hold no entry's row.
@@ -163,6 +278,8 @@ mod tests {
             state: 0,
             row,
             ctx_len: 1,
+            diagnostics: false,
+            baseline: None,
         }
     }
 

@@ -10,19 +10,24 @@
 //! [`StateLayout`]: tacflow_kernels::tactic::layout::StateLayout
 
 use super::driver::{Planned, TacticDevice};
+use super::measure::{MeasureAt, TacticMeasure};
 use super::mem::HostMemory;
-use crate::backend::StepMeta;
+use crate::backend::{Baseline, StepMeta, TacticEntry};
 use crate::error::{Error, Result};
 use tacflow_kernels::cpu::KvLayer;
 use tacflow_kernels::tactic::layout::{read_heads, write_heads};
 use tacflow_kernels::tactic::union::{UNION_CHUNK, select_group_chunked};
-use tacflow_kernels::tactic::{PagedKeys, Scratch};
+use tacflow_kernels::tactic::{
+    PageBounds, PagedKeys, Scratch, exact_scores, fixed_budget, oracle_top_p,
+};
 
 /// The CPU backend's Tactic states and the memory they live in.
 #[derive(Debug, Default)]
 pub struct HostTactic {
     pub dev: TacticDevice<HostMemory>,
     pub mem: HostMemory,
+    /// This step's measures of the entries that asked for diagnostics.
+    pub measured: Vec<TacticMeasure>,
 }
 
 /// What one layer's selection needs from the step.
@@ -43,17 +48,81 @@ impl HostTactic {
         HostTactic {
             dev: TacticDevice::default(),
             mem: HostMemory::new(),
+            measured: Vec::new(),
         }
     }
 
-    /// Plans the entries' states of `at.layer`, clusters the runs the plans
-    /// ask for into them (the clustering kernels' work) and selects (the
-    /// selection kernels'): per entry, its sequence and each KV head's
-    /// sorted slots.
+    /// The selections of the entries: per entry, its sequence and each KV
+    /// head's sorted slots (Tactic's, or a baseline's for an entry with
+    /// one). The entries with `diagnostics` get their measures added to
+    /// [`HostTactic::measured`].
     pub fn select(
         &mut self,
         at: &HostLayer<'_>,
-        entries: &[crate::backend::TacticEntry],
+        entries: &[TacticEntry],
+    ) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
+        let (baselines, tactic): (Vec<TacticEntry>, Vec<TacticEntry>) =
+            entries.iter().partition(|e| e.baseline.is_some());
+        let mut out = self.select_tactic(at, &tactic)?;
+        for e in &baselines {
+            let sel = (0..at.kv.kv_heads)
+                .map(|h| self.select_baseline(at, e, h))
+                .collect();
+            out.push((e.seq, sel));
+        }
+        Ok(out)
+    }
+
+    /// The baseline kernels' work for one entry and KV head, as
+    /// `engine::sparse::select_layer` selects on the host: the oracle's
+    /// union over the query heads of `oracle_top_p` on the exact scores,
+    /// or `fixed_budget` on page bounds built from the keys (the kernels
+    /// build them each step; the host path keeps them: the same bounds).
+    fn select_baseline(&mut self, at: &HostLayer<'_>, e: &TacticEntry, h: usize) -> Vec<u32> {
+        let (g, d) = (at.group, at.kv.head_dim);
+        let q = &at.qkv[e.row * at.row_len + h * g * d..][..g * d];
+        let keys = entry_keys(at, e, h);
+        let mut sel = vec![];
+        let (est, read) = match e.baseline.expect("a baseline entry") {
+            Baseline::Oracle { p } => {
+                let (mut scores, mut order) = (vec![], vec![]);
+                for qh in q.chunks_exact(d) {
+                    exact_scores(&keys, qh, e.ctx_len, &mut scores);
+                    oracle_top_p(&scores, p, &mut order, &mut sel);
+                }
+                sel.sort_unstable();
+                sel.dedup();
+                // The oracle knows its mass and reads its set.
+                (None, sel.len() as f64)
+            }
+            Baseline::Budget { tokens } => {
+                let page = at.kv.block_size;
+                let covered = (e.ctx_len / page) * page;
+                let bounds = PageBounds::build(&keys, covered, page);
+                let read = fixed_budget(&bounds, q, e.ctx_len, tokens, &mut sel);
+                // A fixed budget estimates no mass.
+                (Some(f64::NAN), read)
+            }
+        };
+        if e.diagnostics {
+            let at_ = measure_at(e, at.layer, h);
+            let mut m = TacticMeasure::on_host(at_, &keys, q, &sel, &[], read);
+            m.est = match est {
+                Some(x) => vec![x; g],
+                None => m.mass.clone(),
+            };
+            self.measured.push(m);
+        }
+        sel
+    }
+
+    /// Plans the Tactic entries' states of `at.layer`, clusters the runs
+    /// the plans ask for into them (the clustering kernels' work) and
+    /// selects (the selection kernels').
+    fn select_tactic(
+        &mut self,
+        at: &HostLayer<'_>,
+        entries: &[TacticEntry],
     ) -> Result<Vec<(usize, Vec<Vec<u32>>)>> {
         let planned = self.dev.plan(&self.mem, at.layer, entries)?;
         for p in &planned {
@@ -61,6 +130,7 @@ impl HostTactic {
         }
         let states = self.dev.states().expect("planned above");
         let mut scratch = Scratch::default();
+        let measured = &mut self.measured;
         planned
             .iter()
             .map(|p| {
@@ -76,10 +146,11 @@ impl HostTactic {
                     .enumerate()
                     .map(|(h, ix)| {
                         let mut out = Vec::new();
-                        select_group_chunked(
+                        let (keys, q) = (keys(at, p, h), &row[h * g * d..(h + 1) * g * d]);
+                        let st = select_group_chunked(
                             ix,
-                            &keys(at, p, h),
-                            &row[h * g * d..(h + 1) * g * d],
+                            &keys,
+                            q,
                             p.entry.ctx_len,
                             &p.plan.params,
                             UNION_CHUNK,
@@ -87,6 +158,11 @@ impl HostTactic {
                             &mut out,
                             &mut est,
                         );
+                        if p.entry.diagnostics {
+                            let m = measure_at(&p.entry, at.layer, h);
+                            let read = st.tokens_read;
+                            measured.push(TacticMeasure::on_host(m, &keys, q, &out, &est, read));
+                        }
                         out
                     })
                     .collect();
@@ -116,9 +192,22 @@ impl HostTactic {
 }
 
 fn keys<'a>(at: &HostLayer<'a>, p: &Planned, head: usize) -> PagedKeys<'a> {
+    entry_keys(at, &p.entry, head)
+}
+
+fn entry_keys<'a>(at: &HostLayer<'a>, e: &TacticEntry, head: usize) -> PagedKeys<'a> {
     PagedKeys {
         kv: at.kv,
-        block_table: &at.meta.seqs[p.entry.seq].block_table,
+        block_table: &at.meta.seqs[e.seq].block_table,
         head,
+    }
+}
+
+fn measure_at(e: &TacticEntry, layer: usize, head: usize) -> MeasureAt {
+    MeasureAt {
+        seq: e.seq,
+        layer,
+        head,
+        ctx_len: e.ctx_len,
     }
 }

@@ -335,6 +335,8 @@ fn step<D: Device>(
             state: s as _,
             row: s,
             ctx_len: ctx,
+            diagnostics: false,
+            baseline: None,
         })
         .collect();
     let step = b.begin_step(&meta)?;

@@ -101,32 +101,95 @@ fn forks_truncations_and_closes_go_through_the_backend() {
 }
 
 #[test]
-fn a_backend_keeping_tactic_serves_tactic_and_full_only() {
+fn a_backend_keeping_tactic_serves_every_policy_on_its_device() {
     let mut dev = device_engine(16);
     let serves = Serves::of(dev.backend());
-    assert_eq!(crate::engine::policies(serves), ["full", "tactic"]);
-    let sampling = SamplingParams::default();
-    let refused = |e: &mut TestEngine, seq, p, diag| {
-        e.open_sequence(key(seq), p, sampling.clone(), diag)
-            .unwrap_err()
-            .code
-    };
+    assert_eq!(
+        crate::engine::policies(serves),
+        ["full", "tactic", "fixed_budget", "oracle_top_p"]
+    );
     let budget = AttentionPolicy::FixedBudget { tokens: 8, p: None };
-    assert_eq!(refused(&mut dev, 1, budget, false), ErrorCode::Unsupported);
-    let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
-    assert_eq!(refused(&mut dev, 1, oracle, false), ErrorCode::Unsupported);
-    let t = tactic(0.9, None, None);
-    assert_eq!(
-        refused(&mut dev, 1, t.clone(), true),
-        ErrorCode::Unsupported
-    );
-    open(&mut dev, 1, t, false);
-    let fork = dev.fork_sequence(key(1), key(2), None, None, Some(true));
-    assert_eq!(fork.unwrap_err().code, ErrorCode::Unsupported);
-    assert_eq!(
-        crate::engine::policies(Serves::of(engine(16).backend())).len(),
-        4
-    );
+    open(&mut dev, 1, AttentionPolicy::OracleTopP { p: 0.9 }, true);
+    open(&mut dev, 2, budget, false);
+    for seq in [1, 2] {
+        let state = &dev.seqs[&key(seq)].state;
+        assert!(
+            matches!(state, PolicyState::DeviceBaseline { .. }),
+            "{state:?}"
+        );
+    }
+    assert_eq!(dev.seqs[&key(2)].state.target(), 0.9);
+}
+
+/// The baselines selected by the backend decode as the host path's, their
+/// diagnostics (true mass, estimate, tokens read) the same, bit for bit,
+/// beside a Tactic sequence in the same steps.
+#[test]
+fn the_device_baselines_decode_as_the_host_path() {
+    for policy in [
+        AttentionPolicy::OracleTopP { p: 0.8 },
+        AttentionPolicy::FixedBudget {
+            tokens: 24,
+            p: Some(0.7),
+        },
+    ] {
+        let (mut host, mut dev) = (engine(96), device_engine(96));
+        for e in [&mut host, &mut dev] {
+            open(e, 1, policy.clone(), true);
+            open(e, 2, tactic(0.9, Some(4), Some(16)), true);
+            feed(e, 2, tokens(2, 20));
+        }
+        let mut t = both(&mut host, &mut dev, 1, tokens(1, 40));
+        for step in 0..20 {
+            let w = vec![entry(1, vec![t], true), entry(2, tokens(step, 1), true)];
+            let (a, b) = (
+                host.step(&work(w.clone())).unwrap(),
+                dev.step(&work(w)).unwrap(),
+            );
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{policy:?} step {step}");
+            let d = a[0].attention.as_ref().expect("diagnostics asked for");
+            assert!(d.true_mass > 0.0 && d.tokens_read_fraction > 0.0, "{d:?}");
+            t = a[0].token.unwrap();
+        }
+        let host_state = &host.seqs[&key(1)].state;
+        assert!(!host_state.on_device(), "{host_state:?}");
+    }
+}
+
+/// Diagnostics of a device-path sequence (measured by the backend where
+/// it selects) are the host path's: the same true masses, estimates and
+/// tokens read in every step reply, a fork's included.
+#[test]
+fn device_diagnostics_are_the_host_paths() {
+    let (mut host, mut dev) = (engine(96), device_engine(96));
+    let policy = tactic(0.9, Some(4), Some(16));
+    for e in [&mut host, &mut dev] {
+        open(e, 1, policy.clone(), true);
+        open(e, 3, policy.clone(), false);
+        feed(e, 3, tokens(3, 25));
+    }
+    let mut t = both(&mut host, &mut dev, 1, tokens(1, 33));
+    for step in 0..25 {
+        if step == 10 {
+            for e in [&mut host, &mut dev] {
+                e.fork_sequence(key(1), key(2), None, None, Some(true))
+                    .unwrap();
+            }
+        }
+        let mut w = vec![entry(1, vec![t], true), entry(3, tokens(step, 1), true)];
+        if step >= 10 {
+            w.push(entry(2, tokens(50 + step, 1), true));
+        }
+        let (a, b) = (
+            host.step(&work(w.clone())).unwrap(),
+            dev.step(&work(w)).unwrap(),
+        );
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "step {step}");
+        let d = a[0].attention.as_ref().expect("diagnostics asked for");
+        assert!(d.true_mass > 0.0 && d.tokens_read_fraction > 0.0, "{d:?}");
+        assert!(a[1].attention.is_none(), "seq 3 asked for none");
+        t = a[0].token.unwrap();
+    }
 }
 
 /// A decode step of three Tactic sequences, one at its first decode
@@ -170,4 +233,52 @@ fn a_failed_step_leaves_the_device_states_as_they_were() {
         let got = e.step(&w).unwrap();
         assert_eq!(format!("{got:?}"), format!("{want:?}"), "op {op}");
     }
+}
+
+/// What `hello` lists and `open_sequence` accepts for each kind of
+/// backend: the CUDA backend without `experimental_gpu_tactic` serves full
+/// attention only; with it, Tactic and the baselines on its device; a
+/// backend selecting on host views, every policy.
+#[test]
+fn each_backend_serves_what_it_selects() {
+    use crate::engine::{policies, validate_policy};
+    let plain_gpu = Serves::host(false);
+    let gpu_tactic = Serves {
+        host: false,
+        device_tactic: true,
+        device_baselines: true,
+    };
+    let host = Serves::host(true);
+    let budget = AttentionPolicy::FixedBudget {
+        tokens: 64,
+        p: None,
+    };
+    let oracle = AttentionPolicy::OracleTopP { p: 0.9 };
+    let t = tactic(0.9, None, None);
+    assert_eq!(policies(plain_gpu), ["full"]);
+    assert_eq!(policies(gpu_tactic).len(), 4);
+    assert_eq!(policies(host).len(), 4);
+    for p in [&t, &oracle, &budget] {
+        let e = validate_policy(p, plain_gpu).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported, "{p:?}");
+        assert!(validate_policy(p, host).is_ok(), "{p:?}");
+        assert!(validate_policy(p, gpu_tactic).is_ok(), "{p:?}");
+    }
+    // A backend keeping Tactic states without the baselines on its device
+    // serves no host policy: a step selects in one place.
+    let tactic_only = Serves {
+        device_baselines: false,
+        ..gpu_tactic
+    };
+    assert_eq!(policies(tactic_only), ["full", "tactic"]);
+    for p in [&oracle, &budget] {
+        let e = validate_policy(p, tactic_only).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unsupported, "{p:?}");
+    }
+    // Out-of-range parameters are bad requests wherever they would run.
+    let bad = AttentionPolicy::OracleTopP { p: 1.5 };
+    assert_eq!(
+        validate_policy(&bad, gpu_tactic).unwrap_err().code,
+        ErrorCode::BadRequest
+    );
 }
