@@ -18,6 +18,8 @@
 
 mod baselines;
 mod io;
+#[path = "../../emu/stand_in.rs"]
+mod stand_in;
 
 use anyhow::{Context, Result, bail};
 use io::{Case, Outputs};
@@ -93,40 +95,14 @@ fn build(dir: &Path, name: &str, driver: &str) -> Result<PathBuf> {
         .iter()
         .find(|m| m.name == "tactic")
         .context("no tactic module")?;
-    let source: String = module
-        .full_source()
-        .lines()
-        .map(|l| match dynamic_shared(l) {
-            Some((ty, name)) => format!("{ty}* {name} = ({ty}*)emu_blk->dyn.data();\n"),
-            None => format!("{l}\n"),
-        })
-        .collect();
-    std::fs::write(dir.join("tactic_all.inc"), source)?;
-    std::fs::write(dir.join("emu.h"), include_str!("../../emu/emu.h"))?;
-    let cpp = dir.join(format!("{name}.cpp"));
-    std::fs::write(&cpp, driver)?;
-    let exe = dir.join(format!("{name}_emu"));
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "g++".into());
-    let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-ffp-contract=off", "-pthread", "-o"])
-        .arg(&exe)
-        .arg(&cpp)
-        .status()
-        .with_context(|| format!("running {cxx}"))?;
-    if !status.success() {
-        bail!("{cxx} failed to compile the kernels on the stand-in");
-    }
-    Ok(exe)
-}
-
-/// `(type, name)` of a line `extern __shared__ TYPE NAME[];` (a comment
-/// may follow).
-fn dynamic_shared(line: &str) -> Option<(&str, &str)> {
-    let code = line.split("//").next()?.trim();
-    let rest = code.strip_prefix("extern __shared__ ")?;
-    let decl = rest.strip_suffix("[];")?;
-    let (ty, name) = decl.split_once(' ')?;
-    Some((ty, name))
+    let source = stand_in::rewrite_shared(&module.full_source());
+    let cpp = format!("{name}.cpp");
+    let files = [
+        ("tactic_all.inc", source.as_str()),
+        ("emu.h", include_str!("../../emu/emu.h")),
+        (cpp.as_str(), driver),
+    ];
+    stand_in::compile(dir, &files, &cpp, &format!("{name}_emu"))
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f64 {
