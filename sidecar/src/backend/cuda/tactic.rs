@@ -29,6 +29,33 @@ pub struct GpuTactic {
     pub ws: TacticWorkspace,
     /// This step's diagnostics, on the device until the step reads them.
     pub measured: Vec<Measured>,
+    /// Events around the phases of Tactic's nodes (`bench-tactic`; off in
+    /// the daemon): see [`PhaseMarks`].
+    pub phases: Option<PhaseMarks>,
+}
+
+/// Events at the boundaries of a Tactic attention node's phases
+/// (clustering, selection, diagnostics and sparse attention), recorded on
+/// its lane; the milliseconds of each phase summed over the nodes since
+/// they were last read.
+#[derive(Debug, Default)]
+pub struct PhaseMarks {
+    /// Pairs of marks per node and phase, waiting to be read.
+    pending: Vec<[tacflow_kernels::cuda::Mark; 4]>,
+}
+
+impl PhaseMarks {
+    /// Milliseconds of (clustering, selection, attention) summed over the
+    /// nodes recorded since the last call (waits for their events).
+    pub fn take_ms(&mut self) -> tacflow_kernels::Result<[f64; 3]> {
+        let mut sum = [0.0; 3];
+        for m in self.pending.drain(..) {
+            for (i, s) in sum.iter_mut().enumerate() {
+                *s += m[i + 1].ms_since(&m[i])?;
+            }
+        }
+        Ok(sum)
+    }
 }
 
 /// One attention node's diagnostics records (`Gpu::tactic_measure`), with
@@ -102,6 +129,21 @@ impl CudaBackend {
         Ok(self)
     }
 
+    /// Times the phases of Tactic's nodes from now on (`bench-tactic`):
+    /// events around clustering, selection and attention, read by
+    /// [`CudaBackend::tactic_phases_ms`].
+    pub fn time_tactic_phases(&self) -> Result<()> {
+        self.gpu_tactic()?.phases = Some(PhaseMarks::default());
+        Ok(())
+    }
+
+    /// Milliseconds of (clustering, selection, diagnostics and sparse
+    /// attention) of the Tactic nodes since the last call, when timed.
+    pub fn tactic_phases_ms(&self) -> Result<Option<[f64; 3]>> {
+        let mut t = self.gpu_tactic()?;
+        Ok(t.phases.as_mut().map(PhaseMarks::take_ms).transpose()?)
+    }
+
     pub(super) fn gpu_tactic(&self) -> Result<std::cell::RefMut<'_, GpuTactic>> {
         self.tactic
             .as_ref()
@@ -147,18 +189,35 @@ impl CudaBackend {
             shape,
         };
         if !tactic.is_empty() {
+            let timed = t.phases.is_some();
+            let mark = |on: bool| -> Result<Option<tacflow_kernels::cuda::Mark>> {
+                if !on {
+                    return Ok(None);
+                }
+                let m = self.gpu.mark()?;
+                m.record(&self.gpu)?;
+                Ok(Some(m))
+            };
+            let m0 = mark(timed)?;
             let GpuTactic { dev, ws, .. } = &mut *t;
             let planned = dev.plan(&self.gpu, layer, &tactic)?;
             for (km, jobs) in cluster_jobs(&planned, shape.kv_heads) {
                 self.gpu
                     .tactic_cluster(ws, step, kv, layer, &shape, &jobs, &km)?;
             }
+            let m1 = mark(timed)?;
             let jobs = select_jobs(&planned, shape.kv_heads);
             let q = qkv.f32("tactic attention")?;
             self.gpu
                 .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            let m2 = mark(timed)?;
             let measure = measured_jobs(&planned, layer, shape.kv_heads);
             self.attend_selected(&mut t, &node, &jobs, measure, out, &rows)?;
+            if let (Some(m0), Some(m1), Some(m2), Some(m3)) = (m0, m1, m2, mark(timed)?)
+                && let Some(p) = t.phases.as_mut()
+            {
+                p.pending.push([m0, m1, m2, m3]);
+            }
         }
         if !baselines.is_empty() {
             self.baseline_rows(&mut t, &node, &baselines, out, &rows)?;

@@ -24,6 +24,11 @@ pub trait Device {
     /// path's output must equal it bit for bit.
     fn is_host(&self) -> bool;
     fn name(&self) -> &'static str;
+    /// Microseconds of (clustering, selection, attention) inside the
+    /// device path since the last call, where the backend times them.
+    fn phases_us(&self) -> Result<Option<[f64; 3]>> {
+        Ok(None)
+    }
 }
 
 /// The CPU backend with Tactic's device path (`with_device_tactic`).
@@ -84,6 +89,7 @@ impl Cuda {
                     "bench-tactic --backend cuda needs a CUDA GPU (no fallback to the CPU): {e}"
                 ))
             })?;
+        b.time_tactic_phases()?;
         Ok(Cuda(b))
     }
 }
@@ -110,5 +116,8 @@ impl Device for Cuda {
     }
     fn name(&self) -> &'static str {
         "cuda"
+    }
+    fn phases_us(&self) -> Result<Option<[f64; 3]>> {
+        Ok(self.0.tactic_phases_ms()?.map(|ms| ms.map(|x| x * 1e3)))
     }
 }

@@ -219,6 +219,10 @@ struct Acc {
     steady: Vec<f64>,
     full: Vec<f64>,
     attn: Vec<f64>,
+    /// The device's own phases (clustering, selection, attention) of the
+    /// first step and of the steady ones, where it times them (CUDA).
+    first_phases: Option<[f64; 3]>,
+    phases: Vec<[f64; 3]>,
     q: Quality,
 }
 
@@ -344,10 +348,13 @@ fn step<D: Device>(
         b.tactic_attention(&step, &qkv, &c.kv, 0, dims, &entries, &mut out, 0..batch)
     })?;
     b.tactic_end_step(true);
+    let phases = dev.phases_us()?;
     if t == 0 {
         acc.first_us = us;
+        acc.first_phases = phases;
     } else {
         acc.steady.push(us);
+        acc.phases.extend(phases);
     }
     acc.full.push(timed(dev, || {
         b.attention(&step, &qkv, &c.kv, 0, dims, &mut dense, 0..batch)
@@ -457,8 +464,24 @@ fn row<D: Device>(
     let ctx_mean = c.n as f64 - (opts.steps - 1) as f64 / 2.0;
     let full_bytes = ctx_mean * (kvh * batch) as f64 * row_bytes;
     // On the CPU the host path's sparse attention over the same sets
-    // stands for the device path's attention (the same work).
-    let attn_us = (dev.is_host()).then(|| quantiles(&mut acc.attn).0);
+    // stands for the device path's attention (the same work); on the GPU
+    // the device's events around its own phases say it.
+    let phase = |i: usize, acc: &mut Acc| {
+        let mut v: Vec<f64> = acc.phases.iter().map(|p| p[i]).collect();
+        quantiles(&mut v).0
+    };
+    let (select_us, attn_us) = if dev.is_host() {
+        let a = quantiles(&mut acc.attn).0;
+        (Some(all_us - a), Some(a))
+    } else if acc.phases.is_empty() {
+        (None, None)
+    } else {
+        (Some(phase(1, &mut acc)), Some(phase(2, &mut acc)))
+    };
+    let cluster_ms_per_seq = match acc.first_phases {
+        Some(p) => p[0] / 1e3 / batch as f64,
+        None => (acc.first_us - all_us) / 1e3 / batch as f64,
+    };
     let calib: Vec<f64> = c
         .seqs
         .iter()
@@ -475,12 +498,12 @@ fn row<D: Device>(
         read: acc.q.read / trials,
         success: acc.q.hits as f64 / acc.q.heads.max(1) as f64,
         quality_seqs: qn,
-        select_us: attn_us.map(|a| all_us - a),
+        select_us,
         attn_us,
         all_us,
         full_us,
         first_us: acc.first_us,
-        cluster_ms_per_seq: (acc.first_us - all_us) / 1e3 / batch as f64,
+        cluster_ms_per_seq,
         read_gbps: read_bytes / (all_us * 1e-6) / 1e9,
         full_gbps: full_bytes / (full_us * 1e-6) / 1e9,
         max_diff: acc.q.max_diff,
