@@ -8,9 +8,11 @@
 //! | paged decode attention vs the copy bandwidth (`bench-attention`) | [`attention`] |
 //! | a whole decode step of a Llama-3-8B-shaped model (`bench-decode`) | [`decode`] |
 //! | prefill attention: the decode kernel against the tensor-core prefill kernel (`bench-prefill`) | [`prefill`] |
+//! | the subcommands' arguments and dispatch (hidden, flattened into `tacflowd`'s) | [`cli`] |
 //! | Tactic's device path (CPU or CUDA) vs full attention, batches, controlled or captured keys (`bench-tactic`) | [`tactic`] |
 
 pub mod attention;
+pub mod cli;
 pub mod decode;
 pub mod prefill;
 pub mod tactic;
