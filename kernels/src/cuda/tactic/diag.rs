@@ -4,13 +4,13 @@
 //! caller read its records back (one small copy per step).
 
 use super::{TacticShape, TacticWorkspace};
-use crate::cuda::device::{Gpu, check_len};
+use crate::cuda::device::Gpu;
 use crate::cuda::kv::KvCache;
 use crate::cuda::step::DeviceStep;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
 
-use super::select::SelectJob;
+use super::select::{SelectJob, check_queries};
 
 /// `DIAG_THREADS` (tactic/diag.cuh).
 const DIAG_THREADS: usize = 256;
@@ -92,7 +92,7 @@ impl Gpu {
                 ws.sel_count
             )));
         }
-        check_len("tactic_measure qkv", qkv.len(), step.rows * qkv_stride)?;
+        check_queries("tactic_measure qkv", qkv.len(), qkv_stride, shape, step)?;
         let out = self.alloc::<f64>(np * diag_record_len(g))?;
         let (k_ptr, _) = kv.layer_ptrs(self, layer)?;
         let probs = ws.sel_probs.as_ref().expect("set with sel_count");

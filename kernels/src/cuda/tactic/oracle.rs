@@ -3,9 +3,9 @@
 //! group, left in the workspace as a selection that [`Gpu::tactic_attend`]
 //! and [`Gpu::tactic_measure`] read as they read Tactic's.
 
-use super::select::SelProblem;
+use super::select::{SelProblem, check_queries, job_in_step};
 use super::{TacticShape, TacticWorkspace, bases, u32_of};
-use crate::cuda::device::{Gpu, check_len};
+use crate::cuda::device::Gpu;
 use crate::cuda::kv::KvCache;
 use crate::cuda::step::DeviceStep;
 use crate::error::{Error, Result};
@@ -113,13 +113,9 @@ impl Gpu {
         }
         shape.check()?;
         let (g, d) = (shape.group, shape.head_dim);
-        check_len("tactic_oracle qkv", qkv.len(), step.rows * qkv_stride)?;
+        check_queries("tactic_oracle qkv", qkv.len(), qkv_stride, shape, step)?;
         for j in jobs {
-            let ok = j.head < shape.kv_heads
-                && j.row < step.rows
-                && j.ctx_len >= 1
-                && j.ctx_len == step.kv_len[j.row] as usize;
-            if !ok || shape.kv_heads * g * d > qkv_stride {
+            if !job_in_step(j.head, j.row, j.ctx_len, shape, step) {
                 return Err(Error::Shape(format!(
                     "oracle selection of head {} at row {} over {} tokens",
                     j.head, j.row, j.ctx_len

@@ -160,14 +160,44 @@ fn problems(jobs: &[SelectJob], g: usize) -> Result<(Vec<SelProblem>, [usize; 6]
 
 fn check_job(j: &SelectJob, shape: &TacticShape, step: &DeviceStep) -> Result<()> {
     check_layout(&j.layout, shape)?;
-    let ok = j.head < shape.kv_heads
-        && j.row < step.rows
-        && j.ctx_len == step.kv_len[j.row] as usize
-        && j.ctx_len > j.layout.len as usize;
+    let ok =
+        job_in_step(j.head, j.row, j.ctx_len, shape, step) && j.ctx_len > j.layout.len as usize;
     if !ok {
         return Err(Error::Shape(format!(
             "Tactic selection of head {} at row {} over {} tokens, {} clustered",
             j.head, j.row, j.ctx_len, j.layout.len
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a decode job's KV head and row lie in the step and its context
+/// is that row's key count (what every selection launch checks of its
+/// jobs before their kernels index the step by them).
+pub(super) fn job_in_step(
+    head: usize,
+    row: usize,
+    ctx_len: usize,
+    shape: &TacticShape,
+    step: &DeviceStep,
+) -> bool {
+    head < shape.kv_heads && row < step.rows && ctx_len >= 1 && ctx_len == step.kv_len[row] as usize
+}
+
+/// The launch's fused rows hold the step's rows, `qkv_stride` wide, with
+/// every KV head's query heads inside a row (the selections and their
+/// diagnostics read q from them).
+pub(super) fn check_queries(
+    what: &str,
+    qkv_len: usize,
+    qkv_stride: usize,
+    shape: &TacticShape,
+    step: &DeviceStep,
+) -> Result<()> {
+    check_len(what, qkv_len, step.rows * qkv_stride)?;
+    if shape.kv_heads * shape.group * shape.head_dim > qkv_stride {
+        return Err(Error::Shape(format!(
+            "{what}: query heads overflow the rows"
         )));
     }
     Ok(())
@@ -205,10 +235,7 @@ impl Gpu {
         }
         shape.check()?;
         let (g, d) = (shape.group, shape.head_dim);
-        check_len("tactic_select qkv", qkv.len(), step.rows * qkv_stride)?;
-        if shape.kv_heads * g * d > qkv_stride {
-            return Err(Error::Shape("Tactic: query heads overflow the rows".into()));
-        }
+        check_queries("tactic_select qkv", qkv.len(), qkv_stride, shape, step)?;
         for j in jobs {
             check_job(j, shape, step)?;
         }
