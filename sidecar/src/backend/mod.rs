@@ -164,10 +164,17 @@ pub struct TacticEntry {
     pub seq: usize,
     /// The backend's name for the sequence's state.
     pub state: tactic::StateId,
-    /// The entry's row (its one decode token) in the step.
+    /// The entry's row in the step: its one decode token, or the last
+    /// token of its prompt (`prompt_end`).
     pub row: usize,
     /// Tokens cached, this step's included.
     pub ctx_len: usize,
+    /// The row ends the sequence's prompt (a chunk of two tokens or more
+    /// that samples): the backend builds the state's clustering over every
+    /// cached key (`ctx_len`, the row's own included: the keys the first
+    /// decode step would cluster), selects nothing and lets the chunk
+    /// attend in full. The first decode step then only selects.
+    pub prompt_end: bool,
     /// The sequence asked for diagnostics: the backend measures what the
     /// selection kept ([`Backend::tactic_diagnostics`]).
     pub diagnostics: bool,

@@ -183,6 +183,11 @@ struct Slot<'a> {
 /// The selections of a step's sparse decode entries, layer by layer.
 pub struct Selector<'a> {
     slots: Vec<Slot<'a>>,
+    /// The step's sequences (by index) whose prompt ends in it and whose
+    /// Tactic state the backend keeps, with that state: the backend
+    /// clusters their keys at their last row, so that their first decode
+    /// step only selects.
+    prompt_ends: Vec<(usize, StateId)>,
     /// Per sequence of the step: the slots each KV head attends (`None`:
     /// full attention).
     current: Vec<Option<Vec<Vec<u32>>>>,
@@ -216,13 +221,22 @@ impl<'a> Selector<'a> {
             .collect();
         Selector {
             slots,
+            prompt_ends: vec![],
             current: vec![None; num_seqs],
             dims: (heads, kv_heads, head_dim),
         }
     }
 
+    /// The selector with the backend's states of `ends` (step sequence,
+    /// state) built at their prompt's last row (see
+    /// `TacticEntry::prompt_end`).
+    pub fn with_prompt_ends(mut self, ends: Vec<(usize, StateId)>) -> Selector<'a> {
+        self.prompt_ends = ends;
+        self
+    }
+
     pub fn is_active(&self) -> bool {
-        !self.slots.is_empty()
+        !self.slots.is_empty() || !self.prompt_ends.is_empty()
     }
 
     /// Whether the backend selects (its entries' states are its own): then
@@ -230,11 +244,25 @@ impl<'a> Selector<'a> {
     /// selections. A backend that keeps Tactic states serves no host
     /// policy (`engine::validate_policy`), so a step is one or the other.
     pub fn on_device(&self) -> bool {
-        self.slots.iter().any(|s| s.state.on_device())
+        !self.prompt_ends.is_empty() || self.slots.iter().any(|s| s.state.on_device())
     }
 
-    /// The decode entries whose row lies in `rows`, for the backend.
+    /// The decode entries and the prompts' ends whose row lies in `rows`,
+    /// for the backend.
     pub fn device_entries(&self, meta: &StepMeta, rows: &RowRange) -> Vec<TacticEntry> {
+        let ends = self.prompt_ends.iter().filter_map(|&(seq, state)| {
+            let s = &meta.seqs[seq];
+            let row = s.q_start + s.q_len - 1;
+            rows.contains(&row).then_some(TacticEntry {
+                seq,
+                state,
+                row,
+                ctx_len: s.ctx_len,
+                prompt_end: true,
+                diagnostics: false,
+                baseline: None,
+            })
+        });
         self.slots
             .iter()
             .filter_map(|slot| {
@@ -249,10 +277,12 @@ impl<'a> Selector<'a> {
                     state,
                     row: s.q_start,
                     ctx_len: s.ctx_len,
+                    prompt_end: false,
                     diagnostics: slot.diagnostics,
                     baseline,
                 })
             })
+            .chain(ends)
             .collect()
     }
 

@@ -9,6 +9,7 @@
 use super::kv_cache::{AppendPlan, append_cost, plan_append};
 use super::sparse::{self, Outcome, PolicyState, Selector, StepDiag};
 use super::{BLOCK_SIZE, Engine, SeqKey, SessionId, sampling};
+use crate::backend::tactic::StateId;
 use crate::backend::{Backend, SeqMeta, StepMeta};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -374,7 +375,8 @@ impl<B: Backend> Engine<B> {
 
     /// The forward pass, with the sparse policies of the step's decode
     /// entries selecting layer by layer. The selector grows those entries'
-    /// states in place and notes in `outcome` how to undo that.
+    /// states in place and notes in `outcome` how to undo that; the
+    /// backend builds its own states of the prompts that end in the step.
     fn forward_sparse(
         &mut self,
         work: &StepWork,
@@ -392,6 +394,20 @@ impl<B: Backend> Engine<B> {
             .filter(|(_, (k, e))| e.tokens.len() == 1 && !self.seqs[*k].state.is_full())
             .map(|(i, (k, _))| (*k, i))
             .collect();
+        // Prompts that end in this step (a chunk of two tokens or more that
+        // samples) on a state the backend keeps: clustered at their last
+        // row rather than at their first decode step.
+        let prompt_ends: Vec<(usize, StateId)> = keys
+            .iter()
+            .zip(&work.entries)
+            .enumerate()
+            .filter_map(|(i, (k, e))| {
+                let s = &self.seqs[k];
+                let ends = e.tokens.len() > 1 && e.sample && s.prompt_len.is_none();
+                ends.then(|| s.state.device_id().map(|id| (i, id)))
+                    .flatten()
+            })
+            .collect();
         // Every sequence of a step is distinct, so one pass over the map
         // lends each sparse entry its state; entry order keeps the
         // diagnostics' sums deterministic.
@@ -401,7 +417,8 @@ impl<B: Backend> Engine<B> {
             .filter_map(|(k, s)| sparse.get(k).map(|&i| (i, &mut s.state, s.diagnostics)))
             .collect();
         entries.sort_by_key(|e| e.0);
-        let mut selector = Selector::new(entries, keys.len(), layers, dims);
+        let mut selector =
+            Selector::new(entries, keys.len(), layers, dims).with_prompt_ends(prompt_ends);
         let logits = self.model.forward_with(
             &self.backend,
             &mut self.kv,

@@ -335,7 +335,7 @@ fn kmeans(cx: &mut Ctx, heads: Heads, lens: &[usize], regrow: Option<usize>) -> 
         let ds = cx.b.begin_step(&decode_meta(ctx, &fx.tables))?;
         let mut planned = vec![];
         for (s, &c) in ctx.iter().enumerate() {
-            let plan = states.prepare(gpu, s as u64, 0, c)?;
+            let plan = states.prepare(gpu, s as u64, 0, c, false)?;
             let old: Vec<usize> = (0..kvh)
                 .map(|h| cpu[s].get(h).map_or(0, ClusterIndex::clusters))
                 .collect();
@@ -347,6 +347,7 @@ fn kmeans(cx: &mut Ctx, heads: Heads, lens: &[usize], regrow: Option<usize>) -> 
                 state: s as u64,
                 row: s,
                 ctx_len: c,
+                prompt_end: false,
                 diagnostics: false,
                 baseline: None,
             };
@@ -685,12 +686,13 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
             let q_dev = gpu.upload(&q)?;
             let mut planned = vec![];
             for (s, &c) in ctx.iter().enumerate() {
-                let plan = states.prepare(gpu, s as u64, layer, c)?;
+                let plan = states.prepare(gpu, s as u64, layer, c, false)?;
                 let entry = TacticEntry {
                     seq: s,
                     state: s as u64,
                     row: s,
                     ctx_len: c,
+                    prompt_end: false,
                     diagnostics: false,
                     baseline: None,
                 };

@@ -26,7 +26,9 @@ pub struct ClusterJob {
     pub state: u64,
     pub layout: StateLayout,
     pub head: usize,
-    /// The sequence's decode row in the step (where its block table is).
+    /// A row of the sequence in the step (where its block table is): its
+    /// decode row, or its prompt's last row (the run may then cover that
+    /// row's own key).
     pub row: usize,
     pub start: usize,
     pub n: usize,
@@ -114,7 +116,7 @@ fn check_job(j: &ClusterJob, shape: &TacticShape, step: &DeviceStep) -> Result<(
         && j.head < shape.kv_heads
         && j.row < step.rows
         && j.start + j.n <= l.len as usize
-        && j.start + j.n < step.kv_len[j.row] as usize
+        && j.start + j.n <= step.kv_len[j.row] as usize
         && j.k <= l.cap as usize;
     if !ok {
         return Err(Error::Shape(format!(

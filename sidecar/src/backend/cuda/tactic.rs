@@ -152,8 +152,9 @@ impl CudaBackend {
     }
 
     /// [`Backend::tactic_attention`]: the other rows of `rows` in full
-    /// (runs between the entries' rows), then the Tactic entries'
-    /// clustering, selection and sparse attention, then the baselines'
+    /// (runs between the decode entries' rows; a prompt's end attends in
+    /// full), then the Tactic entries' clustering (a prompt's end only
+    /// clusters), selection and sparse attention, then the baselines'
     /// (`baselines.rs`).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn tactic_attention_rows(
@@ -207,12 +208,16 @@ impl CudaBackend {
             }
             let m1 = mark(timed)?;
             let jobs = select_jobs(&planned, shape.kv_heads);
-            let q = qkv.f32("tactic attention")?;
-            self.gpu
-                .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            if !jobs.is_empty() {
+                let q = qkv.f32("tactic attention")?;
+                self.gpu
+                    .tactic_select(ws, step, q, qkv.cols, kv, layer, &shape, &jobs)?;
+            }
             let m2 = mark(timed)?;
-            let measure = measured_jobs(&planned, layer, shape.kv_heads);
-            self.attend_selected(&mut t, &node, &jobs, measure, out, &rows)?;
+            if !jobs.is_empty() {
+                let measure = measured_jobs(&planned, layer, shape.kv_heads);
+                self.attend_selected(&mut t, &node, &jobs, measure, out, &rows)?;
+            }
             if let (Some(m0), Some(m1), Some(m2), Some(m3)) = (m0, m1, m2, mark(timed)?)
                 && let Some(p) = t.phases.as_mut()
             {
@@ -292,6 +297,7 @@ fn measured_jobs(
 ) -> Vec<Option<(MeasureAt, Selector)>> {
     planned
         .iter()
+        .filter(|p| !p.entry.prompt_end)
         .flat_map(|p| {
             (0..kv_heads).map(move |head| {
                 let e = p.entry;
@@ -309,9 +315,14 @@ fn measured_jobs(
         .collect()
 }
 
-/// The maximal runs of `rows` that hold no entry's row.
+/// The maximal runs of `rows` that hold no decode entry's row (a prompt's
+/// end attends in full).
 fn full_runs(rows: &RowRange, entries: &[TacticEntry]) -> Vec<RowRange> {
-    let mut marks: Vec<usize> = entries.iter().map(|e| e.row).collect();
+    let mut marks: Vec<usize> = entries
+        .iter()
+        .filter(|e| !e.prompt_end)
+        .map(|e| e.row)
+        .collect();
     marks.sort_unstable();
     let mut out = vec![];
     let mut at = rows.start;
@@ -337,6 +348,7 @@ mod tests {
             state: 0,
             row,
             ctx_len: 1,
+            prompt_end: false,
             diagnostics: false,
             baseline: None,
         }
@@ -345,6 +357,11 @@ mod tests {
     #[test]
     fn the_rows_between_entries_attend_in_full() {
         assert_eq!(full_runs(&(0..10), &[at(3), at(0), at(9)]), [1..3, 4..9]);
+        let end = TacticEntry {
+            prompt_end: true,
+            ..at(5)
+        };
+        assert_eq!(full_runs(&(0..10), &[at(3), end]), [0..3, 4..10]);
         assert_eq!(full_runs(&(2..6), &[]), vec![(2..6)]);
         assert_eq!(full_runs(&(2..4), &[at(2), at(3)]), Vec::<RowRange>::new());
         assert_eq!(full_runs(&(5..8), &[at(1), at(6)]), [5..6, 7..8]);

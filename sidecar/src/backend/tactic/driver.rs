@@ -108,7 +108,8 @@ impl<M: DeviceMemory> TacticDevice<M> {
         entries
             .iter()
             .map(|&entry| {
-                let plan = states.prepare(mem, entry.state, layer, entry.ctx_len)?;
+                let plan =
+                    states.prepare(mem, entry.state, layer, entry.ctx_len, entry.prompt_end)?;
                 Ok(Planned { entry, plan })
             })
             .collect()
@@ -145,10 +146,12 @@ pub fn cluster_jobs(planned: &[Planned], kv_heads: usize) -> Vec<(KMeansParams, 
     groups
 }
 
-/// The selections of a node's plans, one job per KV head, in entry order.
+/// The selections of a node's plans, one job per KV head, in entry order;
+/// none for a prompt's end (it only clusters).
 pub fn select_jobs(planned: &[Planned], kv_heads: usize) -> Vec<SelectJob> {
     planned
         .iter()
+        .filter(|p| !p.entry.prompt_end)
         .flat_map(|p| {
             (0..kv_heads).map(move |head| SelectJob {
                 state: p.plan.addr,

@@ -118,7 +118,7 @@ impl HostTactic {
 
     /// Plans the Tactic entries' states of `at.layer`, clusters the runs
     /// the plans ask for into them (the clustering kernels' work) and
-    /// selects (the selection kernels').
+    /// selects (the selection kernels'); a prompt's end only clusters.
     fn select_tactic(
         &mut self,
         at: &HostLayer<'_>,
@@ -133,6 +133,7 @@ impl HostTactic {
         let measured = &mut self.measured;
         planned
             .iter()
+            .filter(|p| !p.entry.prompt_end)
             .map(|p| {
                 let st = states
                     .layer(p.entry.state, at.layer)

@@ -216,15 +216,20 @@ impl<M: DeviceMemory> TacticStates<M> {
     /// `TacticSeq::select_layer`: the first decode step clusters every
     /// token before its own; once more than `recluster_limit` tokens are
     /// past the clustering, the tail before this step's token is clustered
-    /// on its own and appended. A new or grown state replaces the old one
-    /// until [`TacticStates::commit`] or [`TacticStates::rollback`]; on an
-    /// error nothing has changed.
+    /// on its own and appended. At the row that ends the prompt
+    /// (`prompt_end`, `ctx_len` tokens cached with its own) a state not yet
+    /// built is built over all `ctx_len` of them: the tokens the first
+    /// decode step (`ctx_len + 1` cached) would cluster, so that step only
+    /// selects; a state already built is left as it is. A new or grown
+    /// state replaces the old one until [`TacticStates::commit`] or
+    /// [`TacticStates::rollback`]; on an error nothing has changed.
     pub fn prepare(
         &mut self,
         mem: &M,
         id: StateId,
         layer: usize,
         ctx_len: usize,
+        prompt_end: bool,
     ) -> Result<LayerPlan> {
         let (kv_heads, head_dim) = (self.kv_heads, self.head_dim);
         let s = self
@@ -237,16 +242,22 @@ impl<M: DeviceMemory> TacticStates<M> {
             .get(layer)
             .ok_or_else(|| Error::Backend(format!("layer {layer} of {}", s.layers.len())))?
             .clone();
-        let clustered = ctx_len.saturating_sub(1);
+        let clustered = if prompt_end {
+            ctx_len
+        } else {
+            ctx_len.saturating_sub(1)
+        };
         let size = params.kmeans.cluster_size;
         let (new, run) = match &old {
-            Some(st) if ctx_len <= st.layout.len as usize => {
+            Some(st) if clustered < st.layout.len as usize => {
                 return Err(Error::Backend(format!(
                     "Tactic state {id} covers {} slots of a context of {ctx_len}",
                     st.layout.len
                 )));
             }
-            Some(st) if ctx_len - st.layout.len as usize <= params.recluster_limit => {
+            Some(st)
+                if prompt_end || ctx_len - st.layout.len as usize <= params.recluster_limit =>
+            {
                 return Ok(plan(mem, st, None, params));
             }
             Some(st) => {

@@ -32,7 +32,7 @@ fn stamp(s: &mut TacticStates<HostMemory>, id: StateId, layer: usize, tag: u8) {
 fn the_first_decode_step_clusters_everything_before_its_token() {
     let (mut s, m) = states();
     s.open(1, params(2048), 2).unwrap();
-    let p = s.prepare(&m, 1, 0, 100).unwrap();
+    let p = s.prepare(&m, 1, 0, 100, false).unwrap();
     assert_eq!(
         p.run,
         Some(ClusterRun {
@@ -49,20 +49,45 @@ fn the_first_decode_step_clusters_everything_before_its_token() {
     // The other layer is untouched; the next step selects on the same state.
     assert!(s.layer(1, 1).is_none());
     s.commit();
-    let again = s.prepare(&m, 1, 0, 101).unwrap();
+    let again = s.prepare(&m, 1, 0, 101, false).unwrap();
     assert_eq!((again.addr, again.run), (p.addr, None));
+}
+
+#[test]
+fn the_prompt_end_builds_what_the_first_decode_step_would() {
+    let (mut s, m) = states();
+    s.open(1, params(2048), 1).unwrap();
+    s.open(2, params(2048), 1).unwrap();
+    // A prompt of 99 tokens: its last chunk's last row has 99 cached, its
+    // own included; the first decode step then has 100.
+    let end = s.prepare(&m, 1, 0, 99, true).unwrap();
+    let first = s.prepare(&m, 2, 0, 100, false).unwrap();
+    assert_eq!(end.run, first.run);
+    assert_eq!(end.layout, first.layout);
+    s.commit();
+    // The first decode step only selects, on the state the prompt built.
+    let next = s.prepare(&m, 1, 0, 100, false).unwrap();
+    assert_eq!((next.addr, next.run), (end.addr, None));
+    // A prompt end on a state already built (a fork of a decoding
+    // parent) leaves it as it is, however long its tail.
+    s.commit();
+    s.fork(1, 3).unwrap();
+    let again = s.prepare(&m, 3, 0, 5000, true).unwrap();
+    assert_eq!((again.addr, again.run), (end.addr, None));
+    // One that covers more than the cache is refused.
+    assert!(s.prepare(&m, 3, 0, 98, true).is_err());
 }
 
 #[test]
 fn a_one_token_context_has_nothing_to_cluster() {
     let (mut s, m) = states();
     s.open(1, params(16), 1).unwrap();
-    let p = s.prepare(&m, 1, 0, 1).unwrap();
+    let p = s.prepare(&m, 1, 0, 1, false).unwrap();
     assert_eq!((p.run, p.layout.len, p.layout.cap), (None, 0, 0));
     s.commit();
     // The tail grows until it passes the limit, then is clustered from 0.
-    assert_eq!(s.prepare(&m, 1, 0, 16).unwrap().run, None);
-    let r = s.prepare(&m, 1, 0, 17).unwrap().run.unwrap();
+    assert_eq!(s.prepare(&m, 1, 0, 16, false).unwrap().run, None);
+    let r = s.prepare(&m, 1, 0, 17, false).unwrap().run.unwrap();
     assert_eq!((r.start, r.n, r.k), (0, 16, 1));
 }
 
@@ -70,13 +95,13 @@ fn a_one_token_context_has_nothing_to_cluster() {
 fn reclustering_appends_the_tail_and_keeps_the_old_clusters() {
     let (mut s, m) = states();
     s.open(1, params(16), 1).unwrap();
-    let first = s.prepare(&m, 1, 0, 100).unwrap();
+    let first = s.prepare(&m, 1, 0, 100, false).unwrap();
     s.commit();
     stamp(&mut s, 1, 0, 0x3c);
     let old_bytes = s.layer(1, 0).unwrap().buf.data.clone();
     // 99 clustered: at 116 the tail (99..116) is 17 > 16 long.
-    assert_eq!(s.prepare(&m, 1, 0, 115).unwrap().run, None);
-    let p = s.prepare(&m, 1, 0, 116).unwrap();
+    assert_eq!(s.prepare(&m, 1, 0, 115, false).unwrap().run, None);
+    let p = s.prepare(&m, 1, 0, 116, false).unwrap();
     assert_eq!(
         p.run,
         Some(ClusterRun {
@@ -106,21 +131,21 @@ fn reclustering_appends_the_tail_and_keeps_the_old_clusters() {
 fn a_fork_shares_until_one_side_grows() {
     let (mut s, m) = states();
     s.open(1, params(16), 2).unwrap();
-    s.prepare(&m, 1, 0, 50).unwrap();
-    s.prepare(&m, 1, 1, 50).unwrap();
+    s.prepare(&m, 1, 0, 50, false).unwrap();
+    s.prepare(&m, 1, 1, 50, false).unwrap();
     s.commit();
     let one = s.live_bytes();
     s.fork(1, 2).unwrap();
     assert_eq!(s.live_bytes(), one, "nothing copied");
     assert_eq!(
-        s.prepare(&m, 2, 0, 51).unwrap().addr,
-        s.prepare(&m, 1, 0, 51).unwrap().addr
+        s.prepare(&m, 2, 0, 51, false).unwrap().addr,
+        s.prepare(&m, 1, 0, 51, false).unwrap().addr
     );
     s.commit();
     // The child re-clusters layer 0: it gets its own; the parent's is intact.
     stamp_shared_check(&mut s);
     let parent = s.layer(1, 0).unwrap().layout;
-    let grown = s.prepare(&m, 2, 0, 70).unwrap();
+    let grown = s.prepare(&m, 2, 0, 70, false).unwrap();
     s.commit();
     assert!(grown.run.is_some());
     assert_eq!(s.layer(1, 0).unwrap().layout, parent);
@@ -144,12 +169,12 @@ fn stamp_shared_check(s: &mut TacticStates<HostMemory>) {
 fn truncation_forgets_and_the_next_step_rebuilds() {
     let (mut s, m) = states();
     s.open(1, params(2048), 1).unwrap();
-    s.prepare(&m, 1, 0, 300).unwrap();
+    s.prepare(&m, 1, 0, 300, false).unwrap();
     s.commit();
     s.reset(1);
     assert!(s.layer(1, 0).is_none());
     assert_eq!(m.live_bytes(), 0);
-    let p = s.prepare(&m, 1, 0, 120).unwrap();
+    let p = s.prepare(&m, 1, 0, 120, false).unwrap();
     assert_eq!(p.run.unwrap().n, 119);
 }
 
@@ -159,7 +184,7 @@ fn a_failed_step_leaves_every_state_as_it_was() {
     s.open(1, params(16), 3).unwrap();
     s.open(2, params(16), 3).unwrap();
     for l in 0..3 {
-        s.prepare(&m, 1, l, 40).unwrap();
+        s.prepare(&m, 1, l, 40, false).unwrap();
     }
     s.commit();
     let before: Vec<u64> = (0..3)
@@ -167,8 +192,8 @@ fn a_failed_step_leaves_every_state_as_it_was() {
         .collect();
     let bytes = s.live_bytes();
     // A step grows seq 1's layer 0 and builds seq 2's layer 0, then fails.
-    s.prepare(&m, 1, 0, 60).unwrap();
-    s.prepare(&m, 2, 0, 60).unwrap();
+    s.prepare(&m, 1, 0, 60, false).unwrap();
+    s.prepare(&m, 2, 0, 60, false).unwrap();
     s.rollback();
     let after: Vec<u64> = (0..3)
         .map(|l| m.addr(&s.layer(1, l).unwrap().buf))
@@ -179,12 +204,12 @@ fn a_failed_step_leaves_every_state_as_it_was() {
     assert_eq!(m.live_bytes(), bytes);
     // An allocation that fails changes nothing either.
     m.fail_after(0);
-    assert!(s.prepare(&m, 1, 1, 60).is_err());
+    assert!(s.prepare(&m, 1, 1, 60, false).is_err());
     assert_eq!(m.addr(&s.layer(1, 1).unwrap().buf), before[1]);
     s.rollback();
     assert_eq!(s.live_bytes(), bytes);
     // Forks and closes wait for the step's end.
-    s.prepare(&m, 2, 1, 10).unwrap();
+    s.prepare(&m, 2, 1, 10, false).unwrap();
     assert!(s.fork(2, 3).is_err());
     s.commit();
     s.fork(2, 3).unwrap();
@@ -200,7 +225,7 @@ fn the_device_runs_only_the_default_estimator() {
     p.kmeans.cluster_size = 24;
     s.open(1, p, 1).unwrap();
     assert!(s.open(1, p, 1).is_err(), "ids are unique");
-    assert_eq!(s.prepare(&m, 1, 0, 49).unwrap().run.unwrap().k, 2);
+    assert_eq!(s.prepare(&m, 1, 0, 49, false).unwrap().run.unwrap().k, 2);
 }
 
 /// The growth rule is `TacticSeq`'s: over a decode of 400 tokens from a
@@ -241,7 +266,7 @@ fn states_grow_as_the_cpu_reference_does() {
             ctx_len: ctx,
         };
         cpu.select_layer(0, &step, &mut out, &mut diag);
-        let p = s.prepare(&m, 7, 0, ctx).unwrap();
+        let p = s.prepare(&m, 7, 0, ctx, false).unwrap();
         s.commit();
         let idx = &cpu.index[0][0];
         assert_eq!(p.layout.len as usize, idx.len, "ctx {ctx}");

@@ -339,6 +339,7 @@ fn step<D: Device>(
             state: s as _,
             row: s,
             ctx_len: ctx,
+            prompt_end: false,
             diagnostics: false,
             baseline: None,
         })

@@ -53,14 +53,75 @@ fn the_device_path_decodes_as_the_host_path() {
             open(e, 1, policy.clone(), false);
         }
         let mut t = both(&mut host, &mut dev, 1, tokens(1, 37));
-        // 40 decode steps: the first clusters 37 slots, the limit of 16
-        // re-clusters the tail twice.
+        // The device path clustered the 37 prompt keys at the prompt's end,
+        // the host path clusters them at the first decode step.
+        assert!(dev.backend().tactic_bytes() > 0, "{policy:?}");
+        let PolicyState::Tactic(seq) = &host.seqs[&key(1)].state else {
+            panic!("a host Tactic state")
+        };
+        assert!(seq.index.iter().all(|l| l.is_empty()));
+        // 40 decode steps: the limit of 16 re-clusters the tail twice.
         for _ in 0..40 {
             t = both(&mut host, &mut dev, 1, vec![t]);
         }
         assert!(dev.backend().tactic_bytes() > 0, "{policy:?}");
         assert!(matches!(dev.seqs[&key(1)].state, PolicyState::Device(_)));
         assert!(matches!(host.seqs[&key(1)].state, PolicyState::Tactic(_)));
+    }
+}
+
+/// A prompt in chunks is clustered at the chunk that ends it (the first to
+/// sample); a prompt whose last chunk is one token (a decode step), or
+/// that never sampled, at its first decode step: the same keys either
+/// way, so the same decode as the host path.
+#[test]
+fn the_state_is_built_where_the_prompt_ends() {
+    let policy = tactic(0.9, Some(4), Some(64));
+    let (mut host, mut dev) = (engine(64), device_engine(64));
+    for e in [&mut host, &mut dev] {
+        for seq in 1..=3 {
+            open(e, seq, policy.clone(), false);
+        }
+    }
+    let step = |e: &mut TestEngine, seq: u64, toks: Vec<u32>, sample: bool| {
+        e.step(&work(vec![entry(seq, toks, sample)]))
+            .unwrap()
+            .remove(0)
+    };
+    let mut last = vec![];
+    for (seq, chunks) in [(1, [20, 13]), (2, [20, 1]), (3, [33, 0])] {
+        let before = dev.backend().tactic_bytes();
+        for e in [&mut host, &mut dev] {
+            step(e, seq, tokens(seq, chunks[0]), false);
+        }
+        assert_eq!(
+            dev.backend().tactic_bytes(),
+            before,
+            "a chunk that does not sample"
+        );
+        let toks = tokens(seq + 10, chunks[1]);
+        let t = if toks.is_empty() {
+            // Never sampled: the first decode token is the client's.
+            7
+        } else {
+            let (a, b) = (
+                step(&mut host, seq, toks.clone(), true),
+                step(&mut dev, seq, toks, true),
+            );
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "seq {seq}");
+            a.token.unwrap()
+        };
+        // Built at the chunk that samples: over all its keys at a prompt's
+        // end, over the keys before its token at a one-token chunk (a
+        // decode step); not before a prompt that never sampled decodes.
+        let built = dev.backend().tactic_bytes() > before;
+        assert_eq!(built, chunks[1] > 0, "seq {seq}");
+        last.push(t);
+    }
+    for _ in 0..12 {
+        for (seq, t) in (1..=3).zip(last.iter_mut()) {
+            *t = both(&mut host, &mut dev, seq, vec![*t]);
+        }
     }
 }
 
@@ -192,24 +253,29 @@ fn device_diagnostics_are_the_host_paths() {
     }
 }
 
-/// A decode step of three Tactic sequences, one at its first decode
-/// (clustering), one past its limit (re-clustering), one selecting on what
-/// it has, failed at each of its ops in turn: the states stay as they were
+/// A step of four Tactic sequences, one at its first decode (clustering:
+/// its prompt never sampled), one past its limit (re-clustering), one
+/// selecting on what it has, one whose prompt ends (clustering at its last
+/// row), failed at each of its ops in turn: the states stay as they were
 /// (the same bytes held, and the step run again gives what an engine that
 /// never failed gives).
 #[test]
 fn a_failed_step_leaves_the_device_states_as_they_were() {
     let setup = || {
         let mut e = device_engine(64);
-        for seq in 1..=3 {
+        for seq in 1..=4 {
             open(&mut e, seq, tactic(0.9, Some(4), Some(16)), false);
+        }
+        e.step(&work(vec![entry(1, tokens(1, 21), false)])).unwrap();
+        for seq in 2..=3 {
             feed(&mut e, seq, tokens(seq, 20 + seq as usize));
         }
         feed(&mut e, 2, tokens(20, 1));
         feed(&mut e, 2, tokens(21, 16));
         feed(&mut e, 3, tokens(30, 1));
-        let w = work((1..=3).map(|s| entry(s, tokens(40 + s, 1), true)).collect());
-        (e, w)
+        let mut entries: Vec<_> = (1..=3).map(|s| entry(s, tokens(40 + s, 1), true)).collect();
+        entries.push(entry(4, tokens(44, 19), true));
+        (e, work(entries))
     };
     let (mut reference, w) = setup();
     let ops0 = reference.backend().ops();

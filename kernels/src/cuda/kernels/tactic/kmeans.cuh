@@ -29,7 +29,7 @@ struct KmProblem {
     u64 state;     // the sequence's state of this layer
     TacLayout lay;
     u32 head;      // KV head
-    u32 row;       // the sequence's decode row in the step (its block table)
+    u32 row;       // a row of the sequence in the step (its block table)
     u32 start;     // first slot of the run
     u32 n;         // slots in the run
     u32 k;         // clusters to start from (ceil(n / cluster size), at most n)
