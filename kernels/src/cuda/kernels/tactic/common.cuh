@@ -86,12 +86,18 @@ __device__ __forceinline__ float tac_dot8_bf16(const float* a, const bf16* b, u3
                      __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));
 }
 
-// The same over two f32 rows.
-__device__ __forceinline__ float tac_dot8(const float* a, const float* b, u32 d) {
+// The same over two f32 rows, `row` read 16 bytes at a time (16-byte
+// aligned: a state's centroid and shape rows are). A product does not
+// depend on the order of its factors, so the result is the same whichever
+// of the two rows is the CPU's first argument.
+__device__ __forceinline__ float tac_dot8(const float* a, const float* row, u32 d) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (u32 j = 0; j < d; j += 8) {
+        const float4 x = *reinterpret_cast<const float4*>(row + j);
+        const float4 y = *reinterpret_cast<const float4*>(row + j + 4);
+        const float b[8] = {x.x, x.y, x.z, x.w, y.x, y.y, y.z, y.w};
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(a[j + i], b[j + i]));
+        for (int i = 0; i < 8; i++) acc[i] = __fadd_rn(acc[i], __fmul_rn(a[j + i], b[i]));
     }
     return __fadd_rn(__fadd_rn(__fadd_rn(acc[0], acc[4]), __fadd_rn(acc[1], acc[5])),
                      __fadd_rn(__fadd_rn(acc[2], acc[6]), __fadd_rn(acc[3], acc[7])));

@@ -70,7 +70,7 @@ extern "C" __global__ void tactic_sel_prep_bf16(const SelParams p) {
     }
     __syncthreads();
     const TacHead st = tac_head(pr.state, pr.lay, pr.head);
-    for (u32 i = tid; i < d; i += blockDim.x) sv[i] = tac_dot8(st.shape + (u64)i * d, sq, d);
+    for (u32 i = tid; i < d; i += blockDim.x) sv[i] = tac_dot8(sq, st.shape + (u64)i * d, d);
     __syncthreads();
     if (tid == 0) {
         float v = 0.0f;
