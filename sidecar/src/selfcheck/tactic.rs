@@ -737,11 +737,43 @@ fn decode(cx: &mut Ctx, heads: Heads, layers: usize) -> Result<Vec<Row>> {
 }
 
 /// SmolLM2's shape cut to two layers (random weights), every sequence on
-/// `tactic` with a re-clustering limit of 24, through the engine: the CUDA
-/// backend with `experimental_gpu_tactic` against the CPU backend's device
-/// path on the same bf16 weights (prompts of 300 and 77 tokens, a fork, 40
+/// `tactic` with a re-clustering limit of 24, then on each baseline
+/// (`oracle_top_p`, `fixed_budget`), through the engine: the CUDA backend
+/// with `experimental_gpu_tactic` against the CPU backend's device path on
+/// the same bf16 weights (prompts of 300 and 77 tokens, the first in
+/// chunks so that its state is built at its last chunk, a fork, 40
 /// teacher-forced decode steps), with attention diagnostics.
 pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
+    let mut rows = model_policy(
+        b,
+        seed,
+        AttentionPolicy::Tactic {
+            p: 0.9,
+            cluster_size: None,
+            recluster_limit: Some(24),
+        },
+    );
+    let baselines = [
+        AttentionPolicy::OracleTopP { p: 0.9 },
+        AttentionPolicy::FixedBudget {
+            tokens: 64,
+            p: Some(0.9),
+        },
+    ];
+    for policy in baselines {
+        match CudaBackend::with_lanes(0, 1) {
+            Ok(mut b) => {
+                b.gpu_mut().set_sync_launches(true);
+                rows.extend(model_policy(b, seed, policy));
+            }
+            Err(e) => rows.push(Row::fail(CHECK, "model: open the GPU", e.to_string())),
+        }
+    }
+    rows
+}
+
+fn model_policy(b: CudaBackend, seed: u64, policy: AttentionPolicy) -> Vec<Row> {
+    let name = policy.name().to_owned();
     let b = match b.with_gpu_tactic(true) {
         Ok(b) => b,
         Err(e) => return vec![Row::fail(CHECK, "model: the option", e.to_string())],
@@ -756,11 +788,7 @@ pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
     };
     let mut sc =
         super::models::random_scenario(seed, config.vocab_size, &[300, 77], &[128, 77], 40);
-    sc.policy = AttentionPolicy::Tactic {
-        p: 0.9,
-        cluster_size: None,
-        recluster_limit: Some(24),
-    };
+    sc.policy = policy;
     // The device's diagnostics against the CPU device path's.
     sc.diagnostics = true;
     let cpu = CpuBackend {
@@ -772,7 +800,7 @@ pub fn model(b: CudaBackend, seed: u64) -> Vec<Row> {
     let rows = super::model::compare_with(CHECK, (b, cpu), &config, &src, &sc, 256, LOGITS_TOL);
     rows.into_iter()
         .map(|mut r| {
-            r.case = format!("model 2-layer SmolLM2 shape: {}", r.case);
+            r.case = format!("model 2-layer SmolLM2 shape, {name}: {}", r.case);
             r
         })
         .collect()
