@@ -139,7 +139,8 @@ impl Gpu {
 
     /// Compiles `modules` (in parallel, through the PTX cache), loads them,
     /// resolves the kernels the wrappers call, and readies the attention
-    /// kernels among them (`attention`: their shared memory and occupancy).
+    /// kernels among them (`attention`: their shared memory and occupancy),
+    /// the prefill kernels and Tactic's rank kernel (their shared memory).
     pub(crate) fn load_modules(
         &mut self,
         modules: &[Module],
@@ -150,6 +151,7 @@ impl Gpu {
             .extend(attention_occupancy(&funcs, attention)?);
         self.occupancy
             .extend(super::prefill::prefill_occupancy(&funcs)?);
+        super::tactic::rank_shared_memory(&funcs)?;
         self.funcs.extend(funcs);
         Ok(())
     }

@@ -178,11 +178,12 @@ impl Gpu {
 impl Gpu {
     /// The daemon's kernels loaded again in `ctx` (a green context's lane:
     /// functions belong to the context that loaded their module), their
-    /// attention and prefill kernels readied as in the device's own.
+    /// attention, prefill and rank kernels readied as in the device's own.
     fn kernels_in(&self, ctx: &Arc<CudaContext>) -> Result<HashMap<String, CudaFunction>> {
         let funcs = load_kernels(ctx, &self.info().arch, &MODULES)?;
         attention_occupancy(&funcs, &attention_kernels())?;
         super::prefill::prefill_occupancy(&funcs)?;
+        super::tactic::rank_shared_memory(&funcs)?;
         Ok(funcs)
     }
 }

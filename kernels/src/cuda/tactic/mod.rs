@@ -26,6 +26,7 @@ pub use budget::BudgetJob;
 pub use diag::{JobDiag, diag_record_len, parse_diag};
 pub use kmeans::ClusterJob;
 pub use oracle::OracleJob;
+pub(crate) use select::rank_shared_memory;
 pub use select::{SelectJob, SelectionHost};
 
 use super::device::Gpu;

@@ -2,12 +2,13 @@
 //! of the sparse attention over it (`tactic/sparse.cuh`).
 
 use super::{TacticShape, TacticWorkspace, bases, check_layout, u32_of};
-use crate::cuda::device::{Gpu, check_len};
+use crate::cuda::device::{Gpu, check_len, ready_shared_memory};
 use crate::cuda::kv::KvCache;
 use crate::cuda::step::DeviceStep;
 use crate::error::{Error, Result};
 use crate::tactic::layout::StateLayout;
-use cudarc::driver::{CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::driver::{CudaFunction, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig};
+use std::collections::HashMap;
 
 /// `SEL_THREADS`, `RANK_THREADS`, `UNION_WARPS` (tactic/select.cuh) and
 /// `SPARSE_WARPS` (tactic/sparse.cuh).
@@ -15,9 +16,10 @@ const SEL_THREADS: usize = 128;
 const RANK_THREADS: usize = 1024;
 const UNION_WARPS: usize = crate::tactic::union::UNION_CHUNK;
 const SPARSE_WARPS: usize = 4;
-/// Longest sort done in shared memory (32 KiB of keys); longer ones sort in
-/// place in global memory.
-const SORT_SMEM: usize = 4096;
+/// Longest sort done in shared memory (64 KiB of keys: 8192 clusters, a
+/// 131072-token context at 16 a cluster); longer ones sort in place in
+/// global memory, with a barrier's wait on L2 between every two passes.
+const SORT_SMEM: usize = 8192;
 /// CTAs the sparse attention aims for (a few waves of an H100/H200), and
 /// the fewest selected slots worth a split of their own.
 const SPARSE_TARGET_CTAS: usize = 1056;
@@ -199,6 +201,16 @@ pub(super) fn check_queries(
         return Err(Error::Shape(format!(
             "{what}: query heads overflow the rows"
         )));
+    }
+    Ok(())
+}
+
+/// Raises the rank kernel's dynamic shared-memory limit to its longest
+/// sort in shared memory (past the 48 KiB a launch gets unasked).
+pub(crate) fn rank_shared_memory(funcs: &HashMap<String, CudaFunction>) -> Result<()> {
+    const NAME: &str = "tactic_sel_rank_u64";
+    if let Some(f) = funcs.get(NAME) {
+        ready_shared_memory(f, NAME, RANK_THREADS, 8 * SORT_SMEM)?;
     }
     Ok(())
 }
