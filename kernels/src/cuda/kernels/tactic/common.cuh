@@ -113,6 +113,36 @@ __device__ __forceinline__ float tac_unordered(u32 o) {
     return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 
+// Sorts `n` keys (a power of two) ascending, bitonic, in `smem` (room for
+// `smem_len` keys) when they fit, else in place in `keys` (global memory).
+// Every thread of the block calls it.
+__device__ void tac_sort_u64(u64* keys, u32 n, u64* smem, u32 smem_len) {
+    const u32 tid = threadIdx.x, bd = blockDim.x;
+    const bool shared = n <= smem_len;
+    u64* a = shared ? smem : keys;
+    if (shared) {
+        for (u32 i = tid; i < n; i += bd) a[i] = keys[i];
+        __syncthreads();
+    }
+    for (u32 k = 2; k <= n; k <<= 1) {
+        for (u32 j = k >> 1; j > 0; j >>= 1) {
+            for (u32 i = tid; i < n; i += bd) {
+                const u32 o = i ^ j;
+                if (o > i) {
+                    const u64 x = a[i], y = a[o];
+                    if ((x > y) == ((i & k) == 0)) {
+                        a[i] = y;
+                        a[o] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    if (shared)
+        for (u32 i = tid; i < n; i += bd) keys[i] = a[i];
+}
+
 __device__ __forceinline__ double warp_sum_f64(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -62,34 +62,12 @@ extern "C" __global__ void tactic_oracle_scores_bf16(const OracleParams p) {
 // when they fit, else in place in global memory). grid (G, problems),
 // ORACLE_SORT_THREADS threads, dynamic shared memory min(kpow, sort_smem) x 8.
 extern "C" __global__ void tactic_oracle_sort_u64(const OracleParams p) {
-    const u32 g = blockIdx.x, pi = blockIdx.y, tid = threadIdx.x, bd = blockDim.x;
+    const u32 g = blockIdx.x, pi = blockIdx.y;
     const SelProblem& pr = p.probs[pi];
     const u32 n = pr.kpow;
     u64* keys = p.keys + pr.kbase + (u64)g * n;
     extern __shared__ u64 oracle_smem[];
-    const bool shared = n <= p.sort_smem;
-    u64* a = shared ? oracle_smem : keys;
-    if (shared) {
-        for (u32 i = tid; i < n; i += bd) a[i] = keys[i];
-        __syncthreads();
-    }
-    for (u32 k = 2; k <= n; k <<= 1) {
-        for (u32 j = k >> 1; j > 0; j >>= 1) {
-            for (u32 i = tid; i < n; i += bd) {
-                const u32 o = i ^ j;
-                if (o > i) {
-                    const u64 x = a[i], y = a[o];
-                    if ((x > y) == ((i & k) == 0)) {
-                        a[i] = y;
-                        a[o] = x;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
-    if (shared)
-        for (u32 i = tid; i < n; i += bd) keys[i] = a[i];
+    tac_sort_u64(keys, n, oracle_smem, p.sort_smem);
 }
 
 // The set bits of `words` bitmap words as an ascending list of slots, its

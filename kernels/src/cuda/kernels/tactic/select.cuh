@@ -130,7 +130,7 @@ extern "C" __global__ void tactic_sel_score_f32(const SelParams p) {
 // (G, problems), RANK_THREADS threads, dynamic shared memory
 // min(kpow, sort_smem) x 8 bytes.
 extern "C" __global__ void tactic_sel_rank_u64(const SelParams p) {
-    const u32 g = blockIdx.x, pi = blockIdx.y, tid = threadIdx.x, bd = blockDim.x;
+    const u32 g = blockIdx.x, pi = blockIdx.y;
     const SelProblem& pr = p.probs[pi];
     const TacHead st = tac_head(pr.state, pr.lay, pr.head);
     const u32 count = *st.count;
@@ -138,27 +138,5 @@ extern "C" __global__ void tactic_sel_rank_u64(const SelParams p) {
     while (n < count) n <<= 1;
     u64* keys = p.keys + pr.kbase + (u64)g * pr.kpow;
     extern __shared__ u64 rank_smem[];
-    const bool shared = n <= p.sort_smem;
-    u64* a = shared ? rank_smem : keys;
-    if (shared) {
-        for (u32 i = tid; i < n; i += bd) a[i] = keys[i];
-        __syncthreads();
-    }
-    for (u32 k = 2; k <= n; k <<= 1) {
-        for (u32 j = k >> 1; j > 0; j >>= 1) {
-            for (u32 i = tid; i < n; i += bd) {
-                const u32 o = i ^ j;
-                if (o > i) {
-                    const u64 x = a[i], y = a[o];
-                    if ((x > y) == ((i & k) == 0)) {
-                        a[i] = y;
-                        a[o] = x;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
-    if (shared)
-        for (u32 i = tid; i < n; i += bd) keys[i] = a[i];
+    tac_sort_u64(keys, n, rank_smem, p.sort_smem);
 }
